@@ -1,0 +1,145 @@
+"""Architecture adapters: which tensors are encoder, which are head, and how names map.
+
+Checkpoints name the same tensor differently: a headless ``BertModel`` stores
+``encoder.layer.0...``, a ``BertForSequenceClassification`` stores ``bert.encoder.layer.0...``.
+guardmerge works on **canonical names**: encoder tensors without the architecture prefix, head
+tensors as the classifier stores them (``classifier.weight``). One small adapter per model
+family says all of this; there is no class per model family anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from guardmerge.errors import CompatibilityError
+from guardmerge.methods.registry import Role
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """What guardmerge needs to know about one model family.
+
+    Attributes:
+        model_type: ``config.model_type`` (``bert``, ``roberta``, ``distilbert``...).
+        prefix: the base-model attribute in ``*ForSequenceClassification`` (``bert``).
+        head_prefixes: canonical prefixes of the classification head's tensors.
+        ignore_prefixes: tensors of other heads (masked-LM...) that are neither merged nor kept.
+        head_layers: the head's Linear layers in order, canonical names without ``.weight``;
+            every layer but the last is followed by ``head_activation``.
+        head_activation: activation between head layers (``tanh``, ``relu``).
+        head_input: what feeds the head: ``pooled`` (the encoder's pooler output) or ``cls``
+            (the first token's hidden state).
+        has_pooler: whether the encoder carries a pooler (``pooler.dense``).
+        hidden_in_head: the head has a hidden layer (so ``hm3`` head mode is refused).
+    """
+
+    model_type: str
+    prefix: str
+    head_prefixes: tuple[str, ...]
+    ignore_prefixes: tuple[str, ...]
+    head_layers: tuple[str, ...]
+    head_activation: str
+    head_input: str
+    has_pooler: bool
+
+    @property
+    def hidden_in_head(self) -> bool:
+        return len(self.head_layers) > 1
+
+    def canonical(self, name: str) -> str:
+        """Strip the architecture prefix: ``bert.encoder.x`` -> ``encoder.x``."""
+        lead = self.prefix + "."
+        return name[len(lead) :] if name.startswith(lead) else name
+
+    def prefixed(self, canonical: str) -> str:
+        """The name a ``*ForSequenceClassification`` checkpoint uses for a canonical name."""
+        return canonical if self.is_head(canonical) else f"{self.prefix}.{canonical}"
+
+    def is_head(self, canonical: str) -> bool:
+        return canonical.startswith(self.head_prefixes)
+
+    def is_ignored(self, canonical: str) -> bool:
+        return canonical.startswith(self.ignore_prefixes)
+
+    def is_pooler(self, canonical: str) -> bool:
+        return self.has_pooler and canonical.startswith("pooler.")
+
+    def role(self, canonical: str, ndim: int) -> Role:
+        """Classify a canonical tensor name (``ndim`` disambiguates weights from biases)."""
+        if self.is_head(canonical):
+            return Role.HEAD
+        leaf = canonical.rsplit(".", 2)
+        low = canonical.lower()
+        if "embeddings" in low and ndim == 2 and "layernorm" not in low and "layer_norm" not in low:
+            return Role.EMBEDDING
+        if "layernorm" in low or "layer_norm" in low or low.endswith(("ln.weight", "ln.bias")):
+            return Role.NORM
+        if leaf[-1] == "bias":
+            return Role.BIAS
+        if leaf[-1] == "weight" and ndim == 2:
+            return Role.LINEAR_WEIGHT
+        return Role.OTHER
+
+    def head_names(self) -> list[str]:
+        """The head's canonical tensor names, in layer order."""
+        return [f"{layer}.{kind}" for layer in self.head_layers for kind in ("weight", "bias")]
+
+
+ADAPTERS: dict[str, ArchitectureAdapter] = {
+    a.model_type: a
+    for a in (
+        ArchitectureAdapter(
+            model_type="bert",
+            prefix="bert",
+            head_prefixes=("classifier.",),
+            ignore_prefixes=("cls.",),
+            head_layers=("classifier",),
+            head_activation="tanh",
+            head_input="pooled",
+            has_pooler=True,
+        ),
+        ArchitectureAdapter(
+            model_type="roberta",
+            prefix="roberta",
+            head_prefixes=("classifier.",),
+            ignore_prefixes=("lm_head.", "pooler."),
+            head_layers=("classifier.dense", "classifier.out_proj"),
+            head_activation="tanh",
+            head_input="cls",
+            has_pooler=False,
+        ),
+        ArchitectureAdapter(
+            model_type="distilbert",
+            prefix="distilbert",
+            head_prefixes=("pre_classifier.", "classifier."),
+            ignore_prefixes=("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
+            head_layers=("pre_classifier", "classifier"),
+            head_activation="relu",
+            head_input="cls",
+            has_pooler=False,
+        ),
+    )
+}
+"""Supported model families, by ``config.model_type``."""
+
+
+def get_adapter(model_type: str, where: str = "") -> ArchitectureAdapter:
+    """The adapter of ``model_type``, or a :class:`CompatibilityError` naming the checkpoint."""
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        at = f" ({where})" if where else ""
+        raise CompatibilityError(
+            f"unsupported model_type '{model_type}'{at}; supported: {', '.join(sorted(ADAPTERS))}"
+        ) from None
+
+
+def encoder_names(adapter: ArchitectureAdapter, names: Iterable[str]) -> list[str]:
+    """Canonical encoder tensor names among ``names`` (heads and ignored tensors removed)."""
+    out = []
+    for name in names:
+        c = adapter.canonical(name)
+        if not adapter.is_head(c) and not adapter.is_ignored(c):
+            out.append(c)
+    return out

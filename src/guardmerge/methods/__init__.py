@@ -1,0 +1,25 @@
+"""Merge methods: pure tensor functions registered by name in :data:`METHODS`.
+
+Importing this package imports every method module, which registers its methods.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from guardmerge.methods.registry import (
+    METHODS,
+    MethodParams,
+    MethodSpec,
+    Role,
+    StreamFactory,
+    TensorContext,
+)
+
+# Each module registers its methods when imported. Add new method modules here.
+_METHOD_MODULES = ("basic",)
+
+for _module in _METHOD_MODULES:
+    importlib.import_module(f"guardmerge.methods.{_module}")
+
+__all__ = ["METHODS", "MethodParams", "MethodSpec", "Role", "StreamFactory", "TensorContext"]

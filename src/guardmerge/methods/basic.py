@@ -1,0 +1,57 @@
+"""Weighted average (model soup) and task arithmetic.
+
+- Average (Wortsman et al. 2022, "Model soups"): ``theta = sum_i w_i theta_i / sum_i w_i``,
+  i.e. the merged task vector is ``sum_i w_i tau_i / sum_i w_i``.
+- Task arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic"):
+  ``theta = theta_0 + scaling * sum_i w_i tau_i``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from guardmerge.methods.registry import METHODS, MethodParams, TensorContext
+
+
+def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i tau_i``: ``[N, *shape]`` x ``[N]`` -> ``[*shape]``."""
+    w = weights.to(deltas.dtype).reshape((-1,) + (1,) * (deltas.dim() - 1))
+    return (deltas * w).sum(dim=0)
+
+
+class AverageParams(MethodParams):
+    pass
+
+
+@METHODS.method(
+    "average",
+    AverageParams,
+    "Weighted average of the experts' weights (model soup); weights are normalised to sum 1.",
+    reference="Wortsman et al. 2022, Model soups",
+)
+def average(
+    deltas: torch.Tensor, weights: torch.Tensor, params: AverageParams, ctx: TensorContext
+) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[*shape]``: ``sum_i w_i tau_i / sum_i w_i``."""
+    total = weights.sum()
+    if float(total) == 0.0:
+        raise ValueError(f"average of '{ctx.name}': expert weights sum to 0")
+    return weighted_sum(deltas, weights) / total.to(deltas.dtype)
+
+
+class TaskArithmeticParams(MethodParams):
+    scaling: float = Field(0.3, description="lambda, the coefficient on the summed task vectors")
+
+
+@METHODS.method(
+    "task_arithmetic",
+    TaskArithmeticParams,
+    "theta_0 + scaling * sum_i w_i tau_i.",
+    reference="Ilharco et al. 2023, Editing models with task arithmetic",
+)
+def task_arithmetic(
+    deltas: torch.Tensor, weights: torch.Tensor, params: TaskArithmeticParams, ctx: TensorContext
+) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[*shape]``: ``scaling * sum_i w_i tau_i``."""
+    return params.scaling * weighted_sum(deltas, weights)

@@ -1,0 +1,212 @@
+"""The method registry: every merge method is registered once, by name, with a typed schema.
+
+A method is a **pure function over tensors**::
+
+    fn(deltas, weights, params, ctx) -> merged_delta
+
+- ``deltas``: ``[N, *shape]`` task vectors ``tau_i = theta_i - theta_0`` of one tensor, float32
+  (or float64 where a method asks for it), one row per expert, in config order.
+- ``weights``: ``[N]`` per-expert coefficients from the config (default 1.0 each).
+- ``params``: the method's validated parameter model (a frozen pydantic model).
+- ``ctx``: a :class:`TensorContext` with the tensor's name and role, per-expert statistics for
+  data-dependent methods, global values computed by the method's ``prepare`` hook, and a
+  deterministic per-tensor random generator.
+- returns ``[*shape]``: the merged task vector, scaling included; the engine adds ``theta_0``.
+
+Methods that need whole-model quantities (global top-k thresholds for TIES/PCB) declare a
+``prepare`` hook. It receives the parameters and a *stream factory*: each call of the factory
+returns a fresh iterator over ``(TensorContext, deltas)`` for every tensor in the merge scope,
+one tensor at a time, so a hook can make several exact passes without ever holding a whole
+model. Its result (a dict of tensors) reaches every later call as ``ctx.globals``.
+
+The CLI, config validation and docs all read :data:`METHODS`; there are no if/elif chains over
+method names anywhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from guardmerge.errors import ConfigError
+
+
+class Role(str, Enum):
+    """What a tensor is, as told by the architecture adapter."""
+
+    LINEAR_WEIGHT = "linear_weight"  # [out, in] weight of an nn.Linear
+    BIAS = "bias"
+    NORM = "norm"  # LayerNorm weight or bias
+    EMBEDDING = "embedding"
+    HEAD = "head"  # a task head tensor (merged only in hm3 head mode)
+    OTHER = "other"
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter schema: typed, frozen, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+P = TypeVar("P", bound=MethodParams)
+
+
+def _empty_tensor_map() -> dict[str, torch.Tensor]:
+    return {}
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Everything a method may know about the tensor being merged, besides its values.
+
+    Attributes:
+        name: canonical tensor name (architecture prefix removed), e.g.
+            ``encoder.layer.0.attention.self.query.weight``.
+        role: the tensor's :class:`Role`.
+        stats: per-expert statistics for this tensor, each stacked over experts, e.g.
+            ``{"gram": [N, in, in]}`` for a Linear weight, ``{"fisher": [N, *shape]}``.
+        globals: what the method's ``prepare`` hook returned (e.g. ``{"threshold": [N]}``).
+        seed: the run seed (DARE); use :meth:`generator` to get this tensor's generator.
+    """
+
+    name: str
+    role: Role
+    stats: Mapping[str, torch.Tensor] = field(default_factory=_empty_tensor_map)
+    globals: Mapping[str, torch.Tensor] = field(default_factory=_empty_tensor_map)
+    seed: int = 0
+
+    def generator(self, seed: int | None = None) -> torch.Generator:
+        """A CPU generator seeded from ``(seed, name)``: same seed, same draw, in any order."""
+        s = self.seed if seed is None else seed
+        digest = hashlib.sha256(f"{s}:{self.name}".encode()).digest()
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return gen
+
+
+StreamFactory = Callable[[], Iterator[tuple[TensorContext, torch.Tensor]]]
+
+
+class MergeFn(Protocol[P]):
+    def __call__(
+        self, deltas: torch.Tensor, weights: torch.Tensor, params: P, ctx: TensorContext
+    ) -> torch.Tensor: ...
+
+
+class PrepareFn(Protocol[P]):
+    def __call__(self, params: P, stream: StreamFactory) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec(Generic[P]):
+    """A registered method.
+
+    Attributes:
+        name: the name used in configs and on the command line.
+        fn: the pure tensor function (see module docstring).
+        params: the pydantic parameter schema.
+        summary: one line for ``guardmerge methods`` and the docs.
+        needs: statistics the method requires per expert (``{"gram"}``, ``{"fisher"}``).
+        prepare: optional whole-model pre-pass (global thresholds).
+        reference: the paper or source the method follows.
+    """
+
+    name: str
+    fn: MergeFn[P]
+    params: type[P]
+    summary: str
+    needs: frozenset[str] = frozenset()
+    prepare: PrepareFn[P] | None = None
+    reference: str = ""
+
+    def validate(self, raw: Mapping[str, Any] | None) -> P:
+        """Validate raw parameters into the schema, or raise :class:`ConfigError`."""
+        try:
+            return self.params.model_validate(dict(raw or {}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(parameters)'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            known = ", ".join(self.params.model_fields) or "(none)"
+            raise ConfigError(
+                f"invalid parameters for method '{self.name}': {problems}. "
+                f"Known parameters: {known}"
+            ) from None
+
+    def parameter_rows(self) -> list[tuple[str, str, str, str]]:
+        """``(name, type, default, description)`` for each parameter, for docs and the CLI."""
+        rows = []
+        for pname, finfo in self.params.model_fields.items():
+            annotation = finfo.annotation
+            tname = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            default = "required" if finfo.is_required() else repr(finfo.default)
+            rows.append((pname, tname, default, finfo.description or ""))
+        return rows
+
+
+class Registry:
+    """Name -> :class:`MethodSpec`. Registering a name twice is an error."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, MethodSpec[Any]] = {}
+
+    def register(self, spec: MethodSpec[Any]) -> MethodSpec[Any]:
+        if spec.name in self._specs:
+            raise ValueError(f"method '{spec.name}' is registered twice")
+        self._specs[spec.name] = spec
+        return spec
+
+    def method(
+        self,
+        name: str,
+        params: type[P],
+        summary: str,
+        *,
+        needs: frozenset[str] = frozenset(),
+        prepare: PrepareFn[P] | None = None,
+        reference: str = "",
+    ) -> Callable[[MergeFn[P]], MergeFn[P]]:
+        """Decorator form of :meth:`register`."""
+
+        def deco(fn: MergeFn[P]) -> MergeFn[P]:
+            self.register(
+                MethodSpec(
+                    name=name,
+                    fn=fn,
+                    params=params,
+                    summary=summary,
+                    needs=needs,
+                    prepare=prepare,
+                    reference=reference,
+                )
+            )
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> MethodSpec[Any]:
+        try:
+            return self._specs[name]
+        except KeyError:
+            known = ", ".join(sorted(self._specs))
+            raise ConfigError(f"unknown method '{name}'. Known methods: {known}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[MethodSpec[Any]]:
+        return iter(self._specs[n] for n in self.names())
+
+
+METHODS = Registry()
+"""The registry every method module registers into at import (see ``guardmerge.methods``)."""
