@@ -1,0 +1,248 @@
+"""The ``guardmerge`` command line. Heavy modules are imported inside commands, so --help is instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from guardmerge.errors import GuardmergeError
+
+app = typer.Typer(
+    name="guardmerge",
+    help=(
+        "Merge fine-tuned transformer classifiers (BERT, RoBERTa, DistilBERT), training-free, "
+        "into one multi-head model: one encoder pass answers every guard task.\n\n"
+        "Start with `guardmerge demo`, list methods with `guardmerge methods`, merge with "
+        "`guardmerge merge CONFIG OUT`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("guardmerge")
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="Merge config YAML (base_model, experts, method, parameters, heads).")],
+    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="Override a config key, e.g. -s parameters.scaling=0.7 -s method=ties."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Accept pytorch_model.bin (pickle) checkpoints you trust.")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Merge the experts of CONFIG into one multi-head model folder OUT.
+
+    OUT gets model.safetensors, config.json (heads and label names), the tokenizer,
+    merge_config.yaml and a model card. OUT is refused if it exists, unless --force.
+    """
+    from guardmerge.config import load_config
+    from guardmerge.engine import merge_to_folder
+    from guardmerge.io import check_output
+
+    overrides = list(set_ or [])
+    if allow_pickle:
+        overrides.append("allow_pickle=true")
+    cfg = load_config(config, overrides)
+    check_output(out, force=force)
+    merge_to_folder(cfg, out, force=force, progress=progress)
+    typer.echo(f"merged {len(cfg.experts)} experts with {cfg.method} -> {out}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="A merged model folder (or a stock classifier folder).")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines: one object per text.")] = False,
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Only these heads.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Texts per encoder pass.")] = 32,
+) -> None:
+    """Print every head's label and probability for each TEXT."""
+    from guardmerge.multihead import load_any
+
+    m = load_any(model)
+    res = m.predict(texts, batch_size=batch_size, tasks=task or None)
+    tasks = list(res)
+    if as_json:
+        for i, text in enumerate(texts):
+            typer.echo(json.dumps({"text": text, **{t: res[t][i] for t in tasks}}))
+        return
+    width = min(48, max(len(t) for t in texts))
+    typer.echo(f"{'text':<{width}}  " + "  ".join(f"{t:<24}" for t in tasks))
+    for i, text in enumerate(texts):
+        short = text if len(text) <= width else text[: width - 1] + "…"
+        cells = "  ".join(f"{_verdict(res[t][i]):<24}" for t in tasks)
+        typer.echo(f"{short:<{width}}  {cells}")
+
+
+def _verdict(item: dict) -> str:
+    return f"{item['label']} ({item['score']:.3f})"
+
+
+@app.command()
+def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List the registered merge methods and their parameters."""
+    from guardmerge.methods import METHODS
+
+    if as_json:
+        out = {
+            s.name: {
+                "summary": s.summary,
+                "reference": s.reference,
+                "needs": sorted(s.needs),
+                "parameters": {n: {"type": t, "default": d, "description": desc} for n, t, d, desc in s.parameter_rows()},
+            }
+            for s in METHODS
+        }
+        typer.echo(json.dumps(out, indent=2))
+        return
+    for spec in METHODS:
+        needs = f"  [needs: {', '.join(sorted(spec.needs))}]" if spec.needs else ""
+        typer.echo(f"{spec.name}{needs}\n  {spec.summary}")
+        if spec.reference:
+            typer.echo(f"  ref: {spec.reference}")
+        for name, tname, default, desc in spec.parameter_rows():
+            typer.echo(f"    {name:<14} {tname:<24} default {default:<10} {desc}")
+        typer.echo("")
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="A merged model folder.")],
+    task: Annotated[str, typer.Argument(help="The head to export.")],
+    out: Annotated[Path, typer.Argument(help="Output folder: a stock AutoModelForSequenceClassification.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Export one task of a merged model as a stock transformers classifier folder."""
+    from guardmerge.io import check_output
+    from guardmerge.multihead import MultiHeadModel
+
+    check_output(out, force=force)
+    MultiHeadModel.from_pretrained(model).export_task(task, out, force=force)
+    typer.echo(f"exported '{task}' -> {out}")
+
+
+@app.command()
+def finetune(
+    base: Annotated[str, typer.Argument(help="Base checkpoint folder or hub id (the shared theta_0).")],
+    data: Annotated[Path, typer.Argument(help="Task folder (train.jsonl + labels.json) or a JSONL/CSV file.")],
+    out: Annotated[Path, typer.Argument(help="Output classifier folder.")],
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated label names (when DATA is a file).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field in JSONL/CSV.")] = "text",
+    label_field: Annotated[str, typer.Option(help="Integer label field in JSONL/CSV.")] = "label",
+    epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 2.0,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    max_length: Annotated[int, typer.Option(help="Max tokens per text.")] = 64,
+    max_examples: Annotated[Optional[int], typer.Option(help="Cap on training examples.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Fine-tune an expert classifier from BASE (to add a guard to a merge)."""
+    from guardmerge.data import load_task, read_examples
+    from guardmerge.finetune import FinetuneSettings, finetune as run
+    from guardmerge.io import check_output
+
+    check_output(out, force=force)
+    if data.is_dir():
+        task = load_task(data)
+        train, names = task.split("train"), task.labels
+    else:
+        train = read_examples(data, text_field=text_field, label_field=label_field)
+        if not labels:
+            raise GuardmergeError("--labels is required when DATA is a file (e.g. --labels benign,injection)")
+        names = [x.strip() for x in labels.split(",")]
+    settings = FinetuneSettings(
+        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+        max_length=max_length, max_examples=max_examples, seed=seed,
+    )
+    from guardmerge.checkpoint import resolve
+
+    run(resolve(base), train, names, out, settings, force=force)
+    typer.echo(f"fine-tuned expert -> {out}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="A merged model folder or a stock classifier folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Folder of task folders (labels.json + SPLIT.jsonl).")],
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    task: Annotated[Optional[str], typer.Option(help="Task name of a single-classifier MODEL.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score at most this many examples per task.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Score MODEL's heads on labelled data: macro-F1, accuracy, official metrics."""
+    from guardmerge.data import discover_tasks, load_task
+    from guardmerge.evaluate import evaluate, table, to_json_ready
+    from guardmerge.multihead import load_any
+
+    m = load_any(model, task)
+    names = [t for t in discover_tasks(data) if t in m.tasks]
+    if not names:
+        raise GuardmergeError(f"none of the model's heads ({', '.join(m.tasks)}) has a task folder in {data}")
+    res = evaluate(m, {t: load_task(data / t).split(split, limit) for t in names})
+    typer.echo(table({str(model): res}, "macro_f1", names))
+    if out:
+        out.write_text(json.dumps(to_json_ready(res), indent=2) + "\n")
+
+
+@app.command()
+def demo(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of task folders (default: ../shared/data).")] = None,
+    work: Annotated[Path, typer.Option(help="Where experts (cached), the merged model and results go.")] = Path("guardmerge-demo"),
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Tasks to use (default: injection, emotion, offensive).")] = None,
+) -> None:
+    """The default example: fine-tune small experts from the real MiniLM base, merge them,
+    and print each task's macro-F1 for the experts and the merged model side by side.
+
+    Experts are cached under WORK/experts, so a second run only merges and scores.
+    """
+    from guardmerge.demo import render, run_demo
+
+    summary = run_demo(work, data, task or None)
+    typer.echo("")
+    typer.echo(render(summary))
+
+
+def main() -> None:
+    """Console entry point: clean one-line errors for bad input, exit code 2."""
+    try:
+        app()
+    except GuardmergeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

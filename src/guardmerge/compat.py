@@ -1,0 +1,210 @@
+"""Compatibility checks, run before any merge work, and the resulting merge plan.
+
+Every expert must share the base's architecture, structural config, vocabulary and encoder
+tensors (names and shapes), and carry a classification head. Errors name the expert (by task
+and path) and the field or tensor at fault.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from guardmerge.architectures import ArchitectureAdapter, encoder_names
+from guardmerge.checkpoint import Checkpoint
+from guardmerge.errors import CompatibilityError
+
+log = logging.getLogger(__name__)
+
+STRUCTURAL_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "hidden_dim",
+)
+DRIFT_WARN = 0.5  # ||tau|| / ||theta_0|| above this suggests another base
+
+
+@dataclass(frozen=True)
+class ExpertRef:
+    """An expert as the engine sees it: task name, weight and its open checkpoint."""
+
+    task: str
+    weight: float
+    checkpoint: Checkpoint
+
+    @property
+    def where(self) -> str:
+        return f"expert '{self.task}' ({self.checkpoint.source})"
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What the merge will do, derived from the checkpoints.
+
+    Attributes:
+        adapter: the architecture adapter.
+        merge_names: float encoder tensors merged by the method, in checkpoint order.
+        copy_names: non-float tensors (``position_ids``) copied from the base.
+        head_layers: canonical layer names of every head (``pooler.dense`` first when the base
+            has no pooler, so each head keeps the pooler its expert trained).
+        head_input: ``pooled`` or ``cls``.
+        labels: task -> label names.
+    """
+
+    adapter: ArchitectureAdapter
+    merge_names: tuple[str, ...]
+    copy_names: tuple[str, ...]
+    head_layers: tuple[str, ...]
+    head_input: str
+    labels: dict[str, tuple[str, ...]]
+
+    def head_tensor_names(self) -> list[str]:
+        return [f"{layer}.{kind}" for layer in self.head_layers for kind in ("weight", "bias")]
+
+
+def plan_merge(base: Checkpoint, experts: Sequence[ExpertRef], heads_mode: str = "multi") -> MergePlan:
+    """Check that ``experts`` can be merged onto ``base`` and return the plan.
+
+    Raises:
+        CompatibilityError: naming the expert and the field or tensor that differs.
+    """
+    adapter = base.adapter
+    for ex in experts:
+        _check_config(base, ex)
+    base_enc = [n for n in encoder_names(adapter, base.names())]
+    pooler_in_base = any(adapter.is_pooler(n) for n in base_enc)
+    head_owned_pooler = adapter.has_pooler and not pooler_in_base
+    for ex in experts:
+        _check_tensors(base, base_enc, ex, head_owned_pooler)
+        _check_labels(ex)
+    _check_vocab(base, experts)
+    merge_names, copy_names = [], []
+    for name in base_enc:
+        (merge_names if base.dtype(name).is_floating_point else copy_names).append(name)
+    head_layers = adapter.head_layers
+    head_input = adapter.head_input
+    if head_owned_pooler:
+        head_layers = ("pooler.dense",) + head_layers
+        head_input = "cls"
+        log.info("the base has no pooler: each head keeps its expert's pooler")
+    if heads_mode == "hm3" and len(head_layers) > 1:
+        raise CompatibilityError(
+            f"heads: hm3 needs a single Linear head on a shared pooled output, but "
+            f"{adapter.model_type} heads here have a hidden layer ({', '.join(head_layers)}); "
+            "use heads: multi"
+        )
+    _warn_drift(base, experts, merge_names)
+    return MergePlan(
+        adapter=adapter,
+        merge_names=tuple(merge_names),
+        copy_names=tuple(copy_names),
+        head_layers=tuple(head_layers),
+        head_input=head_input,
+        labels={ex.task: tuple(ex.checkpoint.id2label()) for ex in experts},
+    )
+
+
+def _check_config(base: Checkpoint, ex: ExpertRef) -> None:
+    if ex.checkpoint.model_type != base.model_type:
+        raise CompatibilityError(
+            f"{ex.where} is a '{ex.checkpoint.model_type}' model but the base "
+            f"({base.source}) is '{base.model_type}'"
+        )
+    for key in STRUCTURAL_KEYS:
+        a, b = base.config.get(key), ex.checkpoint.config.get(key)
+        if a is not None and b is not None and a != b:
+            raise CompatibilityError(
+                f"{ex.where}: config field '{key}' is {b} but the base ({base.source}) has {a}"
+            )
+
+
+def _check_tensors(
+    base: Checkpoint, base_enc: Sequence[str], ex: ExpertRef, head_owned_pooler: bool
+) -> None:
+    ck = ex.checkpoint
+    for name in base_enc:
+        if name not in ck:
+            raise CompatibilityError(f"{ex.where} is missing encoder tensor '{name}'")
+        if ck.shape(name) != base.shape(name):
+            raise CompatibilityError(
+                f"{ex.where}: tensor '{name}' has shape {list(ck.shape(name))} but the base "
+                f"has {list(base.shape(name))}"
+            )
+    head = list(ck.adapter.head_names())
+    if head_owned_pooler:
+        head = ["pooler.dense.weight", "pooler.dense.bias", *head]
+    for name in head:
+        if name not in ck:
+            raise CompatibilityError(
+                f"{ex.where} has no classification head tensor '{name}': guardmerge merges "
+                "fine-tuned *ForSequenceClassification checkpoints"
+            )
+
+
+def _check_labels(ex: ExpertRef) -> None:
+    labels = ex.checkpoint.id2label()
+    if len(set(labels)) != len(labels):
+        raise CompatibilityError(f"{ex.where}: duplicate label names in id2label: {labels}")
+
+
+def _vocab(ck: Checkpoint) -> dict[str, int] | None:
+    if not ck.has_tokenizer():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return dict(AutoTokenizer.from_pretrained(str(ck.path)).get_vocab())
+    except Exception as exc:
+        raise CompatibilityError(f"cannot load the tokenizer of {ck.source}: {exc}") from None
+
+
+def _check_vocab(base: Checkpoint, experts: Sequence[ExpertRef]) -> None:
+    ref_name, ref = base.source, _vocab(base)
+    for ex in experts:
+        vocab = _vocab(ex.checkpoint)
+        if vocab is None:
+            log.warning("%s has no tokenizer files: vocabulary not checked", ex.where)
+            continue
+        if ref is None:
+            ref_name, ref = ex.checkpoint.source, vocab
+            continue
+        if vocab != ref:
+            only = sorted(set(vocab) ^ set(ref))[:5]
+            detail = f"tokens in one but not the other: {only}" if only else "token ids differ"
+            raise CompatibilityError(
+                f"{ex.where} has a different vocabulary from {ref_name} ({len(vocab)} vs "
+                f"{len(ref)} tokens; {detail})"
+            )
+    if ref is None:
+        log.warning("no tokenizer found in the base or any expert; the output will have none")
+
+
+def _warn_drift(base: Checkpoint, experts: Sequence[ExpertRef], names: Sequence[str]) -> None:
+    sample = [n for n in names if len(base.shape(n)) == 2][:4]
+    for ex in experts:
+        num = den = 0.0
+        for name in sample:
+            t0 = base.get(name, torch.float32)
+            num += float((ex.checkpoint.get(name, torch.float32) - t0).pow(2).sum())
+            den += float(t0.pow(2).sum())
+        drift = (num / den) ** 0.5 if den > 0 else 0.0
+        if drift > DRIFT_WARN:
+            log.warning(
+                "%s drifts far from the base (||tau||/||theta_0|| = %.2f on %d tensors): was it "
+                "fine-tuned from %s?",
+                ex.where,
+                drift,
+                len(sample),
+                base.source,
+            )

@@ -1,0 +1,154 @@
+"""The merge config: one typed format, read from YAML with command-line overrides.
+
+.. code-block:: yaml
+
+    base_model: PATH_OR_HUB_ID
+    experts:
+      - {model: PATH_OR_HUB_ID, task: hate}          # task = head name
+      - {model: PATH_OR_HUB_ID, task: injection, weight: 1.0}
+    method: task_arithmetic
+    parameters: {scaling: 0.5}
+    heads: multi
+
+Relative paths are resolved against the config file's folder. Overrides use dotted keys:
+``parameters.scaling=0.7``, ``method=ties``, ``experts.0.weight=0.5`` (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from guardmerge.errors import ConfigError
+from guardmerge.methods import METHODS, MethodParams
+
+TASK_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class ExpertConfig(BaseModel):
+    """One expert: a fine-tuned classifier and the name of its head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="local folder or Hugging Face hub id of the classifier")
+    task: str = Field(pattern=TASK_PATTERN, description="head name in the merged model")
+    weight: float = Field(1.0, description="per-expert coefficient w_i")
+    stats: str | None = Field(None, description="precomputed statistics file (guardmerge stats)")
+    data: str | None = Field(None, description="unlabelled texts of this task (JSONL/CSV/TXT)")
+
+
+class MergeConfig(BaseModel):
+    """A whole merge job, validated against the method registry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(description="the shared pretrained checkpoint theta_0")
+    experts: list[ExpertConfig] = Field(min_length=1)
+    method: str = "task_arithmetic"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    heads: Literal["multi", "hm3"] = "multi"
+    allow_pickle: bool = Field(False, description="accept pytorch_model.bin pickle checkpoints")
+    seed: int = Field(0, description="seed for stochastic methods (DARE)")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        METHODS.get(name)  # raises ConfigError naming the known methods
+        return name
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeConfig:
+        tasks = [e.task for e in self.experts]
+        dupes = sorted({t for t in tasks if tasks.count(t) > 1})
+        if dupes:
+            raise ValueError(f"duplicate task names: {', '.join(dupes)} (each head needs its own)")
+        METHODS.get(self.method).validate(self.parameters)
+        return self
+
+    def method_params(self) -> MethodParams:
+        """The validated parameter model of :attr:`method`."""
+        return METHODS.get(self.method).validate(self.parameters)
+
+    def dump(self) -> str:
+        """The config as YAML (what ``guardmerge merge`` stores beside the model)."""
+        return yaml.safe_dump(self.model_dump(exclude_defaults=False), sort_keys=False)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        if key not in node or node[key] is None:
+            node[key] = [] if nxt.isdigit() else {}
+        node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        except (IndexError, ValueError, TypeError) as exc:
+            raise ConfigError(f"override '{item}': {exc}") from None
+    return data
+
+
+def _resolve_paths(data: dict[str, Any], root: Path) -> None:
+    def fix(value: Any) -> Any:
+        if not isinstance(value, str) or Path(value).is_absolute():
+            return value
+        candidate = root / value
+        return str(candidate) if candidate.exists() else value
+
+    data["base_model"] = fix(data.get("base_model"))
+    for expert in data.get("experts") or []:
+        if isinstance(expert, dict):
+            for key in ("model", "stats", "data"):
+                if key in expert:
+                    expert[key] = fix(expert[key])
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> MergeConfig:
+    """Validate a raw dict into a :class:`MergeConfig`, or raise :class:`ConfigError`."""
+    try:
+        return MergeConfig.model_validate(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> MergeConfig:
+    """Read a YAML merge config, apply overrides, resolve relative paths, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    apply_overrides(data, list(overrides or []))
+    _resolve_paths(data, path.parent)
+    return parse_config(data, source=str(path))

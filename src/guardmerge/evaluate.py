@@ -1,0 +1,113 @@
+"""Evaluation layer: models and labelled data in, ``{task: {metric: value}}`` out.
+
+Reports and tables are generated from these results, never typed by hand. Metrics come from
+scikit-learn (``pip install guardmerge[demo]`` or ``[bench]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from guardmerge.data import Examples
+from guardmerge.errors import GuardmergeError
+from guardmerge.multihead import MultiHeadModel
+
+log = logging.getLogger(__name__)
+
+Results = dict[str, dict[str, float]]
+
+OFFICIAL_METRIC: dict[str, tuple[str, str]] = {
+    "irony": ("f1_irony", "irony"),  # TweetEval: F1 of the `irony` class
+}
+"""Tasks whose official metric is not macro-F1: task -> (metric name, positive label)."""
+
+
+def classification_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str], task: str | None = None
+) -> dict[str, float]:
+    """``macro_f1`` and ``accuracy`` (plus the task's official metric where it has one)."""
+    try:
+        from sklearn.metrics import accuracy_score, f1_score
+    except ImportError:
+        raise GuardmergeError("evaluation needs scikit-learn: pip install 'guardmerge[demo]'") from None
+    idx = list(range(len(labels)))
+    out = {
+        "macro_f1": float(f1_score(y_true, y_pred, labels=idx, average="macro", zero_division=0)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "n": float(len(y_true)),
+    }
+    if task in OFFICIAL_METRIC and OFFICIAL_METRIC[task][1] in labels:
+        name, positive = OFFICIAL_METRIC[task]
+        pos = list(labels).index(positive)
+        out[name] = float(f1_score(y_true, y_pred, labels=[pos], average="macro", zero_division=0))
+    return out
+
+
+def evaluate(
+    model: MultiHeadModel,
+    data: Mapping[str, Examples],
+    *,
+    batch_size: int = 64,
+    max_length: int | None = 128,
+    task_map: Mapping[str, str] | None = None,
+) -> Results:
+    """Score every head of ``model`` on its task's labelled examples.
+
+    Args:
+        data: task -> labelled examples; tasks the model lacks are skipped with a warning.
+        task_map: data task -> head name, where they differ (a one-head expert model).
+    """
+    results: Results = {}
+    for task, examples in data.items():
+        head = (task_map or {}).get(task, task)
+        if head not in model.tasks:
+            log.warning("model has no head '%s'; skipped", head)
+            continue
+        if examples.labels is None:
+            raise GuardmergeError(f"task '{task}': evaluation needs labelled examples")
+        logits = model.logits(examples.texts, batch_size=batch_size, max_length=max_length, tasks=[head])[head]
+        pred = logits.argmax(-1).tolist()
+        results[task] = classification_metrics(examples.labels, pred, model.labels(head), task)
+    return results
+
+
+def normalized(merged: Results, experts: Results, metric: str = "macro_f1") -> dict[str, float]:
+    """Per-task ``merged / expert`` of ``metric`` (tasks in both)."""
+    out = {}
+    for task, m in merged.items():
+        if task in experts and experts[task].get(metric):
+            out[task] = m[metric] / experts[task][metric]
+    return out
+
+
+def mean(values: Mapping[str, float] | Sequence[float]) -> float:
+    vals = list(values.values()) if isinstance(values, Mapping) else list(values)
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def table(rows: Mapping[str, Results], metric: str = "macro_f1", tasks: Sequence[str] | None = None) -> str:
+    """A plain-text table: one row per model, one column per task, plus the mean."""
+    names = list(tasks or sorted({t for r in rows.values() for t in r}))
+    width = max([len(n) for n in rows] + [6])
+    head = f"{'model':<{width}}  " + "  ".join(f"{t:>10}" for t in names) + f"  {'mean':>8}"
+    lines = [f"{metric}", head, "-" * len(head)]
+    for name, res in rows.items():
+        vals = [res.get(t, {}).get(metric) for t in names]
+        cells = "  ".join(f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in vals)
+        present = [v for v in vals if v is not None]
+        lines.append(f"{name:<{width}}  {cells}  {mean(present):>8.4f}")
+    return "\n".join(lines)
+
+
+def to_json_ready(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Round floats for JSON output."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, float):
+            return round(v, 6)
+        if isinstance(v, Mapping):
+            return {k: fix(x) for k, x in v.items()}
+        return v
+
+    return fix(dict(results))

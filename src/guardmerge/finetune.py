@@ -1,0 +1,129 @@
+"""Fine-tune an expert classifier from a base checkpoint (``guardmerge finetune``).
+
+A plain, reproducible recipe: AdamW, linear warm-up and decay, length-bucketed batches (texts of
+similar length share a batch, so padding is small and CPU steps are fast), fixed seed. The output
+is a stock ``AutoModelForSequenceClassification`` folder (safetensors), written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from guardmerge.data import Examples
+from guardmerge.errors import DataError
+from guardmerge.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneSettings(BaseModel):
+    """Training hyperparameters (all recorded in the output's ``guardmerge_finetune.json``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: float = Field(2.0, gt=0, description="passes over the training set (fractions allowed)")
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(64, ge=8, description="tokens per text (longer texts are truncated)")
+    warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps with linear warm-up")
+    weight_decay: float = Field(0.01, ge=0)
+    max_examples: int | None = Field(None, ge=1, description="cap on training examples")
+    seed: int = 0
+
+
+def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, then sort by length inside windows of 50 batches: little padding, still random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def finetune(
+    base: str | Path,
+    train: Examples,
+    labels: Sequence[str],
+    out: str | Path,
+    settings: FinetuneSettings | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Fine-tune ``base`` as a sequence classifier on ``train`` and save it to ``out``.
+
+    Args:
+        base: base checkpoint folder (a headless encoder or a masked-LM is fine).
+        train: labelled examples; labels index into ``labels``.
+        labels: label names, in index order.
+        out: output folder (refused if it exists, unless ``force``).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+    s = settings or FinetuneSettings()
+    if train.labels is None:
+        raise DataError("fine-tuning needs labelled examples")
+    train = train.head(s.max_examples)
+    torch.manual_seed(s.seed)
+    rng = random.Random(s.seed)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base),
+        num_labels=len(labels),
+        id2label={i: n for i, n in enumerate(labels)},
+        label2id={n: i for i, n in enumerate(labels)},
+    )
+    enc = tok(train.texts, truncation=True, max_length=s.max_length)
+    ids = enc["input_ids"]
+    steps_per_epoch = math.ceil(len(ids) / s.batch_size)
+    total = max(1, math.ceil(steps_per_epoch * s.epochs))
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": s.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=s.learning_rate)
+    sched = get_linear_schedule_with_warmup(opt, int(s.warmup * total), total)
+    model.train()
+    bar = tqdm(total=total, desc=f"fine-tune {Path(out).name}", unit="step", disable=not progress)
+    step, started, loss_ema = 0, time.perf_counter(), None
+    while step < total:
+        for batch_idx in _batches([len(x) for x in ids], s.batch_size, rng):
+            if step >= total:
+                break
+            feats = tok.pad({k: [enc[k][i] for i in batch_idx] for k in enc}, return_tensors="pt")
+            y = torch.tensor([train.labels[i] for i in batch_idx])
+            loss = model(**feats, labels=y).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            value = float(loss.detach())
+            loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+            bar.set_postfix(loss=f"{loss_ema:.3f}")
+            bar.update()
+    bar.close()
+    log.info("fine-tuned %s: %d steps in %.0f s", out, total, time.perf_counter() - started)
+    model.eval()
+    with atomic_dir(out, force=force) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "guardmerge_finetune.json").write_text(
+            s.model_dump_json(indent=2) + "\n"
+        )
+    return Path(out)

@@ -1,0 +1,56 @@
+"""The model card (``README.md``) written into every merged folder."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from guardmerge.config import MergeConfig
+    from guardmerge.engine import MergeResult
+
+
+def model_card(result: "MergeResult", config: "MergeConfig", version: str) -> str:
+    """Markdown naming the base, the experts, the method, its parameters and the version."""
+    info = result.info
+    lines = [
+        "---",
+        "library_name: guardmerge",
+        f"base_model: {config.base_model}",
+        "tags: [guardmerge, model-merging, multi-head, text-classification]",
+        "---",
+        "",
+        f"# Multi-head model merged with guardmerge {version}",
+        "",
+        f"One shared {result.config.get('model_type', '')} encoder and {len(result.heads)} heads, "
+        f"merged training-free from the experts below with **{config.method}**.",
+        "",
+        f"- Base model: `{config.base_model}`",
+        f"- Method: `{config.method}`, heads: `{config.heads}`",
+        "- Parameters: "
+        + (", ".join(f"`{k}={v}`" for k, v in info.get("parameters", {}).items()) or "(defaults)"),
+        f"- guardmerge version: {version}",
+        "",
+        "| task (head) | labels | expert | weight |",
+        "|---|---|---|---|",
+    ]
+    for ex in config.experts:
+        labels = ", ".join(result.heads[ex.task].labels)
+        lines.append(f"| {ex.task} | {labels} | `{ex.model}` | {ex.weight} |")
+    extra = info.get("card_sections") or []
+    for section in extra:
+        lines += ["", str(section)]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import guardmerge",
+        "model = guardmerge.load('THIS_FOLDER')",
+        "model.predict(['some text'])  # {task: [{'label': ..., 'score': ...}]}",
+        "```",
+        "",
+        "or `guardmerge predict THIS_FOLDER \"some text\"`. Export one task to a stock "
+        "transformers classifier with `guardmerge export THIS_FOLDER TASK OUT`.",
+        "",
+    ]
+    return "\n".join(lines)

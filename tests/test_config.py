@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from guardmerge.config import load_config, parse_config
+from guardmerge.errors import ConfigError
+
+
+def raw(**over: object) -> dict:
+    data = {
+        "base_model": "base",
+        "experts": [{"model": "a", "task": "hate"}, {"model": "b", "task": "injection", "weight": 0.5}],
+        "method": "task_arithmetic",
+        "parameters": {"scaling": 0.5},
+        "heads": "multi",
+    }
+    data.update(over)
+    return data
+
+
+def test_valid_config_parses_with_typed_parameters() -> None:
+    cfg = parse_config(raw())
+    assert cfg.method_params().scaling == 0.5
+    assert [e.weight for e in cfg.experts] == [1.0, 0.5]
+
+
+def test_unknown_method_is_refused_with_known_names() -> None:
+    with pytest.raises(ConfigError, match=r"unknown method 'tiez'.*task_arithmetic"):
+        parse_config(raw(method="tiez"))
+
+
+def test_unknown_parameter_is_refused_with_known_parameters() -> None:
+    with pytest.raises(ConfigError, match=r"invalid parameters for method 'task_arithmetic'.*lambda.*Known parameters: scaling"):
+        parse_config(raw(parameters={"lambda": 0.5}))
+
+
+def test_wrong_parameter_type_is_refused() -> None:
+    with pytest.raises(ConfigError, match="scaling"):
+        parse_config(raw(parameters={"scaling": "lots"}))
+
+
+def test_duplicate_task_names_are_refused() -> None:
+    data = raw(experts=[{"model": "a", "task": "hate"}, {"model": "b", "task": "hate"}])
+    with pytest.raises(ConfigError, match="duplicate task names: hate"):
+        parse_config(data)
+
+
+def test_unknown_top_level_field_is_refused() -> None:
+    with pytest.raises(ConfigError, match="metod"):
+        parse_config(raw(metod="ties"))
+
+
+def test_bad_heads_mode_and_task_name_are_refused() -> None:
+    with pytest.raises(ConfigError, match="heads"):
+        parse_config(raw(heads="many"))
+    with pytest.raises(ConfigError, match="experts.0.task"):
+        parse_config(raw(experts=[{"model": "a", "task": "has.dot"}]))
+
+
+def test_overrides_and_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "experts" / "a").mkdir(parents=True)
+    path = tmp_path / "m.yaml"
+    path.write_text("base_model: some/hub-id\nexperts:\n  - {model: experts/a, task: hate}\nmethod: average\n")
+    cfg = load_config(path, ["method=task_arithmetic", "parameters.scaling=0.8", "experts.0.weight=2"])
+    assert cfg.method == "task_arithmetic" and cfg.method_params().scaling == 0.8
+    assert cfg.experts[0].weight == 2.0
+    assert cfg.experts[0].model == str(tmp_path / "experts" / "a")  # resolved against the file
+    assert cfg.base_model == "some/hub-id"  # hub ids stay as given
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(_good(tmp_path), ["noequals"])
+
+
+def _good(tmp_path: Path) -> Path:
+    p = tmp_path / "good.yaml"
+    p.write_text("base_model: b\nexperts: [{model: a, task: t}]\n")
+    return p

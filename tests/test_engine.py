@@ -1,0 +1,190 @@
+"""End-to-end merges of tiny random BERTs: hand computations, exactness, and refusals."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from guardmerge.config import parse_config
+from guardmerge.engine import merge, merge_to_folder
+from guardmerge.errors import CheckpointError, CompatibilityError, ConfigError, GuardmergeError, OutputExistsError
+from guardmerge.multihead import MultiHeadModel
+from tests.conftest import TEXTS, expert_logits, make_base, make_expert
+
+Q = "encoder.layer.0.attention.self.query.weight"
+
+
+def cfg(zoo: dict[str, Path], tasks=("hate", "sentiment"), method="task_arithmetic", **params):
+    return parse_config({
+        "base_model": str(zoo["base"]),
+        "experts": [{"model": str(zoo[t]), "task": t} for t in tasks],
+        "method": method,
+        "parameters": params,
+    })
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    state = load_file(str(folder / "model.safetensors"))
+    return {k.removeprefix("bert."): v for k, v in state.items()}
+
+
+def test_task_arithmetic_matches_hand_computation(zoo: dict[str, Path]) -> None:
+    res = merge(cfg(zoo, scaling=0.7), progress=False)
+    b, h, s = tensors(zoo["base"]), tensors(zoo["hate"]), tensors(zoo["sentiment"])
+    expected = b[Q].double() + 0.7 * ((h[Q] - b[Q]).double() + (s[Q] - b[Q]).double())
+    assert torch.allclose(res.tensors[Q].double(), expected, atol=1e-6)
+
+
+def test_average_matches_hand_computation(zoo: dict[str, Path]) -> None:
+    c = parse_config({
+        "base_model": str(zoo["base"]),
+        "experts": [{"model": str(zoo["hate"]), "task": "hate", "weight": 3.0},
+                    {"model": str(zoo["sentiment"]), "task": "sentiment", "weight": 1.0}],
+        "method": "average",
+    })
+    res = merge(c, progress=False)
+    h, s = tensors(zoo["hate"]), tensors(zoo["sentiment"])
+    assert torch.allclose(res.tensors[Q], (3 * h[Q] + s[Q]) / 4, atol=1e-6)
+    # heads are kept per task, unchanged
+    assert torch.equal(res.tensors["heads.hate.classifier.weight"], h["classifier.weight"])
+    assert torch.equal(res.tensors["heads.sentiment.classifier.bias"], s["classifier.bias"])
+
+
+def test_one_expert_scaling_one_reproduces_the_expert_exactly(zoo: dict[str, Path]) -> None:
+    for task in ("hate", "sentiment"):
+        model = merge(cfg(zoo, tasks=(task,), scaling=1.0), progress=False).to_model()
+        ours = model.logits(TEXTS)[task]
+        ref = expert_logits(zoo[task])
+        assert torch.allclose(ours, ref, atol=1e-6)
+        assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_scaling_zero_gives_the_base_encoder(zoo: dict[str, Path]) -> None:
+    res = merge(cfg(zoo, scaling=0.0), progress=False)
+    b = tensors(zoo["base"])
+    assert all(torch.equal(res.tensors[k], b[k]) for k in b if not k.endswith("position_ids") and k in res.tensors)
+
+
+def test_merged_folder_contents(zoo: dict[str, Path], tmp_path: Path) -> None:
+    out = merge_to_folder(cfg(zoo, scaling=0.5), tmp_path / "out", progress=False)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "merge_config.yaml", "README.md", "tokenizer_config.json"} <= names
+    card = (out / "README.md").read_text()
+    assert "task_arithmetic" in card and "scaling=0.5" in card and str(zoo["base"]) in card and "0.1.0" in card
+    model = MultiHeadModel.from_pretrained(out)
+    assert model.tasks == ["hate", "sentiment"]
+    assert model.labels("sentiment") == ["neg", "neu", "pos"]
+    assert model.info["method"] == "task_arithmetic"
+
+
+def _no_output(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.fixture
+def broken(tmp_path_factory: pytest.TempPathFactory, zoo: dict[str, Path]) -> dict[str, Path]:
+    """Experts that must be refused, one per failure."""
+    root = tmp_path_factory.mktemp("broken")
+    out = {}
+    wide_base = make_base(root / "wide_base", hidden_size=24, intermediate_size=32, num_attention_heads=2)
+    out["hidden"] = make_expert(root / "hidden", wide_base, ["a", "b"], seed=5)
+    out["vocab"] = make_expert(root / "vocab", zoo["base"], ["a", "b"], seed=6,
+                               words=["x" + w for w in __import__("tests.conftest").conftest.WORDS])
+    missing = root / "missing"
+    shutil.copytree(zoo["hate"], missing)
+    state = load_file(str(missing / "model.safetensors"))
+    del state["bert.encoder.layer.1.output.dense.weight"]
+    from safetensors.torch import save_file
+
+    save_file(state, str(missing / "model.safetensors"))
+    out["missing"] = missing
+    corrupt = root / "corrupt"
+    shutil.copytree(zoo["hate"], corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"garbage" * 10)
+    out["corrupt"] = corrupt
+    pickled = root / "pickled"
+    shutil.copytree(zoo["hate"], pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    out["pickled"] = pickled
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, error, pattern",
+    [
+        ("hidden", CompatibilityError, r"expert 'bad'.*hidden.*config field 'hidden_size' is 24 but the base .* has 16"),
+        ("vocab", CompatibilityError, r"expert 'bad'.*different vocabulary"),
+        ("missing", CompatibilityError, r"expert 'bad'.*missing encoder tensor 'encoder.layer.1.output.dense.weight'"),
+        ("corrupt", CheckpointError, r"corrupt/model.safetensors is not a readable safetensors file"),
+        ("pickled", CheckpointError, r"pickled/pytorch_model.bin is a pickle checkpoint"),
+    ],
+)
+def test_bad_expert_is_refused_and_leaves_no_output(
+    zoo: dict[str, Path], broken: dict[str, Path], tmp_path: Path, case: str, error: type, pattern: str
+) -> None:
+    c = parse_config({
+        "base_model": str(zoo["base"]),
+        "experts": [{"model": str(zoo["hate"]), "task": "hate"}, {"model": str(broken[case]), "task": "bad"}],
+        "method": "task_arithmetic",
+    })
+    out = tmp_path / "out"
+    with pytest.raises(error, match=pattern):
+        merge_to_folder(c, out, progress=False)
+    _no_output(tmp_path, out)
+
+
+def test_pickle_allowed_with_flag(zoo: dict[str, Path], broken: dict[str, Path]) -> None:
+    c = parse_config({
+        "base_model": str(zoo["base"]),
+        "experts": [{"model": str(broken["pickled"]), "task": "hate"}],
+        "method": "task_arithmetic", "parameters": {"scaling": 1.0}, "allow_pickle": True,
+    })
+    model = merge(c, progress=False).to_model()
+    assert torch.allclose(model.logits(TEXTS)["hate"], expert_logits(zoo["hate"]), atol=1e-6)
+
+
+def test_existing_output_is_refused_before_any_work(zoo: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="already exists.*--force"):
+        merge_to_folder(cfg(zoo), out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge_to_folder(cfg(zoo), out, force=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_headless_expert_is_refused(zoo: dict[str, Path], tmp_path: Path) -> None:
+    c = parse_config({"base_model": str(zoo["base"]), "experts": [{"model": str(zoo["base"]), "task": "x"}]})
+    with pytest.raises(CompatibilityError, match="no classification head tensor 'classifier.weight'"):
+        merge_to_folder(c, tmp_path / "o", progress=False)
+    _no_output(tmp_path, tmp_path / "o")
+
+
+def test_all_errors_share_one_base_type() -> None:
+    for err in (CheckpointError, CompatibilityError, ConfigError, OutputExistsError):
+        assert issubclass(err, GuardmergeError)
+
+
+def test_masked_lm_base_keeps_each_experts_pooler_in_its_head(tmp_path: Path, zoo: dict[str, Path]) -> None:
+    from transformers import BertForMaskedLM, BertModel
+
+    mlm = tmp_path / "mlm"
+    model = BertForMaskedLM.from_pretrained(str(zoo["base"]))  # no pooler in a masked LM
+    model.bert.load_state_dict(BertModel.from_pretrained(str(zoo["base"])).state_dict(), strict=False)
+    model.save_pretrained(str(mlm), safe_serialization=True)
+    shutil.copy(zoo["base"] / "tokenizer.json", mlm / "tokenizer.json")
+    shutil.copy(zoo["base"] / "tokenizer_config.json", mlm / "tokenizer_config.json")
+    c = parse_config({"base_model": str(mlm), "experts": [{"model": str(zoo["hate"]), "task": "hate"}],
+                      "parameters": {"scaling": 1.0}})
+    res = merge(c, progress=False)
+    assert res.heads["hate"].layers == ("pooler.dense", "classifier")
+    m = res.to_model()
+    assert torch.allclose(m.logits(TEXTS)["hate"], expert_logits(zoo["hate"]), atol=1e-6)
+    # and the single-task export is a stock classifier again
+    m.export_task("hate", tmp_path / "exp")
+    assert torch.allclose(expert_logits(tmp_path / "exp"), expert_logits(zoo["hate"]), atol=1e-6)
