@@ -1,0 +1,405 @@
+"""Exact order statistics per expert, in memory (one tensor) or streamed (a whole model).
+
+TIES and PCB rank each expert's entries over its *whole* flattened task vector (``scope:
+global``, as in their papers). Materialising N flattened models is what this module avoids:
+every streamed statistic is exact and is computed from a stream of per-tensor chunks
+``[N, ...]`` (one row per expert), read a fixed number of times.
+
+Conventions (shared by the in-memory and the streamed versions, so they agree exactly):
+
+- Values are ranked as float32 (inputs of another dtype are cast first).
+- ``-0.0`` and ``+0.0`` are the same value.
+- Every value must be finite; a NaN or infinity raises :class:`CheckpointError`.
+- **Flat order** of a stream: the row-major order inside each tensor, tensors in stream order.
+  It only matters to break ties (see :func:`topk_mask`).
+- **Quantile** (the PCB reference's ``sort``/``kthvalue`` convention): over ``d`` values sorted
+  ascending (0-based), the ``q``-quantile is ``sorted[floor(d * q)]`` (clamped to ``d - 1``),
+  i.e. the ``k``-th smallest with ``k = floor(d * q) + 1``, see :func:`quantile_rank`. The upper
+  clip of PCB's outlier clamp is ``sorted[max(floor(d * (1 - q)) - 1, 0)]``, see
+  :func:`upper_clip_rank`. ``floor(d * q)`` is computed exactly from the decimal value of ``q``
+  (``0.29 * 100`` is 29, not 28).
+
+Streaming (:class:`RadixSelector`): a float32 maps to a 32-bit key whose unsigned order is the
+float order (:func:`order_keys`). Pass 1 counts the keys' upper 16 bits per expert (65,536
+bins); that locates the bin holding the k-th smallest. Pass 2 counts the lower 16 bits of the
+keys inside that bin only, which gives the k-th smallest's exact bit pattern, how many values lie
+below it and how many equal it. Memory: ``N * 65,536`` counters per pass and per requested rank,
+whatever the model size or the number of ties (bfloat16 checkpoints have many).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from guardmerge.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+ValueStream = Callable[[], Iterator[tuple[str, torch.Tensor]]]
+"""A factory of fresh iterators over ``(tensor name, values [N, ...])``; see the module doc."""
+
+_BINS = 1 << 16
+_KEY_OFFSET = 1 << 31
+_CHUNK = 1 << 22  # elements per chunk of the histogram passes (bounds temporaries)
+ALL_TIES = 1 << 62
+"""A tie quota meaning "keep every value equal to the threshold"."""
+
+
+class EmptyStreamError(ValueError):
+    """A streamed statistic was asked of a stream with no values."""
+
+
+# ---------------------------------------------------------------------------- ranks and keys
+
+
+def floor_fraction(n: int, fraction: float | Fraction) -> int:
+    """``floor(n * fraction)``, exact for the decimal value of ``fraction`` (no float rounding)."""
+    return int(exact_fraction(fraction) * n)
+
+
+def quantile_rank(d: int, q: float | Fraction) -> int:
+    """1-based rank of the ``q``-quantile of ``d`` values: ``floor(d * q) + 1``, in ``[1, d]``."""
+    if d < 1:
+        raise ValueError("quantile of an empty set")
+    return min(floor_fraction(d, q) + 1, d)
+
+
+def upper_clip_rank(d: int, q: float | Fraction) -> int:
+    """1-based rank of PCB's upper clip: ``sorted[max(floor(d * (1 - q)) - 1, 0)]``."""
+    if d < 1:
+        raise ValueError("quantile of an empty set")
+    return min(max(floor_fraction(d, 1 - exact_fraction(q)) - 1, 0) + 1, d)
+
+
+def exact_fraction(value: float | Fraction) -> Fraction:
+    """The decimal value of a float as written (``0.1`` is 1/10), or the fraction itself."""
+    return value if isinstance(value, Fraction) else Fraction(str(value))
+
+
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 keys in ``[1, 2**32)`` for float32 ``values`` (any shape).
+
+    ``a < b`` iff ``key(a) < key(b)``; ``-0.0`` and ``+0.0`` share a key.
+    """
+    bits = values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits) + _KEY_OFFSET
+
+
+def keys_to_values(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`order_keys` (``-0.0`` comes back as ``+0.0``)."""
+    signed = keys.to(torch.int64) - _KEY_OFFSET
+    bits = torch.where(signed >= 0, signed, (-signed) - _KEY_OFFSET)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def as_rows(values: torch.Tensor) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[N, prod(shape)]`` float32 (a view where possible)."""
+    return values.reshape(values.shape[0], -1).to(torch.float32)
+
+
+def check_finite(rows: torch.Tensor, name: str) -> None:
+    """Raise :class:`CheckpointError` if ``rows`` holds a NaN or an infinity."""
+    if not bool(torch.isfinite(rows).all()):
+        raise CheckpointError(
+            f"tensor '{name}': the task vectors contain NaN or infinite values; "
+            "check the expert and base checkpoints"
+        )
+
+
+# ----------------------------------------------------------------------- k-th smallest value
+
+
+@dataclass(frozen=True)
+class KthResult:
+    """The k-th smallest value per expert and rank, with the counts around it.
+
+    Attributes:
+        values: ``[N, M]`` float32, the k-th smallest of each row for each of M ranks.
+        n_below: ``[N, M]`` int64, how many values are strictly smaller.
+        n_equal: ``[N, M]`` int64, how many values equal it (>= 1).
+        total: values per row.
+    """
+
+    values: torch.Tensor
+    n_below: torch.Tensor
+    n_equal: torch.Tensor
+    total: int
+
+
+def _check_ranks(ranks: Sequence[int], total: int) -> torch.Tensor:
+    if not ranks:
+        raise ValueError("no rank requested")
+    for k in ranks:
+        if not 1 <= k <= total:
+            raise ValueError(f"rank {k} outside [1, {total}]")
+    return torch.tensor(list(ranks), dtype=torch.int64)
+
+
+def kth_smallest(rows: torch.Tensor, ranks: Sequence[int]) -> KthResult:
+    """Exact k-th smallest of each row of ``rows`` ``[N, d]`` for each 1-based rank, in memory.
+
+    Uses ``torch.kthvalue`` (no size limit, unlike ``torch.quantile``).
+    """
+    rows = rows.to(torch.float32)
+    n, d = rows.shape
+    _check_ranks(ranks, d)
+    vals = torch.stack([torch.kthvalue(rows, k, dim=1).values for k in ranks], dim=1)
+    vals = vals + 0.0  # -0.0 -> +0.0
+    below = torch.stack([(rows < vals[:, j : j + 1]).sum(1) for j in range(len(ranks))], 1)
+    equal = torch.stack([(rows == vals[:, j : j + 1]).sum(1) for j in range(len(ranks))], 1)
+    return KthResult(vals, below, equal, d)
+
+
+class RadixSelector:
+    """Exact k-th smallest per row over a stream of ``[N, ...]`` chunks, in two passes.
+
+    Usage: call :meth:`observe` on every chunk (pass 1), then :meth:`start_second_pass` with the
+    1-based ranks (``total`` is known by then), then :meth:`observe` on every chunk again, in any
+    order (pass 2), then :meth:`result`.
+    """
+
+    def __init__(self, n_rows: int) -> None:
+        self.n_rows = n_rows
+        self.total = 0
+        self._counts1 = torch.zeros(n_rows * _BINS, dtype=torch.int64)
+        self._pass = 1
+        self._ranks: torch.Tensor | None = None
+        self._bins: torch.Tensor | None = None  # [N, M] upper-16-bit bin of each target
+        self._below1: torch.Tensor | None = None  # [N, M] count below that bin
+        self._counts2: torch.Tensor | None = None
+
+    def observe(self, values: torch.Tensor) -> None:
+        """Count one chunk ``[N, ...]`` in the current pass."""
+        rows = as_rows(values)
+        if rows.shape[0] != self.n_rows:
+            raise ValueError(f"expected {self.n_rows} rows, got {rows.shape[0]}")
+        width = max(1, _CHUNK // max(self.n_rows, 1))
+        for start in range(0, rows.shape[1], width):
+            keys = order_keys(rows[:, start : start + width])
+            if self._pass == 1:
+                self._observe1(keys)
+            else:
+                self._observe2(keys)
+        if self._pass == 1:
+            self.total += rows.shape[1]
+
+    def _observe1(self, keys: torch.Tensor) -> None:
+        offset = torch.arange(self.n_rows, dtype=torch.int64).unsqueeze(1) * _BINS
+        idx = (keys >> 16) + offset
+        self._counts1 += torch.bincount(idx.reshape(-1), minlength=self.n_rows * _BINS)
+
+    def _observe2(self, keys: torch.Tensor) -> None:
+        assert self._bins is not None and self._counts2 is not None
+        n_ranks = self._bins.shape[1]
+        upper = keys >> 16
+        lower = keys & (_BINS - 1)
+        row = torch.arange(self.n_rows, dtype=torch.int64).unsqueeze(1)
+        for j in range(n_ranks):
+            hit = upper == self._bins[:, j : j + 1]
+            idx = (lower + (row * n_ranks + j) * _BINS)[hit]
+            self._counts2 += torch.bincount(idx, minlength=self._counts2.numel())
+
+    def start_second_pass(self, ranks: Sequence[int]) -> None:
+        """Fix the 1-based ranks wanted (the same for every row) and begin pass 2."""
+        self._ranks = _check_ranks(ranks, self.total)
+        counts = self._counts1.view(self.n_rows, _BINS)
+        cum = counts.cumsum(1)
+        want = self._ranks.unsqueeze(0).expand(self.n_rows, -1).contiguous()
+        self._bins = torch.searchsorted(cum, want)
+        self._below1 = cum.gather(1, self._bins) - counts.gather(1, self._bins)
+        self._counts2 = torch.zeros(self.n_rows * len(ranks) * _BINS, dtype=torch.int64)
+        self._pass = 2
+
+    def result(self) -> KthResult:
+        """The k-th smallest values and counts (after pass 2)."""
+        if self._pass != 2:
+            raise RuntimeError("result() before the second pass")
+        assert self._ranks is not None and self._bins is not None
+        assert self._below1 is not None and self._counts2 is not None
+        n_ranks = self._ranks.numel()
+        counts = self._counts2.view(self.n_rows, n_ranks, _BINS)
+        cum = counts.cumsum(2)
+        within = (self._ranks.unsqueeze(0) - self._below1).unsqueeze(2)  # 1-based rank in bin
+        low = torch.searchsorted(cum, within).squeeze(2)  # [N, M]
+        equal = counts.gather(2, low.unsqueeze(2)).squeeze(2)
+        below = self._below1 + cum.gather(2, low.unsqueeze(2)).squeeze(2) - equal
+        values = keys_to_values((self._bins << 16) | low)
+        return KthResult(values, below, equal, self.total)
+
+
+def stream_kth_smallest(
+    stream: ValueStream, ranks_for: Callable[[int], Sequence[int]]
+) -> KthResult:
+    """Exact k-th smallest per expert over a whole stream (two passes).
+
+    Args:
+        stream: factory of iterators over ``(name, values [N, ...])``.
+        ranks_for: maps the number of values per expert to the 1-based ranks wanted.
+    """
+    selector: RadixSelector | None = None
+    for name, values in stream():
+        rows = as_rows(values)
+        check_finite(rows, name)
+        if selector is None:
+            selector = RadixSelector(rows.shape[0])
+        selector.observe(rows)
+    if selector is None or selector.total == 0:
+        raise EmptyStreamError("selection over an empty stream")
+    selector.start_second_pass(ranks_for(selector.total))
+    for _, values in stream():
+        selector.observe(values)
+    return selector.result()
+
+
+# ----------------------------------------------------------------- exactly-k top selection
+
+
+@dataclass(frozen=True)
+class TopKCut:
+    """Keep exactly ``k`` values per expert: all above ``threshold``, plus ties in flat order.
+
+    The tie-breaking rule: the values are ordered by value descending, then by flat index
+    ascending (the earlier entry wins a tie); the first ``k`` are kept. So every value strictly
+    above ``threshold`` is kept, and of the values equal to it only the first ``quota`` (in flat
+    order) are kept. ``k = 0`` is ``threshold = +inf``.
+
+    Attributes:
+        threshold: ``[N]`` float32, the k-th largest value per expert.
+        quota: ``[N]`` int64, ties to keep in the tensor (per-tensor cuts) or, for a streamed
+            cut, for every tensor not listed in ``tensor_quota`` (0 or :data:`ALL_TIES`).
+        tensor_quota: for a streamed cut whose ties are split across tensors, the quota of each
+            tensor by name; empty otherwise.
+    """
+
+    threshold: torch.Tensor
+    quota: torch.Tensor
+    tensor_quota: Mapping[str, torch.Tensor]
+
+    def quota_for(self, name: str) -> torch.Tensor:
+        """``[N]`` tie quota of tensor ``name``."""
+        if self.tensor_quota:
+            try:
+                return self.tensor_quota[name]
+            except KeyError:
+                raise ValueError(
+                    f"tensor '{name}' was not in the stream the global threshold was computed "
+                    "over; merge it in the same scope as the prepare pass"
+                ) from None
+        return self.quota
+
+    def to_globals(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Flatten into ``ctx.globals`` entries under ``prefix``."""
+        out = {f"{prefix}.threshold": self.threshold, f"{prefix}.quota": self.quota}
+        for name, q in self.tensor_quota.items():
+            out[f"{prefix}.quota:{name}"] = q
+        return out
+
+    @staticmethod
+    def from_globals(values: Mapping[str, torch.Tensor], prefix: str) -> TopKCut:
+        """Inverse of :meth:`to_globals`."""
+        try:
+            threshold = values[f"{prefix}.threshold"]
+            quota = values[f"{prefix}.quota"]
+        except KeyError:
+            raise ValueError(
+                f"global values '{prefix}.*' are missing: the method's prepare hook must run "
+                "before a global-scope merge"
+            ) from None
+        mark = f"{prefix}.quota:"
+        per_tensor = {k[len(mark) :]: v for k, v in values.items() if k.startswith(mark)}
+        return TopKCut(threshold, quota, per_tensor)
+
+
+def topk_cut(rows: torch.Tensor, k: int) -> TopKCut:
+    """The cut keeping exactly ``k`` of each row of ``rows`` ``[N, d]`` (one tensor)."""
+    n, d = rows.shape
+    if not 0 <= k <= d:
+        raise ValueError(f"k={k} outside [0, {d}]")
+    if k == 0:
+        return TopKCut(torch.full((n,), float("inf")), torch.zeros(n, dtype=torch.int64), {})
+    res = kth_smallest(rows, [d - k + 1])
+    above = d - res.n_below[:, 0] - res.n_equal[:, 0]
+    return TopKCut(res.values[:, 0], k - above, {})
+
+
+def topk_mask(rows: torch.Tensor, threshold: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """Bool ``[N, d]``: values above ``threshold`` ``[N]``, plus the first ``quota`` ``[N]`` ties.
+
+    See :class:`TopKCut` for the rule; "first" is the lowest flat index.
+    """
+    rows = rows.to(torch.float32)
+    t = threshold.to(torch.float32).unsqueeze(1)
+    mask = rows > t
+    equal = rows == t
+    n_equal = equal.sum(1)
+    for i in range(rows.shape[0]):
+        q = int(quota[i])
+        if q >= int(n_equal[i]):
+            mask[i] |= equal[i]
+        elif q > 0:
+            first = torch.nonzero(equal[i]).squeeze(1)[:q]
+            mask[i, first] = True
+    return mask
+
+
+def stream_topk_cuts(stream: ValueStream, ks_for: Callable[[int], Sequence[int]]) -> list[TopKCut]:
+    """Exact exactly-k cuts per expert over a whole stream, for several ``k`` at once.
+
+    Passes: two (:class:`RadixSelector`), plus one more only when some expert must keep part
+    of the values tied at its threshold (then the quota is split across tensors in flat order).
+
+    Args:
+        stream: factory of iterators over ``(name, values [N, ...])``.
+        ks_for: maps the number of values per expert to the counts ``k`` to keep (0..total).
+    """
+    ks: list[int] = []
+
+    def ranks_for(total: int) -> list[int]:
+        ks.extend(ks_for(total))
+        for k in ks:
+            if not 0 <= k <= total:
+                raise ValueError(f"k={k} outside [0, {total}]")
+        return [total - k + 1 if k > 0 else total for k in ks]
+
+    res = stream_kth_smallest(stream, ranks_for)
+    n_rows = res.values.shape[0]
+    cuts: list[TopKCut] = []
+    partial: list[int] = []
+    for j, k in enumerate(ks):
+        if k == 0:
+            inf = torch.full((n_rows,), float("inf"))
+            cuts.append(TopKCut(inf, torch.zeros(n_rows, dtype=torch.int64), {}))
+            continue
+        keep_ties = k - (res.total - res.n_below[:, j] - res.n_equal[:, j])
+        all_kept = keep_ties >= res.n_equal[:, j]
+        quota = torch.where(all_kept, torch.full_like(keep_ties, ALL_TIES), keep_ties)
+        cuts.append(TopKCut(res.values[:, j], quota, {}))
+        if not bool(all_kept.all()):
+            partial.append(j)
+    if partial:
+        log.debug("splitting threshold ties across tensors for %d cut(s)", len(partial))
+        cuts = _split_ties(stream, cuts, partial)
+    return cuts
+
+
+def _split_ties(stream: ValueStream, cuts: list[TopKCut], partial: Iterable[int]) -> list[TopKCut]:
+    """One more pass: give each tensor, in stream order, its share of each tie quota."""
+    partial = list(partial)
+    remaining = {j: cuts[j].quota.clone() for j in partial}
+    per_tensor: dict[int, dict[str, torch.Tensor]] = {j: {} for j in partial}
+    for name, values in stream():
+        rows = as_rows(values)
+        for j in partial:
+            equal = (rows == cuts[j].threshold.unsqueeze(1)).sum(1)
+            take = torch.minimum(equal, remaining[j])
+            remaining[j] -= take
+            per_tensor[j][name] = take
+    out = list(cuts)
+    for j in partial:
+        out[j] = TopKCut(cuts[j].threshold, torch.zeros_like(cuts[j].quota), per_tensor[j])
+    return out

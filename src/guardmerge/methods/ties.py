@@ -1,0 +1,308 @@
+"""The sparsify-then-aggregate family: TIES, DARE, DARE-TIES, Model Breadcrumbs.
+
+Each method is a composition of one sparsification step (:mod:`.sparsify`) and one aggregation
+step: task arithmetic (``scaling * sum_i w_i s_i``, :func:`.basic.weighted_sum`) or the TIES
+consensus (:mod:`.consensus`: sign election on ``w_i s_i``, then disjoint mean or sum).
+
+========================  =====================  ===================  ===============
+method                    sparsify               aggregate            scope
+========================  =====================  ===================  ===============
+``ties``                  magnitude trim         TIES consensus       global (default)
+``dare_linear``           DARE random drop       task arithmetic      per tensor
+``dare_ties``             DARE random drop       TIES consensus       per tensor
+``breadcrumbs``           breadcrumbs window     task arithmetic      per_tensor (default)
+``breadcrumbs_ties``      breadcrumbs window     TIES consensus       per_tensor (default)
+========================  =====================  ===================  ===============
+
+Per-expert ``weights`` multiply the *sparsified* task vectors, before the election (mergekit's
+convention); the magnitude ranking itself is on the unweighted ``|tau_i|``.
+
+``scope: global`` ranks each expert's entries over the whole model: the ``prepare`` hook
+streams the model (two exact histogram passes, see :mod:`.selection`, plus one pass to split
+threshold ties across tensors when needed) and, for the TIES consensus, one more pass for the
+per-expert total mass of the sparsified vectors (the election's zero-sum fallback). Its result
+reaches every merge call as ``ctx.globals``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from guardmerge.methods.basic import weighted_sum
+from guardmerge.methods.consensus import Consensus, ties_consensus
+from guardmerge.methods.registry import (
+    METHODS,
+    MethodParams,
+    StreamFactory,
+    TensorContext,
+)
+from guardmerge.methods.selection import (
+    EmptyStreamError,
+    TopKCut,
+    ValueStream,
+    stream_topk_cuts,
+)
+from guardmerge.methods.sparsify import (
+    breadcrumbs_counts,
+    breadcrumbs_cuts,
+    cut_mask,
+    dare,
+    kept_count,
+    magnitude_cut,
+    window_mask,
+)
+
+Scope = Literal["global", "per_tensor"]
+
+_DENSITY = "fraction of each expert's entries kept, in (0, 1]"
+_SCALING = "lambda, the coefficient on the merged task vector"
+_CONSENSUS = (
+    "disjoint aggregation of the entries whose sign agrees with the elected sign: "
+    "'mean' (TIES paper) or 'sum' (mergekit's normalize: false)"
+)
+_SCOPE = (
+    "where entries are ranked: 'global' over each expert's whole flattened task vector "
+    "(the paper's choice, needs a streamed prepare pass) or 'per_tensor' (mergekit's choice)"
+)
+_SEED = "DARE's seed; the draw depends on (seed, tensor name) only. Default: the run seed"
+
+
+# ------------------------------------------------------------------------------- parameters
+
+
+class TiesParams(MethodParams):
+    density: float = Field(0.2, gt=0, le=1, description=_DENSITY + " (largest |tau_i|)")
+    scaling: float = Field(1.0, description=_SCALING)
+    scope: Scope = Field("global", description=_SCOPE)
+    consensus: Consensus = Field("mean", description=_CONSENSUS)
+
+
+class DareLinearParams(MethodParams):
+    density: float = Field(0.5, gt=0, le=1, description=_DENSITY + " (drop probability 1 - density)")
+    scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)")
+    rescale: bool = Field(True, description="multiply the survivors by 1 / density")
+    seed: int | None = Field(None, description=_SEED)
+
+
+class DareTiesParams(DareLinearParams):
+    scaling: float = Field(1.0, description=_SCALING + " (TIES' default)")
+    consensus: Consensus = Field("mean", description=_CONSENSUS)
+
+
+class BreadcrumbsParams(MethodParams):
+    density: float = Field(
+        0.2, gt=0, le=1, description=_DENSITY + " after dropping the top gamma and the smallest"
+    )
+    gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest |tau_i| dropped")
+    scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)")
+    scope: Scope = Field("per_tensor", description=_SCOPE)
+
+
+class BreadcrumbsTiesParams(BreadcrumbsParams):
+    scaling: float = Field(1.0, description=_SCALING + " (TIES' default)")
+    consensus: Consensus = Field("mean", description=_CONSENSUS)
+
+
+# ----------------------------------------------------------------------- global prepare
+
+
+def abs_stream(stream: StreamFactory) -> ValueStream:
+    """``(name, |tau| [N, ...])`` over the engine's stream."""
+    return lambda: ((ctx.name, deltas.abs()) for ctx, deltas in stream())
+
+
+def expert_mass(
+    stream: StreamFactory, sparsify: Callable[[torch.Tensor, str], torch.Tensor]
+) -> torch.Tensor:
+    """``[N]`` float64 ``sum_p s_i[p]`` of the sparsified task vectors over the stream (1 pass)."""
+    mass: torch.Tensor | None = None
+    for ctx, deltas in stream():
+        part = sparsify(deltas, ctx.name).reshape(deltas.shape[0], -1).sum(1, dtype=torch.float64)
+        mass = part if mass is None else mass + part
+    return torch.zeros(0, dtype=torch.float64) if mass is None else mass
+
+
+def _global_cuts(
+    stream: StreamFactory, prefixes: Sequence[str], ks_for: Callable[[int], Sequence[int]]
+) -> dict[str, torch.Tensor]:
+    cuts = stream_topk_cuts(abs_stream(stream), ks_for)
+    out: dict[str, torch.Tensor] = {}
+    for prefix, cut in zip(prefixes, cuts, strict=True):
+        out.update(cut.to_globals(prefix))
+    return out
+
+
+def prepare_ties(params: TiesParams, stream: StreamFactory) -> dict[str, torch.Tensor]:
+    """Global trim threshold per expert, and the per-expert mass of the trimmed vectors."""
+    if params.scope != "global":
+        return {}
+    try:
+        out = _global_cuts(stream, ["trim"], lambda n: [kept_count(n, params.density)])
+    except EmptyStreamError:
+        return {}
+    cut = TopKCut.from_globals(out, "trim")
+    out["mass"] = expert_mass(stream, lambda d, name: d * cut_mask(d, cut, name))
+    return out
+
+
+def _breadcrumbs_globals(
+    params: BreadcrumbsParams, stream: StreamFactory, with_mass: bool
+) -> dict[str, torch.Tensor]:
+    if params.scope != "global":
+        return {}
+    try:
+        out = _global_cuts(
+            stream,
+            ["outer", "inner"],
+            lambda n: list(breadcrumbs_counts(n, params.density, params.gamma)),
+        )
+    except EmptyStreamError:
+        return {}
+    if with_mass:
+        outer = TopKCut.from_globals(out, "outer")
+        inner = TopKCut.from_globals(out, "inner")
+        out["mass"] = expert_mass(stream, lambda d, name: d * window_mask(d, outer, inner, name))
+    return out
+
+
+def prepare_breadcrumbs(
+    params: BreadcrumbsParams, stream: StreamFactory
+) -> dict[str, torch.Tensor]:
+    """Global outer (top ``n_top``) and inner (top ``n_top + n_keep``) cuts per expert."""
+    return _breadcrumbs_globals(params, stream, with_mass=False)
+
+
+def prepare_breadcrumbs_ties(
+    params: BreadcrumbsTiesParams, stream: StreamFactory
+) -> dict[str, torch.Tensor]:
+    """As :func:`prepare_breadcrumbs`, plus the per-expert mass for the election fallback."""
+    return _breadcrumbs_globals(params, stream, with_mass=True)
+
+
+# ------------------------------------------------------------------------- composed steps
+
+
+def trim(deltas: torch.Tensor, params: TiesParams, ctx: TensorContext) -> torch.Tensor:
+    """Magnitude trim, per tensor or against the global cut in ``ctx.globals``."""
+    if params.scope == "global":
+        cut = TopKCut.from_globals(ctx.globals, "trim")
+    else:
+        cut = magnitude_cut(deltas, params.density)
+    return deltas * cut_mask(deltas, cut, ctx.name)
+
+
+def crumbs(deltas: torch.Tensor, params: BreadcrumbsParams, ctx: TensorContext) -> torch.Tensor:
+    """Breadcrumbs window, per tensor or against the global cuts in ``ctx.globals``."""
+    if params.scope == "global":
+        outer = TopKCut.from_globals(ctx.globals, "outer")
+        inner = TopKCut.from_globals(ctx.globals, "inner")
+    else:
+        outer, inner = breadcrumbs_cuts(deltas, params.density, params.gamma)
+    return deltas * window_mask(deltas, outer, inner, ctx.name)
+
+
+def drop(deltas: torch.Tensor, params: DareLinearParams, ctx: TensorContext) -> torch.Tensor:
+    """DARE with this tensor's generator ``ctx.generator(seed)``."""
+    return dare(deltas, params.density, ctx.generator(params.seed), params.rescale)
+
+
+def global_mass(weights: torch.Tensor, ctx: TensorContext) -> torch.Tensor | None:
+    """``sum_i w_i mass_i`` from the prepare pass, or ``None`` (use the tensor's own)."""
+    mass = ctx.globals.get("mass")
+    if mass is None or mass.numel() == 0:
+        return None
+    return (weights.to(torch.float64) * mass.to(torch.float64)).sum()
+
+
+def consensus_step(
+    sparse: torch.Tensor,
+    weights: torch.Tensor,
+    mode: Consensus,
+    scope: Scope | None,
+    ctx: TensorContext,
+) -> torch.Tensor:
+    """TIES election + disjoint aggregation, with the scope's mass as the zero-sum fallback."""
+    mass = global_mass(weights, ctx) if scope == "global" else None
+    return ties_consensus(sparse, weights, mode, mass)
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+@METHODS.method(
+    "ties",
+    TiesParams,
+    "TIES: trim each task vector to its largest |tau|, elect signs, disjoint mean; "
+    "theta_0 + scaling * tau_m.",
+    prepare=prepare_ties,
+    reference="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models",
+)
+def ties(
+    deltas: torch.Tensor, weights: torch.Tensor, params: TiesParams, ctx: TensorContext
+) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[*shape]``: ``scaling * consensus(trim(tau))``."""
+    sparse = trim(deltas, params, ctx)
+    return params.scaling * consensus_step(sparse, weights, params.consensus, params.scope, ctx)
+
+
+@METHODS.method(
+    "dare_linear",
+    DareLinearParams,
+    "DARE + task arithmetic: random drop (p = 1 - density) with rescale, then "
+    "theta_0 + scaling * sum_i w_i tau_i.",
+    reference="Yu et al. 2024, Language Models are Super Mario (DARE)",
+)
+def dare_linear(
+    deltas: torch.Tensor, weights: torch.Tensor, params: DareLinearParams, ctx: TensorContext
+) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[*shape]``: ``scaling * sum_i w_i dare(tau_i)``."""
+    return params.scaling * weighted_sum(drop(deltas, params, ctx), weights)
+
+
+@METHODS.method(
+    "dare_ties",
+    DareTiesParams,
+    "DARE-TIES: DARE's random drop replaces TIES' trim, then sign election and disjoint merge "
+    "(the mergekit flavour; its default normalize: false is consensus: sum).",
+    reference="Yu et al. 2024 (DARE) with Yadav et al. 2023 (TIES); as in mergekit",
+)
+def dare_ties(
+    deltas: torch.Tensor, weights: torch.Tensor, params: DareTiesParams, ctx: TensorContext
+) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[*shape]``: ``scaling * consensus(dare(tau))``."""
+    sparse = drop(deltas, params, ctx)
+    return params.scaling * consensus_step(sparse, weights, params.consensus, None, ctx)
+
+
+@METHODS.method(
+    "breadcrumbs",
+    BreadcrumbsParams,
+    "Model Breadcrumbs: drop the largest gamma and the smallest entries (density remains), "
+    "then task arithmetic.",
+    prepare=prepare_breadcrumbs,
+    reference="Davari & Belilovsky 2023, Model Breadcrumbs",
+)
+def breadcrumbs(
+    deltas: torch.Tensor, weights: torch.Tensor, params: BreadcrumbsParams, ctx: TensorContext
+) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[*shape]``: ``scaling * sum_i w_i crumbs(tau_i)``."""
+    return params.scaling * weighted_sum(crumbs(deltas, params, ctx), weights)
+
+
+@METHODS.method(
+    "breadcrumbs_ties",
+    BreadcrumbsTiesParams,
+    "Model Breadcrumbs mask, then TIES sign election and disjoint merge.",
+    prepare=prepare_breadcrumbs_ties,
+    reference="Davari & Belilovsky 2023, Model Breadcrumbs; TIES consensus as in mergekit",
+)
+def breadcrumbs_ties(
+    deltas: torch.Tensor, weights: torch.Tensor, params: BreadcrumbsTiesParams, ctx: TensorContext
+) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[*shape]``: ``scaling * consensus(crumbs(tau))``."""
+    sparse = crumbs(deltas, params, ctx)
+    return params.scaling * consensus_step(sparse, weights, params.consensus, params.scope, ctx)
