@@ -277,3 +277,26 @@ def test_global_scope_splits_threshold_ties_in_flat_order(method: str) -> None:
     merged = merge_model(method, model, **raw)
     ref = run(method, flat(model), **(raw | {"scope": "per_tensor"}))
     assert torch.equal(torch.cat([merged[k].reshape(-1) for k in model]), ref)
+
+
+@pytest.mark.parametrize(
+    ("method", "raw", "passes"),
+    [
+        ("ties", {}, 3),  # 2 histogram passes + the mass pass
+        ("breadcrumbs", {"scope": "global"}, 2),
+        ("breadcrumbs_ties", {"scope": "global"}, 3),
+        ("ties", {"scope": "per_tensor"}, 0),
+    ],
+)
+def test_prepare_pass_counts(method: str, raw: dict, passes: int) -> None:
+    model = {"a": torch.randn(2, 30), "b": torch.randn(2, 5, 4)}
+    calls = []
+
+    def stream():
+        calls.append(1)
+        for name, t in model.items():
+            yield TensorContext(name, Role.LINEAR_WEIGHT), t
+
+    spec = METHODS.get(method)
+    spec.prepare(spec.validate(raw), stream)
+    assert len(calls) == passes

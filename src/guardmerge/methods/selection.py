@@ -172,6 +172,8 @@ class RadixSelector:
         self._bins: torch.Tensor | None = None  # [N, M] upper-16-bit bin of each target
         self._below1: torch.Tensor | None = None  # [N, M] count below that bin
         self._counts2: torch.Tensor | None = None
+        self._pending: list[torch.Tensor] = []  # bin indices not yet counted (small tensors)
+        self._pending_size = 0
 
     def observe(self, values: torch.Tensor) -> None:
         """Count one chunk ``[N, ...]`` in the current pass."""
@@ -190,8 +192,7 @@ class RadixSelector:
 
     def _observe1(self, keys: torch.Tensor) -> None:
         offset = torch.arange(self.n_rows, dtype=torch.int64).unsqueeze(1) * _BINS
-        idx = (keys >> 16) + offset
-        self._counts1 += torch.bincount(idx.reshape(-1), minlength=self.n_rows * _BINS)
+        self._count(((keys >> 16) + offset).reshape(-1))
 
     def _observe2(self, keys: torch.Tensor) -> None:
         assert self._bins is not None and self._counts2 is not None
@@ -199,13 +200,31 @@ class RadixSelector:
         upper = keys >> 16
         lower = keys & (_BINS - 1)
         row = torch.arange(self.n_rows, dtype=torch.int64).unsqueeze(1)
+        hits = []
         for j in range(n_ranks):
             hit = upper == self._bins[:, j : j + 1]
-            idx = (lower + (row * n_ranks + j) * _BINS)[hit]
-            self._counts2 += torch.bincount(idx, minlength=self._counts2.numel())
+            hits.append((lower + (row * n_ranks + j) * _BINS)[hit])
+        self._count(torch.cat(hits))
+
+    def _count(self, idx: torch.Tensor) -> None:
+        """Queue bin indices; count them in one ``bincount`` per ~4M (amortises small tensors)."""
+        self._pending.append(idx)
+        self._pending_size += idx.numel()
+        if self._pending_size >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            counts = self._counts1 if self._pass == 1 else self._counts2
+            assert counts is not None
+            idx = torch.cat(self._pending)
+            if idx.numel():
+                counts += torch.bincount(idx, minlength=counts.numel())
+        self._pending, self._pending_size = [], 0
 
     def start_second_pass(self, ranks: Sequence[int]) -> None:
         """Fix the 1-based ranks wanted (the same for every row) and begin pass 2."""
+        self._flush()
         self._ranks = _check_ranks(ranks, self.total)
         counts = self._counts1.view(self.n_rows, _BINS)
         cum = counts.cumsum(1)
@@ -219,6 +238,7 @@ class RadixSelector:
         """The k-th smallest values and counts (after pass 2)."""
         if self._pass != 2:
             raise RuntimeError("result() before the second pass")
+        self._flush()
         assert self._ranks is not None and self._bins is not None
         assert self._below1 is not None and self._counts2 is not None
         n_ranks = self._ranks.numel()
