@@ -85,13 +85,13 @@ def plan_merge(base: Checkpoint, experts: Sequence[ExpertRef], heads_mode: str =
     base_enc = [n for n in encoder_names(adapter, base.names())]
     pooler_in_base = any(adapter.is_pooler(n) for n in base_enc)
     head_owned_pooler = adapter.has_pooler and not pooler_in_base
-    for ex in experts:
-        _check_tensors(base, base_enc, ex, head_owned_pooler)
-        _check_labels(ex)
-    _check_vocab(base, experts)
-    merge_names, copy_names = [], []
+    merge_names, copy_names = [], []  # integer buffers (position_ids) are copied, never merged
     for name in base_enc:
         (merge_names if base.dtype(name).is_floating_point else copy_names).append(name)
+    for ex in experts:
+        _check_tensors(base, merge_names, ex, head_owned_pooler)
+        _check_labels(ex)
+    _check_vocab(base, experts)
     head_layers = adapter.head_layers
     head_input = adapter.head_input
     if head_owned_pooler:

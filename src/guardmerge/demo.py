@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from guardmerge.config import load_config
 from guardmerge.data import TaskData, load_task
 from guardmerge.errors import DataError, GuardmergeError
 from guardmerge.evaluate import evaluate, mean, normalized, table, to_json_ready
-from guardmerge.finetune import FinetuneSettings, finetune
+from guardmerge.finetune import FinetuneSettings, finetune_cached
 from guardmerge.multihead import MultiHeadModel, load_any
 
 log = logging.getLogger(__name__)
@@ -72,29 +71,6 @@ def default_data_dir() -> Path:
     )
 
 
-def _digest(*parts: object) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, Path) and p.is_file():
-            h.update(p.read_bytes())
-        else:
-            h.update(str(p).encode())
-    return h.hexdigest()[:12]
-
-
-def build_expert(base: Path, task: TaskData, settings: FinetuneSettings, cache: Path, progress: bool = True) -> Path:
-    """Fine-tune (or reuse from ``cache``) the expert of ``task``."""
-    weights = base / "model.safetensors"
-    size = weights.stat().st_size if weights.is_file() else 0
-    key = _digest(base / "config.json", size, task.folder / "train.jsonl", task.labels, settings.model_dump_json())
-    out = cache / f"{task.name}-{key}"
-    if (out / "config.json").is_file():
-        log.info("expert %s: cached at %s", task.name, out)
-        return out
-    log.info("expert %s: fine-tuning from %s (%s)", task.name, base, settings)
-    return finetune(base, task.split("train"), task.labels, out, settings, progress=progress)
-
-
 def run_demo(
     work: Path,
     data_dir: Path | None = None,
@@ -112,7 +88,7 @@ def run_demo(
     base = base_checkpoint()
     work.mkdir(parents=True, exist_ok=True)
     task_data = {t.name: load_task(data_dir / t.name) for t in chosen}
-    experts = {t.name: build_expert(base, task_data[t.name], t.settings, work / "experts", progress) for t in chosen}
+    experts = {t.name: finetune_cached(base, task_data[t.name], t.settings, work / "experts", progress=progress) for t in chosen}
 
     config_path = work / "merge.yaml"
     config_path.write_text(yaml.safe_dump({

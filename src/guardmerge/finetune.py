@@ -7,6 +7,7 @@ is a stock ``AutoModelForSequenceClassification`` folder (safetensors), written 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -18,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from guardmerge.data import Examples
+from guardmerge.data import Examples, TaskData
 from guardmerge.errors import DataError
 from guardmerge.io import atomic_dir
 
@@ -127,3 +128,26 @@ def finetune(
             s.model_dump_json(indent=2) + "\n"
         )
     return Path(out)
+
+
+def _digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.read_bytes() if isinstance(p, Path) and p.is_file() else str(p).encode())
+    return h.hexdigest()[:12]
+
+
+def finetune_cached(
+    base: Path, task: TaskData, settings: FinetuneSettings, cache: Path, *, progress: bool = True
+) -> Path:
+    """Fine-tune the expert of ``task`` into ``cache``, or reuse it when the base's config and
+    size, the training file, the labels and the settings are unchanged."""
+    weights = base / "model.safetensors"
+    size = weights.stat().st_size if weights.is_file() else 0
+    key = _digest(base / "config.json", size, task.folder / "train.jsonl", task.labels, settings.model_dump_json())
+    out = Path(cache) / f"{task.name}-{key}"
+    if (out / "config.json").is_file():
+        log.info("expert %s: cached at %s", task.name, out)
+        return out
+    log.info("expert %s: fine-tuning from %s (%s)", task.name, base, settings)
+    return finetune(base, task.split("train"), task.labels, out, settings, progress=progress)

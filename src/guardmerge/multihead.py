@@ -262,7 +262,9 @@ class MultiHeadModel(nn.Module):
         encoder = build_encoder(config, with_pooler)
         enc_state = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
         missing, unexpected = encoder.load_state_dict(enc_state, strict=False)
-        missing = [m for m in missing if not m.endswith("position_ids")]
+        buffers = ("position_ids", "token_type_ids")  # non-persistent in recent transformers
+        missing = [m for m in missing if not m.endswith(buffers)]
+        unexpected = [u for u in unexpected if not u.endswith(buffers)]
         if missing or unexpected:
             raise CheckpointError(
                 f"{folder / WEIGHTS_FILE}: encoder tensors do not match the config "
