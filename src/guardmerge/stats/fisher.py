@@ -1,0 +1,286 @@
+"""Diagonal Fisher information of an expert, from per-example squared gradients.
+
+Fisher merging (Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging") weights
+each parameter by the expert's diagonal Fisher
+
+    F[p] = E_x E_{y ~ p(y|x)} (d log p(y|x) / d theta[p])^2
+
+estimated on the expert's own inputs. The expectation over ``y`` is one of three label modes:
+
+- ``hard``: ``y = argmax_y p(y|x)``, the model's own prediction (one gradient per example);
+- ``soft``: the exact expectation ``sum_y p(y|x) (d log p(y|x)/d theta)^2`` (C gradients per
+  example, C = number of labels);
+- ``empirical``: the gold label given in the batch (``labels``).
+
+Gradients are **per example**, vectorised with ``torch.func`` (``functional_call`` +
+``vmap(grad)``), in micro-batches of ``micro_batch_size`` examples to bound memory (one
+``[micro_batch, *shape]`` gradient per parameter is alive at a time). The reference codes instead
+square the gradient of a whole batch's mean log-likelihood; that approximation is available only
+as the named parity mode ``gradient="batch"`` (it depends on the batch size).
+
+The result is the **mean** over examples, keyed by canonical parameter names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from guardmerge.architectures import ArchitectureAdapter, get_adapter
+from guardmerge.errors import ConfigError, DataError, StatisticsError
+from guardmerge.stats.gram import model_inputs
+
+log = logging.getLogger(__name__)
+
+LabelMode = Literal["hard", "soft", "empirical"]
+GradientMode = Literal["per_example", "batch"]
+LABEL_MODES: tuple[str, ...] = ("hard", "soft", "empirical")
+GRADIENT_MODES: tuple[str, ...] = ("per_example", "batch")
+
+
+@dataclass
+class FisherStats:
+    """Diagonal Fisher of one expert.
+
+    Attributes:
+        fisher: canonical parameter name -> ``[*shape]`` float32 mean squared gradient.
+        n_examples: examples averaged.
+        label_mode: ``hard``, ``soft`` or ``empirical``.
+        gradient: ``per_example`` (default) or ``batch`` (reference-code parity).
+        head: canonical names of head parameters among ``fisher``.
+        max_length: the tokeniser's ``max_length`` if known (metadata only).
+    """
+
+    fisher: dict[str, torch.Tensor]
+    n_examples: int
+    label_mode: str = "hard"
+    gradient: str = "per_example"
+    head: frozenset[str] = frozenset()
+    max_length: int | None = None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.fisher
+
+    def names(self) -> list[str]:
+        return list(self.fisher)
+
+
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Use eager attention while vmapping (SDPA has no vmap batching rule on CPU); restore after."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switched = False
+    if impl not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation("eager")
+            switched = True
+        except Exception:  # an implementation that cannot switch keeps its own
+            log.debug("could not switch attention to eager; keeping %s", impl)
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation(impl)
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., T]`` 0/1 mask -> ``[..., 1, 1, T]`` additive mask (0 keep, dtype-min drop).
+
+    A prepared 4D mask skips transformers' mask construction, whose data-dependent shortcuts
+    (``mask.all()``) cannot run under ``vmap``.
+    """
+    return (1.0 - mask.to(dtype)).unsqueeze(-2).unsqueeze(-2) * torch.finfo(dtype).min
+
+
+def _labels_of(batch: Mapping[str, Any], n: int) -> torch.Tensor:
+    for key in ("labels", "label"):
+        if key in batch and batch[key] is not None:
+            labels = torch.as_tensor(batch[key]).long().reshape(-1)
+            if labels.numel() != n:
+                raise DataError(f"a Fisher batch has {n} examples but {labels.numel()} labels")
+            return labels
+    raise DataError("label_mode 'empirical' needs gold labels: the batches carry no 'labels'")
+
+
+def _check_modes(label_mode: str, gradient: str) -> None:
+    if label_mode not in LABEL_MODES:
+        raise ConfigError(f"unknown Fisher label mode '{label_mode}'; known: {', '.join(LABEL_MODES)}")
+    if gradient not in GRADIENT_MODES:
+        raise ConfigError(f"unknown Fisher gradient mode '{gradient}'; known: "
+                          f"{', '.join(GRADIENT_MODES)}")
+    if gradient == "batch" and label_mode == "soft":
+        raise ConfigError("Fisher gradient mode 'batch' (reference parity) supports label modes "
+                          "'hard' and 'empirical' only, not 'soft'")
+
+
+def collect_fisher(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    label_mode: LabelMode = "hard",
+    gradient: GradientMode = "per_example",
+    micro_batch_size: int = 8,
+    include_head: bool = True,
+    adapter: ArchitectureAdapter | None = None,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> FisherStats:
+    """Diagonal Fisher of ``model`` over ``batches``: the mean of per-example squared gradients.
+
+    Args:
+        model: a ``*ForSequenceClassification`` model (BERT, RoBERTa, DistilBERT); evaluated in
+            eval mode (no dropout), its mode restored afterwards.
+        batches: tokenised batches (``input_ids`` ``[B, T]``, ``attention_mask`` ``[B, T]``,
+            optional ``token_type_ids``; ``labels`` ``[B]`` for ``empirical``).
+        label_mode: ``hard`` | ``soft`` | ``empirical`` (see module docstring).
+        gradient: ``per_example`` (default, vmap) or ``batch``: square the gradient of each
+            batch's mean log-likelihood, averaged over batches (reference-code parity).
+        micro_batch_size: examples per vmapped gradient (memory ~ micro_batch_size x model size).
+        include_head: keep the head's parameters (flagged in ``FisherStats.head``).
+        adapter: the architecture adapter; default from ``model.config.model_type``.
+        max_length: recorded in the result's metadata.
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`FisherStats`, float32 tensors on CPU keyed by canonical parameter names.
+    """
+    _check_modes(label_mode, gradient)
+    if micro_batch_size < 1:
+        raise ConfigError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    adapter = adapter or get_adapter(getattr(model.config, "model_type", ""), "model")
+    names: dict[str, str] = {}  # module parameter name -> canonical
+    head: set[str] = set()
+    for pname, _ in model.named_parameters():
+        canonical = adapter.canonical(pname)
+        if adapter.is_ignored(canonical):
+            continue
+        if adapter.is_head(canonical):
+            if not include_head:
+                continue
+            head.add(canonical)
+        names[pname] = canonical
+    if not names:
+        raise StatisticsError("the model has no parameters to compute a Fisher for")
+
+    was_training = model.training
+    model.eval()
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    acc: dict[str, torch.Tensor] = {}
+    n_examples = 0
+    n_batches = 0
+    try:
+        with _eager_attention(model):
+            for batch in tqdm(batches, total=total, desc=f"fisher ({label_mode})",
+                              disable=not progress, leave=False):
+                inputs = model_inputs(model, batch)
+                n = int(inputs["input_ids"].shape[0])
+                labels = _labels_of(batch, n) if label_mode == "empirical" else None
+                if gradient == "batch":
+                    _batch_fisher(model, inputs, labels, names, acc)
+                else:
+                    _per_example_fisher(model, inputs, labels, label_mode, micro_batch_size,
+                                        names, acc)
+                n_examples += n
+                n_batches += 1
+    finally:
+        model.train(was_training)
+    if n_examples == 0:
+        raise StatisticsError("no batches given: cannot compute a Fisher from zero examples")
+    denom = n_batches if gradient == "batch" else n_examples
+    fisher = {names[p]: (acc[p] / denom).float().cpu() for p in names if p in acc}
+    log.info("Fisher (%s, %s): %d tensors, %d examples", label_mode, gradient, len(fisher),
+             n_examples)
+    return FisherStats(
+        fisher=fisher,
+        n_examples=n_examples,
+        label_mode=label_mode,
+        gradient=gradient,
+        head=frozenset(head),
+        max_length=max_length,
+    )
+
+
+def _accumulate(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in acc:
+        acc[name] += value
+    else:
+        acc[name] = value.clone()
+
+
+def _per_example_fisher(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor | None,
+    label_mode: str,
+    micro_batch_size: int,
+    names: dict[str, str],
+    acc: dict[str, torch.Tensor],
+) -> None:
+    """Add ``sum_x E_y (d log p(y|x))^2`` of one batch to ``acc`` (float64)."""
+    params = {p: t.detach() for p, t in model.named_parameters() if p in names}
+    frozen = {p: t.detach() for p, t in model.named_parameters() if p not in names}
+    buffers = dict(model.named_buffers())
+    dtype = next(iter(params.values())).dtype
+    with torch.no_grad():
+        probs = torch.softmax(model(**inputs).logits.double(), dim=-1)  # [B, C]
+    n, n_classes = probs.shape
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(inputs["input_ids"])
+    per_example = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    per_example["attention_mask"] = _additive_mask(mask, dtype)  # [B, 1, 1, T]
+
+    def log_lik(p: dict[str, torch.Tensor], target: torch.Tensor,
+                ex: dict[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = {k: v.unsqueeze(0) for k, v in ex.items()}
+        out = functional_call(model, ({**p, **frozen}, buffers), args=(), kwargs=kwargs)
+        logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+        return (logp * target).sum()
+
+    per_example_grad = vmap(grad(log_lik), in_dims=(None, 0, 0))
+    device = probs.device
+    if label_mode == "soft":
+        targets = [(torch.full((n,), c, device=device), probs[:, c]) for c in range(n_classes)]
+    else:
+        y = probs.argmax(dim=-1) if labels is None else labels.to(device)
+        if int(y.max()) >= n_classes or int(y.min()) < 0:
+            raise DataError(f"gold labels outside [0, {n_classes}) in a Fisher batch")
+        targets = [(y, torch.ones(n, dtype=torch.float64, device=device))]
+    for start in range(0, n, micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        ex = {k: v[sl] for k, v in per_example.items()}
+        for y, weight in targets:
+            onehot = torch.nn.functional.one_hot(y[sl], n_classes).to(dtype)
+            grads = per_example_grad(params, onehot, ex)
+            w = weight[sl]
+            for pname, g in grads.items():
+                sq = g.detach().double().square_()
+                value = torch.tensordot(w, sq, dims=([0], [0]))
+                _accumulate(acc, pname, value)
+
+
+def _batch_fisher(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor | None,
+    names: dict[str, str],
+    acc: dict[str, torch.Tensor],
+) -> None:
+    """Add ``(d mean_b log p(y_b|x_b))^2`` of one batch to ``acc`` (reference-code parity)."""
+    params = [(p, t) for p, t in model.named_parameters() if p in names]
+    logits = model(**inputs).logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    y = logits.argmax(dim=-1).detach() if labels is None else labels.to(logits.device)
+    objective = logp.gather(1, y.unsqueeze(1)).mean()
+    grads = torch.autograd.grad(objective, [t for _, t in params], allow_unused=True)
+    for (pname, t), g in zip(params, grads):
+        value = torch.zeros_like(t, dtype=torch.float64) if g is None else g.double().square()
+        _accumulate(acc, pname, value)
