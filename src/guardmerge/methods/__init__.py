@@ -17,7 +17,7 @@ from guardmerge.methods.registry import (
 )
 
 # Each module registers its methods when imported. Add new method modules here.
-_METHOD_MODULES = ("basic", "ties", "pcb", "model_stock")
+_METHOD_MODULES = ("basic", "ties", "pcb", "model_stock", "regmean", "fisher")
 
 for _module in _METHOD_MODULES:
     importlib.import_module(f"guardmerge.methods.{_module}")
