@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from guardmerge.config import parse_config
-from guardmerge.engine import merge, merge_to_folder
+from guardmerge.engine import merge
+from guardmerge.pipeline import merge_to_folder
 from guardmerge.errors import CheckpointError, CompatibilityError, ConfigError, GuardmergeError, OutputExistsError
 from guardmerge.multihead import MultiHeadModel
 from tests.conftest import TEXTS, expert_logits, make_base, make_expert

@@ -65,7 +65,7 @@ def merge(
     merge_config.yaml and a model card. OUT is refused if it exists, unless --force.
     """
     from guardmerge.config import load_config
-    from guardmerge.engine import merge_to_folder
+    from guardmerge.pipeline import merge_to_folder
     from guardmerge.io import check_output
 
     overrides = list(set_ or [])

@@ -40,6 +40,21 @@ class ExpertConfig(BaseModel):
     data: str | None = Field(None, description="unlabelled texts of this task (JSONL/CSV/TXT)")
 
 
+class AlignConfig(BaseModel):
+    """Closed-form head alignment after merging (ALGORITHMS.md 3b)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lstsq", "moments"] = Field(
+        "lstsq", description="lstsq: ridge refit of the head (or an affine map for heads with a "
+        "hidden layer); moments: per-feature mean/std matching of the head input"
+    )
+    examples: int = Field(400, ge=2, description="unlabelled texts per task used for the fit")
+    ridge: float | None = Field(None, ge=0, description="ridge mu; default 1e-2 * mean(A^2); 0 = exact")
+    max_length: int = Field(128, ge=8, description="tokens per text")
+    batch_size: int = Field(64, ge=1)
+
+
 class MergeConfig(BaseModel):
     """A whole merge job, validated against the method registry."""
 
@@ -52,6 +67,9 @@ class MergeConfig(BaseModel):
     heads: Literal["multi", "hm3"] = "multi"
     allow_pickle: bool = Field(False, description="accept pytorch_model.bin pickle checkpoints")
     seed: int = Field(0, description="seed for stochastic methods (DARE)")
+    align_heads: AlignConfig | bool | None = Field(
+        None, description="head alignment: on by default when every expert gives `data`; false to disable"
+    )
 
     @field_validator("method")
     @classmethod
@@ -66,7 +84,22 @@ class MergeConfig(BaseModel):
         if dupes:
             raise ValueError(f"duplicate task names: {', '.join(dupes)} (each head needs its own)")
         METHODS.get(self.method).validate(self.parameters)
+        self.alignment()  # align_heads: true without data fails here, before any work
         return self
+
+    def alignment(self) -> AlignConfig | None:
+        """The head-alignment settings in force, or None when alignment is off."""
+        if self.align_heads is False:
+            return None
+        have_data = all(e.data for e in self.experts)
+        if self.align_heads is None:
+            return AlignConfig() if have_data else None
+        if not have_data:
+            missing = ", ".join(e.task for e in self.experts if not e.data)
+            raise ConfigError(
+                f"align_heads needs unlabelled texts of every task: give `data: FILE` to expert(s) {missing}"
+            )
+        return AlignConfig() if self.align_heads is True else self.align_heads
 
     def method_params(self) -> MethodParams:
         """The validated parameter model of :attr:`method`."""

@@ -97,7 +97,7 @@ def run_demo(
         **DEMO_METHOD,
         "heads": "multi",
     }, sort_keys=False))
-    from guardmerge.engine import merge_to_folder
+    from guardmerge.pipeline import merge_to_folder
 
     merged_dir = merge_to_folder(load_config(config_path), work / "merged", force=True, progress=progress)
 

@@ -22,7 +22,7 @@ from guardmerge.checkpoint import Checkpoint
 from guardmerge.compat import ExpertRef, MergePlan, plan_merge
 from guardmerge.config import MergeConfig
 from guardmerge.errors import StatisticsError
-from guardmerge.io import atomic_dir, check_output
+from guardmerge.io import atomic_dir
 from guardmerge.methods import METHODS, MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.modelcard import model_card
 from guardmerge.multihead import (
@@ -219,25 +219,6 @@ def _heads(
             out[f"{HEAD_PREFIX}{ex.task}.{tname}"] = merged[row : row + rows].clone()
             row += rows
     return out
-
-
-def merge_to_folder(
-    config: MergeConfig,
-    out: str | Path,
-    *,
-    force: bool = False,
-    progress: bool = True,
-    stats: dict[str, dict[str, torch.Tensor]] | None = None,
-) -> Path:
-    """Merge and write the output folder atomically (refuses an existing ``out`` unless forced).
-
-    The folder holds ``model.safetensors``, ``config.json`` (heads and labels recorded),
-    the tokenizer, ``merge_config.yaml`` and a model card ``README.md``.
-    """
-    check_output(out, force=force)
-    result = merge(config, progress=progress, stats=stats)
-    write_result(result, out, config, force=force)
-    return Path(out)
 
 
 def write_result(result: MergeResult, out: str | Path, config: MergeConfig, *, force: bool = False) -> None:
