@@ -107,3 +107,14 @@ def test_dare_rescale_preserves_the_sum_in_expectation() -> None:
     values = out.unique()
     assert values.numel() == 2 and values[0] == 0.0
     assert float(values[1]) == pytest.approx(1 / 0.3)
+
+
+def test_dare_l1_rescale_keeps_each_experts_l1_norm() -> None:
+    from guardmerge.methods.sparsify import rescale_survivors
+
+    tau = torch.tensor([[1.0, -2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    dropped = tau * torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0], [0.0] * 4])
+    out = rescale_survivors(tau, dropped, 0.5, "l1")
+    # expert 1: 10 / 5 = 2x; expert 2: zero norm, untouched; expert 3: all dropped, stays 0
+    assert out.tolist() == [[2.0, 0.0, 0.0, 8.0], [0.0] * 4, [0.0] * 4]
+    assert torch.equal(rescale_survivors(tau, dropped, 0.5, "density"), dropped * 2)

@@ -18,6 +18,8 @@ The ``n`` these counts use is the tensor's size (``scope: per_tensor``) or the m
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from guardmerge.methods.selection import TopKCut, as_rows, floor_fraction, topk_cut, topk_mask
@@ -71,18 +73,45 @@ def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> 
     return torch.rand(shape, generator=generator, dtype=torch.float32) < density
 
 
+RescaleBy = Literal["density", "l1"]
+_L1_EPS = 1e-7
+
+
+def rescale_survivors(
+    deltas: torch.Tensor, dropped: torch.Tensor, density: float, by: RescaleBy = "density"
+) -> torch.Tensor:
+    """Rescale DARE's survivors ``dropped`` ``[N, *shape]`` (``deltas`` before the drop).
+
+    ``by="density"``: times ``1 / density = 1 / (1 - p)`` (the DARE paper; unbiased).
+    ``by="l1"``: per expert, times ``||tau_i||_1 / ||dropped_i||_1`` so the tensor keeps its L1
+    norm, left as is when either norm is below 1e-7 (mergekit 0.1.5's DARE rescale).
+    """
+    if by == "density":
+        return dropped / density
+    if by != "l1":
+        raise ValueError(f"unknown DARE rescale '{by}'")
+    n = deltas.shape[0]
+    before = deltas.reshape(n, -1).abs().sum(1)
+    after = dropped.reshape(n, -1).abs().sum(1)
+    ok = (before >= _L1_EPS) & (after >= _L1_EPS)
+    factor = torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), 1.0)
+    return dropped * factor.reshape((n,) + (1,) * (deltas.dim() - 1)).to(dropped.dtype)
+
+
 def dare(
-    deltas: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True
+    deltas: torch.Tensor,
+    density: float,
+    generator: torch.Generator,
+    rescale: bool = True,
+    rescale_by: RescaleBy = "density",
 ) -> torch.Tensor:
     """DARE on task vectors ``[N, *shape]``: random drop with ``p = 1 - density``.
 
-    Survivors are multiplied by ``1 / density`` when ``rescale`` (so the expectation of every
-    entry is preserved). ``density = 1`` returns ``deltas`` unchanged (no draw).
+    Survivors are rescaled (see :func:`rescale_survivors`) when ``rescale``. ``density = 1``
+    returns ``deltas`` unchanged (no draw).
     """
     if density >= 1.0:
         return deltas
     keep = dare_mask(deltas.shape, density, generator).to(deltas.device)
     out = deltas * keep
-    if rescale:
-        out = out / density
-    return out
+    return rescale_survivors(deltas, out, density, rescale_by) if rescale else out

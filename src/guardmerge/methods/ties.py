@@ -47,6 +47,7 @@ from guardmerge.methods.selection import (
     stream_topk_cuts,
 )
 from guardmerge.methods.sparsify import (
+    RescaleBy,
     breadcrumbs_counts,
     breadcrumbs_cuts,
     cut_mask,
@@ -84,7 +85,12 @@ class TiesParams(MethodParams):
 class DareLinearParams(MethodParams):
     density: float = Field(0.5, gt=0, le=1, description=_DENSITY + " (drop probability 1 - density)")
     scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)")
-    rescale: bool = Field(True, description="multiply the survivors by 1 / density")
+    rescale: bool = Field(True, description="rescale the survivors (see rescale_by)")
+    rescale_by: RescaleBy = Field(
+        "density",
+        description="'density': times 1 / density (DARE paper); 'l1': keep each expert's "
+        "per-tensor L1 norm (mergekit 0.1.5's rescale)",
+    )
     seed: int | None = Field(None, description=_SEED)
 
 
@@ -207,7 +213,8 @@ def crumbs(deltas: torch.Tensor, params: BreadcrumbsParams, ctx: TensorContext) 
 
 def drop(deltas: torch.Tensor, params: DareLinearParams, ctx: TensorContext) -> torch.Tensor:
     """DARE with this tensor's generator ``ctx.generator(seed)``."""
-    return dare(deltas, params.density, ctx.generator(params.seed), params.rescale)
+    gen = ctx.generator(params.seed)
+    return dare(deltas, params.density, gen, params.rescale, params.rescale_by)
 
 
 def global_mass(weights: torch.Tensor, ctx: TensorContext) -> torch.Tensor | None:
