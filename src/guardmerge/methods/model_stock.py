@@ -19,7 +19,6 @@ from pydantic import Field
 from guardmerge.methods.basic import weighted_sum
 from guardmerge.methods.registry import METHODS, MethodParams, TensorContext
 
-
 _CHUNK = 1 << 20
 
 

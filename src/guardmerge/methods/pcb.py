@@ -314,4 +314,3 @@ def pcb(
     w = score_weights(beta, stats.beta_lo, stats.beta_max)
     merged = aggregate(clipped(rows, stats.clip_lo, stats.clip_hi), w, weights)
     return (params.scaling * merged).reshape(deltas.shape[1:]).to(deltas.dtype)
-

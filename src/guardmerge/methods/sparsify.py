@@ -53,8 +53,10 @@ def cut_mask(deltas: torch.Tensor, cut: TopKCut, name: str = "") -> torch.Tensor
     return topk_mask(rows, cut.threshold, cut.quota_for(name)).view(deltas.shape)
 
 
-def window_mask(deltas: torch.Tensor, outer: TopKCut, inner: TopKCut, name: str = "") -> torch.Tensor:
-    """Bool ``[N, *shape]``: kept by ``inner`` (top ``n_top + n_keep``), not by ``outer`` (top ``n_top``)."""
+def window_mask(
+    deltas: torch.Tensor, outer: TopKCut, inner: TopKCut, name: str = ""
+) -> torch.Tensor:
+    """Bool ``[N, *shape]``: kept by ``inner`` (top ``n_top + n_keep``), not by ``outer``."""
     return cut_mask(deltas, inner, name) & ~cut_mask(deltas, outer, name)
 
 

@@ -83,7 +83,9 @@ class TiesParams(MethodParams):
 
 
 class DareLinearParams(MethodParams):
-    density: float = Field(0.5, gt=0, le=1, description=_DENSITY + " (drop probability 1 - density)")
+    density: float = Field(
+        0.5, gt=0, le=1, description=_DENSITY + " (drop probability 1 - density)"
+    )
     scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)")
     rescale: bool = Field(True, description="rescale the survivors (see rescale_by)")
     rescale_by: RescaleBy = Field(
