@@ -98,3 +98,18 @@ def test_head_left_out_and_bad_options_refused() -> None:
         collect_fisher(model, [batch], label_mode="soft", gradient="batch", progress=False)
     with pytest.raises(ConfigError, match="label mode"):
         collect_fisher(model, [batch], label_mode="argmax", progress=False)  # type: ignore[arg-type]
+
+
+def test_word_embedding_rows_with_repeated_tokens_are_exact() -> None:
+    """Per-example embedding gradients sum repeated tokens before squaring (not after)."""
+    model = tiny_model("roberta", num_labels=2)
+    ids = torch.tensor([[0, 5, 5, 7, 5, 2], [0, 7, 9, 7, 2, 1]])  # 1 = RoBERTa's padding id
+    mask = (ids != 1).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    stats = collect_fisher(model, [batch], label_mode="soft", progress=False)
+    reference = _loop_fisher(model, [batch], "soft")
+    name = "roberta.embeddings.word_embeddings.weight"
+    got = stats.fisher[name.removeprefix("roberta.")]
+    assert got[5].abs().sum() > 0 and got[7].abs().sum() > 0
+    torch.testing.assert_close(got.double(), reference[name], rtol=1e-4, atol=1e-7)
+    assert got[3].abs().sum() == 0  # a token seen nowhere has zero Fisher

@@ -132,7 +132,7 @@ class GramCollector:
         adapter: ArchitectureAdapter | None = None,
         include_padding: bool = False,
         include_head: bool = True,
-        block_size: int = 192,
+        block_size: int = 384,
     ) -> None:
         self.model = model
         self.adapter = adapter or get_adapter(getattr(model.config, "model_type", ""), "model")
@@ -266,7 +266,7 @@ def collect_grams(
     include_head: bool = True,
     adapter: ArchitectureAdapter | None = None,
     max_length: int | None = None,
-    block_size: int = 192,
+    block_size: int = 384,
     progress: bool = True,
 ) -> GramStats:
     """Run ``model`` over ``batches`` and return the mean Gram of every Linear input.
