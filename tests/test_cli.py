@@ -93,3 +93,14 @@ def test_help_explains_commands() -> None:
     assert proc.returncode == 0
     for command in ("merge", "predict", "methods", "export", "finetune", "eval", "demo"):
         assert command in proc.stdout
+
+
+def test_self_merge_at_full_density_reproduces_the_expert(zoo: dict[str, Path], tmp_path: Path) -> None:
+    from tests.conftest import TEXTS, expert_logits
+
+    res = runner.invoke(app, ["self-merge", str(zoo["sentiment"].parent / "base"), str(zoo["sentiment"]),
+                              str(tmp_path / "self"), "--method", "task_arithmetic", "-s", "scaling=1.0"])
+    assert res.exit_code == 0, res.output
+    import torch
+
+    assert torch.allclose(expert_logits(tmp_path / "self", TEXTS), expert_logits(zoo["sentiment"], TEXTS), atol=1e-6)

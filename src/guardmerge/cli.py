@@ -77,6 +77,39 @@ def merge(
     typer.echo(f"merged {len(cfg.experts)} experts with {cfg.method} -> {out}")
 
 
+@app.command("self-merge")
+def self_merge(
+    base: Annotated[str, typer.Argument(help="The expert's base checkpoint (folder or hub id).")],
+    expert: Annotated[str, typer.Argument(help="The fine-tuned classifier.")],
+    out: Annotated[Path, typer.Argument(help="Output folder: a stock transformers classifier.")],
+    method: Annotated[str, typer.Option(help="Any data-free method (ties, dare_ties, breadcrumbs, pcb...).")] = "ties",
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", "-s", help="Method parameter, e.g. -s density=0.5 -s scaling=1.0.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for DARE.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """HM3 self-merging: merge one expert with itself against its base (theta_0 + scaling *
+    sparsify(tau)) and write a normal single-head classifier, to study task-vector density."""
+    import yaml
+
+    from guardmerge.engine import merge as run_merge
+    from guardmerge.io import check_output
+    from guardmerge.pipeline import self_merge_config
+
+    check_output(out, force=force)
+    params = {}
+    for item in set_ or []:
+        if "=" not in item:
+            raise GuardmergeError(f"--set '{item}' must look like name=value")
+        key, value = item.split("=", 1)
+        params[key.strip()] = yaml.safe_load(value)
+    cfg = self_merge_config(base, expert, method, params, task=Path(expert).name or "task", seed=seed)
+    model = run_merge(cfg).to_model()
+    model.export_task(model.tasks[0], out, force=force)
+    typer.echo(f"self-merged {expert} with {method} {params or ''} -> {out}")
+
+
 @app.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="A merged model folder (or a stock classifier folder).")],

