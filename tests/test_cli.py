@@ -104,3 +104,26 @@ def test_self_merge_at_full_density_reproduces_the_expert(zoo: dict[str, Path], 
     import torch
 
     assert torch.allclose(expert_logits(tmp_path / "self", TEXTS), expert_logits(zoo["sentiment"], TEXTS), atol=1e-6)
+
+
+def test_stats_command_then_regmean_merge_from_the_file(zoo: dict[str, Path], tmp_path: Path) -> None:
+    from tests.test_refit import TEXTS
+
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(TEXTS))
+    files = {}
+    for task in ("hate", "sentiment"):
+        files[task] = tmp_path / f"{task}.safetensors"
+        res = runner.invoke(app, ["stats", str(zoo[task]), "--data", str(data), "--out", str(files[task]),
+                                  "-k", "gram", "--max-examples", "30"])
+        assert res.exit_code == 0, res.output
+    cfg = write(tmp_path, zoo, method="regmean", parameters={"alpha": 0.9},
+                experts=[{"model": str(zoo[t]), "task": t, "stats": str(files[t])} for t in ("hate", "sentiment")])
+    res = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "rm"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    # swapped statistics files are refused, naming the file, and nothing is written
+    swapped = write(tmp_path, zoo, method="regmean",
+                    experts=[{"model": str(zoo["hate"]), "task": "hate", "stats": str(files["sentiment"])}])
+    proc = cli("merge", str(swapped), str(tmp_path / "bad"))
+    assert proc.returncode == 2 and "belongs to another expert" in proc.stderr and "sentiment.safetensors" in proc.stderr
+    assert not (tmp_path / "bad").exists()

@@ -111,6 +111,62 @@ def self_merge(
 
 
 @app.command()
+def stats(
+    expert: Annotated[str, typer.Argument(help="The expert classifier (folder or hub id).")],
+    data: Annotated[Path, typer.Option("--data", help="Its unlabelled inputs: JSONL, CSV or TXT (or a task folder).")],
+    out: Annotated[Path, typer.Option("--out", help="Statistics file to write (.safetensors).")],
+    kind: Annotated[list[str], typer.Option("--kind", "-k", help="gram (RegMean) and/or fisher.")] = ["gram"],  # noqa: B006
+    text_field: Annotated[str, typer.Option(help="Text field in JSONL/CSV.")] = "text",
+    label_field: Annotated[str, typer.Option(help="Gold label field (empirical Fisher only).")] = "label",
+    max_examples: Annotated[int, typer.Option(help="Use at most this many texts.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 32,
+    max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
+    include_padding: Annotated[bool, typer.Option(help="Include padding tokens in Grams (reference parity).")] = False,
+    fisher_labels: Annotated[str, typer.Option(help="Fisher labels: hard, soft or empirical.")] = "hard",
+    fisher_gradient: Annotated[str, typer.Option(help="per_example, or batch (reference parity).")] = "per_example",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Compute an expert's statistics once (RegMean Grams, diagonal Fisher) and store them,
+    tied to the expert by fingerprint, so merges need no data: `stats: FILE` in the config."""
+    import os
+    import tempfile
+
+    from guardmerge.config import StatsConfig
+    from guardmerge.data import read_examples
+    from guardmerge.pipeline import compute_stats, task_texts
+    from guardmerge.stats import save_stats
+
+    if out.exists() and not force:
+        raise GuardmergeError(f"output '{out}' already exists; pass --force to replace it")
+    unknown = sorted(set(kind) - {"gram", "fisher"})
+    if unknown:
+        raise GuardmergeError(f"unknown statistics kind(s) {unknown}: use gram and/or fisher")
+    settings = StatsConfig(examples=max_examples, batch_size=batch_size, max_length=max_length,
+                           include_padding=include_padding, fisher_labels=fisher_labels,
+                           fisher_gradient=fisher_gradient)
+    labels = None
+    if data.is_file():
+        ex = read_examples(data, text_field=text_field, label_field=label_field).head(max_examples)
+        texts, labels = ex.texts, ex.labels
+    else:
+        texts = task_texts(data, max_examples)
+    if fisher_labels == "empirical" and "fisher" in kind and labels is None:
+        raise GuardmergeError(f"empirical Fisher needs gold labels: no integer '{label_field}' in {data}")
+    result = compute_stats(expert, texts, set(kind), settings, labels=labels)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        save_stats(tmp, gram=result.gram, fisher=result.fisher, fingerprint=result.fingerprint,
+                   expert=expert, extra={"data": str(data), "examples": len(texts)})
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    typer.echo(f"{'+'.join(sorted(kind))} statistics of {expert} on {len(texts)} texts -> {out}")
+
+
+@app.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="A merged model folder (or a stock classifier folder).")],
     texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],

@@ -55,6 +55,19 @@ class AlignConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
 
 
+class StatsConfig(BaseModel):
+    """How statistics are computed for experts that give `data` instead of `stats`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: int = Field(1000, ge=1, description="unlabelled texts per expert")
+    max_length: int = Field(128, ge=8, description="tokens per text")
+    batch_size: int = Field(32, ge=1)
+    include_padding: bool = Field(False, description="Gram parity with the RegMean reference code")
+    fisher_labels: Literal["hard", "soft", "empirical"] = Field("hard", description="Fisher label mode")
+    fisher_gradient: Literal["per_example", "batch"] = Field("per_example", description="batch = reference parity")
+
+
 class MergeConfig(BaseModel):
     """A whole merge job, validated against the method registry."""
 
@@ -67,6 +80,7 @@ class MergeConfig(BaseModel):
     heads: Literal["multi", "hm3"] = "multi"
     allow_pickle: bool = Field(False, description="accept pytorch_model.bin pickle checkpoints")
     seed: int = Field(0, description="seed for stochastic methods (DARE)")
+    statistics: StatsConfig = Field(default_factory=StatsConfig)
     align_heads: AlignConfig | bool | None = Field(
         None, description="head alignment: on by default when every expert gives `data`; false to disable"
     )
@@ -85,6 +99,13 @@ class MergeConfig(BaseModel):
             raise ValueError(f"duplicate task names: {', '.join(dupes)} (each head needs its own)")
         METHODS.get(self.method).validate(self.parameters)
         self.alignment()  # align_heads: true without data fails here, before any work
+        needs = METHODS.get(self.method).needs
+        lacking = [e.task for e in self.experts if needs and not (e.stats or e.data)]
+        if lacking:
+            raise ConfigError(
+                f"method '{self.method}' needs {', '.join(sorted(needs))} statistics: give "
+                f"`stats: FILE` (guardmerge stats) or `data: FILE` to expert(s) {', '.join(lacking)}"
+            )
         return self
 
     def alignment(self) -> AlignConfig | None:

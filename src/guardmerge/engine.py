@@ -22,6 +22,7 @@ from guardmerge.checkpoint import Checkpoint
 from guardmerge.compat import ExpertRef, MergePlan, plan_merge
 from guardmerge.config import MergeConfig
 from guardmerge.errors import StatisticsError
+from guardmerge.stats.io import ExpertStats, stack_for_tensor
 from guardmerge.io import atomic_dir
 from guardmerge.methods import METHODS, MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.modelcard import model_card
@@ -87,17 +88,18 @@ class _TensorSource:
         plan: MergePlan,
         seed: int,
         compute_dtype: torch.dtype,
-        stats: dict[str, dict[str, torch.Tensor]] | None = None,
+        stats: Sequence[ExpertStats] | None = None,
+        needs: frozenset[str] = frozenset(),
     ) -> None:
         self.base, self.experts, self.plan = base, experts, plan
         self.seed, self.dtype = seed, compute_dtype
-        self.stats = stats or {}
+        self.stats, self.needs = stats, needs
 
     def context(self, name: str, ndim: int, globals_: dict[str, torch.Tensor] | None = None) -> TensorContext:
         return TensorContext(
             name=name,
             role=self.plan.adapter.role(name, ndim),
-            stats=self.stats.get(name, {}),
+            stats=stack_for_tensor(self.stats, name, self.needs) if self.stats else {},
             globals=globals_ or {},
             seed=self.seed,
         )
@@ -135,9 +137,12 @@ def merge(
     *,
     progress: bool = True,
     compute_dtype: torch.dtype = torch.float32,
-    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    stats: Sequence[ExpertStats] | None = None,
 ) -> MergeResult:
     """Merge the experts of ``config`` into a :class:`MergeResult` (held in memory).
+
+    Args:
+        stats: per-expert statistics in config order, for methods that need them.
 
     Raises:
         CheckpointError, CompatibilityError, ConfigError, StatisticsError: before any merging.
@@ -147,12 +152,12 @@ def merge(
     with ExitStack() as stack:
         base, experts = _open_all(config, stack)
         plan = plan_merge(base, experts, config.heads)
-        if spec.needs and not stats:
+        if spec.needs and (stats is None or len(stats) != len(experts)):
             raise StatisticsError(
                 f"method '{spec.name}' needs {', '.join(sorted(spec.needs))} statistics for every "
                 "expert: give each expert `stats: FILE` (guardmerge stats) or `data: FILE`"
             )
-        src = _TensorSource(base, experts, plan, config.seed, compute_dtype, stats)
+        src = _TensorSource(base, experts, plan, config.seed, compute_dtype, stats, spec.needs)
         weights = torch.tensor([ex.weight for ex in experts], dtype=compute_dtype)
         hm3 = config.heads == "hm3"
         globals_: dict[str, torch.Tensor] = {}

@@ -6,17 +6,30 @@ CLI, the benchmarks and the search all run the same job.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from guardmerge.config import MergeConfig
+from guardmerge.checkpoint import resolve
+from guardmerge.config import MergeConfig, StatsConfig
 from guardmerge.data import read_examples
 from guardmerge.engine import MergeResult, merge, write_result
-from guardmerge.errors import DataError
+from guardmerge.errors import DataError, StatisticsError
 from guardmerge.io import check_output
+from guardmerge.methods import METHODS
 from guardmerge.refit import FeatureCache, align_heads
+from guardmerge.stats import (
+    ExpertStats,
+    collect_fisher,
+    collect_grams,
+    derive_fingerprint,
+    expert_fingerprint,
+    load_stats,
+    save_stats,
+    tokenize_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +45,92 @@ def task_texts(path: str | Path, limit: int | None = None) -> list[str]:
     return texts[:limit] if limit else texts
 
 
+def default_cache_dir() -> Path:
+    """``$GUARDMERGE_CACHE``, else ``~/.cache/guardmerge``: statistics computed from `data`."""
+    return Path(os.environ.get("GUARDMERGE_CACHE") or Path.home() / ".cache" / "guardmerge")
+
+
+def compute_stats(
+    expert: str | Path,
+    texts: Sequence[str],
+    kinds: frozenset[str] | set[str],
+    settings: StatsConfig,
+    *,
+    labels: Sequence[int] | None = None,
+    progress: bool = True,
+) -> ExpertStats:
+    """Run ``expert`` over ``texts`` and collect the statistics ``kinds`` (``gram``, ``fisher``)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = resolve(expert)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    batches = tokenize_batches(
+        tok, list(texts), labels=labels, batch_size=settings.batch_size,
+        max_length=settings.max_length, sort_by_length=True,
+    )
+    gram = fisher = None
+    if "gram" in kinds:
+        gram = collect_grams(model, batches, include_padding=settings.include_padding,
+                             max_length=settings.max_length, progress=progress)
+    if "fisher" in kinds:
+        fisher = collect_fisher(model, batches, label_mode=settings.fisher_labels,
+                                gradient=settings.fisher_gradient, max_length=settings.max_length,
+                                progress=progress)
+    return ExpertStats(fingerprint=expert_fingerprint(folder), gram=gram, fisher=fisher, expert=str(expert))
+
+
+def expert_statistics(
+    config: MergeConfig, kinds: frozenset[str], *, progress: bool = True, cache: Path | None = None
+) -> list[ExpertStats]:
+    """Statistics of every expert, in config order: loaded from `stats` files (checked against
+    the expert's fingerprint) or computed from `data` and cached by fingerprint and settings."""
+    out = []
+    cache = cache or default_cache_dir() / "stats"
+    for e in config.experts:
+        if e.stats:
+            out.append(load_stats(e.stats, resolve(e.model), kinds=sorted(kinds)))
+            continue
+        if not e.data:
+            raise StatisticsError(f"expert '{e.task}' has neither `stats` nor `data`")
+        fingerprint = expert_fingerprint(resolve(e.model))
+        texts = task_texts(e.data, config.statistics.examples)
+        key = derive_fingerprint(fingerprint, kinds=sorted(kinds), texts=_text_digest(texts),
+                                 **config.statistics.model_dump())
+        path = cache / f"{e.task}-{key.split(':')[-1][:16]}.safetensors"
+        if path.is_file():
+            log.info("statistics of '%s': cached %s", e.task, path)
+            out.append(load_stats(path, fingerprint=fingerprint, kinds=sorted(kinds)))
+            continue
+        log.info("statistics of '%s': computing %s on %d texts", e.task, "+".join(sorted(kinds)), len(texts))
+        stats = compute_stats(e.model, texts, kinds, config.statistics, progress=progress)
+        save_stats(path, gram=stats.gram, fisher=stats.fisher, fingerprint=fingerprint, expert=e.model)
+        out.append(stats)
+    return out
+
+
+def _text_digest(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def build(
     config: MergeConfig,
     *,
     progress: bool = True,
-    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    stats: Sequence[ExpertStats] | None = None,
     feature_cache: FeatureCache | None = None,
 ) -> MergeResult:
-    """Run the merge described by ``config`` and return it in memory."""
+    """Run the merge described by ``config`` and return it in memory.
+
+    Statistics (for methods that need them) come from ``stats`` when given, else from each
+    expert's `stats` file or `data`; head alignment runs when :meth:`MergeConfig.alignment` says.
+    """
+    spec = METHODS.get(config.method)
+    if spec.needs and stats is None:
+        stats = expert_statistics(config, spec.needs, progress=progress)
     align = config.alignment()
     texts = {e.task: task_texts(e.data, align.examples) for e in config.experts} if align else {}
     result = merge(config, progress=progress, stats=stats)
@@ -58,7 +149,7 @@ def merge_to_folder(
     *,
     force: bool = False,
     progress: bool = True,
-    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+    stats: Sequence[ExpertStats] | None = None,
 ) -> Path:
     """Run the job and write the output folder atomically (refuses an existing ``out``)."""
     check_output(out, force=force)
@@ -83,4 +174,4 @@ def self_merge_config(
     }, source="self-merge")
 
 
-__all__ = ["build", "merge_to_folder", "self_merge_config", "task_texts"]
+__all__ = ["build", "compute_stats", "expert_statistics", "merge_to_folder", "self_merge_config", "task_texts"]

@@ -29,7 +29,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -144,11 +144,20 @@ class MethodSpec(Generic[P]):
         """``(name, type, default, description)`` for each parameter, for docs and the CLI."""
         rows = []
         for pname, finfo in self.params.model_fields.items():
-            annotation = finfo.annotation
-            tname = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            tname = _type_name(finfo.annotation)
             default = "required" if finfo.is_required() else repr(finfo.default)
             rows.append((pname, tname, default, finfo.description or ""))
         return rows
+
+
+def _type_name(annotation: Any) -> str:
+    """``float``, ``int | None``, ``'global' | 'per_tensor'`` for a parameter annotation."""
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in get_args(annotation))
+    name = getattr(annotation, "__name__", None)
+    if name and not get_args(annotation):
+        return name
+    return str(annotation).replace("typing.", "")
 
 
 class Registry:
