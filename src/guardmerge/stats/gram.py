@@ -96,26 +96,34 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.
     return out
 
 
-def _upper_gram_into(acc: torch.Tensor, rows: torch.Tensor, block: int) -> None:
-    """``acc += rows^T rows`` (upper triangle at least), ``rows``: ``[n, d]``.
+def _blocked(rows: torch.Tensor, block: int) -> bool:
+    """Whether :func:`_upper_gram_into` forms only the upper block triangle for these rows."""
+    return rows.device.type == "cpu" and rows.shape[1] > block
 
-    On CPU the product is formed blockwise over the upper triangle only (about half the FLOPs of a
-    full matmul for wide inputs); elsewhere one full matmul. Each product runs in the rows' float
-    dtype (float32) and is added to the float64 accumulator.
+
+def _upper_gram_into(acc: torch.Tensor, rows: torch.Tensor, block: int) -> None:
+    """``acc += rows^T rows`` (the upper block triangle only, where :func:`_blocked`).
+
+    ``rows``: ``[n, d]``. On CPU, for ``d > block``, the product is formed by row blocks of
+    ``block`` over the upper block triangle (for d = 4 * block, 10 of 16 blocks); elsewhere as one
+    full matmul. Each product runs in the rows' dtype (float32) and is added to the float64
+    accumulator, once per batch.
     """
     d = rows.shape[1]
-    if rows.device.type != "cpu" or d <= block:
-        acc += (rows.T @ rows).to(acc.dtype)
+    if not _blocked(rows, block):
+        acc.add_(rows.T @ rows)  # float32 product, promoted into the float64 accumulator
         return
     for i in range(0, d, block):
         j = min(i + block, d)
-        acc[i:j, i:] += (rows[:, i:j].T @ rows[:, i:]).to(acc.dtype)
+        acc[i:j, i:].add_(rows[:, i:j].T @ rows[:, i:])
 
 
-def _symmetrise_upper(acc: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle is ``acc``'s."""
-    upper = torch.triu(acc)
-    return upper + torch.triu(acc, diagonal=1).T
+def _fill_lower(acc: torch.Tensor, block: int) -> None:
+    """In place: copy the upper block triangle (as :func:`_upper_gram_into` left it) below."""
+    d = acc.shape[0]
+    for i in range(block, d, block):
+        j = min(i + block, d)
+        acc[i:j, :i] = acc[:i, i:j].T
 
 
 class GramCollector:
@@ -155,6 +163,7 @@ class GramCollector:
             raise StatisticsError("the model has no nn.Linear layers to collect Grams for")
         self._acc: dict[str, torch.Tensor] = {}
         self._rows: dict[str, int] = {}
+        self._upper_only: set[str] = set()  # accumulators holding the upper block triangle
         self.weight_to_gram: dict[str, str] = {}
         # per forward: id(input) -> (weak reference to the input, leader key)
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
@@ -228,13 +237,16 @@ class GramCollector:
                 acc = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64,
                                   device=acc_device)
                 self._acc[canonical] = acc
-            _upper_gram_into(acc, rows.to(acc.device), self.block_size)
+            rows = rows.to(acc.device)
+            if _blocked(rows, self.block_size):
+                self._upper_only.add(canonical)
+            _upper_gram_into(acc, rows, self.block_size)
             self._rows[canonical] = self._rows.get(canonical, 0) + int(rows.shape[0])
 
         return hook
 
     def result(self, max_length: int | None = None) -> GramStats:
-        """The mean Grams (on CPU, float64)."""
+        """The mean Grams (on CPU, float64). Finalises the accumulators in place: call once."""
         missing = [n for n in self._modules if n not in self.weight_to_gram]
         if missing:
             log.warning("Linear layers never called during Gram collection: %s", ", ".join(missing))
@@ -243,7 +255,10 @@ class GramCollector:
             rows = self._rows[key]
             if rows == 0:
                 raise StatisticsError(f"no input rows reached '{key}' (all padding?)")
-            grams[key] = (_symmetrise_upper(acc) / rows).cpu()
+            acc.div_(rows)
+            if key in self._upper_only:
+                _fill_lower(acc, self.block_size)
+            grams[key] = acc.cpu()
         order = [n for n in self._modules if n in self.weight_to_gram]
         return GramStats(
             grams=grams,
