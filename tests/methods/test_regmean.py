@@ -126,10 +126,20 @@ def test_singular_gram_falls_back_to_ridge(caplog: pytest.LogCaptureFixture) -> 
     torch.testing.assert_close(xs[0] @ one.T, xs[0] @ deltas[0].T, rtol=1e-4, atol=1e-4)
 
 
-def test_all_zero_gram_uses_least_squares_without_nan() -> None:
+def test_all_zero_gram_gives_the_weighted_average() -> None:
     deltas = torch.randn(2, 3, 4, dtype=torch.float64)
-    merged = run(deltas, [1.0, 1.0], torch.zeros(2, 4, 4, dtype=torch.float64))
+    merged = run(deltas, [1.0, 3.0], torch.zeros(2, 4, 4, dtype=torch.float64))
+    torch.testing.assert_close(merged, (deltas[0] + 3 * deltas[1]) / 4)
+
+
+def test_rank_deficient_sum_without_ridge_is_the_least_squares_solution() -> None:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    grams = mean_gram(x).expand(2, 5, 5).clone()
+    deltas = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    merged = run(deltas, [1.0, 1.0], grams, ridge=0.0)
     assert torch.isfinite(merged).all()
+    torch.testing.assert_close(x @ merged.T, x @ deltas.mean(0).T)
 
 
 def test_shape_mismatch_is_a_statistics_error() -> None:

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from guardmerge import __version__
 from guardmerge.errors import CheckpointError, StatisticsError
 from guardmerge.stats import (
+    StackedStats,
     collect_fisher,
     collect_grams,
     derive_fingerprint,
@@ -165,3 +166,16 @@ def test_stack_for_tensor(stats_of_a, tmp_path: Path, experts) -> None:
     only_fisher = load_stats(path, kinds=["fisher"])
     with pytest.raises(StatisticsError, match="missing"):
         stack_for_tensor([one, only_fisher], K, {"gram"})
+
+
+def test_stacked_stats_is_a_lazy_engine_table(stats_of_a, tmp_path: Path, experts) -> None:
+    gram, fisher = stats_of_a
+    path = save_stats(tmp_path / "s.safetensors", gram=gram, fisher=fisher, expert=experts["a"])
+    one, two = load_stats(path), load_stats(path)
+    table = StackedStats([one, two], {"gram"})
+    assert K in table and "classifier.weight" in table and len(table) == len(gram.weight_to_gram)
+    assert table[K]["gram"].shape == (2, 16, 16)
+    assert torch.equal(table[K]["gram"][0], table[Q]["gram"][1])  # k reads q's shared Gram
+    assert table.get("embeddings.word_embeddings.weight", {}) == {}
+    both = StackedStats([one, two], {"gram", "fisher"})
+    assert set(both["encoder.layer.0.attention.self.query.bias"]) == {"fisher"}

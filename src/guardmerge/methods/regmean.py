@@ -123,7 +123,8 @@ def regmean_merge(
         name: tensor name for messages.
 
     Returns:
-        ``[out, in]`` float64: ``(sum_i w_i tau_i G~_i)(sum_i w_i G~_i)^-1``.
+        ``[out, in]`` float64: ``(sum_i w_i tau_i G~_i)(sum_i w_i G~_i)^-1`` (the weighted
+        average if the Gram sum is zero: the layer never saw a non-zero input).
     """
     if deltas.dim() != 3 or grams.dim() != 3:
         raise StatisticsError(f"RegMean on '{name}': expected deltas [N, out, in] and grams "
@@ -136,6 +137,10 @@ def regmean_merge(
     w = weights.to(device=g.device, dtype=torch.float64).reshape(n, 1, 1)
     gw = g * w
     a = gw.sum(dim=0)  # [in, in]
+    if float(torch.diagonal(a).sum()) <= 0.0:
+        log.warning("RegMean on '%s': the weighted Gram sum is zero (no input signal); using the "
+                    "weighted average", name)
+        return weighted_mean(deltas.to(torch.float64), weights, name).to(g.device)
     b = torch.einsum("noi,nij->oj", deltas.to(device=g.device, dtype=torch.float64), gw)
     return solve_right(a, b, ridge, name)
 

@@ -14,6 +14,7 @@ from guardmerge.stats.fisher import FisherStats, collect_fisher
 from guardmerge.stats.gram import GramStats, collect_grams
 from guardmerge.stats.io import (
     ExpertStats,
+    StackedStats,
     check_fingerprint,
     derive_fingerprint,
     expert_fingerprint,
@@ -27,6 +28,7 @@ __all__ = [
     "ExpertStats",
     "FisherStats",
     "GramStats",
+    "StackedStats",
     "check_fingerprint",
     "collect_fisher",
     "collect_grams",

@@ -44,7 +44,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,6 +231,38 @@ def stack_for_tensor(
             raise StatisticsError(f"'{kind}' statistics for '{name}' differ in shape: {shapes}")
         out[kind] = torch.stack([t for t in found])  # type: ignore[misc]
     return out
+
+
+class StackedStats(Mapping[str, dict[str, torch.Tensor]]):
+    """Lazy ``{canonical tensor name: {kind: [N, ...]}}`` over experts, for the merge engine.
+
+    ``table[name]`` (or ``table.get(name, {})``) stacks the experts' statistics of one tensor on
+    demand (:func:`stack_for_tensor`), so no more than one tensor's statistics are stacked at a
+    time. Names without any statistics map to ``{}``.
+    """
+
+    def __init__(self, experts: Sequence[ExpertStats], kinds: frozenset[str] | set[str]) -> None:
+        self.experts = list(experts)
+        self.kinds = frozenset(kinds)
+        names: dict[str, None] = {}
+        for e in self.experts:
+            if e.gram is not None and "gram" in self.kinds:
+                names.update(dict.fromkeys(e.gram.weight_to_gram))
+            if e.fisher is not None and "fisher" in self.kinds:
+                names.update(dict.fromkeys(e.fisher.fisher))
+        self._names = list(names)
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        return stack_for_tensor(self.experts, name, self.kinds)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __bool__(self) -> bool:
+        return bool(self.experts)
 
 
 def _json(value: object) -> str:
