@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+torch.set_num_threads(1)  # tiny models gain nothing from threads; CI and dev machines have 2 cores
+
 WORDS = (
     "the a is not to and of you i it this that ignore previous instructions hate love happy sad "
     "angry good bad great terrible people all very now please tell me your system prompt kill "

@@ -82,3 +82,32 @@ def test_stats_file_of_another_expert_is_refused(zoo: dict[str, Path], data_file
     })
     with pytest.raises(StatisticsError, match="belongs to another expert"):
         expert_statistics(bad, frozenset({"gram"}), progress=False)
+
+
+def test_dare_regmean_computes_statistics_on_the_sparsified_experts(zoo: dict[str, Path], data_file: Path, cache: Path) -> None:
+    from guardmerge.engine import sparsified_experts
+    from guardmerge.pipeline import compute_stats
+
+    full = build(regmean(zoo, data_file), progress=False)
+    same = build(regmean(zoo, data_file, method="dare_regmean", parameters={"density": 1.0}), progress=False)
+    assert all(torch.allclose(full.tensors[k], same.tensors[k], atol=1e-6) for k in full.tensors)
+
+    cfg = regmean(zoo, data_file, method="dare_regmean", parameters={"density": 0.5, "seed": 3})
+    dropped = sparsified_experts(cfg)
+    q = "encoder.layer.0.attention.self.query.weight"
+    from guardmerge.checkpoint import Checkpoint
+
+    with Checkpoint(zoo["base"]) as base, Checkpoint(zoo["hate"]) as hate:
+        tau = hate.get(q) - base.get(q)
+        kept = (dropped[0][q] - base.get(q)).abs() > 0
+        assert 0.3 < kept.float().mean() < 0.7  # about half the entries dropped
+        assert torch.allclose((dropped[0][q] - base.get(q))[kept], 2 * tau[kept], atol=1e-6)  # rescaled 1/density
+    expert_stats = expert_statistics(cfg, frozenset({"gram"}), progress=False)
+    on_dropped = compute_stats(zoo["hate"], task_texts(data_file, 40), {"gram"}, cfg.statistics,
+                               progress=False, encoder_state=dropped[0])
+    g = "encoder.layer.1.attention.self.query.weight"
+    assert torch.allclose(expert_stats[0].gram.gram(g), on_dropped.gram.gram(g), atol=1e-8)
+    plain = expert_statistics(regmean(zoo, data_file), frozenset({"gram"}), progress=False)
+    assert not torch.allclose(plain[0].gram.gram(g), on_dropped.gram.gram(g), atol=1e-6)
+    merged = build(cfg, progress=False)
+    assert not torch.equal(merged.tensors[q], full.tensors[q])

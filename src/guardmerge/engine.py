@@ -9,7 +9,7 @@ on, so memory holds one tensor per expert at a time plus the output. Heads stay 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,10 +90,12 @@ class _TensorSource:
         compute_dtype: torch.dtype,
         stats: Sequence[ExpertStats] | None = None,
         needs: frozenset[str] = frozenset(),
+        sparsify: Callable[[torch.Tensor, TensorContext], torch.Tensor] | None = None,
     ) -> None:
         self.base, self.experts, self.plan = base, experts, plan
         self.seed, self.dtype = seed, compute_dtype
         self.stats, self.needs = stats, needs
+        self.sparsify = sparsify
 
     def context(self, name: str, ndim: int, globals_: dict[str, torch.Tensor] | None = None) -> TensorContext:
         return TensorContext(
@@ -105,9 +107,11 @@ class _TensorSource:
         )
 
     def encoder_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(theta_0, deltas [N, *shape])`` of an encoder tensor."""
+        """``(theta_0, deltas [N, *shape])`` of an encoder tensor (sparsified if the method says)."""
         t0 = self.base.get(name, self.dtype)
         deltas = torch.stack([ex.checkpoint.get(name, self.dtype) - t0 for ex in self.experts])
+        if self.sparsify is not None:
+            deltas = self.sparsify(deltas, self.context(name, t0.dim()))
         return t0, deltas
 
     def hm3_head(self, tname: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +161,7 @@ def merge(
                 f"method '{spec.name}' needs {', '.join(sorted(spec.needs))} statistics for every "
                 "expert: give each expert `stats: FILE` (guardmerge stats) or `data: FILE`"
             )
-        src = _TensorSource(base, experts, plan, config.seed, compute_dtype, stats, spec.needs)
+        src = _TensorSource(base, experts, plan, config.seed, compute_dtype, stats, spec.needs, _bound_sparsify(spec, params))
         weights = torch.tensor([ex.weight for ex in experts], dtype=compute_dtype)
         hm3 = config.heads == "hm3"
         globals_: dict[str, torch.Tensor] = {}
@@ -195,6 +199,35 @@ def merge(
             "heads_mode": config.heads,
         }
         return MergeResult(tensors=out, config=enc_config, heads=heads, info=info, tokenizer_dir=tok_dir)
+
+
+def _bound_sparsify(
+    spec: MethodSpec[Any], params: MethodParams
+) -> Callable[[torch.Tensor, TensorContext], torch.Tensor] | None:
+    if spec.sparsify is None:
+        return None
+    fn = spec.sparsify
+    return lambda deltas, ctx: fn(deltas, params, ctx)
+
+
+def sparsified_experts(config: MergeConfig) -> list[dict[str, torch.Tensor]]:
+    """Every expert's encoder as the method merges it: ``theta_0 + sparsify(tau_i)`` per tensor.
+
+    For methods with a ``sparsify`` step (``dare_regmean``...), whose statistics must be computed
+    on these sparsified experts. Canonical names, float32; one state dict per expert.
+    """
+    spec = METHODS.get(config.method)
+    params = config.method_params()
+    with ExitStack() as stack:
+        base, experts = _open_all(config, stack)
+        plan = plan_merge(base, experts, config.heads)
+        src = _TensorSource(base, experts, plan, config.seed, torch.float32, sparsify=_bound_sparsify(spec, params))
+        states: list[dict[str, torch.Tensor]] = [{} for _ in experts]
+        for name in plan.merge_names:
+            t0, deltas = src.encoder_tensor(name)
+            for i in range(len(experts)):
+                states[i][name] = t0 + deltas[i]
+        return states
 
 
 _HEAD_CONFIG_KEYS = ("id2label", "label2id", "num_labels", "problem_type", "architectures", "finetuning_task", "_name_or_path")

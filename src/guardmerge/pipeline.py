@@ -9,13 +9,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import torch
 
 from guardmerge.checkpoint import resolve
 from guardmerge.config import MergeConfig, StatsConfig
 from guardmerge.data import read_examples
-from guardmerge.engine import MergeResult, merge, write_result
+from guardmerge.architectures import get_adapter
+from guardmerge.engine import MergeResult, merge, sparsified_experts, write_result
 from guardmerge.errors import DataError, StatisticsError
 from guardmerge.io import check_output
 from guardmerge.methods import METHODS
@@ -58,13 +61,25 @@ def compute_stats(
     *,
     labels: Sequence[int] | None = None,
     progress: bool = True,
+    encoder_state: Mapping[str, torch.Tensor] | None = None,
 ) -> ExpertStats:
-    """Run ``expert`` over ``texts`` and collect the statistics ``kinds`` (``gram``, ``fisher``)."""
+    """Run ``expert`` over ``texts`` and collect the statistics ``kinds`` (``gram``, ``fisher``).
+
+    ``encoder_state`` (canonical names) replaces the expert's encoder tensors first: the
+    statistics of a sparsified expert (``dare_regmean``).
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = resolve(expert)
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    if encoder_state is not None:
+        adapter = get_adapter(model.config.model_type)
+        own = model.state_dict()
+        missing = [n for n in encoder_state if adapter.prefixed(n) not in own]
+        if missing:
+            raise StatisticsError(f"{expert}: cannot place sparsified tensor '{missing[0]}'")
+        model.load_state_dict({adapter.prefixed(n): t for n, t in encoder_state.items()}, strict=False)
     batches = tokenize_batches(
         tok, list(texts), labels=labels, batch_size=settings.batch_size,
         max_length=settings.max_length, sort_by_length=True,
@@ -87,13 +102,20 @@ def expert_statistics(
     the expert's fingerprint) or computed from `data` and cached by fingerprint and settings."""
     out = []
     cache = cache or default_cache_dir() / "stats"
-    for e in config.experts:
+    spec = METHODS.get(config.method)
+    states = None
+    variant: dict[str, object] = {}
+    if spec.sparsify is not None:  # statistics of the sparsified experts (ALGORITHMS.md 2)
+        variant = {"sparsified_by": config.method, "seed": config.seed, **config.method_params().model_dump()}
+    for i, e in enumerate(config.experts):
+        fingerprint = expert_fingerprint(resolve(e.model))
+        if variant:
+            fingerprint = derive_fingerprint(fingerprint, **variant)
         if e.stats:
-            out.append(load_stats(e.stats, resolve(e.model), kinds=sorted(kinds)))
+            out.append(load_stats(e.stats, fingerprint=fingerprint, kinds=sorted(kinds)))
             continue
         if not e.data:
             raise StatisticsError(f"expert '{e.task}' has neither `stats` nor `data`")
-        fingerprint = expert_fingerprint(resolve(e.model))
         texts = task_texts(e.data, config.statistics.examples)
         key = derive_fingerprint(fingerprint, kinds=sorted(kinds), texts=_text_digest(texts),
                                  **config.statistics.model_dump())
@@ -103,7 +125,11 @@ def expert_statistics(
             out.append(load_stats(path, fingerprint=fingerprint, kinds=sorted(kinds)))
             continue
         log.info("statistics of '%s': computing %s on %d texts", e.task, "+".join(sorted(kinds)), len(texts))
-        stats = compute_stats(e.model, texts, kinds, config.statistics, progress=progress)
+        if variant and states is None:
+            states = sparsified_experts(config)
+        stats = compute_stats(e.model, texts, kinds, config.statistics, progress=progress,
+                              encoder_state=states[i] if states is not None else None)
+        stats.fingerprint = fingerprint
         save_stats(path, gram=stats.gram, fisher=stats.fisher, fingerprint=fingerprint, expert=e.model)
         out.append(stats)
     return out

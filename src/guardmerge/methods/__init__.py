@@ -17,7 +17,7 @@ from guardmerge.methods.registry import (
 )
 
 # Each module registers its methods when imported. Add new method modules here.
-_METHOD_MODULES = ("basic", "ties", "pcb", "model_stock", "regmean", "fisher")
+_METHOD_MODULES = ("basic", "ties", "pcb", "model_stock", "regmean", "fisher", "dare_combos")
 
 for _module in _METHOD_MODULES:
     importlib.import_module(f"guardmerge.methods.{_module}")

