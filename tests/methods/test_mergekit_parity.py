@@ -119,7 +119,12 @@ def test_dare_with_rescale(method: str, normalize: bool, monkeypatch: pytest.Mon
         )
         torch.manual_seed(100 + i)  # replay mergekit's draws: one bernoulli per expert, in order
         keep = torch.stack([torch.bernoulli(torch.full_like(d, density)) for d in deltas]).bool()
-        monkeypatch.setattr(sparsify, "dare_mask", lambda shape, p, gen, keep=keep: keep)
+        flat_keep = keep.reshape(3, -1)
+        monkeypatch.setattr(
+            sparsify,
+            "dare_keep",
+            lambda gens, start, width, p, k=flat_keep: k[:, start : start + width],
+        )
         raw: dict[str, Any] = {"density": density, "rescale_by": "l1", "scaling": 1.0}
         if method == "dare_ties":
             raw["consensus"] = "mean" if normalize else "sum"

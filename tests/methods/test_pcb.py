@@ -262,3 +262,18 @@ def test_non_finite_task_vectors_are_refused() -> None:
         run(tau, scope="per_tensor")
     with pytest.raises(CheckpointError):
         merge_model({"a": tau})
+
+
+@pytest.mark.parametrize("inter", ["tanh", "softmax"])
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_results_do_not_depend_on_the_chunking(
+    inter: str, scope: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import guardmerge.methods.selection as selection
+
+    model = fake_model(3)
+    whole = merge_model(model, inter=inter, scope=scope, density=0.3)
+    monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 12)
+    chunked = merge_model(model, inter=inter, scope=scope, density=0.3)
+    for name in model:
+        assert torch.allclose(whole[name], chunked[name], rtol=1e-5, atol=1e-9), name

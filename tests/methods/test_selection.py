@@ -167,3 +167,32 @@ def test_cut_globals_round_trip_and_missing_tensor() -> None:
         back.quota_for("other")
     with pytest.raises(ValueError, match="prepare"):
         TopKCut.from_globals({}, "trim")
+
+
+def test_large_inputs_use_the_radix_path_with_the_same_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import guardmerge.methods.selection as selection
+
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(3, 500, generator=g)
+    rows[:, 100:200] = -0.5
+    ranks = [1, 150, 499]
+    small = kth_smallest(rows, ranks, absolute=True)
+    monkeypatch.setattr(selection, "_SMALL", 0)
+    monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 37)  # many ragged chunks
+    big = kth_smallest(rows, ranks, absolute=True)
+    for a, b in [(small.values, big.values), (small.n_below, big.n_below)]:
+        assert torch.equal(a, b)
+    assert torch.equal(small.n_equal, big.n_equal)
+
+
+def test_masks_over_chunks_split_ties_in_flat_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    import guardmerge.methods.selection as selection
+
+    rows = torch.tensor([[2.0, 1.0, 2.0, 2.0, 0.5, 2.0, 2.0]])
+    cut = topk_cut(rows, 4)  # threshold 2, quota 4 of the five 2s
+    whole = topk_mask(rows, cut.threshold, cut.quota)
+    monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 2)
+    assert torch.equal(topk_mask(rows, cut.threshold, cut.quota), whole)
+    assert whole.tolist() == [[True, False, True, True, False, True, False]]

@@ -107,8 +107,11 @@ def test_breadcrumbs_golden() -> None:
 
 
 def test_dare_methods_golden_given_the_draws() -> None:
+    from guardmerge.methods.sparsify import expert_generators
+
     ctx = TensorContext(NAME, Role.LINEAR_WEIGHT)
-    keep = torch.rand(TAU.shape, generator=ctx.generator(5)) < 0.5
+    gens = expert_generators(ctx.generator(5), 3)
+    keep = torch.stack([torch.rand(4, generator=g) < 0.5 for g in gens])
     dropped = TAU * keep / 0.5
     lin = run("dare_linear", TAU, density=0.5, seed=5, scaling=1.0)
     assert torch.allclose(lin, dropped.sum(0))
@@ -300,3 +303,37 @@ def test_prepare_pass_counts(method: str, raw: dict, passes: int) -> None:
     spec = METHODS.get(method)
     spec.prepare(spec.validate(raw), stream)
     assert len(calls) == passes
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("ties", {}),
+        ("ties", {"scope": "per_tensor", "density": 0.5}),
+        ("dare_ties", {"rescale_by": "l1"}),
+        ("dare_linear", {}),
+        ("breadcrumbs_ties", {"scope": "global", "density": 0.4, "gamma": 0.1}),
+    ],
+)
+def test_results_do_not_depend_on_the_chunking(
+    method: str, raw: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import guardmerge.methods.selection as selection
+
+    model = fake_model(5)
+    model["q.bias"][:, 3:] = -model["q.bias"][:, 3:]  # more structure, same ties
+    whole = merge_model(method, model, torch.tensor([1.0, 0.5, 2.0]), **raw)
+    monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 10)
+    monkeypatch.setattr(selection, "_SMALL", 0)
+    chunked = merge_model(method, model, torch.tensor([1.0, 0.5, 2.0]), **raw)
+    for name in model:
+        assert torch.equal(whole[name], chunked[name]), name
+
+
+def test_per_tensor_zero_sum_patch_applies_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import guardmerge.methods.selection as selection
+
+    monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 2)  # one column per chunk (N = 2)
+    tau = torch.tensor([[1.0, 0.0, -4.0], [-1.0, 0.0, 0.0]])  # column 0 cancels; mass -4
+    out = run("ties", tau, density=1.0, scope="per_tensor")
+    assert out.tolist() == [-1.0, 0.0, -4.0]

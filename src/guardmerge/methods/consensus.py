@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from guardmerge.methods.selection import column_chunks
+
 Consensus = Literal["mean", "sum"]
 
 
@@ -64,6 +66,51 @@ def disjoint_merge(
     return merged / divisor
 
 
+class ChunkConsensus:
+    """TIES election + disjoint aggregation over one tensor's column chunks, in order.
+
+    Each call takes ``(start, sparse chunk [N, w])`` and returns the merged chunk ``[w]``.
+    With ``mass=None`` (per-tensor scope) the fallback for columns whose sum is exactly 0 is
+    the sign of this tensor's own mass, known only after the last chunk: such columns are
+    merged with +1 and their -1 alternative is kept aside; :meth:`finish` patches them.
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        mode: Consensus = "mean",
+        mass: torch.Tensor | float | None = None,
+    ) -> None:
+        if mode not in ("mean", "sum"):
+            raise ValueError(f"unknown consensus mode '{mode}'")
+        self.weights, self.mode = weights, mode
+        self.own_mass = mass is None
+        self.fallback = 1.0 if mass is None or float(mass) >= 0 else -1.0
+        self.mass = torch.zeros((), dtype=torch.float64)
+        self._alternatives: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, start: int, sparse: torch.Tensor) -> torch.Tensor:
+        wd = weighted(sparse, self.weights)
+        gamma = elect_sign(wd, self.fallback)
+        merged = disjoint_merge(wd, self.weights, gamma, self.mode)
+        if self.own_mass:
+            self.mass += total_mass(wd)
+            tied = (wd.sum(0) == 0) & (wd != 0).any(0)
+            if bool(tied.any()):
+                cols = torch.nonzero(tied).squeeze(1)
+                sub = wd[:, cols]
+                alt = disjoint_merge(sub, self.weights, -torch.ones(cols.numel()), self.mode)
+                self._alternatives.append((cols + start, alt))
+        return merged
+
+    def finish(self, merged: torch.Tensor) -> torch.Tensor:
+        """Patch the zero-sum columns of the flat ``merged`` ``[d]`` if the mass is negative."""
+        if self.own_mass and float(self.mass) < 0:
+            for cols, alt in self._alternatives:
+                merged[cols] = alt.to(merged.dtype)
+        return merged
+
+
 def ties_consensus(
     deltas: torch.Tensor,
     weights: torch.Tensor,
@@ -74,6 +121,8 @@ def ties_consensus(
 
     ``mass`` is the election fallback's total mass over the scope; ``None`` uses this tensor's.
     """
-    wd = weighted(deltas, weights)
-    gamma = elect_sign(wd, total_mass(wd) if mass is None else mass)
-    return disjoint_merge(wd, weights, gamma, mode)
+    rows = deltas.reshape(deltas.shape[0], -1)
+    agg = ChunkConsensus(weights, mode, mass)
+    parts = [agg(start, chunk) for start, chunk in column_chunks(rows)]
+    merged = torch.cat(parts) if parts else rows.new_zeros(0)
+    return agg.finish(merged).view(deltas.shape[1:])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from guardmerge.methods.basic import weighted_sum
 from guardmerge.methods.registry import METHODS, MethodParams, TensorContext
 
 _CHUNK = 1 << 20
@@ -72,4 +71,5 @@ def model_stock(
         raise ValueError(f"model_stock of '{ctx.name}': expert weights sum to 0")
     k = deltas.shape[0]
     t = interpolation_ratio(mean_pairwise_cosine(deltas) if k > 1 else 1.0, k)
-    return (params.scaling * t / total) * weighted_sum(deltas, weights)
+    mean = torch.tensordot(weights.to(deltas.dtype), deltas, dims=1)  # no [N, *shape] temporary
+    return (params.scaling * t / total) * mean

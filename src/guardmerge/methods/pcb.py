@@ -23,14 +23,16 @@ Quantiles follow the authors' ``sort``-based convention (see :mod:`.selection`):
 
 Global scope makes four exact streaming passes in ``prepare``: two for the clip quantiles of
 ``|tau_i|`` (the softmax variant's pairwise min/max and normalisers ride along), two for the
-quantile and max of ``beta_i`` (``beta`` is computable tensor by tensor once the clip bounds are
-known). ``beta`` is computed by the same function on the same tensors in ``prepare`` and in the
-merge call, so the kept set is exactly the one the quantile counted.
+quantile and max of ``beta_i`` (``beta`` is computable column by column once the clip bounds are
+known). ``beta`` is computed by the same function on the same column chunks in ``prepare`` and
+in the merge call, so the kept set is exactly the one the quantile counted. The per-tensor scope
+makes the same four passes over the one tensor, then merges it (chunk by chunk: temporaries
+stay small even for the word embeddings).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,8 +44,8 @@ from guardmerge.methods.selection import (
     RadixSelector,
     as_rows,
     check_finite,
+    column_chunks,
     exact_fraction,
-    kth_smallest,
     quantile_rank,
     upper_clip_rank,
 )
@@ -223,59 +225,54 @@ def aggregate(
 # ------------------------------------------------------------------ computing the statistics
 
 
-def _pairs_of(rows: torch.Tensor) -> PairNorms:
-    lo, hi = pair_minmax(rows)
-    return PairNorms(lo, hi, torch.log(pair_sumexp(rows, lo, hi)))
-
-
-def tensor_stats(rows: torch.Tensor, params: PcbParams) -> tuple[PcbStats, torch.Tensor]:
-    """The per-tensor scope's constants and scores ``beta`` ``[N, d]`` of one tensor."""
-    d = rows.shape[1]
-    bounds = kth_smallest(rows.abs(), clip_ranks(d, params.clip)).values
-    pairs = _pairs_of(rows) if params.inter == "softmax" else None
-    beta = balance(rows, bounds[:, 0], bounds[:, 1], params.inter, pairs)
-    beta_lo = kth_smallest(beta, [beta_rank(d, params.density)]).values[:, 0]
-    return PcbStats(bounds[:, 0], bounds[:, 1], beta_lo, beta.max(1).values, pairs), beta
+def _chunks(stream: StreamFactory) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(tensor name, column chunk [N, w])`` over the stream, as the merge call walks them."""
+    for ctx, deltas in stream():
+        for _, chunk in column_chunks(as_rows(deltas)):
+            yield ctx.name, chunk
 
 
 def stream_stats(params: PcbParams, stream: StreamFactory) -> PcbStats | None:
-    """The global scope's constants, in four exact passes over ``stream``; None if empty."""
+    """PCB's scope-wide constants, in four exact passes over ``stream``; None if it is empty.
+
+    The global scope streams the model; the per-tensor scope a one-tensor stream.
+    """
     softmax = params.inter == "softmax"
     clip_sel: RadixSelector | None = None
     lo = hi = None
-    for ctx, deltas in stream():  # pass 1
-        rows = as_rows(deltas)
-        check_finite(rows, ctx.name)
-        clip_sel = clip_sel or RadixSelector(rows.shape[0])
-        clip_sel.observe(rows.abs())
+    for _, chunk in _chunks(stream):  # pass 1: |tau| histogram, pairwise min/max
+        clip_sel = clip_sel or RadixSelector(chunk.shape[0])
+        clip_sel.observe(chunk, absolute=True)
         if softmax:
-            plo, phi = pair_minmax(rows)
+            plo, phi = pair_minmax(chunk)
             lo = plo if lo is None else torch.minimum(lo, plo)
             hi = phi if hi is None else torch.maximum(hi, phi)
     if clip_sel is None or clip_sel.total == 0:
         return None
+    if clip_sel.has_non_finite():
+        for ctx, deltas in stream():
+            check_finite(as_rows(deltas), ctx.name)
     d, n = clip_sel.total, clip_sel.n_rows
     clip_sel.start_second_pass(clip_ranks(d, params.clip))
     sumexp = torch.zeros(n, n, dtype=torch.float64)
-    for _, deltas in stream():  # pass 2
-        rows = as_rows(deltas)
-        clip_sel.observe(rows.abs())
+    for _, chunk in _chunks(stream):  # pass 2: exact clip bounds, softmax normalisers
+        clip_sel.observe(chunk, absolute=True)
         if softmax:
-            sumexp += pair_sumexp(rows, lo, hi)  # type: ignore[arg-type]
+            sumexp += pair_sumexp(chunk, lo, hi)  # type: ignore[arg-type]
     bounds = clip_sel.result().values
     pairs = PairNorms(lo, hi, torch.log(sumexp)) if softmax else None  # type: ignore[arg-type]
 
-    def betas():
-        for _, deltas in stream():
-            yield balance(as_rows(deltas), bounds[:, 0], bounds[:, 1], params.inter, pairs)
+    def betas() -> Iterator[torch.Tensor]:
+        for _, chunk in _chunks(stream):
+            yield balance(chunk, bounds[:, 0], bounds[:, 1], params.inter, pairs)
 
     beta_sel = RadixSelector(n)
     beta_max = torch.full((n,), -float("inf"))
-    for beta in betas():  # pass 3
+    for beta in betas():  # pass 3: score histogram and max
         beta_sel.observe(beta)
         beta_max = torch.maximum(beta_max, beta.max(1).values)
     beta_sel.start_second_pass([beta_rank(d, params.density)])
-    for beta in betas():  # pass 4
+    for beta in betas():  # pass 4: exact score quantile
         beta_sel.observe(beta)
     beta_lo = beta_sel.result().values[:, 0]
     return PcbStats(bounds[:, 0], bounds[:, 1], beta_lo, beta_max, pairs)
@@ -303,14 +300,21 @@ def prepare_pcb(params: PcbParams, stream: StreamFactory) -> dict[str, torch.Ten
 def pcb(
     deltas: torch.Tensor, weights: torch.Tensor, params: PcbParams, ctx: TensorContext
 ) -> torch.Tensor:
-    """``[N, *shape]`` -> ``[*shape]``: ``scaling * tau_m`` (see the module doc)."""
-    rows = as_rows(deltas)
+    """``[N, *shape]`` -> ``[*shape]``: ``scaling * tau_m`` (see the module doc).
+
+    Walks the tensor in column chunks (the same chunks the statistics were computed on).
+    """
     if params.scope == "global":
         stats = PcbStats.from_globals(ctx.globals, params.inter == "softmax")
-        beta = balance(rows, stats.clip_lo, stats.clip_hi, params.inter, stats.pairs)
     else:
-        check_finite(rows, ctx.name)
-        stats, beta = tensor_stats(rows, params)
-    w = score_weights(beta, stats.beta_lo, stats.beta_max)
-    merged = aggregate(clipped(rows, stats.clip_lo, stats.clip_hi), w, weights)
-    return (params.scaling * merged).reshape(deltas.shape[1:]).to(deltas.dtype)
+        stats = stream_stats(params, lambda: iter([(ctx, deltas)]))
+    rows = as_rows(deltas)
+    out = torch.zeros(rows.shape[1], dtype=torch.float32)
+    if stats is None:
+        return out.view(deltas.shape[1:]).to(deltas.dtype)
+    for start, chunk in column_chunks(rows):
+        beta = balance(chunk, stats.clip_lo, stats.clip_hi, params.inter, stats.pairs)
+        w = score_weights(beta, stats.beta_lo, stats.beta_max)
+        merged = aggregate(clipped(chunk, stats.clip_lo, stats.clip_hi), w, weights)
+        out[start : start + chunk.shape[1]] = merged
+    return (params.scaling * out).view(deltas.shape[1:]).to(deltas.dtype)

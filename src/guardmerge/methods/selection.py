@@ -25,6 +25,11 @@ bins); that locates the bin holding the k-th smallest. Pass 2 counts the lower 1
 keys inside that bin only, which gives the k-th smallest's exact bit pattern, how many values lie
 below it and how many equal it. Memory: ``N * 65,536`` counters per pass and per requested rank,
 whatever the model size or the number of ties (bfloat16 checkpoints have many).
+
+Every per-tensor computation here walks the tensor in **column chunks** of about 4M values
+(:func:`column_chunks`), so its temporaries stay small even for a 30k x 768 embedding matrix.
+Methods that must recompute values identically in two places (PCB's scores in ``prepare`` and
+in the merge call) use the same chunking, so the results agree bit for bit.
 """
 
 from __future__ import annotations
@@ -44,8 +49,12 @@ ValueStream = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 """A factory of fresh iterators over ``(tensor name, values [N, ...])``; see the module doc."""
 
 _BINS = 1 << 16
+_HALF_BINS = 1 << 15
 _KEY_OFFSET = 1 << 31
-_CHUNK = 1 << 22  # elements per chunk of the histogram passes (bounds temporaries)
+_LOW31 = 0x7FFFFFFF
+CHUNK_ELEMENTS = 1 << 22
+"""Values per column chunk (all experts together): bounds every temporary."""
+_SMALL = 1 << 20  # up to this many values, kth_smallest uses torch.kthvalue in memory
 ALL_TIES = 1 << 62
 """A tie quota meaning "keep every value equal to the threshold"."""
 
@@ -81,20 +90,28 @@ def exact_fraction(value: float | Fraction) -> Fraction:
     return value if isinstance(value, Fraction) else Fraction(str(value))
 
 
+def _signed_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys whose *signed* order is the float order; ``-0.0`` is mapped to ``+0.0``.
+
+    Non-negative floats keep their bit pattern; a negative float of magnitude bits ``m`` maps
+    to ``-1 - m``.
+    """
+    bits = (values.to(torch.float32) + 0.0).contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & _LOW31)
+
+
 def order_keys(values: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int64 keys in ``[1, 2**32)`` for float32 ``values`` (any shape).
+    """Order-preserving int64 keys in ``[0, 2**32)`` for float32 ``values`` (any shape).
 
     ``a < b`` iff ``key(a) < key(b)``; ``-0.0`` and ``+0.0`` share a key.
     """
-    bits = values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits) + _KEY_OFFSET
+    return _signed_keys(values).to(torch.int64) + _KEY_OFFSET
 
 
 def keys_to_values(keys: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`order_keys` (``-0.0`` comes back as ``+0.0``)."""
-    signed = keys.to(torch.int64) - _KEY_OFFSET
-    bits = torch.where(signed >= 0, signed, (-signed) - _KEY_OFFSET)
-    return bits.to(torch.int32).view(torch.float32)
+    signed = (keys.to(torch.int64) - _KEY_OFFSET).to(torch.int32)
+    return (signed ^ ((signed >> 31) & _LOW31)).view(torch.float32)
 
 
 def as_rows(values: torch.Tensor) -> torch.Tensor:
@@ -102,13 +119,21 @@ def as_rows(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], -1).to(torch.float32)
 
 
+def column_chunks(rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, rows[:, start:start + w])`` over ``rows`` ``[N, d]``, ``w = 4M // N`` columns."""
+    width = max(1, CHUNK_ELEMENTS // max(rows.shape[0], 1))
+    for start in range(0, rows.shape[1], width):
+        yield start, rows[:, start : start + width]
+
+
 def check_finite(rows: torch.Tensor, name: str) -> None:
-    """Raise :class:`CheckpointError` if ``rows`` holds a NaN or an infinity."""
-    if not bool(torch.isfinite(rows).all()):
-        raise CheckpointError(
-            f"tensor '{name}': the task vectors contain NaN or infinite values; "
-            "check the expert and base checkpoints"
-        )
+    """Raise :class:`CheckpointError` if ``rows`` ``[N, d]`` holds a NaN or an infinity."""
+    for _, chunk in column_chunks(rows):
+        if not bool(torch.isfinite(chunk).all()):
+            raise CheckpointError(
+                f"tensor '{name}': the task vectors contain NaN or infinite values; "
+                "check the expert and base checkpoints"
+            )
 
 
 # ----------------------------------------------------------------------- k-th smallest value
@@ -140,19 +165,25 @@ def _check_ranks(ranks: Sequence[int], total: int) -> torch.Tensor:
     return torch.tensor(list(ranks), dtype=torch.int64)
 
 
-def kth_smallest(rows: torch.Tensor, ranks: Sequence[int]) -> KthResult:
-    """Exact k-th smallest of each row of ``rows`` ``[N, d]`` for each 1-based rank, in memory.
+def kth_smallest(rows: torch.Tensor, ranks: Sequence[int], absolute: bool = False) -> KthResult:
+    """Exact k-th smallest of each row of ``rows`` ``[N, d]`` (of ``|rows|`` if ``absolute``).
 
-    Uses ``torch.kthvalue`` (no size limit, unlike ``torch.quantile``).
+    Small inputs use ``torch.kthvalue``; large ones two :class:`RadixSelector` passes over
+    column chunks (no copy of the input; ``torch.quantile``'s 16M limit never applies).
     """
-    rows = rows.to(torch.float32)
-    n, d = rows.shape
-    _check_ranks(ranks, d)
-    vals = torch.stack([torch.kthvalue(rows, k, dim=1).values for k in ranks], dim=1)
-    vals = vals + 0.0  # -0.0 -> +0.0
-    below = torch.stack([(rows < vals[:, j : j + 1]).sum(1) for j in range(len(ranks))], 1)
-    equal = torch.stack([(rows == vals[:, j : j + 1]).sum(1) for j in range(len(ranks))], 1)
-    return KthResult(vals, below, equal, d)
+    rows = as_rows(rows)
+    _check_ranks(ranks, rows.shape[1])
+    if rows.numel() > _SMALL:
+        selector = RadixSelector(rows.shape[0])
+        selector.observe(rows, absolute)
+        selector.start_second_pass(ranks)
+        selector.observe(rows, absolute)
+        return selector.result()
+    vals_in = rows.abs() if absolute else rows
+    vals = torch.stack([torch.kthvalue(vals_in, k, dim=1).values for k in ranks], dim=1) + 0.0
+    below = torch.stack([(vals_in < vals[:, j : j + 1]).sum(1) for j in range(len(ranks))], 1)
+    equal = torch.stack([(vals_in == vals[:, j : j + 1]).sum(1) for j in range(len(ranks))], 1)
+    return KthResult(vals, below, equal, rows.shape[1])
 
 
 class RadixSelector:
@@ -169,58 +200,61 @@ class RadixSelector:
         self._counts1 = torch.zeros(n_rows * _BINS, dtype=torch.int64)
         self._pass = 1
         self._ranks: torch.Tensor | None = None
-        self._bins: torch.Tensor | None = None  # [N, M] upper-16-bit bin of each target
+        self._bins: torch.Tensor | None = None  # [N, M] int32 upper-16-bit bin of each target
         self._below1: torch.Tensor | None = None  # [N, M] count below that bin
         self._counts2: torch.Tensor | None = None
         self._pending: list[torch.Tensor] = []  # bin indices not yet counted (small tensors)
         self._pending_size = 0
+        self._row = torch.arange(n_rows, dtype=torch.int32).unsqueeze(1)
 
-    def observe(self, values: torch.Tensor) -> None:
-        """Count one chunk ``[N, ...]`` in the current pass."""
+    def observe(self, values: torch.Tensor, absolute: bool = False) -> None:
+        """Count ``values`` ``[N, ...]`` (or their absolute values) in the current pass."""
         rows = as_rows(values)
         if rows.shape[0] != self.n_rows:
             raise ValueError(f"expected {self.n_rows} rows, got {rows.shape[0]}")
-        width = max(1, _CHUNK // max(self.n_rows, 1))
-        for start in range(0, rows.shape[1], width):
-            keys = order_keys(rows[:, start : start + width])
+        for _, chunk in column_chunks(rows):
+            keys = _signed_keys(chunk.abs() if absolute else chunk)
+            upper = (keys >> 16) + _HALF_BINS  # [0, 65536)
             if self._pass == 1:
-                self._observe1(keys)
+                self._count((upper + self._row * _BINS).reshape(-1))
             else:
-                self._observe2(keys)
+                self._observe2(upper, keys & (_BINS - 1))
         if self._pass == 1:
             self.total += rows.shape[1]
 
-    def _observe1(self, keys: torch.Tensor) -> None:
-        offset = torch.arange(self.n_rows, dtype=torch.int64).unsqueeze(1) * _BINS
-        self._count(((keys >> 16) + offset).reshape(-1))
-
-    def _observe2(self, keys: torch.Tensor) -> None:
-        assert self._bins is not None and self._counts2 is not None
+    def _observe2(self, upper: torch.Tensor, lower: torch.Tensor) -> None:
+        assert self._bins is not None
         n_ranks = self._bins.shape[1]
-        upper = keys >> 16
-        lower = keys & (_BINS - 1)
-        row = torch.arange(self.n_rows, dtype=torch.int64).unsqueeze(1)
         hits = []
         for j in range(n_ranks):
             hit = upper == self._bins[:, j : j + 1]
-            hits.append((lower + (row * n_ranks + j) * _BINS)[hit])
+            hits.append((lower + (self._row * n_ranks + j) * _BINS)[hit])
         self._count(torch.cat(hits))
 
     def _count(self, idx: torch.Tensor) -> None:
         """Queue bin indices; count them in one ``bincount`` per ~4M (amortises small tensors)."""
         self._pending.append(idx)
         self._pending_size += idx.numel()
-        if self._pending_size >= _CHUNK:
+        if self._pending_size >= CHUNK_ELEMENTS:
             self._flush()
 
     def _flush(self) -> None:
         if self._pending:
             counts = self._counts1 if self._pass == 1 else self._counts2
             assert counts is not None
-            idx = torch.cat(self._pending)
+            idx = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
             if idx.numel():
                 counts += torch.bincount(idx, minlength=counts.numel())
         self._pending, self._pending_size = [], 0
+
+    def has_non_finite(self) -> bool:
+        """Whether pass 1 saw a NaN or an infinity (their keys fill the outermost bins)."""
+        self._flush()
+        counts = self._counts1.view(self.n_rows, _BINS)
+        exp_bins = 0x7F80  # upper 16 bits of +inf; NaNs lie above, -inf/-NaN mirror below
+        return bool(
+            counts[:, _HALF_BINS + exp_bins :].any() or counts[:, : _HALF_BINS - exp_bins].any()
+        )
 
     def start_second_pass(self, ranks: Sequence[int]) -> None:
         """Fix the 1-based ranks wanted (the same for every row) and begin pass 2."""
@@ -229,8 +263,9 @@ class RadixSelector:
         counts = self._counts1.view(self.n_rows, _BINS)
         cum = counts.cumsum(1)
         want = self._ranks.unsqueeze(0).expand(self.n_rows, -1).contiguous()
-        self._bins = torch.searchsorted(cum, want)
-        self._below1 = cum.gather(1, self._bins) - counts.gather(1, self._bins)
+        bins = torch.searchsorted(cum, want)
+        self._below1 = cum.gather(1, bins) - counts.gather(1, bins)
+        self._bins = bins.to(torch.int32)
         self._counts2 = torch.zeros(self.n_rows * len(ranks) * _BINS, dtype=torch.int64)
         self._pass = 2
 
@@ -248,31 +283,36 @@ class RadixSelector:
         low = torch.searchsorted(cum, within).squeeze(2)  # [N, M]
         equal = counts.gather(2, low.unsqueeze(2)).squeeze(2)
         below = self._below1 + cum.gather(2, low.unsqueeze(2)).squeeze(2) - equal
-        values = keys_to_values((self._bins << 16) | low)
+        values = keys_to_values((self._bins.to(torch.int64) << 16) | low)
         return KthResult(values, below, equal, self.total)
 
 
 def stream_kth_smallest(
-    stream: ValueStream, ranks_for: Callable[[int], Sequence[int]]
+    stream: ValueStream, ranks_for: Callable[[int], Sequence[int]], absolute: bool = False
 ) -> KthResult:
     """Exact k-th smallest per expert over a whole stream (two passes).
 
     Args:
         stream: factory of iterators over ``(name, values [N, ...])``.
         ranks_for: maps the number of values per expert to the 1-based ranks wanted.
+        absolute: rank ``|values|`` (computed chunk by chunk, never copied whole).
+
+    Raises:
+        CheckpointError: a value is NaN or infinite (the tensor is named).
+        EmptyStreamError: the stream has no values.
     """
     selector: RadixSelector | None = None
-    for name, values in stream():
-        rows = as_rows(values)
-        check_finite(rows, name)
-        if selector is None:
-            selector = RadixSelector(rows.shape[0])
-        selector.observe(rows)
+    for _, values in stream():
+        selector = selector or RadixSelector(values.shape[0])
+        selector.observe(values, absolute)
     if selector is None or selector.total == 0:
         raise EmptyStreamError("selection over an empty stream")
+    if selector.has_non_finite():
+        for name, values in stream():  # only on error: find the tensor to name
+            check_finite(as_rows(values), name)
     selector.start_second_pass(ranks_for(selector.total))
     for _, values in stream():
-        selector.observe(values)
+        selector.observe(values, absolute)
     return selector.result()
 
 
@@ -312,6 +352,10 @@ class TopKCut:
                 ) from None
         return self.quota
 
+    def masker(self, name: str = "") -> CutMasker:
+        """A :class:`CutMasker` for tensor ``name``."""
+        return CutMasker(self.threshold, self.quota_for(name))
+
     def to_globals(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flatten into ``ctx.globals`` entries under ``prefix``."""
         out = {f"{prefix}.threshold": self.threshold, f"{prefix}.quota": self.quota}
@@ -335,39 +379,58 @@ class TopKCut:
         return TopKCut(threshold, quota, per_tensor)
 
 
-def topk_cut(rows: torch.Tensor, k: int) -> TopKCut:
+def topk_cut(rows: torch.Tensor, k: int, absolute: bool = False) -> TopKCut:
     """The cut keeping exactly ``k`` of each row of ``rows`` ``[N, d]`` (one tensor)."""
     n, d = rows.shape
     if not 0 <= k <= d:
         raise ValueError(f"k={k} outside [0, {d}]")
     if k == 0:
         return TopKCut(torch.full((n,), float("inf")), torch.zeros(n, dtype=torch.int64), {})
-    res = kth_smallest(rows, [d - k + 1])
+    res = kth_smallest(rows, [d - k + 1], absolute)
     above = d - res.n_below[:, 0] - res.n_equal[:, 0]
     return TopKCut(res.values[:, 0], k - above, {})
 
 
-def topk_mask(rows: torch.Tensor, threshold: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+class CutMasker:
+    """The mask of a cut over one tensor's column chunks, given in flat (column) order.
+
+    Each call takes the next chunk ``[N, w]`` of values and returns its bool mask: values above
+    the threshold, plus ties while the tensor's quota lasts (the earliest ties win).
+    """
+
+    def __init__(self, threshold: torch.Tensor, quota: torch.Tensor) -> None:
+        self.threshold = threshold.to(torch.float32).unsqueeze(1)
+        self.remaining = quota.to(torch.int64).clone()
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.to(torch.float32)
+        mask = values > self.threshold
+        equal = values == self.threshold
+        n_equal = equal.sum(1)
+        whole = self.remaining >= n_equal
+        mask |= equal & whole.unsqueeze(1)
+        for i in torch.nonzero(~whole & (self.remaining > 0)).flatten().tolist():
+            first = torch.nonzero(equal[i]).squeeze(1)[: int(self.remaining[i])]
+            mask[i, first] = True
+        self.remaining = (self.remaining - n_equal).clamp_min(0)
+        return mask
+
+
+def topk_mask(
+    rows: torch.Tensor, threshold: torch.Tensor, quota: torch.Tensor, absolute: bool = False
+) -> torch.Tensor:
     """Bool ``[N, d]``: values above ``threshold`` ``[N]``, plus the first ``quota`` ``[N]`` ties.
 
     See :class:`TopKCut` for the rule; "first" is the lowest flat index.
     """
-    rows = rows.to(torch.float32)
-    t = threshold.to(torch.float32).unsqueeze(1)
-    mask = rows > t
-    equal = rows == t
-    n_equal = equal.sum(1)
-    for i in range(rows.shape[0]):
-        q = int(quota[i])
-        if q >= int(n_equal[i]):
-            mask[i] |= equal[i]
-        elif q > 0:
-            first = torch.nonzero(equal[i]).squeeze(1)[:q]
-            mask[i, first] = True
-    return mask
+    masker = CutMasker(threshold, quota)
+    rows = as_rows(rows)
+    return torch.cat([masker(c.abs() if absolute else c) for _, c in column_chunks(rows)], 1)
 
 
-def stream_topk_cuts(stream: ValueStream, ks_for: Callable[[int], Sequence[int]]) -> list[TopKCut]:
+def stream_topk_cuts(
+    stream: ValueStream, ks_for: Callable[[int], Sequence[int]], absolute: bool = False
+) -> list[TopKCut]:
     """Exact exactly-k cuts per expert over a whole stream, for several ``k`` at once.
 
     Passes: two (:class:`RadixSelector`), plus one more only when some expert must keep part
@@ -376,6 +439,7 @@ def stream_topk_cuts(stream: ValueStream, ks_for: Callable[[int], Sequence[int]]
     Args:
         stream: factory of iterators over ``(name, values [N, ...])``.
         ks_for: maps the number of values per expert to the counts ``k`` to keep (0..total).
+        absolute: rank ``|values|``.
     """
     ks: list[int] = []
 
@@ -386,7 +450,7 @@ def stream_topk_cuts(stream: ValueStream, ks_for: Callable[[int], Sequence[int]]
                 raise ValueError(f"k={k} outside [0, {total}]")
         return [total - k + 1 if k > 0 else total for k in ks]
 
-    res = stream_kth_smallest(stream, ranks_for)
+    res = stream_kth_smallest(stream, ranks_for, absolute)
     n_rows = res.values.shape[0]
     cuts: list[TopKCut] = []
     partial: list[int] = []
@@ -403,20 +467,25 @@ def stream_topk_cuts(stream: ValueStream, ks_for: Callable[[int], Sequence[int]]
             partial.append(j)
     if partial:
         log.debug("splitting threshold ties across tensors for %d cut(s)", len(partial))
-        cuts = _split_ties(stream, cuts, partial)
+        cuts = _split_ties(stream, cuts, partial, absolute)
     return cuts
 
 
-def _split_ties(stream: ValueStream, cuts: list[TopKCut], partial: Iterable[int]) -> list[TopKCut]:
+def _split_ties(
+    stream: ValueStream, cuts: list[TopKCut], partial: Iterable[int], absolute: bool
+) -> list[TopKCut]:
     """One more pass: give each tensor, in stream order, its share of each tie quota."""
     partial = list(partial)
     remaining = {j: cuts[j].quota.clone() for j in partial}
     per_tensor: dict[int, dict[str, torch.Tensor]] = {j: {} for j in partial}
     for name, values in stream():
-        rows = as_rows(values)
+        equal = {j: torch.zeros_like(remaining[j]) for j in partial}
+        for _, chunk in column_chunks(as_rows(values)):
+            vals = chunk.abs() if absolute else chunk
+            for j in partial:
+                equal[j] += (vals == cuts[j].threshold.unsqueeze(1)).sum(1)
         for j in partial:
-            equal = (rows == cuts[j].threshold.unsqueeze(1)).sum(1)
-            take = torch.minimum(equal, remaining[j])
+            take = torch.minimum(equal[j], remaining[j])
             remaining[j] -= take
             per_tensor[j][name] = take
     out = list(cuts)

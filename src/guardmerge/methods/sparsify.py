@@ -1,7 +1,9 @@
 """Sparsification of task vectors: magnitude trim (TIES), random drop (DARE), breadcrumbs.
 
 Every function takes the task vectors of one tensor stacked over experts, ``[N, *shape]``, and
-acts on each expert (row) separately.
+acts on each expert (row) separately. The ``Chunk*`` callables do the same on the tensor's
+column chunks (:func:`~guardmerge.methods.selection.column_chunks`), given in order, so a
+method never holds more than a few chunk-sized temporaries.
 
 - Magnitude trim (Yadav et al. 2023, "TIES-Merging"): keep the ``k = floor(density * n)``
   entries of largest ``|tau_i|`` per expert, zero the rest. Exactly ``k`` are kept; ties are
@@ -18,11 +20,22 @@ The ``n`` these counts use is the tensor's size (``scope: per_tensor``) or the m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
-from guardmerge.methods.selection import TopKCut, as_rows, floor_fraction, topk_cut, topk_mask
+from guardmerge.methods.selection import (
+    TopKCut,
+    as_rows,
+    column_chunks,
+    floor_fraction,
+    topk_cut,
+    topk_mask,
+)
+
+ChunkFn = Callable[[int, torch.Tensor], torch.Tensor]
+"""``(start column, chunk [N, w]) -> sparsified chunk``; chunks must come in column order."""
 
 
 def kept_count(n: int, density: float) -> int:
@@ -41,16 +54,26 @@ def breadcrumbs_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     return n_top, n_top + n_keep
 
 
+# ----------------------------------------------------------------------- magnitude cuts
+
+
 def magnitude_cut(deltas: torch.Tensor, density: float) -> TopKCut:
     """Per-tensor cut of ``|deltas|`` ``[N, *shape]`` keeping ``floor(density * n)`` per expert."""
-    rows = as_rows(deltas).abs()
-    return topk_cut(rows, kept_count(rows.shape[1], density))
+    rows = as_rows(deltas)
+    return topk_cut(rows, kept_count(rows.shape[1], density), absolute=True)
+
+
+def breadcrumbs_cuts(deltas: torch.Tensor, density: float, gamma: float) -> tuple[TopKCut, TopKCut]:
+    """Per-tensor ``(outer, inner)`` cuts of breadcrumbs (see :func:`breadcrumbs_counts`)."""
+    rows = as_rows(deltas)
+    n_top, n_upto = breadcrumbs_counts(rows.shape[1], density, gamma)
+    return topk_cut(rows, n_top, absolute=True), topk_cut(rows, n_upto, absolute=True)
 
 
 def cut_mask(deltas: torch.Tensor, cut: TopKCut, name: str = "") -> torch.Tensor:
     """Bool ``[N, *shape]``: the entries of ``|deltas|`` that ``cut`` keeps."""
-    rows = as_rows(deltas).abs()
-    return topk_mask(rows, cut.threshold, cut.quota_for(name)).view(deltas.shape)
+    q = cut.quota_for(name)
+    return topk_mask(as_rows(deltas), cut.threshold, q, absolute=True).view(deltas.shape)
 
 
 def window_mask(
@@ -60,44 +83,110 @@ def window_mask(
     return cut_mask(deltas, inner, name) & ~cut_mask(deltas, outer, name)
 
 
-def breadcrumbs_cuts(deltas: torch.Tensor, density: float, gamma: float) -> tuple[TopKCut, TopKCut]:
-    """Per-tensor ``(outer, inner)`` cuts of breadcrumbs (see :func:`breadcrumbs_counts`)."""
-    rows = as_rows(deltas).abs()
-    n_top, n_upto = breadcrumbs_counts(rows.shape[1], density, gamma)
-    return topk_cut(rows, n_top), topk_cut(rows, n_upto)
+def chunk_trim(cut: TopKCut, name: str = "") -> ChunkFn:
+    """Magnitude trim of one tensor's chunks against ``cut`` (ties: earliest first)."""
+    masker = cut.masker(name)
+    return lambda start, chunk: chunk * masker(chunk.abs())
 
 
-def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Bool ``shape``: each entry kept with probability ``density``, drawn from ``generator``.
+def chunk_window(outer: TopKCut, inner: TopKCut, name: str = "") -> ChunkFn:
+    """Breadcrumbs window of one tensor's chunks: kept by ``inner``, not by ``outer``."""
+    keep, drop = inner.masker(name), outer.masker(name)
 
-    One uniform draw per entry, row-major (expert i's draws follow expert i-1's), on the CPU.
-    """
-    return torch.rand(shape, generator=generator, dtype=torch.float32) < density
+    def fn(start: int, chunk: torch.Tensor) -> torch.Tensor:
+        a = chunk.abs()
+        return chunk * (keep(a) & ~drop(a))
 
+    return fn
+
+
+def apply_chunks(deltas: torch.Tensor, fn: ChunkFn) -> torch.Tensor:
+    """Run ``fn`` over the column chunks of ``deltas`` ``[N, *shape]``; same shape back."""
+    rows = deltas.reshape(deltas.shape[0], -1)
+    parts = [fn(start, chunk) for start, chunk in column_chunks(rows)]
+    return torch.cat(parts, 1).view(deltas.shape) if parts else deltas.clone()
+
+
+# ------------------------------------------------------------------------------------ DARE
 
 RescaleBy = Literal["density", "l1"]
 _L1_EPS = 1e-7
 
 
-def rescale_survivors(
-    deltas: torch.Tensor, dropped: torch.Tensor, density: float, by: RescaleBy = "density"
-) -> torch.Tensor:
-    """Rescale DARE's survivors ``dropped`` ``[N, *shape]`` (``deltas`` before the drop).
+def expert_generators(generator: torch.Generator, n: int) -> list[torch.Generator]:
+    """One CPU generator per expert, seeded from ``generator`` (order-independent draws)."""
+    seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
-    ``by="density"``: times ``1 / density = 1 / (1 - p)`` (the DARE paper; unbiased).
-    ``by="l1"``: per expert, times ``||tau_i||_1 / ||dropped_i||_1`` so the tensor keeps its L1
-    norm, left as is when either norm is below 1e-7 (mergekit 0.1.5's DARE rescale).
+
+def dare_keep(
+    generators: list[torch.Generator], start: int, width: int, density: float
+) -> torch.Tensor:
+    """Bool ``[N, width]``: entries ``start:start + width`` kept, each with prob. ``density``.
+
+    Expert i's uniforms come from ``generators[i]`` in column order, so chunks must be asked in
+    order (``start`` names the columns; the draw does not depend on the chunk width).
     """
-    if by == "density":
-        return dropped / density
-    if by != "l1":
-        raise ValueError(f"unknown DARE rescale '{by}'")
-    n = deltas.shape[0]
-    before = deltas.reshape(n, -1).abs().sum(1)
-    after = dropped.reshape(n, -1).abs().sum(1)
-    ok = (before >= _L1_EPS) & (after >= _L1_EPS)
-    factor = torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), 1.0)
-    return dropped * factor.reshape((n,) + (1,) * (deltas.dim() - 1)).to(dropped.dtype)
+    draws = [torch.rand(width, generator=g, dtype=torch.float32) for g in generators]
+    return torch.stack(draws) < density
+
+
+class ChunkDare:
+    """DARE over one tensor's column chunks: drop with ``p = 1 - density``, then rescale.
+
+    ``rescale_by="density"``: survivors times ``1 / density = 1 / (1 - p)`` (the DARE paper;
+    unbiased). ``rescale_by="l1"``: per expert, times ``||tau_i||_1 / ||dropped_i||_1`` so the
+    tensor keeps its L1 norm, untouched when either norm is below 1e-7 (mergekit 0.1.5's DARE
+    rescale; needs one extra walk over the draws). The draws depend on ``generator``'s state and
+    the tensor's shape only.
+    """
+
+    def __init__(
+        self,
+        deltas: torch.Tensor,
+        density: float,
+        generator: torch.Generator,
+        rescale: bool = True,
+        rescale_by: RescaleBy = "density",
+    ) -> None:
+        n = deltas.shape[0]
+        self.density = density
+        self._seed_state = generator.get_state()
+        self._gens = expert_generators(generator, n)
+        self.factor: torch.Tensor | None = None
+        if not rescale or density >= 1.0:
+            return
+        if rescale_by == "density":
+            self.factor = torch.full((n,), 1.0 / density, dtype=torch.float64)
+        elif rescale_by == "l1":
+            self.factor = self._l1_factor(deltas.reshape(n, -1))
+        else:
+            raise ValueError(f"unknown DARE rescale '{rescale_by}'")
+
+    def _l1_factor(self, rows: torch.Tensor) -> torch.Tensor:
+        before = torch.zeros(rows.shape[0], dtype=torch.float64)
+        after = torch.zeros_like(before)
+        gens = self._fresh_generators(rows.shape[0])
+        for start, chunk in column_chunks(rows):
+            keep = dare_keep(gens, start, chunk.shape[1], self.density)
+            before += chunk.abs().sum(1, dtype=torch.float64)
+            after += (chunk.abs() * keep).sum(1, dtype=torch.float64)
+        ok = (before >= _L1_EPS) & (after >= _L1_EPS)
+        return torch.where(ok, before / torch.where(ok, after, 1.0), 1.0)
+
+    def _fresh_generators(self, n: int) -> list[torch.Generator]:
+        g = torch.Generator(device="cpu")
+        g.set_state(self._seed_state)
+        return expert_generators(g, n)
+
+    def __call__(self, start: int, chunk: torch.Tensor) -> torch.Tensor:
+        if self.density >= 1.0:
+            return chunk
+        keep = dare_keep(self._gens, start, chunk.shape[1], self.density).to(chunk.device)
+        out = chunk * keep
+        if self.factor is not None:
+            out = out * self.factor.to(chunk.dtype).unsqueeze(1)
+        return out
 
 
 def dare(
@@ -107,13 +196,7 @@ def dare(
     rescale: bool = True,
     rescale_by: RescaleBy = "density",
 ) -> torch.Tensor:
-    """DARE on task vectors ``[N, *shape]``: random drop with ``p = 1 - density``.
-
-    Survivors are rescaled (see :func:`rescale_survivors`) when ``rescale``. ``density = 1``
-    returns ``deltas`` unchanged (no draw).
-    """
+    """DARE on task vectors ``[N, *shape]`` (see :class:`ChunkDare`); ``density = 1`` is a no-op."""
     if density >= 1.0:
         return deltas
-    keep = dare_mask(deltas.shape, density, generator).to(deltas.device)
-    out = deltas * keep
-    return rescale_survivors(deltas, out, density, rescale_by) if rescale else out
+    return apply_chunks(deltas, ChunkDare(deltas, density, generator, rescale, rescale_by))

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 
 from guardmerge.methods.basic import weighted_sum
-from guardmerge.methods.consensus import Consensus, ties_consensus
+from guardmerge.methods.consensus import ChunkConsensus, Consensus
 from guardmerge.methods.registry import (
     METHODS,
     MethodParams,
@@ -44,17 +44,20 @@ from guardmerge.methods.selection import (
     EmptyStreamError,
     TopKCut,
     ValueStream,
+    column_chunks,
     stream_topk_cuts,
 )
 from guardmerge.methods.sparsify import (
+    ChunkDare,
+    ChunkFn,
     RescaleBy,
+    apply_chunks,
     breadcrumbs_counts,
     breadcrumbs_cuts,
-    cut_mask,
-    dare,
+    chunk_trim,
+    chunk_window,
     kept_count,
     magnitude_cut,
-    window_mask,
 )
 
 Scope = Literal["global", "per_tensor"]
@@ -115,29 +118,101 @@ class BreadcrumbsTiesParams(BreadcrumbsParams):
     consensus: Consensus = Field("mean", description=_CONSENSUS)
 
 
+# ------------------------------------------------------------------------- composed steps
+
+Aggregator = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def merge_columns(
+    deltas: torch.Tensor, sparsify: ChunkFn, aggregate: Aggregator, scaling: float
+) -> torch.Tensor:
+    """``[N, *shape]`` -> ``[*shape]``: sparsify then aggregate each column chunk, in order.
+
+    ``aggregate`` may have a ``finish(flat)`` step (the consensus' zero-sum patch).
+    """
+    rows = deltas.reshape(deltas.shape[0], -1)
+    out = torch.empty(rows.shape[1], dtype=deltas.dtype)
+    for start, chunk in column_chunks(rows):
+        out[start : start + chunk.shape[1]] = aggregate(start, sparsify(start, chunk))
+    finish = getattr(aggregate, "finish", None)
+    if finish is not None:
+        out = finish(out)
+    return (out * scaling).view(deltas.shape[1:])
+
+
+def linear(weights: torch.Tensor) -> Aggregator:
+    """Task arithmetic on a chunk: ``sum_i w_i s_i``."""
+    return lambda start, sparse: weighted_sum(sparse, weights)
+
+
+def consensus(
+    weights: torch.Tensor, mode: Consensus, scope: Scope | None, ctx: TensorContext
+) -> ChunkConsensus:
+    """TIES election + disjoint aggregation; the zero-sum fallback is the scope's mass."""
+    return ChunkConsensus(weights, mode, global_mass(weights, ctx) if scope == "global" else None)
+
+
+def global_mass(weights: torch.Tensor, ctx: TensorContext) -> torch.Tensor | None:
+    """``sum_i w_i mass_i`` from the prepare pass, or ``None`` (use the tensor's own)."""
+    mass = ctx.globals.get("mass")
+    if mass is None or mass.numel() == 0:
+        return None
+    return (weights.to(torch.float64) * mass.to(torch.float64)).sum()
+
+
+def trimmer(deltas: torch.Tensor, params: TiesParams, ctx: TensorContext) -> ChunkFn:
+    """Magnitude trim, per tensor or against the global cut in ``ctx.globals``."""
+    if params.scope == "global":
+        cut = TopKCut.from_globals(ctx.globals, "trim")
+    else:
+        cut = magnitude_cut(deltas, params.density)
+    return chunk_trim(cut, ctx.name)
+
+
+def crumbler(deltas: torch.Tensor, params: BreadcrumbsParams, ctx: TensorContext) -> ChunkFn:
+    """Breadcrumbs window, per tensor or against the global cuts in ``ctx.globals``."""
+    if params.scope == "global":
+        outer = TopKCut.from_globals(ctx.globals, "outer")
+        inner = TopKCut.from_globals(ctx.globals, "inner")
+    else:
+        outer, inner = breadcrumbs_cuts(deltas, params.density, params.gamma)
+    return chunk_window(outer, inner, ctx.name)
+
+
+def dropper(deltas: torch.Tensor, params: DareLinearParams, ctx: TensorContext) -> ChunkFn:
+    """DARE with this tensor's generator ``ctx.generator(seed)``."""
+    gen = ctx.generator(params.seed)
+    return ChunkDare(deltas, params.density, gen, params.rescale, params.rescale_by)
+
+
+def drop(deltas: torch.Tensor, params: DareLinearParams, ctx: TensorContext) -> torch.Tensor:
+    """DARE on the whole tensor ``[N, *shape]`` (the same draws as :func:`dropper`).
+
+    The sparsify step of ``dare_regmean`` / ``dare_fisher``.
+    """
+    return apply_chunks(deltas, dropper(deltas, params, ctx))
+
+
 # ----------------------------------------------------------------------- global prepare
 
 
-def abs_stream(stream: StreamFactory) -> ValueStream:
-    """``(name, |tau| [N, ...])`` over the engine's stream."""
-    return lambda: ((ctx.name, deltas.abs()) for ctx, deltas in stream())
-
-
-def expert_mass(
-    stream: StreamFactory, sparsify: Callable[[torch.Tensor, str], torch.Tensor]
-) -> torch.Tensor:
+def expert_mass(stream: StreamFactory, sparsify_for: Callable[[str], ChunkFn]) -> torch.Tensor:
     """``[N]`` float64 ``sum_p s_i[p]`` of the sparsified task vectors over the stream (1 pass)."""
     mass: torch.Tensor | None = None
     for ctx, deltas in stream():
-        part = sparsify(deltas, ctx.name).reshape(deltas.shape[0], -1).sum(1, dtype=torch.float64)
-        mass = part if mass is None else mass + part
+        fn = sparsify_for(ctx.name)
+        rows = deltas.reshape(deltas.shape[0], -1)
+        for start, chunk in column_chunks(rows):
+            part = fn(start, chunk).sum(1, dtype=torch.float64)
+            mass = part if mass is None else mass + part
     return torch.zeros(0, dtype=torch.float64) if mass is None else mass
 
 
 def _global_cuts(
     stream: StreamFactory, prefixes: Sequence[str], ks_for: Callable[[int], Sequence[int]]
 ) -> dict[str, torch.Tensor]:
-    cuts = stream_topk_cuts(abs_stream(stream), ks_for)
+    values: ValueStream = lambda: ((ctx.name, deltas) for ctx, deltas in stream())  # noqa: E731
+    cuts = stream_topk_cuts(values, ks_for, absolute=True)
     out: dict[str, torch.Tensor] = {}
     for prefix, cut in zip(prefixes, cuts, strict=True):
         out.update(cut.to_globals(prefix))
@@ -153,7 +228,7 @@ def prepare_ties(params: TiesParams, stream: StreamFactory) -> dict[str, torch.T
     except EmptyStreamError:
         return {}
     cut = TopKCut.from_globals(out, "trim")
-    out["mass"] = expert_mass(stream, lambda d, name: d * cut_mask(d, cut, name))
+    out["mass"] = expert_mass(stream, lambda name: chunk_trim(cut, name))
     return out
 
 
@@ -173,7 +248,7 @@ def _breadcrumbs_globals(
     if with_mass:
         outer = TopKCut.from_globals(out, "outer")
         inner = TopKCut.from_globals(out, "inner")
-        out["mass"] = expert_mass(stream, lambda d, name: d * window_mask(d, outer, inner, name))
+        out["mass"] = expert_mass(stream, lambda name: chunk_window(outer, inner, name))
     return out
 
 
@@ -191,54 +266,6 @@ def prepare_breadcrumbs_ties(
     return _breadcrumbs_globals(params, stream, with_mass=True)
 
 
-# ------------------------------------------------------------------------- composed steps
-
-
-def trim(deltas: torch.Tensor, params: TiesParams, ctx: TensorContext) -> torch.Tensor:
-    """Magnitude trim, per tensor or against the global cut in ``ctx.globals``."""
-    if params.scope == "global":
-        cut = TopKCut.from_globals(ctx.globals, "trim")
-    else:
-        cut = magnitude_cut(deltas, params.density)
-    return deltas * cut_mask(deltas, cut, ctx.name)
-
-
-def crumbs(deltas: torch.Tensor, params: BreadcrumbsParams, ctx: TensorContext) -> torch.Tensor:
-    """Breadcrumbs window, per tensor or against the global cuts in ``ctx.globals``."""
-    if params.scope == "global":
-        outer = TopKCut.from_globals(ctx.globals, "outer")
-        inner = TopKCut.from_globals(ctx.globals, "inner")
-    else:
-        outer, inner = breadcrumbs_cuts(deltas, params.density, params.gamma)
-    return deltas * window_mask(deltas, outer, inner, ctx.name)
-
-
-def drop(deltas: torch.Tensor, params: DareLinearParams, ctx: TensorContext) -> torch.Tensor:
-    """DARE with this tensor's generator ``ctx.generator(seed)``."""
-    gen = ctx.generator(params.seed)
-    return dare(deltas, params.density, gen, params.rescale, params.rescale_by)
-
-
-def global_mass(weights: torch.Tensor, ctx: TensorContext) -> torch.Tensor | None:
-    """``sum_i w_i mass_i`` from the prepare pass, or ``None`` (use the tensor's own)."""
-    mass = ctx.globals.get("mass")
-    if mass is None or mass.numel() == 0:
-        return None
-    return (weights.to(torch.float64) * mass.to(torch.float64)).sum()
-
-
-def consensus_step(
-    sparse: torch.Tensor,
-    weights: torch.Tensor,
-    mode: Consensus,
-    scope: Scope | None,
-    ctx: TensorContext,
-) -> torch.Tensor:
-    """TIES election + disjoint aggregation, with the scope's mass as the zero-sum fallback."""
-    mass = global_mass(weights, ctx) if scope == "global" else None
-    return ties_consensus(sparse, weights, mode, mass)
-
-
 # --------------------------------------------------------------------------- the methods
 
 
@@ -254,8 +281,8 @@ def ties(
     deltas: torch.Tensor, weights: torch.Tensor, params: TiesParams, ctx: TensorContext
 ) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * consensus(trim(tau))``."""
-    sparse = trim(deltas, params, ctx)
-    return params.scaling * consensus_step(sparse, weights, params.consensus, params.scope, ctx)
+    agg = consensus(weights, params.consensus, params.scope, ctx)
+    return merge_columns(deltas, trimmer(deltas, params, ctx), agg, params.scaling)
 
 
 @METHODS.method(
@@ -269,7 +296,7 @@ def dare_linear(
     deltas: torch.Tensor, weights: torch.Tensor, params: DareLinearParams, ctx: TensorContext
 ) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * sum_i w_i dare(tau_i)``."""
-    return params.scaling * weighted_sum(drop(deltas, params, ctx), weights)
+    return merge_columns(deltas, dropper(deltas, params, ctx), linear(weights), params.scaling)
 
 
 @METHODS.method(
@@ -283,8 +310,8 @@ def dare_ties(
     deltas: torch.Tensor, weights: torch.Tensor, params: DareTiesParams, ctx: TensorContext
 ) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * consensus(dare(tau))``."""
-    sparse = drop(deltas, params, ctx)
-    return params.scaling * consensus_step(sparse, weights, params.consensus, None, ctx)
+    agg = consensus(weights, params.consensus, None, ctx)
+    return merge_columns(deltas, dropper(deltas, params, ctx), agg, params.scaling)
 
 
 @METHODS.method(
@@ -299,7 +326,7 @@ def breadcrumbs(
     deltas: torch.Tensor, weights: torch.Tensor, params: BreadcrumbsParams, ctx: TensorContext
 ) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * sum_i w_i crumbs(tau_i)``."""
-    return params.scaling * weighted_sum(crumbs(deltas, params, ctx), weights)
+    return merge_columns(deltas, crumbler(deltas, params, ctx), linear(weights), params.scaling)
 
 
 @METHODS.method(
@@ -313,5 +340,5 @@ def breadcrumbs_ties(
     deltas: torch.Tensor, weights: torch.Tensor, params: BreadcrumbsTiesParams, ctx: TensorContext
 ) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * consensus(crumbs(tau))``."""
-    sparse = crumbs(deltas, params, ctx)
-    return params.scaling * consensus_step(sparse, weights, params.consensus, params.scope, ctx)
+    agg = consensus(weights, params.consensus, params.scope, ctx)
+    return merge_columns(deltas, crumbler(deltas, params, ctx), agg, params.scaling)
