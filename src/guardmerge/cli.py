@@ -321,6 +321,76 @@ def demo(
     typer.echo(render(summary))
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="A merged model folder, or (with --backend onnx) a folder from export-onnx.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    backend: Annotated[str, typer.Option(help="torch, or onnx (onnxruntime; a merged folder is exported to a temporary folder first).")] = "torch",
+    api_key: Annotated[
+        Optional[str],
+        typer.Option("--api-key", envvar="GUARDMERGE_API_KEY", show_envvar=True,
+                     help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (/healthz stays open)."),
+    ] = None,
+    threshold: Annotated[
+        Optional[list[str]],
+        typer.Option("--threshold", help="Flag threshold per task, e.g. --threshold injection=0.8 (or emotion=off)."),
+    ] = None,
+    default_threshold: Annotated[float, typer.Option(help="Flag threshold of the other tasks.")] = 0.5,
+    max_batch: Annotated[int, typer.Option(help="Most texts per encoder pass (micro-batch).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="Longest wait for a fuller micro-batch (ms).")] = 5.0,
+    max_texts: Annotated[int, typer.Option(help="Most texts per request.")] = 64,
+    max_chars: Annotated[int, typer.Option(help="Most characters per text.")] = 4000,
+    max_queue: Annotated[int, typer.Option(help="Most texts waiting for a batch before 503 overloaded.")] = 4096,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per text (default: the model's maximum, 512 at most).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Inference threads (default: the runtime's choice).")] = None,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+) -> None:
+    """Serve MODEL over HTTP: POST /v1/classify, GET /v1/model, /healthz, /metrics (Prometheus);
+    the OpenAPI document is at /openapi.json. Needs the extra named serve."""
+    if not 0.0 <= default_threshold <= 1.0:
+        raise GuardmergeError(f"--default-threshold {default_threshold} is outside [0, 1]")
+    try:
+        import uvicorn
+
+        from guardmerge.serve import ServeSettings, create_app, load_backend, parse_thresholds
+    except ImportError as exc:
+        raise GuardmergeError(f"serving needs the serve extra ({exc.name} is missing): pip install 'guardmerge[serve]'") from None
+
+    settings = ServeSettings(
+        max_texts=max_texts, max_chars=max_chars, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        max_queue=max_queue, thresholds=parse_thresholds(threshold or []),
+        default_threshold=default_threshold, api_key=api_key or None,
+    )
+    runner = load_backend(model, backend, max_length=max_length, threads=threads)
+    try:
+        application = create_app(runner, settings)
+        log.info("listening on http://%s:%d (docs at /docs)", host, port)
+        uvicorn.run(application, host=host, port=port, access_log=access_log,
+                    log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
+    finally:
+        runner.close()
+
+
+@app.command("export-onnx")
+def export_onnx_(
+    model: Annotated[Path, typer.Argument(help="A merged model folder.")],
+    out: Annotated[Path, typer.Argument(help="Output folder: model.onnx, tokenizer, guardmerge_onnx.json.")],
+    quantize: Annotated[Optional[str], typer.Option(help="int8: dynamic int8 quantisation of the weights.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Export MODEL as one ONNX graph (all heads' logits as outputs logits_<task>, dynamic batch and
+    sequence axes), self-contained with its tokenizer; serve it with `guardmerge serve OUT --backend onnx`."""
+    from guardmerge.io import check_output
+    from guardmerge.onnx_export import export_onnx
+
+    check_output(out, force=force)
+    import guardmerge
+
+    export_onnx(guardmerge.load(str(model)), out, quantize=quantize, force=force)
+    typer.echo(f"exported {model} to ONNX ({quantize or 'fp32'}) -> {out}")
+
+
 def main() -> None:
     """Console entry point: clean one-line errors for bad input, exit code 2."""
     try:

@@ -1,0 +1,197 @@
+"""Dynamic micro-batching: concurrent requests share one encoder pass.
+
+Each request's texts are queued (split into chunks of at most ``max_batch`` texts). One
+collector task takes the oldest chunk, waits until either ``max_batch`` texts are queued or the
+oldest chunk has waited ``max_wait_ms``, then takes chunks from the front of the queue while
+they fit in ``max_batch`` texts and runs them as one batch in a single worker thread (so the
+event loop stays free to accept requests). While a batch runs, new requests queue up, so under
+load the next batch fills without waiting. Each request gets its own rows back, for the union
+of the heads the batch's requests asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from guardmerge.errors import GuardmergeError
+
+log = logging.getLogger(__name__)
+
+InferFn = Callable[[Sequence[str], Sequence[str] | None], dict[str, np.ndarray]]
+
+
+class QueueFullError(GuardmergeError):
+    """More texts are waiting than the batcher accepts (the server answers 503)."""
+
+
+@dataclass
+class _Chunk:
+    texts: list[str]
+    tasks: tuple[str, ...] | None
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher:
+    """Queue texts from concurrent callers and run them together.
+
+    Args:
+        infer: ``(texts, tasks or None) -> {task: logits [len(texts), C]}``; runs in a worker thread.
+        max_batch: most texts per ``infer`` call.
+        max_wait_ms: longest time the oldest queued text waits for others before its batch runs.
+        max_queue: most texts waiting; beyond it :meth:`submit` raises :class:`QueueFullError`.
+        on_batch: called (in the event loop) with the size and duration of each batch run.
+    """
+
+    def __init__(
+        self,
+        infer: InferFn,
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 4096,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise GuardmergeError("max_batch must be at least 1")
+        if max_wait_ms < 0:
+            raise GuardmergeError("max_wait_ms must be >= 0")
+        self.infer = infer
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._queue: deque[_Chunk] = deque()
+        self._queued_texts = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def queued(self) -> int:
+        """Texts waiting for a batch."""
+        return self._queued_texts
+
+    async def start(self) -> None:
+        """Start the collector in the running event loop."""
+        if self.running:
+            return
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-infer")
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name="guardmerge-batcher")
+
+    async def stop(self) -> None:
+        """Stop the collector; queued requests fail with an error."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._queue:
+            chunk = self._queue.popleft()
+            if not chunk.future.done():
+                chunk.future.set_exception(GuardmergeError("the server is shutting down"))
+        self._queued_texts = 0
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def submit(self, texts: Sequence[str], tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Logits for ``texts`` (input order), computed together with concurrent callers."""
+        if not self.running or self._wakeup is None:
+            raise GuardmergeError("the batcher is not running")
+        if not texts:
+            raise GuardmergeError("no texts to classify")
+        if self._queued_texts + len(texts) > self.max_queue:
+            raise QueueFullError(f"{self._queued_texts} texts are queued (limit {self.max_queue}); retry later")
+        loop = asyncio.get_running_loop()
+        key = tuple(tasks) if tasks is not None else None
+        chunks = []
+        for start in range(0, len(texts), self.max_batch):
+            chunk = _Chunk(list(texts[start : start + self.max_batch]), key, loop.create_future())
+            chunks.append(chunk)
+            self._queue.append(chunk)
+            self._queued_texts += len(chunk.texts)
+        self._wakeup.set()
+        parts = await asyncio.gather(*(c.future for c in chunks))
+        names = list(parts[0])
+        return {t: np.concatenate([p[t] for p in parts]) for t in names}
+
+    async def _collect(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            deadline = self._queue[0].enqueued + self.max_wait
+            while self._queued_texts < self.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                continue
+            await self._run(loop, batch)
+
+    def _take(self) -> list[_Chunk]:
+        batch: list[_Chunk] = []
+        size = 0
+        while self._queue and (not batch or size + len(self._queue[0].texts) <= self.max_batch):
+            chunk = self._queue.popleft()
+            self._queued_texts -= len(chunk.texts)
+            if chunk.future.done():  # the caller went away
+                continue
+            batch.append(chunk)
+            size += len(chunk.texts)
+        return batch
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Chunk]) -> None:
+        texts = [t for c in batch for t in c.texts]
+        if any(c.tasks is None for c in batch):
+            tasks = None
+        else:
+            tasks = list(dict.fromkeys(t for c in batch for t in c.tasks or ()))
+        started = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self._executor, self.infer, texts, tasks)
+        except asyncio.CancelledError:
+            for c in batch:
+                if not c.future.done():
+                    c.future.set_exception(GuardmergeError("the server is shutting down"))
+            raise
+        except Exception as exc:  # routed to every caller of this batch
+            log.exception("inference failed on a batch of %d texts", len(texts))
+            for c in batch:
+                if not c.future.done():
+                    c.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - started
+        if self.on_batch is not None:
+            self.on_batch(len(texts), elapsed)
+        start = 0
+        for c in batch:
+            n = len(c.texts)
+            if not c.future.done():
+                names = c.tasks if c.tasks is not None else tuple(out)
+                c.future.set_result({t: out[t][start : start + n] for t in names})
+            start += n
