@@ -1,0 +1,95 @@
+"""Fixtures for the server tests: a tiny merged model folder and a real uvicorn server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
+pytest.importorskip("prometheus_client")
+
+from guardmerge.multihead import MultiHeadModel  # noqa: E402
+
+TASKS = ("hate", "injection", "sentiment")
+
+
+@pytest.fixture(scope="session")
+def merged_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny merged three-head model saved as a folder (hate, injection, sentiment)."""
+    from guardmerge.config import parse_config
+    from guardmerge.engine import merge
+
+    cfg = parse_config({
+        "base_model": str(zoo["base"]),
+        "experts": [{"model": str(zoo[t]), "task": t} for t in TASKS],
+        "method": "task_arithmetic",
+        "parameters": {"scaling": 0.4},
+    })
+    out = tmp_path_factory.mktemp("serve") / "merged"
+    merge(cfg, progress=False).to_model().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def merged(merged_dir: Path) -> MultiHeadModel:
+    import guardmerge
+
+    return guardmerge.load(str(merged_dir))
+
+
+@contextmanager
+def running(app: Any, timeout: float = 30.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a background thread on a free 127.0.0.1 port; yield its URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+@pytest.fixture
+def serve() -> Callable[..., Any]:
+    """``with serve(model_or_backend, **settings) as url:`` runs a real server."""
+    from guardmerge.serve import ServeSettings, create_app
+
+    @contextmanager
+    def start(model: Any, **settings: Any) -> Iterator[str]:
+        with running(create_app(model, ServeSettings(**settings))) as url:
+            yield url
+
+    return start
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus exposition text -> {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
