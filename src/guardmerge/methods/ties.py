@@ -22,6 +22,11 @@ streams the model (two exact histogram passes, see :mod:`.selection`, plus one p
 threshold ties across tensors when needed) and, for the TIES consensus, one more pass for the
 per-expert total mass of the sparsified vectors (the election's zero-sum fallback). Its result
 reaches every merge call as ``ctx.globals``.
+
+Every merge call walks its tensor in column chunks (:func:`merge_columns`): sparsify, then
+aggregate, chunk by chunk, so a 30k x 768 embedding never needs more than a few 16 MB
+temporaries. DARE draws each expert's mask from its own generator, seeded from
+``ctx.generator(seed)``: the draw depends on (seed, tensor name, expert position, shape) only.
 """
 
 from __future__ import annotations
