@@ -1,4 +1,7 @@
-"""Fixtures for the server tests: a tiny merged model folder and a real uvicorn server."""
+"""Fixtures for the server tests: a tiny merged model folder and a real uvicorn server.
+
+Test modules skip themselves (pytest.importorskip) when an optional extra is missing.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +15,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("httpx")
-pytest.importorskip("prometheus_client")
-
-from guardmerge.multihead import MultiHeadModel  # noqa: E402
+from guardmerge.multihead import MultiHeadModel
 
 TASKS = ("hate", "injection", "sentiment")
 

@@ -7,19 +7,22 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
-import guardmerge
-from guardmerge.errors import GuardmergeError
-from guardmerge.multihead import MultiHeadModel
-from guardmerge.serve import ServeSettings, TorchBackend, create_app, parse_thresholds
-from tests.conftest import TEXTS
-from tests.serve.conftest import TASKS, metric_samples
+for _extra in ("fastapi", "uvicorn", "prometheus_client"):
+    pytest.importorskip(_extra)
+httpx = pytest.importorskip("httpx")
+
+import guardmerge  # noqa: E402
+from guardmerge.errors import GuardmergeError  # noqa: E402
+from guardmerge.multihead import MultiHeadModel  # noqa: E402
+from guardmerge.serve import ServeSettings, TorchBackend, create_app, parse_thresholds  # noqa: E402
+from tests.conftest import TEXTS  # noqa: E402
+from tests.serve.conftest import TASKS, metric_samples  # noqa: E402
 
 
-def classify(url: str, body: Any, **kw: Any) -> httpx.Response:
+def classify(url: str, body: Any, **kw: Any) -> Any:
     return httpx.post(f"{url}/v1/classify", json=body, timeout=30, **kw)
 
 

@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
-from guardmerge.cli import app as cli_app
-from guardmerge.errors import GuardmergeError
+for _extra in ("fastapi", "uvicorn", "prometheus_client"):
+    pytest.importorskip(_extra)
+httpx = pytest.importorskip("httpx")
+
+from guardmerge.cli import app as cli_app  # noqa: E402
+from guardmerge.errors import GuardmergeError  # noqa: E402
 
 runner = CliRunner()
 

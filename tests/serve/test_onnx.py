@@ -6,7 +6,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -108,6 +107,9 @@ def test_export_is_atomic_and_refuses_existing(merged: MultiHeadModel, onnx_dir:
 
 
 def test_serve_onnx_backend_over_http(onnx_dir: Path, merged: MultiHeadModel, serve: Callable) -> None:
+    for extra in ("fastapi", "uvicorn", "prometheus_client"):
+        pytest.importorskip(extra)
+    httpx = pytest.importorskip("httpx")
     expected = merged.predict(TEXTS)
     backend = load_backend(onnx_dir, "onnx", threads=1)
     with serve(backend) as url:

@@ -2,25 +2,33 @@
 
 ``create_app(model_or_backend, settings)`` builds the FastAPI app; ``load_backend(path, kind)``
 opens a model folder with the torch or onnx backend; :class:`MicroBatcher` groups concurrent
-requests into shared encoder passes.
+requests into shared encoder passes. Names are imported lazily, so the backends and the batcher
+work without FastAPI installed.
 """
 
 from __future__ import annotations
 
-from guardmerge.serve.app import API_KEY_ENV, ServeSettings, create_app, parse_thresholds
-from guardmerge.serve.backends import BACKENDS, Backend, OnnxBackend, TorchBackend, load_backend
-from guardmerge.serve.batching import MicroBatcher, QueueFullError
+import importlib
+from typing import Any
 
-__all__ = [
-    "API_KEY_ENV",
-    "BACKENDS",
-    "Backend",
-    "MicroBatcher",
-    "OnnxBackend",
-    "QueueFullError",
-    "ServeSettings",
-    "TorchBackend",
-    "create_app",
-    "load_backend",
-    "parse_thresholds",
-]
+_WHERE = {
+    "API_KEY_ENV": "app",
+    "ServeSettings": "app",
+    "create_app": "app",
+    "parse_thresholds": "app",
+    "BACKENDS": "backends",
+    "Backend": "backends",
+    "OnnxBackend": "backends",
+    "TorchBackend": "backends",
+    "load_backend": "backends",
+    "MicroBatcher": "batching",
+    "QueueFullError": "batching",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'guardmerge.serve' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"guardmerge.serve.{_WHERE[name]}"), name)
