@@ -73,6 +73,7 @@ QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
 DARE_SEEDS = (0, 1, 2)
 SWEEP_DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PAIRS = (("injection", "hate"), ("emotion", "irony"))
+QUICK_PAIRS = (("injection", "emotion"),)
 
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -228,10 +229,12 @@ def density_sweep(bench: Bench, expert_test: dict, densities: Sequence[float]) -
     return out
 
 
-def two_task(bench: Bench, expert_test: dict) -> dict:
+def two_task(bench: Bench, expert_test: dict, pairs: Sequence[Sequence[str]] = PAIRS) -> dict:
     """HM3's two-task merges in both head modes (TIES, paper defaults; task arithmetic 0.5)."""
     out: dict[str, Any] = {}
-    for pair in PAIRS:
+    for pair in pairs:
+        if not all(t in bench.experts for t in pair):
+            continue
         key = "+".join(pair)
         out[key] = {"sources_mean_macro_f1": mean({t: expert_test[t]["macro_f1"] for t in pair})}
         for heads in ("multi", "hm3"):
@@ -272,6 +275,8 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None, help="test examples per task (default: all)")
     ap.add_argument("--sweep-limit", type=int, default=500, help="test examples per task in the density sweep")
     ap.add_argument("--skip", action="append", default=[], choices=["quality", "speed", "sweep", "pairs"])
+    ap.add_argument("--expert", action="append", default=[], metavar="TASK=FOLDER",
+                    help="use these experts instead of building the zoo (e.g. your own)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "huggingface_hub"):
@@ -280,7 +285,10 @@ def main() -> None:
     data = args.data or default_data_dir()
     from zoo import build_zoo
 
-    experts = build_zoo(data, args.work, progress=False)
+    if args.expert:
+        experts = {k: Path(v) for k, v in (item.split("=", 1) for item in args.expert)}
+    else:
+        experts = build_zoo(data, args.work, progress=False)
     bench = Bench(data, args.work, experts, 60 if args.quick else args.val_limit, 100 if args.quick else args.test_limit)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     expert_val, expert_test = {}, {}
@@ -307,7 +315,7 @@ def main() -> None:
         results["density_sweep"] = density_sweep(sweep_bench, expert_sweep, (0.2, 1.0) if args.quick else SWEEP_DENSITIES)
         results["density_sweep_experts"] = expert_sweep
     if "pairs" not in args.skip:
-        results["two_task"] = two_task(bench, expert_test)
+        results["two_task"] = two_task(bench, expert_test, QUICK_PAIRS if args.quick else PAIRS)
     results["environment"] = environment()
     results["seconds"] = time.perf_counter() - started
     results["settings"] = {"val_limit": 60 if args.quick else args.val_limit,
@@ -318,7 +326,8 @@ def main() -> None:
     log.info("wrote %s in %.0f s", args.out, results["seconds"])
     from report import write_report
 
-    write_report(args.out, ROOT / "BENCHMARKS.md", HERE / "results")
+    default_out = args.out.resolve() == (HERE / "results" / "guard.json").resolve()
+    write_report(args.out, ROOT / "BENCHMARKS.md" if default_out else args.out.with_suffix(".md"), args.out.parent)
 
 
 if __name__ == "__main__":
