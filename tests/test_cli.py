@@ -127,3 +127,21 @@ def test_stats_command_then_regmean_merge_from_the_file(zoo: dict[str, Path], tm
     proc = cli("merge", str(swapped), str(tmp_path / "bad"))
     assert proc.returncode == 2 and "belongs to another expert" in proc.stderr and "sentiment.safetensors" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_eval_command_writes_task_metric_json_with_normalised_scores(zoo: dict[str, Path], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for task, labels in (("hate", ["not-hate", "hate"]), ("sentiment", ["neg", "neu", "pos"])):
+        (data / task).mkdir(parents=True)
+        (data / task / "labels.json").write_text(json.dumps({"labels": labels}))
+        rows = [{"text": t, "label": i % len(labels)} for i, t in enumerate(["i love this", "you people are terrible", "sure", "why"])]
+        (data / task / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = write(tmp_path, zoo)
+    assert runner.invoke(app, ["merge", str(cfg), str(tmp_path / "m"), "--no-progress"]).exit_code == 0
+    res = runner.invoke(app, ["eval", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "r.json"),
+                              "-e", f"hate={zoo['hate']}"])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert set(out) == {"hate", "sentiment"}
+    assert 0 <= out["hate"]["macro_f1"] <= 1 and 0 <= out["sentiment"]["accuracy"] <= 1
+    assert "normalized" in out["hate"] and "normalized" not in out["sentiment"]

@@ -1,7 +1,8 @@
 """Lazy access to Hugging Face checkpoints: a local folder or a hub id, same code path.
 
-Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped), never the whole
-model when one tensor is needed. Single-file and sharded (``model.safetensors.index.json``)
+Tensors are read one at a time with positioned reads (``os.pread``) at the offsets the
+safetensors header gives, never the whole model when one tensor is needed, and without a memory
+map, so the pages of a read tensor do not stay counted in the process's memory. Single-file and sharded (``model.safetensors.index.json``)
 checkpoints are supported. Pickle checkpoints (``pytorch_model.bin``) can execute code when
 loaded and are refused unless the caller passes ``allow_pickle=True``.
 
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from guardmerge.architectures import ArchitectureAdapter, get_adapter
 from guardmerge.errors import CheckpointError
@@ -60,6 +63,71 @@ def resolve(source: str | Path, *, revision: str | None = None) -> Path:
             f"Hub (not found, or offline: {reason}). Pass a local model folder, or run once "
             "online to cache it."
         ) from None
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: the header parsed and checked, tensors read on demand.
+
+    Raises:
+        CheckpointError: unreadable file, malformed header, or offsets outside the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot open: {exc}") from None
+        try:
+            size = os.fstat(self._fd).st_size
+            if size < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise ValueError(f"header length {header_len} exceeds the file size {size}")
+            header = json.loads(os.pread(self._fd, header_len, 8))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            self.metadata = header.pop("__metadata__", None) or {}
+            self._data_start = 8 + header_len
+            self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+            for key, info in header.items():
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"tensor '{key}' has unsupported dtype {info['dtype']}")
+                begin, end = (int(x) for x in info["data_offsets"])
+                shape = tuple(int(x) for x in info["shape"])
+                count = math.prod(shape)
+                if not 0 <= begin <= end or self._data_start + end > size:
+                    raise ValueError(f"tensor '{key}' lies outside the file")
+                if end - begin != count * torch.empty((), dtype=dtype).element_size():
+                    raise ValueError(f"tensor '{key}': {end - begin} bytes for shape {list(shape)}")
+                self.entries[key] = (dtype, shape, self._data_start + begin, end - begin)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:
+            os.close(self._fd)
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, key: str) -> torch.Tensor:
+        dtype, shape, offset, nbytes = self.entries[key]
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        done = 0
+        while done < nbytes:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: file ended inside tensor '{key}'")
+            done += n
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Checkpoint:
@@ -147,13 +215,10 @@ class Checkpoint:
                     self._add(key, f)
             return
         for f in files:
-            try:
-                handle = self._stack.enter_context(safe_open(str(f), framework="pt"))
-                keys = list(handle.keys())
-            except Exception as exc:
-                raise CheckpointError(f"{f} is not a readable safetensors file: {exc}") from None
+            handle = SafetensorsFile(f)
+            self._stack.callback(handle.close)
             self._files[f] = handle
-            for key in keys:
+            for key in handle.keys():
                 self._add(key, f)
 
     def _add(self, key: str, file: Path) -> None:
@@ -174,15 +239,14 @@ class Checkpoint:
         file, key = self._locate(name)
         if self._pickled is not None:
             return tuple(self._pickled[key].shape)
-        return tuple(self._files[file].get_slice(key).get_shape())
+        return self._files[file].entries[key][1]
 
     def dtype(self, name: str) -> torch.dtype:
         return self.get(name).dtype if self._pickled is not None else self._slice_dtype(name)
 
     def _slice_dtype(self, name: str) -> torch.dtype:
         file, key = self._locate(name)
-        code = self._files[file].get_slice(key).get_dtype()
-        return _SAFETENSORS_DTYPES.get(code, torch.float32)
+        return self._files[file].entries[key][0]
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor (memory-mapped), optionally cast."""
@@ -191,7 +255,9 @@ class Checkpoint:
             if self._pickled is not None:
                 tensor = self._pickled[key]
             else:
-                tensor = self._files[file].get_tensor(key)
+                tensor = self._files[file].get(key)
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor '{key}': {exc}") from None
         return tensor if dtype is None else tensor.to(dtype)
@@ -249,5 +315,7 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "I16": torch.int16,
     "I8": torch.int8,
     "U8": torch.uint8,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
     "BOOL": torch.bool,
 }

@@ -287,18 +287,37 @@ def eval_(
     task: Annotated[Optional[str], typer.Option(help="Task name of a single-classifier MODEL.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Score at most this many examples per task.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+    expert: Annotated[
+        Optional[list[str]],
+        typer.Option("--expert", "-e", help="TASK=FOLDER: score this expert too and add normalised = merged / expert."),
+    ] = None,
 ) -> None:
-    """Score MODEL's heads on labelled data: macro-F1, accuracy, official metrics."""
+    """Score MODEL's heads on labelled data: macro-F1, accuracy, official metrics
+    ({task: {metric: value}}; with --expert, the normalised score per task)."""
     from guardmerge.data import discover_tasks, load_task
-    from guardmerge.evaluate import evaluate, table, to_json_ready
+    from guardmerge.evaluate import evaluate, normalized, table, to_json_ready
     from guardmerge.multihead import load_any
 
     m = load_any(model, task)
     names = [t for t in discover_tasks(data) if t in m.tasks]
     if not names:
         raise GuardmergeError(f"none of the model's heads ({', '.join(m.tasks)}) has a task folder in {data}")
-    res = evaluate(m, {t: load_task(data / t).split(split, limit) for t in names})
-    typer.echo(table({str(model): res}, "macro_f1", names))
+    examples = {t: load_task(data / t).split(split, limit) for t in names}
+    res = evaluate(m, examples)
+    rows = {str(model): res}
+    if expert:
+        pairs = dict(item.split("=", 1) for item in expert if "=" in item)
+        if len(pairs) != len(expert):
+            raise GuardmergeError("--expert takes TASK=FOLDER")
+        ex_res = {}
+        for t, folder in pairs.items():
+            if t not in examples:
+                raise GuardmergeError(f"--expert {t}: no head/task folder '{t}' to compare with")
+            ex_res.update(evaluate(load_any(folder, t), {t: examples[t]}))
+        for t, value in normalized(res, ex_res).items():
+            res[t]["normalized"] = value
+        rows["experts"] = ex_res
+    typer.echo(table(rows, "macro_f1", names))
     if out:
         out.write_text(json.dumps(to_json_ready(res), indent=2) + "\n")
 
