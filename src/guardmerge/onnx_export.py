@@ -5,7 +5,7 @@ and ``token_type_ids`` when the tokenizer produces them; one output ``logits_<ta
 dynamic ``batch`` and ``sequence`` axes), the tokenizer, and ``guardmerge_onnx.json`` naming the
 heads, their labels and outputs, the inputs, the precision and the merge provenance. With
 ``quantize="int8"`` the graph's weights are quantised with onnxruntime's dynamic quantisation
-(int8 weights, activations quantised per batch at run time).
+(int8 weights with per-channel scales, activations quantised per batch at run time).
 
 Needs the ``onnx`` extra (``pip install 'guardmerge[onnx]'``).
 """
@@ -142,7 +142,15 @@ def _quantize_int8(src: Path, dst: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
         raise GuardmergeError("int8 quantisation needs onnxruntime: pip install 'guardmerge[onnx]'") from None
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    # per-channel weight scales: on the MiniLM guard model, per-tensor int8 moves logits by up to
+    # 2.4 and macro-F1 by up to 8 points; per channel halves the logit error
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # the quantiser logs one INFO line per tensor on root
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
 
 
 def onnx_metadata(
