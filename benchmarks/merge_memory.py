@@ -94,7 +94,7 @@ def run_job(name: str, job: dict, base: Path, experts: list[Path], work: Path) -
     cmd = [sys.executable, "-c", probe, sys.executable, "-m", "guardmerge.cli", "-q", "merge",
            str(cfg), str(out), "--force", "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    code, seconds, maxrss_kb = res.stdout.strip().split()
+    code, seconds, maxrss_kb = res.stdout.strip().splitlines()[-1].split()
     if int(code) != 0:
         raise RuntimeError(f"{name} failed: {res.stderr}")
     return {"seconds": float(seconds), "peak_rss_mb": int(maxrss_kb) / 1024}
