@@ -189,3 +189,51 @@ def test_masked_lm_base_keeps_each_experts_pooler_in_its_head(tmp_path: Path, zo
     # and the single-task export is a stock classifier again
     m.export_task("hate", tmp_path / "exp")
     assert torch.allclose(expert_logits(tmp_path / "exp"), expert_logits(zoo["hate"]), atol=1e-6)
+
+
+def test_hm3_heads_are_merged_zero_padded_blocks(zoo: dict[str, Path]) -> None:
+    c = parse_config({
+        "base_model": str(zoo["base"]),
+        "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")],
+        "method": "task_arithmetic", "parameters": {"scaling": 0.6}, "heads": "hm3",
+    })
+    res = merge(c, progress=False)
+    h, s = tensors(zoo["hate"]), tensors(zoo["sentiment"])
+    # all-zero base head + 0.6 * (padded hate + padded sentiment): each block is 0.6 x its own head
+    assert torch.allclose(res.tensors["heads.hate.classifier.weight"], 0.6 * h["classifier.weight"], atol=1e-6)
+    assert torch.allclose(res.tensors["heads.sentiment.classifier.bias"], 0.6 * s["classifier.bias"], atol=1e-6)
+    assert res.to_model().labels("sentiment") == ["neg", "neu", "pos"]
+
+
+def test_hm3_sparsification_touches_heads(zoo: dict[str, Path]) -> None:
+    c = parse_config({
+        "base_model": str(zoo["base"]),
+        "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")],
+        "method": "ties", "parameters": {"density": 0.2, "scope": "per_tensor"}, "heads": "hm3",
+    })
+    w = merge(c, progress=False).tensors["heads.sentiment.classifier.weight"]
+    kept = (w != 0).float().mean()
+    assert 0 < kept < 0.6  # most head entries trimmed, as the paper's mode requires
+
+
+def test_one_expert_hm3_with_scaling_one_is_the_expert(zoo: dict[str, Path]) -> None:
+    c = parse_config({"base_model": str(zoo["base"]), "experts": [{"model": str(zoo["sentiment"]), "task": "sentiment"}],
+                      "parameters": {"scaling": 1.0}, "heads": "hm3"})
+    model = merge(c, progress=False).to_model()
+    assert torch.allclose(model.logits(TEXTS)["sentiment"], expert_logits(zoo["sentiment"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs", "pcb"])
+def test_self_merge_at_density_one_reproduces_the_expert(zoo: dict[str, Path], method: str) -> None:
+    from guardmerge.pipeline import self_merge_config
+
+    params = {"density": 1.0, "scaling": 1.0}
+    if method == "breadcrumbs":
+        params["gamma"] = 0.0
+    if method == "pcb":
+        params["clip"] = 0.0
+    cfg = self_merge_config(str(zoo["base"]), str(zoo["hate"]), method, params, task="hate")
+    model = merge(cfg, progress=False).to_model()
+    ours, ref = model.logits(TEXTS)["hate"], expert_logits(zoo["hate"])
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
