@@ -69,10 +69,10 @@ class MergeResult:
         return MultiHeadModel(encoder, heads, self.config, info=self.info, tokenizer=tokenizer)
 
 
-def _open_all(config: MergeConfig, stack: ExitStack) -> tuple[Checkpoint, list[ExpertRef]]:
+def _open_all(config: MergeConfig, stack: ExitStack, progress: bool = False) -> tuple[Checkpoint, list[ExpertRef]]:
     base = stack.enter_context(Checkpoint(config.base_model, allow_pickle=config.allow_pickle))
     experts = []
-    for ex in tqdm(config.experts, desc="open experts", unit="expert", disable=len(config.experts) < 4):
+    for ex in tqdm(config.experts, desc="open experts", unit="expert", disable=not progress or len(config.experts) < 8):
         ck = stack.enter_context(Checkpoint(ex.model, allow_pickle=config.allow_pickle))
         experts.append(ExpertRef(task=ex.task, weight=ex.weight, checkpoint=ck))
     return base, experts
@@ -154,7 +154,7 @@ def merge(
     spec: MethodSpec[Any] = METHODS.get(config.method)
     params: MethodParams = config.method_params()
     with ExitStack() as stack:
-        base, experts = _open_all(config, stack)
+        base, experts = _open_all(config, stack, progress)
         plan = plan_merge(base, experts, config.heads)
         if spec.needs and (stats is None or len(stats) != len(experts)):
             raise StatisticsError(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from guardmerge.architectures import ArchitectureAdapter, get_adapter
@@ -372,8 +372,9 @@ def write_model_folder(
 ) -> None:
     """Write weights (safetensors), ``config.json`` and the tokenizer into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
-    save_file(contiguous, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    from guardmerge.checkpoint import write_safetensors
+
+    write_safetensors(folder / WEIGHTS_FILE, dict(tensors), {"format": "pt"})
     (folder / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=False) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
