@@ -248,6 +248,14 @@ def two_task(bench: Bench, expert_test: dict, pairs: Sequence[Sequence[str]] = P
     return out
 
 
+def _save(path: Path, results: dict, started: float) -> None:
+    """Write what is done so far (an interrupted run keeps its finished sections)."""
+    results["environment"] = environment()
+    results["seconds"] = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json_ready(results), indent=2) + "\n")
+
+
 def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -305,15 +313,18 @@ def main() -> None:
         methods.update(quality(bench, QUICK_GRIDS if args.quick else GRIDS, expert_test, (0,) if args.quick else DARE_SEEDS))
         results["methods"] = {**results.get("methods", {}), **methods}
         results["grids"] = QUICK_GRIDS if args.quick else GRIDS
+    _save(args.out, results, started)
     if "speed" not in args.skip:
         merged = bench.merged(bench.config("task_arithmetic", {"scaling": 0.5}))
         results["speed"] = speed(bench, merged, n_texts=64 if args.quick else 320)
+    _save(args.out, results, started)
     if "sweep" not in args.skip:
         sweep_bench = bench if args.quick else Bench(data, args.work, experts, args.val_limit, args.sweep_limit)
         sweep_bench.features = bench.features
         expert_sweep = {t: sweep_bench.score(load_any(p, t), "test", [t])[t] for t, p in experts.items()}
         results["density_sweep"] = density_sweep(sweep_bench, expert_sweep, (0.2, 1.0) if args.quick else SWEEP_DENSITIES)
         results["density_sweep_experts"] = expert_sweep
+    _save(args.out, results, started)
     if "pairs" not in args.skip:
         results["two_task"] = two_task(bench, expert_test, QUICK_PAIRS if args.quick else PAIRS)
     results["environment"] = environment()
