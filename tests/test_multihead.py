@@ -10,7 +10,7 @@ from guardmerge.config import parse_config
 from guardmerge.engine import merge
 from guardmerge.errors import GuardmergeError
 from guardmerge.multihead import MultiHeadModel
-from tests.conftest import TEXTS, expert_logits, tiny_config, write_tokenizer
+from tests.conftest import TEXTS, expert_logits, write_tokenizer
 
 
 @pytest.fixture(scope="module")

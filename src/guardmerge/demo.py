@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from guardmerge.config import load_config
-from guardmerge.data import TaskData, load_task
+from guardmerge.data import load_task
 from guardmerge.errors import DataError, GuardmergeError
 from guardmerge.evaluate import evaluate, mean, normalized, table, to_json_ready
 from guardmerge.finetune import FinetuneSettings, finetune_cached
