@@ -109,7 +109,9 @@ class _TensorSource:
     def encoder_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta_0, deltas [N, *shape])`` of an encoder tensor (sparsified if the method says)."""
         t0 = self.base.get(name, self.dtype)
-        deltas = torch.stack([ex.checkpoint.get(name, self.dtype) - t0 for ex in self.experts])
+        deltas = torch.empty((len(self.experts), *t0.shape), dtype=self.dtype)
+        for i, ex in enumerate(self.experts):  # filled row by row: no list of N copies beside it
+            torch.sub(ex.checkpoint.get(name, self.dtype), t0, out=deltas[i])
         if self.sparsify is not None:
             deltas = self.sparsify(deltas, self.context(name, t0.dim()))
         return t0, deltas
@@ -173,7 +175,7 @@ def merge(
             t0, deltas = src.encoder_tensor(name)
             ctx = src.context(name, t0.dim(), globals_)
             merged = spec.fn(deltas, weights, params, ctx)
-            out[name] = (t0.double() + merged.double()).to(base.dtype(name))
+            out[name] = _add_delta(t0, merged, base.dtype(name))
         for name in plan.copy_names:
             out[name] = base.get(name)
         out.update(_heads(src, spec, params, weights, globals_, hm3))
@@ -199,6 +201,17 @@ def merge(
             "heads_mode": config.heads,
         }
         return MergeResult(tensors=out, config=enc_config, heads=heads, info=info, tokenizer_dir=tok_dir)
+
+
+def _add_delta(t0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``theta_0 + delta`` cast to ``dtype``, rounded once.
+
+    For float32 operands a float32 sum is already correctly rounded (what a float64 sum cast
+    back gives), so no float64 copies of a large tensor are made; other dtypes sum in float64.
+    """
+    if t0.dtype == delta.dtype == dtype == torch.float32:
+        return delta.add_(t0) if delta.is_contiguous() and delta.shape == t0.shape else t0 + delta
+    return (t0.double() + delta.double()).to(dtype)
 
 
 def _bound_sparsify(
