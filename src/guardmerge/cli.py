@@ -224,6 +224,103 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
 
 
 @app.command()
+def search(
+    config: Annotated[Path, typer.Argument(help="Merge config YAML: experts, method, fixed parameters.")],
+    data: Annotated[Path, typer.Option("--data", help="Folder with one sub-folder per task holding validation.jsonl.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the best merge (written atomically).")],
+    trials: Annotated[int, typer.Option(help="Finished trials (complete or pruned) the study ends with.")] = 100,
+    sampler: Annotated[str, typer.Option(help="tpe, cmaes (PCB + ES) or random.")] = "tpe",
+    params: Annotated[
+        Optional[str], typer.Option("--params", help="Comma-separated parameters to search (default: all the method "
+                                    "declares; 'none' to search only --weights).")
+    ] = None,
+    weights: Annotated[
+        Optional[str], typer.Option("--weights", help="Also search per-expert weights in LOW,HIGH (e.g. 0.5,3.0).")
+    ] = None,
+    objective: Annotated[str, typer.Option(help="mean, worst (the worst task's) or weighted validation macro-F1.")] = "mean",
+    task_weight: Annotated[
+        Optional[list[str]], typer.Option("--task-weight", help="TASK=W for --objective weighted (others weigh 1).")
+    ] = None,
+    val_limit: Annotated[int, typer.Option(help="Validation examples per task (first n); 0 = all.")] = 200,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Optuna storage URL (default: sqlite file OUT.search/study.db).")
+    ] = None,
+    study_name: Annotated[str, typer.Option(help="Study name in the storage.")] = "guardmerge",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted study.")] = False,
+    workers: Annotated[int, typer.Option(help="Parallel workers (processes, or Ray tasks with --ray).")] = 1,
+    ray: Annotated[
+        Optional[str], typer.Option("--ray", help="Run workers on a Ray cluster at ADDRESS ('local' starts one).")
+    ] = None,
+    prune: Annotated[bool, typer.Option(help="Prune hopeless trials (median rule after each task).")] = True,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Search a method's parameters (and optionally per-expert weights) on validation data.
+
+    The ranges come from the method's schema (see `guardmerge methods`). Trials persist in a
+    database (SQLite by default, in OUT.search/), so --resume continues an interrupted search;
+    --workers K runs K processes on one study, --ray ADDRESS runs them on a Ray cluster. The
+    best merge is written to OUT as a normal merged model, with search.json (every trial,
+    seconds per trial), search_history.png and a model card naming the search.
+    Needs pip install 'guardmerge\\[search]'.
+    """
+    from functools import partial
+
+    from guardmerge.config import load_config
+    from guardmerge.io import check_output
+    from guardmerge.search import MergeScorer, SearchJob, SearchSettings, build_space, run_search
+    from guardmerge.search.output import write_best
+
+    cfg = load_config(config, list(set_ or []))
+    check_output(out, force=force)
+    wr = None
+    if weights:
+        try:
+            lo, hi = (float(x) for x in weights.split(","))
+        except ValueError:
+            raise GuardmergeError(f"--weights '{weights}' must look like LOW,HIGH (e.g. 0.5,3.0)") from None
+        wr = (lo, hi)
+    space = build_space(cfg.method, cfg.parameters, [e.task for e in cfg.experts], [e.weight for e in cfg.experts],
+                        only=_param_list(params), weight_range=wr)
+    if objective not in ("mean", "worst", "weighted"):
+        raise GuardmergeError(f"--objective '{objective}': choose mean, worst or weighted")
+    tw = {}
+    for item in task_weight or []:
+        if "=" not in item:
+            raise GuardmergeError(f"--task-weight '{item}' must look like TASK=W")
+        k, v = item.split("=", 1)
+        tw[k.strip()] = float(v)
+    work = out.parent / f"{out.name}.search"
+    work.mkdir(parents=True, exist_ok=True)
+    job = SearchJob(config=cfg.model_dump(), data_dir=str(data), val_limit=val_limit or None, work_dir=str(work))
+    scorer = MergeScorer(job)  # checks the data before any trial
+    settings = SearchSettings(
+        trials=trials, sampler=sampler, seed=seed,  # type: ignore[arg-type]
+        storage=storage or f"sqlite:///{(work / 'study.db').resolve()}", study_name=study_name,
+        resume=resume, workers=workers, ray_address=ray, prune=prune,
+        objective=objective, task_weights=tw, log_path=str(work / "trials.jsonl"),  # type: ignore[arg-type]
+    )
+    result = run_search(space, partial(MergeScorer, job), settings, progress=progress)
+    write_best(scorer, result, out, force=force, progress=progress)
+    best = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best.parameters.items())
+    typer.echo(
+        f"best of {sum(result.counts.values())} trials: {result.best_value:.4f} ({best}; weights "
+        f"{[round(w, 3) for w in result.best.weights]}); {result.seconds_per_trial:.1f} s/trial -> {out}"
+    )
+
+
+def _param_list(params: str | None) -> list[str] | None:
+    """``--params``: None = every declared parameter, 'none' = no parameter."""
+    if params is None:
+        return None
+    if params.strip().lower() == "none":
+        return []
+    return [p.strip() for p in params.split(",") if p.strip()]
+
+
+@app.command()
 def export(
     model: Annotated[Path, typer.Argument(help="A merged model folder.")],
     task: Annotated[str, typer.Argument(help="The head to export.")],

@@ -9,7 +9,7 @@ on, so memory holds one tensor per expert at a time plus the output. Heads stay 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,8 +272,16 @@ def _heads(
     return out
 
 
-def write_result(result: MergeResult, out: str | Path, config: MergeConfig, *, force: bool = False) -> None:
-    """Write a :class:`MergeResult` as a model folder, atomically."""
+def write_result(
+    result: MergeResult,
+    out: str | Path,
+    config: MergeConfig,
+    *,
+    force: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> None:
+    """Write a :class:`MergeResult` as a model folder, atomically (``extra_files``: name ->
+    bytes written beside the model, e.g. a search summary)."""
     from guardmerge import __version__
 
     model_cfg = folder_config(result.config, result.heads, result.info)
@@ -282,4 +290,6 @@ def write_result(result: MergeResult, out: str | Path, config: MergeConfig, *, f
         write_model_folder(tmp, result.tensors, model_cfg, tokenizer)
         (tmp / "merge_config.yaml").write_text(config.dump())
         (tmp / "README.md").write_text(model_card(result, config, __version__))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
 

@@ -12,8 +12,10 @@ from guardmerge.methods.registry import (
     MethodParams,
     MethodSpec,
     Role,
+    SearchRange,
     StreamFactory,
     TensorContext,
+    searchable,
 )
 
 # Each module registers its methods when imported. Add new method modules here.
@@ -22,4 +24,6 @@ _METHOD_MODULES = ("basic", "ties", "pcb", "model_stock", "regmean", "fisher", "
 for _module in _METHOD_MODULES:
     importlib.import_module(f"guardmerge.methods.{_module}")
 
-__all__ = ["METHODS", "MethodParams", "MethodSpec", "Role", "StreamFactory", "TensorContext"]
+__all__ = [
+    "METHODS", "MethodParams", "MethodSpec", "Role", "SearchRange", "StreamFactory", "TensorContext", "searchable",
+]

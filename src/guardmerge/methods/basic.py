@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from guardmerge.methods.registry import METHODS, MethodParams, TensorContext
+from guardmerge.methods.registry import METHODS, MethodParams, TensorContext, searchable
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,10 @@ def average(
 
 
 class TaskArithmeticParams(MethodParams):
-    scaling: float = Field(0.3, description="lambda, the coefficient on the summed task vectors")
+    scaling: float = Field(
+        0.3, description="lambda, the coefficient on the summed task vectors",
+        json_schema_extra=searchable(0.1, 1.5),
+    )
 
 
 @METHODS.method(

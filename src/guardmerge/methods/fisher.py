@@ -20,7 +20,7 @@ from pydantic import Field
 
 from guardmerge.errors import StatisticsError
 from guardmerge.methods.regmean import weighted_mean
-from guardmerge.methods.registry import METHODS, MethodParams, StreamFactory, TensorContext
+from guardmerge.methods.registry import METHODS, MethodParams, StreamFactory, TensorContext, searchable
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,10 @@ class FisherParams(MethodParams):
         False,
         description="divide each expert's Fisher by its L2 norm over all tensors before merging",
     )
-    scaling: float = Field(1.0, description="lambda, the coefficient on the merged task vector")
+    scaling: float = Field(
+        1.0, description="lambda, the coefficient on the merged task vector",
+        json_schema_extra=searchable(0.5, 2.0),
+    )
 
 
 def fisher_norms(params: FisherParams, stream: StreamFactory) -> dict[str, torch.Tensor]:

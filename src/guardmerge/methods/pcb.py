@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from guardmerge.methods.registry import METHODS, MethodParams, StreamFactory, TensorContext
+from guardmerge.methods.registry import METHODS, MethodParams, StreamFactory, TensorContext, searchable
 from guardmerge.methods.selection import (
     RadixSelector,
     as_rows,
@@ -57,9 +57,13 @@ _EPS = 1e-12
 
 class PcbParams(MethodParams):
     density: float = Field(
-        0.1, gt=0, le=1, description="r, fraction of each expert's balanced scores kept"
+        0.1, gt=0, le=1, description="r, fraction of each expert's balanced scores kept",
+        json_schema_extra=searchable(0.02, 0.5),
     )
-    scaling: float = Field(1.0, description="lambda, the coefficient on the merged task vector")
+    scaling: float = Field(
+        1.0, description="lambda, the coefficient on the merged task vector",
+        json_schema_extra=searchable(0.5, 2.5),
+    )
     scope: Scope = Field(
         "global",
         description="quantiles over each expert's whole task vector ('global', the paper) "

@@ -48,6 +48,32 @@ class Role(str, Enum):
     OTHER = "other"
 
 
+@dataclass(frozen=True)
+class SearchRange:
+    """The range ``guardmerge search`` explores for one parameter (declared on its Field).
+
+    Attributes:
+        low, high: inclusive bounds.
+        log: sample on a log scale.
+        integer: an integer parameter (e.g. DARE's seed).
+    """
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+def searchable(low: float, high: float, *, log: bool = False, integer: bool = False) -> dict[str, Any]:
+    """``json_schema_extra`` for a parameter Field: declares its search range next to it.
+
+    Example: ``density: float = Field(0.2, gt=0, le=1, json_schema_extra=searchable(0.05, 1.0))``.
+    """
+    if not low < high:
+        raise ValueError(f"search range needs low < high, got [{low}, {high}]")
+    return {"search": {"low": low, "high": high, "log": log, "integer": integer}}
+
+
 class MethodParams(BaseModel):
     """Base of every method's parameter schema: typed, frozen, unknown fields refused."""
 
@@ -148,13 +174,27 @@ class MethodSpec(Generic[P]):
                 f"Known parameters: {known}"
             ) from None
 
+    def search_space(self) -> dict[str, SearchRange]:
+        """Parameter name -> :class:`SearchRange`, for every parameter that declares one."""
+        space = {}
+        for pname, finfo in self.params.model_fields.items():
+            extra = finfo.json_schema_extra
+            if isinstance(extra, dict) and isinstance(extra.get("search"), dict):
+                space[pname] = SearchRange(**extra["search"])  # type: ignore[arg-type]
+        return space
+
     def parameter_rows(self) -> list[tuple[str, str, str, str]]:
         """``(name, type, default, description)`` for each parameter, for docs and the CLI."""
         rows = []
         for pname, finfo in self.params.model_fields.items():
             tname = _type_name(finfo.annotation)
             default = "required" if finfo.is_required() else repr(finfo.default)
-            rows.append((pname, tname, default, finfo.description or ""))
+            desc = finfo.description or ""
+            extra = finfo.json_schema_extra
+            if isinstance(extra, dict) and isinstance(extra.get("search"), dict):
+                r = extra["search"]
+                desc += f" (search: {r['low']}..{r['high']})"
+            rows.append((pname, tname, default, desc))
         return rows
 
 

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from guardmerge.errors import StatisticsError
 from guardmerge.methods.basic import weighted_sum
-from guardmerge.methods.registry import METHODS, MethodParams, TensorContext
+from guardmerge.methods.registry import METHODS, MethodParams, TensorContext, searchable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class RegMeanParams(MethodParams):
         le=1.0,
         description="off-diagonal shrink of each Gram: G~ = alpha*G + (1-alpha)*diag(G); "
         "1 = exact RegMean, 0 = per-input-feature weighted mean (typical 0.1-0.95)",
+        json_schema_extra=searchable(0.0, 1.0),
     )
     ridge: float = Field(
         1e-6,

@@ -44,6 +44,7 @@ from guardmerge.methods.registry import (
     MethodParams,
     StreamFactory,
     TensorContext,
+    searchable,
 )
 from guardmerge.methods.selection import (
     EmptyStreamError,
@@ -84,42 +85,48 @@ _SEED = "DARE's seed; the draw depends on (seed, tensor name) only. Default: the
 
 
 class TiesParams(MethodParams):
-    density: float = Field(0.2, gt=0, le=1, description=_DENSITY + " (largest |tau_i|)")
-    scaling: float = Field(1.0, description=_SCALING)
+    density: float = Field(0.2, gt=0, le=1, description=_DENSITY + " (largest |tau_i|)",
+                           json_schema_extra=searchable(0.05, 1.0))
+    scaling: float = Field(1.0, description=_SCALING, json_schema_extra=searchable(0.5, 2.5))
     scope: Scope = Field("global", description=_SCOPE)
     consensus: Consensus = Field("mean", description=_CONSENSUS)
 
 
 class DareLinearParams(MethodParams):
     density: float = Field(
-        0.5, gt=0, le=1, description=_DENSITY + " (drop probability 1 - density)"
+        0.5, gt=0, le=1, description=_DENSITY + " (drop probability 1 - density)",
+        json_schema_extra=searchable(0.1, 1.0),
     )
-    scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)")
+    scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)",
+                           json_schema_extra=searchable(0.1, 1.5))
     rescale: bool = Field(True, description="rescale the survivors (see rescale_by)")
     rescale_by: RescaleBy = Field(
         "density",
         description="'density': times 1 / density (DARE paper); 'l1': keep each expert's "
         "per-tensor L1 norm (mergekit 0.1.5's rescale)",
     )
-    seed: int | None = Field(None, description=_SEED)
+    seed: int | None = Field(None, description=_SEED, json_schema_extra=searchable(0, 9999, integer=True))
 
 
 class DareTiesParams(DareLinearParams):
-    scaling: float = Field(1.0, description=_SCALING + " (TIES' default)")
+    scaling: float = Field(1.0, description=_SCALING + " (TIES' default)", json_schema_extra=searchable(0.5, 2.5))
     consensus: Consensus = Field("mean", description=_CONSENSUS)
 
 
 class BreadcrumbsParams(MethodParams):
     density: float = Field(
-        0.2, gt=0, le=1, description=_DENSITY + " after dropping the top gamma and the smallest"
+        0.2, gt=0, le=1, description=_DENSITY + " after dropping the top gamma and the smallest",
+        json_schema_extra=searchable(0.05, 1.0),
     )
-    gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest |tau_i| dropped")
-    scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)")
+    gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest |tau_i| dropped",
+                         json_schema_extra=searchable(0.0, 0.1))
+    scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)",
+                           json_schema_extra=searchable(0.1, 1.5))
     scope: Scope = Field("per_tensor", description=_SCOPE)
 
 
 class BreadcrumbsTiesParams(BreadcrumbsParams):
-    scaling: float = Field(1.0, description=_SCALING + " (TIES' default)")
+    scaling: float = Field(1.0, description=_SCALING + " (TIES' default)", json_schema_extra=searchable(0.5, 2.5))
     consensus: Consensus = Field("mean", description=_CONSENSUS)
 
 
