@@ -95,11 +95,12 @@ class Bench:
         self.work = work
 
     def config(self, method: str, params: Mapping[str, Any], *, tasks: Sequence[str] | None = None,
-               align: bool = False, heads: str = "multi", seed: int = 0) -> MergeConfig:
+               align: bool = False, heads: str = "multi", seed: int = 0,
+               weights: Mapping[str, float] | None = None) -> MergeConfig:
         chosen = list(tasks or self.experts)
         return parse_config({
             "base_model": self.base,
-            "experts": [{"model": str(self.experts[t]), "task": t,
+            "experts": [{"model": str(self.experts[t]), "task": t, "weight": (weights or {}).get(t, 1.0),
                          "data": str(self.tasks[t].folder / "train.jsonl")} for t in chosen],
             "method": method, "parameters": dict(params), "heads": heads, "seed": seed,
             "align_heads": ALIGN if align else False,

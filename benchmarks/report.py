@@ -19,6 +19,41 @@ def _f(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
 
 
+def _hp(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_hp(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def search_table(res: dict) -> list[str]:
+    """Searches (benchmarks/guard_search.py) against their grid-chosen counterparts."""
+    rows = {k: m for k, m in res.get("methods", {}).items() if "search" in m}
+    if not rows:
+        return []
+    lines = [
+        "## Search vs grid (`python benchmarks/guard_search.py`)",
+        "",
+        "`guardmerge search` on the same validation subsets as the grids; the grid's choice is re-scored by "
+        "the same scorer. Test scored once, on the best candidate.",
+        "",
+        "| search | sampler | trials (complete/pruned) | s/trial | validation: search | validation: grid | "
+        "test mean macro-F1 | test normalised | grid's test mean macro-F1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in rows.items():
+        sr, c = m["search"], m["search"]["counts"]
+        grid = res["methods"].get(name.removesuffix("_search"), {})
+        lines.append(
+            f"| {name} | {sr['sampler']} | {sr['trials']} ({c.get('COMPLETE', 0)}/{c.get('PRUNED', 0)}) | "
+            f"{_f(sr['seconds_per_trial'], 1)} | {_f(m['validation_mean_macro_f1'], 4)} | "
+            f"{_f(m['grid_validation_mean_macro_f1'], 4)} | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | "
+            f"{_f(grid.get('mean_macro_f1'))} |"
+        )
+    return lines + [""]
+
+
 def quality_table(res: dict) -> list[str]:
     tasks = [t for t in TASKS if t in res["experts"]]
     lines = ["| method | " + " | ".join(tasks) + " | mean macro-F1 | normalised | hyperparameters (chosen on validation) |",
@@ -32,7 +67,7 @@ def quality_table(res: dict) -> list[str]:
             if "spread" in m:
                 cell += f" ±{m['spread'][t]:.3f}"
             cells.append(cell)
-        hp = ", ".join(f"{k}={v}" for k, v in m.get("hyperparameters", {}).items())
+        hp = ", ".join(f"{k}={_hp(v)}" for k, v in m.get("hyperparameters", {}).items())
         if "seeds" in m:
             hp += f" (mean ± sd over seeds {m['seeds']})"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | {hp} |")
@@ -131,6 +166,7 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     if "quality.png" in made:
         lines += [f"![quality]({rel('quality.png')})", ""]
     lines += ["Official TweetEval metric per task (macro-F1, except irony: F1 of the irony class):", "", *official_table(res), ""]
+    lines += search_table(res)
     if "speed" in res:
         sp = res["speed"]
         lines += [
