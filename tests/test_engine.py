@@ -237,3 +237,33 @@ def test_self_merge_at_density_one_reproduces_the_expert(zoo: dict[str, Path], m
     ours, ref = model.logits(TEXTS)["hate"], expert_logits(zoo["hate"])
     assert torch.allclose(ours, ref, atol=1e-5)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "pcb"])
+def test_streamed_sharded_output_equals_the_in_memory_merge(zoo: dict[str, Path], tmp_path: Path, method: str) -> None:
+    from guardmerge.writer import INDEX_FILE, read_tensors
+
+    config = cfg(zoo, tasks=("hate", "injection", "sentiment"), method=method)
+    in_memory = merge(config, progress=False).tensors
+    merge_to_folder(config, tmp_path / "m", progress=False, max_shard_bytes=4000)
+    assert (tmp_path / "m" / INDEX_FILE).is_file() and len(list((tmp_path / "m").glob("model-*.safetensors"))) > 2
+    streamed = read_tensors(tmp_path / "m")
+    assert list(streamed) and set(streamed) == set(in_memory)
+    assert all(torch.equal(streamed[k], v) for k, v in in_memory.items())
+    model = MultiHeadModel.from_pretrained(tmp_path / "m")  # the sharded folder loads and predicts
+    assert model.predict(TEXTS[:2])["sentiment"][0]["label"] in ("neg", "neu", "pos")
+
+
+def test_out_dtype_and_compute_dtype(zoo: dict[str, Path], tmp_path: Path) -> None:
+    from guardmerge.writer import read_tensors
+
+    config = cfg(zoo, scaling=0.5).model_copy(update={"out_dtype": "bfloat16"})
+    merge_to_folder(config, tmp_path / "bf16", progress=False)
+    out = read_tensors(tmp_path / "bf16")
+    ref = merge(cfg(zoo, scaling=0.5), progress=False).tensors
+    assert out[Q].dtype == torch.bfloat16 and out["heads.hate.classifier.weight"].dtype == torch.bfloat16
+    assert torch.equal(out[Q], ref[Q].to(torch.bfloat16))
+    half = merge(cfg(zoo, scaling=0.5).model_copy(update={"dtype": "float16"}), progress=False).tensors
+    assert half[Q].dtype == torch.float32 and 0 < float((half[Q] - ref[Q]).abs().max()) < 1e-3
+    with pytest.raises(ConfigError):
+        parse_config({**cfg(zoo).model_dump(), "out_dtype": "int8"})

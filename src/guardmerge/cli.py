@@ -58,11 +58,17 @@ def merge(
         bool, typer.Option("--allow-pickle", help="Accept pytorch_model.bin (pickle) checkpoints you trust.")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    out_shard_size: Annotated[
+        Optional[str], typer.Option("--out-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB).")
+    ] = None,
 ) -> None:
     """Merge the experts of CONFIG into one multi-head model folder OUT.
 
-    OUT gets model.safetensors, config.json (heads and label names), the tokenizer,
-    merge_config.yaml and a model card. OUT is refused if it exists, unless --force.
+    OUT gets model.safetensors (or shards with an index, --out-shard-size), config.json (heads
+    and label names), the tokenizer, merge_config.yaml and a model card. Tensors are written as
+    they are merged (never the whole model in memory) unless head alignment needs the model.
+    Set dtype / out_dtype in the config (float32, float16, bfloat16). OUT is refused if it
+    exists, unless --force.
     """
     from guardmerge.config import load_config
     from guardmerge.pipeline import merge_to_folder
@@ -71,9 +77,12 @@ def merge(
     overrides = list(set_ or [])
     if allow_pickle:
         overrides.append("allow_pickle=true")
+    from guardmerge.writer import parse_size
+
     cfg = load_config(config, overrides)
     check_output(out, force=force)
-    merge_to_folder(cfg, out, force=force, progress=progress)
+    shard = parse_size(out_shard_size) if out_shard_size else None
+    merge_to_folder(cfg, out, force=force, progress=progress, max_shard_bytes=shard)
     typer.echo(f"merged {len(cfg.experts)} experts with {cfg.method} -> {out}")
 
 

@@ -80,6 +80,12 @@ class MergeConfig(BaseModel):
     heads: Literal["multi", "hm3"] = "multi"
     allow_pickle: bool = Field(False, description="accept pytorch_model.bin pickle checkpoints")
     seed: int = Field(0, description="seed for stochastic methods (DARE)")
+    dtype: Literal["float32", "float64", "float16", "bfloat16"] = Field(
+        "float32", description="dtype the task vectors are merged in"
+    )
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="dtype of the written weights (default: each tensor's dtype in the base)"
+    )
     statistics: StatsConfig = Field(default_factory=StatsConfig)
     align_heads: AlignConfig | bool | None = Field(
         None, description="head alignment: on by default when every expert gives `data`; false to disable"

@@ -1,15 +1,19 @@
 """The merge engine: maps a registered method over a checkpoint, tensor by tensor.
 
-For each encoder tensor it reads the base and every expert lazily, forms the task vectors
-``[N, *shape]``, calls the method's pure function, adds ``theta_0`` back (in float64) and moves
-on, so memory holds one tensor per expert at a time plus the output. Heads stay per task
+For each encoder tensor it reads the base and every expert lazily (the next tensor on a
+background thread), forms the task vectors ``[N, *shape]``, calls the method's pure function,
+adds ``theta_0`` back and hands the tensor on: to a dict (:func:`merge`) or straight to a
+sharded safetensors writer (:func:`stream_to_folder`), so memory holds about two tensors per
+expert at a time, whatever the model size. Heads stay per task
 (``heads: multi``) or are merged as zero-padded concatenated layers (``heads: hm3``, HM3).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +26,6 @@ from guardmerge.checkpoint import Checkpoint
 from guardmerge.compat import ExpertRef, MergePlan, plan_merge
 from guardmerge.config import MergeConfig
 from guardmerge.errors import StatisticsError
-from guardmerge.stats.io import ExpertStats, stack_for_tensor
 from guardmerge.io import atomic_dir
 from guardmerge.methods import METHODS, MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.modelcard import model_card
@@ -34,10 +37,13 @@ from guardmerge.multihead import (
     folder_config,
     head_from_tensors,
     load_tokenizer,
-    write_model_folder,
 )
+from guardmerge.stats.io import ExpertStats, stack_for_tensor
+from guardmerge.writer import ShardedWriter, TensorSlot, write_tensors
 
 log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -138,79 +144,186 @@ class _TensorSource:
                 yield TensorContext(name=tname, role=Role.HEAD, seed=self.seed), deltas
 
 
+class OpenMerge:
+    """A merge job opened and checked, ready to produce its output tensor by tensor.
+
+    Use as a context manager (it holds the checkpoints open)::
+
+        with OpenMerge(config) as job:
+            for name, tensor in job.tensors():   # in job.layout() order
+                ...
+
+    Everything that can fail on bad input (compatibility, statistics) fails in ``__enter__``,
+    before any tensor is merged.
+    """
+
+    def __init__(self, config: MergeConfig, *, progress: bool = True, compute_dtype: torch.dtype | None = None,
+                 stats: Sequence[ExpertStats] | None = None) -> None:
+        self.config, self.progress, self.stats = config, progress, stats
+        self.compute_dtype = compute_dtype or _DTYPES[config.dtype]
+        self.out_dtype = _DTYPES[config.out_dtype] if config.out_dtype else None
+        self.spec: MethodSpec[Any] = METHODS.get(config.method)
+        self.params: MethodParams = config.method_params()
+        self._stack = ExitStack()
+
+    def __enter__(self) -> OpenMerge:
+        try:
+            self.base, self.experts = _open_all(self.config, self._stack, self.progress)
+            self.plan = plan_merge(self.base, self.experts, self.config.heads)
+            if self.spec.needs and (self.stats is None or len(self.stats) != len(self.experts)):
+                raise StatisticsError(
+                    f"method '{self.spec.name}' needs {', '.join(sorted(self.spec.needs))} statistics for every "
+                    "expert: give each expert `stats: FILE` (guardmerge stats) or `data: FILE`"
+                )
+        except BaseException:
+            self._stack.close()
+            raise
+        self.src = _TensorSource(self.base, self.experts, self.plan, self.config.seed, self.compute_dtype,
+                                 self.stats, self.spec.needs, _bound_sparsify(self.spec, self.params))
+        self.weights = torch.tensor([ex.weight for ex in self.experts], dtype=self.compute_dtype)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return self.out_dtype or self.base.dtype(name)
+
+    def layout(self) -> list[TensorSlot]:
+        """Every output tensor (name, dtype, shape) in the order :meth:`tensors` yields them."""
+        slots = [TensorSlot(n, self._dtype(n), tuple(self.base.shape(n))) for n in self.plan.merge_names]
+        slots += [TensorSlot(n, self.base.dtype(n), tuple(self.base.shape(n))) for n in self.plan.copy_names]
+        for tname in self.plan.head_tensor_names():
+            for ex in self.experts:
+                dtype = self.out_dtype or ex.checkpoint.dtype(tname)
+                slots.append(TensorSlot(f"{HEAD_PREFIX}{ex.task}.{tname}", dtype, tuple(ex.checkpoint.shape(tname))))
+        return slots
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Merge and yield every output tensor, in :meth:`layout` order.
+
+        The next tensor's inputs are read on a background thread while the current one is
+        merged (reading and merging overlap; at most two tensors' inputs are held).
+        """
+        spec, params, src = self.spec, self.params, self.src
+        hm3 = self.config.heads == "hm3"
+        globals_: dict[str, torch.Tensor] = {}
+        if spec.prepare is not None:
+            log.info("%s: whole-model pre-pass", spec.name)
+            globals_ = spec.prepare(params, lambda: src.stream(include_heads=hm3))
+        names = list(self.plan.merge_names)
+        bar = tqdm(total=len(names), desc=f"merge ({spec.name})", unit="tensor", disable=not self.progress)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-read") as pool:
+            pending = pool.submit(src.encoder_tensor, names[0]) if names else None
+            for i, name in enumerate(names):
+                assert pending is not None
+                t0, deltas = pending.result()
+                pending = pool.submit(src.encoder_tensor, names[i + 1]) if i + 1 < len(names) else None
+                ctx = src.context(name, t0.dim(), globals_)
+                merged = spec.fn(deltas, self.weights, params, ctx)
+                del deltas
+                yield name, _add_delta(t0, merged, self._dtype(name))
+                bar.update(1)
+        bar.close()
+        for name in self.plan.copy_names:
+            yield name, self.base.get(name)
+        heads = _heads(src, spec, params, self.weights, globals_, hm3)
+        for slot in self.layout()[len(names) + len(self.plan.copy_names):]:
+            t = heads[slot.name]
+            yield slot.name, t if self.out_dtype is None else t.to(self.out_dtype)
+
+    def result(self, tensors: dict[str, torch.Tensor]) -> MergeResult:
+        """A :class:`MergeResult` around ``tensors`` (empty for a streamed write)."""
+        first = self.experts[0].checkpoint
+        enc_config = {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
+        heads = {
+            ex.task: HeadSpec(
+                labels=self.plan.labels[ex.task],
+                layers=self.plan.head_layers,
+                input=self.plan.head_input,
+                activation=self.plan.adapter.head_activation,
+            )
+            for ex in self.experts
+        }
+        tok_dir = next(
+            (c.path for c in [self.base] + [e.checkpoint for e in self.experts] if c.has_tokenizer()), None
+        )
+        info = {
+            "base_model": self.config.base_model,
+            "experts": [{"task": e.task, "model": e.model, "weight": e.weight} for e in self.config.experts],
+            "method": self.config.method,
+            "parameters": self.params.model_dump(),
+            "heads_mode": self.config.heads,
+        }
+        return MergeResult(tensors=tensors, config=enc_config, heads=heads, info=info, tokenizer_dir=tok_dir)
+
+
 def merge(
     config: MergeConfig,
     *,
     progress: bool = True,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     stats: Sequence[ExpertStats] | None = None,
 ) -> MergeResult:
     """Merge the experts of ``config`` into a :class:`MergeResult` (held in memory).
 
     Args:
+        compute_dtype: the dtype task vectors are merged in (default: the config's ``dtype``).
         stats: per-expert statistics in config order, for methods that need them.
 
     Raises:
         CheckpointError, CompatibilityError, ConfigError, StatisticsError: before any merging.
     """
-    spec: MethodSpec[Any] = METHODS.get(config.method)
-    params: MethodParams = config.method_params()
-    with ExitStack() as stack:
-        base, experts = _open_all(config, stack, progress)
-        plan = plan_merge(base, experts, config.heads)
-        if spec.needs and (stats is None or len(stats) != len(experts)):
-            raise StatisticsError(
-                f"method '{spec.name}' needs {', '.join(sorted(spec.needs))} statistics for every "
-                "expert: give each expert `stats: FILE` (guardmerge stats) or `data: FILE`"
-            )
-        src = _TensorSource(base, experts, plan, config.seed, compute_dtype, stats, spec.needs, _bound_sparsify(spec, params))
-        weights = torch.tensor([ex.weight for ex in experts], dtype=compute_dtype)
-        hm3 = config.heads == "hm3"
-        globals_: dict[str, torch.Tensor] = {}
-        if spec.prepare is not None:
-            log.info("%s: whole-model pre-pass", spec.name)
-            globals_ = spec.prepare(params, lambda: src.stream(include_heads=hm3))
-        out: dict[str, torch.Tensor] = {}
-        for name in tqdm(plan.merge_names, desc=f"merge ({spec.name})", unit="tensor", disable=not progress):
-            t0, deltas = src.encoder_tensor(name)
-            ctx = src.context(name, t0.dim(), globals_)
-            merged = spec.fn(deltas, weights, params, ctx)
-            out[name] = _add_delta(t0, merged, base.dtype(name))
-        for name in plan.copy_names:
-            out[name] = base.get(name)
-        out.update(_heads(src, spec, params, weights, globals_, hm3))
-        first = experts[0].checkpoint
-        enc_config = {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
-        heads = {
-            ex.task: HeadSpec(
-                labels=plan.labels[ex.task],
-                layers=plan.head_layers,
-                input=plan.head_input,
-                activation=plan.adapter.head_activation,
-            )
-            for ex in experts
-        }
-        tok_dir = next(
-            (c.path for c in [base] + [e.checkpoint for e in experts] if c.has_tokenizer()), None
-        )
-        info = {
-            "base_model": config.base_model,
-            "experts": [{"task": e.task, "model": e.model, "weight": e.weight} for e in config.experts],
-            "method": config.method,
-            "parameters": params.model_dump(),
-            "heads_mode": config.heads,
-        }
-        return MergeResult(tensors=out, config=enc_config, heads=heads, info=info, tokenizer_dir=tok_dir)
+    with OpenMerge(config, progress=progress, compute_dtype=compute_dtype, stats=stats) as job:
+        return job.result(dict(job.tensors()))
+
+
+def stream_to_folder(
+    config: MergeConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    stats: Sequence[ExpertStats] | None = None,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Merge straight to disk: each tensor is written the moment it is merged (never the whole
+    model in memory), into shards of at most ``max_shard_bytes``; OUT appears atomically."""
+    from guardmerge import __version__
+
+    with OpenMerge(config, progress=progress, stats=stats) as job, atomic_dir(out, force=force) as tmp:
+        with ShardedWriter(tmp, job.layout(), max_shard_bytes=max_shard_bytes) as writer:
+            for name, tensor in job.tensors():
+                writer.write(name, tensor)
+        result = job.result({})
+        _write_folder_files(tmp, result, config, __version__)
+
+
+def _write_folder_files(tmp: Path, result: MergeResult, config: MergeConfig, version: str,
+                        extra_files: Mapping[str, bytes] | None = None) -> None:
+    """Everything of an output folder but the weights: config, tokenizer, merge config, card."""
+    model_cfg = folder_config(result.config, result.heads, result.info)
+    (tmp / "config.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
+    tokenizer = load_tokenizer(result.tokenizer_dir) if result.tokenizer_dir else None
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    (tmp / "merge_config.yaml").write_text(config.dump())
+    (tmp / "README.md").write_text(model_card(result, config, version))
+    for name, data in (extra_files or {}).items():
+        (tmp / name).write_bytes(data)
 
 
 def _add_delta(t0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``theta_0 + delta`` cast to ``dtype``, rounded once.
 
     For float32 operands a float32 sum is already correctly rounded (what a float64 sum cast
-    back gives), so no float64 copies of a large tensor are made; other dtypes sum in float64.
+    back gives), so no float64 copies of a large tensor are made; half-precision outputs sum in
+    float32, float64 outputs in float64.
     """
     if t0.dtype == delta.dtype == dtype == torch.float32:
         return delta.add_(t0) if delta.is_contiguous() and delta.shape == t0.shape else t0 + delta
+    if dtype in (torch.float16, torch.bfloat16):  # float32 carries far more than the output keeps
+        return (t0.float() + delta.float()).to(dtype)
     return (t0.double() + delta.double()).to(dtype)
 
 
@@ -279,17 +392,12 @@ def write_result(
     *,
     force: bool = False,
     extra_files: Mapping[str, bytes] | None = None,
+    max_shard_bytes: int | None = None,
 ) -> None:
     """Write a :class:`MergeResult` as a model folder, atomically (``extra_files``: name ->
     bytes written beside the model, e.g. a search summary)."""
     from guardmerge import __version__
 
-    model_cfg = folder_config(result.config, result.heads, result.info)
-    tokenizer = load_tokenizer(result.tokenizer_dir) if result.tokenizer_dir else None
     with atomic_dir(out, force=force) as tmp:
-        write_model_folder(tmp, result.tensors, model_cfg, tokenizer)
-        (tmp / "merge_config.yaml").write_text(config.dump())
-        (tmp / "README.md").write_text(model_card(result, config, __version__))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-
+        write_tensors(tmp, result.tensors, max_shard_bytes=max_shard_bytes)
+        _write_folder_files(tmp, result, config, __version__, extra_files)

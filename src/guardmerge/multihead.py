@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from guardmerge.architectures import ArchitectureAdapter, get_adapter
@@ -250,10 +249,9 @@ class MultiHeadModel(nn.Module):
                 f"{cfg_file} has no 'guardmerge.heads' section: this is not a merged multi-head "
                 "model (a single classifier loads with transformers directly)"
             )
-        try:
-            tensors = load_file(str(folder / WEIGHTS_FILE))
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {folder / WEIGHTS_FILE}: {exc}") from None
+        from guardmerge.writer import read_tensors
+
+        tensors = read_tensors(folder)  # one file or shards with an index
         heads: dict[str, Head] = {}
         for task, raw in meta["heads"].items():
             spec = HeadSpec.from_dict(raw)

@@ -18,7 +18,7 @@ from guardmerge.checkpoint import resolve
 from guardmerge.config import MergeConfig, StatsConfig
 from guardmerge.data import read_examples
 from guardmerge.architectures import get_adapter
-from guardmerge.engine import MergeResult, merge, sparsified_experts, write_result
+from guardmerge.engine import MergeResult, merge, sparsified_experts, stream_to_folder, write_result
 from guardmerge.errors import DataError, StatisticsError
 from guardmerge.io import check_output
 from guardmerge.methods import METHODS
@@ -176,11 +176,22 @@ def merge_to_folder(
     force: bool = False,
     progress: bool = True,
     stats: Sequence[ExpertStats] | None = None,
+    max_shard_bytes: int | None = None,
 ) -> Path:
-    """Run the job and write the output folder atomically (refuses an existing ``out``)."""
+    """Run the job and write the output folder atomically (refuses an existing ``out``).
+
+    Without head alignment the merge streams straight to disk, tensor by tensor, into shards of
+    at most ``max_shard_bytes``; with it, the model is merged in memory, aligned, then written.
+    """
     check_output(out, force=force)
-    result = build(config, progress=progress, stats=stats)
-    write_result(result, out, config, force=force)
+    spec = METHODS.get(config.method)
+    if spec.needs and stats is None:
+        stats = expert_statistics(config, spec.needs, progress=progress)
+    if config.alignment() is None:
+        stream_to_folder(config, out, force=force, progress=progress, stats=stats, max_shard_bytes=max_shard_bytes)
+    else:
+        result = build(config, progress=progress, stats=stats)
+        write_result(result, out, config, force=force, max_shard_bytes=max_shard_bytes)
     return Path(out)
 
 

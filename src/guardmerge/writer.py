@@ -1,0 +1,191 @@
+"""Streaming safetensors output: tensors written as they are produced, into size-capped shards.
+
+The layout (every tensor's name, dtype and shape, in write order) is fixed before the first
+tensor is merged, so each shard's header is written up front and each tensor's bytes are
+appended the moment it exists: the merged model is never held in memory. One shard is written
+as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors`` with the standard
+``model.safetensors.index.json`` (``weight_map``), which transformers and guardmerge both read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from guardmerge.errors import CheckpointError, ConfigError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """``'2GB'``, ``'500MiB'``, ``'1e9'`` or an int -> bytes."""
+    if isinstance(text, int):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ConfigError(f"size '{text}' is not understood; write e.g. 2GB, 500MB or 1GiB")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise ConfigError(f"size '{text}' must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One output tensor: name, dtype, shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(layout: Sequence[TensorSlot], max_shard_bytes: int | None) -> list[list[TensorSlot]]:
+    """Split ``layout`` in order into shards of at most ``max_shard_bytes`` (a larger tensor
+    gets a shard of its own)."""
+    shards: list[list[TensorSlot]] = [[]]
+    size = 0
+    for slot in layout:
+        if max_shard_bytes and shards[-1] and size + slot.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(slot)
+        size += slot.nbytes
+    return shards
+
+
+class ShardedWriter:
+    """Write tensors in layout order into a folder, shard by shard.
+
+    Usage::
+
+        with ShardedWriter(folder, layout, max_shard_bytes=2 * 10**9) as w:
+            for name, tensor in produced:
+                w.write(name, tensor)
+    """
+
+    def __init__(self, folder: str | Path, layout: Sequence[TensorSlot], *, max_shard_bytes: int | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        names = [s.name for s in layout]
+        if len(set(names)) != len(names):
+            raise CheckpointError("output layout names a tensor twice")
+        for s in layout:
+            if s.dtype not in _CODES:
+                raise CheckpointError(f"cannot write tensor '{s.name}' of dtype {s.dtype}")
+        self.folder = Path(folder)
+        self.shards = plan_shards(layout, max_shard_bytes)
+        self.metadata = dict(metadata or {"format": "pt"})
+        n = len(self.shards)
+        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._queue: Iterator[tuple[int, TensorSlot]] = ((i, s) for i, shard in enumerate(self.shards) for s in shard)
+        self._fh: BinaryIO | None = None
+        self._open_shard = -1
+        self.written = 0
+
+    def __enter__(self) -> ShardedWriter:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_file()
+        if exc[0] is None:
+            self.finish()
+
+    def _close_file(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def _start(self, shard: int) -> None:
+        self._close_file()
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for s in self.shards[shard]:
+            header[s.name] = {"dtype": _CODES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(self.folder / self.files[shard], "wb")  # noqa: SIM115 (closed in _close_file)
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._open_shard = shard
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must be the next one of the layout, with its shape."""
+        try:
+            shard, slot = next(self._queue)
+        except StopIteration:
+            raise CheckpointError(f"tensor '{name}' is not in the output layout (all tensors written)") from None
+        if slot.name != name:
+            raise CheckpointError(f"output order broken: expected tensor '{slot.name}', got '{name}'")
+        if tuple(tensor.shape) != slot.shape:
+            raise CheckpointError(f"tensor '{name}': shape {list(tensor.shape)}, layout says {list(slot.shape)}")
+        if shard != self._open_shard:
+            self._start(shard)
+        data = tensor.detach().to(slot.dtype).contiguous().cpu()
+        assert self._fh is not None
+        if data.numel():
+            self._fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self.written += 1
+
+    def finish(self) -> None:
+        """Check that every tensor was written; write the index for several shards."""
+        left = next(self._queue, None)
+        if left is not None:
+            raise CheckpointError(f"output incomplete: tensor '{left[1].name}' was never written")
+        self._close_file()
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for shard in self.shards for s in shard)},
+                "weight_map": {s.name: self.files[i] for i, shard in enumerate(self.shards) for s in shard},
+            }
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_tensors(folder: str | Path, tensors: Mapping[str, torch.Tensor], *, max_shard_bytes: int | None = None,
+                  metadata: Mapping[str, str] | None = None) -> None:
+    """Write a dict of tensors (in its order) as one file or shards."""
+    layout = [TensorSlot(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with ShardedWriter(folder, layout, max_shard_bytes=max_shard_bytes, metadata=metadata) as w:
+        for name, t in tensors.items():
+            w.write(name, t)
+
+
+def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder written by :class:`ShardedWriter` (one file or an index)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    try:
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            out: dict[str, torch.Tensor] = {}
+            for f in files:
+                out.update(load_file(str(folder / f)))
+            return out
+        return load_file(str(folder / SINGLE_FILE))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the weights in {folder}: {exc}") from None
