@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -36,13 +37,10 @@ def _main(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    # read by transformers when (and only if) a command imports it: start-up stays fast
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 @app.command()
@@ -71,8 +69,8 @@ def merge(
     exists, unless --force.
     """
     from guardmerge.config import load_config
-    from guardmerge.pipeline import merge_to_folder
     from guardmerge.io import check_output
+    from guardmerge.pipeline import merge_to_folder
 
     overrides = list(set_ or [])
     if allow_pickle:
@@ -279,7 +277,13 @@ def search(
 
     from guardmerge.config import load_config
     from guardmerge.io import check_output
-    from guardmerge.search import MergeScorer, SearchJob, SearchSettings, build_space, run_search
+    from guardmerge.search import (
+        MergeScorer,
+        SearchJob,
+        SearchSettings,
+        build_space,
+        run_search,
+    )
     from guardmerge.search.output import write_best
 
     cfg = load_config(config, list(set_ or []))
@@ -363,7 +367,8 @@ def finetune(
 ) -> None:
     """Fine-tune an expert classifier from BASE (to add a guard to a merge)."""
     from guardmerge.data import load_task, read_examples
-    from guardmerge.finetune import FinetuneSettings, finetune as run
+    from guardmerge.finetune import FinetuneSettings
+    from guardmerge.finetune import finetune as run
     from guardmerge.io import check_output
 
     check_output(out, force=force)
@@ -478,7 +483,12 @@ def serve(
     try:
         import uvicorn
 
-        from guardmerge.serve import ServeSettings, create_app, load_backend, parse_thresholds
+        from guardmerge.serve import (
+            ServeSettings,
+            create_app,
+            load_backend,
+            parse_thresholds,
+        )
     except ImportError as exc:
         raise GuardmergeError(f"serving needs the serve extra ({exc.name} is missing): pip install 'guardmerge[serve]'") from None
 

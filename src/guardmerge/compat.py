@@ -7,9 +7,11 @@ and path) and the field or tensor at fault.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -169,7 +171,29 @@ def _vocab(ck: Checkpoint) -> dict[str, int] | None:
         raise CompatibilityError(f"cannot load the tokenizer of {ck.source}: {exc}") from None
 
 
+_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+                "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def _vocab_digest(ck: Checkpoint) -> str | None:
+    """A digest of the tokenizer's vocabulary files (None without them): identical files mean
+    an identical vocabulary, so the tokenizers need not be loaded."""
+    if not ck.has_tokenizer():
+        return None
+    h = hashlib.sha256()
+    found = False
+    for name in _VOCAB_FILES:
+        f = Path(ck.path) / name
+        if f.is_file():
+            found = True
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest() if found else None
+
+
 def _check_vocab(base: Checkpoint, experts: Sequence[ExpertRef]) -> None:
+    digest = _vocab_digest(base)
+    if digest is not None and all(_vocab_digest(ex.checkpoint) == digest for ex in experts):
+        return  # the same vocabulary files everywhere
     ref_name, ref = base.source, _vocab(base)
     for ex in experts:
         vocab = _vocab(ex.checkpoint)

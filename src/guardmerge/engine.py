@@ -304,13 +304,29 @@ def _write_folder_files(tmp: Path, result: MergeResult, config: MergeConfig, ver
     """Everything of an output folder but the weights: config, tokenizer, merge config, card."""
     model_cfg = folder_config(result.config, result.heads, result.info)
     (tmp / "config.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
-    tokenizer = load_tokenizer(result.tokenizer_dir) if result.tokenizer_dir else None
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
+    if result.tokenizer_dir:
+        _copy_tokenizer(Path(result.tokenizer_dir), tmp)
     (tmp / "merge_config.yaml").write_text(config.dump())
     (tmp / "README.md").write_text(model_card(result, config, version))
     for name, data in (extra_files or {}).items():
         (tmp / name).write_bytes(data)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files as they are (no transformers import, no re-serialisation);
+    fall back to loading and saving the tokenizer when none of the known files is there."""
+    import shutil
+
+    copied = [shutil.copyfile(src / f, dst / f) for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not copied:
+        tokenizer = load_tokenizer(src)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(dst))
 
 
 def _add_delta(t0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
