@@ -7,11 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from guardmerge.config import parse_config
+from guardmerge.config import MergeConfig, parse_config
 from guardmerge.engine import merge
-from guardmerge.pipeline import merge_to_folder
-from guardmerge.errors import CheckpointError, CompatibilityError, ConfigError, GuardmergeError, OutputExistsError
+from guardmerge.errors import (
+    CheckpointError,
+    CompatibilityError,
+    ConfigError,
+    GuardmergeError,
+    OutputExistsError,
+)
 from guardmerge.multihead import MultiHeadModel
+from guardmerge.pipeline import merge_to_folder
 from tests.conftest import TEXTS, expert_logits, make_base, make_expert
 
 Q = "encoder.layer.0.attention.self.query.weight"
@@ -267,3 +273,75 @@ def test_out_dtype_and_compute_dtype(zoo: dict[str, Path], tmp_path: Path) -> No
     assert half[Q].dtype == torch.float32 and 0 < float((half[Q] - ref[Q]).abs().max()) < 1e-3
     with pytest.raises(ConfigError):
         parse_config({**cfg(zoo).model_dump(), "out_dtype": "int8"})
+
+
+def shared_cfg(base: Path, experts: list[Path], method: str = "task_arithmetic", **params) -> "MergeConfig":
+    return parse_config({
+        "base_model": str(base),
+        "experts": [{"model": str(e), "task": f"t{i}"} for i, e in enumerate(experts)],
+        "method": method, "parameters": params, "heads": "shared",
+    })
+
+
+def test_shared_heads_write_a_stock_classifier(zoo: dict[str, Path], tmp_path: Path) -> None:
+    """Same-label experts merged whole (mergekit's use): the output is a stock transformers
+    classifier; one expert at scaling 1 is reproduced exactly (its head merged against a zero
+    head, the headless base having none)."""
+    from transformers import AutoModelForSequenceClassification
+
+    merge_to_folder(shared_cfg(zoo["base"], [zoo["hate"]], scaling=1.0), tmp_path / "one", progress=False)
+    assert torch.equal(expert_logits(tmp_path / "one"), expert_logits(zoo["hate"]))
+    other = make_expert(tmp_path / "hate2", zoo["base"], ["not-hate", "hate"], seed=7)
+    merge_to_folder(shared_cfg(zoo["base"], [zoo["hate"], other], scaling=0.5), tmp_path / "two", progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "two"))
+    h, o = tensors(zoo["hate"]), tensors(other)
+    expected = 0.5 * (h["classifier.weight"].double() + o["classifier.weight"].double())
+    assert torch.allclose(model.classifier.weight.double(), expected, atol=1e-6)
+    assert model.config.id2label == {0: "not-hate", 1: "hate"}
+    assert "heads: shared" in (tmp_path / "two" / "README.md").read_text()
+
+
+def test_shared_heads_refuse_different_label_sets_and_alignment(zoo: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(CompatibilityError, match="heads: shared needs the same head|different label sets"):
+        merge_to_folder(shared_cfg(zoo["base"], [zoo["hate"], zoo["sentiment"]]), tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="align_heads needs a multi-head output"):
+        parse_config({**shared_cfg(zoo["base"], [zoo["hate"]]).model_dump(), "align_heads": True})
+
+
+def make_llama(folder: Path, seed: int, base: dict | None = None) -> tuple[Path, dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    if base is not None:
+        model.load_state_dict(base)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_llama_checkpoints_merge_whole_with_shared_heads(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base, b = make_llama(tmp_path / "base", 0)
+    (e1, s1), (e2, s2) = make_llama(tmp_path / "e1", 1, b), make_llama(tmp_path / "e2", 2, b)
+    merge_to_folder(shared_cfg(base, [e1, e2], "ties", density=0.5, scope="per_tensor"), tmp_path / "m",
+                    progress=False, max_shard_bytes=20_000)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    ref = merge(shared_cfg(base, [e1, e2], "ties", density=0.5, scope="per_tensor"), progress=False).tensors
+    assert torch.equal(model.state_dict()[name], ref[name]) and "lm_head.weight" in ref
+    assert not torch.equal(ref[name], b[name]) and not torch.equal(ref[name], s1[name])
+    ta = merge(shared_cfg(base, [e1, e2], scaling=0.5), progress=False).tensors
+    expected = b[name].double() + 0.5 * ((s1[name] - b[name]).double() + (s2[name] - b[name]).double())
+    assert torch.allclose(ta[name].double(), expected, atol=1e-6)
+    out = model(torch.tensor([[1, 2, 3]])).logits
+    assert out.shape == (1, 3, 64) and torch.isfinite(out).all()
+    with pytest.raises(CompatibilityError, match="heads: shared"):
+        merge(parse_config({**shared_cfg(base, [e1]).model_dump(), "heads": "multi"}), progress=False)

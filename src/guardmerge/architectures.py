@@ -31,6 +31,8 @@ class ArchitectureAdapter:
         head_input: what feeds the head: ``pooled`` (the encoder's pooler output) or ``cls``
             (the first token's hidden state).
         has_pooler: whether the encoder carries a pooler (``pooler.dense``).
+        multi_head: whether the family can be a multi-head model (``heads: multi | hm3``);
+            decoder families (Llama) merge whole checkpoints with ``heads: shared`` only.
         hidden_in_head: the head has a hidden layer (so ``hm3`` head mode is refused).
     """
 
@@ -42,6 +44,7 @@ class ArchitectureAdapter:
     head_activation: str
     head_input: str
     has_pooler: bool
+    multi_head: bool = True
 
     @property
     def hidden_in_head(self) -> bool:
@@ -71,9 +74,10 @@ class ArchitectureAdapter:
             return Role.HEAD
         leaf = canonical.rsplit(".", 2)
         low = canonical.lower()
-        if "embeddings" in low and ndim == 2 and "layernorm" not in low and "layer_norm" not in low:
+        if ("embeddings" in low or "embed_tokens" in low) and ndim == 2 and "layernorm" not in low \
+                and "layer_norm" not in low:
             return Role.EMBEDDING
-        if "layernorm" in low or "layer_norm" in low or low.endswith(("ln.weight", "ln.bias")):
+        if "layernorm" in low or "layer_norm" in low or low.endswith(("ln.weight", "ln.bias", "norm.weight")):
             return Role.NORM
         if leaf[-1] == "bias":
             return Role.BIAS
@@ -118,6 +122,17 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             head_activation="relu",
             head_input="cls",
             has_pooler=False,
+        ),
+        ArchitectureAdapter(  # LlamaForCausalLM / LlamaForSequenceClassification: heads: shared
+            model_type="llama",
+            prefix="model",
+            head_prefixes=("lm_head.", "score."),
+            ignore_prefixes=(),
+            head_layers=("score",),
+            head_activation="none",
+            head_input="last",
+            has_pooler=False,
+            multi_head=False,
         ),
     )
 }

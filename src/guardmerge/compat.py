@@ -62,6 +62,9 @@ class MergePlan:
             has no pooler, so each head keeps the pooler its expert trained).
         head_input: ``pooled`` or ``cls``.
         labels: task -> label names.
+        shared: ``heads: shared``: head tensors are in ``merge_names`` and the output is one stock
+            model under the checkpoint's own names.
+        zero_base: merged tensors the base lacks (a headless base's head): theta_0 = 0 for them.
     """
 
     adapter: ArchitectureAdapter
@@ -70,6 +73,8 @@ class MergePlan:
     head_layers: tuple[str, ...]
     head_input: str
     labels: dict[str, tuple[str, ...]]
+    shared: bool = False
+    zero_base: frozenset[str] = frozenset()
 
     def head_tensor_names(self) -> list[str]:
         return [f"{layer}.{kind}" for layer in self.head_layers for kind in ("weight", "bias")]
@@ -84,6 +89,13 @@ def plan_merge(base: Checkpoint, experts: Sequence[ExpertRef], heads_mode: str =
     adapter = base.adapter
     for ex in experts:
         _check_config(base, ex)
+    if heads_mode == "shared":
+        return _plan_shared(base, experts)
+    if not adapter.multi_head:
+        raise CompatibilityError(
+            f"{adapter.model_type} checkpoints cannot become a multi-head model (heads: {heads_mode}); "
+            "merge them whole into one stock model with heads: shared"
+        )
     base_enc = [n for n in encoder_names(adapter, base.names())]
     pooler_in_base = any(adapter.is_pooler(n) for n in base_enc)
     head_owned_pooler = adapter.has_pooler and not pooler_in_base
@@ -117,6 +129,63 @@ def plan_merge(base: Checkpoint, experts: Sequence[ExpertRef], heads_mode: str =
     )
 
 
+def _plan_shared(base: Checkpoint, experts: Sequence[ExpertRef]) -> MergePlan:
+    """``heads: shared``: every expert has the same tensors (head included), merged as one."""
+    adapter = base.adapter
+    first = experts[0].checkpoint
+    heads = [n for n in first.names() if adapter.is_head(n)]
+    body = [n for n in encoder_names(adapter, base.names())]
+    merge_names = [n for n in body if base.dtype(n).is_floating_point]
+    copy_names = [n for n in body if not base.dtype(n).is_floating_point]
+    for ex in experts:
+        _check_tensors_present(base, merge_names, ex, "tensor")
+        own = sorted(n for n in ex.checkpoint.names() if adapter.is_head(n))
+        if own != sorted(heads):
+            raise CompatibilityError(
+                f"{ex.where}: heads: shared needs the same head in every expert, but its head tensors are "
+                f"{own} and {first.source}'s are {sorted(heads)}; use heads: multi for different label sets"
+            )
+        for name in heads:
+            if ex.checkpoint.shape(name) != first.shape(name):
+                raise CompatibilityError(
+                    f"{ex.where}: head tensor '{name}' has shape {list(ex.checkpoint.shape(name))} but "
+                    f"{first.source}'s has {list(first.shape(name))} (different label sets: use heads: multi)"
+                )
+        if "id2label" in first.config and ex.checkpoint.config.get("id2label") != first.config.get("id2label"):
+            raise CompatibilityError(f"{ex.where}: its labels differ from {first.source}'s; use heads: multi")
+    _check_vocab(base, experts)
+    for name in heads:
+        if name in base and base.shape(name) != first.shape(name):
+            raise CompatibilityError(f"the base's '{name}' has shape {list(base.shape(name))}, the experts' "
+                                     f"{list(first.shape(name))}")
+    zero = frozenset(n for n in heads if n not in base)
+    if zero:
+        log.info("the base has no %s: merged against theta_0 = 0 (HM3's all-zero base head)", ", ".join(sorted(zero)))
+    _warn_drift(base, experts, merge_names)
+    return MergePlan(
+        adapter=adapter,
+        merge_names=tuple(merge_names + heads),
+        copy_names=tuple(copy_names),
+        head_layers=(),
+        head_input=adapter.head_input,
+        labels={},
+        shared=True,
+        zero_base=zero,
+    )
+
+
+def _check_tensors_present(base: Checkpoint, names: Sequence[str], ex: ExpertRef, what: str = "encoder tensor") -> None:
+    ck = ex.checkpoint
+    for name in names:
+        if name not in ck:
+            raise CompatibilityError(f"{ex.where} is missing {what} '{name}'")
+        if ck.shape(name) != base.shape(name):
+            raise CompatibilityError(
+                f"{ex.where}: tensor '{name}' has shape {list(ck.shape(name))} but the base "
+                f"has {list(base.shape(name))}"
+            )
+
+
 def _check_config(base: Checkpoint, ex: ExpertRef) -> None:
     if ex.checkpoint.model_type != base.model_type:
         raise CompatibilityError(
@@ -135,14 +204,7 @@ def _check_tensors(
     base: Checkpoint, base_enc: Sequence[str], ex: ExpertRef, head_owned_pooler: bool
 ) -> None:
     ck = ex.checkpoint
-    for name in base_enc:
-        if name not in ck:
-            raise CompatibilityError(f"{ex.where} is missing encoder tensor '{name}'")
-        if ck.shape(name) != base.shape(name):
-            raise CompatibilityError(
-                f"{ex.where}: tensor '{name}' has shape {list(ck.shape(name))} but the base "
-                f"has {list(base.shape(name))}"
-            )
+    _check_tensors_present(base, base_enc, ex)
     head = list(ck.adapter.head_names())
     if head_owned_pooler:
         head = ["pooler.dense.weight", "pooler.dense.bias", *head]

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from guardmerge.errors import ConfigError
 from guardmerge.methods import METHODS, MethodParams
@@ -77,7 +84,10 @@ class MergeConfig(BaseModel):
     experts: list[ExpertConfig] = Field(min_length=1)
     method: str = "task_arithmetic"
     parameters: dict[str, Any] = Field(default_factory=dict)
-    heads: Literal["multi", "hm3"] = "multi"
+    heads: Literal["multi", "hm3", "shared"] = Field(
+        "multi", description="multi: one head per expert; hm3: zero-padded heads merged (HM3); shared: "
+        "experts with the same head, merged like any tensor into one stock transformers model"
+    )
     allow_pickle: bool = Field(False, description="accept pytorch_model.bin pickle checkpoints")
     seed: int = Field(0, description="seed for stochastic methods (DARE)")
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = Field(
@@ -117,6 +127,10 @@ class MergeConfig(BaseModel):
     def alignment(self) -> AlignConfig | None:
         """The head-alignment settings in force, or None when alignment is off."""
         if self.align_heads is False:
+            return None
+        if self.heads == "shared":
+            if self.align_heads not in (None, False):
+                raise ConfigError("align_heads needs a multi-head output; heads: shared writes one stock model")
             return None
         have_data = all(e.data for e in self.experts)
         if self.align_heads is None:

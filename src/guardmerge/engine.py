@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from guardmerge.checkpoint import Checkpoint
 from guardmerge.compat import ExpertRef, MergePlan, plan_merge
 from guardmerge.config import MergeConfig
-from guardmerge.errors import StatisticsError
+from guardmerge.errors import GuardmergeError, StatisticsError
 from guardmerge.io import atomic_dir
 from guardmerge.methods import METHODS, MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.modelcard import model_card
@@ -66,6 +66,9 @@ class MergeResult:
 
     def to_model(self, tokenizer: Any = None) -> MultiHeadModel:
         """An in-memory :class:`MultiHeadModel` (no disk round trip)."""
+        if self.info.get("heads_mode") == "shared":
+            raise GuardmergeError("a heads: shared merge is one stock transformers model, not a multi-head model; "
+                                  "write it (guardmerge merge) and load it with transformers")
         heads = {t: head_from_tensors(t, s, self.tensors) for t, s in self.heads.items()}
         enc_state = {k: v for k, v in self.tensors.items() if not k.startswith(HEAD_PREFIX)}
         encoder = build_encoder(self.config, any(k.startswith("pooler.") for k in enc_state))
@@ -114,7 +117,10 @@ class _TensorSource:
 
     def encoder_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta_0, deltas [N, *shape])`` of an encoder tensor (sparsified if the method says)."""
-        t0 = self.base.get(name, self.dtype)
+        if name in self.plan.zero_base:  # heads: shared with a headless base: theta_0 = 0
+            t0 = torch.zeros(self.experts[0].checkpoint.shape(name), dtype=self.dtype)
+        else:
+            t0 = self.base.get(name, self.dtype)
         deltas = torch.empty((len(self.experts), *t0.shape), dtype=self.dtype)
         for i, ex in enumerate(self.experts):  # filled row by row: no list of N copies beside it
             torch.sub(ex.checkpoint.get(name, self.dtype), t0, out=deltas[i])
@@ -187,12 +193,20 @@ class OpenMerge:
         self._stack.close()
 
     def _dtype(self, name: str) -> torch.dtype:
-        return self.out_dtype or self.base.dtype(name)
+        if self.out_dtype:
+            return self.out_dtype
+        return self.experts[0].checkpoint.dtype(name) if name in self.plan.zero_base else self.base.dtype(name)
+
+    def _out_name(self, name: str) -> str:
+        """Output names: canonical for a multi-head folder, the checkpoint's own for heads: shared."""
+        return self.plan.adapter.prefixed(name) if self.plan.shared else name
 
     def layout(self) -> list[TensorSlot]:
         """Every output tensor (name, dtype, shape) in the order :meth:`tensors` yields them."""
-        slots = [TensorSlot(n, self._dtype(n), tuple(self.base.shape(n))) for n in self.plan.merge_names]
-        slots += [TensorSlot(n, self.base.dtype(n), tuple(self.base.shape(n))) for n in self.plan.copy_names]
+        first = self.experts[0].checkpoint
+        slots = [TensorSlot(self._out_name(n), self._dtype(n), tuple(first.shape(n))) for n in self.plan.merge_names]
+        slots += [TensorSlot(self._out_name(n), self.base.dtype(n), tuple(self.base.shape(n)))
+                  for n in self.plan.copy_names]
         for tname in self.plan.head_tensor_names():
             for ex in self.experts:
                 dtype = self.out_dtype or ex.checkpoint.dtype(tname)
@@ -222,11 +236,11 @@ class OpenMerge:
                 ctx = src.context(name, t0.dim(), globals_)
                 merged = spec.fn(deltas, self.weights, params, ctx)
                 del deltas
-                yield name, _add_delta(t0, merged, self._dtype(name))
+                yield self._out_name(name), _add_delta(t0, merged, self._dtype(name))
                 bar.update(1)
         bar.close()
         for name in self.plan.copy_names:
-            yield name, self.base.get(name)
+            yield self._out_name(name), self.base.get(name)
         heads = _heads(src, spec, params, self.weights, globals_, hm3)
         for slot in self.layout()[len(names) + len(self.plan.copy_names):]:
             t = heads[slot.name]
@@ -235,7 +249,8 @@ class OpenMerge:
     def result(self, tensors: dict[str, torch.Tensor]) -> MergeResult:
         """A :class:`MergeResult` around ``tensors`` (empty for a streamed write)."""
         first = self.experts[0].checkpoint
-        enc_config = {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
+        enc_config = dict(first.config) if self.plan.shared else \
+            {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
         heads = {
             ex.task: HeadSpec(
                 labels=self.plan.labels[ex.task],
@@ -244,6 +259,7 @@ class OpenMerge:
                 activation=self.plan.adapter.head_activation,
             )
             for ex in self.experts
+            if not self.plan.shared
         }
         tok_dir = next(
             (c.path for c in [self.base] + [e.checkpoint for e in self.experts] if c.has_tokenizer()), None
@@ -302,7 +318,10 @@ def stream_to_folder(
 def _write_folder_files(tmp: Path, result: MergeResult, config: MergeConfig, version: str,
                         extra_files: Mapping[str, bytes] | None = None) -> None:
     """Everything of an output folder but the weights: config, tokenizer, merge config, card."""
-    model_cfg = folder_config(result.config, result.heads, result.info)
+    if config.heads == "shared":  # a stock transformers folder, with the merge's provenance
+        model_cfg = {**result.config, "guardmerge": {"version": version, **result.info}}
+    else:
+        model_cfg = folder_config(result.config, result.heads, result.info)
     (tmp / "config.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
     if result.tokenizer_dir:
         _copy_tokenizer(Path(result.tokenizer_dir), tmp)

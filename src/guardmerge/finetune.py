@@ -72,7 +72,11 @@ def finetune(
         labels: label names, in index order.
         out: output folder (refused if it exists, unless ``force``).
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     s = settings or FinetuneSettings()
     if train.labels is None:

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 def model_card(result: "MergeResult", config: "MergeConfig", version: str) -> str:
     """Markdown naming the base, the experts, the method, its parameters and the version."""
     info = result.info
+    shared = config.heads == "shared"
+    arch = (result.config.get("architectures") or [result.config.get("model_type", "")])[0]
     lines = [
         "---",
         "library_name: guardmerge",
@@ -19,10 +21,12 @@ def model_card(result: "MergeResult", config: "MergeConfig", version: str) -> st
         "tags: [guardmerge, model-merging, multi-head, text-classification]",
         "---",
         "",
-        f"# Multi-head model merged with guardmerge {version}",
+        f"# {'Model' if shared else 'Multi-head model'} merged with guardmerge {version}",
         "",
-        f"One shared {result.config.get('model_type', '')} encoder and {len(result.heads)} heads, "
-        f"merged training-free from the experts below with **{config.method}**.",
+        (f"One stock `{arch}` checkpoint (body and head merged as one, `heads: shared`), "
+         if shared else
+         f"One shared {result.config.get('model_type', '')} encoder and {len(result.heads)} heads, ")
+        + f"merged training-free from the experts below with **{config.method}**.",
         "",
         f"- Base model: `{config.base_model}`",
         f"- Method: `{config.method}`, heads: `{config.heads}`",
@@ -39,11 +43,14 @@ def model_card(result: "MergeResult", config: "MergeConfig", version: str) -> st
         "|---|---|---|---|",
     ]
     for ex in config.experts:
-        labels = ", ".join(result.heads[ex.task].labels)
+        labels = ", ".join(result.heads[ex.task].labels) if ex.task in result.heads else "(shared head)"
         lines.append(f"| {ex.task} | {labels} | `{ex.model}` | {ex.weight} |")
     extra = info.get("card_sections") or []
     for section in extra:
         lines += ["", str(section)]
+    if shared:
+        return "\n".join(lines + ["", "## Use", "", "```python", "import transformers",
+                                   f"model = transformers.{arch}.from_pretrained('THIS_FOLDER')", "```", ""])
     lines += [
         "",
         "## Use",

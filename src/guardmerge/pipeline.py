@@ -14,11 +14,17 @@ from pathlib import Path
 
 import torch
 
+from guardmerge.architectures import get_adapter
 from guardmerge.checkpoint import resolve
 from guardmerge.config import MergeConfig, StatsConfig
 from guardmerge.data import read_examples
-from guardmerge.architectures import get_adapter
-from guardmerge.engine import MergeResult, merge, sparsified_experts, stream_to_folder, write_result
+from guardmerge.engine import (
+    MergeResult,
+    merge,
+    sparsified_experts,
+    stream_to_folder,
+    write_result,
+)
 from guardmerge.errors import DataError, StatisticsError
 from guardmerge.io import check_output
 from guardmerge.methods import METHODS

@@ -19,8 +19,14 @@ import torch
 from pydantic import Field
 
 from guardmerge.errors import StatisticsError
+from guardmerge.methods.registry import (
+    METHODS,
+    MethodParams,
+    StreamFactory,
+    TensorContext,
+    searchable,
+)
 from guardmerge.methods.regmean import weighted_mean
-from guardmerge.methods.registry import METHODS, MethodParams, StreamFactory, TensorContext, searchable
 
 log = logging.getLogger(__name__)
 

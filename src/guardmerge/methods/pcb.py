@@ -39,7 +39,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from guardmerge.methods.registry import METHODS, MethodParams, StreamFactory, TensorContext, searchable
+from guardmerge.methods.registry import (
+    METHODS,
+    MethodParams,
+    StreamFactory,
+    TensorContext,
+    searchable,
+)
 from guardmerge.methods.selection import (
     RadixSelector,
     as_rows,
