@@ -3,19 +3,24 @@
     python benchmarks/merge_speed.py [--runs 3] [--job bert_base_x4_ties ...] [--small]
 
 Builds (once, cached under WORK/speed) four BERT-base-size fp32 classifiers with the same two
-labels: a base and three fine-tunes (random init plus random fine-tune-like perturbations, fixed
-seed). Finds mergekit 0.1.5 in a separate environment (WORK/mergekit-env, created with
+labels: a base and three fine-tunes, and three TinyLlama-1.1B-shaped bf16 ``LlamaForCausalLM``
+checkpoints: a base and two fine-tunes (random init plus random fine-tune-like perturbations,
+fixed seed). Finds mergekit 0.1.5 in a separate environment (WORK/mergekit-env, created with
 ``python -m venv`` and ``pip install torch==2.13.0 mergekit==0.1.5`` when missing; it is never a
 guardmerge dependency). Then, for each job, runs ``guardmerge merge`` and ``mergekit-yaml`` on
 the same checkpoints in alternation, ``--runs`` times each, each in a fresh process as a user
 would (wall time including Python start-up; peak RSS from ``ru_maxrss`` of the child), and
 records medians. The I/O floor is measured in the same run: read every input file once and
-write one output of the merged size. Outputs are compared tensor by tensor on the encoder
-(mergekit also merges the shared classification head; guardmerge keeps one head per expert).
+write one output of the merged size. guardmerge runs with ``heads: shared`` so both tools write
+one stock checkpoint; outputs are compared tensor by tensor.
 
 Jobs use mergekit's per-tensor definitions so the outputs are comparable (weight 0.33 each,
 density 0.2): task arithmetic (lambda 1), TIES (``normalize: true`` = our ``consensus: mean``),
-DARE-TIES (random masks differ, so its output is not expected to match).
+DARE-TIES (random masks differ, so its output is not expected to match). Both compute in float32;
+the bf16 Llama job's outputs are rounded to bf16. Where bf16 task vectors hold many equal
+magnitudes at the top-k cut, the tools keep different ones of the tied entries (mergekit leaves
+that order to torch; guardmerge keeps the earliest, see methods/selection.py): the JSON records
+the fraction of entries that differ.
 Writes benchmarks/results/merge_speed.json.
 """
 
@@ -36,6 +41,13 @@ HERE = Path(__file__).resolve().parent
 log = logging.getLogger("bench.speed")
 
 WEIGHT, DENSITY = 0.33, 0.2
+LLAMA_1B = {  # TinyLlama-1.1B's shape: 1.1B parameters, bf16
+    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+LLAMA_SMALL = {**LLAMA_1B, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2}
 JOBS: dict[str, dict[str, Any]] = {
     "bert_base_x4_task_arithmetic": {
         "guardmerge": {"method": "task_arithmetic", "parameters": {"scaling": 1.0}},
@@ -50,6 +62,13 @@ JOBS: dict[str, dict[str, Any]] = {
         "guardmerge": {"method": "dare_ties", "parameters": {"density": DENSITY, "scaling": 1.0, "consensus": "mean",
                                                            "rescale_by": "l1"}},
         "mergekit": {"merge_method": "dare_ties", "parameters": {"normalize": True}, "model": {"density": DENSITY}},
+    },
+    "llama_1b_x3_ties": {
+        "checkpoints": "llama",
+        "guardmerge": {"method": "ties", "parameters": {"density": DENSITY, "scaling": 1.0, "scope": "per_tensor",
+                                                      "consensus": "mean"}},
+        "mergekit": {"merge_method": "ties", "parameters": {"normalize": True}, "model": {"density": DENSITY}},
+        "dtype": "bfloat16",
     },
 }
 
@@ -85,6 +104,33 @@ def build_checkpoints(work: Path, small: bool, seed: int = 0) -> list[Path]:
         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
             if (tok / f).is_file():
                 (folder / f).write_bytes((tok / f).read_bytes())
+    return folders
+
+
+def build_llama(work: Path, small: bool, seed: int = 0) -> list[Path]:
+    """A base and two fine-tunes, ``LlamaForCausalLM``-shaped, bf16, written tensor by tensor."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from guardmerge.writer import write_tensors
+
+    folders = [work / name for name in ("llama-base", "llama-ft1", "llama-ft2")]
+    if all(any(f.glob("*.safetensors")) for f in folders):
+        return folders
+    cfg = LlamaConfig(**(LLAMA_SMALL if small else LLAMA_1B))
+    cfg.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: (torch.ones(s) if k.endswith("norm.weight") else 0.02 * torch.randn(s, generator=gen)).to(torch.bfloat16)
+            for k, s in shapes.items()}
+    for i, folder in enumerate(folders):
+        g = torch.Generator().manual_seed(seed + 200 + i)
+        state = base if i == 0 else {k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
+                                     for k, v in base.items()}
+        write_tensors(folder, state, max_shard_bytes=2 * 10**9, metadata={"format": "pt"})
+        cfg.to_json_file(str(folder / "config.json"))
+        del state
     return folders
 
 
@@ -141,7 +187,7 @@ def write_configs(job: dict[str, Any], folders: list[Path], work: Path, name: st
     gm.write_text(yaml.safe_dump({
         "base_model": str(base),
         "experts": [{"model": str(e), "task": f"t{i}", "weight": WEIGHT} for i, e in enumerate(experts)],
-        "align_heads": False, **job["guardmerge"],
+        "heads": "shared", **job["guardmerge"],  # one stock checkpoint out, as mergekit writes
     }))
     mk = work / f"{name}.mergekit.yaml"
     mk.write_text(yaml.safe_dump({
@@ -149,7 +195,8 @@ def write_configs(job: dict[str, Any], folders: list[Path], work: Path, name: st
         "base_model": str(base),
         "models": [{"model": str(e), "parameters": {"weight": WEIGHT, **job["mergekit"]["model"]}} for e in experts],
         "parameters": job["mergekit"]["parameters"],
-        "dtype": "float32",
+        "dtype": "float32",  # compute dtype: float32 as guardmerge's; the output keeps the input dtype
+        "out_dtype": job.get("dtype", "float32"),
     }))
     return gm, mk
 
@@ -185,13 +232,21 @@ def weights_of(folder: Path) -> dict[str, Any]:
     return out
 
 
-def max_abs_diff(gm_out: Path, mk_out: Path) -> float:
+def compare(gm_out: Path, mk_out: Path) -> tuple[float, float]:
+    """(largest |difference|, fraction of entries that differ) over the tensors both outputs hold
+    (both use the checkpoint's names)."""
     ours = weights_of(gm_out)
-    theirs = {k.removeprefix("bert."): v for k, v in weights_of(mk_out).items()}
+    theirs = weights_of(mk_out)
     shared = [k for k in ours if k in theirs and ours[k].is_floating_point()]
     if not shared:
         raise RuntimeError("no shared tensors between the two outputs")
-    return max(float((ours[k].double() - theirs[k].double()).abs().max()) for k in shared)
+    worst, differ, total = 0.0, 0, 0
+    for k in shared:
+        d = (ours[k].double() - theirs[k].double()).abs()
+        worst = max(worst, float(d.max()))
+        differ += int((d > 0).sum())
+        total += d.numel()
+    return worst, differ / total
 
 
 def main() -> None:
@@ -204,14 +259,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = args.work / ("speed-small" if args.small else "speed")
     work.mkdir(parents=True, exist_ok=True)
-    folders = build_checkpoints(work, args.small)
     mergekit = mergekit_env(args.work)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    results: dict[str, Any] = {"cpus": os.cpu_count(), "runs": args.runs, "checkpoints": len(folders),
-                               "bytes_per_checkpoint": (folders[0] / "model.safetensors").stat().st_size, "jobs": {}}
-    inputs = [f / "model.safetensors" for f in folders]
+    out_path = HERE / "results" / "merge_speed.json"
+    results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() and not args.small else {}
+    results.update({"cpus": os.cpu_count(), "runs": args.runs})
+    results.setdefault("jobs", {})
     for name in args.job or list(JOBS):
-        gm_cfg, mk_cfg = write_configs(JOBS[name], folders, work, name)
+        job = JOBS[name]
+        folders = build_llama(work, args.small) if job.get("checkpoints") == "llama" else build_checkpoints(work, args.small)
+        inputs = [p for f in folders for p in sorted(f.glob("*.safetensors"))]
+        gm_cfg, mk_cfg = write_configs(job, folders, work, name)
         gm_out, mk_out = work / f"out-{name}-guardmerge", work / f"out-{name}-mergekit"
         gm_cmd = [sys.executable, "-m", "guardmerge.cli", "-q", "merge", str(gm_cfg), str(gm_out), "--force", "--no-progress"]
         mk_cmd = [str(mergekit), str(mk_cfg), str(mk_out)]  # mergekit's defaults (CPU)
@@ -225,20 +283,19 @@ def main() -> None:
         floor = io_floor(inputs, out_bytes, work / "floor.bin")
         gm_s = statistics.median(t for t, _ in gm_runs)
         mk_s = statistics.median(t for t, _ in mk_runs)
+        diff, frac = compare(gm_out, mk_out)
         results["jobs"][name] = {
             "guardmerge_s": gm_s, "mergekit_s": mk_s, "speedup": mk_s / gm_s,
             "guardmerge_peak_mb": statistics.median(m for _, m in gm_runs),
             "mergekit_peak_mb": statistics.median(m for _, m in mk_runs),
             "floor_s": floor, "guardmerge_over_floor": gm_s / floor,
-            "max_abs_diff_vs_mergekit": max_abs_diff(gm_out, mk_out),
+            "max_abs_diff_vs_mergekit": diff, "fraction_differing_vs_mergekit": frac,
             "guardmerge_runs_s": [t for t, _ in gm_runs], "mergekit_runs_s": [t for t, _ in mk_runs],
+            "checkpoints": len(folders), "input_bytes": sum(p.stat().st_size for p in inputs),
         }
+        if not args.small:  # written after every job: an interrupted run keeps what it measured
+            out_path.write_text(json.dumps(results, indent=2) + "\n")
         log.info("%s: %s", name, {k: v for k, v in results["jobs"][name].items() if not k.endswith("runs_s")})
-    if args.small:
-        print(json.dumps(results, indent=2))
-        return
-    out = HERE / "results" / "merge_speed.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 
