@@ -116,3 +116,26 @@ def test_ray_backend_matches_the_local_backend_for_a_fixed_seed(
     assert os.getpid() not in pids  # the trials ran in a Ray worker
     assert remote.best == local.best and remote.best_value == pytest.approx(local.best_value)
     assert [t["params"] for t in remote.trials] == [t["params"] for t in local.trials]
+
+
+def test_pruning_waits_for_half_the_tasks_then_stops_hopeless_trials(zoo: dict[str, Path], tmp_path: Path) -> None:
+    """A scorer whose first task is noise and later tasks are the signal: trials are never pruned
+    on the first task alone, and hopeless ones are pruned once half the tasks are in."""
+    from guardmerge.search.objective import Report
+
+    class Scorer:
+        def __call__(self, c: Candidate, report: Report) -> dict[str, float]:
+            s = {"hate": 1.0 - c.parameters["scaling"], "injection": c.parameters["scaling"],
+                 "sentiment": c.parameters["scaling"]}
+            scores: dict[str, float] = {}
+            for step, t in enumerate(TASKS):
+                scores[t] = s[t]
+                report(step, scores)
+            return scores
+
+    out = run_search(build_space("task_arithmetic", {}, TASKS, [1.0] * 3), Scorer,
+                     settings(tmp_path, trials=30, seed=0, startup_trials=5), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    pruned = [r for r in log if r["state"] == "PRUNED"]
+    assert pruned and all(len(r["scores"]) >= 2 for r in pruned)  # never on the first task alone
+    assert out.best.parameters["scaling"] > 1.2  # the signal tasks decide

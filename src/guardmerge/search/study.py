@@ -7,7 +7,8 @@ out once. The remaining trial budget is split between the workers up front, so a
 exactly ``trials`` finished trials (complete or pruned).
 
 Samplers: TPE (HM3 searched DARE-TIES this way), CMA-ES (PCB + ES, ALGORITHMS.md section 2) and
-random. Pruning: the median rule on the running objective after each task.
+random. Pruning: the median rule on the running objective after each task, from the point where
+half the tasks are scored.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class SearchSettings:
         resume: continue an existing study (else an existing study with trials is refused).
         workers: parallel workers (processes here, or Ray tasks with ``ray_address``).
         ray_address: run the workers as Ray tasks on this cluster (``local`` starts one here).
-        prune: stop hopeless trials early (median rule after each task).
+        prune: stop hopeless trials early (median rule after each task, once half are scored).
         startup_trials: trials before TPE models the space and before pruning starts.
         objective, task_weights: see :func:`~guardmerge.search.objective.aggregate`.
         log_path: JSONL file, one line per evaluated trial (appended by every worker).
@@ -141,12 +142,15 @@ def make_sampler(name: SamplerName, seed: int, startup: int, parallel: bool) -> 
     raise ConfigError(f"unknown sampler '{name}'; choose tpe, cmaes or random")
 
 
-def _pruner(settings: SearchSettings) -> optuna.pruners.BasePruner:
+def _pruner(settings: SearchSettings, n_tasks: int) -> optuna.pruners.BasePruner:
+    """The median rule, applied once at least half the tasks are scored: one task's score alone
+    predicts the mean poorly (a weak expert's task often moves against the others)."""
     import optuna
 
     if not settings.prune:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=0)
+    return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials,
+                                       n_warmup_steps=max(0, (n_tasks + 1) // 2 - 1))
 
 
 def _finished(study: optuna.Study) -> int:
@@ -256,7 +260,7 @@ def run_worker(space: SearchSpace, scorer_factory: ScorerFactory, settings: Sear
         study_name=settings.study_name,
         storage=open_storage(settings.storage),
         sampler=make_sampler(settings.sampler, settings.seed + worker, settings.startup_trials, parallel),
-        pruner=_pruner(settings),
+        pruner=_pruner(settings, len(space.tasks)),
     )
     objective = _Objective(space, scorer_factory(), settings, worker)
     study.optimize(objective, n_trials=quota, callbacks=callbacks or [], catch=(), gc_after_trial=False)
