@@ -54,6 +54,31 @@ def search_table(res: dict) -> list[str]:
     return lines + [""]
 
 
+def merge_speed_table(path: Path) -> list[str]:
+    """guardmerge vs mergekit 0.1.5 (benchmarks/merge_speed.py), if it was run."""
+    if not path.is_file():
+        return []
+    res = json.loads(path.read_text())
+    lines = [
+        "## Merge speed and memory vs mergekit 0.1.5 (`python benchmarks/merge_speed.py`)",
+        "",
+        f"Medians of {res.get('runs', '?')} alternating runs per tool, each a fresh process (start-up included), "
+        f"{res.get('cpus', '?')} CPUs; I/O floor = reading every input once and writing one output (warm page cache).",
+        "",
+        "| job | guardmerge s | mergekit s | speedup | guardmerge peak MiB | mergekit peak MiB | I/O floor s | "
+        "guardmerge / floor | max abs diff | entries differing |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, j in res.get("jobs", {}).items():
+        lines.append(
+            f"| {name} | {_f(j['guardmerge_s'], 1)} | {_f(j['mergekit_s'], 1)} | {_f(j['speedup'], 2)}x | "
+            f"{_f(j['guardmerge_peak_mb'], 0)} | {_f(j['mergekit_peak_mb'], 0)} | {_f(j['floor_s'], 2)} | "
+            f"{_f(j['guardmerge_over_floor'], 1)}x | {j['max_abs_diff_vs_mergekit']:.2g} | "
+            f"{j.get('fraction_differing_vs_mergekit', float('nan')):.2g} |"
+        )
+    return lines + [""]
+
+
 def quality_table(res: dict) -> list[str]:
     tasks = [t for t in TASKS if t in res["experts"]]
     lines = ["| method | " + " | ".join(tasks) + " | mean macro-F1 | normalised | hyperparameters (chosen on validation) |",
@@ -201,8 +226,9 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
         for pair, r in res["two_task"].items():
             lines.append(f"| {pair} | {_f(r['sources_mean_macro_f1'])} | " + " | ".join(_f(r[k]["mean_macro_f1"]) for k in keys) + " |")
         lines.append("")
+    lines += merge_speed_table(HERE / "results" / "merge_speed.json")
     for extra in sorted(HERE.glob("results/*.json")):
-        if extra.name == "guard.json":
+        if extra.name in ("guard.json", "merge_speed.json"):
             continue
         lines += [f"## {extra.stem}", "", f"From `benchmarks/results/{extra.name}`:", "", "```json",
                   json.dumps(json.loads(extra.read_text()), indent=2)[:3000], "```", ""]
