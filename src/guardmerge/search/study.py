@@ -7,8 +7,8 @@ out once. The remaining trial budget is split between the workers up front, so a
 exactly ``trials`` finished trials (complete or pruned).
 
 Samplers: TPE (HM3 searched DARE-TIES this way), CMA-ES (PCB + ES, ALGORITHMS.md section 2) and
-random. Pruning: the median rule on the running objective after each task, from the point where
-half the tasks are scored.
+random. Pruning: the median rule after each task, from the point where half the tasks are scored,
+on the objective with unscored tasks counted as 0 (the worst-task objective is not pruned).
 """
 
 from __future__ import annotations
@@ -220,8 +220,9 @@ class _Objective:
 
         def report(step: int, scores: Mapping[str, float]) -> None:
             value = aggregate(scores, self.settings.objective, self.settings.task_weights)
-            trial.report(value, step)
-            if self.settings.prune and trial.should_prune():
+            if self.settings.prune and self.settings.objective != "worst":
+                trial.report(self._partial(scores), step)
+            if self.settings.prune and self.settings.objective != "worst" and trial.should_prune():
                 seconds = time.perf_counter() - started
                 trial.set_user_attr("seconds", seconds)
                 trial.set_user_attr("scores", dict(scores))
@@ -235,6 +236,18 @@ class _Objective:
         trial.set_user_attr("scores", dict(scores))
         self._log(trial, candidate, "COMPLETE", value, dict(scores), seconds)
         return value
+
+    def _partial(self, scores: Mapping[str, float]) -> float:
+        """What the pruner compares: the objective with the tasks not yet scored counted as 0.
+
+        It never decreases from one task to the next and ends at the objective, so comparing it
+        between trials at the same step compares their partial means (Optuna's median rule keeps
+        each trial's best intermediate value, which a running mean, going up and down, defeats).
+        """
+        tasks = self.space.tasks
+        w = {t: float(self.settings.task_weights.get(t, 1.0)) if self.settings.objective == "weighted" else 1.0
+             for t in tasks}
+        return sum(w[t] * s for t, s in scores.items()) / sum(w.values())
 
     def _log(self, trial: optuna.Trial, candidate: Candidate, state: str, value: float,
              scores: dict[str, float], seconds: float) -> None:
