@@ -73,7 +73,7 @@ def run_one(name: str, recipe: dict[str, Any], bench: Bench, results: dict, args
         storage=f"sqlite:///{(args.work / 'search' / f'{name}.db').resolve()}", study_name=name, resume=True,
         workers=args.workers, startup_trials=10, log_path=str(args.work / "search" / f"{name}.jsonl"),
     )
-    outcome = run_search(space, partial(MergeScorer, job), settings, progress=True)
+    outcome = run_search(space, partial(MergeScorer, job), settings, progress=True, scorer=scorer)
     best = outcome.best
     weights = dict(zip(tasks, best.weights))
     model = bench.merged(bench.config(recipe["method"], best.parameters, weights=weights))

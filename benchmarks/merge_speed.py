@@ -81,7 +81,7 @@ def build_checkpoints(work: Path, small: bool, seed: int = 0) -> list[Path]:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from guardmerge.checkpoint import write_safetensors
+    from guardmerge.writer import write_tensors
 
     cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if small \
         else BertConfig()  # bert-base: 110M parameters
@@ -99,7 +99,7 @@ def build_checkpoints(work: Path, small: bool, seed: int = 0) -> list[Path]:
         gen = torch.Generator().manual_seed(seed + 100 + i)
         state = {k: (v + 0.002 * torch.randn(v.shape, generator=gen) if i and v.is_floating_point() else v)
                  for k, v in base.items()}
-        write_safetensors(folder / "model.safetensors", state)
+        write_tensors(folder, state)
         cfg.to_json_file(str(folder / "config.json"))
         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
             if (tok / f).is_file():

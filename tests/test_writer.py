@@ -78,3 +78,18 @@ def test_parse_size(text: str | int, size: int) -> None:
 def test_parse_size_refuses_nonsense(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_size(text)
+
+
+def test_streaming_writer_round_trips_with_the_safetensors_library(tmp_path: Path) -> None:
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(2, 2).to(torch.bfloat16),
+        "d": torch.randn(4)[::2],  # non-contiguous view
+        "e": torch.empty(0, 3),
+    }
+    write_tensors(tmp_path, tensors, metadata={"format": "pt", "k": "v"})
+    back = load_file(str(tmp_path / "model.safetensors"))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v.contiguous())

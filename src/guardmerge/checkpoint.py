@@ -92,7 +92,7 @@ class SafetensorsFile:
             self._data_start = 8 + header_len
             self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
             for key, info in header.items():
-                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
                 if dtype is None:
                     raise ValueError(f"tensor '{key}' has unsupported dtype {info['dtype']}")
                 begin, end = (int(x) for x in info["data_offsets"])
@@ -128,31 +128,6 @@ class SafetensorsFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file tensor by tensor, straight from each tensor's memory.
-
-    Unlike ``safetensors.torch.save_file`` it never builds a bytes copy of the whole model, so
-    writing costs one tensor's worth of extra memory at most.
-    """
-    codes = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
-    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, t in tensors.items():
-        if t.dtype not in codes:
-            raise CheckpointError(f"cannot write tensor '{name}' of dtype {t.dtype}")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for t in tensors.values():
-            if t.numel():
-                fh.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
 
 
 class Checkpoint:
@@ -330,7 +305,7 @@ class Checkpoint:
         return f"Checkpoint({self.source!r}, model_type={self.model_type!r})"
 
 
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,

@@ -306,16 +306,16 @@ def search(
         k, v = item.split("=", 1)
         tw[k.strip()] = float(v)
     work = out.parent / f"{out.name}.search"
-    work.mkdir(parents=True, exist_ok=True)
     job = SearchJob(config=cfg.model_dump(), data_dir=str(data), val_limit=val_limit or None, work_dir=str(work))
-    scorer = MergeScorer(job)  # checks the data before any trial
+    scorer = MergeScorer(job)  # checks the data before any trial (and before OUT.search exists)
+    work.mkdir(parents=True, exist_ok=True)
     settings = SearchSettings(
         trials=trials, sampler=sampler, seed=seed,  # type: ignore[arg-type]
         storage=storage or f"sqlite:///{(work / 'study.db').resolve()}", study_name=study_name,
         resume=resume, workers=workers, ray_address=ray, prune=prune,
         objective=objective, task_weights=tw, log_path=str(work / "trials.jsonl"),  # type: ignore[arg-type]
     )
-    result = run_search(space, partial(MergeScorer, job), settings, progress=progress)
+    result = run_search(space, partial(MergeScorer, job), settings, progress=progress, scorer=scorer)
     write_best(scorer, result, out, force=force, progress=progress)
     best = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best.parameters.items())
     typer.echo(

@@ -134,7 +134,7 @@ def _plan_shared(base: Checkpoint, experts: Sequence[ExpertRef]) -> MergePlan:
     adapter = base.adapter
     first = experts[0].checkpoint
     heads = [n for n in first.names() if adapter.is_head(n)]
-    body = [n for n in encoder_names(adapter, base.names())]
+    body = encoder_names(adapter, base.names())
     merge_names = [n for n in body if base.dtype(n).is_floating_point]
     copy_names = [n for n in body if not base.dtype(n).is_floating_point]
     for ex in experts:

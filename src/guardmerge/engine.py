@@ -242,9 +242,10 @@ class OpenMerge:
         for name in self.plan.copy_names:
             yield self._out_name(name), self.base.get(name)
         heads = _heads(src, spec, params, self.weights, globals_, hm3)
-        for slot in self.layout()[len(names) + len(self.plan.copy_names):]:
-            t = heads[slot.name]
-            yield slot.name, t if self.out_dtype is None else t.to(self.out_dtype)
+        for tname in self.plan.head_tensor_names():  # layout order: layer by layer, then expert
+            for ex in self.experts:
+                name = f"{HEAD_PREFIX}{ex.task}.{tname}"
+                yield name, heads[name] if self.out_dtype is None else heads[name].to(self.out_dtype)
 
     def result(self, tensors: dict[str, torch.Tensor]) -> MergeResult:
         """A :class:`MergeResult` around ``tensors`` (empty for a streamed write)."""

@@ -370,9 +370,9 @@ def write_model_folder(
 ) -> None:
     """Write weights (safetensors), ``config.json`` and the tokenizer into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    from guardmerge.checkpoint import write_safetensors
+    from guardmerge.writer import write_tensors
 
-    write_safetensors(folder / WEIGHTS_FILE, dict(tensors), {"format": "pt"})
+    write_tensors(folder, tensors)
     (folder / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=False) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))

@@ -148,6 +148,14 @@ def _text_digest(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _statistics(config: MergeConfig, stats: Sequence[ExpertStats] | None, progress: bool) -> Sequence[ExpertStats] | None:
+    """``stats`` if given, else the experts' statistics when the method needs some (else None)."""
+    needs = METHODS.get(config.method).needs
+    if needs and stats is None:
+        return expert_statistics(config, needs, progress=progress)
+    return stats
+
+
 def build(
     config: MergeConfig,
     *,
@@ -160,9 +168,7 @@ def build(
     Statistics (for methods that need them) come from ``stats`` when given, else from each
     expert's `stats` file or `data`; head alignment runs when :meth:`MergeConfig.alignment` says.
     """
-    spec = METHODS.get(config.method)
-    if spec.needs and stats is None:
-        stats = expert_statistics(config, spec.needs, progress=progress)
+    stats = _statistics(config, stats, progress)
     align = config.alignment()
     texts = {e.task: task_texts(e.data, align.examples) for e in config.experts} if align else {}
     result = merge(config, progress=progress, stats=stats)
@@ -190,9 +196,7 @@ def merge_to_folder(
     at most ``max_shard_bytes``; with it, the model is merged in memory, aligned, then written.
     """
     check_output(out, force=force)
-    spec = METHODS.get(config.method)
-    if spec.needs and stats is None:
-        stats = expert_statistics(config, spec.needs, progress=progress)
+    stats = _statistics(config, stats, progress)
     if config.alignment() is None:
         stream_to_folder(config, out, force=force, progress=progress, stats=stats, max_shard_bytes=max_shard_bytes)
     else:

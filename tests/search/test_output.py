@@ -54,3 +54,8 @@ def test_search_command_refuses_bad_options_before_any_trial(
         res = runner.invoke(app, base + extra)
         assert res.exit_code != 0 and message in str(res.exception) + res.output, (extra, res.output)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.search" / "study.db").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(app, ["search", str(cfg), "--data", str(empty), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code != 0 and "no folder for task" in str(res.exception)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.search").exists()  # nothing left behind

@@ -209,6 +209,7 @@ class _Objective:
 
     def __init__(self, space: SearchSpace, scorer: Scorer, settings: SearchSettings, worker: int) -> None:
         self.space, self.scorer, self.settings, self.worker = space, scorer, settings, worker
+        self.prunable = settings.prune and settings.objective != "worst"  # a min never rises: not pruned
 
     def __call__(self, trial: optuna.Trial) -> float:
         import optuna
@@ -219,10 +220,11 @@ class _Objective:
         trial.set_user_attr("pid", os.getpid())
 
         def report(step: int, scores: Mapping[str, float]) -> None:
-            value = aggregate(scores, self.settings.objective, self.settings.task_weights)
-            if self.settings.prune and self.settings.objective != "worst":
-                trial.report(self._partial(scores), step)
-            if self.settings.prune and self.settings.objective != "worst" and trial.should_prune():
+            if not self.prunable:
+                return
+            trial.report(self._partial(scores), step)
+            if trial.should_prune():
+                value = aggregate(scores, self.settings.objective, self.settings.task_weights)
                 seconds = time.perf_counter() - started
                 trial.set_user_attr("seconds", seconds)
                 trial.set_user_attr("scores", dict(scores))
@@ -287,8 +289,11 @@ def _quotas(remaining: int, workers: int) -> list[int]:
 
 
 def run_search(space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings, *,
-               progress: bool = True) -> SearchOutcome:
+               progress: bool = True, scorer: Scorer | None = None) -> SearchOutcome:
     """Run (or resume) the search until the study holds ``settings.trials`` finished trials.
+
+    ``scorer``: an already built scorer for trials run in this process (its caches are reused);
+    worker processes and Ray tasks build their own with ``scorer_factory``.
 
     Raises:
         ConfigError: bad settings, an existing study without ``resume``, another space.
@@ -309,7 +314,8 @@ def run_search(space: SearchSpace, scorer_factory: ScorerFactory, settings: Sear
         if settings.ray_address:
             _run_ray(space, scorer_factory, settings, quotas, bar)
         elif len(quotas) <= 1:
-            run_worker(space, scorer_factory, settings, sum(quotas), 0, callbacks=[bar.callback])
+            local = scorer_factory if scorer is None else (lambda: scorer)
+            run_worker(space, local, settings, sum(quotas), 0, callbacks=[bar.callback])
         else:
             _run_processes(space, scorer_factory, settings, quotas, bar)
     finally:
