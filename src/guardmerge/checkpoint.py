@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -111,18 +111,24 @@ class SafetensorsFile:
         return list(self.entries)
 
     def get(self, key: str) -> torch.Tensor:
+        dtype, shape, _, _ = self.entries[key]
+        return self.read_into(key, torch.empty(shape, dtype=dtype))
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor ``key`` straight into ``out`` (contiguous, the stored dtype and element
+        count; no intermediate copy) and return ``out`` with the stored shape."""
         dtype, shape, offset, nbytes = self.entries[key]
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
-        done = 0
-        while done < nbytes:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{self.path}: file ended inside tensor '{key}'")
-            done += n
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        if out.dtype != dtype or not out.is_contiguous() or out.numel() != math.prod(shape):
+            raise CheckpointError(f"{self.path}: buffer for tensor '{key}' does not match its dtype/size")
+        if nbytes:
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < nbytes:
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: file ended inside tensor '{key}'")
+                done += n
+        return out.view(shape)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -261,6 +267,30 @@ class Checkpoint:
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor '{key}': {exc}") from None
         return tensor if dtype is None else tensor.to(dtype)
+
+    def read_into(self, name: str, out: torch.Tensor, scratch: Callable[[torch.dtype], torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        """Read one tensor into ``out`` (contiguous, same element count), casting to ``out.dtype``.
+
+        Stored in ``out``'s dtype, the bytes go straight from the file into ``out``; otherwise
+        they are read into ``scratch(stored_dtype)`` (a reusable buffer of the tensor's size; a
+        fresh one when None) and cast. Returns ``out`` with the stored shape.
+        """
+        file, key = self._locate(name)
+        shape = self.shape(name)
+        try:
+            if self._pickled is not None:
+                return out.view(shape).copy_(self._pickled[key])
+            handle = self._files[file]
+            stored = handle.entries[key][0]
+            if stored == out.dtype:
+                return handle.read_into(key, out)
+            raw = scratch(stored) if scratch is not None else torch.empty(shape, dtype=stored)
+            return out.view(shape).copy_(handle.read_into(key, raw))
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot read tensor '{key}': {exc}") from None
 
     def _locate(self, name: str) -> tuple[Path, str]:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ STRUCTURAL_KEYS = (
     "hidden_dim",
 )
 DRIFT_WARN = 0.5  # ||tau|| / ||theta_0|| above this suggests another base
+DRIFT_PROBE_NUMEL = 1 << 22  # the drift probe reads matrices up to this size (not the embeddings)
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,9 @@ def _check_vocab(base: Checkpoint, experts: Sequence[ExpertRef]) -> None:
 
 
 def _warn_drift(base: Checkpoint, experts: Sequence[ExpertRef], names: Sequence[str]) -> None:
-    sample = [n for n in names if len(base.shape(n)) == 2][:4]
+    # four weight matrices, skipping the large embeddings: a cheap probe, not a full pass
+    matrices = [n for n in names if len(base.shape(n)) == 2]
+    sample = ([n for n in matrices if math.prod(base.shape(n)) <= DRIFT_PROBE_NUMEL] or matrices)[:4]
     for ex in experts:
         num = den = 0.0
         for name in sample:

@@ -87,6 +87,33 @@ def _open_all(config: MergeConfig, stack: ExitStack, progress: bool = False) -> 
     return base, experts
 
 
+class _Buffers:
+    """Named reusable buffers: ``take`` returns a view of the named buffer, grown when too
+    small, so a merge allocates (and page-faults) its largest tensor's memory once rather than
+    once per tensor. A tensor taken stays valid until the same name is taken again."""
+
+    def __init__(self, reuse: bool = False) -> None:
+        self.reuse = reuse
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        count = 1
+        for d in shape:
+            count *= d
+        if not self.reuse:
+            return torch.empty(tuple(shape), dtype=dtype)
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[name] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(tuple(shape))
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` lives in one of these buffers."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(ptr == b.untyped_storage().data_ptr() for b in self._bufs.values())
+
+
 class _TensorSource:
     """Reads ``theta_0`` and the task vectors of one tensor, and builds its context."""
 
@@ -115,15 +142,22 @@ class _TensorSource:
             seed=self.seed,
         )
 
-    def encoder_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(theta_0, deltas [N, *shape])`` of an encoder tensor (sparsified if the method says)."""
+    def encoder_tensor(self, name: str, buffers: _Buffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta_0, deltas [N, *shape])`` of an encoder tensor (sparsified if the method says).
+
+        With ``buffers``, both live in those reusable buffers (valid until the next call with
+        the same buffers); otherwise they are fresh tensors.
+        """
+        shape = self.experts[0].checkpoint.shape(name)
+        bufs = buffers or _Buffers()
+        t0 = bufs.take("theta_0", shape, self.dtype)
         if name in self.plan.zero_base:  # heads: shared with a headless base: theta_0 = 0
-            t0 = torch.zeros(self.experts[0].checkpoint.shape(name), dtype=self.dtype)
+            t0.zero_()
         else:
-            t0 = self.base.get(name, self.dtype)
-        deltas = torch.empty((len(self.experts), *t0.shape), dtype=self.dtype)
-        for i, ex in enumerate(self.experts):  # filled row by row: no list of N copies beside it
-            torch.sub(ex.checkpoint.get(name, self.dtype), t0, out=deltas[i])
+            self.base.read_into(name, t0, lambda dt: bufs.take("raw", shape, dt))
+        deltas = bufs.take("deltas", (len(self.experts), *shape), self.dtype)
+        for i, ex in enumerate(self.experts):  # each expert read straight into its row, then minus theta_0
+            ex.checkpoint.read_into(name, deltas[i], lambda dt: bufs.take("raw", shape, dt)).sub_(t0)
         if self.sparsify is not None:
             deltas = self.sparsify(deltas, self.context(name, t0.dim()))
         return t0, deltas
@@ -227,16 +261,21 @@ class OpenMerge:
             globals_ = spec.prepare(params, lambda: src.stream(include_heads=hm3))
         names = list(self.plan.merge_names)
         bar = tqdm(total=len(names), desc=f"merge ({spec.name})", unit="tensor", disable=not self.progress)
+        # two sets of reusable input buffers: the reader fills one while the other is merged
+        buffers = (_Buffers(reuse=True), _Buffers(reuse=True))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-read") as pool:
-            pending = pool.submit(src.encoder_tensor, names[0]) if names else None
+            pending = pool.submit(src.encoder_tensor, names[0], buffers[0]) if names else None
             for i, name in enumerate(names):
                 assert pending is not None
-                t0, deltas = pending.result()
-                pending = pool.submit(src.encoder_tensor, names[i + 1]) if i + 1 < len(names) else None
-                ctx = src.context(name, t0.dim(), globals_)
-                merged = spec.fn(deltas, self.weights, params, ctx)
-                del deltas
-                yield self._out_name(name), _add_delta(t0, merged, self._dtype(name))
+                t0, deltas = pending.result()  # the other set is free: tensor i - 1 was handed on
+                pending = pool.submit(src.encoder_tensor, names[i + 1], buffers[(i + 1) % 2]) \
+                    if i + 1 < len(names) else None
+                merged = spec.fn(deltas, self.weights, params, src.context(name, t0.dim(), globals_))
+                out = _add_delta(t0, merged, self._dtype(name))
+                del deltas, merged
+                if buffers[i % 2].owns(out):  # a method that answers in place: detach from the buffers
+                    out = out.clone()
+                yield self._out_name(name), out
                 bar.update(1)
         bar.close()
         for name in self.plan.copy_names:

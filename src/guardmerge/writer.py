@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -81,10 +83,14 @@ class ShardedWriter:
         with ShardedWriter(folder, layout, max_shard_bytes=2 * 10**9) as w:
             for name, tensor in produced:
                 w.write(name, tensor)
+
+    The file writes run on a background thread (at most ``pending`` tensors queued), so
+    producing the next tensor overlaps writing the last; a tensor handed to :meth:`write`
+    must not be modified afterwards. Write errors surface at the next call.
     """
 
     def __init__(self, folder: str | Path, layout: Sequence[TensorSlot], *, max_shard_bytes: int | None = None,
-                 metadata: Mapping[str, str] | None = None) -> None:
+                 metadata: Mapping[str, str] | None = None, pending: int = 2) -> None:
         names = [s.name for s in layout]
         if len(set(names)) != len(names):
             raise CheckpointError("output layout names a tensor twice")
@@ -99,16 +105,31 @@ class ShardedWriter:
         self._queue: Iterator[tuple[int, TensorSlot]] = ((i, s) for i, shard in enumerate(self.shards) for s in shard)
         self._fh: BinaryIO | None = None
         self._open_shard = -1
+        self._max_pending = max(1, pending)
+        self._pending: deque[Future[None]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
         self.written = 0
 
     def __enter__(self) -> ShardedWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-write")
         return self
 
     def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.finish()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            for fut in self._pending:
+                fut.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._pending.clear()
         self._close_file()
-        if exc[0] is None:
-            self.finish()
 
     def _close_file(self) -> None:
         if self._fh is not None:
@@ -129,6 +150,24 @@ class ShardedWriter:
         self._fh.write(raw)
         self._open_shard = shard
 
+    def _write_data(self, shard: int, slot: TensorSlot, tensor: torch.Tensor) -> None:
+        """On the writer thread, in layout order: cast, open the shard if new, append the bytes."""
+        if shard != self._open_shard:
+            self._start(shard)
+        data = tensor.detach().to(slot.dtype).contiguous().cpu()
+        assert self._fh is not None
+        if data.numel():
+            self._fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+
+    def _wait(self, keep: int) -> None:
+        """Wait until at most ``keep`` writes are queued, raising the first write error."""
+        while len(self._pending) > keep:
+            fut = self._pending.popleft()
+            try:
+                fut.result()
+            except OSError as exc:
+                raise CheckpointError(f"writing {self.folder}: {exc}") from exc
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the next one of the layout, with its shape."""
         try:
@@ -139,16 +178,15 @@ class ShardedWriter:
             raise CheckpointError(f"output order broken: expected tensor '{slot.name}', got '{name}'")
         if tuple(tensor.shape) != slot.shape:
             raise CheckpointError(f"tensor '{name}': shape {list(tensor.shape)}, layout says {list(slot.shape)}")
-        if shard != self._open_shard:
-            self._start(shard)
-        data = tensor.detach().to(slot.dtype).contiguous().cpu()
-        assert self._fh is not None
-        if data.numel():
-            self._fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        if self._pool is None:
+            raise CheckpointError("ShardedWriter.write called outside its `with` block")
+        self._wait(self._max_pending - 1)
+        self._pending.append(self._pool.submit(self._write_data, shard, slot, tensor))
         self.written += 1
 
     def finish(self) -> None:
         """Check that every tensor was written; write the index for several shards."""
+        self._wait(0)
         left = next(self._queue, None)
         if left is not None:
             raise CheckpointError(f"output incomplete: tensor '{left[1].name}' was never written")

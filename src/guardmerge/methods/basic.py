@@ -16,8 +16,8 @@ from guardmerge.methods.registry import METHODS, MethodParams, TensorContext, se
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i w_i tau_i``: ``[N, *shape]`` x ``[N]`` -> ``[*shape]``."""
-    w = weights.to(deltas.dtype).reshape((-1,) + (1,) * (deltas.dim() - 1))
-    return (deltas * w).sum(dim=0)
+    # one matrix-vector product: a single pass over the task vectors, no [N, *shape] temporary
+    return (weights.to(deltas.dtype) @ deltas.reshape(deltas.shape[0], -1)).reshape(deltas.shape[1:])
 
 
 class AverageParams(MethodParams):
@@ -57,4 +57,4 @@ def task_arithmetic(
     deltas: torch.Tensor, weights: torch.Tensor, params: TaskArithmeticParams, ctx: TensorContext
 ) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * sum_i w_i tau_i``."""
-    return params.scaling * weighted_sum(deltas, weights)
+    return weighted_sum(deltas, params.scaling * weights)

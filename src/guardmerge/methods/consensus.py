@@ -86,22 +86,32 @@ class ChunkConsensus:
         self.weights, self.mode = weights, mode
         self.own_mass = mass is None
         self.fallback = 1.0 if mass is None or float(mass) >= 0 else -1.0
-        self.mass = torch.zeros((), dtype=torch.float64)
+        self.mass = 0.0
         self._alternatives: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, start: int, sparse: torch.Tensor) -> torch.Tensor:
+        # the same arithmetic as elect_sign + disjoint_merge, in fewer passes over [N, w]:
+        # with gamma in {-1, +1}, sign(wd_i) == gamma  <=>  wd_i * gamma > 0, and the agreeing
+        # sum is gamma * sum_i max(wd_i * gamma, 0) (multiplying by +-1 is exact)
         wd = weighted(sparse, self.weights)
-        gamma = elect_sign(wd, self.fallback)
-        merged = disjoint_merge(wd, self.weights, gamma, self.mode)
-        if self.own_mass:
-            self.mass += total_mass(wd)
-            tied = (wd.sum(0) == 0) & (wd != 0).any(0)
-            if bool(tied.any()):
-                cols = torch.nonzero(tied).squeeze(1)
-                sub = wd[:, cols]
-                alt = disjoint_merge(sub, self.weights, -torch.ones(cols.numel()), self.mode)
+        total = wd.sum(0)
+        gamma = torch.where(total > 0 if self.fallback < 0 else total >= 0, 1.0, -1.0).to(wd.dtype)
+        signed = wd.mul_(gamma)
+        agree = signed > 0
+        agreeing = signed.clamp_min_(0).sum(0)  # sum_i |wd_i| over the agreeing entries
+        if self.own_mass:  # (own mass: the fallback is +1 until finish() knows the mass's sign)
+            self.mass += float(total.sum())  # the columns' sums, accumulated in float64
+            # a zero sum with non-zero entries has a positive one, which agreed with the +1
+            cols = torch.nonzero((total == 0) & (agreeing > 0)).squeeze(1)
+            if cols.numel():
+                alt = disjoint_merge(weighted(sparse[:, cols], self.weights), self.weights,
+                                     -torch.ones(cols.numel()), self.mode)
                 self._alternatives.append((cols + start, alt))
-        return merged
+        merged = agreeing.mul_(gamma)
+        if self.mode == "sum":
+            return merged
+        divisor = self.weights.to(signed.dtype) @ agree.to(signed.dtype)  # sum_{i agreeing} w_i
+        return merged.div_(torch.where(divisor == 0, 1.0, divisor))
 
     def finish(self, merged: torch.Tensor) -> torch.Tensor:
         """Patch the zero-sum columns of the flat ``merged`` ``[d]`` if the mass is negative."""

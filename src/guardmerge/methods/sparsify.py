@@ -21,6 +21,7 @@ The ``n`` these counts use is the tensor's size (``scope: per_tensor``) or the m
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -111,6 +112,8 @@ def apply_chunks(deltas: torch.Tensor, fn: ChunkFn) -> torch.Tensor:
 
 RescaleBy = Literal["density", "l1"]
 _L1_EPS = 1e-7
+_PARALLEL_DRAW = 1 << 18  # values per expert from which the experts' draws run in parallel
+_L1_BLOCK = 1 << 20  # columns per partial sum of the L1 rescale
 
 
 def expert_generators(generator: torch.Generator, n: int) -> list[torch.Generator]:
@@ -125,10 +128,16 @@ def dare_keep(
     """Bool ``[N, width]``: entries ``start:start + width`` kept, each with prob. ``density``.
 
     Expert i's uniforms come from ``generators[i]`` in column order, so chunks must be asked in
-    order (``start`` names the columns; the draw does not depend on the chunk width).
+    order (``start`` names the columns; the draw does not depend on the chunk width). Wide
+    draws run on two threads, one expert each (each generator is serial; the draws are the same).
     """
-    draws = [torch.rand(width, generator=g, dtype=torch.float32) for g in generators]
-    return torch.stack(draws) < density
+    def draw(g: torch.Generator) -> torch.Tensor:
+        return torch.rand(width, generator=g, dtype=torch.float32) < density
+
+    if len(generators) > 1 and width >= _PARALLEL_DRAW:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="guardmerge-dare") as pool:
+            return torch.stack(list(pool.map(draw, generators)))
+    return torch.stack([draw(g) for g in generators])
 
 
 class ChunkDare:
@@ -137,8 +146,8 @@ class ChunkDare:
     ``rescale_by="density"``: survivors times ``1 / density = 1 / (1 - p)`` (the DARE paper;
     unbiased). ``rescale_by="l1"``: per expert, times ``||tau_i||_1 / ||dropped_i||_1`` so the
     tensor keeps its L1 norm, untouched when either norm is below 1e-7 (mergekit 0.1.5's DARE
-    rescale; needs one extra walk over the draws). The draws depend on ``generator``'s state and
-    the tensor's shape only.
+    rescale; the whole tensor's keep mask, ``[N, *shape]`` bools, is drawn up front for it). The
+    draws depend on ``generator``'s state and the tensor's shape only.
     """
 
     def __init__(
@@ -151,8 +160,8 @@ class ChunkDare:
     ) -> None:
         n = deltas.shape[0]
         self.density = density
-        self._seed_state = generator.get_state()
         self._gens = expert_generators(generator, n)
+        self._keep: torch.Tensor | None = None
         self.factor: torch.Tensor | None = None
         if not rescale or density >= 1.0:
             return
@@ -164,28 +173,26 @@ class ChunkDare:
             raise ValueError(f"unknown DARE rescale '{rescale_by}'")
 
     def _l1_factor(self, rows: torch.Tensor) -> torch.Tensor:
+        self._keep = dare_keep(self._gens, 0, rows.shape[1], self.density)
         before = torch.zeros(rows.shape[0], dtype=torch.float64)
         after = torch.zeros_like(before)
-        gens = self._fresh_generators(rows.shape[0])
-        for start, chunk in column_chunks(rows):
-            keep = dare_keep(gens, start, chunk.shape[1], self.density)
-            before += chunk.abs().sum(1, dtype=torch.float64)
-            after += (chunk.abs() * keep).sum(1, dtype=torch.float64)
+        for start in range(0, rows.shape[1], _L1_BLOCK):  # fixed blocks: the sums never depend on the chunking
+            a = rows[:, start : start + _L1_BLOCK].abs()
+            before += a.sum(1).double()  # float32 sums per block, accumulated in float64
+            after += (a * self._keep[:, start : start + _L1_BLOCK]).sum(1).double()
         ok = (before >= _L1_EPS) & (after >= _L1_EPS)
         return torch.where(ok, before / torch.where(ok, after, 1.0), 1.0)
-
-    def _fresh_generators(self, n: int) -> list[torch.Generator]:
-        g = torch.Generator(device="cpu")
-        g.set_state(self._seed_state)
-        return expert_generators(g, n)
 
     def __call__(self, start: int, chunk: torch.Tensor) -> torch.Tensor:
         if self.density >= 1.0:
             return chunk
-        keep = dare_keep(self._gens, start, chunk.shape[1], self.density).to(chunk.device)
-        out = chunk * keep
+        if self._keep is not None:
+            keep = self._keep[:, start : start + chunk.shape[1]]
+        else:
+            keep = dare_keep(self._gens, start, chunk.shape[1], self.density)
+        out = chunk * keep.to(chunk.device)
         if self.factor is not None:
-            out = out * self.factor.to(chunk.dtype).unsqueeze(1)
+            out.mul_(self.factor.to(chunk.dtype).unsqueeze(1))
         return out
 
 
