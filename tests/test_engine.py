@@ -345,3 +345,33 @@ def test_llama_checkpoints_merge_whole_with_shared_heads(tmp_path: Path) -> None
     assert out.shape == (1, 3, 64) and torch.isfinite(out).all()
     with pytest.raises(CompatibilityError, match="heads: shared"):
         merge(parse_config({**shared_cfg(base, [e1]).model_dump(), "heads": "multi"}), progress=False)
+
+
+def test_outputs_never_alias_the_reused_input_buffers(zoo: dict[str, Path]) -> None:
+    """A method answering in place (a view of its input rows) must not see its output
+    overwritten when the reader refills the buffers with later tensors."""
+    import dataclasses
+
+    from guardmerge.engine import OpenMerge
+
+    with OpenMerge(cfg(zoo), progress=False) as job:
+        job.spec = dataclasses.replace(job.spec, fn=lambda deltas, weights, params, ctx: deltas[0])
+        out = dict(job.tensors())  # every tensor kept while the following ones are read
+        names = list(job.plan.merge_names)
+    h = tensors(zoo["hate"])
+    assert len(names) > 4
+    for name in names:  # theta_0 + tau_hate = the hate expert, tensor by tensor
+        assert torch.allclose(out[name], h[name], atol=1e-6), name
+
+
+def test_buffers_are_reused_and_report_ownership() -> None:
+    from guardmerge.engine import _Buffers
+
+    bufs = _Buffers(reuse=True)
+    a = bufs.take("x", (4, 8), torch.float32)
+    b = bufs.take("x", (2, 3), torch.float32)  # smaller: the same memory
+    assert a.data_ptr() == b.data_ptr() and bufs.owns(b) and not bufs.owns(torch.zeros(3))
+    c = bufs.take("x", (100, 100), torch.bfloat16)  # larger: grown
+    assert c.shape == (100, 100) and c.dtype == torch.bfloat16 and bufs.owns(c)
+    fresh = _Buffers(reuse=False)
+    assert not fresh.owns(fresh.take("x", (2,), torch.float32))

@@ -93,3 +93,18 @@ def test_streaming_writer_round_trips_with_the_safetensors_library(tmp_path: Pat
     assert set(back) == set(tensors)
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v.contiguous())
+
+
+def test_write_errors_on_the_writer_thread_surface_with_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = [TensorSlot("x", torch.float32, (2,)), TensorSlot("y", torch.float32, (2,))]
+
+    def full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardedWriter, "_write_data", lambda self, *a: full())
+    with pytest.raises(CheckpointError, match=r"writing .*: \[Errno 28\] No space left"):
+        with ShardedWriter(tmp_path / "o", layout) as w:
+            w.write("x", torch.zeros(2))
+            w.write("y", torch.zeros(2))

@@ -75,11 +75,13 @@ def merge(
     overrides = list(set_ or [])
     if allow_pickle:
         overrides.append("allow_pickle=true")
+    from guardmerge.allocator import tune_for_streaming
     from guardmerge.writer import parse_size
 
     cfg = load_config(config, overrides)
     check_output(out, force=force)
     shard = parse_size(out_shard_size) if out_shard_size else None
+    tune_for_streaming()
     merge_to_folder(cfg, out, force=force, progress=progress, max_shard_bytes=shard)
     typer.echo(f"merged {len(cfg.experts)} experts with {cfg.method} -> {out}")
 

@@ -169,9 +169,37 @@ def test_cut_globals_round_trip_and_missing_tensor() -> None:
         TopKCut.from_globals({}, "trim")
 
 
-def test_large_inputs_use_the_radix_path_with_the_same_answer(
-    monkeypatch: pytest.MonkeyPatch,
+def _same(a, b) -> None:
+    assert torch.equal(a.values, b.values)
+    assert torch.equal(a.n_below, b.n_below)
+    assert torch.equal(a.n_equal, b.n_equal)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_large_inputs_use_the_sampled_bracket_with_the_same_answer(
+    monkeypatch: pytest.MonkeyPatch, ties: bool
 ) -> None:
+    import guardmerge.methods.selection as selection
+
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(3, 5000, generator=g)
+    if ties:  # bfloat16-like: few distinct magnitudes, long runs of equal values
+        rows = (rows * 4).round() / 4
+        rows[:, 100:900] = -0.5
+    ranks = [1, 150, 2500, 4001, 5000]
+    small = kth_smallest(rows, ranks, absolute=True)
+    monkeypatch.setattr(selection, "_SMALL", 0)
+    monkeypatch.setattr(selection, "_SAMPLE", 256)  # a real sample (256 of 5000), in runs of 8
+    monkeypatch.setattr(selection, "_SAMPLE_BLOCK", 8)
+    bracketed = selection._bracketed_kth(rows.abs(), ranks)
+    assert bracketed is not None  # the bracket held: the sampled path answered
+    _same(bracketed, small)
+    _same(kth_smallest(rows, ranks, absolute=True), small)
+    monkeypatch.setattr(selection, "_SAMPLE_SIGMAS", 0.0)  # a bracket too narrow to hold
+    _same(kth_smallest(rows, ranks, absolute=True), small)  # exact anyway (radix fallback)
+
+
+def test_radix_fallback_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
     import guardmerge.methods.selection as selection
 
     g = torch.Generator().manual_seed(5)
@@ -181,10 +209,8 @@ def test_large_inputs_use_the_radix_path_with_the_same_answer(
     small = kth_smallest(rows, ranks, absolute=True)
     monkeypatch.setattr(selection, "_SMALL", 0)
     monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 37)  # many ragged chunks
-    big = kth_smallest(rows, ranks, absolute=True)
-    for a, b in [(small.values, big.values), (small.n_below, big.n_below)]:
-        assert torch.equal(a, b)
-    assert torch.equal(small.n_equal, big.n_equal)
+    monkeypatch.setattr(selection, "_bracketed_kth", lambda vals, ranks: None)  # a missed bracket
+    _same(kth_smallest(rows, ranks, absolute=True), small)
 
 
 def test_masks_over_chunks_split_ties_in_flat_order(monkeypatch: pytest.MonkeyPatch) -> None:

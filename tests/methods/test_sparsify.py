@@ -127,3 +127,18 @@ def test_dare_l1_rescale_keeps_each_experts_l1_norm() -> None:
     plain = dare(tau, 0.5, ctx().generator(1), rescale=False)
     assert torch.equal(out != 0, plain != 0)  # same draws
     assert torch.allclose(out.abs().sum(1), tau.abs().sum(1))  # norms kept (row 2 stays 0)
+
+
+def test_parallel_dare_draws_equal_the_serial_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    import guardmerge.methods.sparsify as sparsify
+
+    def draws() -> torch.Tensor:
+        gens = sparsify.expert_generators(torch.Generator().manual_seed(3), 3)
+        return sparsify.dare_keep(gens, 0, 5000, 0.3)
+
+    monkeypatch.setattr(sparsify, "_PARALLEL_DRAW", 1)  # two threads, one expert each
+    parallel = draws()
+    monkeypatch.setattr(sparsify, "_PARALLEL_DRAW", 10**9)  # one after the other
+    serial = draws()
+    assert torch.equal(parallel, serial)
+    assert 0.25 < parallel.float().mean() < 0.35

@@ -190,7 +190,8 @@ def kth_smallest(rows: torch.Tensor, ranks: Sequence[int], absolute: bool = Fals
     return KthResult(vals, below, equal, rows.shape[1])
 
 
-_SAMPLE = 1 << 16  # values sampled per row to bracket the k-th smallest
+_SAMPLE = 1 << 14  # values sampled per row to bracket the k-th smallest
+_SAMPLE_BLOCK = 32  # sampled in runs of this many adjacent values
 _SAMPLE_SIGMAS = 5.0  # half-width of the bracket, in binomial standard deviations
 
 
@@ -204,9 +205,14 @@ def _bracketed_kth(vals: torch.Tensor, ranks: Sequence[int]) -> KthResult | None
     to the radix select. About three passes of cheap comparisons instead of two radix passes.
     """
     n, d = vals.shape
-    m = min(_SAMPLE, d)
     gen = torch.Generator().manual_seed(0)
-    sample = vals[:, torch.randint(d, (m,), generator=gen)].sort(dim=1).values
+    if d <= _SAMPLE:
+        sample = vals.sort(dim=1).values
+    else:
+        blocks = torch.randint(d // _SAMPLE_BLOCK, (_SAMPLE // _SAMPLE_BLOCK, 1), generator=gen) * _SAMPLE_BLOCK
+        index = (blocks + torch.arange(_SAMPLE_BLOCK)).flatten()  # runs of adjacent values: cache-friendly
+        sample = vals[:, index].sort(dim=1).values
+    m = sample.shape[1]
     values = torch.empty((n, len(ranks)), dtype=torch.float32)
     below = torch.empty((n, len(ranks)), dtype=torch.int64)
     equal = torch.empty((n, len(ranks)), dtype=torch.int64)
@@ -450,12 +456,18 @@ class CutMasker:
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(torch.float32)
-        mask = values >= self.threshold
         if self.keep_all_ties:  # no quota to count down
-            return mask
-        for i in torch.nonzero(self.remaining < ALL_TIES).flatten().tolist():  # rows with a finite quota
-            left = int(self.remaining[i])
-            equal = values[i] == self.threshold[i]
+            return values >= self.threshold
+        mask = torch.empty(values.shape, dtype=torch.bool)
+        for i, left in enumerate(self.remaining.tolist()):  # one comparison per row, ties counted only
+            t = self.threshold[i]                           # while a finite quota lasts
+            if left == 0:  # quota used up: strictly above
+                torch.gt(values[i], t, out=mask[i])
+                continue
+            torch.ge(values[i], t, out=mask[i])
+            if left >= ALL_TIES:
+                continue
+            equal = values[i] == t
             n_equal = int(torch.count_nonzero(equal))
             if n_equal > left:  # keep the first `left` ties of this chunk, drop the rest
                 mask[i, torch.nonzero(equal).squeeze(1)[left:]] = False
