@@ -85,7 +85,9 @@ def test_existing_out_refused_unless_force(zoo: dict[str, Path], tmp_path: Path)
     assert proc.returncode == 2 and "already exists" in proc.stderr
     proc = cli("-q", "merge", str(write(tmp_path, zoo)), str(tmp_path / "out"), "--force", "--no-progress")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("merged 2 experts")  # printed and flushed before the fast exit
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".out.*"))  # no temporary folder left beside it
 
 
 def test_help_explains_commands() -> None:

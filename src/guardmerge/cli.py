@@ -528,10 +528,28 @@ def export_onnx_(
     typer.echo(f"exported {model} to ONNX ({quantize or 'fp32'}) -> {out}")
 
 
+# Commands whose work is complete (files closed and renamed into place) when they return: after
+# success the process exits at once, skipping the interpreter's teardown (about 0.4 s spent
+# freeing torch's modules, a tenth of a small merge).
+_FAST_EXIT_COMMANDS = frozenset({"merge", "self-merge"})
+
+
+def _exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
 def main() -> None:
     """Console entry point: clean one-line errors for bad input, exit code 2."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     try:
         app()
+    except SystemExit as exc:
+        if command in _FAST_EXIT_COMMANDS and exc.code in (None, 0):
+            _exit_now()
+        raise
     except GuardmergeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
