@@ -1,10 +1,11 @@
 """The merge engine: maps a registered method over a checkpoint, tensor by tensor.
 
 For each encoder tensor it reads the base and every expert lazily (the next tensor on a
-background thread), forms the task vectors ``[N, *shape]``, calls the method's pure function,
-adds ``theta_0`` back and hands the tensor on: to a dict (:func:`merge`) or straight to a
-sharded safetensors writer (:func:`stream_to_folder`), so memory holds about two tensors per
-expert at a time, whatever the model size. Heads stay per task
+background thread, straight from the files into two alternating sets of reusable buffers),
+forms the task vectors ``[N, *shape]``, calls the method's pure function, adds ``theta_0`` back
+and hands the tensor on: to a dict (:func:`merge`) or straight to a sharded safetensors writer
+(:func:`stream_to_folder`, which writes on its own thread), so memory holds about two tensors
+per expert at a time, whatever the model size. Heads stay per task
 (``heads: multi``) or are merged as zero-padded concatenated layers (``heads: hm3``, HM3).
 """
 
