@@ -136,7 +136,7 @@ def test_parallel_dare_draws_equal_the_serial_draws(monkeypatch: pytest.MonkeyPa
         gens = sparsify.expert_generators(torch.Generator().manual_seed(3), 3)
         return sparsify.dare_keep(gens, 0, 5000, 0.3)
 
-    monkeypatch.setattr(sparsify, "_PARALLEL_DRAW", 1)  # two threads, one expert each
+    monkeypatch.setattr(sparsify, "_PARALLEL_DRAW", 1)  # one thread per expert
     parallel = draws()
     monkeypatch.setattr(sparsify, "_PARALLEL_DRAW", 10**9)  # one after the other
     serial = draws()

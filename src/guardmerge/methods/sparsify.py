@@ -129,13 +129,13 @@ def dare_keep(
 
     Expert i's uniforms come from ``generators[i]`` in column order, so chunks must be asked in
     order (``start`` names the columns; the draw does not depend on the chunk width). Wide
-    draws run on two threads, one expert each (each generator is serial; the draws are the same).
+    draws run on one thread per expert (each generator is serial; the draws are the same).
     """
     def draw(g: torch.Generator) -> torch.Tensor:
         return torch.rand(width, generator=g, dtype=torch.float32) < density
 
     if len(generators) > 1 and width >= _PARALLEL_DRAW:
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="guardmerge-dare") as pool:
+        with ThreadPoolExecutor(max_workers=len(generators), thread_name_prefix="guardmerge-dare") as pool:
             return torch.stack(list(pool.map(draw, generators)))
     return torch.stack([draw(g) for g in generators])
 
