@@ -49,6 +49,8 @@ def test_weights_multiply_before_the_election() -> None:
     assert ties_consensus(T, w, "sum").tolist() == [-3.0, -2.0, -4.0, 5.5]
     # an explicit (e.g. whole-model) positive mass flips the tied column to '+': 2 / w_2
     assert ties_consensus(T, w, "mean", mass=1.0).tolist() == [-1.5, 1.0, -4.0, 2.75]
+    # ... and an explicit negative one elects '-' there, as the tensor's own mass did
+    assert ties_consensus(T, w, "mean", mass=-1.0).tolist() == [-1.5, -2.0, -4.0, 2.75]
 
 
 def test_no_agreeing_entry_gives_zero() -> None:

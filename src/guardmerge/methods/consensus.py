@@ -95,7 +95,11 @@ class ChunkConsensus:
         # sum is gamma * sum_i max(wd_i * gamma, 0) (multiplying by +-1 is exact)
         wd = weighted(sparse, self.weights)
         total = wd.sum(0)
-        gamma = torch.where(total > 0 if self.fallback < 0 else total >= 0, 1.0, -1.0).to(wd.dtype)
+        # sign of the sum; an exact zero sum of non-zero entries is +0.0 in IEEE arithmetic, so
+        # copysign gives it +1 (an all -0.0 column has nothing to agree with either way)
+        gamma = torch.copysign(torch.ones_like(total), total)
+        if self.fallback < 0:
+            gamma.masked_fill_(total == 0, -1.0)
         signed = wd.mul_(gamma)
         agree = signed > 0
         agreeing = signed.clamp_min_(0).sum(0)  # sum_i |wd_i| over the agreeing entries
@@ -111,7 +115,7 @@ class ChunkConsensus:
         if self.mode == "sum":
             return merged
         divisor = self.weights.to(signed.dtype) @ agree.to(signed.dtype)  # sum_{i agreeing} w_i
-        return merged.div_(torch.where(divisor == 0, 1.0, divisor))
+        return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
 
     def finish(self, merged: torch.Tensor) -> torch.Tensor:
         """Patch the zero-sum columns of the flat ``merged`` ``[d]`` if the mass is negative."""
