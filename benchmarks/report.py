@@ -62,16 +62,17 @@ def merge_speed_table(path: Path) -> list[str]:
     lines = [
         "## Merge speed and memory vs mergekit 0.1.5 (`python benchmarks/merge_speed.py`)",
         "",
-        f"Medians of {res.get('runs', '?')} alternating runs per tool, each a fresh process (start-up included), "
+        "Medians of alternating runs per tool (`runs` per job), each a fresh process (start-up included), "
         f"{res.get('cpus', '?')} CPUs; I/O floor = reading every input once and writing one output (warm page cache).",
         "",
-        "| job | guardmerge s | mergekit s | speedup | guardmerge peak MiB | mergekit peak MiB | I/O floor s | "
+        "| job | runs | guardmerge s | mergekit s | speedup | guardmerge peak MiB | mergekit peak MiB | I/O floor s | "
         "guardmerge / floor | max abs diff | entries differing |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, j in res.get("jobs", {}).items():
+        runs = len(j.get("guardmerge_runs_s", [])) or res.get("runs", "?")
         lines.append(
-            f"| {name} | {_f(j['guardmerge_s'], 1)} | {_f(j['mergekit_s'], 1)} | {_f(j['speedup'], 2)}x | "
+            f"| {name} | {runs} | {_f(j['guardmerge_s'], 1)} | {_f(j['mergekit_s'], 1)} | {_f(j['speedup'], 2)}x | "
             f"{_f(j['guardmerge_peak_mb'], 0)} | {_f(j['mergekit_peak_mb'], 0)} | {_f(j['floor_s'], 2)} | "
             f"{_f(j['guardmerge_over_floor'], 1)}x | {j['max_abs_diff_vs_mergekit']:.2g} | "
             f"{j.get('fraction_differing_vs_mergekit', float('nan')):.2g} |"
