@@ -128,7 +128,7 @@ def build_llama(work: Path, small: bool, seed: int = 0) -> list[Path]:
         g = torch.Generator().manual_seed(seed + 200 + i)
         state = base if i == 0 else {k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
                                      for k, v in base.items()}
-        write_tensors(folder, state, max_shard_bytes=2 * 10**9, metadata={"format": "pt"})
+        write_tensors(folder, state, max_shard_bytes=2 * 10**9)
         cfg.to_json_file(str(folder / "config.json"))
         del state
     return folders

@@ -80,19 +80,16 @@ def test_parse_size_refuses_nonsense(text: str) -> None:
         parse_size(text)
 
 
-def test_streaming_writer_round_trips_with_the_safetensors_library(tmp_path: Path) -> None:
-    tensors = {
-        "a": torch.randn(3, 5),
-        "b": torch.arange(7, dtype=torch.int64),
-        "c": torch.randn(2, 2).to(torch.bfloat16),
-        "d": torch.randn(4)[::2],  # non-contiguous view
-        "e": torch.empty(0, 3),
-    }
-    write_tensors(tmp_path, tensors, metadata={"format": "pt", "k": "v"})
+def test_non_contiguous_tensors_and_metadata_round_trip(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    view = torch.randn(4)[::2]  # non-contiguous
+    write_tensors(tmp_path, {"d": view}, metadata={"format": "pt", "k": "v"})
     back = load_file(str(tmp_path / "model.safetensors"))
-    assert set(back) == set(tensors)
-    for k, v in tensors.items():
-        assert back[k].dtype == v.dtype and torch.equal(back[k], v.contiguous())
+    assert set(back) == {"d"}
+    assert back["d"].dtype == view.dtype and torch.equal(back["d"], view.contiguous())
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "k": "v"}
 
 
 def test_write_errors_on_the_writer_thread_surface_with_the_folder(

@@ -100,7 +100,7 @@ class SafetensorsFile:
                 count = math.prod(shape)
                 if not 0 <= begin <= end or self._data_start + end > size:
                     raise ValueError(f"tensor '{key}' lies outside the file")
-                if end - begin != count * torch.empty((), dtype=dtype).element_size():
+                if end - begin != count * dtype.itemsize:
                     raise ValueError(f"tensor '{key}': {end - begin} bytes for shape {list(shape)}")
                 self.entries[key] = (dtype, shape, self._data_start + begin, end - begin)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:
@@ -109,10 +109,6 @@ class SafetensorsFile:
 
     def keys(self) -> list[str]:
         return list(self.entries)
-
-    def get(self, key: str) -> torch.Tensor:
-        dtype, shape, _, _ = self.entries[key]
-        return self.read_into(key, torch.empty(shape, dtype=dtype))
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Read tensor ``key`` straight into ``out`` (contiguous, the stored dtype and element
@@ -248,25 +244,14 @@ class Checkpoint:
         return self._files[file].entries[key][1]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.get(name).dtype if self._pickled is not None else self._slice_dtype(name)
-
-    def _slice_dtype(self, name: str) -> torch.dtype:
         file, key = self._locate(name)
+        if self._pickled is not None:
+            return self._pickled[key].dtype
         return self._files[file].entries[key][0]
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor (memory-mapped), optionally cast."""
-        file, key = self._locate(name)
-        try:
-            if self._pickled is not None:
-                tensor = self._pickled[key]
-            else:
-                tensor = self._files[file].get(key)
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{file}: cannot read tensor '{key}': {exc}") from None
-        return tensor if dtype is None else tensor.to(dtype)
+        """Read one tensor into a fresh tensor, optionally cast (see :meth:`read_into`)."""
+        return self.read_into(name, torch.empty(self.shape(name), dtype=dtype or self.dtype(name)))
 
     def read_into(self, name: str, out: torch.Tensor, scratch: Callable[[torch.dtype], torch.Tensor] | None = None
                   ) -> torch.Tensor:

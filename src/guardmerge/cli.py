@@ -68,18 +68,15 @@ def merge(
     Set dtype / out_dtype in the config (float32, float16, bfloat16). OUT is refused if it
     exists, unless --force.
     """
+    from guardmerge.allocator import tune_for_streaming
     from guardmerge.config import load_config
-    from guardmerge.io import check_output
     from guardmerge.pipeline import merge_to_folder
+    from guardmerge.writer import parse_size
 
     overrides = list(set_ or [])
     if allow_pickle:
         overrides.append("allow_pickle=true")
-    from guardmerge.allocator import tune_for_streaming
-    from guardmerge.writer import parse_size
-
     cfg = load_config(config, overrides)
-    check_output(out, force=force)
     shard = parse_size(out_shard_size) if out_shard_size else None
     tune_for_streaming()
     merge_to_folder(cfg, out, force=force, progress=progress, max_shard_bytes=shard)
@@ -260,7 +257,7 @@ def search(
     ray: Annotated[
         Optional[str], typer.Option("--ray", help="Run workers on a Ray cluster at ADDRESS ('local' starts one).")
     ] = None,
-    prune: Annotated[bool, typer.Option(help="Prune hopeless trials (median rule after each task).")] = True,
+    prune: Annotated[bool, typer.Option(help="Prune hopeless trials (median rule, once half the tasks are scored).")] = True,
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -98,12 +99,9 @@ class _Buffers:
         self._bufs: dict[str, torch.Tensor] = {}
 
     def take(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        count = 1
-        for d in shape:
-            count *= d
         if not self.reuse:
             return torch.empty(tuple(shape), dtype=dtype)
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < nbytes:
             buf = self._bufs[name] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
@@ -151,14 +149,18 @@ class _TensorSource:
         """
         shape = self.experts[0].checkpoint.shape(name)
         bufs = buffers or _Buffers()
+
+        def raw(stored: torch.dtype) -> torch.Tensor:  # where a tensor stored in another dtype lands
+            return bufs.take("raw", shape, stored)
+
         t0 = bufs.take("theta_0", shape, self.dtype)
         if name in self.plan.zero_base:  # heads: shared with a headless base: theta_0 = 0
             t0.zero_()
         else:
-            self.base.read_into(name, t0, lambda dt: bufs.take("raw", shape, dt))
+            self.base.read_into(name, t0, raw)
         deltas = bufs.take("deltas", (len(self.experts), *shape), self.dtype)
         for i, ex in enumerate(self.experts):  # each expert read straight into its row, then minus theta_0
-            ex.checkpoint.read_into(name, deltas[i], lambda dt: bufs.take("raw", shape, dt)).sub_(t0)
+            ex.checkpoint.read_into(name, deltas[i], raw).sub_(t0)
         if self.sparsify is not None:
             deltas = self.sparsify(deltas, self.context(name, t0.dim()))
         return t0, deltas

@@ -10,6 +10,7 @@ as ``model.safetensors``; several as ``model-0000i-of-0000n.safetensors`` with t
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections import deque
@@ -55,10 +56,7 @@ class TensorSlot:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def plan_shards(layout: Sequence[TensorSlot], max_shard_bytes: int | None) -> list[list[TensorSlot]]:
@@ -108,7 +106,6 @@ class ShardedWriter:
         self._max_pending = max(1, pending)
         self._pending: deque[Future[None]] = deque()
         self._pool: ThreadPoolExecutor | None = None
-        self.written = 0
 
     def __enter__(self) -> ShardedWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -182,7 +179,6 @@ class ShardedWriter:
             raise CheckpointError("ShardedWriter.write called outside its `with` block")
         self._wait(self._max_pending - 1)
         self._pending.append(self._pool.submit(self._write_data, shard, slot, tensor))
-        self.written += 1
 
     def finish(self) -> None:
         """Check that every tensor was written; write the index for several shards."""

@@ -42,10 +42,12 @@ def total_mass(weighted_deltas: torch.Tensor) -> torch.Tensor:
 
 def elect_sign(weighted_deltas: torch.Tensor, mass: torch.Tensor | float) -> torch.Tensor:
     """``gamma`` ``[*shape]`` in {-1, +1}: sign of the sum over experts, else sign of ``mass``."""
-    total = weighted_deltas.sum(0)
-    fallback = -1.0 if float(mass) < 0 else 1.0
-    gamma = torch.sign(total)
-    return torch.where(total == 0, torch.full_like(gamma, fallback), gamma)
+    return _sign_of_sum(weighted_deltas.sum(0), -1.0 if float(mass) < 0 else 1.0)
+
+
+def _sign_of_sum(total: torch.Tensor, fallback: float) -> torch.Tensor:
+    """``gamma`` in {-1, +1}: the sign of the column sums ``total``, ``fallback`` where exactly 0."""
+    return torch.copysign(torch.ones_like(total), total).masked_fill_(total == 0, fallback)
 
 
 def disjoint_merge(
@@ -95,11 +97,7 @@ class ChunkConsensus:
         # sum is gamma * sum_i max(wd_i * gamma, 0) (multiplying by +-1 is exact)
         wd = weighted(sparse, self.weights)
         total = wd.sum(0)
-        # sign of the sum; an exact zero sum of non-zero entries is +0.0 in IEEE arithmetic, so
-        # copysign gives it +1 (an all -0.0 column has nothing to agree with either way)
-        gamma = torch.copysign(torch.ones_like(total), total)
-        if self.fallback < 0:
-            gamma.masked_fill_(total == 0, -1.0)
+        gamma = _sign_of_sum(total, self.fallback)
         signed = wd.mul_(gamma)
         agree = signed > 0
         agreeing = signed.clamp_min_(0).sum(0)  # sum_i |wd_i| over the agreeing entries

@@ -185,15 +185,15 @@ class MethodSpec(Generic[P]):
 
     def parameter_rows(self) -> list[tuple[str, str, str, str]]:
         """``(name, type, default, description)`` for each parameter, for docs and the CLI."""
+        space = self.search_space()
         rows = []
         for pname, finfo in self.params.model_fields.items():
             tname = _type_name(finfo.annotation)
             default = "required" if finfo.is_required() else repr(finfo.default)
             desc = finfo.description or ""
-            extra = finfo.json_schema_extra
-            if isinstance(extra, dict) and isinstance(extra.get("search"), dict):
-                r = extra["search"]
-                desc += f" (search: {r['low']}..{r['high']})"
+            r = space.get(pname)
+            if r is not None:
+                desc += f" (search: {r.low}..{r.high})"
             rows.append((pname, tname, default, desc))
         return rows
 

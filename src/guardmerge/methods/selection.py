@@ -205,10 +205,10 @@ def _bracketed_kth(vals: torch.Tensor, ranks: Sequence[int]) -> KthResult | None
     to the radix select. About three passes of cheap comparisons instead of two radix passes.
     """
     n, d = vals.shape
-    gen = torch.Generator().manual_seed(0)
     if d <= _SAMPLE:
         sample = vals.sort(dim=1).values
     else:
+        gen = torch.Generator().manual_seed(0)
         blocks = torch.randint(d // _SAMPLE_BLOCK, (_SAMPLE // _SAMPLE_BLOCK, 1), generator=gen) * _SAMPLE_BLOCK
         index = (blocks + torch.arange(_SAMPLE_BLOCK)).flatten()  # runs of adjacent values: cache-friendly
         sample = vals[:, index].sort(dim=1).values

@@ -224,20 +224,10 @@ class _Objective:
                 return
             trial.report(self._partial(scores), step)
             if trial.should_prune():
-                value = aggregate(scores, self.settings.objective, self.settings.task_weights)
-                seconds = time.perf_counter() - started
-                trial.set_user_attr("seconds", seconds)
-                trial.set_user_attr("scores", dict(scores))
-                self._log(trial, candidate, "PRUNED", value, dict(scores), seconds)
+                self._finish(trial, candidate, "PRUNED", scores, started)
                 raise optuna.TrialPruned()
 
-        scores = self.scorer(candidate, report)
-        value = aggregate(scores, self.settings.objective, self.settings.task_weights)
-        seconds = time.perf_counter() - started
-        trial.set_user_attr("seconds", seconds)
-        trial.set_user_attr("scores", dict(scores))
-        self._log(trial, candidate, "COMPLETE", value, dict(scores), seconds)
-        return value
+        return self._finish(trial, candidate, "COMPLETE", self.scorer(candidate, report), started)
 
     def _partial(self, scores: Mapping[str, float]) -> float:
         """What the pruner compares: the objective with the tasks not yet scored counted as 0.
@@ -246,20 +236,23 @@ class _Objective:
         between trials at the same step compares their partial means (Optuna's median rule keeps
         each trial's best intermediate value, which a running mean, going up and down, defeats).
         """
-        tasks = self.space.tasks
-        w = {t: float(self.settings.task_weights.get(t, 1.0)) if self.settings.objective == "weighted" else 1.0
-             for t in tasks}
-        return sum(w[t] * s for t, s in scores.items()) / sum(w.values())
+        padded = {t: scores.get(t, 0.0) for t in self.space.tasks}
+        return aggregate(padded, self.settings.objective, self.settings.task_weights)
 
-    def _log(self, trial: optuna.Trial, candidate: Candidate, state: str, value: float,
-             scores: dict[str, float], seconds: float) -> None:
-        if not self.settings.log_path:
-            return
-        line = json.dumps({"trial": trial.number, "state": state, "value": value, "scores": scores,
-                           "parameters": candidate.parameters, "weights": list(candidate.weights),
-                           "seconds": round(seconds, 3), "worker": self.worker, "pid": os.getpid()})
-        with open(self.settings.log_path, "a", encoding="utf-8") as f:  # one write per line
-            f.write(line + "\n")
+    def _finish(self, trial: optuna.Trial, candidate: Candidate, state: str, scores: Mapping[str, float],
+                started: float) -> float:
+        """Record a finished trial's scores and time (trial attributes and the JSONL log)."""
+        value = aggregate(scores, self.settings.objective, self.settings.task_weights)
+        seconds = time.perf_counter() - started
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("scores", dict(scores))
+        if self.settings.log_path:
+            line = json.dumps({"trial": trial.number, "state": state, "value": value, "scores": dict(scores),
+                               "parameters": candidate.parameters, "weights": list(candidate.weights),
+                               "seconds": round(seconds, 3), "worker": self.worker, "pid": os.getpid()})
+            with open(self.settings.log_path, "a", encoding="utf-8") as f:  # one write per line
+                f.write(line + "\n")
+        return value
 
 
 def run_worker(space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings, quota: int,
