@@ -16,8 +16,13 @@ from guardmerge.methods.registry import METHODS, MethodParams, TensorContext, se
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i w_i tau_i``: ``[N, *shape]`` x ``[N]`` -> ``[*shape]``."""
-    # one matrix-vector product: a single pass over the task vectors, no [N, *shape] temporary
-    return (weights.to(deltas.dtype) @ deltas.reshape(deltas.shape[0], -1)).reshape(deltas.shape[1:])
+    # row by row into one output (no [N, *shape] temporary): on CPU, N fused multiply-add
+    # sweeps stream memory about twice as fast as a matrix-vector product over [N, n]
+    coef = weights.to(deltas.dtype).tolist()
+    out = torch.mul(deltas[0], coef[0])
+    for row, w in zip(deltas[1:], coef[1:]):
+        out.add_(row, alpha=w)
+    return out
 
 
 class AverageParams(MethodParams):

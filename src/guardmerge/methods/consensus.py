@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from guardmerge.methods.kernels import ConsensusSpec
 from guardmerge.methods.selection import column_chunks
 
 Consensus = Literal["mean", "sum"]
@@ -112,8 +113,14 @@ class ChunkConsensus:
         merged = agreeing.mul_(gamma)
         if self.mode == "sum":
             return merged
-        divisor = self.weights.to(signed.dtype) @ agree.to(signed.dtype)  # sum_{i agreeing} w_i
+        divisor = torch.zeros_like(merged)  # sum_{i agreeing} w_i, in expert order
+        for row, w in zip(agree, self.weights.to(signed.dtype).tolist()):
+            divisor.add_(row, alpha=w)
         return merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+
+    def fused_spec(self) -> ConsensusSpec:
+        """This aggregation as the fused kernel takes it (see :mod:`.kernels`)."""
+        return ConsensusSpec(self.weights, self.fallback, self.mode == "mean")
 
     def finish(self, merged: torch.Tensor) -> torch.Tensor:
         """Patch the zero-sum columns of the flat ``merged`` ``[d]`` if the mass is negative."""

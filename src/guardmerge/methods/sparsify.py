@@ -26,11 +26,14 @@ from typing import Literal
 
 import torch
 
+from guardmerge.methods import kernels
+from guardmerge.methods.kernels import CutSpec, KeepSpec
 from guardmerge.methods.selection import (
     TopKCut,
     as_rows,
     column_chunks,
     floor_fraction,
+    tie_cutoffs,
     topk_cut,
     topk_mask,
 )
@@ -84,10 +87,24 @@ def window_mask(
     return cut_mask(deltas, inner, name) & ~cut_mask(deltas, outer, name)
 
 
-def chunk_trim(cut: TopKCut, name: str = "") -> ChunkFn:
+class ChunkTrim:
     """Magnitude trim of one tensor's chunks against ``cut`` (ties: earliest first)."""
-    masker = cut.masker(name)
-    return lambda start, chunk: chunk * masker(chunk.abs())
+
+    def __init__(self, cut: TopKCut, name: str = "") -> None:
+        self.cut, self.name = cut, name
+        self._masker = cut.masker(name)
+
+    def __call__(self, start: int, chunk: torch.Tensor) -> torch.Tensor:
+        return chunk * self._masker(chunk.abs())
+
+    def fused_spec(self, rows: torch.Tensor) -> CutSpec:
+        """The whole trim of ``rows`` ``[N, d]`` as the fused kernel takes it (see :mod:`.kernels`)."""
+        return CutSpec(self.cut.threshold, tie_cutoffs(rows, self.cut.threshold, self.cut.quota_for(self.name)))
+
+
+def chunk_trim(cut: TopKCut, name: str = "") -> ChunkTrim:
+    """Magnitude trim of one tensor's chunks against ``cut`` (ties: earliest first)."""
+    return ChunkTrim(cut, name)
 
 
 def chunk_window(outer: TopKCut, inner: TopKCut, name: str = "") -> ChunkFn:
@@ -174,14 +191,26 @@ class ChunkDare:
 
     def _l1_factor(self, rows: torch.Tensor) -> torch.Tensor:
         self._keep = dare_keep(self._gens, 0, rows.shape[1], self.density)
-        before = torch.zeros(rows.shape[0], dtype=torch.float64)
-        after = torch.zeros_like(before)
-        for start in range(0, rows.shape[1], _L1_BLOCK):  # fixed blocks: the sums never depend on the chunking
-            a = rows[:, start : start + _L1_BLOCK].abs()
-            before += a.sum(1).double()  # float32 sums per block, accumulated in float64
-            after += (a * self._keep[:, start : start + _L1_BLOCK]).sum(1).double()
+        if kernels.usable(rows):
+            before, after = kernels.l1_norms(rows, self._keep, _L1_BLOCK)
+        else:
+            before = torch.zeros(rows.shape[0], dtype=torch.float64)
+            after = torch.zeros_like(before)
+            for start in range(0, rows.shape[1], _L1_BLOCK):  # fixed blocks: sums independent of the chunking
+                a = rows[:, start : start + _L1_BLOCK].abs()
+                before += a.sum(1, dtype=torch.float64)  # float64 sums per block, added in order
+                after += (a * self._keep[:, start : start + _L1_BLOCK]).sum(1, dtype=torch.float64)
         ok = (before >= _L1_EPS) & (after >= _L1_EPS)
         return torch.where(ok, before / torch.where(ok, after, 1.0), 1.0)
+
+    def fused_spec(self, rows: torch.Tensor) -> KeepSpec | None:
+        """The whole drop of ``rows`` ``[N, d]`` as the fused kernel takes it (``None``: keep
+        all). Draws the whole mask now; chunks asked afterwards reuse it."""
+        if self.density >= 1.0:
+            return None
+        if self._keep is None:
+            self._keep = dare_keep(self._gens, 0, rows.shape[1], self.density)
+        return KeepSpec(self._keep, None if self.factor is None else self.factor.to(rows.dtype))
 
     def __call__(self, start: int, chunk: torch.Tensor) -> torch.Tensor:
         if self.density >= 1.0:

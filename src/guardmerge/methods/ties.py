@@ -25,18 +25,21 @@ reaches every merge call as ``ctx.globals``.
 
 Every merge call walks its tensor in column chunks (:func:`merge_columns`): sparsify, then
 aggregate, chunk by chunk, so a 30k x 768 embedding never needs more than a few 16 MB
-temporaries. DARE draws each expert's mask from its own generator, seeded from
+temporaries. With numba installed, a trim or DARE drop followed by the TIES consensus runs as
+one fused pass instead (:mod:`.kernels`, bit-identical to the chunked torch code). DARE draws each expert's mask from its own generator, seeded from
 ``ctx.generator(seed)``: the draw depends on (seed, tensor name, expert position, shape) only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from pydantic import Field
 
+from guardmerge.methods import kernels
 from guardmerge.methods.basic import weighted_sum
 from guardmerge.methods.consensus import ChunkConsensus, Consensus
 from guardmerge.methods.registry import (
@@ -143,6 +146,9 @@ def merge_columns(
     ``aggregate`` may have a ``finish(flat)`` step (the consensus' zero-sum patch).
     """
     rows = deltas.reshape(deltas.shape[0], -1)
+    fused = _fused_merge(rows, sparsify, aggregate, scaling)
+    if fused is not None:
+        return fused.view(deltas.shape[1:])
     out = torch.empty(rows.shape[1], dtype=deltas.dtype)
     for start, chunk in column_chunks(rows):
         out[start : start + chunk.shape[1]] = aggregate(start, sparsify(start, chunk))
@@ -150,6 +156,26 @@ def merge_columns(
     if finish is not None:
         out = finish(out)
     return (out * scaling).view(deltas.shape[1:])
+
+
+def _fused_merge(rows: torch.Tensor, sparsify: ChunkFn, aggregate: Aggregator, scaling: float) -> torch.Tensor | None:
+    """:func:`merge_columns` in one pass (:mod:`.kernels`) for a sparsify step that describes
+    itself (``fused_spec``: trim, DARE) followed by the TIES consensus, on float32; ``None``
+    where the reference must run (no numba, or another step).
+
+    Per-tensor scope: columns summing to exactly 0 take the sign of the tensor's mass, known at
+    the end; the kernel assumes +1 and, if the mass turns out negative, runs again with -1
+    (only those columns change). The kernel sums the mass in float64, the reference float32
+    chunk sums: their signs can differ only for a mass within rounding of 0.
+    """
+    spec = getattr(sparsify, "fused_spec", None)
+    if spec is None or not isinstance(aggregate, ChunkConsensus) or not kernels.usable(rows):
+        return None
+    sparse, agg = spec(rows), aggregate.fused_spec()
+    out, zero_sums, mass = kernels.consensus(rows, sparse, agg, scaling)
+    if zero_sums and aggregate.own_mass and mass < 0:
+        out, _, _ = kernels.consensus(rows, sparse, dataclasses.replace(agg, fallback=-1.0), scaling)
+    return out
 
 
 def linear(weights: torch.Tensor) -> Aggregator:

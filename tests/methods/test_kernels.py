@@ -1,0 +1,174 @@
+"""The fused numba kernels (methods/kernels.py) give bit for bit what the torch reference gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from guardmerge.methods import METHODS, kernels
+from guardmerge.methods.registry import Role, TensorContext
+from guardmerge.methods.selection import ALL_TIES, kth_smallest, tie_cutoffs
+
+pytest.importorskip("numba")
+
+NAME = "encoder.layer.0.output.dense.weight"
+
+
+def _merge(method: str, deltas: torch.Tensor, weights: torch.Tensor, **raw: Any) -> torch.Tensor:
+    spec = METHODS.get(method)
+    ctx = TensorContext(NAME, Role.LINEAR_WEIGHT, seed=3)
+    return spec.fn(deltas.clone(), weights, spec.validate(raw), ctx)
+
+
+def _both(monkeypatch: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
+    """``fn()`` with the kernels, then with the torch reference."""
+    monkeypatch.delenv("GUARDMERGE_KERNELS", raising=False)
+    assert kernels.enabled()
+    fused = fn()
+    monkeypatch.setenv("GUARDMERGE_KERNELS", "torch")
+    assert not kernels.enabled()
+    reference = fn()
+    monkeypatch.delenv("GUARDMERGE_KERNELS")
+    return fused, reference
+
+
+def _task_vectors(cols: int, seed: int = 0) -> torch.Tensor:
+    """``[3, 40, cols]`` with the awkward cases: quantised values (ties at any threshold),
+    exact zeros, and columns that sum to exactly 0 after weighting."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(3, 40, cols, generator=g) * 0.01
+    d[:, :10] = torch.round(d[:, :10] * 200) / 200  # few distinct magnitudes
+    d[:, 10:12] = 0.0
+    d[1, 12] = -d[0, 12]  # cancels when the weights are equal
+    d[2, 12] = 0.0
+    return d
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("ties", {"density": 0.2, "scope": "per_tensor", "scaling": 0.7}),
+        ("ties", {"density": 0.5, "scope": "per_tensor", "consensus": "sum"}),
+        ("ties", {"density": 0.9, "scope": "per_tensor"}),
+        ("dare_ties", {"density": 0.3, "rescale_by": "l1", "scaling": 1.3}),
+        ("dare_ties", {"density": 0.3, "consensus": "sum"}),
+        ("dare_ties", {"density": 0.6, "rescale": False}),
+        ("dare_ties", {"density": 1.0}),
+    ],
+)
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, 0.5, 0.21]])
+def test_fused_merge_is_bit_identical_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch, method: str, raw: dict[str, Any], weights: list[float]
+) -> None:
+    deltas = _task_vectors(700)
+    w = torch.tensor(weights)
+    fused, reference = _both(monkeypatch, lambda: _merge(method, deltas, w, **raw))
+    assert torch.equal(fused, reference)
+    assert fused.shape == deltas.shape[1:]
+
+
+def test_negative_mass_patches_the_zero_sum_columns_like_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    # mostly negative entries (the mass is negative) and a column of +x, -x, 0: its sum is 0,
+    # the election falls back to '-', the disjoint mean keeps the -x
+    deltas = -torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    deltas[:, 5, 7] = torch.tensor([0.9, -0.9, 0.0])
+    fused, reference = _both(monkeypatch, lambda: _merge("ties", deltas, torch.ones(3), density=1.0,
+                                                         scope="per_tensor"))
+    assert torch.equal(fused, reference)
+    assert fused[5, 7].item() == pytest.approx(-0.9)
+
+
+def test_global_scope_uses_the_kernel_with_the_prepared_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.methods.test_ties import merge_model
+
+    tensors = {f"layer.{i}.weight": _task_vectors(300, seed=i) for i in range(3)}
+    fused, reference = _both(monkeypatch, lambda: merge_model("ties", tensors, density=0.3))
+    for name in tensors:
+        assert torch.equal(fused[name], reference[name])
+
+
+def test_dare_draws_are_the_same_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    deltas = torch.ones(3, 50, 200)  # every kept entry shows up in the merged sum
+    fused, reference = _both(monkeypatch, lambda: _merge("dare_ties", deltas, torch.ones(3), density=0.3,
+                                                         rescale=False, consensus="sum"))
+    assert torch.equal(fused, reference)
+    assert 0 < fused.count_nonzero() < fused.numel()
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+def test_kth_smallest_through_the_band_kernel(monkeypatch: pytest.MonkeyPatch, absolute: bool, ties: bool) -> None:
+    from guardmerge.methods import selection
+
+    monkeypatch.delenv("GUARDMERGE_KERNELS", raising=False)
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(3, 300_001, generator=g)  # wide enough for the sample and two threads
+    if ties:
+        rows = torch.round(rows * 8) / 8
+    ranks = [1, 1000, 150_000, 299_999, 300_001]
+    want = (rows.abs() if absolute else rows).sort(dim=1).values[:, [k - 1 for k in ranks]]
+    monkeypatch.setattr(selection, "_SMALL", 0)
+    got = selection._bracketed_kth(rows, ranks, absolute)
+    assert got is not None
+    assert torch.equal(got.values, want)
+    monkeypatch.setenv("GUARDMERGE_KERNELS", "torch")
+    reference = kth_smallest(rows, ranks, absolute)
+    assert torch.equal(got.values, reference.values)
+    assert torch.equal(got.n_below, reference.n_below)
+    assert torch.equal(got.n_equal, reference.n_equal)
+
+
+def test_band_overflow_returns_none_and_selection_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from guardmerge.methods import selection
+
+    monkeypatch.delenv("GUARDMERGE_KERNELS", raising=False)
+    row = torch.randn(200_000, generator=torch.Generator().manual_seed(2))
+    counted = kernels.band(row, -1.0, 1.0, False, expected=10)  # ~68% of the row, not ~10 values
+    assert counted is None
+    below, band = kernels.band(row, -1.0, 1.0, False, expected=150_000)
+    assert below == int((row < -1.0).sum())
+    assert torch.equal(band.sort().values, row[(row >= -1.0) & (row <= 1.0)].sort().values)
+    monkeypatch.setattr(kernels, "_BAND_SLACK", 0)  # every band overflows: the torch band answers
+    monkeypatch.setattr(kernels, "_BAND_MIN", 4)
+    monkeypatch.setattr(selection, "_SMALL", 0)
+    rows = row.view(2, -1)
+    got = kth_smallest(rows, [5, 50_000], absolute=True)
+    want = rows.abs().sort(dim=1).values[:, [4, 49_999]]
+    assert torch.equal(got.values, want)
+
+
+def test_tie_cutoffs_keep_the_first_quota_ties() -> None:
+    rows = torch.tensor([[2.0, -1.0, -2.0, 2.0, 0.5, 2.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    threshold = torch.tensor([2.0, 1.0])
+    for use_kernel in (True, False):
+        quota = torch.tensor([2, ALL_TIES]) if use_kernel else torch.tensor([0, 4])
+        got = tie_cutoffs(rows, threshold, quota)
+        # row 0, quota 2: ties at 0, 2, 3, 5 -> the third (index 3) is the first dropped
+        assert got.tolist() == ([3, 6] if use_kernel else [0, 4])
+    assert kernels.nth_tie(rows[0], 2.0, 3) == 5
+    assert kernels.nth_tie(rows[0], 2.0, 4) == 6  # fewer ties than asked: the row's length
+
+
+def test_l1_norms_match_float64_sums_and_ignore_the_thread_count() -> None:
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(3, 100_003, generator=g)
+    keep = torch.rand(3, 100_003, generator=g) < 0.3
+    before, after = kernels.l1_norms(rows, keep, block=4096)
+    assert torch.allclose(before, rows.double().abs().sum(1), rtol=1e-12, atol=0)
+    assert torch.allclose(after, (rows.double().abs() * keep).sum(1), rtol=1e-12, atol=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = kernels.l1_norms(rows, keep, block=4096)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(again[0], before) and torch.equal(again[1], after)
+
+
+def test_environment_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUARDMERGE_KERNELS", "torch")
+    assert not kernels.enabled()
+    monkeypatch.setenv("GUARDMERGE_KERNELS", "")
+    assert kernels.enabled()
