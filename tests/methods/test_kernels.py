@@ -172,3 +172,16 @@ def test_environment_switch_turns_the_kernels_off(monkeypatch: pytest.MonkeyPatc
     assert not kernels.enabled()
     monkeypatch.setenv("GUARDMERGE_KERNELS", "")
     assert kernels.enabled()
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+@pytest.mark.parametrize("density", [0.2, 0.9])
+def test_draw_keep_reproduces_torch_rand_and_leaves_the_same_stream(seed: int, density: float) -> None:
+    ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    torch.rand(5, generator=ours), torch.rand(5, generator=theirs)  # start mid-block
+    for count in (0, 1, 618, 624, 625, 5000):  # across the engine's 624-value twists
+        got = kernels.draw_keep(ours, count, density)
+        assert got is not None
+        assert torch.equal(got, torch.rand(count, generator=theirs) < density)
+    assert torch.equal(torch.rand(100, generator=ours), torch.rand(100, generator=theirs))
+

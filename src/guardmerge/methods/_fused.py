@@ -164,3 +164,55 @@ def l1_norms(rows, keep, block, b0, b1, before, after):  # type: ignore[no-untyp
                 kept += x if keep[i, p] else 0.0
             before[i, j] = total
             after[i, j] = kept
+
+
+# ------------------------------------------------------------------- torch's CPU Mersenne Twister
+
+_N = 624
+_M = 397
+_U = np.uint32
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _twist(state):  # type: ignore[no-untyped-def]
+    """MT19937's state update, as ATen's ``mt19937_engine::next_state``."""
+    for j in range(_N - _M):
+        y = (state[j] & _U(0x80000000)) | (state[j + 1] & _U(0x7FFFFFFF))
+        state[j] = state[j + _M] ^ (y >> _U(1)) ^ ((state[j + 1] & _U(1)) * _U(0x9908B0DF))
+    for j in range(_N - _M, _N - 1):
+        y = (state[j] & _U(0x80000000)) | (state[j + 1] & _U(0x7FFFFFFF))
+        state[j] = state[j + _M - _N] ^ (y >> _U(1)) ^ ((state[j + 1] & _U(1)) * _U(0x9908B0DF))
+    y = (state[_N - 1] & _U(0x80000000)) | (state[0] & _U(0x7FFFFFFF))
+    state[_N - 1] = state[_M - 1] ^ (y >> _U(1)) ^ ((state[0] & _U(1)) * _U(0x9908B0DF))
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def draw_keep(state, position, density, out):  # type: ignore[no-untyped-def]
+    """``out[k] = uniform_k < density`` for the next ``len(out)`` float32 uniforms of a torch CPU
+    generator: ``state`` ``uint32[624]`` and ``position`` ``[left, next]`` as in ATen's engine,
+    both advanced in place. Each uniform is ATen's ``uniform_real<float>``: the low 24 bits of
+    one tempered 32-bit draw, times 2**-24. Tempering runs over whole state blocks
+    (vectorised) instead of one call per value."""
+    count = out.shape[0]
+    available = position[0] - 1  # values left before the engine twists again
+    nxt = position[1]
+    scale = np.float32(1.0 / 16777216.0)
+    k = 0
+    while k < count:
+        if available == 0:
+            _twist(state)
+            nxt = 0
+            available = _N
+        take = min(available, count - k)
+        for q in range(take):
+            y = state[nxt + q]
+            y ^= y >> _U(11)
+            y ^= (y << _U(7)) & _U(0x9D2C5680)
+            y ^= (y << _U(15)) & _U(0xEFC60000)
+            y ^= y >> _U(18)
+            out[k + q] = np.float32(y & _U(0xFFFFFF)) * scale < density
+        k += take
+        nxt += take
+        available -= take
+    position[0] = available + 1
+    position[1] = nxt

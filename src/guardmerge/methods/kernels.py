@@ -8,7 +8,8 @@ bit-identical to the reference (``tests/methods/test_kernels.py`` checks it). Th
 
 - TIES election + disjoint merge after a magnitude trim or a DARE drop (:func:`consensus`);
 - the counting pass of the exact k-th selection (:func:`band`);
-- DARE's L1 rescale norms (:func:`l1_norms`).
+- DARE's L1 rescale norms (:func:`l1_norms`);
+- DARE's random keep masks from torch's own generator stream (:func:`draw_keep`).
 
 Without numba, or with ``GUARDMERGE_KERNELS=torch`` in the environment, everything runs the
 torch reference. numba compiles the kernels on first use and caches them on disk, so the first
@@ -171,6 +172,50 @@ def l1_norms(rows: torch.Tensor, keep: torch.Tensor, block: int) -> tuple[torch.
     bounds = [blocks * j // parts for j in range(parts + 1)]
     _map(lambda span: k.l1_norms(values, kept, block, *span, before, after), list(itertools.pairwise(bounds)))
     return torch.from_numpy(before).sum(1), torch.from_numpy(after).sum(1)
+
+
+_STATE_BYTES = 5056  # sizeof(at::CPUGeneratorImplState) in the pinned torch
+_MT_N = 624
+
+
+def draw_keep(generator: torch.Generator, count: int, density: float) -> torch.Tensor | None:
+    """``torch.rand(count, generator=generator) < density``, bit for bit, about 3x faster: the
+    generator's Mersenne Twister state is read, advanced by the kernel and written back, so
+    later torch draws continue the same stream. ``None`` (nothing drawn) where the generator's
+    state is not the layout this code knows; :func:`_draws_match_torch` checks it once."""
+    if not _draws_match_torch():
+        return None
+    return _draw_keep(generator, count, density)
+
+
+def _draw_keep(generator: torch.Generator, count: int, density: float) -> torch.Tensor | None:
+    raw = generator.get_state()
+    if raw.numel() != _STATE_BYTES or generator.device.type != "cpu":
+        return None
+    blob = raw.numpy().copy()
+    # at::CPUGeneratorImplStateLegacy: seed u64 @0, left i32 @8, seeded i32 @12, next u64 @16,
+    # state u64[624] @24 (each holding a uint32)
+    position = np.array([blob[8:12].view(np.int32)[0], blob[16:24].view(np.uint64)[0]], np.int64)
+    state = blob[24 : 24 + 8 * _MT_N].view(np.uint64).astype(np.uint32)
+    out = np.empty(count, np.bool_)
+    _compiled().draw_keep(state, position, np.float32(density), out)
+    blob[8:12] = np.array([position[0]], np.int32).view(np.uint8)
+    blob[16:24] = np.array([position[1]], np.uint64).view(np.uint8)
+    blob[24 : 24 + 8 * _MT_N] = state.astype(np.uint64).view(np.uint8)
+    generator.set_state(torch.from_numpy(blob))
+    return torch.from_numpy(out)
+
+
+@functools.cache
+def _draws_match_torch() -> bool:
+    """Whether :func:`draw_keep` reproduces torch here: the same draws across twists, and the
+    same stream after them (checked once per process)."""
+    ours, theirs = torch.Generator().manual_seed(20231), torch.Generator().manual_seed(20231)
+    for count in (1, 700, 1900):
+        got = _draw_keep(ours, count, 0.37)
+        if got is None or not torch.equal(got, torch.rand(count, generator=theirs) < 0.37):
+            return False
+    return torch.equal(torch.rand(50, generator=ours), torch.rand(50, generator=theirs))
 
 
 def band(row: torch.Tensor, lo: float, hi: float, absolute: bool, expected: int) -> tuple[int, torch.Tensor] | None:

@@ -149,7 +149,8 @@ def dare_keep(
     draws run on one thread per expert (each generator is serial; the draws are the same).
     """
     def draw(g: torch.Generator) -> torch.Tensor:
-        return torch.rand(width, generator=g, dtype=torch.float32) < density
+        fast = kernels.draw_keep(g, width, density) if kernels.enabled() else None  # the same draws
+        return torch.rand(width, generator=g, dtype=torch.float32) < density if fast is None else fast
 
     if len(generators) > 1 and width >= _PARALLEL_DRAW:
         with ThreadPoolExecutor(max_workers=len(generators), thread_name_prefix="guardmerge-dare") as pool:
