@@ -63,7 +63,8 @@ def merge_speed_table(path: Path) -> list[str]:
         "## Merge speed and memory vs mergekit 0.1.5 (`python benchmarks/merge_speed.py`)",
         "",
         "Medians of alternating runs per tool (`runs` per job), each a fresh process (start-up included), "
-        f"{res.get('cpus', '?')} CPUs; I/O floor = reading every input once and writing one output (warm page cache).",
+        f"{res.get('cpus', '?')} CPUs; I/O floor = reading every input once and writing one output (warm page cache)"
+        + ("; guardmerge with its `fast` extra (numba kernels)." if res.get("fused_kernels") else "."),
         "",
         "| job | runs | guardmerge s | mergekit s | speedup | guardmerge peak MiB | mergekit peak MiB | I/O floor s | "
         "guardmerge / floor | max abs diff | entries differing |",

@@ -52,14 +52,19 @@ class TaskArithmeticParams(MethodParams):
     )
 
 
+def _task_arithmetic_coefficients(weights: torch.Tensor, params: TaskArithmeticParams) -> torch.Tensor:
+    return params.scaling * weights
+
+
 @METHODS.method(
     "task_arithmetic",
     TaskArithmeticParams,
     "theta_0 + scaling * sum_i w_i tau_i.",
     reference="Ilharco et al. 2023, Editing models with task arithmetic",
+    linear=_task_arithmetic_coefficients,
 )
 def task_arithmetic(
     deltas: torch.Tensor, weights: torch.Tensor, params: TaskArithmeticParams, ctx: TensorContext
 ) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * sum_i w_i tau_i``."""
-    return weighted_sum(deltas, params.scaling * weights)
+    return weighted_sum(deltas, _task_arithmetic_coefficients(weights, params))
