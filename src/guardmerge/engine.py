@@ -29,7 +29,14 @@ from guardmerge.compat import ExpertRef, MergePlan, plan_merge
 from guardmerge.config import MergeConfig
 from guardmerge.errors import GuardmergeError, StatisticsError
 from guardmerge.io import atomic_dir
-from guardmerge.methods import METHODS, MethodParams, MethodSpec, Role, TensorContext, kernels
+from guardmerge.methods import (
+    METHODS,
+    MethodParams,
+    MethodSpec,
+    Role,
+    TensorContext,
+    kernels,
+)
 from guardmerge.modelcard import model_card
 from guardmerge.multihead import (
     HEAD_PREFIX,
