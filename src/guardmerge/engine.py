@@ -29,14 +29,7 @@ from guardmerge.compat import ExpertRef, MergePlan, plan_merge
 from guardmerge.config import MergeConfig
 from guardmerge.errors import GuardmergeError, StatisticsError
 from guardmerge.io import atomic_dir
-from guardmerge.methods import (
-    METHODS,
-    MethodParams,
-    MethodSpec,
-    Role,
-    TensorContext,
-    kernels,
-)
+from guardmerge.methods import METHODS, MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.modelcard import model_card
 from guardmerge.multihead import (
     HEAD_PREFIX,
@@ -148,33 +141,26 @@ class _TensorSource:
             seed=self.seed,
         )
 
-    def encoder_tensor(
-        self, name: str, buffers: _Buffers | None = None, raw: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoder_tensor(self, name: str, buffers: _Buffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta_0, deltas [N, *shape])`` of an encoder tensor (sparsified if the method says).
 
         With ``buffers``, both live in those reusable buffers (valid until the next call with
-        the same buffers); otherwise they are fresh tensors. ``raw``: the experts' weights
-        ``theta_i`` instead of the task vectors (for :func:`.kernels.combine`).
+        the same buffers); otherwise they are fresh tensors.
         """
         shape = self.experts[0].checkpoint.shape(name)
         bufs = buffers or _Buffers()
 
-        def stored(dtype: torch.dtype) -> torch.Tensor:  # where a tensor stored in another dtype lands
-            return bufs.take("raw", shape, dtype)
+        def raw(stored: torch.dtype) -> torch.Tensor:  # where a tensor stored in another dtype lands
+            return bufs.take("raw", shape, stored)
 
         t0 = bufs.take("theta_0", shape, self.dtype)
         if name in self.plan.zero_base:  # heads: shared with a headless base: theta_0 = 0
             t0.zero_()
         else:
-            self.base.read_into(name, t0, stored)
+            self.base.read_into(name, t0, raw)
         deltas = bufs.take("deltas", (len(self.experts), *shape), self.dtype)
         for i, ex in enumerate(self.experts):  # each expert read straight into its row, then minus theta_0
-            row = ex.checkpoint.read_into(name, deltas[i], stored)
-            if not raw:
-                row.sub_(t0)
-        if raw:
-            return t0, deltas
+            ex.checkpoint.read_into(name, deltas[i], raw).sub_(t0)
         if self.sparsify is not None:
             deltas = self.sparsify(deltas, self.context(name, t0.dim()))
         return t0, deltas
@@ -248,14 +234,6 @@ class OpenMerge:
             return self.out_dtype
         return self.experts[0].checkpoint.dtype(name) if name in self.plan.zero_base else self.base.dtype(name)
 
-    def _linear_coefficients(self) -> torch.Tensor | None:
-        """The method's coefficients where :func:`.kernels.combine` gives its exact result:
-        a linear method (``MethodSpec.linear``), no sparsify step, float32, numba installed."""
-        if self.spec.linear is None or self.spec.sparsify is not None or self.compute_dtype != torch.float32 \
-                or not kernels.enabled():
-            return None
-        return self.spec.linear(self.weights, self.params)
-
     def _out_name(self, name: str) -> str:
         """Output names: canonical for a multi-head folder, the checkpoint's own for heads: shared."""
         return self.plan.adapter.prefixed(name) if self.plan.shared else name
@@ -286,26 +264,18 @@ class OpenMerge:
             globals_ = spec.prepare(params, lambda: src.stream(include_heads=hm3))
         names = list(self.plan.merge_names)
         bar = tqdm(total=len(names), desc=f"merge ({spec.name})", unit="tensor", disable=not self.progress)
-        coef = self._linear_coefficients()  # a linear method: one fused pass over the raw weights
         # two sets of reusable input buffers: the reader fills one while the other is merged
         buffers = (_Buffers(reuse=True), _Buffers(reuse=True))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-read") as pool:
-            pending = pool.submit(src.encoder_tensor, names[0], buffers[0], coef is not None) if names else None
+            pending = pool.submit(src.encoder_tensor, names[0], buffers[0]) if names else None
             for i, name in enumerate(names):
                 assert pending is not None
                 t0, deltas = pending.result()  # the other set is free: tensor i - 1 was handed on
-                pending = pool.submit(src.encoder_tensor, names[i + 1], buffers[(i + 1) % 2], coef is not None) \
+                pending = pool.submit(src.encoder_tensor, names[i + 1], buffers[(i + 1) % 2]) \
                     if i + 1 < len(names) else None
-                dtype = self._dtype(name)
-                if coef is not None and dtype != torch.float64:
-                    out = kernels.combine(t0, deltas, coef).to(dtype)
-                else:
-                    if coef is not None:  # raw weights, but a float64 output: the reference path
-                        deltas.sub_(t0)
-                    merged = spec.fn(deltas, self.weights, params, src.context(name, t0.dim(), globals_))
-                    out = _add_delta(t0, merged, dtype)
-                    del merged
-                del deltas
+                merged = spec.fn(deltas, self.weights, params, src.context(name, t0.dim(), globals_))
+                out = _add_delta(t0, merged, self._dtype(name))
+                del deltas, merged
                 if buffers[i % 2].owns(out):  # a method that answers in place: detach from the buffers
                     out = out.clone()
                 yield self._out_name(name), out

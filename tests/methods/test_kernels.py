@@ -185,28 +185,3 @@ def test_draw_keep_reproduces_torch_rand_and_leaves_the_same_stream(seed: int, d
         assert torch.equal(got, torch.rand(count, generator=theirs) < density)
     assert torch.equal(torch.rand(100, generator=ours), torch.rand(100, generator=theirs))
 
-
-
-@pytest.mark.parametrize("cols", [1, 17, 4099, 300_001])
-def test_combine_rounds_exactly_like_subtract_sum_add(cols: int) -> None:
-    from guardmerge.methods.basic import weighted_sum
-
-    g = torch.Generator().manual_seed(cols)
-    base = torch.randn(cols, generator=g)
-    rows = base + 0.01 * torch.randn(3, cols, generator=g)
-    coef = torch.tensor([0.33, 0.5, -0.2]) * 0.7
-    want = weighted_sum(rows - base, coef).add_(base)  # what the engine's reference path computes
-    assert torch.equal(kernels.combine(base, rows, coef), want)
-
-
-def test_linear_methods_are_the_weighted_sum_of_their_coefficients() -> None:
-    from guardmerge.methods.basic import weighted_sum
-
-    deltas = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))
-    w = torch.tensor([0.3, 1.2, 0.7])
-    linear = [spec for spec in METHODS if spec.linear is not None]
-    assert [spec.name for spec in linear] == ["task_arithmetic"]
-    for spec in linear:
-        params = spec.validate({})
-        got = spec.fn(deltas, w, params, TensorContext(NAME, Role.LINEAR_WEIGHT))
-        assert torch.equal(got, weighted_sum(deltas, spec.linear(w, params)))

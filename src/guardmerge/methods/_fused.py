@@ -216,17 +216,3 @@ def draw_keep(state, position, density, out):  # type: ignore[no-untyped-def]
         available -= take
     position[0] = available + 1
     position[1] = nxt
-
-
-@njit(nogil=True, cache=True, boundscheck=False, fastmath={"contract"})
-def combine(base, rows, coef, out, c0, c1):  # type: ignore[no-untyped-def]
-    """``out = base + sum_i coef_i (rows_i - base)`` over columns ``[c0, c1)``, rounded as the
-    torch reference rounds it: ``tau_i = rows_i - base``, ``acc = tau_0 c_0``, then
-    ``acc = fma(tau_i, c_i, acc)`` (what ``add_(tau_i, alpha=c_i)`` computes), then ``acc + base``."""
-    n = rows.shape[0]
-    for p in range(c0, c1):
-        b = base[p]
-        acc = (rows[0, p] - b) * coef[0]
-        for i in range(1, n):
-            acc = acc + (rows[i, p] - b) * coef[i]
-        out[p] = acc + b

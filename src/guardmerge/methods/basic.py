@@ -16,13 +16,10 @@ from guardmerge.methods.registry import METHODS, MethodParams, TensorContext, se
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i w_i tau_i``: ``[N, *shape]`` x ``[N]`` -> ``[*shape]``."""
-    # row by row into one output (no [N, *shape] temporary): on CPU, N fused multiply-add
-    # sweeps stream memory about twice as fast as a matrix-vector product over [N, n]
-    coef = weights.to(deltas.dtype).tolist()
-    out = torch.mul(deltas[0], coef[0])
-    for row, w in zip(deltas[1:], coef[1:]):
-        out.add_(row, alpha=w)
-    return out
+    # one matrix-vector product: a single pass over the task vectors, no [N, *shape] temporary.
+    # (A chain of add_(row, alpha=w) is ~1.7x faster on this CPU but rounds through fused
+    # multiply-adds: it would change every committed result by an ulp and lose mergekit parity.)
+    return (weights.to(deltas.dtype) @ deltas.reshape(deltas.shape[0], -1)).reshape(deltas.shape[1:])
 
 
 class AverageParams(MethodParams):
@@ -52,19 +49,14 @@ class TaskArithmeticParams(MethodParams):
     )
 
 
-def _task_arithmetic_coefficients(weights: torch.Tensor, params: TaskArithmeticParams) -> torch.Tensor:
-    return params.scaling * weights
-
-
 @METHODS.method(
     "task_arithmetic",
     TaskArithmeticParams,
     "theta_0 + scaling * sum_i w_i tau_i.",
     reference="Ilharco et al. 2023, Editing models with task arithmetic",
-    linear=_task_arithmetic_coefficients,
 )
 def task_arithmetic(
     deltas: torch.Tensor, weights: torch.Tensor, params: TaskArithmeticParams, ctx: TensorContext
 ) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * sum_i w_i tau_i``."""
-    return weighted_sum(deltas, _task_arithmetic_coefficients(weights, params))
+    return weighted_sum(deltas, params.scaling * weights)

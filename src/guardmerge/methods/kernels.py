@@ -7,7 +7,6 @@ kernels here make one, with the same float32 operations in the same order, so th
 bit-identical to the reference (``tests/methods/test_kernels.py`` checks it). They cover:
 
 - TIES election + disjoint merge after a magnitude trim or a DARE drop (:func:`consensus`);
-- linear methods (task arithmetic) straight from the raw checkpoints (:func:`combine`);
 - the counting pass of the exact k-th selection (:func:`band`);
 - DARE's L1 rescale norms (:func:`l1_norms`);
 - DARE's random keep masks from torch's own generator stream (:func:`draw_keep`).
@@ -173,20 +172,6 @@ def l1_norms(rows: torch.Tensor, keep: torch.Tensor, block: int) -> tuple[torch.
     bounds = [blocks * j // parts for j in range(parts + 1)]
     _map(lambda span: k.l1_norms(values, kept, block, *span, before, after), list(itertools.pairwise(bounds)))
     return torch.from_numpy(before).sum(1), torch.from_numpy(after).sum(1)
-
-
-def combine(base: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """``theta_0 + sum_i c_i (theta_i - theta_0)`` in one pass: ``base`` ``[*shape]``, ``rows``
-    ``[N, *shape]`` (raw expert weights), ``coef`` ``[N]`` -> float32 ``[*shape]``; bit-identical
-    to subtracting, :func:`.basic.weighted_sum` and adding ``theta_0`` back in float32."""
-    k = _compiled()
-    flat = base.detach().reshape(-1).contiguous().numpy()
-    values = rows.detach().reshape(rows.shape[0], -1).contiguous().numpy()
-    c = _np(coef, torch.float32)
-    out = torch.empty(base.shape, dtype=torch.float32)
-    target = out.view(-1).numpy()
-    _map(lambda span: k.combine(flat, values, c, target, *span), _spans(flat.shape[0]))
-    return out
 
 
 _STATE_BYTES = 5056  # sizeof(at::CPUGeneratorImplState) in the pinned torch

@@ -133,10 +133,6 @@ class PrepareFn(Protocol[P]):
     def __call__(self, params: P, stream: StreamFactory) -> dict[str, torch.Tensor]: ...
 
 
-class LinearFn(Protocol[P]):
-    def __call__(self, weights: torch.Tensor, params: P) -> torch.Tensor: ...
-
-
 @dataclass(frozen=True)
 class MethodSpec(Generic[P]):
     """A registered method.
@@ -152,10 +148,6 @@ class MethodSpec(Generic[P]):
             (DARE for ``dare_regmean``): the engine merges the sparsified experts and the
             pipeline computes statistics on them, as ALGORITHMS.md section 2 requires.
         reference: the paper or source the method follows.
-        linear: for a method that is exactly ``weighted_sum(deltas, c)`` (:func:`.basic.weighted_sum`),
-            the coefficients ``c`` ``[N]`` from the weights and parameters: the engine may then
-            combine the raw checkpoints in one fused pass (:func:`.kernels.combine`) with the
-            same result.
     """
 
     name: str
@@ -166,7 +158,6 @@ class MethodSpec(Generic[P]):
     prepare: PrepareFn[P] | None = None
     sparsify: SparsifyFn[P] | None = None
     reference: str = ""
-    linear: LinearFn[P] | None = None
 
     def validate(self, raw: Mapping[str, Any] | None) -> P:
         """Validate raw parameters into the schema, or raise :class:`ConfigError`."""
@@ -239,7 +230,6 @@ class Registry:
         prepare: PrepareFn[P] | None = None,
         sparsify: SparsifyFn[P] | None = None,
         reference: str = "",
-        linear: LinearFn[P] | None = None,
     ) -> Callable[[MergeFn[P]], MergeFn[P]]:
         """Decorator form of :meth:`register`."""
 
@@ -254,7 +244,6 @@ class Registry:
                     prepare=prepare,
                     sparsify=sparsify,
                     reference=reference,
-                    linear=linear,
                 )
             )
             return fn
