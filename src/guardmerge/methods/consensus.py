@@ -103,7 +103,7 @@ class ChunkConsensus:
         agree = signed > 0
         agreeing = signed.clamp_min_(0).sum(0)  # sum_i |wd_i| over the agreeing entries
         if self.own_mass:  # (own mass: the fallback is +1 until finish() knows the mass's sign)
-            self.mass += float(total.sum())  # the columns' sums, accumulated in float64
+            self.mass += float(total.sum(dtype=torch.float64))  # the columns' sums, in float64
             # a zero sum with non-zero entries has a positive one, which agreed with the +1
             cols = torch.nonzero((total == 0) & (agreeing > 0)).squeeze(1)
             if cols.numel():

@@ -26,8 +26,9 @@ reaches every merge call as ``ctx.globals``.
 Every merge call walks its tensor in column chunks (:func:`merge_columns`): sparsify, then
 aggregate, chunk by chunk, so a 30k x 768 embedding never needs more than a few 16 MB
 temporaries. With numba installed, a trim or DARE drop followed by the TIES consensus runs as
-one fused pass instead (:mod:`.kernels`, bit-identical to the chunked torch code). DARE draws each expert's mask from its own generator, seeded from
-``ctx.generator(seed)``: the draw depends on (seed, tensor name, expert position, shape) only.
+one fused pass instead (:mod:`.kernels`, bit-identical to the chunked torch code). DARE draws
+each expert's mask from its own generator, seeded from ``ctx.generator(seed)``: the draw depends
+on (seed, tensor name, expert position, shape) only.
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ def _fused_merge(rows: torch.Tensor, sparsify: ChunkFn, aggregate: Aggregator, s
 
     Per-tensor scope: columns summing to exactly 0 take the sign of the tensor's mass, known at
     the end; the kernel assumes +1 and, if the mass turns out negative, runs again with -1
-    (only those columns change). The kernel sums the mass in float64, the reference float32
-    chunk sums: their signs can differ only for a mass within rounding of 0.
+    (only those columns change). Both sum the mass in float64 (in different orders): their
+    signs can differ only for a mass within float64 rounding of 0.
     """
     spec = getattr(sparsify, "fused_spec", None)
     if spec is None or not isinstance(aggregate, ChunkConsensus) or not kernels.usable(rows):
