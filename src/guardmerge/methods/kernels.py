@@ -219,9 +219,9 @@ def _draws_match_torch() -> bool:
 
 
 def band(row: torch.Tensor, lo: float, hi: float, absolute: bool, expected: int) -> tuple[int, torch.Tensor] | None:
-    """``(count below lo, values in [lo, hi] in order)`` of ``row`` ``[d]`` (of ``|row|`` if
+    """``(count below lo, the values in [lo, hi])`` of ``row`` ``[d]`` (of ``|row|`` if
     ``absolute``) in one pass, or ``None`` when the band holds far more than ``expected``.
-    The band's values come in no particular order."""
+    The band's values come in no particular order (enough for a k-th value and counts)."""
     k = _compiled()
     values = row.detach().to(torch.float32).contiguous().numpy()
     spans = _spans(values.shape[0])
