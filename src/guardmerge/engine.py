@@ -401,6 +401,8 @@ def _add_delta(t0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> tor
     if t0.dtype == delta.dtype == dtype == torch.float32:
         return delta.add_(t0) if delta.is_contiguous() and delta.shape == t0.shape else t0 + delta
     if dtype in (torch.float16, torch.bfloat16):  # float32 carries far more than the output keeps
+        if t0.dtype == delta.dtype == torch.float32 and delta.is_contiguous() and delta.shape == t0.shape:
+            return delta.add_(t0).to(dtype)  # the same sum, without a float32 temporary
         return (t0.float() + delta.float()).to(dtype)
     return (t0.double() + delta.double()).to(dtype)
 
