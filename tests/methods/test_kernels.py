@@ -185,3 +185,23 @@ def test_draw_keep_reproduces_torch_rand_and_leaves_the_same_stream(seed: int, d
         assert torch.equal(got, torch.rand(count, generator=theirs) < density)
     assert torch.equal(torch.rand(100, generator=ours), torch.rand(100, generator=theirs))
 
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "signed_zeros"])
+def test_kth_counts_matches_a_sort(kind: str) -> None:
+    g = torch.Generator().manual_seed(len(kind))
+    for size in (1, 2, 37, 5000):
+        x = torch.randn(size, generator=g)
+        if kind == "ties":
+            x = torch.round(x * 4) / 4
+        elif kind == "zeros":
+            x = x.abs()
+            x[: size // 3] = 0.0
+        elif kind == "signed_zeros":
+            x = torch.round(x * 2) / 2
+            x[torch.rand(size, generator=g) < 0.3] = -0.0
+        ordered = x.sort().values
+        for k in {1, (size + 1) // 2, size}:
+            v, below, equal = kernels.kth_counts(x, k)
+            assert v == ordered[k - 1].item()
+            assert below == int((x < v).sum()) and equal == int((x == v).sum())

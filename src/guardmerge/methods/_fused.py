@@ -216,3 +216,40 @@ def draw_keep(state, position, density, out):  # type: ignore[no-untyped-def]
         available -= take
     position[0] = available + 1
     position[1] = nxt
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _order_key(bits):  # type: ignore[no-untyped-def]
+    """uint32 key of a float32's bits whose order is the float order (``-0.0`` keyed as ``+0.0``)."""
+    if bits == _U(0x80000000):
+        bits = _U(0)
+    return ~bits if bits & _U(0x80000000) else bits | _U(0x80000000)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def kth_counts(values, k):  # type: ignore[no-untyped-def]
+    """The ``k``-th smallest (1-based) of float32 ``values``, how many are smaller and how many
+    equal it: a two-pass radix select on 16-bit halves of the order keys (no sort; fast on the
+    heavy ties of half-precision weights, where an introselect slows down)."""
+    bits = values.view(np.uint32)
+    high = np.zeros(1 << 16, np.int64)
+    for i in range(bits.shape[0]):
+        high[_order_key(bits[i]) >> _U(16)] += 1
+    below = 0
+    top = 0
+    while below + high[top] < k:
+        below += high[top]
+        top += 1
+    low = np.zeros(1 << 16, np.int64)
+    for i in range(bits.shape[0]):
+        key = _order_key(bits[i])
+        if key >> _U(16) == top:
+            low[key & _U(0xFFFF)] += 1
+    bottom = 0
+    while below + low[bottom] < k:
+        below += low[bottom]
+        bottom += 1
+    key = (_U(top) << _U(16)) | _U(bottom)
+    found = np.empty(1, np.uint32)
+    found[0] = key & _U(0x7FFFFFFF) if key & _U(0x80000000) else ~key
+    return found.view(np.float32)[0], below, low[bottom]

@@ -7,7 +7,8 @@ kernels here make one, with the same float32 operations in the same order, so th
 bit-identical to the reference (``tests/methods/test_kernels.py`` checks it). They cover:
 
 - TIES election + disjoint merge after a magnitude trim or a DARE drop (:func:`consensus`);
-- the counting pass of the exact k-th selection (:func:`band`);
+- the counting pass of the exact k-th selection (:func:`band`) and the select inside the band
+  (:func:`kth_counts`);
 - DARE's L1 rescale norms (:func:`l1_norms`);
 - DARE's random keep masks from torch's own generator stream (:func:`draw_keep`).
 
@@ -240,6 +241,14 @@ def band(row: torch.Tensor, lo: float, hi: float, absolute: bool, expected: int)
     except _Overflow:
         return None
     return sum(b for b, _ in parts), torch.from_numpy(np.concatenate([x for _, xs in parts for x in xs]))
+
+
+def kth_counts(values: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """The ``k``-th smallest (1-based) of ``values`` ``[m]``, how many are smaller and how many
+    equal it (``-0.0 == +0.0``): exact, by a two-pass radix select (a band's few distinct
+    half-precision values slow an introselect down several times)."""
+    value, below, equal = _compiled().kth_counts(_np(values, torch.float32), k)
+    return float(value), int(below), int(equal)
 
 
 class _Overflow(Exception):

@@ -242,11 +242,15 @@ def _bracketed_kth(rows: torch.Tensor, ranks: Sequence[int], absolute: bool = Fa
                     row[row >= lo] if i_lo > 0 else row[row <= hi] if i_hi < m - 1 else row
             if not n_lo < k <= n_lo + band.numel():
                 return None
-            inside = band.numpy()
-            v = np.partition(inside, k - n_lo - 1)[k - n_lo - 1]  # introselect: ~2x torch.kthvalue here
-            values[i, j] = float(v) + 0.0
-            below[i, j] = n_lo + int(np.count_nonzero(inside < v))
-            equal[i, j] = int(np.count_nonzero(inside == v))
+            if counted is not None:  # the band from the kernel: its radix select
+                v, n_below, n_equal = kernels.kth_counts(band, k - n_lo)
+            else:
+                inside = band.numpy()
+                v = float(np.partition(inside, k - n_lo - 1)[k - n_lo - 1])  # introselect: ~2x torch.kthvalue
+                n_below, n_equal = int(np.count_nonzero(inside < v)), int(np.count_nonzero(inside == v))
+            values[i, j] = v + 0.0
+            below[i, j] = n_lo + n_below
+            equal[i, j] = n_equal
     return KthResult(values, below, equal, d)
 
 
