@@ -12,8 +12,10 @@ the same checkpoints in alternation, ``--runs`` times each, each in a fresh proc
 would (wall time including Python start-up; peak RSS from ``ru_maxrss`` of the child), and
 records medians. One untimed run of each tool comes first (it fills numba's on-disk kernel
 cache, compiled once per install, and warms the page cache for both tools alike). guardmerge
-runs with its ``fast`` extra (numba kernels) when installed: the JSON's ``fused_kernels``. The I/O floor is measured in the same run: read every input file once and
-write one output of the merged size. guardmerge runs with ``heads: shared`` so both tools write
+runs with its ``fast`` extra (numba kernels) when installed: the JSON's ``fused_kernels``.
+``startup_s`` is the median wall time of a process that only imports guardmerge's CLI and torch
+(the part of every run no merge work can shorten). The I/O floor is measured in the same run:
+read every input file once and write one output of the merged size. guardmerge runs with ``heads: shared`` so both tools write
 one stock checkpoint; outputs are compared tensor by tensor.
 
 Jobs use mergekit's per-tensor definitions so the outputs are comparable (weight 0.33 each,
@@ -267,7 +269,9 @@ def main() -> None:
     results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() and not args.small else {}
     from guardmerge.methods import kernels
 
-    results.update({"cpus": os.cpu_count(), "runs": args.runs, "fused_kernels": kernels.enabled()})
+    startup = [timed([sys.executable, "-c", "import guardmerge.cli, torch"], env)[0] for _ in range(5)]
+    results.update({"cpus": os.cpu_count(), "runs": args.runs, "fused_kernels": kernels.enabled(),
+                    "startup_s": statistics.median(startup)})
     results.setdefault("jobs", {})
     for name in args.job or list(JOBS):
         job = JOBS[name]

@@ -64,7 +64,9 @@ def merge_speed_table(path: Path) -> list[str]:
         "",
         "Medians of alternating runs per tool (`runs` per job), each a fresh process (start-up included), "
         f"{res.get('cpus', '?')} CPUs; I/O floor = reading every input once and writing one output (warm page cache)"
-        + ("; guardmerge with its `fast` extra (numba kernels)." if res.get("fused_kernels") else "."),
+        + ("; guardmerge with its `fast` extra (numba kernels)" if res.get("fused_kernels") else "")
+        + (f"; start-up alone (a process importing guardmerge's CLI and torch) {_f(res['startup_s'], 2)} s."
+           if "startup_s" in res else "."),
         "",
         "| job | runs | guardmerge s | mergekit s | speedup | guardmerge peak MiB | mergekit peak MiB | I/O floor s | "
         "guardmerge / floor | max abs diff | entries differing |",

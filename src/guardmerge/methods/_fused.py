@@ -1,8 +1,9 @@
 """numba-compiled loops behind :mod:`.kernels` (imported only when numba is installed).
 
-Each function does in one pass, over a column range ``[c0, c1)`` of float32 rows ``[N, d]``,
-what the torch reference does in several: the same float32 operations in the same order, so the
-results are bit-identical. Columns are processed in blocks of :data:`BLOCK` (everything a block
+Each function does in one pass what the torch reference does in several, with the same float32
+operations in the same order, so the results are bit-identical (except :func:`l1_norms`, whose
+float64 sums the compiler may reorder to vectorise). The per-column kernels work on a range
+``[c0, c1)`` of float32 rows ``[N, d]``, in blocks of :data:`BLOCK` columns (everything a block
 needs stays in L1 cache) with branch-free inner loops the compiler vectorises. ``nogil``: the
 wrappers split the columns across threads.
 """

@@ -4,7 +4,8 @@ guardmerge[fast]``).
 The torch code in :mod:`.consensus`, :mod:`.sparsify` and :mod:`.selection` is the reference:
 it walks each tensor in column chunks and makes about ten passes over ``[N, w]`` per chunk. The
 kernels here make one, with the same float32 operations in the same order, so their results are
-bit-identical to the reference (``tests/methods/test_kernels.py`` checks it). They cover:
+bit-identical to the reference (``tests/methods/test_kernels.py`` checks it); the one exception,
+DARE's L1 norms, are float64 sums that agree to float64 rounding. They cover:
 
 - TIES election + disjoint merge after a magnitude trim or a DARE drop (:func:`consensus`);
 - the counting pass of the exact k-th selection (:func:`band`) and the select inside the band
@@ -89,9 +90,9 @@ class ConsensusSpec:
     mean: bool
 
 
-def _spans(d: int) -> list[tuple[int, int]]:
-    """``[c0, c1)`` column ranges, one per torch thread for wide tensors."""
-    parts = max(1, min(torch.get_num_threads(), d // _PARALLEL))
+def _spans(d: int, minimum: int = _PARALLEL) -> list[tuple[int, int]]:
+    """``[c0, c1)`` ranges over ``d`` items, one per torch thread, each at least ``minimum`` long."""
+    parts = max(1, min(torch.get_num_threads(), d // minimum))
     bounds = [d * j // parts for j in range(parts + 1)]
     return list(itertools.pairwise(bounds))
 
@@ -124,7 +125,7 @@ def consensus(
     """
     k = _compiled()
     n, d = rows.shape
-    values = rows.detach().to(torch.float32).contiguous().numpy()
+    values = _np(rows, torch.float32)
     threshold = np.zeros(n, np.float32)
     cutoff = np.zeros(n, np.int64)
     keep = np.zeros((1, 1), np.uint8)
@@ -133,7 +134,7 @@ def consensus(
     if isinstance(sparse, CutSpec):
         kind, threshold, cutoff = k.TRIM, _np(sparse.threshold, torch.float32), _np(sparse.cutoff, torch.int64)
     elif isinstance(sparse, KeepSpec):
-        kind, keep = k.KEEP, sparse.keep.contiguous().view(torch.uint8).numpy()
+        kind, keep = k.KEEP, _np_bool(sparse.keep)
         if sparse.factor is not None:
             factor = _np(sparse.factor, torch.float32)
     out = torch.empty(d, dtype=torch.float32)
@@ -159,19 +160,21 @@ def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).contiguous().numpy()
 
 
+def _np_bool(t: torch.Tensor) -> np.ndarray:
+    """A bool tensor as the uint8 array the kernels read (no copy when contiguous)."""
+    return t.contiguous().view(torch.uint8).numpy()
+
+
 def l1_norms(rows: torch.Tensor, keep: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum |t_i|, sum over kept |t_i|)`` per row of ``rows`` ``[N, d]``: float64 ``[N]``,
     summed per fixed block of ``block`` columns, then the blocks in order (so the result does
     not depend on the number of threads)."""
     k = _compiled()
-    values = rows.detach().to(torch.float32).contiguous().numpy()
-    kept = keep.contiguous().view(torch.uint8).numpy()
+    values, kept = _np(rows, torch.float32), _np_bool(keep)
     n, d = values.shape
     blocks = max(1, -(-d // block))
     before, after = np.zeros((n, blocks)), np.zeros((n, blocks))
-    parts = max(1, min(torch.get_num_threads(), blocks))
-    bounds = [blocks * j // parts for j in range(parts + 1)]
-    _map(lambda span: k.l1_norms(values, kept, block, *span, before, after), list(itertools.pairwise(bounds)))
+    _map(lambda span: k.l1_norms(values, kept, block, *span, before, after), _spans(blocks, minimum=1))
     return torch.from_numpy(before).sum(1), torch.from_numpy(after).sum(1)
 
 
@@ -224,7 +227,7 @@ def band(row: torch.Tensor, lo: float, hi: float, absolute: bool, expected: int)
     ``absolute``) in one pass, or ``None`` when the band holds far more than ``expected``.
     The band's values come in no particular order (enough for a k-th value and counts)."""
     k = _compiled()
-    values = row.detach().to(torch.float32).contiguous().numpy()
+    values = _np(row, torch.float32)
     spans = _spans(values.shape[0])
     cap = (_BAND_SLACK * expected // len(spans) + _BAND_MIN) // 4  # per stream
     lo32, hi32 = np.float32(lo), np.float32(hi)

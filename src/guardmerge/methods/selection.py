@@ -237,21 +237,23 @@ def _bracketed_kth(rows: torch.Tensor, ranks: Sequence[int], absolute: bool = Fa
                 n_lo, band = counted
             else:  # the reference (also where the kernel's band overflowed, e.g. on heavy ties)
                 row = vals[i].abs() if fused and absolute else vals[i]
-                n_lo = int(torch.count_nonzero(row < lo)) if i_lo > 0 else 0  # strictly below the bracket
-                band = row[(row >= lo) & (row <= hi)] if i_lo > 0 and i_hi < m - 1 else \
-                    row[row >= lo] if i_lo > 0 else row[row <= hi] if i_hi < m - 1 else row
+                n_lo = int(torch.count_nonzero(row < lo))  # strictly below the bracket
+                band = row[(row >= lo) & (row <= hi)]
             if not n_lo < k <= n_lo + band.numel():
                 return None
-            if counted is not None:  # the band from the kernel: its radix select
-                v, n_below, n_equal = kernels.kth_counts(band, k - n_lo)
-            else:
-                inside = band.numpy()
-                v = float(np.partition(inside, k - n_lo - 1)[k - n_lo - 1])  # introselect: ~2x torch.kthvalue
-                n_below, n_equal = int(np.count_nonzero(inside < v)), int(np.count_nonzero(inside == v))
+            # k-th inside the band: the kernel's radix select, or numpy's introselect (~2x torch.kthvalue)
+            v, n_below, n_equal = kernels.kth_counts(band, k - n_lo) if counted is not None else \
+                _kth_counts(band.numpy(), k - n_lo)
             values[i, j] = v + 0.0
             below[i, j] = n_lo + n_below
             equal[i, j] = n_equal
     return KthResult(values, below, equal, d)
+
+
+def _kth_counts(values: np.ndarray, k: int) -> tuple[float, int, int]:
+    """The ``k``-th smallest (1-based) of ``values``, how many are smaller and how many equal it."""
+    v = np.partition(values, k - 1)[k - 1]
+    return float(v), int(np.count_nonzero(values < v)), int(np.count_nonzero(values == v))
 
 
 class RadixSelector:
@@ -467,13 +469,14 @@ def tie_cutoffs(rows: torch.Tensor, threshold: torch.Tensor, quota: torch.Tensor
     over the whole tensor, as one bound (``d``: every tie, ``0``: none)."""
     n, d = rows.shape
     out = torch.full((n,), d, dtype=torch.int64)
+    fused = kernels.usable(rows)
     for i, q in enumerate(quota.tolist()):
         if q >= ALL_TIES:
             continue
         if q <= 0:
             out[i] = 0
             continue
-        if kernels.usable(rows):
+        if fused:
             out[i] = kernels.nth_tie(rows[i], float(threshold[i]), q)
             continue
         ties = torch.nonzero(rows[i].to(torch.float32).abs() == threshold[i].to(torch.float32)).squeeze(1)

@@ -190,17 +190,23 @@ class ChunkDare:
         else:
             raise ValueError(f"unknown DARE rescale '{rescale_by}'")
 
+    def _whole_keep(self, width: int) -> torch.Tensor:
+        """The whole tensor's keep mask ``[N, width]``, drawn once; chunks then slice it."""
+        if self._keep is None:
+            self._keep = dare_keep(self._gens, 0, width, self.density)
+        return self._keep
+
     def _l1_factor(self, rows: torch.Tensor) -> torch.Tensor:
-        self._keep = dare_keep(self._gens, 0, rows.shape[1], self.density)
+        keep = self._whole_keep(rows.shape[1])
         if kernels.usable(rows):
-            before, after = kernels.l1_norms(rows, self._keep, _L1_BLOCK)
+            before, after = kernels.l1_norms(rows, keep, _L1_BLOCK)
         else:
             before = torch.zeros(rows.shape[0], dtype=torch.float64)
             after = torch.zeros_like(before)
             for start in range(0, rows.shape[1], _L1_BLOCK):  # fixed blocks: sums independent of the chunking
                 a = rows[:, start : start + _L1_BLOCK].abs()
                 before += a.sum(1, dtype=torch.float64)  # float64 sums per block, added in order
-                after += (a * self._keep[:, start : start + _L1_BLOCK]).sum(1, dtype=torch.float64)
+                after += (a * keep[:, start : start + _L1_BLOCK]).sum(1, dtype=torch.float64)
         ok = (before >= _L1_EPS) & (after >= _L1_EPS)
         return torch.where(ok, before / torch.where(ok, after, 1.0), 1.0)
 
@@ -209,9 +215,7 @@ class ChunkDare:
         all). Draws the whole mask now; chunks asked afterwards reuse it."""
         if self.density >= 1.0:
             return None
-        if self._keep is None:
-            self._keep = dare_keep(self._gens, 0, rows.shape[1], self.density)
-        return KeepSpec(self._keep, None if self.factor is None else self.factor.to(rows.dtype))
+        return KeepSpec(self._whole_keep(rows.shape[1]), None if self.factor is None else self.factor.to(rows.dtype))
 
     def __call__(self, start: int, chunk: torch.Tensor) -> torch.Tensor:
         if self.density >= 1.0:
