@@ -143,10 +143,12 @@ class Checkpoint:
     """
 
     def __init__(
-        self, source: str | Path, *, allow_pickle: bool = False, revision: str | None = None
+        self, source: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
+        folder: Path | None = None,
     ) -> None:
+        """``folder``: the local folder ``source`` already resolved to (a :class:`MergeJob`'s)."""
         self.source = str(source)
-        self.path = resolve(source, revision=revision)
+        self.path = folder if folder is not None else resolve(source, revision=revision)
         self.config = self._read_config()
         self.adapter: ArchitectureAdapter = get_adapter(
             str(self.config.get("model_type", "")), where=str(self.path / "config.json")

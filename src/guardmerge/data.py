@@ -70,6 +70,17 @@ def read_examples(
     return Examples(texts, labels)
 
 
+def task_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Unlabelled texts from a data file, or from a task folder's ``train.jsonl`` (the first ``limit``)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "train.jsonl"
+        if not p.is_file():
+            raise DataError(f"{p.parent}: a task folder needs train.jsonl")
+    texts = read_examples(p, label_field=None).texts
+    return texts[:limit] if limit else texts
+
+
 def _jsonl_rows(path: Path) -> list[dict]:
     rows = []
     with path.open(encoding="utf-8") as fh:

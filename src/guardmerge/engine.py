@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,7 +29,8 @@ from guardmerge.compat import ExpertRef, MergePlan, plan_merge
 from guardmerge.config import MergeConfig
 from guardmerge.errors import GuardmergeError, StatisticsError
 from guardmerge.io import atomic_dir
-from guardmerge.methods import METHODS, MethodParams, MethodSpec, Role, TensorContext
+from guardmerge.merge.job import MergeJob
+from guardmerge.methods import MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.modelcard import model_card
 from guardmerge.multihead import (
     HEAD_PREFIX,
@@ -41,7 +42,7 @@ from guardmerge.multihead import (
     load_tokenizer,
 )
 from guardmerge.stats.io import ExpertStats, stack_for_tensor
-from guardmerge.writer import ShardedWriter, TensorSlot, write_tensors
+from guardmerge.writer import ShardedWriter, TensorSlot
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,12 @@ class MergeResult:
         return MultiHeadModel(encoder, heads, self.config, info=self.info, tokenizer=tokenizer)
 
 
-def _open_all(config: MergeConfig, stack: ExitStack, progress: bool = False) -> tuple[Checkpoint, list[ExpertRef]]:
-    base = stack.enter_context(Checkpoint(config.base_model, allow_pickle=config.allow_pickle))
+def _open_all(job: MergeJob, stack: ExitStack, progress: bool = False) -> tuple[Checkpoint, list[ExpertRef]]:
+    pickle = job.config.allow_pickle
+    base = stack.enter_context(Checkpoint(job.config.base_model, folder=job.base, allow_pickle=pickle))
     experts = []
-    for ex in tqdm(config.experts, desc="open experts", unit="expert", disable=not progress or len(config.experts) < 8):
-        ck = stack.enter_context(Checkpoint(ex.model, allow_pickle=config.allow_pickle))
+    for ex in tqdm(job.experts, desc="open experts", unit="expert", disable=not progress or len(job.experts) < 8):
+        ck = stack.enter_context(Checkpoint(ex.source, folder=ex.folder, allow_pickle=pickle))
         experts.append(ExpertRef(task=ex.task, weight=ex.weight, checkpoint=ck))
     return base, experts
 
@@ -192,26 +194,27 @@ class OpenMerge:
 
     Use as a context manager (it holds the checkpoints open)::
 
-        with OpenMerge(config) as job:
-            for name, tensor in job.tensors():   # in job.layout() order
+        with OpenMerge(job) as merge:
+            for name, tensor in merge.tensors():   # in merge.layout() order
                 ...
 
     Everything that can fail on bad input (compatibility, statistics) fails in ``__enter__``,
     before any tensor is merged.
     """
 
-    def __init__(self, config: MergeConfig, *, progress: bool = True, compute_dtype: torch.dtype | None = None,
+    def __init__(self, job: MergeJob | MergeConfig, *, progress: bool = True, compute_dtype: torch.dtype | None = None,
                  stats: Sequence[ExpertStats] | None = None) -> None:
-        self.config, self.progress, self.stats = config, progress, stats
-        self.compute_dtype = compute_dtype or _DTYPES[config.dtype]
-        self.out_dtype = _DTYPES[config.out_dtype] if config.out_dtype else None
-        self.spec: MethodSpec[Any] = METHODS.get(config.method)
-        self.params: MethodParams = config.method_params()
+        self.job = MergeJob.of(job)
+        self.config, self.progress, self.stats = self.job.config, progress, stats
+        self.compute_dtype = compute_dtype or _DTYPES[self.config.dtype]
+        self.out_dtype = _DTYPES[self.config.out_dtype] if self.config.out_dtype else None
+        self.spec: MethodSpec[Any] = self.job.spec
+        self.params: MethodParams = self.job.params
         self._stack = ExitStack()
 
     def __enter__(self) -> OpenMerge:
         try:
-            self.base, self.experts = _open_all(self.config, self._stack, self.progress)
+            self.base, self.experts = _open_all(self.job, self._stack, self.progress)
             self.plan = plan_merge(self.base, self.experts, self.config.heads)
             if self.spec.needs and (self.stats is None or len(self.stats) != len(self.experts)):
                 raise StatisticsError(
@@ -309,7 +312,7 @@ class OpenMerge:
         )
         info = {
             "base_model": self.config.base_model,
-            "experts": [{"task": e.task, "model": e.model, "weight": e.weight} for e in self.config.experts],
+            "experts": [{"task": e.task, "model": e.source, "weight": e.weight} for e in self.job.experts],
             "method": self.config.method,
             "parameters": self.params.model_dump(),
             "heads_mode": self.config.heads,
@@ -318,13 +321,14 @@ class OpenMerge:
 
 
 def merge(
-    config: MergeConfig,
+    config: MergeJob | MergeConfig,
     *,
     progress: bool = True,
     compute_dtype: torch.dtype | None = None,
     stats: Sequence[ExpertStats] | None = None,
 ) -> MergeResult:
-    """Merge the experts of ``config`` into a :class:`MergeResult` (held in memory).
+    """Merge the experts of ``config`` (a job, or a config resolved into one) into a
+    :class:`MergeResult` held in memory: the tensor merge alone, no data-dependent stage.
 
     Args:
         compute_dtype: the dtype task vectors are merged in (default: the config's ``dtype``).
@@ -338,7 +342,7 @@ def merge(
 
 
 def stream_to_folder(
-    config: MergeConfig,
+    config: MergeJob | MergeConfig,
     out: str | Path,
     *,
     force: bool = False,
@@ -348,30 +352,43 @@ def stream_to_folder(
 ) -> None:
     """Merge straight to disk: each tensor is written the moment it is merged (never the whole
     model in memory), into shards of at most ``max_shard_bytes``; OUT appears atomically."""
+    with OpenMerge(config, progress=progress, stats=stats) as job:
+        write_folder(out, job.result({}), job.job.config, job.tensors(), job.layout(), force=force,
+                     max_shard_bytes=max_shard_bytes)
+
+
+def write_folder(
+    out: str | Path,
+    result: MergeResult,
+    config: MergeConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    layout: Sequence[TensorSlot],
+    *,
+    force: bool = False,
+    max_shard_bytes: int | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> None:
+    """The one output path of every merge: ``tensors`` (in ``layout`` order) into safetensors
+    shards of at most ``max_shard_bytes``, then config, tokenizer, merge config and model card
+    (and ``extra_files``: name -> bytes, e.g. a search summary), in a temporary folder renamed
+    to ``out`` when complete."""
     from guardmerge import __version__
 
-    with OpenMerge(config, progress=progress, stats=stats) as job, atomic_dir(out, force=force) as tmp:
-        with ShardedWriter(tmp, job.layout(), max_shard_bytes=max_shard_bytes) as writer:
-            for name, tensor in job.tensors():
+    with atomic_dir(out, force=force) as tmp:
+        with ShardedWriter(tmp, layout, max_shard_bytes=max_shard_bytes) as writer:
+            for name, tensor in tensors:
                 writer.write(name, tensor)
-        result = job.result({})
-        _write_folder_files(tmp, result, config, __version__)
-
-
-def _write_folder_files(tmp: Path, result: MergeResult, config: MergeConfig, version: str,
-                        extra_files: Mapping[str, bytes] | None = None) -> None:
-    """Everything of an output folder but the weights: config, tokenizer, merge config, card."""
-    if config.heads == "shared":  # a stock transformers folder, with the merge's provenance
-        model_cfg = {**result.config, "guardmerge": {"version": version, **result.info}}
-    else:
-        model_cfg = folder_config(result.config, result.heads, result.info)
-    (tmp / "config.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
-    if result.tokenizer_dir:
-        _copy_tokenizer(Path(result.tokenizer_dir), tmp)
-    (tmp / "merge_config.yaml").write_text(config.dump())
-    (tmp / "README.md").write_text(model_card(result, config, version))
-    for name, data in (extra_files or {}).items():
-        (tmp / name).write_bytes(data)
+        if config.heads == "shared":  # a stock transformers folder, with the merge's provenance
+            model_cfg = {**result.config, "guardmerge": {"version": __version__, **result.info}}
+        else:
+            model_cfg = folder_config(result.config, result.heads, result.info)
+        (tmp / "config.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
+        if result.tokenizer_dir:
+            _copy_tokenizer(Path(result.tokenizer_dir), tmp)
+        (tmp / "merge_config.yaml").write_text(config.dump())
+        (tmp / "README.md").write_text(model_card(result, config, __version__))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -416,18 +433,18 @@ def _bound_sparsify(
     return lambda deltas, ctx: fn(deltas, params, ctx)
 
 
-def sparsified_experts(config: MergeConfig) -> list[dict[str, torch.Tensor]]:
+def sparsified_experts(config: MergeJob | MergeConfig) -> list[dict[str, torch.Tensor]]:
     """Every expert's encoder as the method merges it: ``theta_0 + sparsify(tau_i)`` per tensor.
 
     For methods with a ``sparsify`` step (``dare_regmean``...), whose statistics must be computed
     on these sparsified experts. Canonical names, float32; one state dict per expert.
     """
-    spec = METHODS.get(config.method)
-    params = config.method_params()
+    job = MergeJob.of(config)
     with ExitStack() as stack:
-        base, experts = _open_all(config, stack)
-        plan = plan_merge(base, experts, config.heads)
-        src = _TensorSource(base, experts, plan, config.seed, torch.float32, sparsify=_bound_sparsify(spec, params))
+        base, experts = _open_all(job, stack)
+        plan = plan_merge(base, experts, job.config.heads)
+        src = _TensorSource(base, experts, plan, job.config.seed, torch.float32,
+                            sparsify=_bound_sparsify(job.spec, job.params))
         states: list[dict[str, torch.Tensor]] = [{} for _ in experts]
         for name in plan.merge_names:
             t0, deltas = src.encoder_tensor(name)
@@ -474,10 +491,7 @@ def write_result(
     extra_files: Mapping[str, bytes] | None = None,
     max_shard_bytes: int | None = None,
 ) -> None:
-    """Write a :class:`MergeResult` as a model folder, atomically (``extra_files``: name ->
-    bytes written beside the model, e.g. a search summary)."""
-    from guardmerge import __version__
-
-    with atomic_dir(out, force=force) as tmp:
-        write_tensors(tmp, result.tensors, max_shard_bytes=max_shard_bytes)
-        _write_folder_files(tmp, result, config, __version__, extra_files)
+    """Write a :class:`MergeResult` held in memory as a model folder (:func:`write_folder`)."""
+    layout = [TensorSlot(n, t.dtype, tuple(t.shape)) for n, t in result.tensors.items()]
+    write_folder(out, result, config, result.tensors.items(), layout, force=force,
+                 max_shard_bytes=max_shard_bytes, extra_files=extra_files)

@@ -1,7 +1,16 @@
-"""The whole merge job: statistics, the tensor merge, head alignment, the output folder.
+"""The whole merge, as stages over one :class:`~guardmerge.merge.job.MergeJob`.
 
-``engine`` maps a method over tensors; this module strings the steps of a config together so the
-CLI, the benchmarks and the search all run the same job.
+A config is resolved into a job once (:meth:`MergeJob.of`), then the stages run top to bottom:
+
+1. **statistics** (:func:`statistics_stage`): the experts' Grams / Fishers, for methods that need them;
+2. **tensor merge** (:func:`guardmerge.engine.merge`): the method mapped over the checkpoints;
+3. **layer-wise solves** (:func:`guardmerge.merge.layerwise.layerwise_stage`): ``lot``, ``regmean_pp``;
+4. **head alignment** (:func:`guardmerge.refit.align_heads`), when the job's alignment plan says;
+5. **write** (:func:`guardmerge.engine.write_folder`), the one output path.
+
+Stages 3 and 4 run the merged model (built once from the merged tensors) on the tasks' texts;
+without them the merge streams straight from the checkpoints to the output folder. The CLI, the
+benchmarks and the search all run these same stages.
 """
 
 from __future__ import annotations
@@ -11,13 +20,14 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from guardmerge.architectures import get_adapter
 from guardmerge.checkpoint import resolve
 from guardmerge.config import MergeConfig, StatsConfig
-from guardmerge.data import read_examples
+from guardmerge.data import task_texts
 from guardmerge.engine import (
     MergeResult,
     merge,
@@ -25,9 +35,10 @@ from guardmerge.engine import (
     stream_to_folder,
     write_result,
 )
-from guardmerge.errors import DataError, StatisticsError
+from guardmerge.errors import StatisticsError
 from guardmerge.io import check_output
-from guardmerge.methods import METHODS
+from guardmerge.merge.job import MergeJob
+from guardmerge.multihead import MultiHeadModel
 from guardmerge.refit import FeatureCache, align_heads
 from guardmerge.stats import (
     ExpertStats,
@@ -41,17 +52,6 @@ from guardmerge.stats import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def task_texts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Unlabelled texts from a data file, or from a task folder's ``train.jsonl``."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "train.jsonl"
-        if not p.is_file():
-            raise DataError(f"{p.parent}: a task folder needs train.jsonl")
-    texts = read_examples(p, label_field=None).texts
-    return texts[:limit] if limit else texts
 
 
 def default_cache_dir() -> Path:
@@ -102,19 +102,20 @@ def compute_stats(
 
 
 def expert_statistics(
-    config: MergeConfig, kinds: frozenset[str], *, progress: bool = True, cache: Path | None = None
+    config: MergeJob | MergeConfig, kinds: frozenset[str], *, progress: bool = True, cache: Path | None = None
 ) -> list[ExpertStats]:
     """Statistics of every expert, in config order: loaded from `stats` files (checked against
     the expert's fingerprint) or computed from `data` and cached by fingerprint and settings."""
+    job = MergeJob.of(config)
+    config = job.config
     out = []
     cache = cache or default_cache_dir() / "stats"
-    spec = METHODS.get(config.method)
     states = None
     variant: dict[str, object] = {}
-    if spec.sparsify is not None:  # statistics of the sparsified experts (ALGORITHMS.md 2)
-        variant = {"sparsified_by": config.method, "seed": config.seed, **config.method_params().model_dump()}
-    for i, e in enumerate(config.experts):
-        fingerprint = expert_fingerprint(resolve(e.model))
+    if job.spec.sparsify is not None:  # statistics of the sparsified experts (ALGORITHMS.md 2)
+        variant = {"sparsified_by": config.method, "seed": config.seed, **job.params.model_dump()}
+    for i, e in enumerate(job.experts):
+        fingerprint = expert_fingerprint(e.folder)
         if variant:
             fingerprint = derive_fingerprint(fingerprint, **variant)
         if e.stats:
@@ -132,11 +133,11 @@ def expert_statistics(
             continue
         log.info("statistics of '%s': computing %s on %d texts", e.task, "+".join(sorted(kinds)), len(texts))
         if variant and states is None:
-            states = sparsified_experts(config)
-        stats = compute_stats(e.model, texts, kinds, config.statistics, progress=progress,
+            states = sparsified_experts(job)
+        stats = compute_stats(e.folder, texts, kinds, config.statistics, progress=progress,
                               encoder_state=states[i] if states is not None else None)
         stats.fingerprint = fingerprint
-        save_stats(path, gram=stats.gram, fisher=stats.fisher, fingerprint=fingerprint, expert=e.model)
+        save_stats(path, gram=stats.gram, fisher=stats.fisher, fingerprint=fingerprint, expert=e.source)
         out.append(stats)
     return out
 
@@ -148,41 +149,69 @@ def _text_digest(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _statistics(config: MergeConfig, stats: Sequence[ExpertStats] | None, progress: bool) -> Sequence[ExpertStats] | None:
-    """``stats`` if given, else the experts' statistics when the method needs some (else None)."""
-    needs = METHODS.get(config.method).needs
-    if needs and stats is None:
-        return expert_statistics(config, needs, progress=progress)
+def statistics_stage(
+    job: MergeJob, stats: Sequence[ExpertStats] | None = None, progress: bool = True
+) -> Sequence[ExpertStats] | None:
+    """Stage 1: ``stats`` if given, else the experts' statistics when the method needs some."""
+    if job.statistics and stats is None:
+        return expert_statistics(job, job.statistics, progress=progress)
     return stats
 
 
+def data_stages(
+    job: MergeJob, result: MergeResult, *, progress: bool = True, feature_cache: FeatureCache | None = None
+) -> MergeResult:
+    """Stages 3 and 4 on a merged result, in place: layer-wise solves, then head alignment.
+
+    The merged model is built once from ``result``; the tensors the stages change are written
+    back into ``result.tensors`` (in their merged dtype).
+    """
+    if not job.needs_data:
+        return result
+    model = result.to_model()
+    layerwise, align = job.spec.layerwise, job.alignment
+    texts = job.texts(max(getattr(job.params, "texts", 0) if layerwise else 0, align.examples if align else 0))
+    if layerwise is not None:
+        from guardmerge.merge.layerwise import layerwise_stage
+
+        params: Any = job.params
+        experts = {e.task: MultiHeadModel.from_classifier(e.folder, e.task, allow_pickle=job.config.allow_pickle)
+                   for e in job.experts}
+        result.info["layerwise"] = layerwise_stage(
+            model, experts, {t: x[: params.texts] for t, x in texts.items()}, {e.task: e.weight for e in job.experts},
+            layerwise.solve, params, cross=layerwise.cross, bias=layerwise.bias, max_length=params.max_length,
+            batch_size=params.batch_size, progress=progress,
+        )
+    if align is not None:
+        report = align_heads(model, {e.task: e.folder for e in job.experts}, texts, align, feature_cache)
+        result.info["align_heads"] = {"settings": align.model_dump(), "report": report}
+    for name, tensor in model.state_tensors().items():
+        if name in result.tensors:
+            result.tensors[name] = tensor.to(result.tensors[name].dtype)
+    return result
+
+
 def build(
-    config: MergeConfig,
+    config: MergeJob | MergeConfig,
     *,
     progress: bool = True,
     stats: Sequence[ExpertStats] | None = None,
     feature_cache: FeatureCache | None = None,
 ) -> MergeResult:
-    """Run the merge described by ``config`` and return it in memory.
+    """Run every stage of the job in memory and return the merged result.
 
     Statistics (for methods that need them) come from ``stats`` when given, else from each
-    expert's `stats` file or `data`; head alignment runs when :meth:`MergeConfig.alignment` says.
+    expert's `stats` file or `data`; the layer-wise solves and head alignment run when the job
+    says.
     """
-    stats = _statistics(config, stats, progress)
-    align = config.alignment()
-    texts = {e.task: task_texts(e.data, align.examples) for e in config.experts} if align else {}
-    result = merge(config, progress=progress, stats=stats)
-    if align:
-        model = result.to_model()
-        report = align_heads(model, {e.task: e.model for e in config.experts}, texts, align, feature_cache)
-        for task in report:
-            result.tensors.update(model.heads[task].state(task))  # type: ignore[operator]
-        result.info["align_heads"] = {"settings": align.model_dump(), "report": report}
-    return result
+    job = MergeJob.of(config)
+    stats = statistics_stage(job, stats, progress)
+    result = merge(job, progress=progress, stats=stats)
+    return data_stages(job, result, progress=progress, feature_cache=feature_cache)
 
 
 def merge_to_folder(
-    config: MergeConfig,
+    config: MergeJob | MergeConfig,
     out: str | Path,
     *,
     force: bool = False,
@@ -192,16 +221,17 @@ def merge_to_folder(
 ) -> Path:
     """Run the job and write the output folder atomically (refuses an existing ``out``).
 
-    Without head alignment the merge streams straight to disk, tensor by tensor, into shards of
-    at most ``max_shard_bytes``; with it, the model is merged in memory, aligned, then written.
+    Without a data stage the merge streams straight to disk, tensor by tensor, into shards of
+    at most ``max_shard_bytes``; with one, the model is merged in memory, refined, then written.
     """
     check_output(out, force=force)
-    stats = _statistics(config, stats, progress)
-    if config.alignment() is None:
-        stream_to_folder(config, out, force=force, progress=progress, stats=stats, max_shard_bytes=max_shard_bytes)
+    job = MergeJob.of(config)
+    stats = statistics_stage(job, stats, progress)
+    if job.needs_data:
+        write_result(build(job, progress=progress, stats=stats), out, job.config, force=force,
+                     max_shard_bytes=max_shard_bytes)
     else:
-        result = build(config, progress=progress, stats=stats)
-        write_result(result, out, config, force=force, max_shard_bytes=max_shard_bytes)
+        stream_to_folder(job, out, force=force, progress=progress, stats=stats, max_shard_bytes=max_shard_bytes)
     return Path(out)
 
 
@@ -221,4 +251,5 @@ def self_merge_config(
     }, source="self-merge")
 
 
-__all__ = ["build", "compute_stats", "expert_statistics", "merge_to_folder", "self_merge_config", "task_texts"]
+__all__ = ["build", "compute_stats", "data_stages", "expert_statistics", "merge_to_folder", "self_merge_config",
+           "statistics_stage", "task_texts"]

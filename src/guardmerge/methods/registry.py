@@ -134,6 +134,56 @@ class PrepareFn(Protocol[P]):
 
 
 @dataclass(frozen=True)
+class LinearSystem:
+    """What the layer-wise stage measured for one Linear layer (ALGORITHMS.md 3a).
+
+    ``k`` is the layer's input size, plus one when the method fits the bias jointly (a ones
+    column appended to every input row).
+
+    Attributes:
+        name: canonical name of the layer's weight.
+        gram: ``[N, k, k]`` per task, the mean over its tokens of ``x~ x~^T``, ``x~`` the input
+            the *merged* model so far gives the layer (float64).
+        cross: ``[N, out, k]`` per task, the mean of ``y x~^T`` with ``y`` the expert's own
+            layer output on the expert's own input (only for methods that ask for it).
+        expert_weight: ``[N, out, in]`` the experts' weights of the layer.
+        expert_bias: ``[N, out]`` their biases (None for a layer without bias).
+        anchor_weight: ``[out, in]`` the layer in the anchor merge (the pull target).
+        anchor_bias: ``[out]`` or None.
+        weights: ``[N]`` per-expert coefficients.
+    """
+
+    name: str
+    gram: torch.Tensor
+    cross: torch.Tensor | None
+    expert_weight: torch.Tensor
+    expert_bias: torch.Tensor | None
+    anchor_weight: torch.Tensor
+    anchor_bias: torch.Tensor | None
+    weights: torch.Tensor
+
+
+class LayerSolveFn(Protocol[P]):
+    def __call__(self, system: LinearSystem, params: P) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+@dataclass(frozen=True)
+class LayerwiseSpec(Generic[P]):
+    """How a layer-wise method solves each Linear layer on the merged model's activations.
+
+    Attributes:
+        solve: the pure solve, ``(LinearSystem, params) -> (weight [out, in], bias [out] | None)``
+            (bias None: keep the merge's bias).
+        cross: the solve needs :attr:`LinearSystem.cross` (expert outputs on expert inputs).
+        bias: the bias is fitted jointly (the Gram carries the ones column).
+    """
+
+    solve: LayerSolveFn[P]
+    cross: bool = False
+    bias: bool = False
+
+
+@dataclass(frozen=True)
 class MethodSpec(Generic[P]):
     """A registered method.
 
@@ -147,6 +197,9 @@ class MethodSpec(Generic[P]):
         sparsify: optional drop applied to every expert's task vectors before anything else
             (DARE for ``dare_regmean``): the engine merges the sparsified experts and the
             pipeline computes statistics on them, as ALGORITHMS.md section 2 requires.
+        layerwise: for methods solved layer by layer on the merged model's own activations
+            (``lot``, ``regmean_pp``): ``fn`` gives the starting merge, then the layer-wise
+            stage solves every Linear layer with :attr:`LayerwiseSpec.solve`.
         reference: the paper or source the method follows.
     """
 
@@ -157,6 +210,7 @@ class MethodSpec(Generic[P]):
     needs: frozenset[str] = frozenset()
     prepare: PrepareFn[P] | None = None
     sparsify: SparsifyFn[P] | None = None
+    layerwise: LayerwiseSpec[P] | None = None
     reference: str = ""
 
     def validate(self, raw: Mapping[str, Any] | None) -> P:
@@ -189,7 +243,7 @@ class MethodSpec(Generic[P]):
         rows = []
         for pname, finfo in self.params.model_fields.items():
             tname = _type_name(finfo.annotation)
-            default = "required" if finfo.is_required() else repr(finfo.default)
+            default = "required" if finfo.is_required() else repr(finfo.get_default(call_default_factory=True))
             desc = finfo.description or ""
             r = space.get(pname)
             if r is not None:
@@ -229,6 +283,7 @@ class Registry:
         needs: frozenset[str] = frozenset(),
         prepare: PrepareFn[P] | None = None,
         sparsify: SparsifyFn[P] | None = None,
+        layerwise: LayerwiseSpec[P] | None = None,
         reference: str = "",
     ) -> Callable[[MergeFn[P]], MergeFn[P]]:
         """Decorator form of :meth:`register`."""
@@ -243,6 +298,7 @@ class Registry:
                     needs=needs,
                     prepare=prepare,
                     sparsify=sparsify,
+                    layerwise=layerwise,
                     reference=reference,
                 )
             )

@@ -80,13 +80,13 @@ class MergeScorer:
     def __init__(self, job: SearchJob) -> None:
         from guardmerge.config import parse_config
         from guardmerge.data import load_task
-        from guardmerge.methods import METHODS
+        from guardmerge.merge.job import MergeJob
         from guardmerge.refit import FeatureCache
 
         self.job = job
-        self.config = parse_config(dict(job.config), source="search config")
-        self.spec = METHODS.get(self.config.method)
-        self.tasks = [e.task for e in self.config.experts]
+        self.merge_job = MergeJob.of(parse_config(dict(job.config), source="search config"))
+        self.spec = self.merge_job.spec
+        self.tasks = self.merge_job.tasks
         root = Path(job.data_dir)
         self.val = {}
         for task in self.tasks:
@@ -107,13 +107,8 @@ class MergeScorer:
         self._seen: dict[str, dict[str, float]] = {}
 
     def config_for(self, candidate: Candidate) -> Any:
-        """The merge config of ``candidate`` (the job's config with its parameters and weights)."""
-        from guardmerge.config import parse_config
-
-        raw = dict(self.job.config)
-        raw["parameters"] = dict(candidate.parameters)
-        raw["experts"] = [dict(e, weight=w) for e, w in zip(self.job.config["experts"], candidate.weights, strict=True)]
-        return parse_config(raw, source="search candidate")
+        """The merge job of ``candidate``: the search's job with its parameters and weights."""
+        return self.merge_job.with_candidate(candidate.parameters, candidate.weights)
 
     def statistics(self, config: Any) -> Any:
         """Per-expert statistics: computed once, or per candidate when the method sparsifies

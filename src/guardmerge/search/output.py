@@ -80,13 +80,13 @@ def write_best(scorer: MergeScorer, outcome: SearchOutcome, out: str | Path, *, 
     from guardmerge.engine import write_result
     from guardmerge.pipeline import build
 
-    config = scorer.config_for(outcome.best)
-    result = build(config, progress=progress, stats=scorer.statistics(config), feature_cache=scorer.features)
+    job = scorer.config_for(outcome.best)
+    result = build(job, progress=progress, stats=scorer.statistics(job), feature_cache=scorer.features)
     result.info.setdefault("card_sections", []).append(card_section(outcome))
     summary: dict[str, Any] = outcome.summary()
     extra = {"search.json": (json.dumps(summary, indent=2, default=str) + "\n").encode()}
     png = history_png(outcome)
     if png is not None:
         extra["search_history.png"] = png
-    write_result(result, out, config, force=force, extra_files=extra)
+    write_result(result, out, job.config, force=force, extra_files=extra)
     return Path(out)
