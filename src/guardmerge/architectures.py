@@ -33,6 +33,10 @@ class ArchitectureAdapter:
         has_pooler: whether the encoder carries a pooler (``pooler.dense``).
         multi_head: whether the family can be a multi-head model (``heads: multi | hm3``);
             decoder families (Llama) merge whole checkpoints with ``heads: shared`` only.
+        blocks: the encoder's list of transformer blocks, as an attribute path of the base
+            model (``encoder.layer``); None where the layer-wise stage is not supported.
+        pooler: the base model's pooler module (``pooler``: it reads the last hidden states),
+            or None.
         hidden_in_head: the head has a hidden layer (so ``hm3`` head mode is refused).
     """
 
@@ -45,6 +49,8 @@ class ArchitectureAdapter:
     head_input: str
     has_pooler: bool
     multi_head: bool = True
+    blocks: str | None = None
+    pooler: str | None = None
 
     @property
     def hidden_in_head(self) -> bool:
@@ -102,6 +108,8 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             head_activation="tanh",
             head_input="pooled",
             has_pooler=True,
+            blocks="encoder.layer",
+            pooler="pooler",
         ),
         ArchitectureAdapter(
             model_type="roberta",
@@ -112,6 +120,7 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             head_activation="tanh",
             head_input="cls",
             has_pooler=False,
+            blocks="encoder.layer",
         ),
         ArchitectureAdapter(
             model_type="distilbert",
@@ -122,6 +131,7 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             head_activation="relu",
             head_input="cls",
             has_pooler=False,
+            blocks="transformer.layer",
         ),
         ArchitectureAdapter(  # LlamaForCausalLM / LlamaForSequenceClassification: heads: shared
             model_type="llama",

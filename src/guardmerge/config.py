@@ -113,15 +113,24 @@ class MergeConfig(BaseModel):
         dupes = sorted({t for t in tasks if tasks.count(t) > 1})
         if dupes:
             raise ValueError(f"duplicate task names: {', '.join(dupes)} (each head needs its own)")
-        METHODS.get(self.method).validate(self.parameters)
+        spec = METHODS.get(self.method)
+        spec.validate(self.parameters)
         self.alignment()  # align_heads: true without data fails here, before any work
-        needs = METHODS.get(self.method).needs
-        lacking = [e.task for e in self.experts if needs and not (e.stats or e.data)]
+        lacking = [e.task for e in self.experts if spec.needs and not (e.stats or e.data)]
         if lacking:
             raise ConfigError(
-                f"method '{self.method}' needs {', '.join(sorted(needs))} statistics: give "
+                f"method '{self.method}' needs {', '.join(sorted(spec.needs))} statistics: give "
                 f"`stats: FILE` (guardmerge stats) or `data: FILE` to expert(s) {', '.join(lacking)}"
             )
+        if spec.layerwise is not None:
+            if self.heads != "multi":
+                raise ConfigError(f"method '{self.method}' solves layers on a multi-head model: use heads: multi")
+            without = [e.task for e in self.experts if not e.data]
+            if without:
+                raise ConfigError(
+                    f"method '{self.method}' runs the models on each task's texts: give `data: FILE` "
+                    f"(unlabelled texts) to expert(s) {', '.join(without)}"
+                )
         return self
 
     def alignment(self) -> AlignConfig | None:

@@ -9,6 +9,8 @@ import importlib
 
 from guardmerge.methods.registry import (
     METHODS,
+    LayerwiseSpec,
+    LinearSystem,
     MethodParams,
     MethodSpec,
     Role,
@@ -19,11 +21,12 @@ from guardmerge.methods.registry import (
 )
 
 # Each module registers its methods when imported. Add new method modules here.
-_METHOD_MODULES = ("basic", "ties", "pcb", "model_stock", "regmean", "fisher", "dare_combos")
+_METHOD_MODULES = ("basic", "ties", "pcb", "model_stock", "regmean", "fisher", "dare_combos",
+                  "wudi", "layerwise")
 
 for _module in _METHOD_MODULES:
     importlib.import_module(f"guardmerge.methods.{_module}")
 
 __all__ = [
-    "METHODS", "MethodParams", "MethodSpec", "Role", "SearchRange", "StreamFactory", "TensorContext", "searchable",
+    "METHODS", "LayerwiseSpec", "LinearSystem", "MethodParams", "MethodSpec", "Role", "SearchRange", "StreamFactory", "TensorContext", "searchable",
 ]

@@ -1,0 +1,304 @@
+"""The layer-wise stage: solve every Linear layer on the merged model's own activations.
+
+ALGORITHMS.md 3a. For each task, the merged model and the task's expert read the same
+tokenised texts. Block by block, from the embeddings upward (then the pooler, where the family
+has one), each group of Linear layers that reads one input (q/k/v; attention output;
+intermediate; output) is measured on the merged model *as solved so far*, solved by the method's
+pure :attr:`~guardmerge.methods.LayerwiseSpec.solve`, and written into the merged block; then the
+texts are pushed through the solved block. Padding tokens are masked out; each task's statistics
+are a mean over its tokens, so every task weighs the same (times its expert weight).
+
+What it needs of a family comes from the architecture adapter: where the blocks are
+(``blocks``) and the pooler (``pooler``). Blocks are called with the arguments the encoder gave
+them, captured once per batch by a forward pre-hook, so no family's attention-mask format is
+rebuilt here. The experts' hidden states at every block input never change and are computed
+once per task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from guardmerge.errors import GuardmergeError
+from guardmerge.methods import LinearSystem, MethodParams
+from guardmerge.multihead import MultiHeadModel
+from guardmerge.stats.batches import tokenize_batches
+from guardmerge.stats.gram import model_inputs
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it needs is captured."""
+
+
+@dataclass
+class _Call:
+    """One batch as a block sees it: its call arguments besides the hidden states, and the
+    flat indices of its non-padding tokens."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rows: torch.Tensor
+
+
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    """``root.a.b`` for ``path = "a.b"``."""
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _capture_inputs(encoder: nn.Module, blocks: Sequence[nn.Module], batch: Mapping[str, torch.Tensor],
+                    upto: int | None) -> tuple[list[torch.Tensor], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Run ``encoder`` on ``batch``, recording each block's input hidden states and call
+    arguments (blocks ``0..upto``; all, plus the last block's output, when ``upto`` is None)."""
+    hidden: list[torch.Tensor] = []
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    last = len(blocks) - 1 if upto is None else upto
+
+    def pre(i: int) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if args:
+                hidden.append(args[0])
+                calls.append((args[1:], dict(kwargs)))
+            else:
+                rest = dict(kwargs)
+                hidden.append(rest.pop("hidden_states"))
+                calls.append(((), rest))
+            if upto is not None and i == upto:
+                raise _Stop
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks[: last + 1])]
+    if upto is None:
+        handles.append(blocks[-1].register_forward_hook(lambda _m, _a, out: hidden.append(_first(out))))
+    try:
+        encoder(**model_inputs(encoder, batch))
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, calls
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, call: _Call | None) -> torch.Tensor:
+    if call is None:  # the pooler: called on the last hidden states alone
+        return _first(block(hidden))
+    return _first(block(hidden, *call.args, **call.kwargs))
+
+
+def linear_groups(block: nn.Module, hidden: torch.Tensor, call: _Call | None) -> list[list[str]]:
+    """The block's Linear layers in call order, grouped by shared input (q/k/v read one tensor)."""
+    order: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        return lambda _m, args: order.append((name, args[0]))
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        _call(block, hidden, call)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    previous: torch.Tensor | None = None
+    for name, x in order:
+        if previous is not None and x is previous and name not in groups[-1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = x
+    seen = [n for g in groups for n in g]
+    if len(seen) != len(set(seen)):
+        raise GuardmergeError(f"a Linear layer of {type(block).__name__} runs twice per forward; "
+                              "the layer-wise stage cannot order its solves")
+    return groups
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T, d]`` -> the non-padding tokens ``[n, d]``; ``[B, d]`` (pooled) as it is."""
+    flat = x.reshape(-1, x.shape[-1])
+    if x.dim() >= 3 and rows is not None:
+        flat = flat.index_select(0, rows)
+    return flat.detach()
+
+
+def _grab(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, call: _Call | None,
+          outputs: bool) -> dict[str, torch.Tensor]:
+    """Run ``block`` until the Linear layers ``names`` have run; their inputs (or outputs)."""
+    got: dict[str, torch.Tensor] = {}
+    mods = {n: module_at(block, n) for n in names}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_: nn.Module, args: tuple[Any, ...], out: Any = None) -> None:
+            got[name] = out if outputs else args[0]
+            if len(got) == len(mods):
+                raise _Stop
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) if outputs else m.register_forward_pre_hook(hook(n))
+               for n, m in mods.items()]
+    try:
+        _call(block, hidden, call)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+@dataclass
+class _Task:
+    """One task's texts as both models see them, at the current depth."""
+
+    calls: list[_Call]
+    merged: list[torch.Tensor]  # merged model's hidden states at the current block input, per batch
+    expert: list[list[torch.Tensor]]  # expert's hidden states at every block input (+ final), per batch
+    blocks: Sequence[nn.Module]  # the expert's blocks
+    pooler: nn.Module | None
+    weight: float
+
+
+@torch.no_grad()
+def layerwise_stage(
+    model: MultiHeadModel,
+    experts: Mapping[str, MultiHeadModel],
+    texts: Mapping[str, Sequence[str]],
+    weights: Mapping[str, float],
+    solve: Callable[[LinearSystem, Any], tuple[torch.Tensor, torch.Tensor | None]],
+    params: MethodParams,
+    *,
+    cross: bool,
+    bias: bool,
+    max_length: int = 128,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Solve every Linear layer of ``model``'s encoder in place, from the embeddings up.
+
+    Args:
+        model: the starting merge (its Linear weights are the anchor the solves may pull toward).
+        experts: task -> the expert as a one-head model (same family and tokenizer).
+        texts: task -> unlabelled texts.
+        weights: task -> expert weight ``w_i``.
+        solve: the method's pure per-layer solve; ``params`` its parameters.
+        cross: measure ``y x~^T`` (expert outputs on expert inputs); ``bias``: append a ones column.
+
+    Returns:
+        A report: layers solved, tokens per task, seconds.
+    """
+    started = time.perf_counter()
+    adapter = model.adapter
+    if adapter.blocks is None:
+        raise GuardmergeError(f"the layer-wise stage does not support model_type '{adapter.model_type}'")
+    if model.tokenizer is None:
+        raise GuardmergeError("the layer-wise stage needs the merged model's tokenizer")
+    encoder = model.encoder.eval()
+    blocks = module_at(encoder, adapter.blocks)
+    pooler = module_at(encoder, adapter.pooler) if adapter.pooler and hasattr(encoder, adapter.pooler) \
+        and getattr(encoder, adapter.pooler) is not None else None
+    tasks: dict[str, _Task] = {}
+    tokens: dict[str, int] = {}
+    for task, task_texts in texts.items():
+        ex = experts[task].encoder.eval()
+        batches = tokenize_batches(model.tokenizer, list(task_texts), batch_size=batch_size,
+                                   max_length=max_length, sort_by_length=True)
+        calls, merged, expert_hidden = [], [], []
+        for batch in batches:
+            h, cl = _capture_inputs(encoder, blocks, batch, upto=0)
+            rows = batch["attention_mask"].reshape(-1).bool().nonzero().squeeze(1)
+            calls.append(_Call(cl[0][0], cl[0][1], rows))
+            merged.append(h[0])
+            eh, _ = _capture_inputs(ex, module_at(ex, adapter.blocks), batch, upto=None)
+            expert_hidden.append(eh)
+        ex_pooler = getattr(ex, adapter.pooler, None) if adapter.pooler else None
+        tasks[task] = _Task(calls, merged, expert_hidden, module_at(ex, adapter.blocks), ex_pooler,
+                            float(weights[task]))
+        tokens[task] = sum(int(c.rows.numel()) for c in calls)
+    names = list(tasks)
+    w = torch.tensor([tasks[t].weight for t in names], dtype=torch.float64)
+    solved = 0
+    stack: list[tuple[str, nn.Module, int | None]] = [(f"{adapter.blocks}.{i}", b, i) for i, b in enumerate(blocks)]
+    if pooler is not None:
+        stack.append((adapter.pooler or "pooler", pooler, None))
+    first = tasks[names[0]]
+    for prefix, block, depth in tqdm(stack, desc="layer-wise solve", unit="block", disable=not progress):
+        def call_of(task: _Task, b: int) -> _Call | None:
+            return task.calls[b] if depth is not None else None
+
+        def expert_block(task: _Task) -> nn.Module | None:
+            return task.blocks[depth] if depth is not None else task.pooler
+
+        groups = linear_groups(block, first.merged[0], call_of(first, 0))
+        level = len(blocks) if depth is None else depth
+        for group in groups:
+            grams, crosses = [], []
+            for t in names:
+                task = tasks[t]
+                ex_block = expert_block(task)
+                if ex_block is None:
+                    raise GuardmergeError(f"expert '{t}' has no pooler to fit the merged pooler to")
+                gram = None
+                cr: dict[str, torch.Tensor] = {}
+                count = 0
+                for b, hidden in enumerate(task.merged):
+                    call = call_of(task, b)
+                    rows = task.calls[b].rows
+                    x = _rows(_grab(block, group[:1], hidden, call, outputs=False)[group[0]], rows).double()
+                    if bias:
+                        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+                    gram = x.T @ x if gram is None else gram.add_(x.T @ x)
+                    count += x.shape[0]
+                    if cross:
+                        outs = _grab(ex_block, group, task.expert[b][level], call, outputs=True)
+                        for n in group:
+                            y = _rows(outs[n], rows).double()
+                            cr[n] = y.T @ x if n not in cr else cr[n].add_(y.T @ x)
+                assert gram is not None
+                grams.append(gram / count)
+                crosses.append({n: c / count for n, c in cr.items()})
+            g = torch.stack(grams)
+            for n in group:
+                lin = module_at(block, n)
+                assert isinstance(lin, nn.Linear)
+                ex_lins = [module_at(expert_block(tasks[t]), n) for t in names]  # type: ignore[arg-type]
+                system = LinearSystem(
+                    name=f"{prefix}.{n}.weight",
+                    gram=g,
+                    cross=torch.stack([c[n] for c in crosses]) if cross else None,
+                    expert_weight=torch.stack([m.weight.detach() for m in ex_lins]),
+                    expert_bias=None if lin.bias is None else torch.stack([m.bias.detach() for m in ex_lins]),
+                    anchor_weight=lin.weight.detach().clone(),
+                    anchor_bias=None if lin.bias is None else lin.bias.detach().clone(),
+                    weights=w,
+                )
+                new_w, new_b = solve(system, params)
+                lin.weight.copy_(new_w.to(lin.weight.dtype))
+                if new_b is not None and lin.bias is not None:
+                    lin.bias.copy_(new_b.to(lin.bias.dtype))
+                solved += 1
+        if depth is not None:  # push every task's texts through the solved block
+            for task in tasks.values():
+                task.merged = [_call(block, h, task.calls[b]) for b, h in enumerate(task.merged)]
+    seconds = time.perf_counter() - started
+    log.info("layer-wise stage: %d Linear layers solved on %s tokens in %.1f s", solved,
+             ", ".join(f"{t} {n}" for t, n in tokens.items()), seconds)
+    return {"layers": solved, "tokens": tokens, "seconds": seconds}
