@@ -474,11 +474,17 @@ def serve(
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per text (default: the model's maximum, 512 at most).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Inference threads (default: the runtime's choice).")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    header_timeout: Annotated[float, typer.Option(help="Seconds a connection has to send a complete request head (from opening, or from the previous response); then it is closed.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request has to send its whole body; then 408 request_timeout.")] = 30.0,
+    keep_alive_timeout: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = 5.0,
+    max_connections: Annotated[int, typer.Option(help="Most concurrent connections (and requests in flight); beyond it new requests get 503.")] = 512,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/classify, GET /v1/model, /healthz, /metrics (Prometheus);
     the OpenAPI document is at /openapi.json. Needs the extra named serve."""
     if not 0.0 <= default_threshold <= 1.0:
         raise GuardmergeError(f"--default-threshold {default_threshold} is outside [0, 1]")
+    if api_key is None and os.environ.get("GUARDMERGE_API_KEY") is not None:
+        api_key = os.environ["GUARDMERGE_API_KEY"]  # click reads an empty variable as unset: refuse it below
     try:
         import uvicorn
 
@@ -488,20 +494,28 @@ def serve(
             load_backend,
             parse_thresholds,
         )
+        from guardmerge.serve.app import check_api_key
+        from guardmerge.serve.server import is_loopback, uvicorn_limits
     except ImportError as exc:
         raise GuardmergeError(f"serving needs the serve extra ({exc.name} is missing): pip install 'guardmerge[serve]'") from None
 
+    check_api_key(api_key, "--api-key (or $GUARDMERGE_API_KEY)")
+    limits = uvicorn_limits(header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
+                            max_connections=max_connections)
     settings = ServeSettings(
         max_texts=max_texts, max_chars=max_chars, max_batch=max_batch, max_wait_ms=max_wait_ms,
         max_queue=max_queue, thresholds=parse_thresholds(threshold or []),
-        default_threshold=default_threshold, api_key=api_key or None,
+        default_threshold=default_threshold, api_key=api_key, body_timeout=body_timeout,
     )
+    if api_key is None and not is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who can reach it can classify and read /metrics "
+                    "(set --api-key or $GUARDMERGE_API_KEY)", host or "every address")
     runner = load_backend(model, backend, max_length=max_length, threads=threads)
     try:
         application = create_app(runner, settings)
         log.info("listening on http://%s:%d (docs at /docs)", host, port)
         uvicorn.run(application, host=host, port=port, access_log=access_log,
-                    log_level=logging.getLevelName(log.getEffectiveLevel()).lower())
+                    log_level=logging.getLevelName(log.getEffectiveLevel()).lower(), **limits)
     finally:
         runner.close()
 

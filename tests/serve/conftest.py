@@ -45,15 +45,16 @@ def merged(merged_dir: Path) -> MultiHeadModel:
 
 
 @contextmanager
-def running(app: Any, timeout: float = 30.0) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a background thread on a free 127.0.0.1 port; yield its URL."""
+def running(app: Any, timeout: float = 30.0, **config: Any) -> Iterator[str]:
+    """Run ``app`` with uvicorn (extra ``uvicorn.Config`` options: ``config``) in a background thread
+    on a free 127.0.0.1 port; yield its URL."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -71,12 +72,12 @@ def running(app: Any, timeout: float = 30.0) -> Iterator[str]:
 
 @pytest.fixture
 def serve() -> Callable[..., Any]:
-    """``with serve(model_or_backend, **settings) as url:`` runs a real server."""
+    """``with serve(model_or_backend, uvicorn_options={...}, **settings) as url:`` runs a real server."""
     from guardmerge.serve import ServeSettings, create_app
 
     @contextmanager
-    def start(model: Any, **settings: Any) -> Iterator[str]:
-        with running(create_app(model, ServeSettings(**settings))) as url:
+    def start(model: Any, uvicorn_options: dict[str, Any] | None = None, **settings: Any) -> Iterator[str]:
+        with running(create_app(model, ServeSettings(**settings)), **(uvicorn_options or {})) as url:
             yield url
 
     return start

@@ -101,26 +101,69 @@ def test_union_of_tasks_per_batch() -> None:
     assert list(x) == ["a"] and list(y) == ["b"] and rec.tasks == [["a", "b"]]
 
 
-def test_failure_reaches_every_caller_of_the_batch_only() -> None:
-    calls = {"n": 0}
+def test_failure_reaches_only_the_failing_request() -> None:
+    """A batch that fails is retried request by request: only the request that fails alone fails."""
+    calls: list[list[str]] = []
 
-    def flaky(texts: Sequence[str], tasks: Sequence[str] | None) -> dict[str, np.ndarray]:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise ValueError("bad batch")
-        return {"a": np.zeros((len(texts), 1), np.float32)}
+    def picky(texts: Sequence[str], tasks: Sequence[str] | None) -> dict[str, np.ndarray]:
+        calls.append(list(texts))
+        if "bad" in texts:
+            raise ValueError("bad text")
+        return {"a": np.array([[float(t)] for t in texts], np.float32)}
 
     async def main() -> tuple[list, dict]:
-        b = MicroBatcher(flaky, max_batch=8, max_wait_ms=50)
+        b = MicroBatcher(picky, max_batch=8, max_wait_ms=50)
         await b.start()
         try:
-            first = await asyncio.gather(b.submit(["1"]), b.submit(["2"]), return_exceptions=True)
-            return first, await b.submit(["3"])
+            first = await asyncio.gather(b.submit(["1"]), b.submit(["bad"]), b.submit(["2", "3"]),
+                                         return_exceptions=True)
+            return first, await b.submit(["4"])
         finally:
             await b.stop()
 
-    first, later = run(main())
-    assert all(isinstance(e, ValueError) for e in first) and later["a"].shape == (1, 1)
+    (one, bad, two), later = run(main())
+    assert isinstance(bad, ValueError)
+    assert one["a"].tolist() == [[1.0]] and two["a"].tolist() == [[2.0], [3.0]] and later["a"].tolist() == [[4.0]]
+    # one batch of all three requests, then each alone, then the later request
+    assert calls == [["1", "bad", "2", "3"], ["1"], ["bad"], ["2", "3"], ["4"]]
+
+
+def test_lone_failing_request_is_not_retried() -> None:
+    calls = {"n": 0}
+
+    def failing(texts: Sequence[str], tasks: Sequence[str] | None) -> dict[str, np.ndarray]:
+        calls["n"] += 1
+        raise ValueError("boom")
+
+    async def main() -> None:
+        b = MicroBatcher(failing, max_batch=8, max_wait_ms=0)
+        await b.start()
+        try:
+            with pytest.raises(ValueError, match="boom"):
+                await b.submit(["1"])
+        finally:
+            await b.stop()
+
+    run(main())
+    assert calls["n"] == 1
+
+
+def test_malformed_output_fails_its_callers_not_the_collector() -> None:
+    def short(texts: Sequence[str], tasks: Sequence[str] | None) -> dict[str, np.ndarray]:
+        rows = 1 if "short" in texts else len(texts)
+        return {"a": np.zeros((rows, 1), np.float32)}
+
+    async def main() -> tuple[BaseException | dict, dict, bool]:
+        b = MicroBatcher(short, max_batch=8, max_wait_ms=0)
+        await b.start()
+        try:
+            bad = (await asyncio.gather(b.submit(["short", "x"]), return_exceptions=True))[0]
+            return bad, await b.submit(["1", "2"]), b.running
+        finally:
+            await b.stop()
+
+    bad, later, running = run(main())
+    assert isinstance(bad, RuntimeError) and later["a"].shape == (2, 1) and running
 
 
 def test_queue_limit_and_lifecycle() -> None:

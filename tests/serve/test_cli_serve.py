@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -16,6 +17,8 @@ from typer.testing import CliRunner
 for _extra in ("fastapi", "uvicorn", "prometheus_client"):
     pytest.importorskip(_extra)
 httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
 
 from guardmerge.cli import app as cli_app  # noqa: E402
 from guardmerge.errors import GuardmergeError  # noqa: E402
@@ -47,6 +50,61 @@ def test_serve_options_reach_the_app(merged_dir: Path, captured: dict[str, Any],
     assert settings.thresholds == {"hate": 0.8, "sentiment": None}
     assert (settings.max_batch, settings.max_wait_ms, settings.max_texts, settings.max_chars) == (4, 2.0, 10, 50)
     assert captured["app"].state.backend.name == "torch"
+    # connection limits reach uvicorn with their defaults
+    assert captured["timeout_keep_alive"] == 5.0 and captured["limit_concurrency"] == 512
+    assert captured["http"].header_timeout == 10.0 and settings.body_timeout == 30.0
+
+
+def test_serve_connection_limits_reach_uvicorn(merged_dir: Path, captured: dict[str, Any]) -> None:
+    res = runner.invoke(cli_app, [
+        "serve", str(merged_dir), "--header-timeout", "2.5", "--body-timeout", "7", "--keep-alive-timeout", "3",
+        "--max-connections", "40",
+    ])
+    assert res.exit_code == 0, res.output
+    assert captured["timeout_keep_alive"] == 3.0 and captured["limit_concurrency"] == 40
+    assert captured["http"].header_timeout == 2.5
+    assert captured["app"].state.settings.body_timeout == 7.0
+    config = uvicorn.Config(captured["app"], **{k: v for k, v in captured.items() if k != "app"})
+    config.load()  # the options form a valid uvicorn configuration with our protocol class
+    assert config.http_protocol_class is captured["http"] and config.limit_concurrency == 40
+
+
+@pytest.mark.parametrize("env", [None, "", "  "])
+def test_serve_refuses_an_empty_api_key(merged_dir: Path, captured: dict[str, Any],
+                                        monkeypatch: pytest.MonkeyPatch, env: str | None) -> None:
+    if env is None:
+        monkeypatch.delenv("GUARDMERGE_API_KEY", raising=False)
+        args = ["--api-key", ""]
+    else:
+        monkeypatch.setenv("GUARDMERGE_API_KEY", env)
+        args = []
+    res = runner.invoke(cli_app, ["serve", str(merged_dir), *args])
+    assert isinstance(res.exception, GuardmergeError), res.output
+    assert "empty or blank" in str(res.exception) and "\n" not in str(res.exception)
+    assert "app" not in captured
+
+
+def test_serve_empty_api_key_exits_2_with_one_line(merged_dir: Path) -> None:
+    env = {**os.environ, "GUARDMERGE_API_KEY": ""}
+    proc = subprocess.run([sys.executable, "-m", "guardmerge.cli", "serve", str(merged_dir)],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "GUARDMERGE_API_KEY" in lines[0]
+
+
+@pytest.mark.parametrize(("host", "key", "warned"),
+                         [("0.0.0.0", None, True), ("127.0.0.1", None, False), ("0.0.0.0", "k", False)])
+def test_serve_warns_without_key_beyond_loopback(merged_dir: Path, captured: dict[str, Any],
+                                                 monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                                 host: str, key: str | None, warned: bool) -> None:
+    monkeypatch.delenv("GUARDMERGE_API_KEY", raising=False)
+    args = ["--api-key", key] if key else []
+    with caplog.at_level(logging.WARNING, logger="guardmerge"):
+        res = runner.invoke(cli_app, ["serve", str(merged_dir), "--host", host, *args])
+    assert res.exit_code == 0, res.output
+    hits = [r for r in caplog.records if "without an API key" in r.getMessage()]
+    assert bool(hits) == warned
 
 
 @pytest.mark.parametrize(
@@ -57,6 +115,11 @@ def test_serve_options_reach_the_app(merged_dir: Path, captured: dict[str, Any],
         (["--backend", "tf"], "unknown backend"),
         (["--max-texts", "0"], "max_texts"),
         (["--default-threshold", "1.5"], "outside"),
+        (["--header-timeout", "0"], "header-timeout"),
+        (["--keep-alive-timeout", "-1"], "keep-alive-timeout"),
+        (["--max-connections", "0"], "max-connections"),
+        (["--body-timeout", "0"], "body_timeout"),
+        (["--api-key", " k "], "whitespace"),
     ],
 )
 def test_serve_bad_options_raise_one_line_errors(merged_dir: Path, captured: dict[str, Any],

@@ -123,6 +123,24 @@ def test_serve_onnx_backend_over_http(onnx_dir: Path, merged: MultiHeadModel, se
             assert row["heads"][t]["score"] == pytest.approx(expected[t][i]["score"], abs=1e-4)
 
 
+def test_onnx_backend_reports_non_finite_weights(onnx_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    assert OnnxBackend(onnx_dir).non_finite_weights() == []
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_dir, broken)
+    proto = onnx.load(str(broken / ONNX_FILE))
+    init = next(i for i in proto.graph.initializer if numpy_helper.to_array(i).dtype == np.float32)
+    values = numpy_helper.to_array(init).copy()
+    values.flat[0] = np.nan
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    onnx.save(proto, str(broken / ONNX_FILE))
+    assert OnnxBackend(broken).non_finite_weights() == [init.name]
+
+
 def test_load_backend_choices(merged_dir: Path, onnx_dir: Path, tmp_path: Path) -> None:
     on_the_fly = load_backend(merged_dir, "onnx")
     assert isinstance(on_the_fly, OnnxBackend)

@@ -2,8 +2,9 @@
 
 ``create_app(model_or_backend, settings)`` builds the FastAPI app; ``load_backend(path, kind)``
 opens a model folder with the torch or onnx backend; :class:`MicroBatcher` groups concurrent
-requests into shared encoder passes. Names are imported lazily, so the backends and the batcher
-work without FastAPI installed.
+requests into shared encoder passes; :class:`RequestGate` checks auth and streams bodies within
+limits before the app reads them; :func:`uvicorn_limits` bounds slow or numerous connections.
+Names are imported lazily, so the backends and the batcher work without FastAPI installed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ _WHERE = {
     "load_backend": "backends",
     "MicroBatcher": "batching",
     "QueueFullError": "batching",
+    "RequestGate": "gate",
+    "header_timeout_protocol": "server",
+    "is_loopback": "server",
+    "uvicorn_limits": "server",
 }
 
 __all__ = sorted(_WHERE)

@@ -12,13 +12,13 @@ for that head). A text is flagged when any of the heads asked for flags it.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
-import time
+import unicodedata
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -36,11 +36,13 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from guardmerge import __version__
 from guardmerge.errors import GuardmergeError
 from guardmerge.serve.backends import Backend, TorchBackend
 from guardmerge.serve.batching import MicroBatcher, QueueFullError
+from guardmerge.serve.gate import RequestGate, bearer_problem
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,9 @@ class ServeSettings:
         max_queue: most texts waiting for a batch (more: 503 ``overloaded``).
         thresholds: task -> flag threshold, or None to never flag that task.
         default_threshold: the threshold of tasks not in ``thresholds``.
-        api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``.
+        api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``
+            (checked before the body is read); an empty or blank key is an error.
+        body_timeout: seconds within which a request's whole body must arrive (else 408).
     """
 
     max_texts: int = 64
@@ -71,6 +75,7 @@ class ServeSettings:
     thresholds: dict[str, float | None] = field(default_factory=dict)
     default_threshold: float = 0.5
     api_key: str | None = None
+    body_timeout: float = 30.0
 
     def threshold(self, task: str) -> float | None:
         return self.thresholds.get(task, self.default_threshold)
@@ -95,6 +100,68 @@ def parse_thresholds(items: Sequence[str]) -> dict[str, float | None]:
             raise GuardmergeError(f"threshold '{item}': {number} is outside [0, 1]")
         out[task] = number
     return out
+
+
+def check_api_key(key: str | None, source: str = "the API key") -> None:
+    """Refuse a key that is empty, blank or padded with whitespace (an unset variable expands to '')."""
+    if key is None:
+        return
+    if not key.strip():
+        raise GuardmergeError(
+            f"{source} is empty or blank (an unset variable?): give a real key, or none at all to serve without auth"
+        )
+    if key != key.strip():
+        raise GuardmergeError(f"{source} starts or ends with whitespace, so no client could send it: strip it")
+
+
+def public_model_name(value: str) -> str:
+    """What ``/v1/model`` shows of a base model: a local path's last component, a hub id as given."""
+    text = value.strip()
+    for flavour in (PurePosixPath, PureWindowsPath):
+        path = flavour(text)
+        if path.is_absolute() or text.startswith(("~", "./", "../", ".\\", "..\\")):
+            return path.name or text
+    return text
+
+
+class InvalidTextError(GuardmergeError):
+    """A text that cannot be classified (not encodable as UTF-8, e.g. a lone surrogate)."""
+
+    def __init__(self, index: int, position: int, char: str) -> None:
+        super().__init__(
+            f"text {index} is not valid Unicode text: it has the lone surrogate U+{ord(char):04X} "
+            f"at character {position} (send UTF-8 text)"
+        )
+        self.index, self.position = index, position
+
+
+def normalise_texts(texts: Sequence[str]) -> tuple[list[str], list[InvalidTextError]]:
+    """Texts in Unicode NFC, and an error for each text that cannot be encoded as UTF-8."""
+    out: list[str] = []
+    bad: list[InvalidTextError] = []
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad.append(InvalidTextError(i, exc.start, text[exc.start]))
+            continue
+        out.append(unicodedata.normalize("NFC", text))
+    return out, bad
+
+
+def _safe_json(value: Any) -> Any:
+    """``value`` with every string made encodable as UTF-8 (lone surrogates become ``\\udXXX``)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_safe_json(k): _safe_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_safe_json(v) for v in value]
+    return value
+
+
+class NonFiniteOutputError(GuardmergeError):
+    """The model produced NaN or infinite logits: no verdict can be given."""
 
 
 # -- schemas (the OpenAPI document) ----------------------------------------------------------
@@ -174,8 +241,13 @@ class ModelInfo(BaseModel):
 class Health(BaseModel):
     """Liveness and readiness."""
 
-    status: str = Field(..., description="'ok' when the batcher runs, else 'starting' or 'stopped'.")
+    status: str = Field(
+        ...,
+        description="'ok' when ready to classify; else 'stopped', 'non_finite_weights' (the model's weights hold "
+        "NaN or infinity) or 'non_finite_output' (the last inference produced NaN or infinite scores).",
+    )
     queued_texts: int = Field(..., description="Texts waiting for a batch now.")
+    reason: str | None = Field(None, description="Why the server is not ready (absent when ok).")
 
 
 class ErrorBody(BaseModel):
@@ -200,12 +272,21 @@ class APIError(Exception):
 
 
 _ERRORS = {
-    400: {"model": ErrorResponse, "description": "Unknown task or unparsable JSON."},
-    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token (when the server has an API key)."},
-    413: {"model": ErrorResponse, "description": "Too many texts, or a text too long."},
-    415: {"model": ErrorResponse, "description": "The body is not sent as application/json."},
-    422: {"model": ErrorResponse, "description": "The body does not match the schema."},
-    503: {"model": ErrorResponse, "description": "Overloaded or shutting down; retry later."},
+    400: {"model": ErrorResponse,
+          "description": "unknown_task, or malformed_json (the body is not valid JSON, or not UTF-8)."},
+    401: {"model": ErrorResponse,
+          "description": "unauthorized: missing or wrong bearer token (when the server has an API key)."},
+    408: {"model": ErrorResponse, "description": "request_timeout: the body did not arrive within the body timeout."},
+    413: {"model": ErrorResponse, "description": "too_many_texts, text_too_long or body_too_large."},
+    415: {"model": ErrorResponse,
+          "description": "unsupported_media_type: the body is not sent with Content-Type: application/json."},
+    422: {"model": ErrorResponse,
+          "description": "invalid_request (the body does not match the schema) or invalid_text (a text is not "
+                         "valid Unicode, e.g. a lone surrogate; details.indexes names the texts)."},
+    500: {"model": ErrorResponse,
+          "description": "inference_failed, or non_finite_output (the model produced NaN or infinite scores: "
+                         "no verdict is given)."},
+    503: {"model": ErrorResponse, "description": "overloaded or unavailable (shutting down); retry later."},
 }
 
 
@@ -245,10 +326,10 @@ class Metrics:
 _PATHS = frozenset({"/v1/classify", "/v1/model", "/healthz", "/metrics"})
 
 
-def _endpoint(request: Request) -> str:
+def _endpoint(scope: Scope) -> str:
     """The route template (a bounded label set): unmatched paths count as ``other``."""
-    route = request.scope.get("route")
-    path = getattr(route, "path", None) or request.url.path
+    route = scope.get("route")
+    path = getattr(route, "path", None) or scope.get("path", "")
     return path if route is not None or path in _PATHS else "other"
 
 
@@ -267,6 +348,9 @@ def verdicts(
     """Per text, each head's label, score, probabilities and flag (see the module docstring)."""
     tasks = list(logits)
     n = len(next(iter(logits.values()))) if logits else 0
+    for t, v in logits.items():
+        if not np.isfinite(v).all():
+            raise NonFiniteOutputError(f"the model produced non-finite scores for task '{t}'")
     probs = {t: softmax(v) for t, v in logits.items()}
     out = []
     for i in range(n):
@@ -284,11 +368,20 @@ def verdicts(
 
 
 # -- the app ---------------------------------------------------------------------------------
+@dataclass
+class _Health:
+    """What /healthz reports beyond the batcher: the start-up weight check and the last inference."""
+
+    bad_weights: list[str] = field(default_factory=list)
+    last_output_finite: bool = True
+
+
 def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> FastAPI:
     """A FastAPI app serving a merged model (a ``MultiHeadModel`` or a :class:`Backend`).
 
     The app owns a :class:`MicroBatcher` (started and stopped with the app's lifespan) and a
-    Prometheus registry of its own. The backend is not closed by the app.
+    Prometheus registry of its own. The backend is not closed by the app. At start-up the
+    backend's ``non_finite_weights()`` (when it has one) is checked once.
     """
     settings = settings or ServeSettings()
     from guardmerge.multihead import MultiHeadModel
@@ -305,14 +398,24 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
                         ("max_batch", settings.max_batch), ("max_queue", settings.max_queue)]:
         if value < 1:
             raise GuardmergeError(f"{name} must be at least 1 (got {value})")
+    if not settings.body_timeout > 0:
+        raise GuardmergeError(f"body_timeout must be > 0 seconds (got {settings.body_timeout})")
+    check_api_key(settings.api_key)
     thresholds = {t: settings.threshold(t) for t in tasks}
     metrics = Metrics()
-    batcher = MicroBatcher(backend.logits, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+    health = _Health()
+
+    def infer(texts: Sequence[str], chosen: Sequence[str] | None) -> dict[str, np.ndarray]:
+        out = backend.logits(texts, chosen)
+        health.last_output_finite = all(bool(np.isfinite(v).all()) for v in out.values())
+        return out
+
+    batcher = MicroBatcher(infer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                            max_queue=max(settings.max_queue, settings.max_texts), on_batch=metrics.on_batch)
     metrics.watch_queue(batcher)
     info = backend.info
     model_info = ModelInfo(
-        base_model=str(info["base_model"]) if info.get("base_model") is not None else None,
+        base_model=public_model_name(str(info["base_model"])) if info.get("base_model") is not None else None,
         method=info.get("method"),
         parameters=dict(info.get("parameters") or {}),
         heads=[HeadInfo(task=t, labels=labels[t], threshold=thresholds[t]) for t in tasks],
@@ -325,6 +428,12 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        check = getattr(backend, "non_finite_weights", None)
+        health.bad_weights = list(check()) if callable(check) else []
+        if health.bad_weights:
+            log.error("the model's weights hold NaN or infinity in %d tensor(s) (%s): /healthz reports 503 and "
+                      "classifications fail with non_finite_output", len(health.bad_weights),
+                      ", ".join(health.bad_weights[:5]))
         await batcher.start()
         log.info("serving %d heads (%s) with the %s backend", len(tasks), ", ".join(tasks), backend.name)
         try:
@@ -348,11 +457,12 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     app.state.metrics = metrics
     app.state.backend = backend
     app.state.settings = settings
+    app.state.health = health
 
     def error(request: Request, status: int, code: str, message: str, details: Any = None,
               headers: dict[str, str] | None = None) -> JSONResponse:
-        metrics.errors.labels(_endpoint(request), code).inc()
-        body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details))
+        metrics.errors.labels(_endpoint(request.scope), code).inc()
+        body = ErrorResponse(error=ErrorBody(code=code, message=_safe_json(message), details=_safe_json(details)))
         return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
@@ -379,6 +489,10 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
+            log.info("unparsable body on %s: %s", request.url.path, type(exc.__cause__).__name__)
+            return error(request, 400, "malformed_json",
+                         f"the request body is not valid JSON ({type(exc.__cause__).__name__})")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error(request, exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
@@ -387,36 +501,25 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         log.exception("unhandled error on %s", request.url.path)
         return error(request, 500, "internal_error", "internal server error")
 
-    # a body that cannot be within the limits is refused before it is read (JSON escapes: 6 bytes/char)
-    max_body = settings.max_texts * (6 * settings.max_chars + 8) + 4096
+    def on_done(scope: Scope, status: int, seconds: float) -> None:
+        endpoint = _endpoint(scope)
+        metrics.requests.labels(endpoint, str(status)).inc()
+        metrics.latency.labels(endpoint).observe(seconds)
 
-    @app.middleware("http")
-    async def _measure(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        status = 500
-        try:
-            length = request.headers.get("content-length", "")
-            if length.isdigit() and int(length) > max_body:
-                response = error(request, 413, "body_too_large",
-                                 f"the body has {length} bytes; the limit is {max_body}")
-            else:
-                response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            endpoint = _endpoint(request)
-            metrics.requests.labels(endpoint, str(status)).inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+    # a body that cannot be within the limits is refused (JSON escapes: 6 bytes/char), while it streams
+    max_body = settings.max_texts * (6 * settings.max_chars + 8) + 4096
+    app.add_middleware(
+        RequestGate, error=error, on_done=on_done, api_key=settings.api_key, protected=("/v1/", "/metrics"),
+        json_routes={("POST", "/v1/classify")}, max_body=max_body, body_timeout=settings.body_timeout,
+    )
 
     bearer = HTTPBearer(auto_error=False, description="The server's API key (--api-key or $GUARDMERGE_API_KEY).")
 
-    async def require_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        key = settings.api_key or ""
-        if creds is None:
-            raise APIError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(creds.credentials.encode(), key.encode()):
-            raise APIError(401, "unauthorized", "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    async def require_key(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        """Documents the bearer scheme in OpenAPI; the gate has already checked the key."""
+        problem = bearer_problem(request.headers.get("authorization"), settings.api_key or "")
+        if problem is not None:
+            raise APIError(401, "unauthorized", problem, headers={"WWW-Authenticate": "Bearer"})
 
     protected = APIRouter(dependencies=[Depends(require_key)] if settings.api_key else [])
 
@@ -424,16 +527,20 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
                     summary="Classify texts with every (or the requested) head")
     async def classify(body: ClassifyRequest) -> ClassifyResponse:
         """Per text: each requested head's label, score, probabilities and flag; texts of concurrent
-        requests share micro-batches."""
-        texts = body.texts
-        if len(texts) > settings.max_texts:
+        requests share micro-batches. Texts are normalised to Unicode NFC first."""
+        if len(body.texts) > settings.max_texts:
             raise APIError(413, "too_many_texts",
-                           f"{len(texts)} texts in one request; the limit is {settings.max_texts}")
-        long = [i for i, t in enumerate(texts) if len(t) > settings.max_chars]
+                           f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}")
+        long = [i for i, t in enumerate(body.texts) if len(t) > settings.max_chars]
         if long:
             raise APIError(413, "text_too_long",
-                           f"text {long[0]} has {len(texts[long[0]])} characters; the limit is {settings.max_chars}",
+                           f"text {long[0]} has {len(body.texts[long[0]])} characters; "
+                           f"the limit is {settings.max_chars}",
                            {"indexes": long[:100]})
+        texts, invalid = normalise_texts(body.texts)
+        if invalid:
+            raise APIError(422, "invalid_text", str(invalid[0]),
+                           {"indexes": [e.index for e in invalid[:100]]})
         chosen = list(dict.fromkeys(body.tasks)) if body.tasks else tasks
         bad = [t for t in chosen if t not in labels]
         if bad:
@@ -447,9 +554,16 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         except GuardmergeError as exc:
             raise APIError(503, "unavailable", str(exc)) from None
         except Exception as exc:
-            log.exception("inference failed")
+            log.error("inference failed: %s: %s", type(exc).__name__, exc)
             raise APIError(500, "inference_failed", f"inference failed: {type(exc).__name__}") from None
         ordered = {t: logits[t] for t in chosen}
+        rows = sorted({int(i) for v in ordered.values() for i in np.flatnonzero(~np.isfinite(v).all(axis=-1))})
+        if rows:
+            log.error("non-finite scores for %d of %d texts: no verdict given", len(rows), len(texts))
+            raise APIError(500, "non_finite_output",
+                           f"the model produced non-finite scores (NaN or infinity) for text {rows[0]}; "
+                           "no verdict is given",
+                           {"indexes": rows[:100]})
         return ClassifyResponse(tasks=chosen, results=verdicts(ordered, labels, thresholds))
 
     @protected.get("/v1/model", response_model=ModelInfo, responses={401: _ERRORS[401]}, tags=["guard"],
@@ -464,11 +578,21 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
 
     app.include_router(protected)
 
-    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}}, tags=["ops"],
-             summary="Liveness: 200 when ready to classify (never needs a token)")
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True,
+             responses={503: {"model": Health}}, tags=["ops"],
+             summary="Readiness: 200 when ready to classify (never needs a token)")
     async def healthz() -> Any:
-        ok = batcher.running
-        body = Health(status="ok" if ok else "stopped", queued_texts=batcher.queued)
-        return body if ok else JSONResponse(body.model_dump(), status_code=503)
+        if not batcher.running:
+            status, reason = "stopped", "the batcher is not running"
+        elif health.bad_weights:
+            status = "non_finite_weights"
+            reason = (f"the model's weights hold NaN or infinity in {len(health.bad_weights)} tensor(s): "
+                      + ", ".join(health.bad_weights[:5]))
+        elif not health.last_output_finite:
+            status, reason = "non_finite_output", "the last inference produced NaN or infinite scores"
+        else:
+            return Health(status="ok", queued_texts=batcher.queued)
+        body = Health(status=status, queued_texts=batcher.queued, reason=reason)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
 
     return app

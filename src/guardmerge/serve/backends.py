@@ -41,6 +41,9 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``non_finite_weights() -> list[str]``, the names of weights holding NaN or infinity;
+    # the server calls it once at start-up and reports not ready (/healthz 503) when any is found.
+
 
 class TorchBackend:
     """A :class:`~guardmerge.multihead.MultiHeadModel` in PyTorch (CPU)."""
@@ -71,6 +74,17 @@ class TorchBackend:
             batch = self.model.encode(list(texts), self.max_length)
             out = self.model(tasks=tasks, **batch)
             return {t: v.float().numpy() for t, v in out.items()}
+
+    def non_finite_weights(self) -> list[str]:
+        """Names of the floating-point parameters and buffers holding NaN or infinity."""
+        import torch
+
+        bad = []
+        with torch.inference_mode():
+            for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad.append(name)
+        return bad
 
     def close(self) -> None:
         pass
@@ -132,6 +146,23 @@ class OnnxBackend:
         names = [self.meta["heads"][t]["output"] for t in chosen]
         outs = self.session.run(names, feeds)
         return {t: np.asarray(o, dtype=np.float32) for t, o in zip(chosen, outs)}
+
+    def non_finite_weights(self) -> list[str]:
+        """Names of the graph's floating-point initializers holding NaN or infinity (needs ``onnx``;
+        without it nothing is checked)."""
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ImportError:
+            log.warning("the onnx package is missing: the weights of %s are not checked for NaN", self.folder)
+            return []
+        graph = onnx.load(str(self.folder / self.meta["model_file"])).graph
+        bad = []
+        for init in graph.initializer:
+            values = numpy_helper.to_array(init)
+            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                bad.append(init.name)
+        return bad
 
     def close(self) -> None:
         if self._cleanup is not None:

@@ -7,6 +7,9 @@ they fit in ``max_batch`` texts and runs them as one batch in a single worker th
 event loop stays free to accept requests). While a batch runs, new requests queue up, so under
 load the next batch fills without waiting. Each request gets its own rows back, for the union
 of the heads the batch's requests asked for.
+
+Failures are isolated per request: when a batch of several requests fails, each of its
+requests (chunks) is run again on its own, so only the requests that fail alone get the error.
 """
 
 from __future__ import annotations
@@ -166,32 +169,62 @@ class MicroBatcher:
         return batch
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Chunk]) -> None:
+        """Run ``batch`` as one call; if it fails, run its chunks one by one so only the bad ones fail."""
+        try:
+            out = await self._infer(loop, batch)
+        except asyncio.CancelledError:
+            self._fail(batch, GuardmergeError("the server is shutting down"))
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                log.warning("inference failed on a request of %d texts: %s: %s",
+                            len(batch[0].texts), type(exc).__name__, exc, exc_info=True)
+                self._fail(batch, exc)
+                return
+            log.warning("inference failed on a batch of %d requests (%s: %s); retrying them one by one",
+                        len(batch), type(exc).__name__, exc)
+            try:
+                for chunk in batch:
+                    if not chunk.future.done():  # else the caller went away meanwhile
+                        await self._run(loop, [chunk])
+            except asyncio.CancelledError:
+                self._fail(batch, GuardmergeError("the server is shutting down"))
+                raise
+            return
+        self._route(batch, out)
+
+    async def _infer(self, loop: asyncio.AbstractEventLoop, batch: list[_Chunk]) -> dict[str, np.ndarray]:
         texts = [t for c in batch for t in c.texts]
         if any(c.tasks is None for c in batch):
             tasks = None
         else:
             tasks = list(dict.fromkeys(t for c in batch for t in c.tasks or ()))
         started = time.perf_counter()
-        try:
-            out = await loop.run_in_executor(self._executor, self.infer, texts, tasks)
-        except asyncio.CancelledError:
-            for c in batch:
-                if not c.future.done():
-                    c.future.set_exception(GuardmergeError("the server is shutting down"))
-            raise
-        except Exception as exc:  # routed to every caller of this batch
-            log.exception("inference failed on a batch of %d texts", len(texts))
-            for c in batch:
-                if not c.future.done():
-                    c.future.set_exception(exc)
-            return
-        elapsed = time.perf_counter() - started
+        out = await loop.run_in_executor(self._executor, self.infer, texts, tasks)
         if self.on_batch is not None:
-            self.on_batch(len(texts), elapsed)
+            self.on_batch(len(texts), time.perf_counter() - started)
+        return out
+
+    @staticmethod
+    def _fail(batch: list[_Chunk], exc: BaseException) -> None:
+        for c in batch:
+            if not c.future.done():
+                c.future.set_exception(exc)
+
+    @staticmethod
+    def _route(batch: list[_Chunk], out: dict[str, np.ndarray]) -> None:
+        """Give each chunk its rows; a malformed output fails the chunks it cannot serve, not the collector."""
         start = 0
         for c in batch:
             n = len(c.texts)
             if not c.future.done():
                 names = c.tasks if c.tasks is not None else tuple(out)
-                c.future.set_result({t: out[t][start : start + n] for t in names})
+                try:
+                    rows = {t: out[t][start : start + n] for t in names}
+                    if any(len(v) != n for v in rows.values()):
+                        raise RuntimeError(f"the model returned too few rows for {n} texts")
+                except Exception as exc:
+                    c.future.set_exception(exc)
+                else:
+                    c.future.set_result(rows)
             start += n
