@@ -13,6 +13,8 @@ inputs, these functions refit in closed form (float64; linear systems are solved
   Linear then absorbs the map (:func:`compose_linear`).
 - :func:`moment_match`: the cheaper per-feature rescale and shift matching the expert's mean and
   standard deviation ("The Non-Local Model Merging Problem", 2024).
+- :func:`per_feature_affine`: the branch-point alignment of a sharing depth (3a): per feature,
+  least squares from the merged trunk's hidden states to the expert's, over tokens.
 
 Ridge is linear in its target, so for a single-Linear head fitting the logits with ``mu = 0``
 equals fitting the affine map and keeping the head. Running the models is the caller's job.
@@ -151,3 +153,46 @@ def compose_linear(
     )
     new_b = w @ c + b
     return new_w.to(weight.dtype), new_b.to(weight.dtype)
+
+
+DEFAULT_BRANCH_RIDGE_FACTOR = 1e-3
+"""Default ridge of :func:`per_feature_affine`: ``1e-3 * mean_j var(merged_j)``."""
+
+
+def per_feature_affine(
+    merged: torch.Tensor, expert: torch.Tensor, ridge: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per feature ``j``: least squares ``expert_j ~ s_j * merged_j + c_j`` with a small ridge
+    pulling ``s_j`` toward 1 (the identity map), float64.
+
+    The branch-point alignment of a sharing depth (ALGORITHMS.md 3a): ``merged`` holds the
+    merged trunk's hidden states at depth K, ``expert`` the expert's own, one row per token.
+    ``s_j = (cov_j + mu) / (var_j + mu)``, ``c_j = mean(expert_j) - s_j mean(merged_j)``
+    (population moments; the intercept is not penalised), so a constant merged feature is only
+    shifted and identical inputs give the identity.
+
+    Args:
+        merged: ``[n, d]`` the trunk's hidden states (non-padding tokens).
+        expert: ``[n, d]`` the expert's hidden states on the same tokens.
+        ridge: ``mu``; ``None``: ``1e-3 * mean_j var(merged_j)``; ``0``: plain least squares.
+
+    Returns:
+        ``(scale [d], shift [d])`` float64.
+    """
+    m = _as_2d("merged", merged)
+    e = _as_2d("expert", expert)
+    if m.shape != e.shape:
+        raise ValueError(f"merged {tuple(m.shape)} and expert {tuple(e.shape)} hidden states differ in shape")
+    if m.shape[0] == 0:
+        raise ValueError("cannot fit the branch alignment from zero tokens")
+    mean_m, mean_e = m.mean(dim=0), e.mean(dim=0)
+    dm, de = m - mean_m, e - mean_e
+    var, cov = dm.square().mean(dim=0), (dm * de).mean(dim=0)
+    mu = DEFAULT_BRANCH_RIDGE_FACTOR * float(var.mean()) if ridge is None else float(ridge)
+    if mu < 0:
+        raise ValueError(f"ridge must be >= 0, got {mu}")
+    denom = var + mu
+    safe = denom > 0
+    scale = torch.where(safe, (cov + mu) / torch.where(safe, denom, 1.0), torch.ones_like(var))
+    shift = mean_e - scale * mean_m
+    return scale, shift

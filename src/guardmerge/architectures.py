@@ -37,6 +37,11 @@ class ArchitectureAdapter:
             model (``encoder.layer``); None where the layer-wise stage is not supported.
         pooler: the base model's pooler module (``pooler``: it reads the last hidden states),
             or None.
+        embeddings: the base model's embeddings module (``embeddings``), or None.
+        block_output_norm: the LayerNorm inside a block that produces the block's output
+            (``output.LayerNorm``), or None where the block's output is not a LayerNorm's; a
+            per-feature affine map on a block's output folds into it (sharing depth export).
+        embeddings_norm: the LayerNorm producing the embeddings output (``embeddings.LayerNorm``).
         hidden_in_head: the head has a hidden layer (so ``hm3`` head mode is refused).
     """
 
@@ -51,6 +56,9 @@ class ArchitectureAdapter:
     multi_head: bool = True
     blocks: str | None = None
     pooler: str | None = None
+    embeddings: str | None = None
+    block_output_norm: str | None = None
+    embeddings_norm: str | None = None
 
     @property
     def hidden_in_head(self) -> bool:
@@ -91,6 +99,27 @@ class ArchitectureAdapter:
             return Role.LINEAR_WEIGHT
         return Role.OTHER
 
+    def branch_prefixes(self, share_layers: int, layers: int) -> tuple[str, ...]:
+        """Canonical-name prefixes a task's branch owns at sharing depth ``share_layers`` of
+        ``layers`` blocks: blocks ``>= K``, the pooler, and at ``K = 0`` the embeddings (so the
+        branch reproduces its expert). Empty when ``K >= layers`` (every layer shared)."""
+        if self.blocks is None or share_layers >= layers:
+            return ()
+        owned = [f"{self.blocks}.{k}." for k in range(share_layers, layers)]
+        if self.pooler:
+            owned.append(self.pooler + ".")
+        if share_layers == 0 and self.embeddings:
+            owned.append(self.embeddings + ".")
+        return tuple(owned)
+
+    def num_blocks(self, names: Iterable[str]) -> int:
+        """The number of transformer blocks ``L`` among canonical ``names`` (0 without any)."""
+        if self.blocks is None:
+            return 0
+        lead = self.blocks + "."
+        found = {int(n[len(lead):].split(".", 1)[0]) for n in names if n.startswith(lead)}
+        return max(found) + 1 if found else 0
+
     def head_names(self) -> list[str]:
         """The head's canonical tensor names, in layer order."""
         return [f"{layer}.{kind}" for layer in self.head_layers for kind in ("weight", "bias")]
@@ -110,6 +139,9 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             has_pooler=True,
             blocks="encoder.layer",
             pooler="pooler",
+            embeddings="embeddings",
+            block_output_norm="output.LayerNorm",
+            embeddings_norm="embeddings.LayerNorm",
         ),
         ArchitectureAdapter(
             model_type="roberta",
@@ -121,6 +153,9 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             head_input="cls",
             has_pooler=False,
             blocks="encoder.layer",
+            embeddings="embeddings",
+            block_output_norm="output.LayerNorm",
+            embeddings_norm="embeddings.LayerNorm",
         ),
         ArchitectureAdapter(
             model_type="distilbert",
@@ -132,6 +167,9 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             head_input="cls",
             has_pooler=False,
             blocks="transformer.layer",
+            embeddings="embeddings",
+            block_output_norm="output_layer_norm",
+            embeddings_norm="embeddings.LayerNorm",
         ),
         ArchitectureAdapter(  # LlamaForCausalLM / LlamaForSequenceClassification: heads: shared
             model_type="llama",

@@ -27,6 +27,7 @@ import torch
 
 from guardmerge.architectures import ArchitectureAdapter, get_adapter
 from guardmerge.errors import CheckpointError
+from guardmerge.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,85 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "merges.txt"]
+# tensor-name endings of quantised checkpoints (GPTQ/AWQ, bitsandbytes int8 and 4-bit)
+QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".SCB", ".weight_format", ".absmax",
+                      ".quant_map", ".quant_state", ".nested_absmax", ".nested_quant_map")
+QUANTIZED_DTYPES = frozenset({torch.int8, torch.uint8})
+
+
+def _clip(text: object, limit: int = 80) -> str:
+    """``text`` for an error message: printable and bounded (never a file's raw bytes)."""
+    s = repr(str(text))[1:-1]
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def index_shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each checked to lie inside ``folder``.
+
+    Raises:
+        CheckpointError: an invalid index, a shard path outside the folder (``../``, absolute),
+            or a missing shard.
+    """
+    data = read_json(index, error=CheckpointError, what="shard index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} is not a valid shard index: no 'weight_map' object")
+    shards = set()
+    for name in set(weight_map.values()):
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise CheckpointError(f"{index}: shard entry '{_clip(name)}' is not a file name")
+        # lexical: hub snapshots link their files to blobs elsewhere, which is the folder's own doing
+        rel = os.path.normpath(name.replace("\\", "/"))
+        if os.path.isabs(rel) or Path(name).is_absolute() or rel == ".." or rel.startswith("../") or rel == ".":
+            raise CheckpointError(f"{index}: shard '{_clip(name)}' lies outside the model folder {folder}; refused")
+        shards.add(folder / rel)
+    missing = [s for s in sorted(shards) if not s.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shard {missing[0].name}, which is missing")
+    return sorted(shards)
+
+
+def weight_files(folder: Path, *, allow_pickle: bool = False) -> tuple[list[Path], bool]:
+    """The weight files of a model folder and whether they are pickles: the one check every
+    path that opens a checkpoint goes through (guardmerge's reader, and transformers loads).
+
+    Raises:
+        CheckpointError: no weights, a bad shard index, or pickle weights without ``allow_pickle``.
+    """
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        return index_shards(folder, index), False
+    single = folder / SAFETENSORS_FILE
+    if single.is_file():
+        return [single], False
+    pickles = [p for p in (folder / PICKLE_FILE, folder / PICKLE_INDEX) if p.is_file()]
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{pickles[0]} is a pickle checkpoint, which can run arbitrary code when "
+                "loaded; guardmerge refuses it by default. Convert it to safetensors, or pass "
+                "--allow-pickle (allow_pickle: true in the config) if you trust its source."
+            )
+        if pickles[0].name == PICKLE_INDEX:
+            return index_shards(folder, pickles[0]), True
+        return [pickles[0]], True
+    raise CheckpointError(f"no weights in {folder}: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
+
+
+def check_weights(folder: Path, *, allow_pickle: bool = False) -> bool:
+    """Refuse a folder :func:`weight_files` refuses, or a quantised one (``quantization_config``);
+    return whether its weights are pickles. Call before handing the folder to transformers, and
+    pass ``use_safetensors=not pickled`` there so it never falls back to a pickle."""
+    _, pickled = weight_files(folder, allow_pickle=allow_pickle)
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        data = read_json(cfg, error=CheckpointError, what="model config")
+        if isinstance(data, dict) and data.get("quantization_config"):
+            raise CheckpointError(
+                f"{cfg}: a quantised checkpoint (quantization_config); guardmerge merges floating-point "
+                "weights only: use the unquantised model"
+            )
+    return pickled
 
 
 def resolve(source: str | Path, *, revision: str | None = None) -> Path:
@@ -85,27 +165,36 @@ class SafetensorsFile:
             (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
             if header_len > size - 8 or header_len > 100_000_000:
                 raise ValueError(f"header length {header_len} exceeds the file size {size}")
-            header = json.loads(os.pread(self._fd, header_len, 8))
+            try:
+                header = json.loads(os.pread(self._fd, header_len, 8))
+            except RecursionError:
+                raise ValueError("header JSON is nested too deeply") from None
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"header is not UTF-8 text (bad byte at offset {exc.start})") from None
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
             self.metadata = header.pop("__metadata__", None) or {}
             self._data_start = 8 + header_len
             self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
             for key, info in header.items():
-                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if not isinstance(info, dict):
+                    raise ValueError(f"entry '{_clip(key)}' is not an object")
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
                 if dtype is None:
-                    raise ValueError(f"tensor '{key}' has unsupported dtype {info['dtype']}")
+                    raise ValueError(f"tensor '{_clip(key)}' has unsupported dtype '{_clip(info['dtype'], 20)}'")
                 begin, end = (int(x) for x in info["data_offsets"])
                 shape = tuple(int(x) for x in info["shape"])
                 count = math.prod(shape)
                 if not 0 <= begin <= end or self._data_start + end > size:
-                    raise ValueError(f"tensor '{key}' lies outside the file")
-                if end - begin != count * dtype.itemsize:
-                    raise ValueError(f"tensor '{key}': {end - begin} bytes for shape {list(shape)}")
+                    raise ValueError(f"tensor '{_clip(key)}' lies outside the file")
+                if min(shape, default=0) < 0 or end - begin != count * dtype.itemsize:
+                    raise ValueError(f"tensor '{_clip(key)}': {end - begin} bytes for shape {_clip(list(shape))}")
                 self.entries[key] = (dtype, shape, self._data_start + begin, end - begin)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError, struct.error) as exc:
             os.close(self._fd)
-            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+            reason = str(exc) if isinstance(exc, ValueError) and not isinstance(exc, UnicodeDecodeError) else \
+                f"malformed header ({type(exc).__name__}: {_clip(exc)})"
+            raise CheckpointError(f"{path} is not a readable safetensors file: {reason}") from None
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -144,10 +233,12 @@ class Checkpoint:
 
     def __init__(
         self, source: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
-        folder: Path | None = None,
+        folder: Path | None = None, where: str | None = None,
     ) -> None:
-        """``folder``: the local folder ``source`` already resolved to (a :class:`MergeJob`'s)."""
+        """``folder``: the local folder ``source`` already resolved to (a :class:`MergeJob`'s);
+        ``where``: how errors name this checkpoint (default: ``source``; the engine names the expert)."""
         self.source = str(source)
+        self.where = where or self.source
         self.path = folder if folder is not None else resolve(source, revision=revision)
         self.config = self._read_config()
         self.adapter: ArchitectureAdapter = get_adapter(
@@ -164,46 +255,14 @@ class Checkpoint:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise CheckpointError(f"{cfg} is missing: not a Hugging Face model folder")
-        try:
-            data = json.loads(cfg.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{cfg} is not valid JSON: {exc}") from None
+        data = read_json(cfg, error=CheckpointError, what="model config")
         if not isinstance(data, dict) or "model_type" not in data:
             raise CheckpointError(f"{cfg} has no 'model_type' field")
         return data
 
     def _weight_files(self, allow_pickle: bool) -> tuple[list[Path], bool]:
-        index = self.path / SAFETENSORS_INDEX
-        if index.is_file():
-            return self._shards_from_index(index), False
-        single = self.path / SAFETENSORS_FILE
-        if single.is_file():
-            return [single], False
-        pickles = [p for p in (self.path / PICKLE_FILE, self.path / PICKLE_INDEX) if p.is_file()]
-        if pickles:
-            if not allow_pickle:
-                raise CheckpointError(
-                    f"{pickles[0]} is a pickle checkpoint, which can run arbitrary code when "
-                    "loaded; guardmerge refuses it by default. Convert it to safetensors, or pass "
-                    "--allow-pickle (allow_pickle: true in the config) if you trust its source."
-                )
-            if pickles[0].name == PICKLE_INDEX:
-                return self._shards_from_index(pickles[0]), True
-            return [pickles[0]], True
-        raise CheckpointError(
-            f"no weights in {self.path}: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}"
-        )
-
-    def _shards_from_index(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid shard index: {exc}") from None
-        shards = sorted({self.path / f for f in weight_map.values()})
-        missing = [s for s in shards if not s.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shard {missing[0].name}, which is missing")
-        return shards
+        check_weights(self.path, allow_pickle=allow_pickle)
+        return weight_files(self.path, allow_pickle=allow_pickle)
 
     def _open_weights(self, allow_pickle: bool) -> None:
         files, pickled = self._weight_files(allow_pickle)
@@ -214,16 +273,41 @@ class Checkpoint:
                     state = torch.load(f, map_location="cpu", weights_only=True)
                 except Exception as exc:
                     raise CheckpointError(f"cannot read {f}: {exc}") from None
+                if not isinstance(state, dict):
+                    raise CheckpointError(f"{f} does not hold a state dict")
                 for key, value in state.items():
+                    if not isinstance(value, torch.Tensor):
+                        raise CheckpointError(f"{f}: entry '{_clip(key)}' is not a tensor")
                     self._pickled[key] = value
                     self._add(key, f)
-            return
-        for f in files:
-            handle = SafetensorsFile(f)
-            self._stack.callback(handle.close)
-            self._files[f] = handle
-            for key in handle.keys():
-                self._add(key, f)
+        else:
+            for f in files:
+                handle = SafetensorsFile(f)
+                self._stack.callback(handle.close)
+                self._files[f] = handle
+                for key in handle.keys():
+                    self._add(key, f)
+        self._check_dtypes()
+
+    def _check_dtypes(self) -> None:
+        """Refuse quantised checkpoints and weights that are not floating point, by name."""
+        for canonical, (file, key) in self._index.items():
+            if key.endswith(QUANTIZED_SUFFIXES):
+                raise CheckpointError(
+                    f"{self.where}: tensor '{_clip(key)}' in {file.name} belongs to a quantised checkpoint "
+                    "(GPTQ/AWQ/bitsandbytes); guardmerge merges floating-point weights only: use the unquantised model"
+                )
+            dtype = self.dtype(canonical)
+            if dtype in QUANTIZED_DTYPES:
+                raise CheckpointError(
+                    f"{self.where}: tensor '{_clip(key)}' in {file.name} is {str(dtype).removeprefix('torch.')}, "
+                    "a quantised checkpoint; guardmerge merges floating-point weights only: use the unquantised model"
+                )
+            if not dtype.is_floating_point and canonical.endswith((".weight", ".bias")):
+                raise CheckpointError(
+                    f"{self.where}: tensor '{_clip(key)}' in {file.name} is {str(dtype).removeprefix('torch.')}; "
+                    "weights and biases must be floating point"
+                )
 
     def _add(self, key: str, file: Path) -> None:
         canonical = self.adapter.canonical(key)
@@ -265,19 +349,29 @@ class Checkpoint:
         """
         file, key = self._locate(name)
         shape = self.shape(name)
+        stored = self.dtype(name)
+        if out.dtype.is_floating_point and not stored.is_floating_point:
+            raise CheckpointError(
+                f"{self.where}: tensor '{name}' is {str(stored).removeprefix('torch.')}, "
+                "where a floating-point tensor is expected"
+            )
         try:
             if self._pickled is not None:
-                return out.view(shape).copy_(self._pickled[key])
-            handle = self._files[file]
-            stored = handle.entries[key][0]
-            if stored == out.dtype:
-                return handle.read_into(key, out)
-            raw = scratch(stored) if scratch is not None else torch.empty(shape, dtype=stored)
-            return out.view(shape).copy_(handle.read_into(key, raw))
+                result = out.view(shape).copy_(self._pickled[key])
+            else:
+                handle = self._files[file]
+                if stored == out.dtype:
+                    result = handle.read_into(key, out)
+                else:
+                    raw = scratch(stored) if scratch is not None else torch.empty(shape, dtype=stored)
+                    result = out.view(shape).copy_(handle.read_into(key, raw))
         except CheckpointError:
             raise
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor '{key}': {exc}") from None
+        if result.dtype.is_floating_point and not bool(torch.isfinite(result).all()):
+            raise CheckpointError(f"{self.where}: tensor '{name}' holds NaN or Inf values; refused")
+        return result
 
     def _locate(self, name: str) -> tuple[Path, str]:
         try:
@@ -297,10 +391,20 @@ class Checkpoint:
     def id2label(self) -> list[str]:
         """Label names in index order, from ``config.json`` (``LABEL_i`` where absent)."""
         raw = self.config.get("id2label") or {}
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{self.where}: config.json 'id2label' is not an object")
         n = int(self.config.get("num_labels") or len(raw) or 0)
         last_weight = self.adapter.head_names()[-2]
         if last_weight in self:
-            n = self.shape(last_weight)[0]
+            rows = self.shape(last_weight)[0]
+            declared = self.config.get("num_labels")
+            if (raw and len(raw) != rows) or (declared is not None and declared != rows):
+                count = declared if declared is not None and declared != rows else len(raw)
+                raise CheckpointError(
+                    f"{self.where}: config.json declares {count} labels but its classifier "
+                    f"'{last_weight}' has {rows} outputs; fix id2label/num_labels"
+                )
+            n = rows
         return [str(raw.get(str(i), raw.get(i, f"LABEL_{i}"))) for i in range(n)]
 
     def has_tokenizer(self) -> bool:
@@ -336,3 +440,26 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
     "BOOL": torch.bool,
 }
+
+
+def position_limit(config: Any) -> int | None:
+    """The most tokens per text ``config`` (a ``config.json`` dict) can embed, or None if unknown.
+
+    RoBERTa-style models offset positions by ``pad_token_id + 1`` (514 positions: 512 tokens).
+    """
+    n = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        pad = config.get("pad_token_id")
+        n -= (pad if isinstance(pad, int) else 1) + 1
+    return max(n, 1)
+
+
+def capped_length(max_length: int, config: Any, what: str, *, level: int = logging.INFO) -> int:
+    """``max_length`` capped at the model's positions (:func:`position_limit`), logged when capped."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        log.log(level, "%s: max_length %d capped at %d (the model's max_position_embeddings)", what, max_length, limit)
+        return limit
+    return max_length

@@ -70,6 +70,7 @@ def merge(
     """
     from guardmerge.allocator import tune_for_streaming
     from guardmerge.config import load_config
+    from guardmerge.io import check_output
     from guardmerge.pipeline import merge_to_folder
     from guardmerge.writer import parse_size
 
@@ -77,6 +78,7 @@ def merge(
     if allow_pickle:
         overrides.append("allow_pickle=true")
     cfg = load_config(config, overrides)
+    check_output(out, force=force, inputs=[config, *cfg.input_paths()])
     shard = parse_size(out_shard_size) if out_shard_size else None
     tune_for_streaming()
     merge_to_folder(cfg, out, force=force, progress=progress, max_shard_bytes=shard)
@@ -103,7 +105,7 @@ def self_merge(
     from guardmerge.io import check_output
     from guardmerge.pipeline import self_merge_config
 
-    check_output(out, force=force)
+    check_output(out, force=force, inputs=[base, expert])
     params = {}
     for item in set_ or []:
         if "=" not in item:
@@ -131,19 +133,24 @@ def stats(
     fisher_labels: Annotated[str, typer.Option(help="Fisher labels: hard, soft or empirical.")] = "hard",
     fisher_gradient: Annotated[str, typer.Option(help="per_example, or batch (reference parity).")] = "per_example",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Accept a pytorch_model.bin (pickle) expert you trust.")
+    ] = False,
 ) -> None:
     """Compute an expert's statistics once (RegMean Grams, diagonal Fisher) and store them,
     tied to the expert by fingerprint, so merges need no data: `stats: FILE` in the config."""
     import os
     import tempfile
 
+    from guardmerge.checkpoint import check_weights, resolve
     from guardmerge.config import StatsConfig
     from guardmerge.data import read_examples
+    from guardmerge.io import check_output
     from guardmerge.pipeline import compute_stats, task_texts
     from guardmerge.stats import save_stats
 
-    if out.exists() and not force:
-        raise GuardmergeError(f"output '{out}' already exists; pass --force to replace it")
+    check_output(out, force=force, inputs=[expert, data], file=True)
+    check_weights(resolve(expert), allow_pickle=allow_pickle)  # before any data is read
     unknown = sorted(set(kind) - {"gram", "fisher"})
     if unknown:
         raise GuardmergeError(f"unknown statistics kind(s) {unknown}: use gram and/or fisher")
@@ -158,7 +165,7 @@ def stats(
         texts = task_texts(data, max_examples)
     if fisher_labels == "empirical" and "fisher" in kind and labels is None:
         raise GuardmergeError(f"empirical Fisher needs gold labels: no integer '{label_field}' in {data}")
-    result = compute_stats(expert, texts, set(kind), settings, labels=labels)
+    result = compute_stats(expert, texts, set(kind), settings, labels=labels, allow_pickle=allow_pickle)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
@@ -286,7 +293,7 @@ def search(
     from guardmerge.search.output import write_best
 
     cfg = load_config(config, list(set_ or []))
-    check_output(out, force=force)
+    check_output(out, force=force, inputs=[config, data, *cfg.input_paths()])
     wr = None
     if weights:
         try:
@@ -343,7 +350,7 @@ def export(
     from guardmerge.io import check_output
     from guardmerge.multihead import MultiHeadModel
 
-    check_output(out, force=force)
+    check_output(out, force=force, inputs=[model])
     MultiHeadModel.from_pretrained(model).export_task(task, out, force=force)
     typer.echo(f"exported '{task}' -> {out}")
 
@@ -363,6 +370,9 @@ def finetune(
     max_examples: Annotated[Optional[int], typer.Option(help="Cap on training examples.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Accept a pytorch_model.bin (pickle) base you trust.")
+    ] = False,
 ) -> None:
     """Fine-tune an expert classifier from BASE (to add a guard to a merge)."""
     from guardmerge.data import load_task, read_examples
@@ -370,7 +380,7 @@ def finetune(
     from guardmerge.finetune import finetune as run
     from guardmerge.io import check_output
 
-    check_output(out, force=force)
+    check_output(out, force=force, inputs=[base, data])
     if data.is_dir():
         task = load_task(data)
         train, names = task.split("train"), task.labels
@@ -385,7 +395,7 @@ def finetune(
     )
     from guardmerge.checkpoint import resolve
 
-    run(resolve(base), train, names, out, settings, force=force)
+    run(resolve(base), train, names, out, settings, force=force, allow_pickle=allow_pickle)
     typer.echo(f"fine-tuned expert -> {out}")
 
 
@@ -408,6 +418,10 @@ def eval_(
     from guardmerge.evaluate import evaluate, normalized, table, to_json_ready
     from guardmerge.multihead import load_any
 
+    if out is not None:
+        from guardmerge.io import check_output
+
+        check_output(out, force=True, inputs=[model, data, *(e.split("=", 1)[-1] for e in expert or [])], file=True)
     m = load_any(model, task)
     names = [t for t in discover_tasks(data) if t in m.tasks]
     if not names:
@@ -532,7 +546,7 @@ def export_onnx_(
     from guardmerge.io import check_output
     from guardmerge.onnx_export import export_onnx
 
-    check_output(out, force=force)
+    check_output(out, force=force, inputs=[model])
     import guardmerge
 
     export_onnx(guardmerge.load(str(model)), out, quantize=quantize, force=force)
@@ -552,6 +566,12 @@ def _exit_now() -> None:
     os._exit(0)
 
 
+def _one_line(text: str, limit: int = 2000) -> str:
+    """An error message on one line, of bounded length."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def main() -> None:
     """Console entry point: clean one-line errors for bad input, exit code 2."""
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
@@ -562,7 +582,11 @@ def main() -> None:
             _exit_now()
         raise
     except GuardmergeError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(str(exc))}", err=True)
+        raise SystemExit(2) from None
+    except OSError as exc:  # a path the system refuses (too long, permissions, disk full) is a user error
+        where = f"{_one_line(str(exc.filename))[:200]}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

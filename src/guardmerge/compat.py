@@ -18,7 +18,7 @@ import torch
 
 from guardmerge.architectures import ArchitectureAdapter, encoder_names
 from guardmerge.checkpoint import Checkpoint
-from guardmerge.errors import CompatibilityError
+from guardmerge.errors import CompatibilityError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ class MergePlan:
         shared: ``heads: shared``: head tensors are in ``merge_names`` and the output is one stock
             model under the checkpoint's own names.
         zero_base: merged tensors the base lacks (a headless base's head): theta_0 = 0 for them.
+        branch_names: encoder tensors each task keeps from its own expert (``share_layers: K``
+            with ``K < L``): blocks ``>= K``, the pooler, and at ``K = 0`` the embeddings too
+            (those are then also merged, for the trunk). Empty when every layer is shared.
+        share_layers: the sharing depth ``K`` asked for (None: every layer shared).
     """
 
     adapter: ArchitectureAdapter
@@ -77,16 +81,24 @@ class MergePlan:
     labels: dict[str, tuple[str, ...]]
     shared: bool = False
     zero_base: frozenset[str] = frozenset()
+    branch_names: tuple[str, ...] = ()
+    share_layers: int | None = None
 
     def head_tensor_names(self) -> list[str]:
         return [f"{layer}.{kind}" for layer in self.head_layers for kind in ("weight", "bias")]
 
 
-def plan_merge(base: Checkpoint, experts: Sequence[ExpertRef], heads_mode: str = "multi") -> MergePlan:
+def plan_merge(
+    base: Checkpoint, experts: Sequence[ExpertRef], heads_mode: str = "multi", share_layers: int | None = None
+) -> MergePlan:
     """Check that ``experts`` can be merged onto ``base`` and return the plan.
+
+    Args:
+        share_layers: sharing depth ``K`` (blocks ``>= K`` and the pooler stay per task).
 
     Raises:
         CompatibilityError: naming the expert and the field or tensor that differs.
+        ConfigError: ``share_layers`` above the number of layers.
     """
     adapter = base.adapter
     for ex in experts:
@@ -121,6 +133,7 @@ def plan_merge(base: Checkpoint, experts: Sequence[ExpertRef], heads_mode: str =
             "use heads: multi"
         )
     _warn_drift(base, experts, merge_names)
+    merge_names, branch_names = _split_branches(adapter, base, merge_names, share_layers)
     return MergePlan(
         adapter=adapter,
         merge_names=tuple(merge_names),
@@ -128,7 +141,37 @@ def plan_merge(base: Checkpoint, experts: Sequence[ExpertRef], heads_mode: str =
         head_layers=tuple(head_layers),
         head_input=head_input,
         labels={ex.task: tuple(ex.checkpoint.id2label()) for ex in experts},
+        branch_names=tuple(branch_names),
+        share_layers=share_layers,
     )
+
+
+def _split_branches(
+    adapter: ArchitectureAdapter, base: Checkpoint, merge_names: Sequence[str], share_layers: int | None
+) -> tuple[list[str], list[str]]:
+    """``(merged, branch-owned)`` names at sharing depth ``share_layers``.
+
+    At ``K = 0`` the embeddings are both: merged for the trunk (which only forms the blocks'
+    attention arguments) and owned by every branch, so each branch reproduces its expert.
+    """
+    if share_layers is None:
+        return list(merge_names), []
+    layers = adapter.num_blocks(merge_names)
+    if adapter.blocks is None or layers == 0:
+        raise ConfigError(f"share_layers: {adapter.model_type} checkpoints have no block list to branch")
+    if share_layers > layers:
+        raise ConfigError(
+            f"share_layers is {share_layers} but the base ({base.source}) has {layers} layers "
+            f"(num_hidden_layers); use 0..{layers}"
+        )
+    owned = adapter.branch_prefixes(share_layers, layers)
+    branch = [n for n in merge_names if n.startswith(owned)]
+    keep = adapter.embeddings + "." if share_layers == 0 and adapter.embeddings else None
+    merged = [n for n in merge_names if not n.startswith(owned) or (keep is not None and n.startswith(keep))]
+    if branch:
+        log.info("share_layers %d of %d: %d tensors per task stay with their expert", share_layers, layers,
+                 len(branch))
+    return merged, branch
 
 
 def _plan_shared(base: Checkpoint, experts: Sequence[ExpertRef]) -> MergePlan:

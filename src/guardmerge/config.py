@@ -38,7 +38,7 @@ TASK_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 class ExpertConfig(BaseModel):
     """One expert: a fine-tuned classifier and the name of its head."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(description="local folder or Hugging Face hub id of the classifier")
     task: str = Field(pattern=TASK_PATTERN, description="head name in the merged model")
@@ -50,7 +50,7 @@ class ExpertConfig(BaseModel):
 class AlignConfig(BaseModel):
     """Closed-form head alignment after merging (ALGORITHMS.md 3b)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["lstsq", "moments"] = Field(
         "lstsq", description="lstsq: ridge refit of the head (or an affine map for heads with a "
@@ -65,7 +65,7 @@ class AlignConfig(BaseModel):
 class StatsConfig(BaseModel):
     """How statistics are computed for experts that give `data` instead of `stats`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     examples: int = Field(1000, ge=1, description="unlabelled texts per expert")
     max_length: int = Field(128, ge=8, description="tokens per text")
@@ -78,7 +78,7 @@ class StatsConfig(BaseModel):
 class MergeConfig(BaseModel):
     """A whole merge job, validated against the method registry."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_model: str = Field(description="the shared pretrained checkpoint theta_0")
     experts: list[ExpertConfig] = Field(min_length=1)
@@ -100,6 +100,14 @@ class MergeConfig(BaseModel):
     align_heads: AlignConfig | bool | None = Field(
         None, description="head alignment: on by default when every expert gives `data`; false to disable"
     )
+    share_layers: int | None = Field(
+        None, ge=0, description="sharing depth K: blocks below K are merged and shared, each task runs its "
+        "expert's own blocks K.. (and pooler) on the shared trunk's output; unset = every layer shared"
+    )
+    branch_align: bool = Field(
+        False, description="fit a per-feature affine map at the branch point (expert's hidden states at "
+        "depth K from the trunk's), on each task's `data`; needs share_layers"
+    )
 
     @field_validator("method")
     @classmethod
@@ -113,9 +121,16 @@ class MergeConfig(BaseModel):
         dupes = sorted({t for t in tasks if tasks.count(t) > 1})
         if dupes:
             raise ValueError(f"duplicate task names: {', '.join(dupes)} (each head needs its own)")
+        total = sum(e.weight for e in self.experts)
+        if abs(total) <= 1e-12 * max(1.0, max(abs(e.weight) for e in self.experts)):
+            raise ConfigError(
+                f"experts.*.weight: the expert weights {[e.weight for e in self.experts]} sum to 0; "
+                "weighted means (average, model_stock, regmean...) divide by the sum"
+            )
         spec = METHODS.get(self.method)
         spec.validate(self.parameters)
         self.alignment()  # align_heads: true without data fails here, before any work
+        self._check_sharing()
         lacking = [e.task for e in self.experts if spec.needs and not (e.stats or e.data)]
         if lacking:
             raise ConfigError(
@@ -132,6 +147,21 @@ class MergeConfig(BaseModel):
                     f"(unlabelled texts) to expert(s) {', '.join(without)}"
                 )
         return self
+
+    def _check_sharing(self) -> None:
+        """``share_layers`` needs ``heads: multi``; ``branch_align`` needs it and every expert's data."""
+        if self.share_layers is not None and self.heads != "multi":
+            raise ConfigError(f"share_layers gives each task its own upper layers and head: use heads: multi "
+                              f"(not heads: {self.heads})")
+        if self.branch_align:
+            if self.share_layers is None:
+                raise ConfigError("branch_align fits the input of each task's own layers: set share_layers")
+            missing = [e.task for e in self.experts if not e.data]
+            if missing:
+                raise ConfigError(
+                    f"branch_align needs unlabelled texts of every task: give `data: FILE` to expert(s) "
+                    f"{', '.join(missing)}"
+                )
 
     def alignment(self) -> AlignConfig | None:
         """The head-alignment settings in force, or None when alignment is off."""
@@ -150,6 +180,14 @@ class MergeConfig(BaseModel):
                 f"align_heads needs unlabelled texts of every task: give `data: FILE` to expert(s) {missing}"
             )
         return AlignConfig() if self.align_heads is True else self.align_heads
+
+    def input_paths(self) -> list[str]:
+        """Every path the merge reads (base, experts, their statistics and data): what an output
+        must never be, contain or lie inside (:func:`guardmerge.io.check_output`)."""
+        paths = [self.base_model]
+        for e in self.experts:
+            paths += [p for p in (e.model, e.stats, e.data) if p]
+        return paths
 
     def method_params(self) -> MethodParams:
         """The validated parameter model of :attr:`method`."""
@@ -224,12 +262,20 @@ def parse_config(data: dict[str, Any], source: str = "config") -> MergeConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> MergeConfig:
     """Read a YAML merge config, apply overrides, resolve relative paths, validate."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long for the file system
+        raise ConfigError(f"config file '{str(path)[:120]}': {exc.strerror}") from None
+    if not found:
         raise ConfigError(f"config file '{path}' not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (binary file? bad byte at offset {exc.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not valid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())[:300]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     apply_overrides(data, list(overrides or []))

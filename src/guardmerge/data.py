@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from guardmerge.errors import DataError
+from guardmerge.io import read_json
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+MAX_TEXT_CHARS = 100_000  # longer texts are truncated on reading (models see a few hundred tokens)
 
 
 @dataclass(frozen=True)
@@ -41,26 +46,48 @@ def read_examples(
     Labels are read when ``label_field`` is present in every row; otherwise ``labels`` is None.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long for the file system
+        raise DataError(f"data file '{str(path)[:120]}': {exc.strerror}") from None
+    if not found:
         raise DataError(f"data file '{path}' not found")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        rows = _jsonl_rows(path)
-    elif suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
-    elif suffix == ".txt":
-        lines = [l.rstrip("\n") for l in path.open(encoding="utf-8")]
-        rows = [{text_field: l} for l in lines if l.strip()]
-    else:
-        raise DataError(f"{path}: unsupported data format '{suffix}' (use .jsonl, .csv or .txt)")
-    if not rows:
+    where = "line"  # rows are numbered by their line in the file
+    try:
+        if suffix in (".jsonl", ".json"):
+            numbered = _jsonl_rows(path)
+        elif suffix in (".csv", ".tsv"):
+            where = "row"
+            csv.field_size_limit(1 << 30)
+            with path.open(newline="", encoding="utf-8") as fh:
+                numbered = list(enumerate(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","), 1))
+        elif suffix == ".txt":
+            with path.open(encoding="utf-8") as fh:
+                numbered = [(i, {text_field: l.rstrip("\n")}) for i, l in enumerate(fh, 1) if l.strip()]
+        else:
+            raise DataError(f"{path}: unsupported data format '{suffix}' (use .jsonl, .csv or .txt)")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (binary file? bad byte at offset {exc.start})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: invalid CSV: {exc}") from None
+    if not numbered:
         raise DataError(f"{path} holds no examples")
+    rows = [row for _, row in numbered]
     texts = []
-    for i, row in enumerate(rows, 1):
+    cut = 0
+    for i, row in numbered:
         if text_field not in row:
-            raise DataError(f"{path}, row {i}: no field '{text_field}' (fields: {sorted(row)})")
-        texts.append(str(row[text_field]))
+            raise DataError(f"{path}, row {i}: no field '{text_field}' (fields: {sorted(map(str, row))[:20]})")
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}, {where} {i}: field '{text_field}' must be a string, got "
+                            f"{'null' if text is None else type(text).__name__}")
+        if len(text) > MAX_TEXT_CHARS:
+            text, cut = text[:MAX_TEXT_CHARS], cut + 1
+        texts.append(text)
+    if cut:
+        log.warning("%s: %d text(s) longer than %d characters were truncated", path, cut, MAX_TEXT_CHARS)
     labels = None
     if label_field and all(label_field in r for r in rows):
         try:
@@ -81,7 +108,8 @@ def task_texts(path: str | Path, limit: int | None = None) -> list[str]:
     return texts[:limit] if limit else texts
 
 
-def _jsonl_rows(path: Path) -> list[dict]:
+def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line."""
     rows = []
     with path.open(encoding="utf-8") as fh:
         for i, line in enumerate(fh, 1):
@@ -91,9 +119,11 @@ def _jsonl_rows(path: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {i}: invalid JSON: {exc}") from None
+            except RecursionError:
+                raise DataError(f"{path}, line {i}: invalid JSON: nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {i}: expected a JSON object")
-            rows.append(row)
+            rows.append((i, row))
     return rows
 
 
@@ -125,8 +155,8 @@ def load_task(folder: str | Path) -> TaskData:
     meta = folder / "labels.json"
     if not meta.is_file():
         raise DataError(f"{meta} not found: a task folder needs labels.json with 'labels'")
+    raw = read_json(meta, error=DataError)
     try:
-        raw = json.loads(meta.read_text())
         labels = raw["labels"] if isinstance(raw, dict) else raw
         if isinstance(labels, dict):
             labels = [labels[k] for k in sorted(labels, key=int)]

@@ -6,7 +6,9 @@ forms the task vectors ``[N, *shape]``, calls the method's pure function, adds `
 and hands the tensor on: to a dict (:func:`merge`) or straight to a sharded safetensors writer
 (:func:`stream_to_folder`, which writes on its own thread), so memory holds about two tensors
 per expert at a time, whatever the model size. Heads stay per task
-(``heads: multi``) or are merged as zero-padded concatenated layers (``heads: hm3``, HM3).
+(``heads: multi``) or are merged as zero-padded concatenated layers (``heads: hm3``, HM3). With
+``share_layers: K`` each task also keeps its expert's blocks ``>= K`` and pooler, copied like
+its head under ``branches.<task>.<canonical name>``.
 """
 
 from __future__ import annotations
@@ -33,12 +35,11 @@ from guardmerge.merge.job import MergeJob
 from guardmerge.methods import MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.modelcard import model_card
 from guardmerge.multihead import (
+    BRANCH_PREFIX,
     HEAD_PREFIX,
     HeadSpec,
     MultiHeadModel,
-    build_encoder,
     folder_config,
-    head_from_tensors,
     load_tokenizer,
 )
 from guardmerge.stats.io import ExpertStats, stack_for_tensor
@@ -54,7 +55,8 @@ class MergeResult:
     """A merged model held as tensors, ready to save or to turn into a module.
 
     Attributes:
-        tensors: canonical encoder tensors and ``heads.<task>.<layer>.*`` head tensors.
+        tensors: canonical encoder tensors, ``heads.<task>.<layer>.*`` head tensors and, with
+            ``share_layers``, ``branches.<task>.<canonical name>`` branch tensors.
         config: the encoder config dict (from the first expert, head fields removed).
         heads: task -> :class:`HeadSpec`.
         info: provenance recorded in ``config.json`` and the model card.
@@ -72,21 +74,20 @@ class MergeResult:
         if self.info.get("heads_mode") == "shared":
             raise GuardmergeError("a heads: shared merge is one stock transformers model, not a multi-head model; "
                                   "write it (guardmerge merge) and load it with transformers")
-        heads = {t: head_from_tensors(t, s, self.tensors) for t, s in self.heads.items()}
-        enc_state = {k: v for k, v in self.tensors.items() if not k.startswith(HEAD_PREFIX)}
-        encoder = build_encoder(self.config, any(k.startswith("pooler.") for k in enc_state))
-        encoder.load_state_dict(enc_state, strict=False)
         if tokenizer is None and self.tokenizer_dir is not None:
             tokenizer = load_tokenizer(self.tokenizer_dir)
-        return MultiHeadModel(encoder, heads, self.config, info=self.info, tokenizer=tokenizer)
+        return MultiHeadModel.from_tensors(self.config, self.heads, self.tensors, self.info, tokenizer,
+                                           strict=False)
 
 
 def _open_all(job: MergeJob, stack: ExitStack, progress: bool = False) -> tuple[Checkpoint, list[ExpertRef]]:
     pickle = job.config.allow_pickle
-    base = stack.enter_context(Checkpoint(job.config.base_model, folder=job.base, allow_pickle=pickle))
+    base = stack.enter_context(Checkpoint(job.config.base_model, folder=job.base, allow_pickle=pickle,
+                                          where=f"base model ({job.config.base_model})"))
     experts = []
     for ex in tqdm(job.experts, desc="open experts", unit="expert", disable=not progress or len(job.experts) < 8):
-        ck = stack.enter_context(Checkpoint(ex.source, folder=ex.folder, allow_pickle=pickle))
+        ck = stack.enter_context(Checkpoint(ex.source, folder=ex.folder, allow_pickle=pickle,
+                                            where=f"expert '{ex.task}' ({ex.source})"))
         experts.append(ExpertRef(task=ex.task, weight=ex.weight, checkpoint=ck))
     return base, experts
 
@@ -215,7 +216,7 @@ class OpenMerge:
     def __enter__(self) -> OpenMerge:
         try:
             self.base, self.experts = _open_all(self.job, self._stack, self.progress)
-            self.plan = plan_merge(self.base, self.experts, self.config.heads)
+            self.plan = plan_merge(self.base, self.experts, self.config.heads, self.config.share_layers)
             if self.spec.needs and (self.stats is None or len(self.stats) != len(self.experts)):
                 raise StatisticsError(
                     f"method '{self.spec.name}' needs {', '.join(sorted(self.spec.needs))} statistics for every "
@@ -251,6 +252,10 @@ class OpenMerge:
             for ex in self.experts:
                 dtype = self.out_dtype or ex.checkpoint.dtype(tname)
                 slots.append(TensorSlot(f"{HEAD_PREFIX}{ex.task}.{tname}", dtype, tuple(ex.checkpoint.shape(tname))))
+        for ex in self.experts:  # sharing depth: each task's own upper blocks (and pooler)
+            for name in self.plan.branch_names:
+                dtype = self.out_dtype or ex.checkpoint.dtype(name)
+                slots.append(TensorSlot(f"{BRANCH_PREFIX}{ex.task}.{name}", dtype, tuple(ex.checkpoint.shape(name))))
         return slots
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -291,6 +296,10 @@ class OpenMerge:
             for ex in self.experts:
                 name = f"{HEAD_PREFIX}{ex.task}.{tname}"
                 yield name, heads[name] if self.out_dtype is None else heads[name].to(self.out_dtype)
+        for ex in self.experts:  # layout order: expert by expert, then the checkpoint's order
+            for name in self.plan.branch_names:
+                tensor = ex.checkpoint.get(name)
+                yield f"{BRANCH_PREFIX}{ex.task}.{name}", tensor if self.out_dtype is None else tensor.to(self.out_dtype)
 
     def result(self, tensors: dict[str, torch.Tensor]) -> MergeResult:
         """A :class:`MergeResult` around ``tensors`` (empty for a streamed write)."""
@@ -317,6 +326,8 @@ class OpenMerge:
             "parameters": self.params.model_dump(),
             "heads_mode": self.config.heads,
         }
+        if self.config.share_layers is not None:
+            info["share_layers"] = self.config.share_layers
         return MergeResult(tensors=tensors, config=enc_config, heads=heads, info=info, tokenizer_dir=tok_dir)
 
 
@@ -377,6 +388,9 @@ def write_folder(
     with atomic_dir(out, force=force) as tmp:
         with ShardedWriter(tmp, layout, max_shard_bytes=max_shard_bytes) as writer:
             for name, tensor in tensors:
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise GuardmergeError(f"merged tensor '{name}' holds NaN or Inf values (method {config.method}, "
+                                          f"parameters {result.info.get('parameters')}); nothing was written to {out}")
                 writer.write(name, tensor)
         if config.heads == "shared":  # a stock transformers folder, with the merge's provenance
             model_cfg = {**result.config, "guardmerge": {"version": __version__, **result.info}}
@@ -442,7 +456,7 @@ def sparsified_experts(config: MergeJob | MergeConfig) -> list[dict[str, torch.T
     job = MergeJob.of(config)
     with ExitStack() as stack:
         base, experts = _open_all(job, stack)
-        plan = plan_merge(base, experts, job.config.heads)
+        plan = plan_merge(base, experts, job.config.heads, job.config.share_layers)
         src = _TensorSource(base, experts, plan, job.config.seed, torch.float32,
                             sparsify=_bound_sparsify(job.spec, job.params))
         states: list[dict[str, torch.Tensor]] = [{} for _ in experts]

@@ -33,3 +33,7 @@ class OutputExistsError(GuardmergeError):
 
 class DataError(GuardmergeError):
     """A data file (JSONL, CSV, TXT) is missing, empty, or lacks the requested field."""
+
+
+class OutputError(GuardmergeError):
+    """The output path is unsafe (it is, holds or lies inside an input) or cannot be written."""

@@ -63,6 +63,7 @@ def finetune(
     *,
     force: bool = False,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> Path:
     """Fine-tune ``base`` as a sequence classifier on ``train`` and save it to ``out``.
 
@@ -71,6 +72,7 @@ def finetune(
         train: labelled examples; labels index into ``labels``.
         labels: label names, in index order.
         out: output folder (refused if it exists, unless ``force``).
+        allow_pickle: accept a base with only ``pytorch_model.bin`` (pickle) weights.
     """
     from transformers import (
         AutoModelForSequenceClassification,
@@ -78,20 +80,25 @@ def finetune(
         get_linear_schedule_with_warmup,
     )
 
+    from guardmerge.checkpoint import capped_length, check_weights, resolve
+
     s = settings or FinetuneSettings()
+    folder = resolve(base)
+    pickled = check_weights(folder, allow_pickle=allow_pickle)  # before transformers opens anything
     if train.labels is None:
         raise DataError("fine-tuning needs labelled examples")
     train = train.head(s.max_examples)
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
-    tok = AutoTokenizer.from_pretrained(str(base))
+    tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(base),
+        str(folder),
+        use_safetensors=not pickled,
         num_labels=len(labels),
         id2label={i: n for i, n in enumerate(labels)},
         label2id={n: i for i, n in enumerate(labels)},
     )
-    enc = tok(train.texts, truncation=True, max_length=s.max_length)
+    enc = tok(train.texts, truncation=True, max_length=capped_length(s.max_length, model.config.to_dict(), "fine-tune"))
     ids = enc["input_ids"]
     steps_per_epoch = math.ceil(len(ids) / s.batch_size)
     total = max(1, math.ceil(steps_per_epoch * s.epochs))

@@ -6,12 +6,26 @@ tensors under ``heads.<task>.<layer>.{weight,bias}``), ``config.json`` (the enco
 transformers config plus a ``guardmerge`` section describing the heads), the tokenizer, the
 merge config and a model card. Any single task exports back to a stock
 ``AutoModelForSequenceClassification`` folder.
+
+**Sharing depth** (``share_layers: K`` below the number of blocks ``L``): the encoder is a
+*trunk* of the K shared blocks; each task owns a :class:`Branch` (its expert's blocks
+``K..L-1``, its pooler where the family has one, and an optional per-feature affine ``align``
+applied to the trunk's output first) stored under ``branches.<task>.<canonical name>``
+(``branches.hate.encoder.layer.3.attention.self.query.weight``, ``branches.hate.pooler.dense.bias``,
+``branches.hate.align.scale`` / ``.shift``); ``config.json`` records ``guardmerge.share_layers``.
+The trunk runs once per batch, then each requested task's branch. At ``K = 0`` each branch
+also owns its expert's embeddings (``branches.<task>.embeddings.*``) so every task reproduces
+its expert exactly; the trunk's (merged) embeddings then only form the blocks' attention
+arguments.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,12 +36,14 @@ from torch import nn
 
 from guardmerge.architectures import ArchitectureAdapter, get_adapter
 from guardmerge.errors import CheckpointError, GuardmergeError
-from guardmerge.io import atomic_dir
+from guardmerge.io import atomic_dir, read_json
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 HEAD_PREFIX = "heads."
+BRANCH_PREFIX = "branches."
+_BUFFERS = ("position_ids", "token_type_ids")  # non-persistent in recent transformers
 
 
 @dataclass(frozen=True)
@@ -92,19 +108,214 @@ def build_encoder(config: Mapping[str, Any], with_pooler: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "guardmerge"})
-    kwargs = {"add_pooling_layer": with_pooler} if cfg.model_type in ("bert", "roberta") else {}
-    return AutoModel.from_config(cfg, **kwargs)
+    return AutoModel.from_config(cfg, **_encoder_kwargs(cfg.model_type, with_pooler))
+
+
+def _encoder_kwargs(model_type: str, with_pooler: bool) -> dict[str, Any]:
+    return {"add_pooling_layer": with_pooler} if model_type in ("bert", "roberta") else {}
+
+
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    """``root.a.b`` for ``path = "a.b"``."""
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Capture(nn.Module):
+    """The branch point: the last entry of a trunk's block list. Returns the hidden states
+    unchanged and keeps the call's other arguments (attention mask...) for the branches' blocks,
+    so no family's mask format is rebuilt and the whole forward stays traceable. Calls are kept
+    per thread, so concurrent forwards on one model do not mix their masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self.calls[threading.get_ident()] = (rest, kwargs)
+        return hidden
+
+    def take(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """This thread's last call arguments (cleared, so no tensors outlive the forward)."""
+        call = self.calls.pop(threading.get_ident(), None)
+        if call is None:
+            raise GuardmergeError("the trunk did not reach its branch point")
+        return call
+
+
+class Affine(nn.Module):
+    """Per-feature ``x -> scale * x + shift`` on ``[..., d]`` (``scale``, ``shift``: ``[d]``)."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().float())
+        self.register_buffer("shift", shift.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+class Branch(nn.Module):
+    """One task's own layers above the shared trunk.
+
+    Args:
+        blocks: the expert's blocks ``K..L-1``.
+        start: ``K``, the index of the first block.
+        adapter: the family's adapter (names).
+        pooler: the expert's pooler, or None.
+        embeddings: the expert's embeddings (``K = 0`` only: the branch starts from the tokens).
+        align: per-feature affine map on the branch input, or None.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        start: int,
+        adapter: ArchitectureAdapter,
+        pooler: nn.Module | None = None,
+        embeddings: nn.Module | None = None,
+        align: Affine | None = None,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.start = start
+        self.adapter = adapter
+        self.pooler = pooler
+        self.embeddings = embeddings
+        self.align = align
+        self._embedding_inputs = tuple(inspect.signature(embeddings.forward).parameters) if embeddings else ()
+
+    def entry(self, hidden: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The branch input before ``align``: the trunk's hidden states ``[B, T, d]``, or the
+        branch's own embeddings of ``inputs`` (``input_ids``...) when it has them."""
+        if self.embeddings is None:
+            return hidden
+        return self.embeddings(**{k: v for k, v in inputs.items() if k in self._embedding_inputs})
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        call: tuple[tuple[Any, ...], dict[str, Any]],
+        inputs: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(last hidden states [B, T, d], pooled [B, d] or None)`` from the trunk's output
+        ``hidden`` ``[B, T, d]`` and the trunk's block arguments ``call``."""
+        args, kwargs = call
+        h = self.entry(hidden, inputs)
+        if self.align is not None:
+            h = self.align(h)
+        for block in self.blocks:
+            h = _first(block(h, *args, **kwargs))
+        pooled = _first(self.pooler(h)) if self.pooler is not None else None
+        return h, pooled
+
+    def set_align(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Set the per-feature affine map on the branch input (``scale``, ``shift``: ``[d]``)."""
+        device = next(self.blocks.parameters()).device if len(self.blocks) else scale.device
+        self.align = Affine(scale, shift).to(device)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The branch's tensors under canonical encoder names (``encoder.layer.3...``,
+        ``pooler.dense.weight``, ``embeddings...``) plus ``align.scale`` / ``align.shift``."""
+        ad = self.adapter
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.blocks.state_dict().items():
+            index, rest = name.split(".", 1)
+            out[f"{ad.blocks}.{self.start + int(index)}.{rest}"] = t.detach()
+        for attr, prefix in (("embeddings", ad.embeddings), ("pooler", ad.pooler)):
+            module = getattr(self, attr)
+            if module is not None:
+                out.update({f"{prefix}.{n}": t.detach() for n, t in module.state_dict().items()
+                            if not n.endswith(_BUFFERS)})
+        if self.align is not None:
+            out["align.scale"], out["align.shift"] = self.align.scale.detach(), self.align.shift.detach()
+        return out
+
+
+def cut_trunk(encoder: nn.Module, adapter: ArchitectureAdapter, share_layers: int) -> nn.Module:
+    """Make ``encoder`` (in place) a trunk: its first ``share_layers`` blocks then the branch
+    point, and no pooler (each branch owns one), so its last hidden state is depth K's."""
+    if adapter.blocks is None:
+        raise GuardmergeError(f"share_layers: model_type '{adapter.model_type}' has no block list")
+    blocks = module_at(encoder, adapter.blocks)
+    parent_path, _, attr = adapter.blocks.rpartition(".")
+    parent = module_at(encoder, parent_path) if parent_path else encoder
+    setattr(parent, attr, nn.ModuleList([*list(blocks)[:share_layers], _Capture()]))
+    if adapter.pooler and getattr(encoder, adapter.pooler, None) is not None:
+        setattr(encoder, adapter.pooler, None)
+    return encoder
+
+
+def build_branch(
+    trunk: nn.Module,
+    adapter: ArchitectureAdapter,
+    share_layers: int,
+    layers: int,
+    tensors: Mapping[str, torch.Tensor],
+    where: str,
+) -> Branch:
+    """A :class:`Branch` from its tensors (canonical names, plus ``align.*``).
+
+    Its modules come from a sibling of ``trunk`` built on the trunk's own config object, so a
+    switch of attention implementation (eager for ONNX tracing) reaches the branch too.
+    """
+    own = {k: v for k, v in tensors.items() if not k.startswith("align.")}
+    with_pooler = bool(adapter.pooler) and any(k.startswith(f"{adapter.pooler}.") for k in own)
+    donor = type(trunk)(trunk.config, **_encoder_kwargs(adapter.model_type, with_pooler))
+    missing, unexpected = donor.load_state_dict(own, strict=False)
+    owned = adapter.branch_prefixes(share_layers, layers)
+    missing = [m for m in missing if m.startswith(owned) and not m.endswith(_BUFFERS)
+               and not (m.startswith(f"{adapter.pooler}.") and not with_pooler)]
+    unexpected = [u for u in unexpected if not u.endswith(_BUFFERS)]
+    stray = [k for k in own if not k.startswith(owned)]
+    if missing or unexpected or stray:
+        raise CheckpointError(f"{where}: branch tensors do not match share_layers {share_layers} "
+                              f"(missing {missing[:3]}, unexpected {(list(unexpected) + stray)[:3]})")
+    blocks = list(module_at(donor, adapter.blocks))[share_layers:]
+    pooler = getattr(donor, adapter.pooler) if with_pooler and adapter.pooler else None
+    embeddings = module_at(donor, adapter.embeddings) if share_layers == 0 and adapter.embeddings else None
+    align = None
+    if "align.scale" in tensors or "align.shift" in tensors:
+        if "align.scale" not in tensors or "align.shift" not in tensors:
+            raise CheckpointError(f"{where}: 'align.scale' and 'align.shift' come together")
+        align = Affine(tensors["align.scale"], tensors["align.shift"])
+    return Branch(blocks, share_layers, adapter, pooler, embeddings, align)
+
+
+def _load_encoder(encoder: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, where: str) -> None:
+    missing, unexpected = encoder.load_state_dict(dict(state), strict=False)
+    if not strict:
+        return
+    missing = [m for m in missing if not m.endswith(_BUFFERS)]
+    unexpected = [u for u in unexpected if not u.endswith(_BUFFERS)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: encoder tensors do not match the config "
+            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
+        )
 
 
 class MultiHeadModel(nn.Module):
-    """A shared encoder with one head per task.
+    """A shared encoder with one head per task (and, with a sharing depth, one branch per task).
 
     Args:
-        encoder: a transformers base model (``BertModel``, ``RobertaModel``, ``DistilBertModel``).
+        encoder: a transformers base model (``BertModel``, ``RobertaModel``, ``DistilBertModel``);
+            with ``branches``, a trunk made by :func:`cut_trunk`.
         heads: task -> :class:`Head`.
         config: the encoder's config dict (``config.json`` minus the ``guardmerge`` section).
         info: provenance (base, experts, method, parameters, version) for the model card.
         tokenizer: a transformers tokenizer, needed by :meth:`predict`.
+        branches: task -> :class:`Branch` (every head needs one), or None: single-pass model.
     """
 
     def __init__(
@@ -114,14 +325,25 @@ class MultiHeadModel(nn.Module):
         config: Mapping[str, Any],
         info: Mapping[str, Any] | None = None,
         tokenizer: Any = None,
+        branches: Mapping[str, Branch] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(dict(heads))
+        self.branches = nn.ModuleDict(dict(branches or {}))
         self.config = dict(config)
         self.info = dict(info or {})
         self.tokenizer = tokenizer
         self.adapter: ArchitectureAdapter = get_adapter(str(self.config["model_type"]))
+        if self.branches:
+            if self._branch_point() is None:
+                raise GuardmergeError("a model with branches needs a trunk cut at the branch point (cut_trunk)")
+            lacking = [t for t in self.heads if t not in self.branches]
+            extra = [t for t in self.branches if t not in self.heads]
+            if lacking or extra:
+                raise GuardmergeError(f"every head needs one branch: heads without a branch {lacking}, "
+                                      f"branches without a head {extra}")
+            self.info["share_layers"] = self.share_layers
         self.eval()
 
     # -- structure -----------------------------------------------------------------------
@@ -137,18 +359,73 @@ class MultiHeadModel(nn.Module):
             raise GuardmergeError(f"unknown task '{task}'; this model has: {', '.join(self.tasks)}")
         return self.heads[task]  # type: ignore[return-value]
 
+    def _branch_point(self) -> _Capture | None:
+        if self.adapter.blocks is None:
+            return None
+        blocks = module_at(self.encoder, self.adapter.blocks)
+        last = blocks[-1] if len(blocks) else None  # type: ignore[arg-type]
+        return last if isinstance(last, _Capture) else None
+
+    @property
+    def share_layers(self) -> int | None:
+        """The sharing depth K of a branched model (None: every layer shared, one pass)."""
+        if not self.branches:
+            return None
+        return len(module_at(self.encoder, self.adapter.blocks or "")) - 1  # type: ignore[arg-type]
+
+    def branch(self, task: str) -> Branch:
+        """``task``'s :class:`Branch` (a branched model only)."""
+        self._head(task)
+        if task not in self.branches:
+            raise GuardmergeError(f"this model has no branches (share_layers unset): task '{task}' has none")
+        return self.branches[task]  # type: ignore[return-value]
+
     # -- inference -----------------------------------------------------------------------
-    def head_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Run the encoder once: ``{"pooled": [B, d], "cls": [B, d]}`` (what heads read)."""
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        tasks: Sequence[str] | None = None,
+        **extra: torch.Tensor,
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """``{task: {"cls": [B, d], "pooled": [B, d]}}``: the encoder (trunk) runs once, then
+        each task's branch on the trunk's output when the model has branches."""
+        chosen = list(tasks) if tasks is not None else self.tasks
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        hidden = out[0]
-        feats = {"cls": hidden[:, 0]}
-        pooled = getattr(out, "pooler_output", None)
-        if pooled is not None:
-            feats["pooled"] = pooled
-        return feats
+        if not self.branches:
+            shared = _feats(out[0], getattr(out, "pooler_output", None))
+            return {t: shared for t in chosen}
+        point = self._branch_point()
+        assert point is not None
+        call = point.take()
+        inputs = {"input_ids": input_ids, **extra}
+        return {t: _feats(*self.branch(t)(out[0], call, inputs)) for t in chosen}
+
+    def head_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None, **extra: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Run the encoder once: ``{"pooled": [B, d], "cls": [B, d]}`` (what heads read).
+
+        A branched model's features are per task: ``task`` names whose (required there).
+        """
+        if not self.branches:
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            return _feats(out[0], getattr(out, "pooler_output", None))
+        if task is None:
+            raise GuardmergeError(f"this model branches at layer {self.share_layers}: head_inputs needs the task")
+        return self.features(input_ids, attention_mask, [task], **extra)[task]
+
+    def branch_input(
+        self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B, T, d]``: what ``task``'s branch reads before its ``align`` (the trunk's output at
+        depth K, or the branch's own embeddings at K = 0)."""
+        branch = self.branch(task)
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        point = self._branch_point()
+        assert point is not None
+        point.take()
+        return branch.entry(out[0], {"input_ids": input_ids, **extra})
 
     def forward(
         self,
@@ -157,10 +434,11 @@ class MultiHeadModel(nn.Module):
         tasks: Sequence[str] | None = None,
         **extra: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """``{task: logits [B, C_task]}`` from one encoder pass."""
-        feats = self.head_inputs(input_ids, attention_mask, **extra)
+        """``{task: logits [B, C_task]}`` from one encoder (trunk) pass, then each task's branch."""
         chosen = list(tasks) if tasks is not None else self.tasks
-        return {t: self._head(t)(feats[self._head(t).spec.input]) for t in chosen}
+        heads = {t: self._head(t) for t in chosen}
+        feats = self.features(input_ids, attention_mask, chosen, **extra)
+        return {t: heads[t](feats[t][heads[t].spec.input]) for t in chosen}
 
     def encode(
         self, texts: Sequence[str], max_length: int | None = None
@@ -168,12 +446,14 @@ class MultiHeadModel(nn.Module):
         """Tokenise ``texts`` with the model's tokenizer (padded batch tensors)."""
         if self.tokenizer is None:
             raise GuardmergeError("this model has no tokenizer; load it from a saved folder")
+        from guardmerge.checkpoint import capped_length
+
         return dict(
             self.tokenizer(
                 list(texts),
                 padding=True,
                 truncation=True,
-                max_length=max_length or min(512, int(self.config.get("max_position_embeddings", 512))),
+                max_length=capped_length(max_length or 512, self.config, "encode", level=logging.DEBUG),
                 return_tensors="pt",
             )
         )
@@ -222,10 +502,13 @@ class MultiHeadModel(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor as saved: canonical encoder names, then ``heads.<task>.<layer>.*``."""
+        """Every tensor as saved: canonical encoder names, then ``heads.<task>.<layer>.*``, then
+        ``branches.<task>.<canonical name>`` (a branched model)."""
         tensors = {k: v.detach() for k, v in self.encoder.state_dict().items()}
         for task in self.tasks:
             tensors.update(self._head(task).state(task))
+        for task in self.branches:
+            tensors.update({f"{BRANCH_PREFIX}{task}.{n}": v for n, v in self.branch(task).state().items()})
         return tensors
 
     def save_pretrained(self, path: str | Path, *, force: bool = False) -> Path:
@@ -242,36 +525,69 @@ class MultiHeadModel(nn.Module):
         cfg_file = folder / "config.json"
         if not cfg_file.is_file():
             raise CheckpointError(f"{cfg_file} is missing: not a guardmerge model folder")
-        config = json.loads(cfg_file.read_text())
-        meta = config.pop("guardmerge", None)
-        if not meta or "heads" not in meta:
+        config = read_json(cfg_file, error=CheckpointError, what="model config")
+        meta = config.pop("guardmerge", None) if isinstance(config, dict) else None
+        if not isinstance(meta, dict) or "heads" not in meta:
             raise CheckpointError(
                 f"{cfg_file} has no 'guardmerge.heads' section: this is not a merged multi-head "
                 "model (a single classifier loads with transformers directly)"
             )
-        from guardmerge.writer import read_tensors
+        from guardmerge.writer import read_layout, read_tensors
 
+        specs = head_specs(meta["heads"], cfg_file)
+        check_config_shapes(config, read_layout(folder), folder)  # before any encoder is allocated
         tensors = read_tensors(folder)  # one file or shards with an index
-        heads: dict[str, Head] = {}
-        for task, raw in meta["heads"].items():
-            spec = HeadSpec.from_dict(raw)
-            heads[task] = head_from_tensors(task, spec, tensors)
-        with_pooler = any(k.startswith("pooler.") for k in tensors)
-        encoder = build_encoder(config, with_pooler)
-        enc_state = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
-        missing, unexpected = encoder.load_state_dict(enc_state, strict=False)
-        buffers = ("position_ids", "token_type_ids")  # non-persistent in recent transformers
-        missing = [m for m in missing if not m.endswith(buffers)]
-        unexpected = [u for u in unexpected if not u.endswith(buffers)]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{folder / WEIGHTS_FILE}: encoder tensors do not match the config "
-                f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
-            )
-        tokenizer = load_tokenizer(folder)
+        check_finite(tensors, folder)
         info = {k: v for k, v in meta.items() if k not in ("heads", "version")}
-        model = cls(encoder, heads, config, info=info, tokenizer=tokenizer)
+        model = cls.from_tensors(config, specs, tensors, info, load_tokenizer(folder),
+                                 where=str(folder / WEIGHTS_FILE))
         return model.to(device)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        config: Mapping[str, Any],
+        heads: Mapping[str, HeadSpec],
+        tensors: Mapping[str, torch.Tensor],
+        info: Mapping[str, Any] | None = None,
+        tokenizer: Any = None,
+        *,
+        strict: bool = True,
+        where: str = "tensors",
+    ) -> MultiHeadModel:
+        """A model from its saved tensors (encoder, ``heads.*``, ``branches.*``).
+
+        ``branches.*`` tensors make a branched model at depth ``info["share_layers"]``;
+        ``strict`` checks that the encoder tensors match the config (named after ``where``).
+        """
+        info = dict(info or {})
+        head_mods = {task: head_from_tensors(task, spec, tensors) for task, spec in heads.items()}
+        enc_state = {k: v for k, v in tensors.items() if not k.startswith((HEAD_PREFIX, BRANCH_PREFIX))}
+        encoder = build_encoder(config, any(k.startswith("pooler.") for k in enc_state))
+        adapter = get_adapter(str(config["model_type"]))
+        branched = any(k.startswith(BRANCH_PREFIX) for k in tensors)
+        depth = info.get("share_layers")
+        layers = len(module_at(encoder, adapter.blocks)) if adapter.blocks else 0  # type: ignore[arg-type]
+        if branched:
+            if not isinstance(depth, int) or not 0 <= depth < layers:
+                raise CheckpointError(f"{where}: branch tensors ('{BRANCH_PREFIX}*') need guardmerge.share_layers "
+                                      f"in 0..{layers - 1}, got {depth!r}")
+            cut_trunk(encoder, adapter, depth)
+        _load_encoder(encoder, enc_state, strict, where)
+        branches: dict[str, Branch] = {}
+        if branched:
+            assert isinstance(depth, int)
+            for task in heads:
+                lead = f"{BRANCH_PREFIX}{task}."
+                own = {k[len(lead):]: v for k, v in tensors.items() if k.startswith(lead)}
+                if not own:
+                    raise CheckpointError(f"{where}: head '{task}' has no branch tensors ('{lead}*')")
+                branches[task] = build_branch(encoder, adapter, depth, layers, own, f"{where}, branch '{task}'")
+            stray = sorted({k[len(BRANCH_PREFIX):].split(".", 1)[0] for k in tensors if k.startswith(BRANCH_PREFIX)}
+                           - set(heads))
+            if stray:
+                raise CheckpointError(f"{where}: branch tensors of tasks without a head: {', '.join(stray)}")
+        return cls(encoder, head_mods, config, info=info, tokenizer=tokenizer, branches=branches)
 
     @classmethod
     def from_classifier(cls, path: str | Path, task: str | None = None, *, allow_pickle: bool = False) -> MultiHeadModel:
@@ -301,6 +617,8 @@ class MultiHeadModel(nn.Module):
         spec = head.spec
         ad = self.adapter
         tensors = {ad.prefixed(k): v for k, v in self.encoder.state_dict().items()}
+        if self.branches:  # layers < K from the trunk, the rest (and the pooler) from the branch
+            tensors.update(self._branch_export(task))
         # a head that owns its pooler (base checkpoint without one) gives the stock pooler
         for name, layer in zip(spec.layers, head.layers):
             target = ad.prefixed(name) if name.startswith("pooler.") else name
@@ -321,6 +639,40 @@ class MultiHeadModel(nn.Module):
         with atomic_dir(path, force=force) as tmp:
             write_model_folder(tmp, tensors, cfg, self.tokenizer)
         return Path(path)
+
+
+    def _branch_export(self, task: str) -> dict[str, torch.Tensor]:
+        """``task``'s branch under stock names, its ``align`` folded into the LayerNorm that
+        produces the branch input (block K-1's output norm, or the embeddings norm at K = 0)."""
+        ad, branch = self.adapter, self.branch(task)
+        state = branch.state()
+        scale, shift = state.pop("align.scale", None), state.pop("align.shift", None)
+        out = {ad.prefixed(k): v for k, v in state.items()}
+        if scale is None or shift is None:
+            return out
+        depth = branch.start
+        norm = f"{ad.blocks}.{depth - 1}.{ad.block_output_norm}" if depth > 0 and ad.block_output_norm \
+            else (ad.embeddings_norm if depth == 0 else None)
+        if norm is None:
+            raise GuardmergeError(f"task '{task}': cannot fold the branch alignment into a stock "
+                                  f"{ad.model_type} model (no LayerNorm produces block {depth - 1}'s output)")
+        trunk = {**self.encoder.state_dict(), **state}
+        for kind in ("weight", "bias"):
+            if f"{norm}.{kind}" not in trunk:
+                raise GuardmergeError(f"task '{task}': LayerNorm tensor '{norm}.{kind}' not found to fold align into")
+        w, b = trunk[f"{norm}.weight"], trunk[f"{norm}.bias"]
+        s64, c64 = scale.double(), shift.double()
+        out[ad.prefixed(f"{norm}.weight")] = (w.double() * s64).to(w.dtype)
+        out[ad.prefixed(f"{norm}.bias")] = (b.double() * s64 + c64).to(b.dtype)
+        return out
+
+
+def _feats(hidden: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What heads read: ``{"cls": [B, d]}`` from ``hidden`` ``[B, T, d]``, plus ``"pooled"``."""
+    feats = {"cls": hidden[:, 0]}
+    if pooled is not None:
+        feats["pooled"] = pooled
+    return feats
 
 
 def load_any(path: str | Path, task: str | None = None) -> MultiHeadModel:
@@ -391,3 +743,64 @@ def folder_config(
         **{k: v for k, v in info.items() if k not in ("heads", "version")},
     }
     return cfg
+
+
+_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def head_specs(raw: Any, where: Path) -> dict[str, HeadSpec]:
+    """The ``guardmerge.heads`` section of ``config.json`` as :class:`HeadSpec` s, each field checked.
+
+    Raises:
+        CheckpointError: naming the file and the head whose entry is malformed.
+    """
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"{where}: 'guardmerge.heads' must map each task to its head")
+    specs = {}
+    for task, entry in raw.items():
+        name = f"{where}: guardmerge.heads.{str(task)[:80]}"
+        if not isinstance(task, str) or not _TASK_RE.match(task):
+            raise CheckpointError(f"{name}: not a valid task name")
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{name}: expected an object")
+        labels, layers = entry.get("labels"), entry.get("layers")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+            raise CheckpointError(f"{name}.labels: expected a list of label names")
+        if not isinstance(layers, list) or not layers or not all(isinstance(x, str) and x for x in layers):
+            raise CheckpointError(f"{name}.layers: expected a list of layer names")
+        if entry.get("input") not in ("pooled", "cls"):
+            raise CheckpointError(f"{name}.input: expected 'pooled' or 'cls'")
+        if entry.get("activation") not in _ACTIVATIONS:
+            raise CheckpointError(f"{name}.activation: expected one of {', '.join(_ACTIVATIONS)}")
+        specs[task] = HeadSpec.from_dict(entry)
+    return specs
+
+
+def check_config_shapes(
+    config: Mapping[str, Any], layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], folder: Path
+) -> None:
+    """Refuse a ``config.json`` whose encoder disagrees with the stored tensor shapes, before any
+    memory is allocated for it (the encoder is built on the meta device to read its shapes)."""
+    with_pooler = any(k.startswith("pooler.") for k in layout)
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_encoder(config, with_pooler).state_dict().items()}
+    except Exception as exc:  # transformers raises ValueError, TypeError, KeyError on bad configs
+        raise CheckpointError(f"{folder / 'config.json'}: not a usable encoder config: {str(exc)[:200]}") from None
+    for key, (dtype, shape) in layout.items():
+        if key.startswith((HEAD_PREFIX, BRANCH_PREFIX)) or key not in expected:
+            continue
+        if not dtype.is_floating_point and not key.endswith(_BUFFERS):
+            raise CheckpointError(f"{folder}: tensor '{key}' is {dtype}, expected floating point")
+        if expected[key] != tuple(shape):
+            raise CheckpointError(
+                f"{folder / 'config.json'} does not match the weights: tensor '{key}' is stored as "
+                f"{list(shape)}, the config implies {list(expected[key])}"
+            )
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: Path | str) -> None:
+    """Refuse NaN or Inf in any floating-point tensor, naming it."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{where}: tensor '{key}' holds NaN or Inf values; refused")

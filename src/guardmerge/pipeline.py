@@ -4,7 +4,9 @@ A config is resolved into a job once (:meth:`MergeJob.of`), then the stages run 
 
 1. **statistics** (:func:`statistics_stage`): the experts' Grams / Fishers, for methods that need them;
 2. **tensor merge** (:func:`guardmerge.engine.merge`): the method mapped over the checkpoints;
-3. **layer-wise solves** (:func:`guardmerge.merge.layerwise.layerwise_stage`): ``lot``, ``regmean_pp``;
+3. **layer-wise solves** (:func:`guardmerge.merge.layerwise.layerwise_stage`): ``lot``, ``regmean_pp``
+   (with ``share_layers: K``, the K shared blocks only);
+3b. **branch alignment** (:func:`guardmerge.merge.branches.branch_align_stage`), with ``branch_align``;
 4. **head alignment** (:func:`guardmerge.refit.align_heads`), when the job's alignment plan says;
 5. **write** (:func:`guardmerge.engine.write_folder`), the one output path.
 
@@ -25,8 +27,8 @@ from typing import Any
 import torch
 
 from guardmerge.architectures import get_adapter
-from guardmerge.checkpoint import resolve
-from guardmerge.config import MergeConfig, StatsConfig
+from guardmerge.checkpoint import Checkpoint, capped_length, check_weights, resolve
+from guardmerge.config import AlignConfig, MergeConfig, StatsConfig
 from guardmerge.data import task_texts
 from guardmerge.engine import (
     MergeResult,
@@ -38,7 +40,7 @@ from guardmerge.engine import (
 from guardmerge.errors import StatisticsError
 from guardmerge.io import check_output
 from guardmerge.merge.job import MergeJob
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.multihead import BRANCH_PREFIX, MultiHeadModel
 from guardmerge.refit import FeatureCache, align_heads
 from guardmerge.stats import (
     ExpertStats,
@@ -68,17 +70,30 @@ def compute_stats(
     labels: Sequence[int] | None = None,
     progress: bool = True,
     encoder_state: Mapping[str, torch.Tensor] | None = None,
+    allow_pickle: bool = False,
 ) -> ExpertStats:
     """Run ``expert`` over ``texts`` and collect the statistics ``kinds`` (``gram``, ``fisher``).
 
     ``encoder_state`` (canonical names) replaces the expert's encoder tensors first: the
-    statistics of a sparsified expert (``dare_regmean``).
+    statistics of a sparsified expert (``dare_regmean``). A pickle checkpoint is refused unless
+    ``allow_pickle``; ``settings.max_length`` is capped at the model's positions, and texts at
+    :data:`~guardmerge.data.MAX_TEXT_CHARS` characters.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from guardmerge.data import MAX_TEXT_CHARS
+
     folder = resolve(expert)
+    pickled = check_weights(folder, allow_pickle=allow_pickle)  # the same check as every checkpoint read
+    with Checkpoint(folder, allow_pickle=allow_pickle, where=f"expert {expert}") as ck:
+        settings = settings.model_copy(update={"max_length": capped_length(settings.max_length, ck.config,
+                                                                           f"statistics of {expert}")})
+    long = sum(len(t) > MAX_TEXT_CHARS for t in texts)
+    if long:
+        log.warning("statistics of %s: %d text(s) truncated to %d characters", expert, long, MAX_TEXT_CHARS)
+        texts = [t[:MAX_TEXT_CHARS] for t in texts]
     tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=not pickled).eval()
     if encoder_state is not None:
         adapter = get_adapter(model.config.model_type)
         own = model.state_dict()
@@ -135,6 +150,7 @@ def expert_statistics(
         if variant and states is None:
             states = sparsified_experts(job)
         stats = compute_stats(e.folder, texts, kinds, config.statistics, progress=progress,
+                              allow_pickle=config.allow_pickle,
                               encoder_state=states[i] if states is not None else None)
         stats.fingerprint = fingerprint
         save_stats(path, gram=stats.gram, fisher=stats.fisher, fingerprint=fingerprint, expert=e.source)
@@ -161,33 +177,53 @@ def statistics_stage(
 def data_stages(
     job: MergeJob, result: MergeResult, *, progress: bool = True, feature_cache: FeatureCache | None = None
 ) -> MergeResult:
-    """Stages 3 and 4 on a merged result, in place: layer-wise solves, then head alignment.
+    """Stages 3 and 4 on a merged result, in place: layer-wise solves, branch alignment, then
+    head alignment.
 
     The merged model is built once from ``result``; the tensors the stages change are written
-    back into ``result.tensors`` (in their merged dtype).
+    back into ``result.tensors`` (in their merged dtype; new branch ``align`` tensors added).
     """
     if not job.needs_data:
         return result
     model = result.to_model()
-    layerwise, align = job.spec.layerwise, job.alignment
-    texts = job.texts(max(getattr(job.params, "texts", 0) if layerwise else 0, align.examples if align else 0))
+    layerwise, align = job.spec.layerwise if job.layerwise else None, job.alignment
+    branch_align = job.config.branch_align and model.share_layers is not None
+    if job.config.branch_align and not branch_align:
+        log.warning("branch_align: share_layers %s shares every layer, so there is no branch to align",
+                    job.config.share_layers)
+    fit = align or AlignConfig()  # the branch fit reads as many texts as head alignment
+    texts = job.texts(max(getattr(job.params, "texts", 0) if layerwise else 0, align.examples if align else 0,
+                          fit.examples if branch_align else 0))
+    experts: dict[str, MultiHeadModel] = {}
+    if layerwise is not None or branch_align:
+        experts = {e.task: MultiHeadModel.from_classifier(e.folder, e.task, allow_pickle=job.config.allow_pickle)
+                   for e in job.experts}
     if layerwise is not None:
         from guardmerge.merge.layerwise import layerwise_stage
 
         params: Any = job.params
-        experts = {e.task: MultiHeadModel.from_classifier(e.folder, e.task, allow_pickle=job.config.allow_pickle)
-                   for e in job.experts}
         result.info["layerwise"] = layerwise_stage(
             model, experts, {t: x[: params.texts] for t, x in texts.items()}, {e.task: e.weight for e in job.experts},
-            layerwise.solve, params, cross=layerwise.cross, bias=layerwise.bias, max_length=params.max_length,
-            batch_size=params.batch_size, progress=progress,
+            layerwise.solve, params, cross=layerwise.cross, bias=layerwise.bias,
+            max_length=capped_length(params.max_length, model.config, f"method {job.spec.name}"),
+            batch_size=params.batch_size, progress=progress, shared_blocks=model.share_layers,
+        )
+    if branch_align:
+        from guardmerge.merge.branches import branch_align_stage
+
+        result.info["branch_align"] = branch_align_stage(
+            model, experts, {t: x[: fit.examples] for t, x in texts.items()}, max_length=fit.max_length,
+            batch_size=fit.batch_size,
         )
     if align is not None:
-        report = align_heads(model, {e.task: e.folder for e in job.experts}, texts, align, feature_cache)
+        report = align_heads(model, {e.task: e.folder for e in job.experts}, texts, align,
+                             feature_cache or FeatureCache(allow_pickle=job.config.allow_pickle))
         result.info["align_heads"] = {"settings": align.model_dump(), "report": report}
     for name, tensor in model.state_tensors().items():
         if name in result.tensors:
             result.tensors[name] = tensor.to(result.tensors[name].dtype)
+        elif name.startswith(BRANCH_PREFIX):  # a branch's align, fitted above
+            result.tensors[name] = tensor.clone()
     return result
 
 
@@ -224,7 +260,8 @@ def merge_to_folder(
     Without a data stage the merge streams straight to disk, tensor by tensor, into shards of
     at most ``max_shard_bytes``; with one, the model is merged in memory, refined, then written.
     """
-    check_output(out, force=force)
+    cfg = config.config if isinstance(config, MergeJob) else config
+    check_output(out, force=force, inputs=cfg.input_paths())
     job = MergeJob.of(config)
     stats = statistics_stage(job, stats, progress)
     if job.needs_data:

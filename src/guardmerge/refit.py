@@ -44,7 +44,7 @@ def head_features(
     ins, outs = [], []
     for start in range(0, len(texts), batch_size):
         batch = model.encode(texts[start : start + batch_size], max_length)
-        x = model.head_inputs(**batch)[head.spec.input]
+        x = model.head_inputs(task=task, **batch)[head.spec.input]  # a branched model's are per task
         ins.append(x.double())
         outs.append(head(x).double())
     return Features(torch.cat(ins), torch.cat(outs))
@@ -56,6 +56,7 @@ class FeatureCache:
 
     folder: Path | None = None
     _memory: dict[str, Features] = field(default_factory=dict)
+    allow_pickle: bool = False  # expert folders with only pytorch_model.bin are refused unless True
 
     @staticmethod
     def key(expert: str | Path, texts: Sequence[str], max_length: int) -> str:
@@ -77,7 +78,7 @@ class FeatureCache:
             data = load_file(str(path))
             feats = Features(data["head_inputs"], data["logits"])
         else:
-            model = MultiHeadModel.from_classifier(expert, task)
+            model = MultiHeadModel.from_classifier(expert, task, allow_pickle=self.allow_pickle)
             feats = head_features(model, task, texts, batch_size=batch_size, max_length=max_length)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -204,19 +204,51 @@ def write_tensors(folder: str | Path, tensors: Mapping[str, torch.Tensor], *, ma
             w.write(name, t)
 
 
-def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder written by :class:`ShardedWriter` (one file or an index)."""
-    from safetensors.torch import load_file
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder written by :class:`ShardedWriter` (shards checked to lie inside it)."""
+    from guardmerge.checkpoint import index_shards
 
-    folder = Path(folder)
     index = folder / INDEX_FILE
-    try:
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            out: dict[str, torch.Tensor] = {}
-            for f in files:
-                out.update(load_file(str(folder / f)))
-            return out
-        return load_file(str(folder / SINGLE_FILE))
-    except Exception as exc:
-        raise CheckpointError(f"cannot read the weights in {folder}: {exc}") from None
+    if index.is_file():
+        return index_shards(folder, index)
+    if not (folder / SINGLE_FILE).is_file():
+        raise CheckpointError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
+    return [folder / SINGLE_FILE]
+
+
+def read_layout(folder: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every tensor's dtype and shape from the safetensors headers alone (no tensor data read)."""
+    from guardmerge.checkpoint import SafetensorsFile
+
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for f in _weight_files(Path(folder)):
+        handle = SafetensorsFile(f)
+        try:
+            for key, (dtype, shape, _, _) in handle.entries.items():
+                if key in out:
+                    raise CheckpointError(f"{f}: tensor '{key}' is stored twice")
+                out[key] = (dtype, shape)
+        finally:
+            handle.close()
+    return out
+
+
+def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder written by :class:`ShardedWriter` (one file or an index).
+
+    Headers are validated (offsets inside the file, shards inside the folder) before any data is
+    read; errors name the file, never quote its bytes.
+    """
+    from guardmerge.checkpoint import SafetensorsFile
+
+    out: dict[str, torch.Tensor] = {}
+    for f in _weight_files(Path(folder)):
+        handle = SafetensorsFile(f)
+        try:
+            for key, (dtype, shape, _, _) in handle.entries.items():
+                if key in out:
+                    raise CheckpointError(f"{f}: tensor '{key}' is stored twice")
+                out[key] = handle.read_into(key, torch.empty(shape, dtype=dtype))
+        finally:
+            handle.close()
+    return out

@@ -166,3 +166,20 @@ def test_registered_with_schema_and_anchor_checked() -> None:
             spec.validate({"anchor": "ties", "anchor_parameters": {"density": 7}})
     assert METHODS.get("lot").layerwise.cross and METHODS.get("lot").layerwise.bias
     assert not METHODS.get("regmean_pp").layerwise.cross
+
+
+def test_lot_cross_measured_around_a_reference_gives_the_same_solve() -> None:
+    """``cross`` as residuals around a reference layer (what the stage measures) solves the same
+    system as the plain cross products."""
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(30, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    ws, bs = torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    ys = [x @ ws[i].T + bs[i] for i, x in enumerate(xs)]
+    grams, cross = _lot_stats(xs, ys)
+    reference = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    residual = torch.stack([(y - _augment(x) @ reference.T).T @ _augment(x) / len(x) for x, y in zip(xs, ys)])
+    plain = lot_solve(_system(grams, ws, bs, cross=cross), _params(alpha=0.7, rho=0.2))
+    system = _system(grams, ws, bs, cross=residual)
+    around = lot_solve(LinearSystem(**{**system.__dict__, "reference": reference}), _params(alpha=0.7, rho=0.2))
+    torch.testing.assert_close(around[0], plain[0])
+    torch.testing.assert_close(around[1], plain[1])

@@ -95,8 +95,9 @@ class MergeJob:
 
     @property
     def needs_data(self) -> bool:
-        """Whether a stage runs models on the tasks' texts (layer-wise solves, head alignment)."""
-        return self.layerwise or self.alignment is not None
+        """Whether a stage runs models on the tasks' texts (layer-wise solves, branch alignment,
+        head alignment)."""
+        return self.layerwise or self.alignment is not None or self.config.branch_align
 
     def texts(self, limit: int | None) -> dict[str, list[str]]:
         """Each task's unlabelled texts (the first ``limit``), from its expert's ``data``."""

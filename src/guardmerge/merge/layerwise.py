@@ -103,6 +103,18 @@ def _call(block: nn.Module, hidden: torch.Tensor, call: _Call | None) -> torch.T
     return _first(block(hidden, *call.args, **call.kwargs))
 
 
+def _center(layers: Sequence[nn.Module], weights: torch.Tensor, bias: bool) -> torch.Tensor:
+    """The experts' weighted mean layer, ``[out, in]`` (``[out, in + 1]`` with the bias column), float64."""
+    rows = []
+    for m in layers:
+        wt = m.weight.detach().double()
+        if bias:
+            b = m.bias.detach().double() if m.bias is not None else torch.zeros(wt.shape[0], dtype=torch.float64)
+            wt = torch.cat([wt, b.unsqueeze(1)], dim=1)
+        rows.append(wt)
+    return (torch.stack(rows) * weights.reshape(-1, 1, 1)).sum(0) / float(weights.sum())
+
+
 def linear_groups(block: nn.Module, hidden: torch.Tensor, call: _Call | None) -> list[list[str]]:
     """The block's Linear layers in call order, grouped by shared input (q/k/v read one tensor)."""
     order: list[tuple[str, torch.Tensor]] = []
@@ -191,6 +203,7 @@ def layerwise_stage(
     max_length: int = 128,
     batch_size: int = 32,
     progress: bool = True,
+    shared_blocks: int | None = None,
 ) -> dict[str, Any]:
     """Solve every Linear layer of ``model``'s encoder in place, from the embeddings up.
 
@@ -201,6 +214,9 @@ def layerwise_stage(
         weights: task -> expert weight ``w_i``.
         solve: the method's pure per-layer solve; ``params`` its parameters.
         cross: measure ``y x~^T`` (expert outputs on expert inputs); ``bias``: append a ones column.
+        shared_blocks: solve only the first ``shared_blocks`` blocks and not the pooler (a
+            sharing depth ``K``: the blocks above are each task's own); None: every block, then
+            the pooler.
 
     Returns:
         A report: layers solved, tokens per task, seconds.
@@ -215,6 +231,11 @@ def layerwise_stage(
     blocks = module_at(encoder, adapter.blocks)
     pooler = module_at(encoder, adapter.pooler) if adapter.pooler and hasattr(encoder, adapter.pooler) \
         and getattr(encoder, adapter.pooler) is not None else None
+    if shared_blocks is not None:  # a branched trunk: its shared blocks only (not the branch point)
+        blocks, pooler = list(blocks)[:shared_blocks], None
+        if not blocks:
+            log.info("layer-wise stage: share_layers 0, no shared block to solve")
+            return {"layers": 0, "tokens": {}, "seconds": 0.0}
     tasks: dict[str, _Task] = {}
     tokens: dict[str, int] = {}
     for task, task_texts in texts.items():
@@ -249,52 +270,60 @@ def layerwise_stage(
 
         groups = linear_groups(block, first.merged[0], call_of(first, 0))
         level = len(blocks) if depth is None else depth
+        for t in names:
+            if expert_block(tasks[t]) is None:
+                raise GuardmergeError(f"expert '{t}' has no pooler to fit the merged pooler to")
+        every = [n for group in groups for n in group]
+        # the experts' own outputs of every Linear of this block, one expert pass per batch (lot)
+        targets = {t: [{n: _rows(y, tasks[t].calls[b].rows).float() for n, y in _grab(
+            expert_block(tasks[t]), every, hidden[level], call_of(tasks[t], b), outputs=True).items()}  # type: ignore[arg-type]
+            for b, hidden in enumerate(tasks[t].expert)] for t in names} if cross else {}
         for group in groups:
+            lins = {n: module_at(block, n) for n in group}
+            ex_lins = {n: [module_at(expert_block(tasks[t]), n) for t in names] for n in group}  # type: ignore[arg-type]
+            # cross products are measured around the experts' mean layer (the residual of each
+            # target), so a merge that equals the experts is solved to float32 rounding
+            reference = {n: _center(ex_lins[n], w, bias) for n in group} if cross else {}
             grams, crosses = [], []
             for t in names:
                 task = tasks[t]
-                ex_block = expert_block(task)
-                if ex_block is None:
-                    raise GuardmergeError(f"expert '{t}' has no pooler to fit the merged pooler to")
                 gram = None
                 cr: dict[str, torch.Tensor] = {}
                 count = 0
                 for b, hidden in enumerate(task.merged):
-                    call = call_of(task, b)
-                    rows = task.calls[b].rows
-                    x = _rows(_grab(block, group[:1], hidden, call, outputs=False)[group[0]], rows).double()
+                    x = _rows(_grab(block, group[:1], hidden, call_of(task, b), outputs=False)[group[0]],
+                              task.calls[b].rows).float()
                     if bias:
                         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-                    gram = x.T @ x if gram is None else gram.add_(x.T @ x)
+                    # float32 products per batch, accumulated in float64 (as the Gram collector does)
+                    gram = (x.T @ x).double() if gram is None else gram.add_(x.T @ x)
                     count += x.shape[0]
-                    if cross:
-                        outs = _grab(ex_block, group, task.expert[b][level], call, outputs=True)
-                        for n in group:
-                            y = _rows(outs[n], rows).double()
-                            cr[n] = y.T @ x if n not in cr else cr[n].add_(y.T @ x)
+                    for n in reference:
+                        r = targets[t][b][n] - x @ reference[n].T.float()
+                        cr[n] = (r.T @ x).double() if n not in cr else cr[n].add_(r.T @ x)
                 assert gram is not None
                 grams.append(gram / count)
                 crosses.append({n: c / count for n, c in cr.items()})
             g = torch.stack(grams)
-            for n in group:
-                lin = module_at(block, n)
+            for n, lin in lins.items():
                 assert isinstance(lin, nn.Linear)
-                ex_lins = [module_at(expert_block(tasks[t]), n) for t in names]  # type: ignore[arg-type]
                 system = LinearSystem(
                     name=f"{prefix}.{n}.weight",
                     gram=g,
                     cross=torch.stack([c[n] for c in crosses]) if cross else None,
-                    expert_weight=torch.stack([m.weight.detach() for m in ex_lins]),
-                    expert_bias=None if lin.bias is None else torch.stack([m.bias.detach() for m in ex_lins]),
+                    expert_weight=torch.stack([m.weight.detach() for m in ex_lins[n]]),
+                    expert_bias=None if lin.bias is None else torch.stack([m.bias.detach() for m in ex_lins[n]]),
                     anchor_weight=lin.weight.detach().clone(),
                     anchor_bias=None if lin.bias is None else lin.bias.detach().clone(),
                     weights=w,
+                    reference=reference.get(n),
                 )
                 new_w, new_b = solve(system, params)
                 lin.weight.copy_(new_w.to(lin.weight.dtype))
                 if new_b is not None and lin.bias is not None:
                     lin.bias.copy_(new_b.to(lin.bias.dtype))
                 solved += 1
+        del targets
         if depth is not None:  # push every task's texts through the solved block
             for task in tasks.values():
                 task.merged = [_call(block, h, task.calls[b]) for b, h in enumerate(task.merged)]

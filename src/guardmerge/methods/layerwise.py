@@ -165,8 +165,10 @@ def lot_solve(system: LinearSystem, params: LayerwiseParams) -> tuple[torch.Tens
     experts = torch.stack([_with_bias(system.expert_weight[i], None if system.expert_bias is None
                                       else system.expert_bias[i]) for i in range(len(w))])
     center = _weighted(experts, w) / float(w.sum())
-    solved = pulled_solve(_weighted(g, w), _weighted(system.cross, w), anchor, center, params.rho, params.ridge,
-                          system.name)
+    b = _weighted(system.cross, w)
+    if system.reference is not None:  # cross was measured around the reference layer
+        b = b + system.reference.to(torch.float64) @ _weighted(system.gram, w)
+    solved = pulled_solve(_weighted(g, w), b, anchor, center, params.rho, params.ridge, system.name)
     return solved[:, :-1], solved[:, -1]
 
 

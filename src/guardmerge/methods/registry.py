@@ -77,7 +77,7 @@ def searchable(low: float, high: float, *, log: bool = False, integer: bool = Fa
 class MethodParams(BaseModel):
     """Base of every method's parameter schema: typed, frozen, unknown fields refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN/Inf refused for every method
 
 
 P = TypeVar("P", bound=MethodParams)
@@ -144,13 +144,16 @@ class LinearSystem:
         name: canonical name of the layer's weight.
         gram: ``[N, k, k]`` per task, the mean over its tokens of ``x~ x~^T``, ``x~`` the input
             the *merged* model so far gives the layer (float64).
-        cross: ``[N, out, k]`` per task, the mean of ``y x~^T`` with ``y`` the expert's own
-            layer output on the expert's own input (only for methods that ask for it).
+        cross: ``[N, out, k]`` per task, the mean of ``(y - reference x~) x~^T`` with ``y`` the
+            expert's own layer output on the expert's own input (only for methods that ask for
+            it); ``cross + reference @ gram`` is the plain mean of ``y x~^T``.
         expert_weight: ``[N, out, in]`` the experts' weights of the layer.
         expert_bias: ``[N, out]`` their biases (None for a layer without bias).
         anchor_weight: ``[out, in]`` the layer in the anchor merge (the pull target).
         anchor_bias: ``[out]`` or None.
         weights: ``[N]`` per-expert coefficients.
+        reference: ``[out, k]`` the layer :attr:`cross` is measured around (the stage uses the
+            experts' mean, so that residuals, not raw outputs, meet float32 rounding); None: 0.
     """
 
     name: str
@@ -161,6 +164,7 @@ class LinearSystem:
     anchor_weight: torch.Tensor
     anchor_bias: torch.Tensor | None
     weights: torch.Tensor
+    reference: torch.Tensor | None = None
 
 
 class LayerSolveFn(Protocol[P]):

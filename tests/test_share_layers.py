@@ -1,0 +1,272 @@
+"""Sharing depth (``share_layers: K``): trunk of K merged blocks, each task's own blocks above it."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import guardmerge
+from guardmerge.align import per_feature_affine
+from guardmerge.config import parse_config
+from guardmerge.engine import merge
+from guardmerge.errors import ConfigError
+from guardmerge.multihead import MultiHeadModel
+from guardmerge.pipeline import build, merge_to_folder
+from tests.conftest import TEXTS, WORDS, expert_logits
+
+TASKS = ("hate", "injection", "sentiment")
+LAYERS = 2  # the conftest zoo's num_hidden_layers
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "texts.txt"
+    path.write_text("\n".join(random_texts(40)) + "\n")
+    return path
+
+
+def config(zoo: dict[str, Path], data: Path | None = None, **over: Any):
+    experts = [{"model": str(zoo[t]), "task": t, **({"data": str(data)} if data else {})} for t in TASKS]
+    return parse_config({"base_model": str(zoo["base"]), "experts": experts, "method": "task_arithmetic",
+                         "parameters": {"scaling": 0.4}, "align_heads": False, **over})
+
+
+@pytest.fixture(scope="module")
+def branched(zoo: dict[str, Path]) -> MultiHeadModel:
+    return merge(config(zoo, share_layers=1), progress=False).to_model()
+
+
+@pytest.fixture(scope="module")
+def aligned(zoo: dict[str, Path], data_file: Path) -> MultiHeadModel:
+    res = build(config(zoo, data_file, share_layers=1, branch_align=True), progress=False)
+    return res.to_model()
+
+
+def test_share_layers_0_reproduces_every_expert(zoo: dict[str, Path]) -> None:
+    res = merge(config(zoo, share_layers=0), progress=False)
+    assert "branches.hate.embeddings.word_embeddings.weight" in res.tensors
+    model = res.to_model()
+    plain = merge(config(zoo), progress=False).to_model().logits(TEXTS)
+    got = model.logits(TEXTS)
+    for t in TASKS:
+        ref = expert_logits(zoo[t])
+        assert (plain[t] - ref).abs().max() > 1e-3  # the single-pass merge is not the expert
+        assert torch.allclose(got[t], ref, atol=1e-5), t
+
+
+def test_share_layers_L_equals_the_single_pass_merge(zoo: dict[str, Path]) -> None:
+    full = merge(config(zoo, share_layers=LAYERS), progress=False)
+    plain = merge(config(zoo), progress=False)
+    assert sorted(full.tensors) == sorted(plain.tensors)
+    assert not any(k.startswith("branches.") for k in full.tensors)
+    assert full.info["share_layers"] == LAYERS
+    a, b = full.to_model(), plain.to_model()
+    assert a.share_layers is None and not a.branches
+    la, lb = a.logits(TEXTS), b.logits(TEXTS)
+    assert all(torch.equal(la[t], lb[t]) for t in TASKS)
+
+
+def _reference(zoo: dict[str, Path], task: str, trunk_model: MultiHeadModel, depth: int) -> torch.Tensor:
+    """The expert with its embeddings and blocks < depth replaced by the merged ones."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    expert = AutoModelForSequenceClassification.from_pretrained(str(zoo[task])).eval()
+    shared = {k: v for k, v in trunk_model.encoder.state_dict().items()
+              if k.startswith("embeddings.") or any(k.startswith(f"encoder.layer.{i}.") for i in range(depth))}
+    missing, unexpected = expert.bert.load_state_dict(shared, strict=False)
+    assert not unexpected and not any(m.startswith("embeddings.word") for m in missing)
+    tok = AutoTokenizer.from_pretrained(str(zoo[task]))
+    with torch.no_grad():
+        return expert(**tok(TEXTS, padding=True, return_tensors="pt")).logits
+
+
+def test_branched_logits_are_the_experts_blocks_on_the_merged_trunk(zoo: dict[str, Path],
+                                                                   branched: MultiHeadModel) -> None:
+    plain = merge(config(zoo), progress=False).to_model()  # same shared tensors (per-tensor method)
+    got = branched.logits(TEXTS)
+    for t in TASKS:
+        ref = _reference(zoo, t, plain, depth=1)
+        assert torch.allclose(got[t], ref, atol=1e-5), t
+        assert (got[t] - expert_logits(zoo[t])).abs().max() > 1e-4  # the trunk is merged, not the expert's
+
+
+def test_trunk_runs_once_then_each_branch(branched: MultiHeadModel) -> None:
+    assert branched.share_layers == 1
+    trunk_blocks = list(branched.encoder.encoder.layer)[:-1]
+    assert len(trunk_blocks) == 1
+    calls: list[str] = []
+    hooks = [b.register_forward_hook(lambda *a: calls.append("trunk")) for b in trunk_blocks]
+    for t in TASKS:
+        hooks += [b.register_forward_hook(lambda *a, t=t: calls.append(t)) for b in branched.branch(t).blocks]
+    try:
+        batch = branched.encode(TEXTS)
+        branched(**batch)
+        assert calls.count("trunk") == 1  # K calls per forward, not K * tasks
+        assert all(calls.count(t) == LAYERS - 1 for t in TASKS)
+        calls.clear()
+        branched(tasks=["sentiment"], **batch)
+        assert calls == ["trunk", "sentiment"]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_save_load_round_trip_keeps_logits_labels_and_format(branched: MultiHeadModel, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    branched.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["guardmerge"]["share_layers"] == 1
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "branches.hate.encoder.layer.1.attention.self.query.weight" in names
+    assert "branches.sentiment.pooler.dense.weight" in names
+    assert not any(n.startswith(("encoder.layer.1.", "pooler.")) for n in names)  # not shared
+    loaded = guardmerge.load(tmp_path / "m")
+    assert loaded.tasks == branched.tasks and loaded.share_layers == 1
+    assert all(loaded.labels(t) == branched.labels(t) for t in TASKS)
+    a, b = branched.logits(TEXTS), loaded.logits(TEXTS)
+    assert all(torch.allclose(a[t], b[t], atol=1e-6) for t in TASKS)
+
+
+def test_streamed_folder_equals_the_in_memory_merge(zoo: dict[str, Path], branched: MultiHeadModel,
+                                                    tmp_path: Path) -> None:
+    out = merge_to_folder(config(zoo, share_layers=1), tmp_path / "s", progress=False)
+    loaded = guardmerge.load(out)
+    a, b = branched.logits(TEXTS), loaded.logits(TEXTS)
+    assert all(torch.allclose(a[t], b[t], atol=1e-6) for t in TASKS)
+
+
+def test_export_task_is_a_stock_classifier(branched: MultiHeadModel, tmp_path: Path) -> None:
+    for t in ("hate", "sentiment"):
+        out = branched.export_task(t, tmp_path / t)
+        assert torch.allclose(expert_logits(out), branched.logits(TEXTS)[t], atol=1e-5), t
+
+
+def test_branch_align_fits_and_exports(aligned: MultiHeadModel, branched: MultiHeadModel, tmp_path: Path) -> None:
+    report = aligned.info["branch_align"]
+    assert report["share_layers"] == 1
+    for t in TASKS:
+        r = report["tasks"][t]
+        assert r["mse_after"] < r["mse_before"]
+        scale = aligned.branch(t).align.scale  # type: ignore[union-attr]
+        assert not torch.allclose(scale, torch.ones_like(scale))
+    # the align moves the logits, and a stock export reproduces the aligned model
+    assert not torch.allclose(aligned.logits(TEXTS)["hate"], branched.logits(TEXTS)["hate"], atol=1e-5)
+    out = aligned.export_task("hate", tmp_path / "hate")
+    assert torch.allclose(expert_logits(out), aligned.logits(TEXTS)["hate"], atol=1e-5)
+    aligned.save_pretrained(tmp_path / "m")
+    loaded = guardmerge.load(tmp_path / "m")
+    assert torch.allclose(loaded.logits(TEXTS)["sentiment"], aligned.logits(TEXTS)["sentiment"], atol=1e-6)
+
+
+def test_per_feature_affine_is_per_feature_least_squares() -> None:
+    torch.manual_seed(0)
+    m = torch.randn(200, 5, dtype=torch.float64)
+    e = m * torch.tensor([2.0, -1.0, 0.5, 1.0, 3.0], dtype=torch.float64) + 0.3 + 0.01 * torch.randn(200, 5, dtype=torch.float64)
+    scale, shift = per_feature_affine(m, e, ridge=0.0)
+    for j in range(5):
+        a = torch.stack([m[:, j], torch.ones(200, dtype=torch.float64)], 1)
+        sol = torch.linalg.lstsq(a, e[:, j : j + 1]).solution.squeeze(1)
+        assert torch.allclose(scale[j], sol[0], atol=1e-10) and torch.allclose(shift[j], sol[1], atol=1e-10)
+    same, zero = per_feature_affine(m, m)  # identical inputs: the identity
+    assert torch.allclose(same, torch.ones(5, dtype=torch.float64)) and torch.allclose(zero, torch.zeros(5, dtype=torch.float64), atol=1e-12)
+
+
+def test_layerwise_solves_only_the_shared_blocks(zoo: dict[str, Path], data_file: Path) -> None:
+    cfg = config(zoo, data_file, share_layers=1, method="lot", parameters={"texts": 20})
+    res = build(cfg, progress=False)
+    assert res.info["layerwise"]["layers"] == 6  # q, k, v, attention output, intermediate, output of block 0
+    plain = merge(cfg, progress=False)
+    assert not torch.equal(res.tensors["encoder.layer.0.attention.self.query.weight"],
+                           plain.tensors["encoder.layer.0.attention.self.query.weight"])
+    for name, tensor in plain.tensors.items():
+        if name.startswith("branches."):
+            assert torch.equal(res.tensors[name], tensor), name  # each task's own blocks untouched
+
+
+def test_onnx_export_of_a_branched_model_matches_torch(aligned: MultiHeadModel, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from guardmerge.onnx_export import ONNX_FILE, export_onnx
+
+    aligned.save_pretrained(tmp_path / "m")
+    model = guardmerge.load(tmp_path / "m")  # with its tokenizer
+    out = export_onnx(model, tmp_path / "onnx")
+    session = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == [f"logits_{t}" for t in TASKS]
+    for texts in (TEXTS, TEXTS[:1], [" ".join(TEXTS), "sure"]):
+        enc = model.encode(texts)
+        outs = session.run(None, {k: v.numpy() for k, v in enc.items()})
+        ref = model.logits(texts)
+        for got, t in zip(outs, TASKS):
+            np.testing.assert_allclose(got, ref[t].numpy(), atol=1e-4, rtol=0)
+
+
+def test_serving_a_branched_model_returns_every_head(branched: MultiHeadModel, zoo: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    for extra in ("fastapi", "uvicorn", "prometheus_client"):
+        pytest.importorskip(extra)
+    httpx = pytest.importorskip("httpx")
+    from guardmerge.serve import ServeSettings, create_app
+    from tests.serve.conftest import running
+
+    branched.save_pretrained(tmp_path / "m")
+    model = guardmerge.load(tmp_path / "m")
+    expected = model.predict(TEXTS)
+    with running(create_app(model, ServeSettings())) as url:
+        res = httpx.post(f"{url}/v1/classify", json={"texts": TEXTS}, timeout=30)
+    assert res.status_code == 200, res.text
+    rows = res.json()["results"]
+    assert len(rows) == len(TEXTS)
+    for i, row in enumerate(rows):
+        assert set(row["heads"]) == set(TASKS)
+        for t in TASKS:
+            assert row["heads"][t]["label"] == expected[t][i]["label"]
+            assert row["heads"][t]["score"] == pytest.approx(expected[t][i]["score"], abs=1e-5)
+
+
+def test_share_layers_above_the_layer_count_is_refused(zoo: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="share_layers is 3 but the base .* has 2 layers"):
+        merge(config(zoo, share_layers=3), progress=False)
+
+
+def test_bad_sharing_configs_are_refused(zoo: dict[str, Path], data_file: Path) -> None:
+    experts = [{"model": "m", "task": "hate", "data": str(data_file)}, {"model": "m2", "task": "spam"}]
+    with pytest.raises(ConfigError, match=r"branch_align needs unlabelled texts.*expert\(s\) spam"):
+        parse_config({"base_model": "b", "experts": experts, "share_layers": 1, "branch_align": True})
+    with pytest.raises(ConfigError, match="branch_align .* set share_layers"):
+        parse_config({"base_model": "b", "experts": experts[:1], "branch_align": True})
+    with pytest.raises(ConfigError, match="share_layers .* use heads: multi"):
+        parse_config({"base_model": "b", "experts": experts[:1], "share_layers": 1, "heads": "hm3"})
+    with pytest.raises(ConfigError, match="share_layers"):
+        parse_config({"base_model": "b", "experts": experts[:1], "share_layers": -1})
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_other_families_branch_and_export(family: str, tmp_path: Path) -> None:
+    from tests.test_multihead import _family_zoo
+
+    base, (e0, e1) = _family_zoo(tmp_path, family)
+    experts = [{"model": str(e0), "task": "t0"}, {"model": str(e1), "task": "t1"}]
+    zero = parse_config({"base_model": str(base), "experts": experts, "share_layers": 0})
+    model = merge(zero, progress=False).to_model()
+    assert torch.allclose(model.logits(TEXTS)["t1"], expert_logits(e1), atol=1e-5)
+    one = merge(parse_config({"base_model": str(base), "experts": experts, "share_layers": 1}), progress=False)
+    m1 = one.to_model()
+    torch.manual_seed(0)
+    m1.branch("t1").set_align(1 + 0.1 * torch.randn(16), 0.1 * torch.randn(16))
+    m1.export_task("t1", tmp_path / "exp")
+    assert torch.allclose(expert_logits(tmp_path / "exp"), m1.logits(TEXTS)["t1"], atol=1e-5)
