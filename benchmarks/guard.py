@@ -1,6 +1,11 @@
 """The guard benchmark: five real guard experts merged into one five-head model.
 
     python benchmarks/guard.py [--data ../shared/data] [--work benchmarks/.work] [--quick]
+    python benchmarks/guard.py --only quality --methods lot,regmean_pp   # one section, some rows
+
+Sections (``--only``, repeatable; default all): quality, speed, frontier, sweep, pairs. A run replaces
+the rows and sections it computes in benchmarks/results/guard.json and keeps the others; every
+row records the commit and date that produced it (``produced``).
 
 1. Expert zoo (benchmarks/zoo.py, cached): five MiniLM experts fine-tuned from the real base.
 2. Quality: every method's hyperparameters are chosen on the validation splits from the small
@@ -8,7 +13,10 @@
    The ensemble row is the five experts run separately.
 3. Speed: texts/s at batch 32 and p50/p95 latency at batch 1, merged five-head model vs the five
    experts one after another, on the same tokenised inputs.
-4. HM3 experiments: self-merging density sweep (TIES, DARE) and two-task merges in both head modes.
+4. Frontier: sharing depth (share_layers K = L, L-1, L-2) on the best single-pass row (by
+   validation) as the trunk, branch alignment chosen on validation; quality and measured speed
+   against one pass and the five experts.
+5. HM3 experiments: self-merging density sweep (TIES, DARE) and two-task merges in both head modes.
 
 Writes benchmarks/results/guard.json, then regenerates BENCHMARKS.md and its plots from it
 (benchmarks/report.py). No figure is typed by hand.
@@ -26,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +69,15 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     "pcb": {"density": [0.1], "scaling": [1.0, 1.5]},
     "fisher": {"normalize": [False]},
     "regmean": {"alpha": [0.5, 0.9]},
+    "wudi": {"rho": [1.0, 3.0, 10.0], "anchor_scaling": [0.5, 0.8]},
+    "regmean_pp": {"alpha": [0.9], "texts": [200]},
+    "lot": {"rho": [0.0, 0.3, 1.0], "anchor_parameters": [{"scaling": 0.6}], "texts": [200]},
+    "lot_wudi": {"anchor": ["wudi"], "anchor_parameters": [{"rho": 3.0, "anchor_scaling": 0.5}], "rho": [0.3, 1.0],
+                 "texts": [200]},
 }
+ROW_METHOD: dict[str, str] = {"lot_wudi": "lot"}
+"""Rows that are a registered method with other settings (row name -> method)."""
+SECTIONS = ("quality", "speed", "frontier", "sweep", "pairs")
 QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
     "average": {},
     "task_arithmetic": {"scaling": [0.5]},
@@ -69,6 +86,10 @@ QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
     "pcb": {"density": [0.1], "scaling": [1.0]},
     "fisher": {},
     "regmean": {"alpha": [0.9]},
+    "wudi": {"rho": [3.0]},
+    "regmean_pp": {"alpha": [0.9], "texts": [60]},
+    "lot": {"rho": [1.0], "texts": [60]},
+    "lot_wudi": {"anchor": ["wudi"], "rho": [1.0], "texts": [60]},
 }
 DARE_SEEDS = (0, 1, 2)
 SWEEP_DENSITIES = (0.1, 0.3, 0.5, 0.7, 1.0)
@@ -92,11 +113,12 @@ class Bench:
         self.test = {t: td.split("test", test_limit) for t, td in self.tasks.items()}
         self.features = FeatureCache(work / "features")
         self.stats_cache: dict[str, Any] = {}
+        self.solved: dict[str, Any] = {}
         self.work = work
 
     def config(self, method: str, params: Mapping[str, Any], *, tasks: Sequence[str] | None = None,
                align: bool = False, heads: str = "multi", seed: int = 0,
-               weights: Mapping[str, float] | None = None) -> MergeConfig:
+               weights: Mapping[str, float] | None = None, **extra: Any) -> MergeConfig:
         chosen = list(tasks or self.experts)
         return parse_config({
             "base_model": self.base,
@@ -105,19 +127,36 @@ class Bench:
             "method": method, "parameters": dict(params), "heads": heads, "seed": seed,
             "align_heads": ALIGN if align else False,
             "statistics": {**STATS, "examples": FISHER_EXAMPLES if method == "fisher" else STATS["examples"]},
+            **extra,
         }, source=f"{method} {dict(params)}")
 
     def merged(self, cfg: MergeConfig) -> MultiHeadModel:
-        from guardmerge.methods import METHODS
+        """The merged model of ``cfg``. A layer-wise merge is solved once per setting: its
+        ``+align`` variant refits the heads on a copy of the solved merge (same result as a
+        fresh build, without solving the layers twice)."""
+        from guardmerge.merge.job import MergeJob
+        from guardmerge.pipeline import data_stages
 
-        needs = METHODS.get(cfg.method).needs
+        job = MergeJob.of(cfg)
         stats = None
-        if needs:
-            key = f"{'+'.join(sorted(needs))}:{','.join(e.task for e in cfg.experts)}"
+        if job.statistics:
+            key = f"{'+'.join(sorted(job.statistics))}:{','.join(job.tasks)}"
             if key not in self.stats_cache:
-                self.stats_cache[key] = expert_statistics(cfg, needs, progress=False, cache=self.work / "stats")
+                self.stats_cache[key] = expert_statistics(job, job.statistics, progress=False, cache=self.work / "stats")
             stats = self.stats_cache[key]
-        return build(cfg, progress=False, stats=stats, feature_cache=self.features).to_model()
+        if not job.layerwise:
+            return build(job, progress=False, stats=stats, feature_cache=self.features).to_model()
+        plain = cfg.model_copy(update={"align_heads": False})
+        key = plain.model_dump_json()
+        if key not in self.solved:
+            while len(self.solved) >= 6:  # a grid's worth of solved merges (~90 MB each for MiniLM)
+                self.solved.pop(next(iter(self.solved)))
+            self.solved[key] = build(plain, progress=False, feature_cache=self.features)
+        if job.alignment is None:
+            return self.solved[key].to_model()
+        solved = self.solved[key]
+        copy = replace(solved, tensors={k: v.clone() for k, v in solved.tensors.items()}, info=dict(solved.info))
+        return data_stages(replace(job, layerwise=False), copy, progress=False, feature_cache=self.features).to_model()
 
     def score(self, model: MultiHeadModel, split: str, tasks: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         data = self.val if split == "validation" else self.test
@@ -127,9 +166,10 @@ class Bench:
 def quality(bench: Bench, grids: Mapping[str, Mapping[str, Sequence[Any]]], expert_test: dict, seeds: Sequence[int]) -> dict:
     """Grid-search each method (and its +align variant) on validation, score the choice on test."""
     out: dict[str, Any] = {}
-    for method, grid in grids.items():
+    for row, grid in grids.items():
+        method = ROW_METHOD.get(row, row)
         for align in (False, True):
-            name = f"{method}+align" if align else method
+            name = f"{row}+align" if align else row
             started = time.perf_counter()
             trials = []
             for params in grid_points(grid):
@@ -142,15 +182,20 @@ def quality(bench: Bench, grids: Mapping[str, Mapping[str, Sequence[Any]]], expe
             tests = [bench.score(bench.merged(bench.config(method, best["parameters"], align=align, seed=s)), "test")
                      for s in run_seeds]
             test = {t: {m: statistics.fmean(r[t][m] for r in tests) for m in tests[0][t]} for t in tests[0]}
+            per_task = normalized(test, expert_test)
             entry = {
+                "method": method,
                 "test": test,
                 "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
-                "normalized": mean(normalized(test, expert_test)),
-                "normalized_per_task": normalized(test, expert_test),
+                "normalized": mean(per_task),
+                "normalized_per_task": per_task,
+                "worst_task": min(per_task, key=per_task.__getitem__),
+                "worst_task_ratio": min(per_task.values()),
                 "hyperparameters": best["parameters"],
                 "validation_mean_macro_f1": best["validation_mean_macro_f1"],
                 "grid": trials,
                 "seconds": time.perf_counter() - started,
+                "produced": produced(),
             }
             if len(tests) > 1:
                 entry["seeds"] = list(run_seeds)
@@ -171,45 +216,108 @@ def _latencies(fn, batches: Sequence[Mapping[str, torch.Tensor]], repeats: int) 
     return times
 
 
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
 @torch.no_grad()
-def speed(bench: Bench, merged: MultiHeadModel, n_texts: int = 256, repeats: int = 3) -> dict:
-    """Merged five-head model vs the five experts one after another, same tokenised inputs."""
-    experts = {t: load_any(p, t) for t, p in bench.experts.items()}
+def timings(bench: Bench, runners: Mapping[str, Any], tokenizer: Any, n_texts: int = 320,
+            repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Texts/s at batch 32 and batch-1 latency of each runner (``fn(batch)``) on the same
+    tokenised test texts of every task; runners alternate so machine noise hits them alike."""
     texts = [t for task in bench.tasks for t in bench.test[task].texts[: n_texts // len(bench.tasks)]]
-    tok = merged.tokenizer
 
     def batches(size: int) -> list[dict[str, torch.Tensor]]:
-        return [dict(tok(texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-                for i in range(0, len(texts), size)]
+        return [dict(tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128,
+                               return_tensors="pt")) for i in range(0, len(texts), size)]
 
-    def run_merged(b: Mapping[str, torch.Tensor]) -> None:
-        merged(**b)
+    b32, b1 = batches(32), batches(1)[:64]
+    for fn in runners.values():  # warm up
+        fn(b32[0])
+    big: dict[str, list[float]] = {name: [] for name in runners}
+    small: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            big[name].append(sum(_latencies(fn, b32, 1)))
+            small[name] += _latencies(fn, b1, 1)
+    return {name: {"batch32_texts_per_s": len(texts) / statistics.median(big[name]),
+                   "batch1_p50_ms": _pct(small[name], 0.5), "batch1_p95_ms": _pct(small[name], 0.95)}
+            for name in runners} | {"_texts": {"n": len(texts), "repeats": repeats}}  # type: ignore[dict-item]
+
+
+def speed(bench: Bench, merged: MultiHeadModel, n_texts: int = 320, repeats: int = 3) -> dict:
+    """Merged five-head model vs the five experts one after another, same tokenised inputs."""
+    experts = {t: load_any(p, t) for t, p in bench.experts.items()}
 
     def run_experts(b: Mapping[str, torch.Tensor]) -> None:
         for m in experts.values():
             m(**b)
 
-    out: dict[str, Any] = {}
-    b32 = batches(32)
-    for fn in (run_merged, run_experts):  # warm up
-        fn(b32[0])
-    m32 = statistics.median(sum(_latencies(run_merged, b32, 1)) for _ in range(repeats))
-    e32 = statistics.median(sum(_latencies(run_experts, b32, 1)) for _ in range(repeats))
-    out["batch32"] = {"merged_texts_per_s": len(texts) / m32, "experts_texts_per_s": len(texts) / e32, "ratio": e32 / m32}
-    b1 = batches(1)[:64]
-    lm = sorted(_latencies(run_merged, b1, repeats))
-    le = sorted(_latencies(run_experts, b1, repeats))
-
-    def pct(xs: list[float], q: float) -> float:
-        return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))]
-
-    out["batch1"] = {
-        "merged_p50_ms": pct(lm, 0.5), "merged_p95_ms": pct(lm, 0.95),
-        "experts_p50_ms": pct(le, 0.5), "experts_p95_ms": pct(le, 0.95),
-        "ratio": pct(le, 0.5) / pct(lm, 0.5),
+    t = timings(bench, {"merged": lambda b: merged(**b), "experts": run_experts}, merged.tokenizer, n_texts, repeats)
+    m, e = t["merged"], t["experts"]
+    return {
+        "batch32": {"merged_texts_per_s": m["batch32_texts_per_s"], "experts_texts_per_s": e["batch32_texts_per_s"],
+                    "ratio": m["batch32_texts_per_s"] / e["batch32_texts_per_s"]},
+        "batch1": {"merged_p50_ms": m["batch1_p50_ms"], "merged_p95_ms": m["batch1_p95_ms"],
+                   "experts_p50_ms": e["batch1_p50_ms"], "experts_p95_ms": e["batch1_p95_ms"],
+                   "ratio": e["batch1_p50_ms"] / m["batch1_p50_ms"]},
+        "texts": t["_texts"]["n"], "repeats": repeats,
     }
-    out["texts"] = len(texts)
-    out["repeats"] = repeats
+
+
+def frontier(bench: Bench, expert_test: dict, results: dict, depths: Sequence[int], row: str | None = None,
+             n_texts: int = 320) -> dict:
+    """Sharing depth: the best single-pass row (by validation) as the trunk, each task's own
+    upper blocks from depth K (``share_layers``), with and without the branch-point alignment
+    (chosen on validation); quality on test and measured throughput, against one pass and the
+    five experts."""
+    methods = results.get("methods", {})
+    candidates = {k: m for k, m in methods.items() if k != "ensemble" and "validation_mean_macro_f1" in m}
+    row = row or max(candidates, key=lambda k: candidates[k]["validation_mean_macro_f1"])
+    best = methods[row]
+    method, params, align = best.get("method", row.removesuffix("+align")), best["hyperparameters"], row.endswith("+align")
+    layers = int(load_any(next(iter(bench.experts.values())), "x").config["num_hidden_layers"])
+    out: dict[str, Any] = {"trunk": row, "method": method, "hyperparameters": params, "layers": layers, "rows": {}}
+    models: dict[str, MultiHeadModel] = {f"K={layers}": bench.merged(bench.config(method, params, align=align))}
+    out["rows"][f"K={layers}"] = {"share_layers": layers, "normalized": best["normalized"],
+                                  "worst_task_ratio": best.get("worst_task_ratio"), "mean_macro_f1": best["mean_macro_f1"],
+                                  "layer_passes": layers, "produced": best.get("produced")}
+    n = len(bench.experts)
+    for depth in depths:
+        trials = []
+        for branch_align in (False, True):
+            cfg = bench.config(method, params, align=align, share_layers=depth, branch_align=branch_align)
+            model = bench.merged(cfg)
+            val = bench.score(model, "validation")
+            trials.append((mean({t: v["macro_f1"] for t, v in val.items()}), branch_align, model))
+            log.info("frontier K=%d branch_align=%s: validation %.4f", depth, branch_align, trials[-1][0])
+        val_score, branch_align, model = max(trials, key=lambda x: x[0])
+        test = bench.score(model, "test")
+        per_task = normalized(test, expert_test)
+        name = f"K={depth}"
+        models[name] = model
+        out["rows"][name] = {"share_layers": depth, "branch_align": branch_align, "validation_mean_macro_f1": val_score,
+                             "test": test, "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
+                             "normalized": mean(per_task), "normalized_per_task": per_task,
+                             "worst_task_ratio": min(per_task.values()), "layer_passes": depth + n * (layers - depth),
+                             "produced": produced()}
+    experts = {t: load_any(p, t) for t, p in bench.experts.items()}
+
+    def run_experts(b: Mapping[str, torch.Tensor]) -> None:
+        for m in experts.values():
+            m(**b)
+
+    runners = {name: (lambda b, m=m: m(**b)) for name, m in models.items()} | {"experts": run_experts}
+    speeds = timings(bench, runners, models[f"K={layers}"].tokenizer, n_texts)
+    out["rows"]["experts"] = {"share_layers": 0, "normalized": 1.0, "worst_task_ratio": 1.0,
+                              "mean_macro_f1": results["experts_mean_macro_f1"], "layer_passes": n * layers,
+                              "note": "the five experts run one after another"}
+    for name, r in out["rows"].items():
+        r.update(speeds[name])
+        r["compute_vs_one_pass"] = r["layer_passes"] / layers
+    out["speed_settings"] = speeds["_texts"]
+    out["produced"] = produced()
     return out
 
 
@@ -257,6 +365,20 @@ def _save(path: Path, results: dict, started: float) -> None:
     path.write_text(json.dumps(to_json_ready(results), indent=2) + "\n")
 
 
+def produced() -> dict[str, str]:
+    """The commit and date a result comes from (``-dirty`` when the source tree has changes)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if git("status", "--porcelain", "--", "src", "benchmarks/guard.py", "benchmarks/zoo.py"):
+        commit += "-dirty"
+    return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
 def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -280,13 +402,27 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=HERE / ".work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "guard.json")
     ap.add_argument("--quick", action="store_true", help="one grid point per method, capped data (smoke run)")
-    ap.add_argument("--val-limit", type=int, default=300, help="validation examples per task for the grids")
-    ap.add_argument("--test-limit", type=int, default=None, help="test examples per task (default: all)")
-    ap.add_argument("--sweep-limit", type=int, default=500, help="test examples per task in the density sweep")
-    ap.add_argument("--skip", action="append", default=[], choices=["quality", "speed", "sweep", "pairs"])
+    ap.add_argument("--val-limit", type=int, default=150, help="validation examples per task for the grids")
+    ap.add_argument("--test-limit", type=int, default=1000, help="test examples per task (0: all)")
+    ap.add_argument("--sweep-limit", type=int, default=200, help="test examples per task in the density sweep")
+    ap.add_argument("--only", action="append", default=[], choices=SECTIONS,
+                    help="run only these sections (repeatable); the others keep their stored results")
+    ap.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="skip these sections")
+    ap.add_argument("--frontier-row", default=None,
+                    help="quality row used as the trunk of the frontier (default: best validation score)")
+    ap.add_argument("--methods", default=None,
+                    help=f"quality rows to (re)run, comma-separated (default all: {', '.join(GRIDS)})")
     ap.add_argument("--expert", action="append", default=[], metavar="TASK=FOLDER",
                     help="use these experts instead of building the zoo (e.g. your own)")
     args = ap.parse_args()
+    run = [x for x in (args.only or SECTIONS) if x not in args.skip]
+    grids = QUICK_GRIDS if args.quick else GRIDS
+    if args.methods:
+        unknown = sorted(set(args.methods.split(",")) - set(grids))
+        if unknown:
+            ap.error(f"unknown rows {unknown}; known: {', '.join(grids)}")
+        grids = {k: v for k, v in grids.items() if k in args.methods.split(",")}
+    test_limit = args.test_limit or None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -298,7 +434,7 @@ def main() -> None:
         experts = {k: Path(v) for k, v in (item.split("=", 1) for item in args.expert)}
     else:
         experts = build_zoo(data, args.work, progress=False)
-    bench = Bench(data, args.work, experts, 60 if args.quick else args.val_limit, 100 if args.quick else args.test_limit)
+    bench = Bench(data, args.work, experts, 60 if args.quick else args.val_limit, 100 if args.quick else test_limit)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     expert_val, expert_test = {}, {}
     for task, folder in experts.items():
@@ -308,30 +444,38 @@ def main() -> None:
     results["experts"] = expert_test
     results["experts_validation"] = expert_val
     results["experts_mean_macro_f1"] = mean({t: v["macro_f1"] for t, v in expert_test.items()})
-    if "quality" not in args.skip:
+    results["experts_produced"] = produced()
+    if "quality" in run:
         methods = {"ensemble": {"test": expert_test, "mean_macro_f1": results["experts_mean_macro_f1"],
-                                "normalized": 1.0, "hyperparameters": {}, "note": "the five experts run separately"}}
-        methods.update(quality(bench, QUICK_GRIDS if args.quick else GRIDS, expert_test, (0,) if args.quick else DARE_SEEDS))
+                                "normalized": 1.0, "worst_task_ratio": 1.0, "hyperparameters": {},
+                                "note": "the five experts run separately", "produced": produced()}}
+        methods.update(quality(bench, grids, expert_test, (0,) if args.quick else DARE_SEEDS))
         results["methods"] = {**results.get("methods", {}), **methods}
-        results["grids"] = QUICK_GRIDS if args.quick else GRIDS
+        results["grids"] = {**results.get("grids", {}), **grids}
     _save(args.out, results, started)
-    if "speed" not in args.skip:
+    if "speed" in run:
         merged = bench.merged(bench.config("task_arithmetic", {"scaling": 0.5}))
-        results["speed"] = speed(bench, merged, n_texts=64 if args.quick else 320)
+        results["speed"] = {**speed(bench, merged, n_texts=64 if args.quick else 320), "produced": produced()}
     _save(args.out, results, started)
-    if "sweep" not in args.skip:
+    if "frontier" in run:
+        results["frontier"] = frontier(bench, expert_test, results, (5, 4), row=args.frontier_row,
+                                       n_texts=64 if args.quick else 320)
+    _save(args.out, results, started)
+    if "sweep" in run:
         sweep_bench = bench if args.quick else Bench(data, args.work, experts, args.val_limit, args.sweep_limit)
         sweep_bench.features = bench.features
         expert_sweep = {t: sweep_bench.score(load_any(p, t), "test", [t])[t] for t, p in experts.items()}
         results["density_sweep"] = density_sweep(sweep_bench, expert_sweep, (0.2, 1.0) if args.quick else SWEEP_DENSITIES)
         results["density_sweep_experts"] = expert_sweep
+        results["density_sweep_produced"] = produced()
     _save(args.out, results, started)
-    if "pairs" not in args.skip:
+    if "pairs" in run:
         results["two_task"] = two_task(bench, expert_test, QUICK_PAIRS if args.quick else PAIRS)
+        results["two_task_produced"] = produced()
     results["environment"] = environment()
     results["seconds"] = time.perf_counter() - started
     results["settings"] = {"val_limit": 60 if args.quick else args.val_limit,
-                           "test_limit": 100 if args.quick else args.test_limit, "sweep_limit": args.sweep_limit, "align": ALIGN,
+                           "test_limit": 100 if args.quick else test_limit, "sweep_limit": args.sweep_limit, "align": ALIGN,
                            "statistics": STATS, "fisher_examples": FISHER_EXAMPLES, "quick": args.quick}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(to_json_ready(results), indent=2) + "\n")
