@@ -116,6 +116,57 @@ def quality_table(res: dict) -> list[str]:
     return lines
 
 
+def best_single_pass(res: dict) -> list[str]:
+    """The best single-pass row by validation (how it was chosen), and how it compares."""
+    rows = {k: m for k, m in res.get("methods", {}).items() if "validation_mean_macro_f1" in m}
+    if not rows:
+        return []
+    name = max(rows, key=lambda k: rows[k]["validation_mean_macro_f1"])
+    m = rows[name]
+    per_task = m.get("normalized_per_task", {})
+    above = m["mean_macro_f1"] > res["experts_mean_macro_f1"]
+    return [
+        "## Best single-pass merge",
+        "",
+        f"Chosen by validation mean macro-F1 among the rows above: **{name}** "
+        f"({', '.join(f'{k}={_hp(v)}' for k, v in m.get('hyperparameters', {}).items())}). On test it keeps "
+        f"**{_f(m['normalized'])}** of the experts' macro-F1 (per task: "
+        + ", ".join(f"{t} {_f(v)}" for t, v in per_task.items())
+        + f"), worst task {_f(m.get('worst_task_ratio'))}, mean macro-F1 {_f(m['mean_macro_f1'])} against the "
+        f"experts' {_f(res['experts_mean_macro_f1'])} ({'above' if above else 'below'} the experts' mean). "
+        "Goals (issue 14): normalised >= 0.98, no task below 0.93, a mean above the experts'.",
+        "",
+    ]
+
+
+def frontier_table(res: dict) -> list[str]:
+    fr = res.get("frontier")
+    if not fr:
+        return []
+    lines = [
+        "## Sharing depth: the quality / compute frontier",
+        "",
+        f"Trunk: the best single-pass row by validation, `{fr['trunk']}`; `share_layers: K` keeps blocks `< K` merged "
+        f"and shared and runs each task's own expert blocks `K..{fr['layers'] - 1}` (and pooler) on the trunk's output, "
+        "with the branch-point alignment chosen on validation (`branch_align`). Layer passes per batch: "
+        "`K + N(L - K)`. Speed measured in the same run, alternating the models, on "
+        f"{fr.get('speed_settings', {}).get('n', '?')} test texts (batch 32: texts/s; batch 1: latency).",
+        "",
+        "| model | K | branch_align | normalised | worst task / expert | mean macro-F1 | compute vs one pass | "
+        "texts/s (batch 32) | p50 ms (batch 1) | p95 ms (batch 1) | produced |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in fr["rows"].items():
+        lines.append(
+            f"| {name} | {r['share_layers']} | {r.get('branch_align', '-')} | {_f(r['normalized'])} | "
+            f"{_f(r.get('worst_task_ratio'))} | {_f(r['mean_macro_f1'])} | {_f(r['compute_vs_one_pass'], 2)}x | "
+            f"{_f(r.get('batch32_texts_per_s'), 1)} | {_f(r.get('batch1_p50_ms'), 1)} | {_f(r.get('batch1_p95_ms'), 1)} | "
+            f"{_produced(r)} |"
+        )
+    lines += ["", "Goal (issue 14): with at most 2x the compute of one pass, normalised >= 1.00 and no task below 0.97.", ""]
+    return lines
+
+
 def official_table(res: dict) -> list[str]:
     tasks = [t for t in TASKS if t in res["experts"]]
     lines = ["| model | " + " | ".join(f"{t} ({OFFICIAL.get(t, 'macro_f1')})" for t in tasks) + " |",
@@ -168,6 +219,22 @@ def plots(res: dict, out_dir: Path) -> list[str]:
         fig.savefig(out_dir / "density_sweep.png", dpi=110)
         plt.close(fig)
         made.append("density_sweep.png")
+    if res.get("frontier"):
+        fr = res["frontier"]["rows"]
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        xs = [r.get("batch32_texts_per_s", 0) for r in fr.values()]
+        ax.plot(xs, [r["normalized"] for r in fr.values()], marker="o", label="normalised (mean)")
+        ax.plot(xs, [r.get("worst_task_ratio") or 0 for r in fr.values()], marker="s", linestyle="--", label="worst task")
+        for (name, r), x in zip(fr.items(), xs):
+            ax.annotate(name, (x, r["normalized"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("texts/s at batch 32 (measured)")
+        ax.set_ylabel("merged / expert macro-F1")
+        ax.set_title("Sharing depth: quality vs throughput")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "frontier.png", dpi=110)
+        plt.close(fig)
+        made.append("frontier.png")
     if "speed" in res:
         sp = res["speed"]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -209,6 +276,10 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     ]
     if "quality.png" in made:
         lines += [f"![quality]({rel('quality.png')})", ""]
+    lines += best_single_pass(res)
+    lines += frontier_table(res)
+    if "frontier.png" in made:
+        lines += [f"![frontier]({rel('frontier.png')})", ""]
     lines += ["Official TweetEval metric per task (macro-F1, except irony: F1 of the irony class):", "", *official_table(res), ""]
     lines += search_table(res)
     if "speed" in res:
