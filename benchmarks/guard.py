@@ -63,17 +63,17 @@ FISHER_EXAMPLES = 256
 # Small documented grids, chosen on validation (ALGORITHMS.md defaults included).
 GRIDS: dict[str, dict[str, list[Any]]] = {
     "average": {},
-    "task_arithmetic": {"scaling": [0.3, 0.6, 1.0]},
+    "task_arithmetic": {"scaling": [0.6, 1.0]},
     "ties": {"density": [0.2], "scaling": [1.0, 1.5]},
     "dare_ties": {"density": [0.5], "scaling": [0.8, 1.0]},
     "pcb": {"density": [0.1], "scaling": [1.0, 1.5]},
     "fisher": {"normalize": [False]},
     "regmean": {"alpha": [0.5, 0.9]},
     "wudi": {"rho": [1.0, 3.0, 10.0], "anchor_scaling": [0.5, 0.8]},
-    "regmean_pp": {"alpha": [0.9], "texts": [200]},
-    "lot": {"rho": [0.0, 0.3, 1.0], "anchor_parameters": [{"scaling": 0.6}], "texts": [200]},
-    "lot_wudi": {"anchor": ["wudi"], "anchor_parameters": [{"rho": 3.0, "anchor_scaling": 0.5}], "rho": [0.3, 1.0],
-                 "texts": [200]},
+    "regmean_pp": {"alpha": [0.9], "texts": [150]},
+    "lot": {"rho": [0.3, 1.0], "anchor_parameters": [{"scaling": 0.6}], "texts": [150]},
+    "lot_wudi": {"anchor": ["wudi"], "anchor_parameters": [{"rho": 3.0, "anchor_scaling": 0.5}], "rho": [1.0],
+                 "texts": [150]},
 }
 ROW_METHOD: dict[str, str] = {"lot_wudi": "lot"}
 """Rows that are a registered method with other settings (row name -> method)."""
@@ -267,11 +267,11 @@ def speed(bench: Bench, merged: MultiHeadModel, n_texts: int = 320, repeats: int
 
 
 def frontier(bench: Bench, expert_test: dict, results: dict, depths: Sequence[int], row: str | None = None,
-             n_texts: int = 320) -> dict:
+             n_texts: int = 320, branch_aligns: Sequence[bool] = (True,)) -> dict:
     """Sharing depth: the best single-pass row (by validation) as the trunk, each task's own
-    upper blocks from depth K (``share_layers``), with and without the branch-point alignment
-    (chosen on validation); quality on test and measured throughput, against one pass and the
-    five experts."""
+    upper blocks from depth K (``share_layers``), with the branch-point alignment (or the best of
+    ``branch_aligns`` on validation); quality on test and measured throughput, against one pass
+    and the five experts."""
     methods = results.get("methods", {})
     candidates = {k: m for k, m in methods.items() if k != "ensemble" and "validation_mean_macro_f1" in m}
     row = row or max(candidates, key=lambda k: candidates[k]["validation_mean_macro_f1"])
@@ -286,7 +286,7 @@ def frontier(bench: Bench, expert_test: dict, results: dict, depths: Sequence[in
     n = len(bench.experts)
     for depth in depths:
         trials = []
-        for branch_align in (False, True):
+        for branch_align in branch_aligns:
             cfg = bench.config(method, params, align=align, share_layers=depth, branch_align=branch_align)
             model = bench.merged(cfg)
             val = bench.score(model, "validation")
@@ -410,6 +410,8 @@ def main() -> None:
     ap.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="skip these sections")
     ap.add_argument("--frontier-row", default=None,
                     help="quality row used as the trunk of the frontier (default: best validation score)")
+    ap.add_argument("--branch-align-choice", action="store_true",
+                    help="frontier: choose branch_align on validation (default: always on)")
     ap.add_argument("--methods", default=None,
                     help=f"quality rows to (re)run, comma-separated (default all: {', '.join(GRIDS)})")
     ap.add_argument("--expert", action="append", default=[], metavar="TASK=FOLDER",
@@ -459,7 +461,8 @@ def main() -> None:
     _save(args.out, results, started)
     if "frontier" in run:
         results["frontier"] = frontier(bench, expert_test, results, (5, 4), row=args.frontier_row,
-                                       n_texts=64 if args.quick else 320)
+                                       n_texts=64 if args.quick else 320,
+                                       branch_aligns=(False, True) if args.branch_align_choice else (True,))
     _save(args.out, results, started)
     if "sweep" in run:
         sweep_bench = bench if args.quick else Bench(data, args.work, experts, args.val_limit, args.sweep_limit)
