@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from guardmerge.engine import MergeResult
 
 
-def model_card(result: "MergeResult", config: "MergeConfig", version: str) -> str:
+def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
     """Markdown naming the base, the experts, the method, its parameters and the version."""
     info = result.info
     shared = config.heads == "shared"
@@ -23,20 +23,41 @@ def model_card(result: "MergeResult", config: "MergeConfig", version: str) -> st
         "",
         f"# {'Model' if shared else 'Multi-head model'} merged with guardmerge {version}",
         "",
-        (f"One stock `{arch}` checkpoint (body and head merged as one, `heads: shared`), "
-         if shared else
-         f"One shared {result.config.get('model_type', '')} encoder and {len(result.heads)} heads, ")
+        (
+            f"One stock `{arch}` checkpoint (body and head merged as one, `heads: shared`), "
+            if shared
+            else f"One shared {result.config.get('model_type', '')} encoder and {len(result.heads)} heads, "
+        )
         + f"merged training-free from the experts below with **{config.method}**.",
         "",
         f"- Base model: `{config.base_model}`",
         f"- Method: `{config.method}`, heads: `{config.heads}`",
-        "- Parameters: "
-        + (", ".join(f"`{k}={v}`" for k, v in info.get("parameters", {}).items()) or "(defaults)"),
+        "- Parameters: " + (", ".join(f"`{k}={v}`" for k, v in info.get("parameters", {}).items()) or "(defaults)"),
         f"- guardmerge version: {version}",
         *(
-            [f"- Head alignment: `{info['align_heads']['settings']['method']}` on "
-             f"{info['align_heads']['settings']['examples']} unlabelled texts per task (ALGORITHMS.md 3b)"]
-            if info.get("align_heads") else []
+            [
+                f"- Head alignment: `{info['align_heads']['settings']['method']}` on "
+                f"{info['align_heads']['settings']['examples']} unlabelled texts per task (ALGORITHMS.md 3b)"
+            ]
+            if info.get("align_heads")
+            else []
+        ),
+        *(
+            [
+                f"- Layer-wise solves: {info['layerwise']['layers']} Linear layers solved on the merged model's own "
+                f"activations ({', '.join(f'{t} {n}' for t, n in info['layerwise']['tokens'].items())} tokens; "
+                "ALGORITHMS.md 3a)"
+            ]
+            if info.get("layerwise")
+            else []
+        ),
+        *(
+            [
+                f"- Sharing depth: blocks below {info['share_layers']} shared; each task runs its expert's own blocks "
+                "from there (`branches.<task>.*`)" + (", aligned at the branch point" if info.get("branch_align") else "")
+            ]
+            if info.get("share_layers") is not None
+            else []
         ),
         "",
         "| task (head) | labels | expert | weight |",
@@ -49,8 +70,19 @@ def model_card(result: "MergeResult", config: "MergeConfig", version: str) -> st
     for section in extra:
         lines += ["", str(section)]
     if shared:
-        return "\n".join(lines + ["", "## Use", "", "```python", "import transformers",
-                                   f"model = transformers.{arch}.from_pretrained('THIS_FOLDER')", "```", ""])
+        return "\n".join(
+            [
+                *lines,
+                "",
+                "## Use",
+                "",
+                "```python",
+                "import transformers",
+                f"model = transformers.{arch}.from_pretrained('THIS_FOLDER')",
+                "```",
+                "",
+            ]
+        )
     lines += [
         "",
         "## Use",
@@ -61,7 +93,7 @@ def model_card(result: "MergeResult", config: "MergeConfig", version: str) -> st
         "model.predict(['some text'])  # {task: [{'label': ..., 'score': ...}]}",
         "```",
         "",
-        "or `guardmerge predict THIS_FOLDER \"some text\"`. Export one task to a stock "
+        'or `guardmerge predict THIS_FOLDER "some text"`. Export one task to a stock '
         "transformers classifier with `guardmerge export THIS_FOLDER TASK OUT`.",
         "",
     ]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TEXTS, WORDS, expert_logits, make_base, make_expert
 from guardmerge.config import parse_config
 from guardmerge.errors import ConfigError
 from guardmerge.pipeline import build, compute_stats, merge_to_folder
+from tests.conftest import TEXTS, WORDS, expert_logits, make_base, make_expert
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +24,24 @@ def lw(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))) for _ in range(60)]
     data = root / "texts.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
-    return {"base": base, "data": data,
-            "a": make_expert(root / "a", base, ["no", "yes"], seed=1),
-            "b": make_expert(root / "b", base, ["x", "y", "z"], seed=2)}
+    return {
+        "base": base,
+        "data": data,
+        "a": make_expert(root / "a", base, ["no", "yes"], seed=1),
+        "b": make_expert(root / "b", base, ["x", "y", "z"], seed=2),
+    }
 
 
 def _config(lw: dict[str, Path], method: str, experts: list[tuple[str, Path]], **params: object):
-    return parse_config({
-        "base_model": str(lw["base"]),
-        "experts": [{"model": str(p), "task": t, "data": str(lw["data"])} for t, p in experts],
-        "method": method, "parameters": dict(params), "align_heads": False,
-    })
+    return parse_config(
+        {
+            "base_model": str(lw["base"]),
+            "experts": [{"model": str(p), "task": t, "data": str(lw["data"])} for t, p in experts],
+            "method": method,
+            "parameters": dict(params),
+            "align_heads": False,
+        }
+    )
 
 
 @pytest.mark.parametrize("method", ["lot", "regmean_pp"])
@@ -93,8 +100,16 @@ def test_regmean_pp_first_layer_equals_regmean(lw: dict[str, Path], tmp_path: Pa
         experts.append((name, folder))
     pp = build(_config(lw, "regmean_pp", experts), progress=False).tensors
     cfg = _config(lw, "regmean", experts)
-    stats = [compute_stats(p, [json.loads(line)["text"] for line in lw["data"].read_text().splitlines()][:300],
-                           {"gram"}, cfg.statistics, progress=False) for _, p in experts]
+    stats = [
+        compute_stats(
+            p,
+            [json.loads(line)["text"] for line in lw["data"].read_text().splitlines()][:300],
+            {"gram"},
+            cfg.statistics,
+            progress=False,
+        )
+        for _, p in experts
+    ]
     rm = build(cfg, stats=stats, progress=False).tensors
     for key in ("query", "key", "value"):
         name = f"encoder.layer.0.attention.self.{key}.weight"
@@ -109,17 +124,24 @@ def test_regmean_pp_first_layer_equals_regmean(lw: dict[str, Path], tmp_path: Pa
 
 def test_missing_texts_fail_before_any_output_naming_the_expert(lw: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"lot.*expert\(s\) b"):
-        parse_config({
-            "base_model": str(lw["base"]),
-            "experts": [{"model": str(lw["a"]), "task": "a", "data": str(lw["data"])}, {"model": str(lw["b"]), "task": "b"}],
-            "method": "lot",
-        })
+        parse_config(
+            {
+                "base_model": str(lw["base"]),
+                "experts": [
+                    {"model": str(lw["a"]), "task": "a", "data": str(lw["data"])},
+                    {"model": str(lw["b"]), "task": "b"},
+                ],
+                "method": "lot",
+            }
+        )
     # texts that do not exist: refused before the output folder appears
-    cfg = parse_config({
-        "base_model": str(lw["base"]),
-        "experts": [{"model": str(lw["a"]), "task": "a", "data": str(tmp_path / "nope.jsonl")}],
-        "method": "regmean_pp",
-    })
+    cfg = parse_config(
+        {
+            "base_model": str(lw["base"]),
+            "experts": [{"model": str(lw["a"]), "task": "a", "data": str(tmp_path / "nope.jsonl")}],
+            "method": "regmean_pp",
+        }
+    )
     from guardmerge.errors import GuardmergeError
 
     with pytest.raises(GuardmergeError, match="nope.jsonl"):
@@ -130,8 +152,9 @@ def test_missing_texts_fail_before_any_output_naming_the_expert(lw: dict[str, Pa
 def test_layerwise_then_alignment_written_and_reloaded(lw: dict[str, Path], tmp_path: Path) -> None:
     from guardmerge.multihead import MultiHeadModel
 
-    cfg = parse_config({**_config(lw, "lot", [("a", lw["a"]), ("b", lw["b"])], rho=1.0).model_dump(),
-                        "align_heads": {"examples": 40}})
+    cfg = parse_config(
+        {**_config(lw, "lot", [("a", lw["a"]), ("b", lw["b"])], rho=1.0).model_dump(), "align_heads": {"examples": 40}}
+    )
     out = merge_to_folder(cfg, tmp_path / "merged", progress=False)
     in_memory = build(cfg, progress=False).to_model().logits(TEXTS)
     loaded = MultiHeadModel.from_pretrained(out).logits(TEXTS)
@@ -139,3 +162,5 @@ def test_layerwise_then_alignment_written_and_reloaded(lw: dict[str, Path], tmp_
         torch.testing.assert_close(loaded[task], in_memory[task], atol=1e-5, rtol=0)
     card = json.loads((out / "config.json").read_text())["guardmerge"]
     assert card["method"] == "lot" and "layerwise" in card and "align_heads" in card
+    readme = (out / "README.md").read_text()
+    assert "Layer-wise solves: 13 Linear layers" in readme and "Head alignment" in readme
