@@ -44,9 +44,17 @@ def _config(lw: dict[str, Path], method: str, experts: list[tuple[str, Path]], *
     )
 
 
-@pytest.mark.parametrize("method", ["lot", "regmean_pp"])
-def test_one_expert_is_returned(lw: dict[str, Path], method: str) -> None:
-    model = build(_config(lw, method, [("a", lw["a"])]), progress=False).to_model()
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("lot", {}),
+        ("regmean_pp", {}),
+        ("wudi", {"rho": 0.0, "anchor_scaling": 1.0}),
+    ],
+)
+def test_one_expert_is_returned(lw: dict[str, Path], method: str, params: dict) -> None:
+    """Every new method (wudi at its exact objective and lambda 1) returns a single expert."""
+    model = build(_config(lw, method, [("a", lw["a"])], **params), progress=False).to_model()
     torch.testing.assert_close(model.logits(TEXTS)["a"], expert_logits(lw["a"]), atol=1e-5, rtol=0)
 
 
