@@ -28,6 +28,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -275,11 +276,25 @@ def frontier(bench: Bench, expert_test: dict, results: dict, depths: Sequence[in
     methods = results.get("methods", {})
     candidates = {k: m for k, m in methods.items() if k != "ensemble" and "validation_mean_macro_f1" in m}
     row = row or max(candidates, key=lambda k: candidates[k]["validation_mean_macro_f1"])
-    best = methods[row]
-    method, params, align = best.get("method", row.removesuffix("+align")), best["hyperparameters"], row.endswith("+align")
     layers = int(load_any(next(iter(bench.experts.values())), "x").config["num_hidden_layers"])
+    align = row.endswith("+align")
+    if row in methods:
+        best = methods[row]
+        method, params = best.get("method", row.removesuffix("+align")), best["hyperparameters"]
+        model = bench.merged(bench.config(method, params, align=align))
+    else:  # a row not scored yet: its grid must hold a single point (nothing to choose)
+        name = row.removesuffix("+align")
+        points = grid_points(GRIDS[name])
+        if len(points) != 1:
+            raise SystemExit(f"frontier trunk '{row}' has no quality result and {len(points)} grid points")
+        method, params = ROW_METHOD.get(name, name), points[0]
+        model = bench.merged(bench.config(method, params, align=align))
+        test = bench.score(model, "test")
+        per_task = normalized(test, expert_test)
+        best = {"normalized": mean(per_task), "worst_task_ratio": min(per_task.values()), "test": test,
+                "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}), "produced": produced()}
     out: dict[str, Any] = {"trunk": row, "method": method, "hyperparameters": params, "layers": layers, "rows": {}}
-    models: dict[str, MultiHeadModel] = {f"K={layers}": bench.merged(bench.config(method, params, align=align))}
+    models: dict[str, MultiHeadModel] = {f"K={layers}": model}
     out["rows"][f"K={layers}"] = {"share_layers": layers, "normalized": best["normalized"],
                                   "worst_task_ratio": best.get("worst_task_ratio"), "mean_macro_f1": best["mean_macro_f1"],
                                   "layer_passes": layers, "produced": best.get("produced")}
@@ -392,7 +407,7 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()), "torch": torch.__version__,
             "guardmerge": guardmerge.__version__, "commit": commit, "python": platform.python_version()}
 
 

@@ -251,6 +251,13 @@ def plots(res: dict, out_dir: Path) -> list[str]:
 
 def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     res = json.loads(Path(guard_json).read_text())
+    part = Path(guard_json).with_name("guard_frontier.json")  # sections run as a separate job
+    if part.is_file():
+        other = json.loads(part.read_text())
+        for section in ("frontier", "speed"):
+            if section in other:
+                res[section] = other[section]
+                res.setdefault("section_environment", {})[section] = other.get("environment", {})
     made = plots(res, plot_dir)
     rel = lambda name: f"benchmarks/results/{name}"  # noqa: E731
     env = res.get("environment", {})
@@ -318,7 +325,7 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
         lines.append("")
     lines += merge_speed_table(HERE / "results" / "merge_speed.json")
     for extra in sorted(HERE.glob("results/*.json")):
-        if extra.name in ("guard.json", "merge_speed.json"):
+        if extra.name in ("guard.json", "guard_frontier.json", "merge_speed.json"):
             continue
         lines += [f"## {extra.stem}", "", f"From `benchmarks/results/{extra.name}`:", "", "```json",
                   json.dumps(json.loads(extra.read_text()), indent=2)[:3000], "```", ""]
