@@ -85,21 +85,21 @@ def test_moment_match_and_compose_with_a_scale_vector() -> None:
     scale, shift = moment_match(merged, expert)
     mapped = merged * scale + shift
     torch.testing.assert_close(mapped.mean(0), expert.mean(0))
-    torch.testing.assert_close(mapped[:, :2].std(0, unbiased=False),
-                               expert[:, :2].std(0, unbiased=False))
+    torch.testing.assert_close(mapped[:, :2].std(0, unbiased=False), expert[:, :2].std(0, unbiased=False))
     assert scale[2] == 1.0
     weight, bias = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
     w2, b2 = compose_linear(weight, bias, scale, shift)
     torch.testing.assert_close(merged @ w2.T + b2, mapped @ weight.T + bias)
-    w3, b3 = compose_linear(weight, None, scale, shift)
+    _w3, b3 = compose_linear(weight, None, scale, shift)
     torch.testing.assert_close(b3, weight @ shift)
 
 
 def test_refit_on_a_tiny_bert_reproduces_the_expert_logits() -> None:
     """Merged encoder == expert's, ridge 0: the refit head gives the expert's logits (1e-5)."""
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
     model = BertForSequenceClassification(cfg).eval()
     ids = torch.randint(3, 100, (40, 8))
     with torch.no_grad():

@@ -33,7 +33,9 @@ def test_masked_lm_base_names_are_canonical(tmp_path: Path) -> None:
 def test_reads_one_tensor_lazily_and_exactly(zoo: dict[str, Path]) -> None:
     stored = load_file(str(zoo["hate"] / "model.safetensors"))
     with Checkpoint(zoo["hate"]) as ck:
-        assert torch.equal(ck.get("embeddings.word_embeddings.weight"), stored["bert.embeddings.word_embeddings.weight"])
+        assert torch.equal(
+            ck.get("embeddings.word_embeddings.weight"), stored["bert.embeddings.word_embeddings.weight"]
+        )
         assert ck.get("classifier.bias", torch.float64).dtype == torch.float64
 
 
@@ -48,7 +50,7 @@ def test_sharded_checkpoint(tmp_path: Path, zoo: dict[str, Path]) -> None:
     for i, part in enumerate((keys[:half], keys[half:])):
         fname = f"model-0000{i + 1}-of-00002.safetensors"
         save_file({k: state[k] for k in part}, str(folder / fname))
-        weight_map.update({k: fname for k in part})
+        weight_map.update(dict.fromkeys(part, fname))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with Checkpoint(folder) as ck, Checkpoint(zoo["hate"]) as ref:
         assert sorted(ck.names()) == sorted(ref.names())
@@ -93,5 +95,3 @@ def test_hub_id_offline_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=r"'someone/guard-model' is not a local folder.*Hugging Face Hub"):
         Checkpoint("someone/guard-model")
-
-

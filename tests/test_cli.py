@@ -34,7 +34,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_merge_then_predict_json_and_table(zoo: dict[str, Path], tmp_path: Path) -> None:
     cfg = write(tmp_path, zoo)
-    res = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "out"), "--no-progress", "-s", "parameters.scaling=0.7"])
+    res = runner.invoke(
+        app, ["merge", str(cfg), str(tmp_path / "out"), "--no-progress", "-s", "parameters.scaling=0.7"]
+    )
     assert res.exit_code == 0, res.output
     saved = yaml.safe_load((tmp_path / "out" / "merge_config.yaml").read_text())
     assert saved["parameters"] == {"scaling": 0.7}
@@ -100,8 +102,19 @@ def test_help_explains_commands() -> None:
 def test_self_merge_at_full_density_reproduces_the_expert(zoo: dict[str, Path], tmp_path: Path) -> None:
     from tests.conftest import TEXTS, expert_logits
 
-    res = runner.invoke(app, ["self-merge", str(zoo["sentiment"].parent / "base"), str(zoo["sentiment"]),
-                              str(tmp_path / "self"), "--method", "task_arithmetic", "-s", "scaling=1.0"])
+    res = runner.invoke(
+        app,
+        [
+            "self-merge",
+            str(zoo["sentiment"].parent / "base"),
+            str(zoo["sentiment"]),
+            str(tmp_path / "self"),
+            "--method",
+            "task_arithmetic",
+            "-s",
+            "scaling=1.0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     import torch
 
@@ -116,18 +129,42 @@ def test_stats_command_then_regmean_merge_from_the_file(zoo: dict[str, Path], tm
     files = {}
     for task in ("hate", "sentiment"):
         files[task] = tmp_path / f"{task}.safetensors"
-        res = runner.invoke(app, ["stats", str(zoo[task]), "--data", str(data), "--out", str(files[task]),
-                                  "-k", "gram", "--max-examples", "30"])
+        res = runner.invoke(
+            app,
+            [
+                "stats",
+                str(zoo[task]),
+                "--data",
+                str(data),
+                "--out",
+                str(files[task]),
+                "-k",
+                "gram",
+                "--max-examples",
+                "30",
+            ],
+        )
         assert res.exit_code == 0, res.output
-    cfg = write(tmp_path, zoo, method="regmean", parameters={"alpha": 0.9},
-                experts=[{"model": str(zoo[t]), "task": t, "stats": str(files[t])} for t in ("hate", "sentiment")])
+    cfg = write(
+        tmp_path,
+        zoo,
+        method="regmean",
+        parameters={"alpha": 0.9},
+        experts=[{"model": str(zoo[t]), "task": t, "stats": str(files[t])} for t in ("hate", "sentiment")],
+    )
     res = runner.invoke(app, ["merge", str(cfg), str(tmp_path / "rm"), "--no-progress"])
     assert res.exit_code == 0, res.output
     # swapped statistics files are refused, naming the file, and nothing is written
-    swapped = write(tmp_path, zoo, method="regmean",
-                    experts=[{"model": str(zoo["hate"]), "task": "hate", "stats": str(files["sentiment"])}])
+    swapped = write(
+        tmp_path,
+        zoo,
+        method="regmean",
+        experts=[{"model": str(zoo["hate"]), "task": "hate", "stats": str(files["sentiment"])}],
+    )
     proc = cli("merge", str(swapped), str(tmp_path / "bad"))
-    assert proc.returncode == 2 and "belongs to another expert" in proc.stderr and "sentiment.safetensors" in proc.stderr
+    assert (
+        proc.returncode == 2 and "belongs to another expert" in proc.stderr and "sentiment.safetensors" in proc.stderr
+    )
     assert not (tmp_path / "bad").exists()
 
 
@@ -136,12 +173,26 @@ def test_eval_command_writes_task_metric_json_with_normalised_scores(zoo: dict[s
     for task, labels in (("hate", ["not-hate", "hate"]), ("sentiment", ["neg", "neu", "pos"])):
         (data / task).mkdir(parents=True)
         (data / task / "labels.json").write_text(json.dumps({"labels": labels}))
-        rows = [{"text": t, "label": i % len(labels)} for i, t in enumerate(["i love this", "you people are terrible", "sure", "why"])]
+        rows = [
+            {"text": t, "label": i % len(labels)}
+            for i, t in enumerate(["i love this", "you people are terrible", "sure", "why"])
+        ]
         (data / task / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = write(tmp_path, zoo)
     assert runner.invoke(app, ["merge", str(cfg), str(tmp_path / "m"), "--no-progress"]).exit_code == 0
-    res = runner.invoke(app, ["eval", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "r.json"),
-                              "-e", f"hate={zoo['hate']}"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tmp_path / "m"),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "r.json"),
+            "-e",
+            f"hate={zoo['hate']}",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "r.json").read_text())
     assert set(out) == {"hate", "sentiment"}

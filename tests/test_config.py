@@ -30,7 +30,9 @@ def test_unknown_method_is_refused_with_known_names() -> None:
 
 
 def test_unknown_parameter_is_refused_with_known_parameters() -> None:
-    with pytest.raises(ConfigError, match=r"invalid parameters for method 'task_arithmetic'.*lambda.*Known parameters: scaling"):
+    with pytest.raises(
+        ConfigError, match=r"invalid parameters for method 'task_arithmetic'.*lambda.*Known parameters: scaling"
+    ):
         parse_config(raw(parameters={"lambda": 0.5}))
 
 

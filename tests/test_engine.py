@@ -24,12 +24,14 @@ Q = "encoder.layer.0.attention.self.query.weight"
 
 
 def cfg(zoo: dict[str, Path], tasks=("hate", "sentiment"), method="task_arithmetic", **params):
-    return parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo[t]), "task": t} for t in tasks],
-        "method": method,
-        "parameters": params,
-    })
+    return parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo[t]), "task": t} for t in tasks],
+            "method": method,
+            "parameters": params,
+        }
+    )
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -45,12 +47,16 @@ def test_task_arithmetic_matches_hand_computation(zoo: dict[str, Path]) -> None:
 
 
 def test_average_matches_hand_computation(zoo: dict[str, Path]) -> None:
-    c = parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo["hate"]), "task": "hate", "weight": 3.0},
-                    {"model": str(zoo["sentiment"]), "task": "sentiment", "weight": 1.0}],
-        "method": "average",
-    })
+    c = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [
+                {"model": str(zoo["hate"]), "task": "hate", "weight": 3.0},
+                {"model": str(zoo["sentiment"]), "task": "sentiment", "weight": 1.0},
+            ],
+            "method": "average",
+        }
+    )
     res = merge(c, progress=False)
     h, s = tensors(zoo["hate"]), tensors(zoo["sentiment"])
     assert torch.allclose(res.tensors[Q], (3 * h[Q] + s[Q]) / 4, atol=1e-6)
@@ -98,8 +104,13 @@ def broken(tmp_path_factory: pytest.TempPathFactory, zoo: dict[str, Path]) -> di
     out = {}
     wide_base = make_base(root / "wide_base", hidden_size=24, intermediate_size=32, num_attention_heads=2)
     out["hidden"] = make_expert(root / "hidden", wide_base, ["a", "b"], seed=5)
-    out["vocab"] = make_expert(root / "vocab", zoo["base"], ["a", "b"], seed=6,
-                               words=["x" + w for w in __import__("tests.conftest").conftest.WORDS])
+    out["vocab"] = make_expert(
+        root / "vocab",
+        zoo["base"],
+        ["a", "b"],
+        seed=6,
+        words=["x" + w for w in __import__("tests.conftest").conftest.WORDS],
+    )
     missing = root / "missing"
     shutil.copytree(zoo["hate"], missing)
     state = load_file(str(missing / "model.safetensors"))
@@ -123,7 +134,11 @@ def broken(tmp_path_factory: pytest.TempPathFactory, zoo: dict[str, Path]) -> di
 @pytest.mark.parametrize(
     "case, error, pattern",
     [
-        ("hidden", CompatibilityError, r"expert 'bad'.*hidden.*config field 'hidden_size' is 24 but the base .* has 16"),
+        (
+            "hidden",
+            CompatibilityError,
+            r"expert 'bad'.*hidden.*config field 'hidden_size' is 24 but the base .* has 16",
+        ),
         ("vocab", CompatibilityError, r"expert 'bad'.*different vocabulary"),
         ("missing", CompatibilityError, r"expert 'bad'.*missing encoder tensor 'encoder.layer.1.output.dense.weight'"),
         ("corrupt", CheckpointError, r"corrupt/model.safetensors is not a readable safetensors file"),
@@ -133,11 +148,13 @@ def broken(tmp_path_factory: pytest.TempPathFactory, zoo: dict[str, Path]) -> di
 def test_bad_expert_is_refused_and_leaves_no_output(
     zoo: dict[str, Path], broken: dict[str, Path], tmp_path: Path, case: str, error: type, pattern: str
 ) -> None:
-    c = parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo["hate"]), "task": "hate"}, {"model": str(broken[case]), "task": "bad"}],
-        "method": "task_arithmetic",
-    })
+    c = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo["hate"]), "task": "hate"}, {"model": str(broken[case]), "task": "bad"}],
+            "method": "task_arithmetic",
+        }
+    )
     out = tmp_path / "out"
     with pytest.raises(error, match=pattern):
         merge_to_folder(c, out, progress=False)
@@ -145,11 +162,15 @@ def test_bad_expert_is_refused_and_leaves_no_output(
 
 
 def test_pickle_allowed_with_flag(zoo: dict[str, Path], broken: dict[str, Path]) -> None:
-    c = parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(broken["pickled"]), "task": "hate"}],
-        "method": "task_arithmetic", "parameters": {"scaling": 1.0}, "allow_pickle": True,
-    })
+    c = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(broken["pickled"]), "task": "hate"}],
+            "method": "task_arithmetic",
+            "parameters": {"scaling": 1.0},
+            "allow_pickle": True,
+        }
+    )
     model = merge(c, progress=False).to_model()
     assert torch.allclose(model.logits(TEXTS)["hate"], expert_logits(zoo["hate"]), atol=1e-6)
 
@@ -186,8 +207,13 @@ def test_masked_lm_base_keeps_each_experts_pooler_in_its_head(tmp_path: Path, zo
     model.save_pretrained(str(mlm), safe_serialization=True)
     shutil.copy(zoo["base"] / "tokenizer.json", mlm / "tokenizer.json")
     shutil.copy(zoo["base"] / "tokenizer_config.json", mlm / "tokenizer_config.json")
-    c = parse_config({"base_model": str(mlm), "experts": [{"model": str(zoo["hate"]), "task": "hate"}],
-                      "parameters": {"scaling": 1.0}})
+    c = parse_config(
+        {
+            "base_model": str(mlm),
+            "experts": [{"model": str(zoo["hate"]), "task": "hate"}],
+            "parameters": {"scaling": 1.0},
+        }
+    )
     res = merge(c, progress=False)
     assert res.heads["hate"].layers == ("pooler.dense", "classifier")
     m = res.to_model()
@@ -198,11 +224,15 @@ def test_masked_lm_base_keeps_each_experts_pooler_in_its_head(tmp_path: Path, zo
 
 
 def test_hm3_heads_are_merged_zero_padded_blocks(zoo: dict[str, Path]) -> None:
-    c = parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")],
-        "method": "task_arithmetic", "parameters": {"scaling": 0.6}, "heads": "hm3",
-    })
+    c = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")],
+            "method": "task_arithmetic",
+            "parameters": {"scaling": 0.6},
+            "heads": "hm3",
+        }
+    )
     res = merge(c, progress=False)
     h, s = tensors(zoo["hate"]), tensors(zoo["sentiment"])
     # all-zero base head + 0.6 * (padded hate + padded sentiment): each block is 0.6 x its own head
@@ -212,19 +242,29 @@ def test_hm3_heads_are_merged_zero_padded_blocks(zoo: dict[str, Path]) -> None:
 
 
 def test_hm3_sparsification_touches_heads(zoo: dict[str, Path]) -> None:
-    c = parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")],
-        "method": "ties", "parameters": {"density": 0.2, "scope": "per_tensor"}, "heads": "hm3",
-    })
+    c = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")],
+            "method": "ties",
+            "parameters": {"density": 0.2, "scope": "per_tensor"},
+            "heads": "hm3",
+        }
+    )
     w = merge(c, progress=False).tensors["heads.sentiment.classifier.weight"]
     kept = (w != 0).float().mean()
     assert 0 < kept < 0.6  # most head entries trimmed, as the paper's mode requires
 
 
 def test_one_expert_hm3_with_scaling_one_is_the_expert(zoo: dict[str, Path]) -> None:
-    c = parse_config({"base_model": str(zoo["base"]), "experts": [{"model": str(zoo["sentiment"]), "task": "sentiment"}],
-                      "parameters": {"scaling": 1.0}, "heads": "hm3"})
+    c = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo["sentiment"]), "task": "sentiment"}],
+            "parameters": {"scaling": 1.0},
+            "heads": "hm3",
+        }
+    )
     model = merge(c, progress=False).to_model()
     assert torch.allclose(model.logits(TEXTS)["sentiment"], expert_logits(zoo["sentiment"]), atol=1e-6)
 
@@ -276,11 +316,15 @@ def test_out_dtype_and_compute_dtype(zoo: dict[str, Path], tmp_path: Path) -> No
 
 
 def shared_cfg(base: Path, experts: list[Path], method: str = "task_arithmetic", **params) -> "MergeConfig":
-    return parse_config({
-        "base_model": str(base),
-        "experts": [{"model": str(e), "task": f"t{i}"} for i, e in enumerate(experts)],
-        "method": method, "parameters": params, "heads": "shared",
-    })
+    return parse_config(
+        {
+            "base_model": str(base),
+            "experts": [{"model": str(e), "task": f"t{i}"} for i, e in enumerate(experts)],
+            "method": method,
+            "parameters": params,
+            "heads": "shared",
+        }
+    )
 
 
 def test_shared_heads_write_a_stock_classifier(zoo: dict[str, Path], tmp_path: Path) -> None:
@@ -313,9 +357,16 @@ def make_llama(folder: Path, seed: int, base: dict | None = None) -> tuple[Path,
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     if base is not None:
         model.load_state_dict(base)
@@ -331,8 +382,12 @@ def test_llama_checkpoints_merge_whole_with_shared_heads(tmp_path: Path) -> None
 
     base, b = make_llama(tmp_path / "base", 0)
     (e1, s1), (e2, s2) = make_llama(tmp_path / "e1", 1, b), make_llama(tmp_path / "e2", 2, b)
-    merge_to_folder(shared_cfg(base, [e1, e2], "ties", density=0.5, scope="per_tensor"), tmp_path / "m",
-                    progress=False, max_shard_bytes=20_000)
+    merge_to_folder(
+        shared_cfg(base, [e1, e2], "ties", density=0.5, scope="per_tensor"),
+        tmp_path / "m",
+        progress=False,
+        max_shard_bytes=20_000,
+    )
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
     name = "model.layers.0.mlp.up_proj.weight"
     ref = merge(shared_cfg(base, [e1, e2], "ties", density=0.5, scope="per_tensor"), progress=False).tensors

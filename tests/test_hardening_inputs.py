@@ -118,8 +118,9 @@ def data_file(tmp_path: Path, name: str = "texts.jsonl") -> Path:
 # -- 2: NaN / Inf --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override", ["parameters.scaling=.nan", "experts.0.weight=.nan",
-                                      "experts.1.weight=.inf", "align_heads.ridge=.inf"])
+@pytest.mark.parametrize(
+    "override", ["parameters.scaling=.nan", "experts.0.weight=.nan", "experts.1.weight=.inf", "align_heads.ridge=.inf"]
+)
 def test_nonfinite_config_values_refused(tmp_path: Path, zoo: dict[str, Path], override: str) -> None:
     with pytest.raises(ConfigError, match=r"finite"):
         load_config(merge_cfg(tmp_path, zoo), [override])
@@ -140,8 +141,9 @@ def test_nonfinite_method_parameter_refused_for_every_method() -> None:
 
 def test_zero_sum_weights_refused_up_front(tmp_path: Path, zoo: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="sum to 0"):
-        load_config(merge_cfg(tmp_path, zoo, method="average", parameters={}),
-                    ["experts.0.weight=1.0", "experts.1.weight=-1.0"])
+        load_config(
+            merge_cfg(tmp_path, zoo, method="average", parameters={}), ["experts.0.weight=1.0", "experts.1.weight=-1.0"]
+        )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -150,8 +152,13 @@ def test_expert_with_nonfinite_weights_refused(tmp_path: Path, zoo: dict[str, Pa
 
     bad = copy_expert(zoo["hate"], tmp_path / "bad")
     edit_weights(bad, lambda s: s["bert.encoder.layer.1.output.dense.weight"].view(-1).__setitem__(3, value))
-    cfg = load_config(merge_cfg(tmp_path, zoo, experts=[{"model": str(bad), "task": "hate"},
-                                                        {"model": str(zoo["sentiment"]), "task": "sentiment"}]))
+    cfg = load_config(
+        merge_cfg(
+            tmp_path,
+            zoo,
+            experts=[{"model": str(bad), "task": "hate"}, {"model": str(zoo["sentiment"]), "task": "sentiment"}],
+        )
+    )
     with pytest.raises(CheckpointError, match=r"expert 'hate'.*encoder.layer.1.output.dense.weight.*NaN or Inf"):
         merge_to_folder(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -160,8 +167,10 @@ def test_expert_with_nonfinite_weights_refused(tmp_path: Path, zoo: dict[str, Pa
 def test_nonfinite_merged_tensor_stops_the_write(tmp_path: Path, zoo: dict[str, Path]) -> None:
     from guardmerge.pipeline import merge_to_folder
 
-    cfg = load_config(merge_cfg(tmp_path, zoo, parameters={"scaling": 1.0}, out_dtype="float16"),
-                      ["experts.0.weight=1.0e8", "experts.1.weight=1.0e8"])  # finite, but overflows float16
+    cfg = load_config(
+        merge_cfg(tmp_path, zoo, parameters={"scaling": 1.0}, out_dtype="float16"),
+        ["experts.0.weight=1.0e8", "experts.1.weight=1.0e8"],
+    )  # finite, but overflows float16
     with pytest.raises(GuardmergeError, match=r"merged tensor '.*' holds NaN or Inf"):
         merge_to_folder(cfg, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]  # no output, no temporary folder
@@ -191,8 +200,12 @@ def test_merge_force_onto_an_input_refused(
 ) -> None:
     cfg = merge_cfg(tmp_path, own_zoo)
     before = digest(tmp_path / "models")
-    for out, how in ((own_zoo["hate"], "is the input"), (tmp_path / "models", "contains the input"),
-                     (own_zoo["base"] / "sub", "lies inside the input"), (tmp_path, "contains the input")):
+    for out, how in (
+        (own_zoo["hate"], "is the input"),
+        (tmp_path / "models", "contains the input"),
+        (own_zoo["base"] / "sub", "lies inside the input"),
+        (tmp_path, "contains the input"),
+    ):
         code, err = run_cli(monkeypatch, capsys, "merge", str(cfg), str(out), "--force", "--no-progress")
         assert_clean_refusal(code, err, how)
     assert digest(tmp_path / "models") == before and cfg.is_file()
@@ -216,8 +229,11 @@ def test_export_and_onnx_onto_their_source_refused(
 ) -> None:
     src = copy_expert(merged, tmp_path / "m")
     before = digest(src)
-    for args in (["export", str(src), "hate", str(src), "--force"], ["export-onnx", str(src), str(src), "--force"],
-                 ["export", str(src), "hate", str(src / "inner"), "--force"]):
+    for args in (
+        ["export", str(src), "hate", str(src), "--force"],
+        ["export-onnx", str(src), str(src), "--force"],
+        ["export", str(src), "hate", str(src / "inner"), "--force"],
+    ):
         code, err = run_cli(monkeypatch, capsys, *args)
         assert_clean_refusal(code, err, "input")
     assert digest(src) == before
@@ -228,11 +244,21 @@ def test_stats_out_onto_expert_weights_refused(
 ) -> None:
     data = data_file(tmp_path)
     before = digest(own_zoo["hate"])
-    code, err = run_cli(monkeypatch, capsys, "stats", str(own_zoo["hate"]), "--data", str(data),
-                        "--out", str(own_zoo["hate"] / "model.safetensors"), "--force")
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "stats",
+        str(own_zoo["hate"]),
+        "--data",
+        str(data),
+        "--out",
+        str(own_zoo["hate"] / "model.safetensors"),
+        "--force",
+    )
     assert_clean_refusal(code, err, "lies inside the input")
-    code, err = run_cli(monkeypatch, capsys, "stats", str(own_zoo["hate"]), "--data", str(data),
-                        "--out", str(data), "--force")
+    code, err = run_cli(
+        monkeypatch, capsys, "stats", str(own_zoo["hate"]), "--data", str(data), "--out", str(data), "--force"
+    )
     assert_clean_refusal(code, err, "is the input")
     assert digest(own_zoo["hate"]) == before and data.read_text().count("\n") == len(TEXTS)
 
@@ -246,8 +272,15 @@ def test_self_merge_finetune_search_eval_onto_inputs_refused(
         ["self-merge", str(own_zoo["base"]), str(own_zoo["hate"]), str(own_zoo["hate"]), "--force"],
         ["finetune", str(own_zoo["base"]), str(data), str(own_zoo["base"]), "--labels", "a,b", "--force"],
         ["finetune", str(own_zoo["base"]), str(data), str(tmp_path), "--labels", "a,b", "--force"],
-        ["search", str(merge_cfg(tmp_path, own_zoo)), "--data", str(tmp_path), "--out", str(own_zoo["sentiment"]),
-         "--force"],
+        [
+            "search",
+            str(merge_cfg(tmp_path, own_zoo)),
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(own_zoo["sentiment"]),
+            "--force",
+        ],
         ["eval", str(own_zoo["hate"]), "--data", str(tmp_path), "--out", str(data)],
     ]
     for args in cases:
@@ -268,8 +301,11 @@ def test_pickle_only_expert_refused_by_stats_unless_allowed(
     data = data_file(tmp_path)
     calls: list[str] = []
     real = transformers.AutoModelForSequenceClassification.from_pretrained
-    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
-                        lambda *a, **k: calls.append(str(a[0])) or real(*a, **k))
+    monkeypatch.setattr(
+        transformers.AutoModelForSequenceClassification,
+        "from_pretrained",
+        lambda *a, **k: calls.append(str(a[0])) or real(*a, **k),
+    )
     code, err = run_cli(monkeypatch, capsys, "stats", str(expert), "--data", str(data), "--out", str(tmp_path / "s.st"))
     assert_clean_refusal(code, err, "pytorch_model.bin is a pickle checkpoint")
     assert calls == [] and not (tmp_path / "s.st").exists()
@@ -277,8 +313,9 @@ def test_pickle_only_expert_refused_by_stats_unless_allowed(
 
     from guardmerge.cli import app
 
-    res = CliRunner().invoke(app, ["stats", str(expert), "--data", str(data), "--out", str(tmp_path / "s.st"),
-                                   "--allow-pickle"])
+    res = CliRunner().invoke(
+        app, ["stats", str(expert), "--data", str(data), "--out", str(tmp_path / "s.st"), "--allow-pickle"]
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "s.st").is_file()
 
@@ -289,10 +326,15 @@ def test_pickle_only_expert_refused_by_data_stages(tmp_path: Path, zoo: dict[str
 
     expert = pickle_only(zoo["hate"], tmp_path / "pickled")
     data = data_file(tmp_path)
-    experts = [{"model": str(expert), "task": "hate", "data": str(data)},
-               {"model": str(zoo["sentiment"]), "task": "sentiment", "data": str(data)}]
-    method = {"regmean": ("regmean", {}), "align": ("task_arithmetic", {"scaling": 0.5}),
-              "layerwise": ("regmean_pp", {})}[mode]
+    experts = [
+        {"model": str(expert), "task": "hate", "data": str(data)},
+        {"model": str(zoo["sentiment"]), "task": "sentiment", "data": str(data)},
+    ]
+    method = {
+        "regmean": ("regmean", {}),
+        "align": ("task_arithmetic", {"scaling": 0.5}),
+        "layerwise": ("regmean_pp", {}),
+    }[mode]
     over = {"align_heads": False} if mode != "align" else {}
     cfg = load_config(merge_cfg(tmp_path, zoo, experts=experts, method=method[0], parameters=method[1], **over))
     with pytest.raises(CheckpointError, match="pickle checkpoint"):
@@ -325,9 +367,15 @@ def test_every_checkpoint_opener_refuses_pickle(tmp_path: Path, zoo: dict[str, P
 # -- 6: dtypes and quantised checkpoints -------------------------------------------------------
 
 
-@pytest.mark.parametrize(("dtype", "match"), [(torch.int8, "quantised"), (torch.uint8, "quantised"),
-                                              (torch.bool, "must be floating point"),
-                                              (torch.int32, "must be floating point")])
+@pytest.mark.parametrize(
+    ("dtype", "match"),
+    [
+        (torch.int8, "quantised"),
+        (torch.uint8, "quantised"),
+        (torch.bool, "must be floating point"),
+        (torch.int32, "must be floating point"),
+    ],
+)
 def test_non_float_weights_refused(tmp_path: Path, zoo: dict[str, Path], dtype: torch.dtype, match: str) -> None:
     from guardmerge.pipeline import merge_to_folder
 
@@ -354,8 +402,7 @@ def test_quantised_checkpoints_refused(tmp_path: Path, zoo: dict[str, Path]) -> 
 
 
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
-def test_shard_paths_outside_the_folder_refused(tmp_path: Path, zoo: dict[str, Path], merged: Path,
-                                                shard: str) -> None:
+def test_shard_paths_outside_the_folder_refused(tmp_path: Path, zoo: dict[str, Path], merged: Path, shard: str) -> None:
     import guardmerge
 
     shutil.copy(zoo["hate"] / "model.safetensors", tmp_path / "outside.safetensors")
@@ -363,7 +410,7 @@ def test_shard_paths_outside_the_folder_refused(tmp_path: Path, zoo: dict[str, P
         folder = copy_expert(src, tmp_path / src.name)
         keys = list(load_file(str(folder / "model.safetensors")))
         (folder / "model.safetensors").unlink()
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: shard for k in keys}}))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, shard)}))
         with pytest.raises(CheckpointError, match="outside the model folder"):
             Checkpoint(folder) if src == zoo["hate"] else guardmerge.load(str(folder))
         shutil.rmtree(folder)
@@ -373,15 +420,20 @@ def test_invalid_header_error_never_quotes_file_bytes(tmp_path: Path, merged: Pa
     import guardmerge
 
     secret = "SECRET-" + "x" * 5000
-    for header in (b'{"' + secret.encode() + b'": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]',
-                   json.dumps({secret: {"dtype": secret, "shape": [1], "data_offsets": [0, 4]}}).encode(),
-                   b"\xff\xfe" + secret.encode(), b"[" * 100_000 + b"]" * 100_000):
+    for header in (
+        b'{"' + secret.encode() + b'": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]',
+        json.dumps({secret: {"dtype": secret, "shape": [1], "data_offsets": [0, 4]}}).encode(),
+        b"\xff\xfe" + secret.encode(),
+        b"[" * 100_000 + b"]" * 100_000,
+    ):
         folder = copy_expert(merged, tmp_path / "m")
         (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
         for opener in (guardmerge.load, Checkpoint):
             with pytest.raises(CheckpointError) as info:
                 opener(str(folder))
-            assert "SECRET-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in str(info.value)
+            assert "SECRET-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in str(
+                info.value
+            )
             assert len(str(info.value)) < 500
         shutil.rmtree(folder)
 
@@ -407,10 +459,13 @@ def test_load_refuses_malformed_heads_metadata(tmp_path: Path, merged: Path) -> 
     import guardmerge
 
     cfg = json.loads((merged / "config.json").read_text())
-    for heads, match in (([1, 2], "must map each task"), ({"hate": "x"}, "expected an object"),
-                         ({"hate": {**cfg["guardmerge"]["heads"]["hate"], "activation": "gelu"}}, "activation"),
-                         ({"hate": {**cfg["guardmerge"]["heads"]["hate"], "labels": None}}, "labels"),
-                         ({"a.b": cfg["guardmerge"]["heads"]["hate"]}, "task name")):
+    for heads, match in (
+        ([1, 2], "must map each task"),
+        ({"hate": "x"}, "expected an object"),
+        ({"hate": {**cfg["guardmerge"]["heads"]["hate"], "activation": "gelu"}}, "activation"),
+        ({"hate": {**cfg["guardmerge"]["heads"]["hate"], "labels": None}}, "labels"),
+        ({"a.b": cfg["guardmerge"]["heads"]["hate"]}, "task name"),
+    ):
         bad = copy_expert(merged, tmp_path / "bad")
         edit_config(bad, guardmerge={**cfg["guardmerge"], "heads": heads})
         with pytest.raises(CheckpointError, match=match):
@@ -431,9 +486,23 @@ def test_stats_caps_max_length_at_the_model_positions(
     data = tmp_path / "long.txt"
     data.write_text(" ".join(["hate"] * 300) + "\nshort text\n")  # 300 tokens; the tiny model has 64 positions
     with caplog.at_level("INFO"):
-        res = CliRunner().invoke(app, ["stats", str(zoo["hate"]), "--data", str(data), "--out",
-                                       str(tmp_path / "s.safetensors"), "--max-length", "512", "-k", "gram",
-                                       "-k", "fisher"])
+        res = CliRunner().invoke(
+            app,
+            [
+                "stats",
+                str(zoo["hate"]),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "s.safetensors"),
+                "--max-length",
+                "512",
+                "-k",
+                "gram",
+                "-k",
+                "fisher",
+            ],
+        )
     assert res.exit_code == 0, res.output
     assert "capped at 64" in caplog.text
 
@@ -487,7 +556,10 @@ def test_jsonl_text_must_be_a_string(tmp_path: Path, text: str) -> None:
 
 
 def test_path_errors_exit_2_with_one_line(
-    tmp_path: Path, zoo: dict[str, Path], merged: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    zoo: dict[str, Path],
+    merged: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     cfg = merge_cfg(tmp_path, zoo)
@@ -500,19 +572,26 @@ def test_path_errors_exit_2_with_one_line(
         (["merge", str(long) + ".yaml", str(tmp_path / "o")], "too long"),
         (["merge", str(cfg), str(plain / "out")], "is a file, not a folder"),
         (["export-onnx", str(merged), str(plain / "onnx")], "is a file, not a folder"),
-        (["stats", str(zoo["hate"]), "--data", str(data_file(tmp_path)), "--out", str(plain / "s.safetensors")],
-         "is a file, not a folder"),
-        (["stats", str(zoo["hate"]), "--data", str(data_file(tmp_path)), "--out", str(tmp_path), "--force"],
-         "contains the input"),
-        (["stats", str(zoo["hate"]), "--data", str(data_file(tmp_path)), "--out", str(merged), "--force"],
-         "is a folder"),
+        (
+            ["stats", str(zoo["hate"]), "--data", str(data_file(tmp_path)), "--out", str(plain / "s.safetensors")],
+            "is a file, not a folder",
+        ),
+        (
+            ["stats", str(zoo["hate"]), "--data", str(data_file(tmp_path)), "--out", str(tmp_path), "--force"],
+            "contains the input",
+        ),
+        (
+            ["stats", str(zoo["hate"]), "--data", str(data_file(tmp_path)), "--out", str(merged), "--force"],
+            "is a folder",
+        ),
     ):
         code, err = run_cli(monkeypatch, capsys, *args)
         assert_clean_refusal(code, err, needle)
 
 
-def test_disk_full_becomes_an_error_naming_the_output(tmp_path: Path, zoo: dict[str, Path],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_becomes_an_error_naming_the_output(
+    tmp_path: Path, zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from guardmerge import engine
     from guardmerge.pipeline import merge_to_folder
 
@@ -532,8 +611,12 @@ def test_cli_subprocess_one_line_error(tmp_path: Path, zoo: dict[str, Path]) -> 
     bad = copy_expert(zoo["hate"], tmp_path / "bad")
     edit_weights(bad, lambda s: s["classifier.weight"].__setitem__((0, 0), float("inf")))
     cfg = merge_cfg(tmp_path, zoo, experts=[{"model": str(bad), "task": "hate"}])
-    proc = subprocess.run([sys.executable, "-m", "guardmerge.cli", "merge", str(cfg), str(tmp_path / "o")],
-                          check=False, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "guardmerge.cli", "merge", str(cfg), str(tmp_path / "o")],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: expert 'hate'") and "Traceback" not in proc.stderr
 

@@ -15,12 +15,14 @@ from tests.conftest import TEXTS, expert_logits, write_tokenizer
 
 @pytest.fixture(scope="module")
 def merged(zoo: dict[str, Path]) -> MultiHeadModel:
-    c = parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "injection", "sentiment")],
-        "method": "task_arithmetic",
-        "parameters": {"scaling": 0.4},
-    })
+    c = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "injection", "sentiment")],
+            "method": "task_arithmetic",
+            "parameters": {"scaling": 0.4},
+        }
+    )
     return merge(c, progress=False).to_model()
 
 
@@ -90,13 +92,29 @@ def _family_zoo(root: Path, family: str) -> tuple[Path, list[Path]]:
     )
 
     if family == "roberta":
-        cfg = RobertaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=70, pad_token_id=0,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        cfg = RobertaConfig(
+            vocab_size=60,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=70,
+            pad_token_id=0,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
     else:
-        cfg = DistilBertConfig(vocab_size=60, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
-                               max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
-                               seq_classif_dropout=0.0)
+        cfg = DistilBertConfig(
+            vocab_size=60,
+            dim=16,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=32,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+        )
     torch.manual_seed(0)
     base = AutoModel.from_config(cfg)
     base.save_pretrained(str(root / "base"), safe_serialization=True)
@@ -120,11 +138,14 @@ def _family_zoo(root: Path, family: str) -> tuple[Path, list[Path]]:
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])
 def test_other_families_merge_and_export(family: str, tmp_path: Path) -> None:
     base, (e0, e1) = _family_zoo(tmp_path, family)
-    one = parse_config({"base_model": str(base), "experts": [{"model": str(e1), "task": "t1"}],
-                        "parameters": {"scaling": 1.0}})
+    one = parse_config(
+        {"base_model": str(base), "experts": [{"model": str(e1), "task": "t1"}], "parameters": {"scaling": 1.0}}
+    )
     model = merge(one, progress=False).to_model()
     assert torch.allclose(model.logits(TEXTS)["t1"], expert_logits(e1), atol=1e-5)
-    two = parse_config({"base_model": str(base), "experts": [{"model": str(e0), "task": "t0"}, {"model": str(e1), "task": "t1"}]})
+    two = parse_config(
+        {"base_model": str(base), "experts": [{"model": str(e0), "task": "t0"}, {"model": str(e1), "task": "t1"}]}
+    )
     res = merge(two, progress=False)
     assert len(res.heads["t0"].layers) == 2  # hidden layer in the head
     m2 = res.to_model()

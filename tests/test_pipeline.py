@@ -27,11 +27,16 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def regmean(zoo: dict[str, Path], data: Path, tasks=("hate", "sentiment"), **over: object):
-    return parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo[t]), "task": t, "data": str(data)} for t in tasks],
-        "method": "regmean", "align_heads": False, "statistics": {"examples": 40, "batch_size": 8}, **over,
-    })
+    return parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo[t]), "task": t, "data": str(data)} for t in tasks],
+            "method": "regmean",
+            "align_heads": False,
+            "statistics": {"examples": 40, "batch_size": 8},
+            **over,
+        }
+    )
 
 
 def test_regmean_from_data_computes_and_caches_statistics(zoo: dict[str, Path], data_file: Path, cache: Path) -> None:
@@ -67,24 +72,33 @@ def test_fisher_from_data_runs(zoo: dict[str, Path], data_file: Path) -> None:
 
 def test_method_needing_statistics_without_data_fails_before_work(zoo: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match=r"method 'regmean' needs gram statistics.*expert\(s\) hate"):
-        parse_config({"base_model": str(zoo["base"]), "experts": [{"model": str(zoo["hate"]), "task": "hate"}],
-                      "method": "regmean"})
+        parse_config(
+            {
+                "base_model": str(zoo["base"]),
+                "experts": [{"model": str(zoo["hate"]), "task": "hate"}],
+                "method": "regmean",
+            }
+        )
 
 
 def test_stats_file_of_another_expert_is_refused(zoo: dict[str, Path], data_file: Path, tmp_path: Path) -> None:
     cfg = regmean(zoo, data_file)
     stats = compute_stats(zoo["hate"], task_texts(data_file, 16), {"gram"}, cfg.statistics, progress=False)
     wrong = save_stats(tmp_path / "hate.safetensors", gram=stats.gram, expert=zoo["hate"])
-    bad = parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo["sentiment"]), "task": "sentiment", "stats": str(wrong)}],
-        "method": "regmean",
-    })
+    bad = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo["sentiment"]), "task": "sentiment", "stats": str(wrong)}],
+            "method": "regmean",
+        }
+    )
     with pytest.raises(StatisticsError, match="belongs to another expert"):
         expert_statistics(bad, frozenset({"gram"}), progress=False)
 
 
-def test_dare_regmean_computes_statistics_on_the_sparsified_experts(zoo: dict[str, Path], data_file: Path, cache: Path) -> None:
+def test_dare_regmean_computes_statistics_on_the_sparsified_experts(
+    zoo: dict[str, Path], data_file: Path, cache: Path
+) -> None:
     from guardmerge.engine import sparsified_experts
     from guardmerge.pipeline import compute_stats
 
@@ -103,8 +117,9 @@ def test_dare_regmean_computes_statistics_on_the_sparsified_experts(zoo: dict[st
         assert 0.3 < kept.float().mean() < 0.7  # about half the entries dropped
         assert torch.allclose((dropped[0][q] - base.get(q))[kept], 2 * tau[kept], atol=1e-6)  # rescaled 1/density
     expert_stats = expert_statistics(cfg, frozenset({"gram"}), progress=False)
-    on_dropped = compute_stats(zoo["hate"], task_texts(data_file, 40), {"gram"}, cfg.statistics,
-                               progress=False, encoder_state=dropped[0])
+    on_dropped = compute_stats(
+        zoo["hate"], task_texts(data_file, 40), {"gram"}, cfg.statistics, progress=False, encoder_state=dropped[0]
+    )
     g = "encoder.layer.1.attention.self.query.weight"
     assert torch.allclose(expert_stats[0].gram.gram(g), on_dropped.gram.gram(g), atol=1e-8)
     plain = expert_statistics(regmean(zoo, data_file), frozenset({"gram"}), progress=False)

@@ -31,8 +31,14 @@ def data_file(tmp_path: Path) -> Path:
 
 
 def one_expert(zoo: dict[str, Path], task: str, **over: object):
-    return parse_config({"base_model": str(zoo["base"]), "experts": [{"model": str(zoo[task]), "task": task}],
-                         "parameters": {"scaling": 1.0}, **over})
+    return parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo[task]), "task": task}],
+            "parameters": {"scaling": 1.0},
+            **over,
+        }
+    )
 
 
 def test_ridge0_alignment_of_an_exact_encoder_recovers_the_expert(zoo: dict[str, Path]) -> None:
@@ -48,8 +54,13 @@ def test_ridge0_alignment_of_an_exact_encoder_recovers_the_expert(zoo: dict[str,
 
 
 def test_refit_equals_ridge_least_squares_on_the_same_features(zoo: dict[str, Path]) -> None:
-    cfg = parse_config({"base_model": str(zoo["base"]), "parameters": {"scaling": 0.3},
-                        "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")]})
+    cfg = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "parameters": {"scaling": 0.3},
+            "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")],
+        }
+    )
     model = merge(cfg, progress=False).to_model()
     merged_feats = head_features(model, "hate", TEXTS)
     cache = FeatureCache()
@@ -83,12 +94,17 @@ def test_alignment_is_on_by_default_with_data_and_off_without(zoo: dict[str, Pat
 
 @pytest.mark.parametrize("method", ["lstsq", "moments"])
 def test_alignment_raises_agreement_with_the_expert(zoo: dict[str, Path], data_file: Path, method: str) -> None:
-    cfg = parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo[t]), "task": t, "data": str(data_file)} for t in ("hate", "injection", "sentiment")],
-        "method": "task_arithmetic", "parameters": {"scaling": 0.3},
-        "align_heads": {"method": method, "examples": 60},
-    })
+    cfg = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [
+                {"model": str(zoo[t]), "task": t, "data": str(data_file)} for t in ("hate", "injection", "sentiment")
+            ],
+            "method": "task_arithmetic",
+            "parameters": {"scaling": 0.3},
+            "align_heads": {"method": method, "examples": 60},
+        }
+    )
     plain = merge(cfg, progress=False)
     res = build(cfg, progress=False)
     report = res.info["align_heads"]["report"]
@@ -109,7 +125,9 @@ def test_hidden_layer_head_gets_an_affine_map_and_stays_exact(tmp_path: Path) ->
     from tests.test_multihead import _family_zoo
 
     base, (_, e1) = _family_zoo(tmp_path, "roberta")
-    cfg = parse_config({"base_model": str(base), "experts": [{"model": str(e1), "task": "t1"}], "parameters": {"scaling": 1.0}})
+    cfg = parse_config(
+        {"base_model": str(base), "experts": [{"model": str(e1), "task": "t1"}], "parameters": {"scaling": 1.0}}
+    )
     model = merge(cfg, progress=False).to_model()
     report = align_heads(model, {"t1": e1}, {"t1": TEXTS}, AlignConfig(ridge=0.0))
     assert len(model.heads["t1"].layers) == 2

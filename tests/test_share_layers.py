@@ -37,8 +37,16 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(zoo: dict[str, Path], data: Path | None = None, **over: Any):
     experts = [{"model": str(zoo[t]), "task": t, **({"data": str(data)} if data else {})} for t in TASKS]
-    return parse_config({"base_model": str(zoo["base"]), "experts": experts, "method": "task_arithmetic",
-                         "parameters": {"scaling": 0.4}, "align_heads": False, **over})
+    return parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": experts,
+            "method": "task_arithmetic",
+            "parameters": {"scaling": 0.4},
+            "align_heads": False,
+            **over,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +89,11 @@ def _reference(zoo: dict[str, Path], task: str, trunk_model: MultiHeadModel, dep
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     expert = AutoModelForSequenceClassification.from_pretrained(str(zoo[task])).eval()
-    shared = {k: v for k, v in trunk_model.encoder.state_dict().items()
-              if k.startswith("embeddings.") or any(k.startswith(f"encoder.layer.{i}.") for i in range(depth))}
+    shared = {
+        k: v
+        for k, v in trunk_model.encoder.state_dict().items()
+        if k.startswith("embeddings.") or any(k.startswith(f"encoder.layer.{i}.") for i in range(depth))
+    }
     missing, unexpected = expert.bert.load_state_dict(shared, strict=False)
     assert not unexpected and not any(m.startswith("embeddings.word") for m in missing)
     tok = AutoTokenizer.from_pretrained(str(zoo[task]))
@@ -90,8 +101,9 @@ def _reference(zoo: dict[str, Path], task: str, trunk_model: MultiHeadModel, dep
         return expert(**tok(TEXTS, padding=True, return_tensors="pt")).logits
 
 
-def test_branched_logits_are_the_experts_blocks_on_the_merged_trunk(zoo: dict[str, Path],
-                                                                   branched: MultiHeadModel) -> None:
+def test_branched_logits_are_the_experts_blocks_on_the_merged_trunk(
+    zoo: dict[str, Path], branched: MultiHeadModel
+) -> None:
     plain = merge(config(zoo), progress=False).to_model()  # same shared tensors (per-tensor method)
     got = branched.logits(TEXTS)
     for t in TASKS:
@@ -139,8 +151,9 @@ def test_save_load_round_trip_keeps_logits_labels_and_format(branched: MultiHead
     assert all(torch.allclose(a[t], b[t], atol=1e-6) for t in TASKS)
 
 
-def test_streamed_folder_equals_the_in_memory_merge(zoo: dict[str, Path], branched: MultiHeadModel,
-                                                    tmp_path: Path) -> None:
+def test_streamed_folder_equals_the_in_memory_merge(
+    zoo: dict[str, Path], branched: MultiHeadModel, tmp_path: Path
+) -> None:
     out = merge_to_folder(config(zoo, share_layers=1), tmp_path / "s", progress=False)
     loaded = guardmerge.load(out)
     a, b = branched.logits(TEXTS), loaded.logits(TEXTS)
@@ -173,14 +186,20 @@ def test_branch_align_fits_and_exports(aligned: MultiHeadModel, branched: MultiH
 def test_per_feature_affine_is_per_feature_least_squares() -> None:
     torch.manual_seed(0)
     m = torch.randn(200, 5, dtype=torch.float64)
-    e = m * torch.tensor([2.0, -1.0, 0.5, 1.0, 3.0], dtype=torch.float64) + 0.3 + 0.01 * torch.randn(200, 5, dtype=torch.float64)
+    e = (
+        m * torch.tensor([2.0, -1.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+        + 0.3
+        + 0.01 * torch.randn(200, 5, dtype=torch.float64)
+    )
     scale, shift = per_feature_affine(m, e, ridge=0.0)
     for j in range(5):
         a = torch.stack([m[:, j], torch.ones(200, dtype=torch.float64)], 1)
         sol = torch.linalg.lstsq(a, e[:, j : j + 1]).solution.squeeze(1)
         assert torch.allclose(scale[j], sol[0], atol=1e-10) and torch.allclose(shift[j], sol[1], atol=1e-10)
     same, zero = per_feature_affine(m, m)  # identical inputs: the identity
-    assert torch.allclose(same, torch.ones(5, dtype=torch.float64)) and torch.allclose(zero, torch.zeros(5, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(same, torch.ones(5, dtype=torch.float64)) and torch.allclose(
+        zero, torch.zeros(5, dtype=torch.float64), atol=1e-12
+    )
 
 
 def test_layerwise_solves_only_the_shared_blocks(zoo: dict[str, Path], data_file: Path) -> None:
@@ -188,8 +207,10 @@ def test_layerwise_solves_only_the_shared_blocks(zoo: dict[str, Path], data_file
     res = build(cfg, progress=False)
     assert res.info["layerwise"]["layers"] == 6  # q, k, v, attention output, intermediate, output of block 0
     plain = merge(cfg, progress=False)
-    assert not torch.equal(res.tensors["encoder.layer.0.attention.self.query.weight"],
-                           plain.tensors["encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        res.tensors["encoder.layer.0.attention.self.query.weight"],
+        plain.tensors["encoder.layer.0.attention.self.query.weight"],
+    )
     for name, tensor in plain.tensors.items():
         if name.startswith("branches."):
             assert torch.equal(res.tensors[name], tensor), name  # each task's own blocks untouched
@@ -215,8 +236,9 @@ def test_onnx_export_of_a_branched_model_matches_torch(aligned: MultiHeadModel, 
             np.testing.assert_allclose(got, ref[t].numpy(), atol=1e-4, rtol=0)
 
 
-def test_serving_a_branched_model_returns_every_head(branched: MultiHeadModel, zoo: dict[str, Path],
-                                                     tmp_path: Path) -> None:
+def test_serving_a_branched_model_returns_every_head(
+    branched: MultiHeadModel, zoo: dict[str, Path], tmp_path: Path
+) -> None:
     for extra in ("fastapi", "uvicorn", "prometheus_client"):
         pytest.importorskip(extra)
     httpx = pytest.importorskip("httpx")

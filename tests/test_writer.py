@@ -23,10 +23,10 @@ from guardmerge.writer import (
 def tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {
-        "a": torch.randn(10, 10, generator=g),            # 400 bytes
+        "a": torch.randn(10, 10, generator=g),  # 400 bytes
         "b": torch.randn(30, generator=g).to(torch.bfloat16),  # 60 bytes
-        "c": torch.arange(7),                              # 56 bytes
-        "d": torch.randn(5, 20, generator=g),             # 400 bytes
+        "c": torch.arange(7),  # 56 bytes
+        "d": torch.randn(5, 20, generator=g),  # 400 bytes
         "empty": torch.zeros(0, 3),
     }
 
@@ -53,9 +53,15 @@ def test_shards_respect_the_size_cap_and_the_index_maps_every_tensor(tmp_path: P
 
 def test_writer_refuses_out_of_order_wrong_shape_and_incomplete_output(tmp_path: Path) -> None:
     layout = [TensorSlot("x", torch.float32, (2,)), TensorSlot("y", torch.float32, (3,))]
-    with pytest.raises(CheckpointError, match="expected tensor 'x', got 'y'"), ShardedWriter(tmp_path / "o", layout) as w:
+    with (
+        pytest.raises(CheckpointError, match="expected tensor 'x', got 'y'"),
+        ShardedWriter(tmp_path / "o", layout) as w,
+    ):
         w.write("y", torch.zeros(3))
-    with pytest.raises(CheckpointError, match=r"shape \[3\], layout says \[2\]"), ShardedWriter(tmp_path / "p", layout) as w:
+    with (
+        pytest.raises(CheckpointError, match=r"shape \[3\], layout says \[2\]"),
+        ShardedWriter(tmp_path / "p", layout) as w,
+    ):
         w.write("x", torch.zeros(3))
     with pytest.raises(CheckpointError, match="'y' was never written"), ShardedWriter(tmp_path / "q", layout) as w:
         w.write("x", torch.zeros(2))
@@ -101,7 +107,9 @@ def test_write_errors_on_the_writer_thread_surface_with_the_folder(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ShardedWriter, "_write_data", lambda self, *a: full())
-    with pytest.raises(CheckpointError, match=r"writing .*: \[Errno 28\] No space left"):
-        with ShardedWriter(tmp_path / "o", layout) as w:
-            w.write("x", torch.zeros(2))
-            w.write("y", torch.zeros(2))
+    with (
+        pytest.raises(CheckpointError, match=r"writing .*: \[Errno 28\] No space left"),
+        ShardedWriter(tmp_path / "o", layout) as w,
+    ):
+        w.write("x", torch.zeros(2))
+        w.write("y", torch.zeros(2))

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from guardmerge.multihead import MultiHeadModel
 
 
-def load(path: str, **kwargs: Any) -> "MultiHeadModel":
+def load(path: str, **kwargs: Any) -> MultiHeadModel:
     """Load a merged multi-head model folder written by ``guardmerge merge``."""
     from guardmerge.multihead import MultiHeadModel
 

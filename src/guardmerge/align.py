@@ -148,8 +148,10 @@ def compose_linear(
         new_w = w @ m
     else:
         raise ValueError(f"the map's linear part must be [d] or [d, d], got {tuple(m.shape)}")
-    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else (
-        bias.detach().to(device=w.device, dtype=torch.float64)
+    b = (
+        torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        if bias is None
+        else (bias.detach().to(device=w.device, dtype=torch.float64))
     )
     new_b = w @ c + b
     return new_w.to(weight.dtype), new_b.to(weight.dtype)

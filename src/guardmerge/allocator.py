@@ -40,7 +40,9 @@ def tune_for_streaming() -> bool:
     ok = all(
         mallopt(param, value) == 1
         for param, value in (
-            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)
+            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (_M_TOP_PAD, TOP_PAD),
         )
     )
     log.debug("allocator tuned for streaming merges: %s", ok)

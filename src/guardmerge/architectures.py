@@ -88,8 +88,12 @@ class ArchitectureAdapter:
             return Role.HEAD
         leaf = canonical.rsplit(".", 2)
         low = canonical.lower()
-        if ("embeddings" in low or "embed_tokens" in low) and ndim == 2 and "layernorm" not in low \
-                and "layer_norm" not in low:
+        if (
+            ("embeddings" in low or "embed_tokens" in low)
+            and ndim == 2
+            and "layernorm" not in low
+            and "layer_norm" not in low
+        ):
             return Role.EMBEDDING
         if "layernorm" in low or "layer_norm" in low or low.endswith(("ln.weight", "ln.bias", "norm.weight")):
             return Role.NORM
@@ -117,7 +121,7 @@ class ArchitectureAdapter:
         if self.blocks is None:
             return 0
         lead = self.blocks + "."
-        found = {int(n[len(lead):].split(".", 1)[0]) for n in names if n.startswith(lead)}
+        found = {int(n[len(lead) :].split(".", 1)[0]) for n in names if n.startswith(lead)}
         return max(found) + 1 if found else 0
 
     def head_names(self) -> list[str]:

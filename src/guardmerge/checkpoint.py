@@ -2,9 +2,9 @@
 
 Tensors are read one at a time with positioned reads (``os.pread``) at the offsets the
 safetensors header gives, never the whole model when one tensor is needed, and without a memory
-map, so the pages of a read tensor do not stay counted in the process's memory. Single-file and sharded (``model.safetensors.index.json``)
-checkpoints are supported. Pickle checkpoints (``pytorch_model.bin``) can execute code when
-loaded and are refused unless the caller passes ``allow_pickle=True``.
+map, so the pages of a read tensor do not stay counted in the process's memory. Single-file and
+sharded (``model.safetensors.index.json``) checkpoints are supported. Pickle checkpoints
+(``pytorch_model.bin``) can execute code when loaded and are refused unless the caller passes ``allow_pickle=True``.
 
 Tensor names are **canonical** (see :mod:`guardmerge.architectures`): the same tensor has the
 same name whether the checkpoint is a headless ``BertModel``, a ``BertForMaskedLM`` or a
@@ -37,8 +37,19 @@ PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "merges.txt"]
 # tensor-name endings of quantised checkpoints (GPTQ/AWQ, bitsandbytes int8 and 4-bit)
-QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".SCB", ".weight_format", ".absmax",
-                      ".quant_map", ".quant_state", ".nested_absmax", ".nested_quant_map")
+QUANTIZED_SUFFIXES = (
+    ".qweight",
+    ".qzeros",
+    ".scales",
+    ".g_idx",
+    ".SCB",
+    ".weight_format",
+    ".absmax",
+    ".quant_map",
+    ".quant_state",
+    ".nested_absmax",
+    ".nested_quant_map",
+)
 QUANTIZED_DTYPES = frozenset({torch.int8, torch.uint8})
 
 
@@ -192,8 +203,11 @@ class SafetensorsFile:
                 self.entries[key] = (dtype, shape, self._data_start + begin, end - begin)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError, struct.error) as exc:
             os.close(self._fd)
-            reason = str(exc) if isinstance(exc, ValueError) and not isinstance(exc, UnicodeDecodeError) else \
-                f"malformed header ({type(exc).__name__}: {_clip(exc)})"
+            reason = (
+                str(exc)
+                if isinstance(exc, ValueError) and not isinstance(exc, UnicodeDecodeError)
+                else f"malformed header ({type(exc).__name__}: {_clip(exc)})"
+            )
             raise CheckpointError(f"{path} is not a readable safetensors file: {reason}") from None
 
     def keys(self) -> list[str]:
@@ -206,7 +220,7 @@ class SafetensorsFile:
         if out.dtype != dtype or not out.is_contiguous() or out.numel() != math.prod(shape):
             raise CheckpointError(f"{self.path}: buffer for tensor '{key}' does not match its dtype/size")
         if nbytes:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            view = out.reshape(-1).view(torch.uint8).numpy().data
             done = 0
             while done < nbytes:
                 n = os.preadv(self._fd, [view[done:]], offset + done)
@@ -232,8 +246,13 @@ class Checkpoint:
     """
 
     def __init__(
-        self, source: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
-        folder: Path | None = None, where: str | None = None,
+        self,
+        source: str | Path,
+        *,
+        allow_pickle: bool = False,
+        revision: str | None = None,
+        folder: Path | None = None,
+        where: str | None = None,
     ) -> None:
         """``folder``: the local folder ``source`` already resolved to (a :class:`MergeJob`'s);
         ``where``: how errors name this checkpoint (default: ``source``; the engine names the expert)."""
@@ -285,7 +304,7 @@ class Checkpoint:
                 handle = SafetensorsFile(f)
                 self._stack.callback(handle.close)
                 self._files[f] = handle
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 (not a dict: it has no __iter__)
                     self._add(key, f)
         self._check_dtypes()
 
@@ -339,8 +358,9 @@ class Checkpoint:
         """Read one tensor into a fresh tensor, optionally cast (see :meth:`read_into`)."""
         return self.read_into(name, torch.empty(self.shape(name), dtype=dtype or self.dtype(name)))
 
-    def read_into(self, name: str, out: torch.Tensor, scratch: Callable[[torch.dtype], torch.Tensor] | None = None
-                  ) -> torch.Tensor:
+    def read_into(
+        self, name: str, out: torch.Tensor, scratch: Callable[[torch.dtype], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Read one tensor into ``out`` (contiguous, same element count), casting to ``out.dtype``.
 
         Stored in ``out``'s dtype, the bytes go straight from the file into ``out``; otherwise
@@ -408,9 +428,7 @@ class Checkpoint:
         return [str(raw.get(str(i), raw.get(i, f"LABEL_{i}"))) for i in range(n)]
 
     def has_tokenizer(self) -> bool:
-        return any(
-            (self.path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")
-        )
+        return any((self.path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json"))
 
     def close(self) -> None:
         self._stack.close()

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -48,7 +48,7 @@ def merge(
     config: Annotated[Path, typer.Argument(help="Merge config YAML (base_model, experts, method, parameters, heads).")],
     out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", "-s", help="Override a config key, e.g. -s parameters.scaling=0.7 -s method=ties."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -57,7 +57,8 @@ def merge(
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     out_shard_size: Annotated[
-        Optional[str], typer.Option("--out-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB).")
+        str | None,
+        typer.Option("--out-shard-size", help="Split the weights into shards of at most this size (e.g. 2GB)."),
     ] = None,
 ) -> None:
     """Merge the experts of CONFIG into one multi-head model folder OUT.
@@ -92,7 +93,7 @@ def self_merge(
     out: Annotated[Path, typer.Argument(help="Output folder: a stock transformers classifier.")],
     method: Annotated[str, typer.Option(help="Any data-free method (ties, dare_ties, breadcrumbs, pcb...).")] = "ties",
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", "-s", help="Method parameter, e.g. -s density=0.5 -s scaling=1.0.")
+        list[str] | None, typer.Option("--set", "-s", help="Method parameter, e.g. -s density=0.5 -s scaling=1.0.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for DARE.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
@@ -154,9 +155,14 @@ def stats(
     unknown = sorted(set(kind) - {"gram", "fisher"})
     if unknown:
         raise GuardmergeError(f"unknown statistics kind(s) {unknown}: use gram and/or fisher")
-    settings = StatsConfig(examples=max_examples, batch_size=batch_size, max_length=max_length,
-                           include_padding=include_padding, fisher_labels=fisher_labels,
-                           fisher_gradient=fisher_gradient)
+    settings = StatsConfig(
+        examples=max_examples,
+        batch_size=batch_size,
+        max_length=max_length,
+        include_padding=include_padding,
+        fisher_labels=fisher_labels,
+        fisher_gradient=fisher_gradient,
+    )
     labels = None
     if data.is_file():
         ex = read_examples(data, text_field=text_field, label_field=label_field).head(max_examples)
@@ -170,8 +176,14 @@ def stats(
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
-        save_stats(tmp, gram=result.gram, fisher=result.fisher, fingerprint=result.fingerprint,
-                   expert=expert, extra={"data": str(data), "examples": len(texts)})
+        save_stats(
+            tmp,
+            gram=result.gram,
+            fisher=result.fisher,
+            fingerprint=result.fingerprint,
+            expert=expert,
+            extra={"data": str(data), "examples": len(texts)},
+        )
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -184,7 +196,7 @@ def predict(
     model: Annotated[Path, typer.Argument(help="A merged model folder (or a stock classifier folder).")],
     texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines: one object per text.")] = False,
-    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Only these heads.")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", "-t", help="Only these heads.")] = None,
     batch_size: Annotated[int, typer.Option(help="Texts per encoder pass.")] = 32,
 ) -> None:
     """Print every head's label and probability for each TEXT."""
@@ -220,7 +232,9 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
                 "summary": s.summary,
                 "reference": s.reference,
                 "needs": sorted(s.needs),
-                "parameters": {n: {"type": t, "default": d, "description": desc} for n, t, d, desc in s.parameter_rows()},
+                "parameters": {
+                    n: {"type": t, "default": d, "description": desc} for n, t, d, desc in s.parameter_rows()
+                },
             }
             for s in METHODS
         }
@@ -244,29 +258,37 @@ def search(
     trials: Annotated[int, typer.Option(help="Finished trials (complete or pruned) the study ends with.")] = 100,
     sampler: Annotated[str, typer.Option(help="tpe, cmaes (PCB + ES) or random.")] = "tpe",
     params: Annotated[
-        Optional[str], typer.Option("--params", help="Comma-separated parameters to search (default: all the method "
-                                    "declares; 'none' to search only --weights).")
+        str | None,
+        typer.Option(
+            "--params",
+            help="Comma-separated parameters to search (default: all the method "
+            "declares; 'none' to search only --weights).",
+        ),
     ] = None,
     weights: Annotated[
-        Optional[str], typer.Option("--weights", help="Also search per-expert weights in LOW,HIGH (e.g. 0.5,3.0).")
+        str | None, typer.Option("--weights", help="Also search per-expert weights in LOW,HIGH (e.g. 0.5,3.0).")
     ] = None,
-    objective: Annotated[str, typer.Option(help="mean, worst (the worst task's) or weighted validation macro-F1.")] = "mean",
+    objective: Annotated[
+        str, typer.Option(help="mean, worst (the worst task's) or weighted validation macro-F1.")
+    ] = "mean",
     task_weight: Annotated[
-        Optional[list[str]], typer.Option("--task-weight", help="TASK=W for --objective weighted (others weigh 1).")
+        list[str] | None, typer.Option("--task-weight", help="TASK=W for --objective weighted (others weigh 1).")
     ] = None,
     val_limit: Annotated[int, typer.Option(help="Validation examples per task (first n); 0 = all.")] = 200,
     storage: Annotated[
-        Optional[str], typer.Option(help="Optuna storage URL (default: sqlite file OUT.search/study.db).")
+        str | None, typer.Option(help="Optuna storage URL (default: sqlite file OUT.search/study.db).")
     ] = None,
     study_name: Annotated[str, typer.Option(help="Study name in the storage.")] = "guardmerge",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted study.")] = False,
     workers: Annotated[int, typer.Option(help="Parallel workers (processes, or Ray tasks with --ray).")] = 1,
     ray: Annotated[
-        Optional[str], typer.Option("--ray", help="Run workers on a Ray cluster at ADDRESS ('local' starts one).")
+        str | None, typer.Option("--ray", help="Run workers on a Ray cluster at ADDRESS ('local' starts one).")
     ] = None,
-    prune: Annotated[bool, typer.Option(help="Prune hopeless trials (median rule, once half the tasks are scored).")] = True,
+    prune: Annotated[
+        bool, typer.Option(help="Prune hopeless trials (median rule, once half the tasks are scored).")
+    ] = True,
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -301,8 +323,14 @@ def search(
         except ValueError:
             raise GuardmergeError(f"--weights '{weights}' must look like LOW,HIGH (e.g. 0.5,3.0)") from None
         wr = (lo, hi)
-    space = build_space(cfg.method, cfg.parameters, [e.task for e in cfg.experts], [e.weight for e in cfg.experts],
-                        only=_param_list(params), weight_range=wr)
+    space = build_space(
+        cfg.method,
+        cfg.parameters,
+        [e.task for e in cfg.experts],
+        [e.weight for e in cfg.experts],
+        only=_param_list(params),
+        weight_range=wr,
+    )
     if objective not in ("mean", "worst", "weighted"):
         raise GuardmergeError(f"--objective '{objective}': choose mean, worst or weighted")
     tw = {}
@@ -316,10 +344,18 @@ def search(
     scorer = MergeScorer(job)  # checks the data before any trial (and before OUT.search exists)
     work.mkdir(parents=True, exist_ok=True)
     settings = SearchSettings(
-        trials=trials, sampler=sampler, seed=seed,  # type: ignore[arg-type]
-        storage=storage or f"sqlite:///{(work / 'study.db').resolve()}", study_name=study_name,
-        resume=resume, workers=workers, ray_address=ray, prune=prune,
-        objective=objective, task_weights=tw, log_path=str(work / "trials.jsonl"),  # type: ignore[arg-type]
+        trials=trials,
+        sampler=sampler,  # type: ignore[arg-type]
+        seed=seed,
+        storage=storage or f"sqlite:///{(work / 'study.db').resolve()}",
+        study_name=study_name,
+        resume=resume,
+        workers=workers,
+        ray_address=ray,
+        prune=prune,
+        objective=objective,  # type: ignore[arg-type]
+        task_weights=tw,
+        log_path=str(work / "trials.jsonl"),
     )
     result = run_search(space, partial(MergeScorer, job), settings, progress=progress, scorer=scorer)
     write_best(scorer, result, out, force=force, progress=progress)
@@ -360,14 +396,14 @@ def finetune(
     base: Annotated[str, typer.Argument(help="Base checkpoint folder or hub id (the shared theta_0).")],
     data: Annotated[Path, typer.Argument(help="Task folder (train.jsonl + labels.json) or a JSONL/CSV file.")],
     out: Annotated[Path, typer.Argument(help="Output classifier folder.")],
-    labels: Annotated[Optional[str], typer.Option(help="Comma-separated label names (when DATA is a file).")] = None,
+    labels: Annotated[str | None, typer.Option(help="Comma-separated label names (when DATA is a file).")] = None,
     text_field: Annotated[str, typer.Option(help="Text field in JSONL/CSV.")] = "text",
     label_field: Annotated[str, typer.Option(help="Integer label field in JSONL/CSV.")] = "label",
     epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 2.0,
     learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 5e-5,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     max_length: Annotated[int, typer.Option(help="Max tokens per text.")] = 64,
-    max_examples: Annotated[Optional[int], typer.Option(help="Cap on training examples.")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="Cap on training examples.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_pickle: Annotated[
@@ -390,8 +426,12 @@ def finetune(
             raise GuardmergeError("--labels is required when DATA is a file (e.g. --labels benign,injection)")
         names = [x.strip() for x in labels.split(",")]
     settings = FinetuneSettings(
-        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-        max_length=max_length, max_examples=max_examples, seed=seed,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        max_length=max_length,
+        max_examples=max_examples,
+        seed=seed,
     )
     from guardmerge.checkpoint import resolve
 
@@ -404,11 +444,11 @@ def eval_(
     model: Annotated[Path, typer.Argument(help="A merged model folder or a stock classifier folder.")],
     data: Annotated[Path, typer.Option("--data", help="Folder of task folders (labels.json + SPLIT.jsonl).")],
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
-    task: Annotated[Optional[str], typer.Option(help="Task name of a single-classifier MODEL.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Score at most this many examples per task.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+    task: Annotated[str | None, typer.Option(help="Task name of a single-classifier MODEL.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score at most this many examples per task.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     expert: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--expert", "-e", help="TASK=FOLDER: score this expert too and add normalised = merged / expert."),
     ] = None,
 ) -> None:
@@ -448,9 +488,15 @@ def eval_(
 
 @app.command()
 def demo(
-    data: Annotated[Optional[Path], typer.Option("--data", help="Folder of task folders (default: ../shared/data).")] = None,
-    work: Annotated[Path, typer.Option(help="Where experts (cached), the merged model and results go.")] = Path("guardmerge-demo"),
-    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Tasks to use (default: injection, emotion, offensive).")] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Folder of task folders (default: ../shared/data).")
+    ] = None,
+    work: Annotated[Path, typer.Option(help="Where experts (cached), the merged model and results go.")] = Path(
+        "guardmerge-demo"
+    ),
+    task: Annotated[
+        list[str] | None, typer.Option("--task", "-t", help="Tasks to use (default: injection, emotion, offensive).")
+    ] = None,
 ) -> None:
     """The default example: fine-tune small experts from the real MiniLM base, merge them,
     and print each task's macro-F1 for the experts and the merged model side by side.
@@ -466,17 +512,25 @@ def demo(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Argument(help="A merged model folder, or (with --backend onnx) a folder from export-onnx.")],
+    model: Annotated[
+        Path, typer.Argument(help="A merged model folder, or (with --backend onnx) a folder from export-onnx.")
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    backend: Annotated[str, typer.Option(help="torch, or onnx (onnxruntime; a merged folder is exported to a temporary folder first).")] = "torch",
+    backend: Annotated[
+        str, typer.Option(help="torch, or onnx (onnxruntime; a merged folder is exported to a temporary folder first).")
+    ] = "torch",
     api_key: Annotated[
-        Optional[str],
-        typer.Option("--api-key", envvar="GUARDMERGE_API_KEY", show_envvar=True,
-                     help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (/healthz stays open)."),
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="GUARDMERGE_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (/healthz stays open).",
+        ),
     ] = None,
     threshold: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--threshold", help="Flag threshold per task, e.g. --threshold injection=0.8 (or emotion=off)."),
     ] = None,
     default_threshold: Annotated[float, typer.Option(help="Flag threshold of the other tasks.")] = 0.5,
@@ -485,13 +539,25 @@ def serve(
     max_texts: Annotated[int, typer.Option(help="Most texts per request.")] = 64,
     max_chars: Annotated[int, typer.Option(help="Most characters per text.")] = 4000,
     max_queue: Annotated[int, typer.Option(help="Most texts waiting for a batch before 503 overloaded.")] = 4096,
-    max_length: Annotated[Optional[int], typer.Option(help="Tokens per text (default: the model's maximum, 512 at most).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Inference threads (default: the runtime's choice).")] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Tokens per text (default: the model's maximum, 512 at most).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="Inference threads (default: the runtime's choice).")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
-    header_timeout: Annotated[float, typer.Option(help="Seconds a connection has to send a complete request head (from opening, or from the previous response); then it is closed.")] = 10.0,
-    body_timeout: Annotated[float, typer.Option(help="Seconds a request has to send its whole body; then 408 request_timeout.")] = 30.0,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a connection has to send a complete request head (from opening, or from the previous "
+            "response); then it is closed."
+        ),
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request has to send its whole body; then 408 request_timeout.")
+    ] = 30.0,
     keep_alive_timeout: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = 5.0,
-    max_connections: Annotated[int, typer.Option(help="Most concurrent connections (and requests in flight); beyond it new requests get 503.")] = 512,
+    max_connections: Annotated[
+        int, typer.Option(help="Most concurrent connections (and requests in flight); beyond it new requests get 503.")
+    ] = 512,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/classify, GET /v1/model, /healthz, /metrics (Prometheus);
     the OpenAPI document is at /openapi.json. Needs the extra named serve."""
@@ -511,25 +577,43 @@ def serve(
         from guardmerge.serve.app import check_api_key
         from guardmerge.serve.server import is_loopback, uvicorn_limits
     except ImportError as exc:
-        raise GuardmergeError(f"serving needs the serve extra ({exc.name} is missing): pip install 'guardmerge[serve]'") from None
+        raise GuardmergeError(
+            f"serving needs the serve extra ({exc.name} is missing): pip install 'guardmerge[serve]'"
+        ) from None
 
     check_api_key(api_key, "--api-key (or $GUARDMERGE_API_KEY)")
-    limits = uvicorn_limits(header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
-                            max_connections=max_connections)
+    limits = uvicorn_limits(
+        header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout, max_connections=max_connections
+    )
     settings = ServeSettings(
-        max_texts=max_texts, max_chars=max_chars, max_batch=max_batch, max_wait_ms=max_wait_ms,
-        max_queue=max_queue, thresholds=parse_thresholds(threshold or []),
-        default_threshold=default_threshold, api_key=api_key, body_timeout=body_timeout,
+        max_texts=max_texts,
+        max_chars=max_chars,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        thresholds=parse_thresholds(threshold or []),
+        default_threshold=default_threshold,
+        api_key=api_key,
+        body_timeout=body_timeout,
     )
     if api_key is None and not is_loopback(host):
-        log.warning("serving on %s without an API key: anyone who can reach it can classify and read /metrics "
-                    "(set --api-key or $GUARDMERGE_API_KEY)", host or "every address")
+        log.warning(
+            "serving on %s without an API key: anyone who can reach it can classify and read /metrics "
+            "(set --api-key or $GUARDMERGE_API_KEY)",
+            host or "every address",
+        )
     runner = load_backend(model, backend, max_length=max_length, threads=threads)
     try:
         application = create_app(runner, settings)
         log.info("listening on http://%s:%d (docs at /docs)", host, port)
-        uvicorn.run(application, host=host, port=port, access_log=access_log,
-                    log_level=logging.getLevelName(log.getEffectiveLevel()).lower(), **limits)
+        uvicorn.run(
+            application,
+            host=host,
+            port=port,
+            access_log=access_log,
+            log_level=logging.getLevelName(log.getEffectiveLevel()).lower(),
+            **limits,
+        )
     finally:
         runner.close()
 
@@ -538,7 +622,7 @@ def serve(
 def export_onnx_(
     model: Annotated[Path, typer.Argument(help="A merged model folder.")],
     out: Annotated[Path, typer.Argument(help="Output folder: model.onnx, tokenizer, guardmerge_onnx.json.")],
-    quantize: Annotated[Optional[str], typer.Option(help="int8: dynamic int8 quantisation of the weights.")] = None,
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 quantisation of the weights.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Export MODEL as one ONNX graph (all heads' logits as outputs logits_<task>, dynamic batch and

@@ -110,10 +110,11 @@ def plan_merge(
             f"{adapter.model_type} checkpoints cannot become a multi-head model (heads: {heads_mode}); "
             "merge them whole into one stock model with heads: shared"
         )
-    base_enc = [n for n in encoder_names(adapter, base.names())]
+    base_enc = list(encoder_names(adapter, base.names()))
     pooler_in_base = any(adapter.is_pooler(n) for n in base_enc)
     head_owned_pooler = adapter.has_pooler and not pooler_in_base
-    merge_names, copy_names = [], []  # integer buffers (position_ids) are copied, never merged
+    merge_names: list[str] = []
+    copy_names: list[str] = []  # integer buffers (position_ids) are copied, never merged
     for name in base_enc:
         (merge_names if base.dtype(name).is_floating_point else copy_names).append(name)
     for ex in experts:
@@ -123,7 +124,7 @@ def plan_merge(
     head_layers = adapter.head_layers
     head_input = adapter.head_input
     if head_owned_pooler:
-        head_layers = ("pooler.dense",) + head_layers
+        head_layers = ("pooler.dense", *head_layers)
         head_input = "cls"
         log.info("the base has no pooler: each head keeps its expert's pooler")
     if heads_mode == "hm3" and len(head_layers) > 1:
@@ -169,8 +170,7 @@ def _split_branches(
     keep = adapter.embeddings + "." if share_layers == 0 and adapter.embeddings else None
     merged = [n for n in merge_names if not n.startswith(owned) or (keep is not None and n.startswith(keep))]
     if branch:
-        log.info("share_layers %d of %d: %d tensors per task stay with their expert", share_layers, layers,
-                 len(branch))
+        log.info("share_layers %d of %d: %d tensors per task stay with their expert", share_layers, layers, len(branch))
     return merged, branch
 
 
@@ -201,8 +201,9 @@ def _plan_shared(base: Checkpoint, experts: Sequence[ExpertRef]) -> MergePlan:
     _check_vocab(base, experts)
     for name in heads:
         if name in base and base.shape(name) != first.shape(name):
-            raise CompatibilityError(f"the base's '{name}' has shape {list(base.shape(name))}, the experts' "
-                                     f"{list(first.shape(name))}")
+            raise CompatibilityError(
+                f"the base's '{name}' has shape {list(base.shape(name))}, the experts' {list(first.shape(name))}"
+            )
     zero = frozenset(n for n in heads if n not in base)
     if zero:
         log.info("the base has no %s: merged against theta_0 = 0 (HM3's all-zero base head)", ", ".join(sorted(zero)))
@@ -234,20 +235,15 @@ def _check_tensors_present(base: Checkpoint, names: Sequence[str], ex: ExpertRef
 def _check_config(base: Checkpoint, ex: ExpertRef) -> None:
     if ex.checkpoint.model_type != base.model_type:
         raise CompatibilityError(
-            f"{ex.where} is a '{ex.checkpoint.model_type}' model but the base "
-            f"({base.source}) is '{base.model_type}'"
+            f"{ex.where} is a '{ex.checkpoint.model_type}' model but the base ({base.source}) is '{base.model_type}'"
         )
     for key in STRUCTURAL_KEYS:
         a, b = base.config.get(key), ex.checkpoint.config.get(key)
         if a is not None and b is not None and a != b:
-            raise CompatibilityError(
-                f"{ex.where}: config field '{key}' is {b} but the base ({base.source}) has {a}"
-            )
+            raise CompatibilityError(f"{ex.where}: config field '{key}' is {b} but the base ({base.source}) has {a}")
 
 
-def _check_tensors(
-    base: Checkpoint, base_enc: Sequence[str], ex: ExpertRef, head_owned_pooler: bool
-) -> None:
+def _check_tensors(base: Checkpoint, base_enc: Sequence[str], ex: ExpertRef, head_owned_pooler: bool) -> None:
     ck = ex.checkpoint
     _check_tensors_present(base, base_enc, ex)
     head = list(ck.adapter.head_names())
@@ -278,8 +274,15 @@ def _vocab(ck: Checkpoint) -> dict[str, int] | None:
         raise CompatibilityError(f"cannot load the tokenizer of {ck.source}: {exc}") from None
 
 
-_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-                "sentencepiece.bpe.model", "tokenizer.model")
+_VOCAB_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 
 
 def _vocab_digest(ck: Checkpoint) -> str | None:
@@ -314,8 +317,7 @@ def _check_vocab(base: Checkpoint, experts: Sequence[ExpertRef]) -> None:
             only = sorted(set(vocab) ^ set(ref))[:5]
             detail = f"tokens in one but not the other: {only}" if only else "token ids differ"
             raise CompatibilityError(
-                f"{ex.where} has a different vocabulary from {ref_name} ({len(vocab)} vs "
-                f"{len(ref)} tokens; {detail})"
+                f"{ex.where} has a different vocabulary from {ref_name} ({len(vocab)} vs {len(ref)} tokens; {detail})"
             )
     if ref is None:
         log.warning("no tokenizer found in the base or any expert; the output will have none")
@@ -334,8 +336,7 @@ def _warn_drift(base: Checkpoint, experts: Sequence[ExpertRef], names: Sequence[
         drift = (num / den) ** 0.5 if den > 0 else 0.0
         if drift > DRIFT_WARN:
             log.warning(
-                "%s drifts far from the base (||tau||/||theta_0|| = %.2f on %d tensors): was it "
-                "fine-tuned from %s?",
+                "%s drifts far from the base (||tau||/||theta_0|| = %.2f on %d tensors): was it fine-tuned from %s?",
                 ex.where,
                 drift,
                 len(sample),

@@ -53,8 +53,9 @@ class AlignConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["lstsq", "moments"] = Field(
-        "lstsq", description="lstsq: ridge refit of the head (or an affine map for heads with a "
-        "hidden layer); moments: per-feature mean/std matching of the head input"
+        "lstsq",
+        description="lstsq: ridge refit of the head (or an affine map for heads with a "
+        "hidden layer); moments: per-feature mean/std matching of the head input",
     )
     examples: int = Field(400, ge=2, description="unlabelled texts per task used for the fit")
     ridge: float | None = Field(None, ge=0, description="ridge mu; default 1e-2 * mean(A^2); 0 = exact")
@@ -85,8 +86,9 @@ class MergeConfig(BaseModel):
     method: str = "task_arithmetic"
     parameters: dict[str, Any] = Field(default_factory=dict)
     heads: Literal["multi", "hm3", "shared"] = Field(
-        "multi", description="multi: one head per expert; hm3: zero-padded heads merged (HM3); shared: "
-        "experts with the same head, merged like any tensor into one stock transformers model"
+        "multi",
+        description="multi: one head per expert; hm3: zero-padded heads merged (HM3); shared: "
+        "experts with the same head, merged like any tensor into one stock transformers model",
     )
     allow_pickle: bool = Field(False, description="accept pytorch_model.bin pickle checkpoints")
     seed: int = Field(0, description="seed for stochastic methods (DARE)")
@@ -101,12 +103,15 @@ class MergeConfig(BaseModel):
         None, description="head alignment: on by default when every expert gives `data`; false to disable"
     )
     share_layers: int | None = Field(
-        None, ge=0, description="sharing depth K: blocks below K are merged and shared, each task runs its "
-        "expert's own blocks K.. (and pooler) on the shared trunk's output; unset = every layer shared"
+        None,
+        ge=0,
+        description="sharing depth K: blocks below K are merged and shared, each task runs its "
+        "expert's own blocks K.. (and pooler) on the shared trunk's output; unset = every layer shared",
     )
     branch_align: bool = Field(
-        False, description="fit a per-feature affine map at the branch point (expert's hidden states at "
-        "depth K from the trunk's), on each task's `data`; needs share_layers"
+        False,
+        description="fit a per-feature affine map at the branch point (expert's hidden states at "
+        "depth K from the trunk's), on each task's `data`; needs share_layers",
     )
 
     @field_validator("method")
@@ -151,8 +156,10 @@ class MergeConfig(BaseModel):
     def _check_sharing(self) -> None:
         """``share_layers`` needs ``heads: multi``; ``branch_align`` needs it and every expert's data."""
         if self.share_layers is not None and self.heads != "multi":
-            raise ConfigError(f"share_layers gives each task its own upper layers and head: use heads: multi "
-                              f"(not heads: {self.heads})")
+            raise ConfigError(
+                f"share_layers gives each task its own upper layers and head: use heads: multi "
+                f"(not heads: {self.heads})"
+            )
         if self.branch_align:
             if self.share_layers is None:
                 raise ConfigError("branch_align fits the input of each task's own layers: set share_layers")

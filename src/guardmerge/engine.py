@@ -72,22 +72,27 @@ class MergeResult:
     def to_model(self, tokenizer: Any = None) -> MultiHeadModel:
         """An in-memory :class:`MultiHeadModel` (no disk round trip)."""
         if self.info.get("heads_mode") == "shared":
-            raise GuardmergeError("a heads: shared merge is one stock transformers model, not a multi-head model; "
-                                  "write it (guardmerge merge) and load it with transformers")
+            raise GuardmergeError(
+                "a heads: shared merge is one stock transformers model, not a multi-head model; "
+                "write it (guardmerge merge) and load it with transformers"
+            )
         if tokenizer is None and self.tokenizer_dir is not None:
             tokenizer = load_tokenizer(self.tokenizer_dir)
-        return MultiHeadModel.from_tensors(self.config, self.heads, self.tensors, self.info, tokenizer,
-                                           strict=False)
+        return MultiHeadModel.from_tensors(self.config, self.heads, self.tensors, self.info, tokenizer, strict=False)
 
 
 def _open_all(job: MergeJob, stack: ExitStack, progress: bool = False) -> tuple[Checkpoint, list[ExpertRef]]:
     pickle = job.config.allow_pickle
-    base = stack.enter_context(Checkpoint(job.config.base_model, folder=job.base, allow_pickle=pickle,
-                                          where=f"base model ({job.config.base_model})"))
+    base = stack.enter_context(
+        Checkpoint(
+            job.config.base_model, folder=job.base, allow_pickle=pickle, where=f"base model ({job.config.base_model})"
+        )
+    )
     experts = []
     for ex in tqdm(job.experts, desc="open experts", unit="expert", disable=not progress or len(job.experts) < 8):
-        ck = stack.enter_context(Checkpoint(ex.source, folder=ex.folder, allow_pickle=pickle,
-                                            where=f"expert '{ex.task}' ({ex.source})"))
+        ck = stack.enter_context(
+            Checkpoint(ex.source, folder=ex.folder, allow_pickle=pickle, where=f"expert '{ex.task}' ({ex.source})")
+        )
         experts.append(ExpertRef(task=ex.task, weight=ex.weight, checkpoint=ck))
     return base, experts
 
@@ -203,8 +208,14 @@ class OpenMerge:
     before any tensor is merged.
     """
 
-    def __init__(self, job: MergeJob | MergeConfig, *, progress: bool = True, compute_dtype: torch.dtype | None = None,
-                 stats: Sequence[ExpertStats] | None = None) -> None:
+    def __init__(
+        self,
+        job: MergeJob | MergeConfig,
+        *,
+        progress: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        stats: Sequence[ExpertStats] | None = None,
+    ) -> None:
         self.job = MergeJob.of(job)
         self.config, self.progress, self.stats = self.job.config, progress, stats
         self.compute_dtype = compute_dtype or _DTYPES[self.config.dtype]
@@ -225,8 +236,16 @@ class OpenMerge:
         except BaseException:
             self._stack.close()
             raise
-        self.src = _TensorSource(self.base, self.experts, self.plan, self.config.seed, self.compute_dtype,
-                                 self.stats, self.spec.needs, _bound_sparsify(self.spec, self.params))
+        self.src = _TensorSource(
+            self.base,
+            self.experts,
+            self.plan,
+            self.config.seed,
+            self.compute_dtype,
+            self.stats,
+            self.spec.needs,
+            _bound_sparsify(self.spec, self.params),
+        )
         self.weights = torch.tensor([ex.weight for ex in self.experts], dtype=self.compute_dtype)
         return self
 
@@ -246,8 +265,9 @@ class OpenMerge:
         """Every output tensor (name, dtype, shape) in the order :meth:`tensors` yields them."""
         first = self.experts[0].checkpoint
         slots = [TensorSlot(self._out_name(n), self._dtype(n), tuple(first.shape(n))) for n in self.plan.merge_names]
-        slots += [TensorSlot(self._out_name(n), self.base.dtype(n), tuple(self.base.shape(n)))
-                  for n in self.plan.copy_names]
+        slots += [
+            TensorSlot(self._out_name(n), self.base.dtype(n), tuple(self.base.shape(n))) for n in self.plan.copy_names
+        ]
         for tname in self.plan.head_tensor_names():
             for ex in self.experts:
                 dtype = self.out_dtype or ex.checkpoint.dtype(tname)
@@ -279,8 +299,9 @@ class OpenMerge:
             for i, name in enumerate(names):
                 assert pending is not None
                 t0, deltas = pending.result()  # the other set is free: tensor i - 1 was handed on
-                pending = pool.submit(src.encoder_tensor, names[i + 1], buffers[(i + 1) % 2]) \
-                    if i + 1 < len(names) else None
+                pending = (
+                    pool.submit(src.encoder_tensor, names[i + 1], buffers[(i + 1) % 2]) if i + 1 < len(names) else None
+                )
                 merged = spec.fn(deltas, self.weights, params, src.context(name, t0.dim(), globals_))
                 out = _add_delta(t0, merged, self._dtype(name))
                 del deltas, merged
@@ -299,13 +320,19 @@ class OpenMerge:
         for ex in self.experts:  # layout order: expert by expert, then the checkpoint's order
             for name in self.plan.branch_names:
                 tensor = ex.checkpoint.get(name)
-                yield f"{BRANCH_PREFIX}{ex.task}.{name}", tensor if self.out_dtype is None else tensor.to(self.out_dtype)
+                yield (
+                    f"{BRANCH_PREFIX}{ex.task}.{name}",
+                    tensor if self.out_dtype is None else tensor.to(self.out_dtype),
+                )
 
     def result(self, tensors: dict[str, torch.Tensor]) -> MergeResult:
         """A :class:`MergeResult` around ``tensors`` (empty for a streamed write)."""
         first = self.experts[0].checkpoint
-        enc_config = dict(first.config) if self.plan.shared else \
-            {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
+        enc_config = (
+            dict(first.config)
+            if self.plan.shared
+            else {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
+        )
         heads = {
             ex.task: HeadSpec(
                 labels=self.plan.labels[ex.task],
@@ -316,10 +343,8 @@ class OpenMerge:
             for ex in self.experts
             if not self.plan.shared
         }
-        tok_dir = next(
-            (c.path for c in [self.base] + [e.checkpoint for e in self.experts] if c.has_tokenizer()), None
-        )
-        info = {
+        tok_dir = next((c.path for c in [self.base] + [e.checkpoint for e in self.experts] if c.has_tokenizer()), None)
+        info: dict[str, Any] = {
             "base_model": self.config.base_model,
             "experts": [{"task": e.task, "model": e.source, "weight": e.weight} for e in self.job.experts],
             "method": self.config.method,
@@ -364,8 +389,15 @@ def stream_to_folder(
     """Merge straight to disk: each tensor is written the moment it is merged (never the whole
     model in memory), into shards of at most ``max_shard_bytes``; OUT appears atomically."""
     with OpenMerge(config, progress=progress, stats=stats) as job:
-        write_folder(out, job.result({}), job.job.config, job.tensors(), job.layout(), force=force,
-                     max_shard_bytes=max_shard_bytes)
+        write_folder(
+            out,
+            job.result({}),
+            job.job.config,
+            job.tensors(),
+            job.layout(),
+            force=force,
+            max_shard_bytes=max_shard_bytes,
+        )
 
 
 def write_folder(
@@ -389,8 +421,10 @@ def write_folder(
         with ShardedWriter(tmp, layout, max_shard_bytes=max_shard_bytes) as writer:
             for name, tensor in tensors:
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise GuardmergeError(f"merged tensor '{name}' holds NaN or Inf values (method {config.method}, "
-                                          f"parameters {result.info.get('parameters')}); nothing was written to {out}")
+                    raise GuardmergeError(
+                        f"merged tensor '{name}' holds NaN or Inf values (method {config.method}, "
+                        f"parameters {result.info.get('parameters')}); nothing was written to {out}"
+                    )
                 writer.write(name, tensor)
         if config.heads == "shared":  # a stock transformers folder, with the merge's provenance
             model_cfg = {**result.config, "guardmerge": {"version": __version__, **result.info}}
@@ -405,9 +439,18 @@ def write_folder(
             (tmp / name).write_bytes(data)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -457,8 +500,9 @@ def sparsified_experts(config: MergeJob | MergeConfig) -> list[dict[str, torch.T
     with ExitStack() as stack:
         base, experts = _open_all(job, stack)
         plan = plan_merge(base, experts, job.config.heads, job.config.share_layers)
-        src = _TensorSource(base, experts, plan, job.config.seed, torch.float32,
-                            sparsify=_bound_sparsify(job.spec, job.params))
+        src = _TensorSource(
+            base, experts, plan, job.config.seed, torch.float32, sparsify=_bound_sparsify(job.spec, job.params)
+        )
         states: list[dict[str, torch.Tensor]] = [{} for _ in experts]
         for name in plan.merge_names:
             t0, deltas = src.encoder_tensor(name)
@@ -467,7 +511,15 @@ def sparsified_experts(config: MergeJob | MergeConfig) -> list[dict[str, torch.T
         return states
 
 
-_HEAD_CONFIG_KEYS = ("id2label", "label2id", "num_labels", "problem_type", "architectures", "finetuning_task", "_name_or_path")
+_HEAD_CONFIG_KEYS = (
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "architectures",
+    "finetuning_task",
+    "_name_or_path",
+)
 
 
 def _heads(
@@ -507,5 +559,13 @@ def write_result(
 ) -> None:
     """Write a :class:`MergeResult` held in memory as a model folder (:func:`write_folder`)."""
     layout = [TensorSlot(n, t.dtype, tuple(t.shape)) for n, t in result.tensors.items()]
-    write_folder(out, result, config, result.tensors.items(), layout, force=force,
-                 max_shard_bytes=max_shard_bytes, extra_files=extra_files)
+    write_folder(
+        out,
+        result,
+        config,
+        result.tensors.items(),
+        layout,
+        force=force,
+        max_shard_bytes=max_shard_bytes,
+        extra_files=extra_files,
+    )

@@ -103,6 +103,7 @@ def table(rows: Mapping[str, Results], metric: str = "macro_f1", tasks: Sequence
 
 def to_json_ready(results: Mapping[str, Any]) -> dict[str, Any]:
     """Round floats for JSON output."""
+
     def fix(v: Any) -> Any:
         if isinstance(v, float):
             return round(v, 6)

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,16 +96,21 @@ def finetune(
         str(folder),
         use_safetensors=not pickled,
         num_labels=len(labels),
-        id2label={i: n for i, n in enumerate(labels)},
+        id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)},
     )
     enc = tok(train.texts, truncation=True, max_length=capped_length(s.max_length, model.config.to_dict(), "fine-tune"))
-    ids = enc["input_ids"]
+    columns: dict[str, Any] = dict(enc.items())
+    gold: list[int] = list(train.labels or [])  # checked above: labelled
+    ids = columns["input_ids"]
     steps_per_epoch = math.ceil(len(ids) / s.batch_size)
     total = max(1, math.ceil(steps_per_epoch * s.epochs))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": s.weight_decay},
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": s.weight_decay,
+        },
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=s.learning_rate)
@@ -116,8 +122,8 @@ def finetune(
         for batch_idx in _batches([len(x) for x in ids], s.batch_size, rng):
             if step >= total:
                 break
-            feats = tok.pad({k: [enc[k][i] for i in batch_idx] for k in enc}, return_tensors="pt")
-            y = torch.tensor([train.labels[i] for i in batch_idx])
+            feats = tok.pad({k: [v[i] for i in batch_idx] for k, v in columns.items()}, return_tensors="pt")
+            y = torch.tensor([gold[i] for i in batch_idx])
             loss = model(**feats, labels=y).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,9 +141,7 @@ def finetune(
     with atomic_dir(out, force=force) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        (tmp / "guardmerge_finetune.json").write_text(
-            s.model_dump_json(indent=2) + "\n"
-        )
+        (tmp / "guardmerge_finetune.json").write_text(s.model_dump_json(indent=2) + "\n")
     return Path(out)
 
 

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 _TMP_MARKER = ".guardmerge-tmp"  # inside a temporary output folder: "<pid> <host>" of its creator
-_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                           errno.ENAMETOOLONG})
+_WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
+)
 PathLike = Union[str, "os.PathLike[str]"]
 
 

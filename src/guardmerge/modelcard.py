@@ -54,7 +54,8 @@ def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
         *(
             [
                 f"- Sharing depth: blocks below {info['share_layers']} shared; each task runs its expert's own blocks "
-                "from there (`branches.<task>.*`)" + (", aligned at the branch point" if info.get("branch_align") else "")
+                "from there (`branches.<task>.*`)"
+                + (", aligned at the branch point" if info.get("branch_align") else "")
             ]
             if info.get("share_layers") is not None
             else []

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -95,9 +95,14 @@ class Head(nn.Module):
             x = layer(x)
         return x
 
+    @property
+    def linears(self) -> list[nn.Linear]:
+        """The head's Linear layers, in order (``layers`` as typed modules)."""
+        return [cast(nn.Linear, m) for m in self.layers]
+
     def state(self, task: str) -> dict[str, torch.Tensor]:
         out = {}
-        for name, layer in zip(self.spec.layers, self.layers):
+        for name, layer in zip(self.spec.layers, self.linears):
             out[f"{HEAD_PREFIX}{task}.{name}.weight"] = layer.weight.detach()
             out[f"{HEAD_PREFIX}{task}.{name}.bias"] = layer.bias.detach()
         return out
@@ -113,6 +118,11 @@ def build_encoder(config: Mapping[str, Any], with_pooler: bool) -> nn.Module:
 
 def _encoder_kwargs(model_type: str, with_pooler: bool) -> dict[str, Any]:
     return {"add_pooling_layer": with_pooler} if model_type in ("bert", "roberta") else {}
+
+
+def blocks_at(root: nn.Module, path: str) -> nn.ModuleList:
+    """The block list ``root.a.b`` for ``path = "a.b"``."""
+    return cast(nn.ModuleList, module_at(root, path))
 
 
 def module_at(root: nn.Module, path: str) -> nn.Module:
@@ -160,6 +170,9 @@ class Affine(nn.Module):
         super().__init__()
         self.register_buffer("scale", scale.detach().clone().float())
         self.register_buffer("shift", shift.detach().clone().float())
+
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
@@ -235,8 +248,9 @@ class Branch(nn.Module):
         for attr, prefix in (("embeddings", ad.embeddings), ("pooler", ad.pooler)):
             module = getattr(self, attr)
             if module is not None:
-                out.update({f"{prefix}.{n}": t.detach() for n, t in module.state_dict().items()
-                            if not n.endswith(_BUFFERS)})
+                out.update(
+                    {f"{prefix}.{n}": t.detach() for n, t in module.state_dict().items() if not n.endswith(_BUFFERS)}
+                )
         if self.align is not None:
             out["align.scale"], out["align.shift"] = self.align.scale.detach(), self.align.shift.detach()
         return out
@@ -247,7 +261,7 @@ def cut_trunk(encoder: nn.Module, adapter: ArchitectureAdapter, share_layers: in
     point, and no pooler (each branch owns one), so its last hidden state is depth K's."""
     if adapter.blocks is None:
         raise GuardmergeError(f"share_layers: model_type '{adapter.model_type}' has no block list")
-    blocks = module_at(encoder, adapter.blocks)
+    blocks = blocks_at(encoder, adapter.blocks)
     parent_path, _, attr = adapter.blocks.rpartition(".")
     parent = module_at(encoder, parent_path) if parent_path else encoder
     setattr(parent, attr, nn.ModuleList([*list(blocks)[:share_layers], _Capture()]))
@@ -269,19 +283,28 @@ def build_branch(
     Its modules come from a sibling of ``trunk`` built on the trunk's own config object, so a
     switch of attention implementation (eager for ONNX tracing) reaches the branch too.
     """
+    if adapter.blocks is None:
+        raise GuardmergeError(f"share_layers: model_type '{adapter.model_type}' has no block list")
     own = {k: v for k, v in tensors.items() if not k.startswith("align.")}
     with_pooler = bool(adapter.pooler) and any(k.startswith(f"{adapter.pooler}.") for k in own)
     donor = type(trunk)(trunk.config, **_encoder_kwargs(adapter.model_type, with_pooler))
     missing, unexpected = donor.load_state_dict(own, strict=False)
     owned = adapter.branch_prefixes(share_layers, layers)
-    missing = [m for m in missing if m.startswith(owned) and not m.endswith(_BUFFERS)
-               and not (m.startswith(f"{adapter.pooler}.") and not with_pooler)]
+    missing = [
+        m
+        for m in missing
+        if m.startswith(owned)
+        and not m.endswith(_BUFFERS)
+        and not (m.startswith(f"{adapter.pooler}.") and not with_pooler)
+    ]
     unexpected = [u for u in unexpected if not u.endswith(_BUFFERS)]
     stray = [k for k in own if not k.startswith(owned)]
     if missing or unexpected or stray:
-        raise CheckpointError(f"{where}: branch tensors do not match share_layers {share_layers} "
-                              f"(missing {missing[:3]}, unexpected {(list(unexpected) + stray)[:3]})")
-    blocks = list(module_at(donor, adapter.blocks))[share_layers:]
+        raise CheckpointError(
+            f"{where}: branch tensors do not match share_layers {share_layers} "
+            f"(missing {missing[:3]}, unexpected {(list(unexpected) + stray)[:3]})"
+        )
+    blocks = list(blocks_at(donor, adapter.blocks))[share_layers:]
     pooler = getattr(donor, adapter.pooler) if with_pooler and adapter.pooler else None
     embeddings = module_at(donor, adapter.embeddings) if share_layers == 0 and adapter.embeddings else None
     align = None
@@ -341,8 +364,9 @@ class MultiHeadModel(nn.Module):
             lacking = [t for t in self.heads if t not in self.branches]
             extra = [t for t in self.branches if t not in self.heads]
             if lacking or extra:
-                raise GuardmergeError(f"every head needs one branch: heads without a branch {lacking}, "
-                                      f"branches without a head {extra}")
+                raise GuardmergeError(
+                    f"every head needs one branch: heads without a branch {lacking}, branches without a head {extra}"
+                )
             self.info["share_layers"] = self.share_layers
         self.eval()
 
@@ -362,8 +386,8 @@ class MultiHeadModel(nn.Module):
     def _branch_point(self) -> _Capture | None:
         if self.adapter.blocks is None:
             return None
-        blocks = module_at(self.encoder, self.adapter.blocks)
-        last = blocks[-1] if len(blocks) else None  # type: ignore[arg-type]
+        blocks = blocks_at(self.encoder, self.adapter.blocks)
+        last = blocks[-1] if len(blocks) else None
         return last if isinstance(last, _Capture) else None
 
     @property
@@ -371,7 +395,7 @@ class MultiHeadModel(nn.Module):
         """The sharing depth K of a branched model (None: every layer shared, one pass)."""
         if not self.branches:
             return None
-        return len(module_at(self.encoder, self.adapter.blocks or "")) - 1  # type: ignore[arg-type]
+        return len(blocks_at(self.encoder, self.adapter.blocks or "")) - 1
 
     def branch(self, task: str) -> Branch:
         """``task``'s :class:`Branch` (a branched model only)."""
@@ -394,7 +418,7 @@ class MultiHeadModel(nn.Module):
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
         if not self.branches:
             shared = _feats(out[0], getattr(out, "pooler_output", None))
-            return {t: shared for t in chosen}
+            return dict.fromkeys(chosen, shared)
         point = self._branch_point()
         assert point is not None
         call = point.take()
@@ -440,9 +464,7 @@ class MultiHeadModel(nn.Module):
         feats = self.features(input_ids, attention_mask, chosen, **extra)
         return {t: heads[t](feats[t][heads[t].spec.input]) for t in chosen}
 
-    def encode(
-        self, texts: Sequence[str], max_length: int | None = None
-    ) -> dict[str, torch.Tensor]:
+    def encode(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenise ``texts`` with the model's tokenizer (padded batch tensors)."""
         if self.tokenizer is None:
             raise GuardmergeError("this model has no tokenizer; load it from a saved folder")
@@ -495,9 +517,7 @@ class MultiHeadModel(nn.Module):
             probs = torch.softmax(logit, dim=-1)
             score, idx = probs.max(dim=-1)
             names = self.labels(task)
-            out[task] = [
-                {"label": names[i], "score": float(s)} for i, s in zip(idx.tolist(), score.tolist())
-            ]
+            out[task] = [{"label": names[i], "score": float(s)} for i, s in zip(idx.tolist(), score.tolist())]
         return out
 
     # -- persistence ---------------------------------------------------------------------
@@ -539,8 +559,7 @@ class MultiHeadModel(nn.Module):
         tensors = read_tensors(folder)  # one file or shards with an index
         check_finite(tensors, folder)
         info = {k: v for k, v in meta.items() if k not in ("heads", "version")}
-        model = cls.from_tensors(config, specs, tensors, info, load_tokenizer(folder),
-                                 where=str(folder / WEIGHTS_FILE))
+        model = cls.from_tensors(config, specs, tensors, info, load_tokenizer(folder), where=str(folder / WEIGHTS_FILE))
         return model.to(device)
 
     @classmethod
@@ -567,11 +586,13 @@ class MultiHeadModel(nn.Module):
         adapter = get_adapter(str(config["model_type"]))
         branched = any(k.startswith(BRANCH_PREFIX) for k in tensors)
         depth = info.get("share_layers")
-        layers = len(module_at(encoder, adapter.blocks)) if adapter.blocks else 0  # type: ignore[arg-type]
+        layers = len(blocks_at(encoder, adapter.blocks)) if adapter.blocks else 0
         if branched:
             if not isinstance(depth, int) or not 0 <= depth < layers:
-                raise CheckpointError(f"{where}: branch tensors ('{BRANCH_PREFIX}*') need guardmerge.share_layers "
-                                      f"in 0..{layers - 1}, got {depth!r}")
+                raise CheckpointError(
+                    f"{where}: branch tensors ('{BRANCH_PREFIX}*') need guardmerge.share_layers "
+                    f"in 0..{layers - 1}, got {depth!r}"
+                )
             cut_trunk(encoder, adapter, depth)
         _load_encoder(encoder, enc_state, strict, where)
         branches: dict[str, Branch] = {}
@@ -579,18 +600,21 @@ class MultiHeadModel(nn.Module):
             assert isinstance(depth, int)
             for task in heads:
                 lead = f"{BRANCH_PREFIX}{task}."
-                own = {k[len(lead):]: v for k, v in tensors.items() if k.startswith(lead)}
+                own = {k[len(lead) :]: v for k, v in tensors.items() if k.startswith(lead)}
                 if not own:
                     raise CheckpointError(f"{where}: head '{task}' has no branch tensors ('{lead}*')")
                 branches[task] = build_branch(encoder, adapter, depth, layers, own, f"{where}, branch '{task}'")
-            stray = sorted({k[len(BRANCH_PREFIX):].split(".", 1)[0] for k in tensors if k.startswith(BRANCH_PREFIX)}
-                           - set(heads))
+            stray = sorted(
+                {k[len(BRANCH_PREFIX) :].split(".", 1)[0] for k in tensors if k.startswith(BRANCH_PREFIX)} - set(heads)
+            )
             if stray:
                 raise CheckpointError(f"{where}: branch tensors of tasks without a head: {', '.join(stray)}")
         return cls(encoder, head_mods, config, info=info, tokenizer=tokenizer, branches=branches)
 
     @classmethod
-    def from_classifier(cls, path: str | Path, task: str | None = None, *, allow_pickle: bool = False) -> MultiHeadModel:
+    def from_classifier(
+        cls, path: str | Path, task: str | None = None, *, allow_pickle: bool = False
+    ) -> MultiHeadModel:
         """Wrap a stock ``*ForSequenceClassification`` folder (or hub id) as a one-head model."""
         from guardmerge.architectures import encoder_names
         from guardmerge.checkpoint import Checkpoint
@@ -620,15 +644,18 @@ class MultiHeadModel(nn.Module):
         if self.branches:  # layers < K from the trunk, the rest (and the pooler) from the branch
             tensors.update(self._branch_export(task))
         # a head that owns its pooler (base checkpoint without one) gives the stock pooler
-        for name, layer in zip(spec.layers, head.layers):
+        for name, layer in zip(spec.layers, head.linears):
             target = ad.prefixed(name) if name.startswith("pooler.") else name
             tensors[f"{target}.weight"] = layer.weight.detach()
             tensors[f"{target}.bias"] = layer.bias.detach()
         tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
         cfg = dict(self.config)
         labels = list(spec.labels)
-        arch = {"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
-                "distilbert": "DistilBertForSequenceClassification"}[ad.model_type]
+        arch = {
+            "bert": "BertForSequenceClassification",
+            "roberta": "RobertaForSequenceClassification",
+            "distilbert": "DistilBertForSequenceClassification",
+        }[ad.model_type]
         cfg.update(
             architectures=[arch],
             id2label={str(i): n for i, n in enumerate(labels)},
@@ -640,7 +667,6 @@ class MultiHeadModel(nn.Module):
             write_model_folder(tmp, tensors, cfg, self.tokenizer)
         return Path(path)
 
-
     def _branch_export(self, task: str) -> dict[str, torch.Tensor]:
         """``task``'s branch under stock names, its ``align`` folded into the LayerNorm that
         produces the branch input (block K-1's output norm, or the embeddings norm at K = 0)."""
@@ -651,11 +677,16 @@ class MultiHeadModel(nn.Module):
         if scale is None or shift is None:
             return out
         depth = branch.start
-        norm = f"{ad.blocks}.{depth - 1}.{ad.block_output_norm}" if depth > 0 and ad.block_output_norm \
+        norm = (
+            f"{ad.blocks}.{depth - 1}.{ad.block_output_norm}"
+            if depth > 0 and ad.block_output_norm
             else (ad.embeddings_norm if depth == 0 else None)
+        )
         if norm is None:
-            raise GuardmergeError(f"task '{task}': cannot fold the branch alignment into a stock "
-                                  f"{ad.model_type} model (no LayerNorm produces block {depth - 1}'s output)")
+            raise GuardmergeError(
+                f"task '{task}': cannot fold the branch alignment into a stock "
+                f"{ad.model_type} model (no LayerNorm produces block {depth - 1}'s output)"
+            )
         trunk = {**self.encoder.state_dict(), **state}
         for kind in ("weight", "bias"):
             if f"{norm}.{kind}" not in trunk:
@@ -684,21 +715,21 @@ def load_any(path: str | Path, task: str | None = None) -> MultiHeadModel:
 
 
 def head_from_tensors(task: str, spec: HeadSpec, tensors: Mapping[str, torch.Tensor]) -> Head:
-    shapes = []
-    for layer in spec.layers:
-        key = f"{HEAD_PREFIX}{task}.{layer}.weight"
-        if key not in tensors or f"{HEAD_PREFIX}{task}.{layer}.bias" not in tensors:
+    shapes: list[tuple[int, int]] = []
+    for name in spec.layers:
+        key = f"{HEAD_PREFIX}{task}.{name}.weight"
+        if key not in tensors or f"{HEAD_PREFIX}{task}.{name}.bias" not in tensors:
             raise CheckpointError(f"head '{task}': tensor '{key}' (or its bias) is missing")
-        shapes.append(tuple(tensors[key].shape))
+        out_features, in_features = tensors[key].shape
+        shapes.append((int(out_features), int(in_features)))
     head = Head(spec, shapes)
     with torch.no_grad():
-        for layer_name, layer in zip(spec.layers, head.layers):
+        for layer_name, layer in zip(spec.layers, head.linears):
             layer.weight.copy_(tensors[f"{HEAD_PREFIX}{task}.{layer_name}.weight"])
             layer.bias.copy_(tensors[f"{HEAD_PREFIX}{task}.{layer_name}.bias"])
     if head.layers[-1].out_features != len(spec.labels):
         raise CheckpointError(
-            f"head '{task}' has {head.layers[-1].out_features} outputs but "
-            f"{len(spec.labels)} label names"
+            f"head '{task}' has {head.layers[-1].out_features} outputs but {len(spec.labels)} label names"
         )
     return head
 
@@ -730,9 +761,7 @@ def write_model_folder(
         tokenizer.save_pretrained(str(folder))
 
 
-def folder_config(
-    config: Mapping[str, Any], heads: Mapping[str, HeadSpec], info: Mapping[str, Any]
-) -> dict[str, Any]:
+def folder_config(config: Mapping[str, Any], heads: Mapping[str, HeadSpec], info: Mapping[str, Any]) -> dict[str, Any]:
     """``config.json`` of a merged folder: the encoder config plus a ``guardmerge`` section."""
     from guardmerge import __version__
 

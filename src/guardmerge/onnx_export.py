@@ -153,9 +153,7 @@ def _quantize_int8(src: Path, dst: Path) -> None:
         root.setLevel(level)
 
 
-def onnx_metadata(
-    model: MultiHeadModel, inputs: tuple[str, ...], quantize: str | None, opset: int
-) -> dict[str, Any]:
+def onnx_metadata(model: MultiHeadModel, inputs: tuple[str, ...], quantize: str | None, opset: int) -> dict[str, Any]:
     """The ``guardmerge_onnx.json`` content: heads, labels, outputs, inputs, provenance."""
     from guardmerge import __version__
 

@@ -86,8 +86,9 @@ def compute_stats(
     folder = resolve(expert)
     pickled = check_weights(folder, allow_pickle=allow_pickle)  # the same check as every checkpoint read
     with Checkpoint(folder, allow_pickle=allow_pickle, where=f"expert {expert}") as ck:
-        settings = settings.model_copy(update={"max_length": capped_length(settings.max_length, ck.config,
-                                                                           f"statistics of {expert}")})
+        settings = settings.model_copy(
+            update={"max_length": capped_length(settings.max_length, ck.config, f"statistics of {expert}")}
+        )
     long = sum(len(t) > MAX_TEXT_CHARS for t in texts)
     if long:
         log.warning("statistics of %s: %d text(s) truncated to %d characters", expert, long, MAX_TEXT_CHARS)
@@ -102,17 +103,27 @@ def compute_stats(
             raise StatisticsError(f"{expert}: cannot place sparsified tensor '{missing[0]}'")
         model.load_state_dict({adapter.prefixed(n): t for n, t in encoder_state.items()}, strict=False)
     batches = tokenize_batches(
-        tok, list(texts), labels=labels, batch_size=settings.batch_size,
-        max_length=settings.max_length, sort_by_length=True,
+        tok,
+        list(texts),
+        labels=labels,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        sort_by_length=True,
     )
     gram = fisher = None
     if "gram" in kinds:
-        gram = collect_grams(model, batches, include_padding=settings.include_padding,
-                             max_length=settings.max_length, progress=progress)
+        gram = collect_grams(
+            model, batches, include_padding=settings.include_padding, max_length=settings.max_length, progress=progress
+        )
     if "fisher" in kinds:
-        fisher = collect_fisher(model, batches, label_mode=settings.fisher_labels,
-                                gradient=settings.fisher_gradient, max_length=settings.max_length,
-                                progress=progress)
+        fisher = collect_fisher(
+            model,
+            batches,
+            label_mode=settings.fisher_labels,
+            gradient=settings.fisher_gradient,
+            max_length=settings.max_length,
+            progress=progress,
+        )
     return ExpertStats(fingerprint=expert_fingerprint(folder), gram=gram, fisher=fisher, expert=str(expert))
 
 
@@ -139,8 +150,9 @@ def expert_statistics(
         if not e.data:
             raise StatisticsError(f"expert '{e.task}' has neither `stats` nor `data`")
         texts = task_texts(e.data, config.statistics.examples)
-        key = derive_fingerprint(fingerprint, kinds=sorted(kinds), texts=_text_digest(texts),
-                                 **config.statistics.model_dump())
+        key = derive_fingerprint(
+            fingerprint, kinds=sorted(kinds), texts=_text_digest(texts), **config.statistics.model_dump()
+        )
         path = cache / f"{e.task}-{key.split(':')[-1][:16]}.safetensors"
         if path.is_file():
             log.info("statistics of '%s': cached %s", e.task, path)
@@ -149,9 +161,15 @@ def expert_statistics(
         log.info("statistics of '%s': computing %s on %d texts", e.task, "+".join(sorted(kinds)), len(texts))
         if variant and states is None:
             states = sparsified_experts(job)
-        stats = compute_stats(e.folder, texts, kinds, config.statistics, progress=progress,
-                              allow_pickle=config.allow_pickle,
-                              encoder_state=states[i] if states is not None else None)
+        stats = compute_stats(
+            e.folder,
+            texts,
+            kinds,
+            config.statistics,
+            progress=progress,
+            allow_pickle=config.allow_pickle,
+            encoder_state=states[i] if states is not None else None,
+        )
         stats.fingerprint = fingerprint
         save_stats(path, gram=stats.gram, fisher=stats.fisher, fingerprint=fingerprint, expert=e.source)
         out.append(stats)
@@ -189,35 +207,59 @@ def data_stages(
     layerwise, align = job.spec.layerwise if job.layerwise else None, job.alignment
     branch_align = job.config.branch_align and model.share_layers is not None
     if job.config.branch_align and not branch_align:
-        log.warning("branch_align: share_layers %s shares every layer, so there is no branch to align",
-                    job.config.share_layers)
+        log.warning(
+            "branch_align: share_layers %s shares every layer, so there is no branch to align", job.config.share_layers
+        )
     fit = align or AlignConfig()  # the branch fit reads as many texts as head alignment
-    texts = job.texts(max(getattr(job.params, "texts", 0) if layerwise else 0, align.examples if align else 0,
-                          fit.examples if branch_align else 0))
+    texts = job.texts(
+        max(
+            getattr(job.params, "texts", 0) if layerwise else 0,
+            align.examples if align else 0,
+            fit.examples if branch_align else 0,
+        )
+    )
     experts: dict[str, MultiHeadModel] = {}
     if layerwise is not None or branch_align:
-        experts = {e.task: MultiHeadModel.from_classifier(e.folder, e.task, allow_pickle=job.config.allow_pickle)
-                   for e in job.experts}
+        experts = {
+            e.task: MultiHeadModel.from_classifier(e.folder, e.task, allow_pickle=job.config.allow_pickle)
+            for e in job.experts
+        }
     if layerwise is not None:
         from guardmerge.merge.layerwise import layerwise_stage
 
         params: Any = job.params
         result.info["layerwise"] = layerwise_stage(
-            model, experts, {t: x[: params.texts] for t, x in texts.items()}, {e.task: e.weight for e in job.experts},
-            layerwise.solve, params, cross=layerwise.cross, bias=layerwise.bias,
+            model,
+            experts,
+            {t: x[: params.texts] for t, x in texts.items()},
+            {e.task: e.weight for e in job.experts},
+            layerwise.solve,
+            params,
+            cross=layerwise.cross,
+            bias=layerwise.bias,
             max_length=capped_length(params.max_length, model.config, f"method {job.spec.name}"),
-            batch_size=params.batch_size, progress=progress, shared_blocks=model.share_layers,
+            batch_size=params.batch_size,
+            progress=progress,
+            shared_blocks=model.share_layers,
         )
     if branch_align:
         from guardmerge.merge.branches import branch_align_stage
 
         result.info["branch_align"] = branch_align_stage(
-            model, experts, {t: x[: fit.examples] for t, x in texts.items()}, max_length=fit.max_length,
+            model,
+            experts,
+            {t: x[: fit.examples] for t, x in texts.items()},
+            max_length=fit.max_length,
             batch_size=fit.batch_size,
         )
     if align is not None:
-        report = align_heads(model, {e.task: e.folder for e in job.experts}, texts, align,
-                             feature_cache or FeatureCache(allow_pickle=job.config.allow_pickle))
+        report = align_heads(
+            model,
+            {e.task: e.folder for e in job.experts},
+            texts,
+            align,
+            feature_cache or FeatureCache(allow_pickle=job.config.allow_pickle),
+        )
         result.info["align_heads"] = {"settings": align.model_dump(), "report": report}
     for name, tensor in model.state_tensors().items():
         if name in result.tensors:
@@ -265,8 +307,9 @@ def merge_to_folder(
     job = MergeJob.of(config)
     stats = statistics_stage(job, stats, progress)
     if job.needs_data:
-        write_result(build(job, progress=progress, stats=stats), out, job.config, force=force,
-                     max_shard_bytes=max_shard_bytes)
+        write_result(
+            build(job, progress=progress, stats=stats), out, job.config, force=force, max_shard_bytes=max_shard_bytes
+        )
     else:
         stream_to_folder(job, out, force=force, progress=progress, stats=stats, max_shard_bytes=max_shard_bytes)
     return Path(out)
@@ -278,15 +321,26 @@ def self_merge_config(
     """HM3 self-merging: one expert against its base, ``theta_0 + scaling * sparsify(tau)``."""
     from guardmerge.config import parse_config
 
-    return parse_config({
-        "base_model": base,
-        "experts": [{"model": expert, "task": task}],
-        "method": method,
-        "parameters": dict(parameters or {}),
-        "seed": seed,
-        "align_heads": False,
-    }, source="self-merge")
+    return parse_config(
+        {
+            "base_model": base,
+            "experts": [{"model": expert, "task": task}],
+            "method": method,
+            "parameters": dict(parameters or {}),
+            "seed": seed,
+            "align_heads": False,
+        },
+        source="self-merge",
+    )
 
 
-__all__ = ["build", "compute_stats", "data_stages", "expert_statistics", "merge_to_folder", "self_merge_config",
-           "statistics_stage", "task_texts"]
+__all__ = [
+    "build",
+    "compute_stats",
+    "data_stages",
+    "expert_statistics",
+    "merge_to_folder",
+    "self_merge_config",
+    "statistics_stage",
+    "task_texts",
+]

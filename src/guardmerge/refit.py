@@ -90,7 +90,7 @@ class FeatureCache:
 @torch.no_grad()
 def refit_head(head: Head, merged: Features, expert: Features, cfg: AlignConfig) -> dict[str, float]:
     """Replace ``head``'s weights in place; return fit diagnostics on the fitting texts."""
-    first = head.layers[0]
+    first = head.linears[0]
     if cfg.method == "moments":
         scale, shift = moment_match(merged.head_inputs, expert.head_inputs)
         w, b = compose_linear(first.weight, first.bias, scale, shift)
@@ -138,6 +138,11 @@ def align_heads(
         ef = cache.get(expert, task, sample, cfg.max_length, cfg.batch_size)
         mf = head_features(model, task, sample, batch_size=cfg.batch_size, max_length=cfg.max_length)
         report[task] = refit_head(model.heads[task], mf, ef, cfg)  # type: ignore[arg-type]
-        log.info("aligned head '%s' on %d texts: label agreement with the expert %.3f -> %.3f",
-                 task, len(sample), report[task]["agreement_before"], report[task]["agreement_after"])
+        log.info(
+            "aligned head '%s' on %d texts: label agreement with the expert %.3f -> %.3f",
+            task,
+            len(sample),
+            report[task]["agreement_before"],
+            report[task]["agreement_after"],
+        )
     return report

@@ -87,8 +87,15 @@ class ShardedWriter:
     must not be modified afterwards. Write errors surface at the next call.
     """
 
-    def __init__(self, folder: str | Path, layout: Sequence[TensorSlot], *, max_shard_bytes: int | None = None,
-                 metadata: Mapping[str, str] | None = None, pending: int = 2) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        layout: Sequence[TensorSlot],
+        *,
+        max_shard_bytes: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        pending: int = 2,
+    ) -> None:
         names = [s.name for s in layout]
         if len(set(names)) != len(names):
             raise CheckpointError("output layout names a tensor twice")
@@ -138,7 +145,11 @@ class ShardedWriter:
         header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0
         for s in self.shards[shard]:
-            header[s.name] = {"dtype": _CODES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+            header[s.name] = {
+                "dtype": _CODES[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + s.nbytes],
+            }
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -154,7 +165,7 @@ class ShardedWriter:
         data = tensor.detach().to(slot.dtype).contiguous().cpu()
         assert self._fh is not None
         if data.numel():
-            self._fh.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            self._fh.write(data.reshape(-1).view(torch.uint8).numpy().data)
 
     def _wait(self, keep: int) -> None:
         """Wait until at most ``keep`` writes are queued, raising the first write error."""
@@ -195,8 +206,13 @@ class ShardedWriter:
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_tensors(folder: str | Path, tensors: Mapping[str, torch.Tensor], *, max_shard_bytes: int | None = None,
-                  metadata: Mapping[str, str] | None = None) -> None:
+def write_tensors(
+    folder: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    max_shard_bytes: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write a dict of tensors (in its order) as one file or shards."""
     layout = [TensorSlot(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     with ShardedWriter(folder, layout, max_shard_bytes=max_shard_bytes, metadata=metadata) as w:

@@ -9,12 +9,20 @@ from guardmerge.errors import StatisticsError
 from guardmerge.methods import METHODS, Role, TensorContext
 
 
-def run(deltas: torch.Tensor, weights: list[float], fisher: torch.Tensor | None,
-        globals_: dict[str, torch.Tensor] | None = None, **params: object) -> torch.Tensor:
+def run(
+    deltas: torch.Tensor,
+    weights: list[float],
+    fisher: torch.Tensor | None,
+    globals_: dict[str, torch.Tensor] | None = None,
+    **params: object,
+) -> torch.Tensor:
     spec = METHODS.get("fisher")
-    ctx = TensorContext(name="encoder.x.weight", role=Role.LINEAR_WEIGHT,
-                        stats={} if fisher is None else {"fisher": fisher},
-                        globals=globals_ or {})
+    ctx = TensorContext(
+        name="encoder.x.weight",
+        role=Role.LINEAR_WEIGHT,
+        stats={} if fisher is None else {"fisher": fisher},
+        globals=globals_ or {},
+    )
     return spec.fn(deltas, torch.tensor(weights, dtype=deltas.dtype), spec.validate(params), ctx)
 
 
@@ -73,8 +81,10 @@ def test_no_fisher_gives_the_weighted_average() -> None:
 
 def test_normalize_makes_each_expert_scale_free() -> None:
     gen = torch.Generator().manual_seed(2)
-    tensors = [(torch.randn(2, 3, generator=gen), torch.rand(2, 3, generator=gen)),
-               (torch.randn(2, 4, generator=gen), torch.rand(2, 4, generator=gen))]
+    tensors = [
+        (torch.randn(2, 3, generator=gen), torch.rand(2, 3, generator=gen)),
+        (torch.randn(2, 4, generator=gen), torch.rand(2, 4, generator=gen)),
+    ]
     assert prepare(tensors) == {}  # nothing read without normalize
     norms = prepare(tensors, normalize=True)["fisher_norm"]
     expected = torch.sqrt(sum((f.double() ** 2).sum(1) for _, f in tensors))
@@ -86,7 +96,6 @@ def test_normalize_makes_each_expert_scale_free() -> None:
     a = run(d, [1.0, 1.0], f, {"fisher_norm": norms}, normalize=True, eps=0.0)
     b = run(d, [1.0, 1.0], scaled[0][1], {"fisher_norm": norms_scaled}, normalize=True, eps=0.0)
     torch.testing.assert_close(a, b)
-    assert not torch.allclose(run(d, [1.0, 1.0], f, eps=0.0),
-                              run(d, [1.0, 1.0], scaled[0][1], eps=0.0))
+    assert not torch.allclose(run(d, [1.0, 1.0], f, eps=0.0), run(d, [1.0, 1.0], scaled[0][1], eps=0.0))
     with pytest.raises(StatisticsError, match="prepare"):
         run(d, [1.0, 1.0], f, normalize=True)

@@ -19,14 +19,25 @@ def _augment(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
 
 
-def _system(grams: torch.Tensor, weights_i: torch.Tensor, biases_i: torch.Tensor | None = None,
-            cross: torch.Tensor | None = None, w: torch.Tensor | None = None,
-            anchor: torch.Tensor | None = None, anchor_bias: torch.Tensor | None = None) -> LinearSystem:
-    n, out, _ = weights_i.shape
+def _system(
+    grams: torch.Tensor,
+    weights_i: torch.Tensor,
+    biases_i: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
+    w: torch.Tensor | None = None,
+    anchor: torch.Tensor | None = None,
+    anchor_bias: torch.Tensor | None = None,
+) -> LinearSystem:
+    n, _out, _ = weights_i.shape
     return LinearSystem(
-        name="layer.weight", gram=grams, cross=cross, expert_weight=weights_i, expert_bias=biases_i,
+        name="layer.weight",
+        gram=grams,
+        cross=cross,
+        expert_weight=weights_i,
+        expert_bias=biases_i,
         anchor_weight=torch.zeros(weights_i.shape[1:], dtype=torch.float64) if anchor is None else anchor,
-        anchor_bias=anchor_bias, weights=torch.ones(n, dtype=torch.float64) if w is None else w,
+        anchor_bias=anchor_bias,
+        weights=torch.ones(n, dtype=torch.float64) if w is None else w,
     )
 
 
@@ -66,10 +77,18 @@ def test_lot_is_the_joint_least_squares_layer_by_layer() -> None:
     g = torch.Generator().manual_seed(1)
     n_exp, d0, d1, d2 = 3, 5, 4, 3
     w = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
-    layers = [(torch.randn(n_exp, d1, d0, generator=g, dtype=torch.float64), torch.randn(n_exp, d1, generator=g, dtype=torch.float64)),
-              (torch.randn(n_exp, d2, d1, generator=g, dtype=torch.float64), torch.randn(n_exp, d2, generator=g, dtype=torch.float64))]
+    layers = [
+        (
+            torch.randn(n_exp, d1, d0, generator=g, dtype=torch.float64),
+            torch.randn(n_exp, d1, generator=g, dtype=torch.float64),
+        ),
+        (
+            torch.randn(n_exp, d2, d1, generator=g, dtype=torch.float64),
+            torch.randn(n_exp, d2, generator=g, dtype=torch.float64),
+        ),
+    ]
     inputs = [torch.randn(40 + 10 * i, d0, generator=g, dtype=torch.float64) for i in range(n_exp)]
-    expert_in = list(inputs)          # each expert's own input to the current layer
+    expert_in = list(inputs)  # each expert's own input to the current layer
     merged_in = [x + 0.3 for x in inputs]  # the merged model's (drifted) inputs
     for weight, bias in layers:
         ys = [expert_in[i] @ weight[i].T + bias[i] for i in range(n_exp)]
@@ -100,14 +119,17 @@ def test_rho_pulls_toward_the_anchor_and_zero_rho_ignores_it() -> None:
     bs = torch.randn(2, 3, generator=g, dtype=torch.float64)
     ys = [x @ ws[i].T + bs[i] for i, x in enumerate(xs)]
     grams, cross = _lot_stats(xs, ys)
-    anchor, anchor_b = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    anchor, anchor_b = (
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, generator=g, dtype=torch.float64),
+    )
     system = _system(grams, ws, bs, cross=cross, anchor=anchor, anchor_bias=anchor_b)
     plain = lot_solve(system, _params())
     other = lot_solve(_system(grams, ws, bs, cross=cross, anchor=anchor * 7, anchor_bias=anchor_b), _params())
     torch.testing.assert_close(plain[0], other[0])  # rho = 0: the anchor does not matter
     dists = [float((lot_solve(system, _params(rho=r))[0] - anchor).norm()) for r in (0.0, 1.0, 100.0, 1e8)]
     assert dists == sorted(dists, reverse=True) and dists[-1] < 1e-5
-    pulled_w, pulled_b = lot_solve(system, _params(rho=1e8))
+    _pulled_w, pulled_b = lot_solve(system, _params(rho=1e8))
     torch.testing.assert_close(pulled_b, anchor_b, atol=1e-5, rtol=0)
     # regmean_pp: the same pull
     far = regmean_pp_solve(_system(grams[:, :-1, :-1], ws, anchor=anchor), _params(rho=1e8))[0]
@@ -116,7 +138,9 @@ def test_rho_pulls_toward_the_anchor_and_zero_rho_ignores_it() -> None:
 
 def test_rho_solution_satisfies_its_normal_equations() -> None:
     g = torch.Generator().manual_seed(4)
-    grams = torch.stack([(lambda x: x.T @ x / 20)(torch.randn(20, 5, generator=g, dtype=torch.float64)) for _ in range(2)])
+    grams = torch.stack(
+        [(lambda x: x.T @ x / 20)(torch.randn(20, 5, generator=g, dtype=torch.float64)) for _ in range(2)]
+    )
     ws = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
     anchor = torch.randn(3, 5, generator=g, dtype=torch.float64)
     got, _ = regmean_pp_solve(_system(grams, ws, anchor=anchor), _params(rho=0.7))

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
-from mergekit.merge_methods.base import TensorGroup  # noqa: E402
-from mergekit.merge_methods.registry import get as mergekit_method  # noqa: E402
+from mergekit.merge_methods.base import TensorGroup
+from mergekit.merge_methods.registry import get as mergekit_method
 
-import guardmerge.methods.sparsify as sparsify  # noqa: E402
-from guardmerge.methods import METHODS  # noqa: E402
-from guardmerge.methods.registry import Role, TensorContext  # noqa: E402
+import guardmerge.methods.sparsify as sparsify
+from guardmerge.methods import METHODS
+from guardmerge.methods.registry import Role, TensorContext
 
 IDS = ["a", "b", "c"]
 WEIGHTS = [1.0, 0.6, 1.7]
@@ -47,23 +47,17 @@ def tiny_bert_tensors(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     }
 
 
-def mergekit_merge(
-    method: str, base: torch.Tensor, deltas: torch.Tensor, name: str, **params: Any
-) -> torch.Tensor:
+def mergekit_merge(method: str, base: torch.Tensor, deltas: torch.Tensor, name: str, **params: Any) -> torch.Tensor:
     tensors = [base] + [base + d for d in deltas]
     group = TensorGroup.from_tensors(tensors, ids=["base", *IDS], base_index=0, name=name)
     params["weight"] = dict(zip(IDS, WEIGHTS, strict=True))
     return mergekit_method(method)([group], parameters=params)[0]
 
 
-def ours(
-    method: str, base: torch.Tensor, deltas: torch.Tensor, name: str, **raw: Any
-) -> torch.Tensor:
+def ours(method: str, base: torch.Tensor, deltas: torch.Tensor, name: str, **raw: Any) -> torch.Tensor:
     spec = METHODS.get(method)
     ctx = TensorContext(name, Role.LINEAR_WEIGHT)
-    return base + spec.fn(
-        base.new_tensor(0) + deltas, torch.tensor(WEIGHTS), spec.validate(raw), ctx
-    )
+    return base + spec.fn(base.new_tensor(0) + deltas, torch.tensor(WEIGHTS), spec.validate(raw), ctx)
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -81,9 +75,7 @@ def test_task_arithmetic(seed: int) -> None:
 @pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
 def test_ties_per_tensor(density: float, normalize: bool) -> None:
     for name, (base, deltas) in tiny_bert_tensors(2).items():
-        ref = mergekit_merge(
-            "ties", base, deltas, name, density=density, normalize=normalize, **{"lambda": 1.3}
-        )
+        ref = mergekit_merge("ties", base, deltas, name, density=density, normalize=normalize, **{"lambda": 1.3})
         got = ours(
             "ties",
             base,
@@ -102,9 +94,7 @@ def test_breadcrumbs_per_tensor(density: float, gamma: float) -> None:
     for name, (base, deltas) in tiny_bert_tensors(3).items():
         for method, extra in (("breadcrumbs", {}), ("breadcrumbs_ties", {"consensus": "sum"})):
             ref = mergekit_merge(method, base, deltas, name, density=density, gamma=gamma)
-            got = ours(
-                method, base, deltas, name, density=density, gamma=gamma, scaling=1.0, **extra
-            )
+            got = ours(method, base, deltas, name, density=density, gamma=gamma, scaling=1.0, **extra)
             assert_close(got, ref)
 
 
@@ -114,9 +104,7 @@ def test_dare_with_rescale(method: str, normalize: bool, monkeypatch: pytest.Mon
     density = 0.4
     for i, (name, (base, deltas)) in enumerate(tiny_bert_tensors(4).items()):
         torch.manual_seed(100 + i)
-        ref = mergekit_merge(
-            method, base, deltas, name, density=density, rescale=True, normalize=normalize
-        )
+        ref = mergekit_merge(method, base, deltas, name, density=density, rescale=True, normalize=normalize)
         torch.manual_seed(100 + i)  # replay mergekit's draws: one bernoulli per expert, in order
         keep = torch.stack([torch.bernoulli(torch.full_like(d, density)) for d in deltas]).bool()
         flat_keep = keep.reshape(3, -1)

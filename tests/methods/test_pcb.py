@@ -42,8 +42,7 @@ def merge_model(model: Mapping[str, torch.Tensor], **raw: Any) -> dict[str, torc
 
     g = spec.prepare(params, stream)
     return {
-        k: spec.fn(t, torch.ones(n), params, TensorContext(k, Role.LINEAR_WEIGHT, globals=g))
-        for k, t in model.items()
+        k: spec.fn(t, torch.ones(n), params, TensorContext(k, Role.LINEAR_WEIGHT, globals=g)) for k, t in model.items()
     }
 
 
@@ -58,9 +57,7 @@ def test_pcb_golden_two_experts() -> None:
     # tau_m = [2 w/w, 0, 3 w/w, (-4 - 2) / 2] = [2, 0, 3, -3]
     out = run(tau, density=0.75, clip=0.0, scope="per_tensor")
     assert torch.allclose(out, torch.tensor([2.0, 0.0, 3.0, -3.0]), atol=1e-6)
-    assert torch.allclose(
-        run(tau, density=0.75, clip=0.0, scope="per_tensor", scaling=0.5), out / 2
-    )
+    assert torch.allclose(run(tau, density=0.75, clip=0.0, scope="per_tensor", scaling=0.5), out / 2)
 
 
 def test_pcb_component_goldens() -> None:
@@ -73,18 +70,16 @@ def test_pcb_component_goldens() -> None:
     ]
     assert torch.allclose(s, torch.tensor(expected_s))
     c = inter_tanh(tau)
-    assert torch.allclose(
-        c, torch.tanh(torch.tensor([[3.0, 2.0, 6.0, 24.0], [6.0, -1.0, -2.0, 12.0]]))
-    )
+    assert torch.allclose(c, torch.tanh(torch.tensor([[3.0, 2.0, 6.0, 24.0], [6.0, -1.0, -2.0, 12.0]])))
     beta = s * c
     w = score_weights(beta, beta.kthvalue(2, dim=1).values, beta.max(1).values)
     b1 = [expected_s[0][i] * math.tanh(v) for i, v in enumerate((3, 2, 6, 24))]
     assert w[0].tolist()[:2] == [0.0, 0.0]
     assert w[0, 2].item() == pytest.approx((b1[2] - b1[1]) / (b1[3] - b1[1]), rel=1e-5)
     assert w[0, 3].item() == pytest.approx(1.0)
-    assert clipped(
-        torch.tensor([[-5.0, 0.5, 2.0]]), torch.tensor([1.0]), torch.tensor([3.0])
-    ).tolist() == [[-3.0, 1.0, 2.0]]
+    assert clipped(torch.tensor([[-5.0, 0.5, 2.0]]), torch.tensor([1.0]), torch.tensor([3.0])).tolist() == [
+        [-3.0, 1.0, 2.0]
+    ]
     merged = aggregate(
         torch.tensor([[1.0, 4.0], [3.0, -2.0]]),
         torch.tensor([[0.5, 0.0], [0.5, 0.0]]),
@@ -140,9 +135,7 @@ def reference_pcb(tau: np.ndarray, ratio: float, clip: float) -> np.ndarray:
     return (clamped * scale).sum(0) / np.maximum(scale.sum(0), 1e-12)
 
 
-@pytest.mark.parametrize(
-    ("n", "d", "ratio", "clip"), [(3, 200, 0.1, 0.01), (5, 97, 0.2, 0.05), (2, 50, 0.5, 0.0)]
-)
+@pytest.mark.parametrize(("n", "d", "ratio", "clip"), [(3, 200, 0.1, 0.01), (5, 97, 0.2, 0.05), (2, 50, 0.5, 0.0)])
 def test_pcb_matches_the_reference_algorithm(n: int, d: int, ratio: float, clip: float) -> None:
     tau = torch.randn(n, d, generator=torch.Generator().manual_seed(d)) * 0.01
     tau[0, :5] *= 30  # outliers for the clamp
@@ -220,9 +213,7 @@ def test_each_coordinate_lies_between_clipped_extremes_or_is_zero(inter: str, se
 CASES = {
     "constant": lambda n, d: torch.full((n, d), 0.3),
     "zero": lambda n, d: torch.zeros(n, d),
-    "constant_rows": lambda n, d: (
-        torch.arange(1, n + 1, dtype=torch.float32)[:, None].expand(n, d).clone()
-    ),
+    "constant_rows": lambda n, d: torch.arange(1, n + 1, dtype=torch.float32)[:, None].expand(n, d).clone(),
     "one_nonzero": lambda n, d: torch.zeros(n, d).index_fill_(1, torch.tensor([0]), 1.0),
     "huge_and_tiny": lambda n, d: torch.logspace(-30, 30, d)[None].expand(n, d) * torch.randn(n, 1),
     "random": lambda n, d: torch.randn(n, d),
@@ -266,9 +257,7 @@ def test_non_finite_task_vectors_are_refused() -> None:
 
 @pytest.mark.parametrize("inter", ["tanh", "softmax"])
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
-def test_results_do_not_depend_on_the_chunking(
-    inter: str, scope: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_results_do_not_depend_on_the_chunking(inter: str, scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import guardmerge.methods.selection as selection
 
     model = fake_model(3)

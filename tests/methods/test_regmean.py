@@ -15,8 +15,9 @@ from guardmerge.methods.regmean import regmean_merge
 NAME = "encoder.layer.0.output.dense.weight"
 
 
-def run(deltas: torch.Tensor, weights: list[float], grams: torch.Tensor | None = None,
-        name: str = NAME, **params: object) -> torch.Tensor:
+def run(
+    deltas: torch.Tensor, weights: list[float], grams: torch.Tensor | None = None, name: str = NAME, **params: object
+) -> torch.Tensor:
     spec = METHODS.get("regmean")
     stats = {} if grams is None else {"gram": grams}
     ctx = TensorContext(name=name, role=Role.LINEAR_WEIGHT, stats=stats)
@@ -41,8 +42,7 @@ def test_toy_linear_regression_equals_joint_least_squares() -> None:
     gen = torch.Generator().manual_seed(0)
     d_in, d_out, sizes = 5, 3, (40, 25, 60)
     w0 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-    xs = [torch.randn(n, d_in, generator=gen, dtype=torch.float64) * (1 + i)
-          for i, n in enumerate(sizes)]
+    xs = [torch.randn(n, d_in, generator=gen, dtype=torch.float64) * (1 + i) for i, n in enumerate(sizes)]
     ws = [w0 + torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) for _ in sizes]
     # expert i fits its own data exactly: Y_i = X_i W_i^T; the joint least-squares W over all data
     x_all = torch.cat(xs).numpy()
@@ -67,8 +67,7 @@ def test_identical_grams_give_the_weighted_average() -> None:
 def test_alpha_zero_is_the_per_column_weighted_mean() -> None:
     gen = torch.Generator().manual_seed(2)
     deltas = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
-    grams = torch.stack([mean_gram(torch.randn(30, 4, generator=gen, dtype=torch.float64))
-                         for _ in range(2)])
+    grams = torch.stack([mean_gram(torch.randn(30, 4, generator=gen, dtype=torch.float64)) for _ in range(2)])
     weights = torch.tensor([1.0, 3.0], dtype=torch.float64)
     diag = torch.diagonal(grams, dim1=1, dim2=2) * weights[:, None]  # [N, in]
     expected = (deltas * diag[:, None, :]).sum(0) / diag.sum(0)[None, :]
@@ -80,18 +79,15 @@ def test_one_expert_returns_itself_and_scaling_applies() -> None:
     delta = torch.randn(1, 4, 6, generator=gen)
     gram = mean_gram(torch.randn(20, 6, generator=gen))[None]
     torch.testing.assert_close(run(delta, [0.7], gram), delta[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(run(delta, [1.0], gram, alpha=0.3), delta[0], rtol=1e-5,
-                               atol=1e-6)
-    torch.testing.assert_close(run(delta, [1.0], gram, scaling=0.5), 0.5 * delta[0], rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(run(delta, [1.0], gram, alpha=0.3), delta[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(delta, [1.0], gram, scaling=0.5), 0.5 * delta[0], rtol=1e-5, atol=1e-6)
     assert torch.count_nonzero(run(delta, [1.0], gram, scaling=0.0)) == 0
 
 
 def test_weights_scale_the_grams() -> None:
     gen = torch.Generator().manual_seed(4)
     deltas = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
-    grams = torch.stack([mean_gram(torch.randn(30, 5, generator=gen, dtype=torch.float64))
-                         for _ in range(2)])
+    grams = torch.stack([mean_gram(torch.randn(30, 5, generator=gen, dtype=torch.float64)) for _ in range(2)])
     scaled = torch.stack([2.0 * grams[0], grams[1]])
     torch.testing.assert_close(run(deltas, [2.0, 1.0], grams), run(deltas, [1.0, 1.0], scaled))
     # overall scale of the weights does not matter
@@ -152,8 +148,7 @@ def test_merging_weights_or_deltas_agree() -> None:
     gen = torch.Generator().manual_seed(6)
     w0 = torch.randn(3, 5, generator=gen, dtype=torch.float64)
     taus = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
-    grams = torch.stack([mean_gram(torch.randn(20, 5, generator=gen, dtype=torch.float64))
-                         for _ in range(2)])
+    grams = torch.stack([mean_gram(torch.randn(20, 5, generator=gen, dtype=torch.float64)) for _ in range(2)])
     ones = torch.ones(2, dtype=torch.float64)
     full = regmean_merge(w0 + taus, grams, ones)
     torch.testing.assert_close(full, w0 + regmean_merge(taus, grams, ones))

@@ -41,9 +41,7 @@ def as_stream(parts: list[tuple[str, torch.Tensor]]):
 
 
 def test_order_keys_are_monotone_and_invertible() -> None:
-    special = torch.tensor(
-        [-3.0e38, -1.0, -1e-40, -0.0, 0.0, 1e-45, 1e-40, 1.0, 2.0, 3.0e38, float("inf")]
-    )
+    special = torch.tensor([-3.0e38, -1.0, -1e-40, -0.0, 0.0, 1e-45, 1e-40, 1.0, 2.0, 3.0e38, float("inf")])
     x = torch.cat([special, torch.randn(500, generator=torch.Generator().manual_seed(0))])
     keys = order_keys(x)
     order = torch.argsort(x, stable=True)
@@ -51,7 +49,7 @@ def test_order_keys_are_monotone_and_invertible() -> None:
     assert int(order_keys(torch.tensor([-0.0]))) == int(order_keys(torch.tensor([0.0])))
     back = keys_to_values(keys)
     assert torch.equal(back, x + 0.0)
-    assert 1 <= int(keys.min()) and int(keys.max()) < 2**32
+    assert int(keys.min()) >= 1 and int(keys.max()) < 2**32
 
 
 def test_floor_fraction_is_exact_for_decimal_inputs() -> None:
@@ -176,9 +174,7 @@ def _same(a, b) -> None:
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_large_inputs_use_the_sampled_bracket_with_the_same_answer(
-    monkeypatch: pytest.MonkeyPatch, ties: bool
-) -> None:
+def test_large_inputs_use_the_sampled_bracket_with_the_same_answer(monkeypatch: pytest.MonkeyPatch, ties: bool) -> None:
     import guardmerge.methods.selection as selection
 
     g = torch.Generator().manual_seed(5)

@@ -47,8 +47,7 @@ def merge_model(
 
     g = spec.prepare(params, stream) if spec.prepare else {}
     return {
-        name: spec.fn(t, w, params, TensorContext(name, Role.LINEAR_WEIGHT, globals=g))
-        for name, t in tensors.items()
+        name: spec.fn(t, w, params, TensorContext(name, Role.LINEAR_WEIGHT, globals=g)) for name, t in tensors.items()
     }
 
 
@@ -315,9 +314,7 @@ def test_prepare_pass_counts(method: str, raw: dict, passes: int) -> None:
         ("breadcrumbs_ties", {"scope": "global", "density": 0.4, "gamma": 0.1}),
     ],
 )
-def test_results_do_not_depend_on_the_chunking(
-    method: str, raw: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_results_do_not_depend_on_the_chunking(method: str, raw: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     import guardmerge.methods.selection as selection
 
     model = fake_model(5)

@@ -15,8 +15,7 @@ NAME = "encoder.layer.0.attention.self.query.weight"
 F64 = torch.float64
 
 
-def run(deltas: torch.Tensor, weights: list[float], role: Role = Role.LINEAR_WEIGHT,
-        **params: object) -> torch.Tensor:
+def run(deltas: torch.Tensor, weights: list[float], role: Role = Role.LINEAR_WEIGHT, **params: object) -> torch.Tensor:
     spec = METHODS.get("wudi")
     ctx = TensorContext(name=NAME, role=role)
     return spec.fn(deltas, torch.tensor(weights, dtype=deltas.dtype), spec.validate(params), ctx)
@@ -38,31 +37,45 @@ def test_registered_with_schema() -> None:
     assert spec.needs == frozenset()
     p = spec.validate({})
     assert (p.rho, p.anchor_scaling, p.scaling, p.ridge, p.solver, p.steps, p.lr) == (
-        3.0, 0.5, 1.0, 1e-6, "closed_form", 300, 1e-5)
+        3.0,
+        0.5,
+        1.0,
+        1e-6,
+        "closed_form",
+        300,
+        1e-5,
+    )
     space = spec.search_space()
     assert (space["rho"].low, space["rho"].high) == (0.0, 10.0)
     assert (space["anchor_scaling"].low, space["anchor_scaling"].high) == (0.1, 1.5)
     assert (space["scaling"].low, space["scaling"].high) == (0.5, 1.5)
     assert set(space) == {"rho", "anchor_scaling", "scaling"}
-    for bad in ({"rho": -1.0}, {"solver": "sgd"}, {"steps": -1}, {"lr": 0.0}, {"ridge": -1.0},
-                {"lambda": 1.0}):
+    for bad in ({"rho": -1.0}, {"solver": "sgd"}, {"steps": -1}, {"lr": 0.0}, {"ridge": -1.0}, {"lambda": 1.0}):
         with pytest.raises(ConfigError):
             spec.validate(bad)
 
 
 def test_config_with_method_wudi_validates() -> None:
-    cfg = parse_config({
-        "base_model": "base",
-        "experts": [{"model": "a", "task": "hate"}, {"model": "b", "task": "injection"}],
-        "method": "wudi",
-        "parameters": {"rho": 0.0, "solver": "adam", "steps": 50},
-        "heads": "multi",
-    })
+    cfg = parse_config(
+        {
+            "base_model": "base",
+            "experts": [{"model": "a", "task": "hate"}, {"model": "b", "task": "injection"}],
+            "method": "wudi",
+            "parameters": {"rho": 0.0, "solver": "adam", "steps": 50},
+            "heads": "multi",
+        }
+    )
     p = cfg.method_params()
     assert (p.rho, p.solver, p.steps, p.anchor_scaling) == (0.0, "adam", 50, 0.5)
     with pytest.raises(ConfigError, match="wudi"):
-        parse_config({"base_model": "base", "experts": [{"model": "a", "task": "hate"}],
-                      "method": "wudi", "parameters": {"rho": -2.0}})
+        parse_config(
+            {
+                "base_model": "base",
+                "experts": [{"model": "a", "task": "hate"}],
+                "method": "wudi",
+                "parameters": {"rho": -2.0},
+            }
+        )
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.7, 3.0])
@@ -76,16 +89,13 @@ def test_closed_form_satisfies_its_normal_equations(rho: float) -> None:
     residual = tau @ (a + rho_abs * torch.eye(8, dtype=F64)) - (b + rho_abs * anchor)
     assert residual.abs().max() < 1e-10 * b.abs().max()
     # and it is the minimiser: no perturbation lowers the loss
-    loss = wudi_loss(tau, deltas, torch.tensor(weights, dtype=F64), rho_abs=float(rho_abs),
-                     anchor=anchor)
+    loss = wudi_loss(tau, deltas, torch.tensor(weights, dtype=F64), rho_abs=float(rho_abs), anchor=anchor)
     for seed in range(5):
         bumped = tau + 1e-3 * randn(5, 8, seed=100 + seed)
-        assert wudi_loss(bumped, deltas, torch.tensor(weights, dtype=F64),
-                         rho_abs=float(rho_abs), anchor=anchor) > loss
+        assert wudi_loss(bumped, deltas, torch.tensor(weights, dtype=F64), rho_abs=float(rho_abs), anchor=anchor) > loss
 
 
-@pytest.mark.parametrize("d_in, ridge, tol", [(9, 1e-6, 1e-10), (10, 0.0, 1e-10),
-                                              (10, 1e-6, 1e-4)])
+@pytest.mark.parametrize("d_in, ridge, tol", [(9, 1e-6, 1e-10), (10, 0.0, 1e-10), (10, 1e-6, 1e-4)])
 def test_orthogonal_row_spaces_give_the_sum(d_in: int, ridge: float, tol: float) -> None:
     """rho = 0, task vectors whose ROW spaces (subspaces of R^in) are mutually orthogonal:
     tau_i = M_i P_i with P_i projecting the input onto a disjoint block of coordinates. Then
@@ -111,8 +121,9 @@ def test_large_rho_tends_to_the_anchor() -> None:
     deltas = randn(3, 6, 10, seed=1)
     weights = [1.0, 0.5, 2.0]
     anchor = 0.7 * sum(w * t for w, t in zip(weights, deltas))
-    gaps = [float((run(deltas, weights, rho=rho, anchor_scaling=0.7) - anchor).norm())
-            for rho in (0.0, 1.0, 10.0, 100.0)]
+    gaps = [
+        float((run(deltas, weights, rho=rho, anchor_scaling=0.7) - anchor).norm()) for rho in (0.0, 1.0, 10.0, 100.0)
+    ]
     assert gaps == sorted(gaps, reverse=True) and gaps[0] > 1e-1
     far = run(deltas, weights, rho=1e6, anchor_scaling=0.7)
     torch.testing.assert_close(far, anchor, rtol=1e-5, atol=1e-5 * float(anchor.abs().max()))
@@ -128,8 +139,7 @@ def test_one_expert_returns_itself(ridge: float, tol: float) -> None:
     bias = randn(1, 6, seed=3)
     assert torch.equal(run(bias, [1.0], role=Role.BIAS, **params), bias[0])
     # scaling multiplies the solution; float32 in, float32 out
-    torch.testing.assert_close(run(delta, [1.0], **{**params, "scaling": 0.5}), 0.5 * delta[0],
-                               rtol=tol, atol=tol)
+    torch.testing.assert_close(run(delta, [1.0], **{**params, "scaling": 0.5}), 0.5 * delta[0], rtol=tol, atol=tol)
     out32 = run(delta.float(), [1.0], **params)
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32, delta[0].float(), rtol=1e-4, atol=1e-5)
@@ -137,15 +147,21 @@ def test_one_expert_returns_itself(ridge: float, tol: float) -> None:
 
 def test_non_linear_tensors_get_task_arithmetic_at_the_anchor() -> None:
     weights = [1.0, 3.0]
-    for role, shape in ((Role.BIAS, (5,)), (Role.NORM, (5,)), (Role.EMBEDDING, (7, 5)),
-                        (Role.HEAD, (3, 5)), (Role.OTHER, (4, 5))):
+    for role, shape in (
+        (Role.BIAS, (5,)),
+        (Role.NORM, (5,)),
+        (Role.EMBEDDING, (7, 5)),
+        (Role.HEAD, (3, 5)),
+        (Role.OTHER, (4, 5)),
+    ):
         deltas = randn(2, *shape, seed=4)
         out = run(deltas, weights, role=role, anchor_scaling=0.4, scaling=1.5, rho=0.0)
         torch.testing.assert_close(out, 1.5 * 0.4 * (deltas[0] + 3.0 * deltas[1]))
     # the same 2-D values as a Linear weight are solved, not averaged
     deltas = randn(2, 7, 5, seed=4)
-    assert not torch.allclose(run(deltas, weights, anchor_scaling=0.4, scaling=1.5),
-                              1.5 * 0.4 * (deltas[0] + 3.0 * deltas[1]))
+    assert not torch.allclose(
+        run(deltas, weights, anchor_scaling=0.4, scaling=1.5), 1.5 * 0.4 * (deltas[0] + 3.0 * deltas[1])
+    )
 
 
 @pytest.mark.parametrize("solver", ["closed_form", "adam"])
@@ -155,12 +171,10 @@ def test_zero_task_vectors_contribute_nothing(solver: str) -> None:
     for rho in (0.0, 3.0):
         out = run(with_zero, [1.0, 1.0, 1.0], rho=rho, solver=solver, steps=20)
         assert torch.isfinite(out).all()
-        torch.testing.assert_close(out, run(deltas[:2], [1.0, 1.0], rho=rho, solver=solver,
-                                            steps=20))
+        torch.testing.assert_close(out, run(deltas[:2], [1.0, 1.0], rho=rho, solver=solver, steps=20))
     zeros = torch.zeros(2, 4, 6, dtype=F64)
     for rho in (0.0, 3.0):
-        assert torch.equal(run(zeros, [1.0, 1.0], rho=rho, solver=solver, steps=5),
-                           torch.zeros(4, 6, dtype=F64))
+        assert torch.equal(run(zeros, [1.0, 1.0], rho=rho, solver=solver, steps=5), torch.zeros(4, 6, dtype=F64))
 
 
 def test_weights_scale_the_grams_and_zero_drops_an_expert() -> None:
@@ -169,11 +183,9 @@ def test_weights_scale_the_grams_and_zero_drops_an_expert() -> None:
         dropped = run(deltas, [1.0, 0.0, 2.0], rho=rho)
         torch.testing.assert_close(dropped, run(deltas[[0, 2]], [1.0, 2.0], rho=rho))
     # weights change the rho = 0 solution (they weight the Grams) ...
-    assert (run(deltas, [1.0, 1.0, 1.0], rho=0.0) - run(deltas, [1.0, 5.0, 1.0], rho=0.0)
-            ).abs().max() > 1e-3
+    assert (run(deltas, [1.0, 1.0, 1.0], rho=0.0) - run(deltas, [1.0, 5.0, 1.0], rho=0.0)).abs().max() > 1e-3
     # ... and only their ratios matter there (the anchor is unused at rho = 0)
-    torch.testing.assert_close(run(deltas, [1.0, 5.0, 1.0], rho=0.0),
-                               run(deltas, [2.0, 10.0, 2.0], rho=0.0))
+    torch.testing.assert_close(run(deltas, [1.0, 5.0, 1.0], rho=0.0), run(deltas, [2.0, 10.0, 2.0], rho=0.0))
 
 
 def test_adam_decreases_the_loss_from_its_init() -> None:
@@ -186,7 +198,8 @@ def test_adam_decreases_the_loss_from_its_init() -> None:
         rho_abs = rho * sum(weights) / 10  # = rho * mean(diag(sum_i G_i)), trace(G_i) = w_i
         out = run(deltas, weights, solver="adam", rho=rho, steps=300, lr=1e-3)
         assert wudi_loss(out, deltas, w, rho_abs=rho_abs, anchor=anchor) < 0.9 * wudi_loss(
-            init, deltas, w, rho_abs=rho_abs, anchor=anchor)
+            init, deltas, w, rho_abs=rho_abs, anchor=anchor
+        )
     # the paper's defaults (lr 1e-5, 300 steps) move little, but downhill
     out = run(deltas, weights, solver="adam", rho=0.0)
     assert 0 < wudi_loss(out, deltas, w) < wudi_loss(init, deltas, w)
@@ -197,8 +210,7 @@ def test_adam_with_zero_steps_returns_the_init() -> None:
     deltas = randn(3, 4, 6, seed=8, dtype=torch.float32)
     weights = [1.0, 2.0, 0.5]
     init = sum(wi * t for wi, t in zip(weights, deltas))
-    torch.testing.assert_close(run(deltas, weights, solver="adam", steps=0, scaling=0.5),
-                               0.5 * init)
+    torch.testing.assert_close(run(deltas, weights, solver="adam", steps=0, scaling=0.5), 0.5 * init)
 
 
 def test_adam_runs_under_no_grad_and_approaches_the_closed_form() -> None:

@@ -72,8 +72,13 @@ def val_data(search_zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     return root
 
 
-def zoo_config(zoo: Mapping[str, Path], method: str = "task_arithmetic", parameters: dict | None = None,
-               weights: Mapping[str, float] | None = None, tasks: tuple[str, ...] = TASKS) -> dict[str, Any]:
+def zoo_config(
+    zoo: Mapping[str, Path],
+    method: str = "task_arithmetic",
+    parameters: dict | None = None,
+    weights: Mapping[str, float] | None = None,
+    tasks: tuple[str, ...] = TASKS,
+) -> dict[str, Any]:
     return {
         "base_model": str(zoo["base"]),
         "experts": [{"model": str(zoo[t]), "task": t, "weight": (weights or {}).get(t, 1.0)} for t in tasks],

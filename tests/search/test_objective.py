@@ -37,8 +37,9 @@ def test_scorer_scores_an_expert_reproduced_exactly_at_one(search_zoo: dict[str,
     assert scorer(Candidate({"scaling": 0.0}, (1.0,)), lambda s, sc: None)["sentiment"] < best
 
 
-def test_scorer_reports_after_every_task_and_reuses_seen_candidates(search_zoo: dict[str, Path], val_data: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scorer_reports_after_every_task_and_reuses_seen_candidates(
+    search_zoo: dict[str, Path], val_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scorer = MergeScorer(SearchJob(config=zoo_config(search_zoo), data_dir=str(val_data)))
     steps: list[int] = []
     first = scorer(Candidate({"scaling": 0.5}, (1.0, 1.0, 1.0)), lambda s, sc: steps.append(s))
@@ -49,7 +50,9 @@ def test_scorer_reports_after_every_task_and_reuses_seen_candidates(search_zoo: 
     assert scorer(Candidate({"scaling": 0.5}, (1.0, 1.0, 1.0)), lambda s, sc: None) == first
 
 
-def test_scorer_names_the_missing_task_folder_or_split(search_zoo: dict[str, Path], val_data: Path, tmp_path: Path) -> None:
+def test_scorer_names_the_missing_task_folder_or_split(
+    search_zoo: dict[str, Path], val_data: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match="no folder for task 'hate'"):
         MergeScorer(SearchJob(config=zoo_config(search_zoo), data_dir=str(tmp_path)))
     partial = tmp_path / "d"

@@ -22,7 +22,7 @@ def test_search_command_writes_the_best_merge_with_summary_plot_and_card(
     cfg.write_text(yaml.safe_dump(zoo_config(search_zoo, method="dare_ties")))
     out = tmp_path / "best"
     args = ["search", str(cfg), "--data", str(val_data), "--out", str(out), "--weights", "0.5,1.5", "--no-progress"]
-    res = runner.invoke(app, args + ["--trials", "5"])
+    res = runner.invoke(app, [*args, "--trials", "5"])
     assert res.exit_code == 0, res.output
     assert "best of 5 trials" in res.output and "s/trial" in res.output
     summary = json.loads((out / "search.json").read_text())
@@ -36,7 +36,7 @@ def test_search_command_writes_the_best_merge_with_summary_plot_and_card(
     model = guardmerge.load(str(out))
     assert model.tasks == list(TASKS)
     # the study persisted beside OUT: --resume continues it to 7 trials
-    res = runner.invoke(app, args + ["--trials", "7", "--resume", "--force"])
+    res = runner.invoke(app, [*args, "--trials", "7", "--resume", "--force"])
     assert res.exit_code == 0, res.output
     assert len(json.loads((out / "search.json").read_text())["trials"]) == 7
     lines = (tmp_path / "best.search" / "trials.jsonl").read_text().splitlines()
@@ -49,8 +49,11 @@ def test_search_command_refuses_bad_options_before_any_trial(
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(yaml.safe_dump(zoo_config(search_zoo, method="ties")))
     base = ["search", str(cfg), "--data", str(val_data), "--out", str(tmp_path / "o"), "--no-progress"]
-    for extra, message in ((["--weights", "2"], "LOW,HIGH"), (["--params", "alpha"], "no parameter 'alpha'"),
-                           (["--objective", "median"], "choose mean, worst or weighted")):
+    for extra, message in (
+        (["--weights", "2"], "LOW,HIGH"),
+        (["--params", "alpha"], "no parameter 'alpha'"),
+        (["--objective", "median"], "choose mean, worst or weighted"),
+    ):
         res = runner.invoke(app, base + extra)
         assert res.exit_code != 0 and message in str(res.exception) + res.output, (extra, res.output)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.search" / "study.db").exists()

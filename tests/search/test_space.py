@@ -19,8 +19,9 @@ def test_every_declared_range_lies_inside_its_parameter_constraints() -> None:
 
 
 def test_space_reads_ranges_from_the_schema_and_fixes_the_rest() -> None:
-    space = build_space("dare_ties", {"consensus": "sum", "scaling": 0.9}, ["a", "b"], [1.0, 1.0],
-                        only=["density", "seed"])
+    space = build_space(
+        "dare_ties", {"consensus": "sum", "scaling": 0.9}, ["a", "b"], [1.0, 1.0], only=["density", "seed"]
+    )
     assert space.ranges == {"density": SearchRange(0.1, 1.0), "seed": SearchRange(0, 9999, integer=True)}
     assert space.fixed == {"consensus": "sum", "scaling": 0.9}
     assert space.dimensions == 2

@@ -41,8 +41,9 @@ def test_cmaes_finds_planted_per_expert_weights(zoo: dict[str, Path], tmp_path: 
     target = Candidate({"scaling": 1.0}, (1.3, 0.4, 0.9))
     space = build_space("task_arithmetic", {"scaling": 1.0}, TASKS, [1.0] * 3, only=[], weight_range=(0.0, 2.0))
     scorer = PlantedScorer(zoo, "task_arithmetic", target)
-    out = run_search(space, lambda: scorer, settings(tmp_path, trials=60, sampler="cmaes", seed=0, prune=False),
-                     progress=False)
+    out = run_search(
+        space, lambda: scorer, settings(tmp_path, trials=60, sampler="cmaes", seed=0, prune=False), progress=False
+    )
     assert out.best.weights == pytest.approx(target.weights, abs=0.15)
     assert out.best_value > 0.85
 
@@ -71,16 +72,26 @@ def test_interrupted_study_resumes_its_count_and_keeps_its_best(zoo: dict[str, P
 def test_a_study_of_another_space_is_refused(zoo: dict[str, Path], tmp_path: Path) -> None:
     target = Candidate({"scaling": 0.7}, (1.0, 1.0, 1.0))
     cfg = settings(tmp_path, trials=2, prune=False)
-    run_search(build_space("task_arithmetic", {}, TASKS, [1.0] * 3), lambda: PlantedScorer(zoo, "task_arithmetic", target),
-               cfg, progress=False)
+    run_search(
+        build_space("task_arithmetic", {}, TASKS, [1.0] * 3),
+        lambda: PlantedScorer(zoo, "task_arithmetic", target),
+        cfg,
+        progress=False,
+    )
     other = build_space("ties", {}, TASKS, [1.0] * 3)
     with pytest.raises(ConfigError, match="another space"):
-        run_search(other, lambda: PlantedScorer(zoo, "ties", target), SearchSettings(**{**cfg.__dict__, "resume": True}),
-                   progress=False)
+        run_search(
+            other,
+            lambda: PlantedScorer(zoo, "ties", target),
+            SearchSettings(**{**cfg.__dict__, "resume": True}),
+            progress=False,
+        )
 
 
 def real_job(search_zoo: dict[str, Path], val_data: Path, tmp_path: Path) -> SearchJob:
-    return SearchJob(config=zoo_config(search_zoo, method="ties"), data_dir=str(val_data), work_dir=str(tmp_path / "work"))
+    return SearchJob(
+        config=zoo_config(search_zoo, method="ties"), data_dir=str(val_data), work_dir=str(tmp_path / "work")
+    )
 
 
 def test_two_worker_processes_share_one_study_and_never_repeat_a_trial(
@@ -106,8 +117,12 @@ def test_ray_backend_matches_the_local_backend_for_a_fixed_seed(
     local = run_search(space, factory, settings(tmp_path / "local", trials=6, seed=5, startup_trials=3), progress=False)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        remote = run_search(space, factory, settings(tmp_path / "ray", trials=6, seed=5, startup_trials=3,
-                                                      ray_address="local"), progress=False)
+        remote = run_search(
+            space,
+            factory,
+            settings(tmp_path / "ray", trials=6, seed=5, startup_trials=3, ray_address="local"),
+            progress=False,
+        )
         pids = {t["pid"] for t in map(json.loads, (tmp_path / "ray" / "trials.jsonl").read_text().splitlines())}
     finally:
         ray.shutdown()
@@ -125,16 +140,23 @@ def test_pruning_waits_for_half_the_tasks_then_stops_hopeless_trials(zoo: dict[s
 
     class Scorer:
         def __call__(self, c: Candidate, report: Report) -> dict[str, float]:
-            s = {"hate": 1.0 - c.parameters["scaling"], "injection": c.parameters["scaling"],
-                 "sentiment": c.parameters["scaling"]}
+            s = {
+                "hate": 1.0 - c.parameters["scaling"],
+                "injection": c.parameters["scaling"],
+                "sentiment": c.parameters["scaling"],
+            }
             scores: dict[str, float] = {}
             for step, t in enumerate(TASKS):
                 scores[t] = s[t]
                 report(step, scores)
             return scores
 
-    out = run_search(build_space("task_arithmetic", {}, TASKS, [1.0] * 3), Scorer,
-                     settings(tmp_path, trials=30, seed=0, startup_trials=5), progress=False)
+    out = run_search(
+        build_space("task_arithmetic", {}, TASKS, [1.0] * 3),
+        Scorer,
+        settings(tmp_path, trials=30, seed=0, startup_trials=5),
+        progress=False,
+    )
     log = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
     pruned = [r for r in log if r["state"] == "PRUNED"]
     assert pruned and all(len(r["scores"]) >= 2 for r in pruned)  # never on the first task alone

@@ -26,12 +26,14 @@ def merged_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     from guardmerge.config import parse_config
     from guardmerge.engine import merge
 
-    cfg = parse_config({
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo[t]), "task": t} for t in TASKS],
-        "method": "task_arithmetic",
-        "parameters": {"scaling": 0.4},
-    })
+    cfg = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo[t]), "task": t} for t in TASKS],
+            "method": "task_arithmetic",
+            "parameters": {"scaling": 0.4},
+        }
+    )
     out = tmp_path_factory.mktemp("serve") / "merged"
     merge(cfg, progress=False).to_model().save_pretrained(out)
     return out

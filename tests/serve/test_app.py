@@ -96,7 +96,12 @@ def test_model_info_healthz_and_openapi(merged: MultiHeadModel, serve: Callable)
     ("kwargs", "status", "code", "needle"),
     [
         ({"json": {"texts": ["a"], "tasks": ["spam", "hate"]}}, 400, "unknown_task", "'spam'"),
-        ({"content": b'{"texts": ["a"', "headers": {"content-type": "application/json"}}, 400, "malformed_json", "JSON"),
+        (
+            {"content": b'{"texts": ["a"', "headers": {"content-type": "application/json"}},
+            400,
+            "malformed_json",
+            "JSON",
+        ),
         ({"json": {"texts": [1]}}, 422, "invalid_request", "texts.0"),
         ({"json": {"text": ["a"]}}, 422, "invalid_request", "texts"),
         ({"json": {"texts": []}}, 422, "invalid_request", "texts"),
@@ -106,18 +111,39 @@ def test_model_info_healthz_and_openapi(merged: MultiHeadModel, serve: Callable)
         ({"content": b"", "headers": {"content-type": "application/json"}}, 422, "invalid_request", "JSON object"),
         ({"content": b'{"texts": ["a"]}'}, 415, "unsupported_media_type", "got none"),  # no Content-Type
         ({"content": b""}, 415, "unsupported_media_type", "application/json"),
-        ({"content": b'{"texts": ["a"]}', "headers": {"content-type": "application/x-www-form-urlencoded"}},
-         415, "unsupported_media_type", "x-www-form-urlencoded"),
-        ({"content": b'{"texts": ["caf\xe9"]}', "headers": {"content-type": "application/json"}},
-         400, "malformed_json", "UTF-8"),
-        ({"content": b'{"texts": ["a"]}', "headers": {"content-type": "application/json; charset=utf-16"}},
-         200, "", ""),
-        ({"content": b"[" * 2100 + b"]" * 2100, "headers": {"content-type": "application/json"}},
-         400, "malformed_json", "JSON"),  # nested too deep for the parser: not http_error
+        (
+            {"content": b'{"texts": ["a"]}', "headers": {"content-type": "application/x-www-form-urlencoded"}},
+            415,
+            "unsupported_media_type",
+            "x-www-form-urlencoded",
+        ),
+        (
+            {"content": b'{"texts": ["caf\xe9"]}', "headers": {"content-type": "application/json"}},
+            400,
+            "malformed_json",
+            "UTF-8",
+        ),
+        (
+            {"content": b'{"texts": ["a"]}', "headers": {"content-type": "application/json; charset=utf-16"}},
+            200,
+            "",
+            "",
+        ),
+        (
+            {"content": b"[" * 2100 + b"]" * 2100, "headers": {"content-type": "application/json"}},
+            400,
+            "malformed_json",
+            "JSON",
+        ),  # nested too deep for the parser: not http_error
         ({"json": {"texts": ["a", "b", "c", "d"]}}, 413, "too_many_texts", "limit is 3"),
         ({"json": {"texts": ["ok", "x" * 21]}}, 413, "text_too_long", "text 1 has 21 characters"),
         ({"content": b"x" * 100_000, "headers": {"content-type": "application/json"}}, 413, "body_too_large", "limit"),
-        ({"content": b'{"texts": ["a"]}', "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type", "application/json"),
+        (
+            {"content": b'{"texts": ["a"]}', "headers": {"content-type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+            "application/json",
+        ),
     ],
 )
 def test_errors_are_clear_json(
@@ -248,7 +274,11 @@ def test_inference_failure_is_500_json(serve: Callable) -> None:
         res = classify(url, {"texts": ["a"]})
         samples = metric_samples(httpx.get(f"{url}/metrics").text)
     assert res.status_code == 500
-    assert res.json()["error"] == {"code": "inference_failed", "message": "inference failed: RuntimeError", "details": None}
+    assert res.json()["error"] == {
+        "code": "inference_failed",
+        "message": "inference failed: RuntimeError",
+        "details": None,
+    }
     assert samples[("guardmerge_errors_total", (("code", "inference_failed"), ("endpoint", "/v1/classify")))] == 1
 
 
@@ -283,7 +313,10 @@ def test_bad_settings_are_refused(merged: MultiHeadModel) -> None:
 
 def test_parse_thresholds() -> None:
     assert parse_thresholds(["injection=0.8", " hate = 1 ", "emotion=off"]) == {
-        "injection": 0.8, "hate": 1.0, "emotion": None}
+        "injection": 0.8,
+        "hate": 1.0,
+        "emotion": None,
+    }
     for bad, msg in [("injection", "task=0.8"), ("x=1.5", "outside"), ("x=abc", "not a number"), ("=0.1", "task=0.8")]:
         with pytest.raises(GuardmergeError, match=msg):
             parse_thresholds([bad])

@@ -32,7 +32,7 @@ class Recorder:
         return {"a": col, "b": -col}
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(coro)
 
 
@@ -115,8 +115,9 @@ def test_failure_reaches_only_the_failing_request() -> None:
         b = MicroBatcher(picky, max_batch=8, max_wait_ms=50)
         await b.start()
         try:
-            first = await asyncio.gather(b.submit(["1"]), b.submit(["bad"]), b.submit(["2", "3"]),
-                                         return_exceptions=True)
+            first = await asyncio.gather(
+                b.submit(["1"]), b.submit(["bad"]), b.submit(["2", "3"]), return_exceptions=True
+            )
             return first, await b.submit(["4"])
         finally:
             await b.stop()

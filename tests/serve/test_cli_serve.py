@@ -36,13 +36,32 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return seen
 
 
-def test_serve_options_reach_the_app(merged_dir: Path, captured: dict[str, Any],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_options_reach_the_app(
+    merged_dir: Path, captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("GUARDMERGE_API_KEY", "from-env")
-    res = runner.invoke(cli_app, [
-        "serve", str(merged_dir), "--port", "9", "--threshold", "hate=0.8", "--threshold", "sentiment=off",
-        "--max-batch", "4", "--max-wait-ms", "2", "--max-texts", "10", "--max-chars", "50", "--no-access-log",
-    ])
+    res = runner.invoke(
+        cli_app,
+        [
+            "serve",
+            str(merged_dir),
+            "--port",
+            "9",
+            "--threshold",
+            "hate=0.8",
+            "--threshold",
+            "sentiment=off",
+            "--max-batch",
+            "4",
+            "--max-wait-ms",
+            "2",
+            "--max-texts",
+            "10",
+            "--max-chars",
+            "50",
+            "--no-access-log",
+        ],
+    )
     assert res.exit_code == 0, res.output
     settings = captured["app"].state.settings
     assert captured["host"] == "127.0.0.1" and captured["port"] == 9 and captured["access_log"] is False
@@ -56,10 +75,21 @@ def test_serve_options_reach_the_app(merged_dir: Path, captured: dict[str, Any],
 
 
 def test_serve_connection_limits_reach_uvicorn(merged_dir: Path, captured: dict[str, Any]) -> None:
-    res = runner.invoke(cli_app, [
-        "serve", str(merged_dir), "--header-timeout", "2.5", "--body-timeout", "7", "--keep-alive-timeout", "3",
-        "--max-connections", "40",
-    ])
+    res = runner.invoke(
+        cli_app,
+        [
+            "serve",
+            str(merged_dir),
+            "--header-timeout",
+            "2.5",
+            "--body-timeout",
+            "7",
+            "--keep-alive-timeout",
+            "3",
+            "--max-connections",
+            "40",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert captured["timeout_keep_alive"] == 3.0 and captured["limit_concurrency"] == 40
     assert captured["http"].header_timeout == 2.5
@@ -70,8 +100,9 @@ def test_serve_connection_limits_reach_uvicorn(merged_dir: Path, captured: dict[
 
 
 @pytest.mark.parametrize("env", [None, "", "  "])
-def test_serve_refuses_an_empty_api_key(merged_dir: Path, captured: dict[str, Any],
-                                        monkeypatch: pytest.MonkeyPatch, env: str | None) -> None:
+def test_serve_refuses_an_empty_api_key(
+    merged_dir: Path, captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch, env: str | None
+) -> None:
     if env is None:
         monkeypatch.delenv("GUARDMERGE_API_KEY", raising=False)
         args = ["--api-key", ""]
@@ -86,18 +117,31 @@ def test_serve_refuses_an_empty_api_key(merged_dir: Path, captured: dict[str, An
 
 def test_serve_empty_api_key_exits_2_with_one_line(merged_dir: Path) -> None:
     env = {**os.environ, "GUARDMERGE_API_KEY": ""}
-    proc = subprocess.run([sys.executable, "-m", "guardmerge.cli", "serve", str(merged_dir)],
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "guardmerge.cli", "serve", str(merged_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "GUARDMERGE_API_KEY" in lines[0]
 
 
-@pytest.mark.parametrize(("host", "key", "warned"),
-                         [("0.0.0.0", None, True), ("127.0.0.1", None, False), ("0.0.0.0", "k", False)])
-def test_serve_warns_without_key_beyond_loopback(merged_dir: Path, captured: dict[str, Any],
-                                                 monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-                                                 host: str, key: str | None, warned: bool) -> None:
+@pytest.mark.parametrize(
+    ("host", "key", "warned"), [("0.0.0.0", None, True), ("127.0.0.1", None, False), ("0.0.0.0", "k", False)]
+)
+def test_serve_warns_without_key_beyond_loopback(
+    merged_dir: Path,
+    captured: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    host: str,
+    key: str | None,
+    warned: bool,
+) -> None:
     monkeypatch.delenv("GUARDMERGE_API_KEY", raising=False)
     args = ["--api-key", key] if key else []
     with caplog.at_level(logging.WARNING, logger="guardmerge"):
@@ -122,8 +166,9 @@ def test_serve_warns_without_key_beyond_loopback(merged_dir: Path, captured: dic
         (["--api-key", " k "], "whitespace"),
     ],
 )
-def test_serve_bad_options_raise_one_line_errors(merged_dir: Path, captured: dict[str, Any],
-                                                 args: list[str], message: str) -> None:
+def test_serve_bad_options_raise_one_line_errors(
+    merged_dir: Path, captured: dict[str, Any], args: list[str], message: str
+) -> None:
     res = runner.invoke(cli_app, ["serve", str(merged_dir), *args])
     assert isinstance(res.exception, GuardmergeError) and message in str(res.exception)
     assert "app" not in captured
@@ -141,7 +186,10 @@ def test_serve_command_answers_http(merged_dir: Path) -> None:
     env = {**os.environ, "GUARDMERGE_API_KEY": "k"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "guardmerge.cli", "-q", "serve", str(merged_dir), "--port", str(port), "--threads", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -45,7 +45,7 @@ def test_lone_surrogate_text_is_422_and_breaks_no_other_request(merged: MultiHea
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             good = [client.post("/v1/classify", json={"texts": [t]}) for t in normal]
             bad = [client.post("/v1/classify", content=poison, headers=JSON) for _ in range(8)]
-            mixed = [good[i // 4 * 4: i // 4 * 4 + 4] + [bad[i // 4]] for i in range(0, 32, 4)]
+            mixed = [[*good[i // 4 * 4 : i // 4 * 4 + 4], bad[i // 4]] for i in range(0, 32, 4)]
             results = await asyncio.gather(*(c for group in mixed for c in group))
         return [r for r in results if r.request.content != poison], [r for r in results if r.request.content == poison]
 
@@ -70,8 +70,9 @@ def test_lone_surrogate_text_is_422_and_breaks_no_other_request(merged: MultiHea
         (b'{"texts": ["\\udc80\\ud800"]}', 422, "invalid_text"),
     ],
 )
-def test_lone_surrogates_anywhere_get_json_errors(merged: MultiHeadModel, serve: Callable, body: bytes,
-                                                  status: int, code: str) -> None:
+def test_lone_surrogates_anywhere_get_json_errors(
+    merged: MultiHeadModel, serve: Callable, body: bytes, status: int, code: str
+) -> None:
     with serve(merged) as url:
         res = httpx.post(f"{url}/v1/classify", content=body, headers=JSON, timeout=30)
     assert res.status_code == status, res.text
@@ -229,8 +230,10 @@ def test_unauthenticated_request_is_answered_before_its_body_is_sent(merged: Mul
     with serve(merged, api_key="k") as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")  # the head only: no body follows
+            sock.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )  # the head only: no body follows
             head = _read_response(sock)
     assert head.startswith(b"HTTP/1.1 401") and b"unauthorized" in head
 
@@ -243,8 +246,11 @@ def test_chunked_body_over_the_limit_is_413_while_streaming(merged: MultiHeadMod
     async def go() -> Any:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            return await client.post("/v1/classify", content=_chunks(4 << 20, 64 << 10, sent)(),
-                                     headers={**JSON, "Authorization": "Bearer k"})
+            return await client.post(
+                "/v1/classify",
+                content=_chunks(4 << 20, 64 << 10, sent)(),
+                headers={**JSON, "Authorization": "Bearer k"},
+            )
 
     res = asyncio.run(go())
     assert res.status_code == 413, res.text
@@ -262,8 +268,9 @@ def _read_response(sock: socket.socket) -> bytes:
             return data
         data += more
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
     while len(body) < length:
         more = sock.recv(65536)
         if not more:
@@ -277,8 +284,10 @@ def test_stalled_body_gets_408(merged: MultiHeadModel, serve: Callable) -> None:
     with serve(merged, body_timeout=0.5) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=20) as sock:
-            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n" + b'{"texts": [')  # then nothing more
+            sock.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n" + b'{"texts": ['
+            )  # then nothing more
             response = _read_response(sock)
             closed = sock.recv(1) == b""
         errors = _error_count(url, "request_timeout")
@@ -316,8 +325,9 @@ def test_blank_api_key_is_refused(key: str) -> None:
         create_app(_Scores(), ServeSettings(api_key=key))
 
 
-def test_model_info_shows_the_base_model_name_only(merged: MultiHeadModel, zoo: dict[str, Path],
-                                                   serve: Callable) -> None:
+def test_model_info_shows_the_base_model_name_only(
+    merged: MultiHeadModel, zoo: dict[str, Path], serve: Callable
+) -> None:
     assert Path(merged.info["base_model"]).is_absolute()
     with serve(merged) as url:
         info = httpx.get(f"{url}/v1/model").json()
@@ -328,8 +338,15 @@ def test_model_info_shows_the_base_model_name_only(merged: MultiHeadModel, zoo: 
 
 @pytest.mark.parametrize(
     ("value", "shown"),
-    [("/home/me/models/bert-base", "bert-base"), ("/srv/m/", "m"), ("C:\\Users\\me\\bert", "bert"),
-     ("~/models/x", "x"), ("./local/y", "y"), ("org/name", "org/name"), ("bert-base-uncased", "bert-base-uncased")],
+    [
+        ("/home/me/models/bert-base", "bert-base"),
+        ("/srv/m/", "m"),
+        ("C:\\Users\\me\\bert", "bert"),
+        ("~/models/x", "x"),
+        ("./local/y", "y"),
+        ("org/name", "org/name"),
+        ("bert-base-uncased", "bert-base-uncased"),
+    ],
 )
 def test_public_model_name(value: str, shown: str) -> None:
     assert public_model_name(value) == shown

@@ -66,8 +66,8 @@ def test_onnx_backend_matches_torch_backend(onnx_dir: Path, merged: MultiHeadMod
     onnx_backend, torch_backend = OnnxBackend(onnx_dir, threads=1), TorchBackend(merged)
     assert onnx_backend.tasks == torch_backend.tasks
     assert all(onnx_backend.labels(t) == torch_backend.labels(t) for t in TASKS)
-    a = onnx_backend.logits(TEXTS + [LONG])
-    b = torch_backend.logits(TEXTS + [LONG])
+    a = onnx_backend.logits([*TEXTS, LONG])
+    b = torch_backend.logits([*TEXTS, LONG])
     for t in TASKS:
         np.testing.assert_allclose(a[t], b[t], atol=1e-4, rtol=0)
     assert list(onnx_backend.logits(["sure"], ["sentiment"])) == ["sentiment"]
@@ -86,8 +86,9 @@ def test_int8_export_runs_close_to_fp32(merged: MultiHeadModel, onnx_dir: Path, 
         assert np.abs(q[t] - ref[t].numpy()).max() < 0.5  # tiny random model: a loose bound
 
 
-def test_export_is_atomic_and_refuses_existing(merged: MultiHeadModel, onnx_dir: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_is_atomic_and_refuses_existing(
+    merged: MultiHeadModel, onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(OutputExistsError):
         export_onnx(merged, onnx_dir)
     with pytest.raises(GuardmergeError, match="unknown quantisation 'int4'"):

@@ -31,18 +31,38 @@ def tiny_model(kind: str = "bert", num_labels: int = 3, seed: int = 0) -> torch.
     """A tiny random ``*ForSequenceClassification`` (hidden 16, 2 layers), in eval mode."""
     torch.manual_seed(seed)
     if kind == "bert":
-        cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=32, num_labels=num_labels,
-                            max_position_embeddings=64)
+        cfg = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=num_labels,
+            max_position_embeddings=64,
+        )
         model = BertForSequenceClassification(cfg)
     elif kind == "roberta":
-        cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-                            num_attention_heads=2, intermediate_size=32, num_labels=num_labels,
-                            max_position_embeddings=64, pad_token_id=1)
+        cfg = RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=num_labels,
+            max_position_embeddings=64,
+            pad_token_id=1,
+        )
         model = RobertaForSequenceClassification(cfg)
     elif kind == "distilbert":
-        cfg = DistilBertConfig(vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
-                               num_labels=num_labels, max_position_embeddings=64)
+        cfg = DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=16,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=32,
+            num_labels=num_labels,
+            max_position_embeddings=64,
+        )
         model = DistilBertForSequenceClassification(cfg)
     else:
         raise ValueError(kind)
@@ -50,7 +70,10 @@ def tiny_model(kind: str = "bert", num_labels: int = 3, seed: int = 0) -> torch.
 
 
 def make_batch(
-    lengths: list[int], seq_len: int | None = None, seed: int = 0, pad_id: int = 0,
+    lengths: list[int],
+    seq_len: int | None = None,
+    seed: int = 0,
+    pad_id: int = 0,
     num_labels: int = 3,
 ) -> dict[str, torch.Tensor]:
     """Random token ids, right-padded with ``pad_id`` to ``seq_len`` (default: the longest)."""
@@ -62,8 +85,7 @@ def make_batch(
         mask[i, :n] = 1
         ids[i, n:] = pad_id
     labels = torch.randint(0, num_labels, (len(lengths),), generator=gen)
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
-            "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
 
 
 @pytest.fixture

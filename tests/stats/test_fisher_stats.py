@@ -19,9 +19,11 @@ def _loop_fisher(model, batches, label_mode: str) -> dict[str, torch.Tensor]:
     for b in batches:
         for i in range(b["input_ids"].shape[0]):
             n = int(b["attention_mask"][i].sum())
-            logits = model(input_ids=b["input_ids"][i : i + 1, :n],
-                           attention_mask=b["attention_mask"][i : i + 1, :n],
-                           token_type_ids=b["token_type_ids"][i : i + 1, :n]).logits[0]
+            logits = model(
+                input_ids=b["input_ids"][i : i + 1, :n],
+                attention_mask=b["attention_mask"][i : i + 1, :n],
+                token_type_ids=b["token_type_ids"][i : i + 1, :n],
+            ).logits[0]
             logp = torch.log_softmax(logits, dim=-1)
             if label_mode == "hard":
                 targets = [(int(logp.argmax()), 1.0)]
@@ -41,8 +43,7 @@ def _loop_fisher(model, batches, label_mode: str) -> dict[str, torch.Tensor]:
 def test_per_example_fisher_matches_single_example_loop(label_mode: str) -> None:
     model = tiny_model("bert", num_labels=3)
     batches = [make_batch([6, 3, 5], seed=1), make_batch([4, 4], seed=2)]
-    stats = collect_fisher(model, batches, label_mode=label_mode, micro_batch_size=2,
-                           progress=False)
+    stats = collect_fisher(model, batches, label_mode=label_mode, micro_batch_size=2, progress=False)
     reference = _loop_fisher(model, batches, label_mode)
     assert stats.n_examples == 5 and stats.label_mode == label_mode
     assert stats.gradient == "per_example"
@@ -60,30 +61,25 @@ def test_micro_batch_size_does_not_change_the_result() -> None:
     one = collect_fisher(model, [batch], micro_batch_size=1, progress=False)
     four = collect_fisher(model, [batch], micro_batch_size=4, progress=False)
     assert "transformer.layer.0.attention.q_lin.weight" in one.fisher
-    assert one.head == {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight",
-                        "classifier.bias"}
+    assert one.head == {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}
     for name, f in one.fisher.items():
         torch.testing.assert_close(four.fisher[name], f, rtol=1e-5, atol=1e-8)
 
 
 def test_batch_mode_squares_the_batch_gradient() -> None:
     model = tiny_model("bert", num_labels=2)
-    batches = [make_batch([5, 3], seed=6, num_labels=2), make_batch([4, 4, 2], seed=7,
-                                                                    num_labels=2)]
-    stats = collect_fisher(model, batches, gradient="batch", label_mode="empirical",
-                           progress=False)
+    batches = [make_batch([5, 3], seed=6, num_labels=2), make_batch([4, 4, 2], seed=7, num_labels=2)]
+    stats = collect_fisher(model, batches, gradient="batch", label_mode="empirical", progress=False)
     expected: dict[str, torch.Tensor] = {}
     for b in batches:
-        logp = torch.log_softmax(model(input_ids=b["input_ids"],
-                                       attention_mask=b["attention_mask"]).logits, dim=-1)
+        logp = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, dim=-1)
         objective = logp.gather(1, b["labels"].unsqueeze(1)).mean()
         grads = torch.autograd.grad(objective, list(model.parameters()))
         for (name, _), g in zip(model.named_parameters(), grads):
             expected[name] = expected.get(name, 0) + g.double() ** 2 / len(batches)
     assert stats.gradient == "batch" and stats.n_examples == 5
     for name, ref in expected.items():
-        torch.testing.assert_close(stats.fisher[name.removeprefix("bert.")].double(), ref,
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(stats.fisher[name.removeprefix("bert.")].double(), ref, rtol=1e-4, atol=1e-7)
 
 
 def test_head_left_out_and_bad_options_refused() -> None:

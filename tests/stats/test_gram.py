@@ -10,15 +10,21 @@ from guardmerge.stats.gram import collect_grams
 from tests.stats.conftest import make_batch, tiny_model
 
 QKV = {
-    "bert": ("encoder.layer.{i}.attention.self.query.weight",
-             "encoder.layer.{i}.attention.self.key.weight",
-             "encoder.layer.{i}.attention.self.value.weight"),
-    "roberta": ("encoder.layer.{i}.attention.self.query.weight",
-                "encoder.layer.{i}.attention.self.key.weight",
-                "encoder.layer.{i}.attention.self.value.weight"),
-    "distilbert": ("transformer.layer.{i}.attention.q_lin.weight",
-                   "transformer.layer.{i}.attention.k_lin.weight",
-                   "transformer.layer.{i}.attention.v_lin.weight"),
+    "bert": (
+        "encoder.layer.{i}.attention.self.query.weight",
+        "encoder.layer.{i}.attention.self.key.weight",
+        "encoder.layer.{i}.attention.self.value.weight",
+    ),
+    "roberta": (
+        "encoder.layer.{i}.attention.self.query.weight",
+        "encoder.layer.{i}.attention.self.key.weight",
+        "encoder.layer.{i}.attention.self.value.weight",
+    ),
+    "distilbert": (
+        "transformer.layer.{i}.attention.q_lin.weight",
+        "transformer.layer.{i}.attention.k_lin.weight",
+        "transformer.layer.{i}.attention.v_lin.weight",
+    ),
 }
 HEADS = {
     "bert": {"classifier.weight"},
@@ -29,8 +35,7 @@ PAD = {"bert": 0, "roberta": 1, "distilbert": 0}
 
 
 def _batches(kind: str) -> list[dict[str, torch.Tensor]]:
-    return [make_batch([7, 4, 9], seed=1, pad_id=PAD[kind]),
-            make_batch([5, 5], seed=2, pad_id=PAD[kind])]
+    return [make_batch([7, 4, 9], seed=1, pad_id=PAD[kind]), make_batch([5, 5], seed=2, pad_id=PAD[kind])]
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
@@ -67,8 +72,7 @@ def _captured_rows(model: torch.nn.Module, batches, module: torch.nn.Module, mas
         with torch.no_grad():
             for b in batches:
                 mask = b["attention_mask"]
-                model(input_ids=b["input_ids"], attention_mask=mask,
-                      token_type_ids=b["token_type_ids"])
+                model(input_ids=b["input_ids"], attention_mask=mask, token_type_ids=b["token_type_ids"])
     finally:
         handle.remove()
     return torch.cat(rows)
@@ -125,8 +129,10 @@ def test_masked_padded_batch_equals_unpadded_examples_and_parity_differs() -> No
     masked = collect_grams(model, [padded], progress=False)
     parity = collect_grams(model, [padded], include_padding=True, progress=False)
     # the same examples one at a time, no padding at all
-    singles = [{k: v[i : i + 1, :n] if v.dim() == 2 else v[i : i + 1] for k, v in padded.items()}
-               for i, n in enumerate(lengths)]
+    singles = [
+        {k: v[i : i + 1, :n] if v.dim() == 2 else v[i : i + 1] for k, v in padded.items()}
+        for i, n in enumerate(lengths)
+    ]
     unpadded = collect_grams(model, singles, progress=False)
     assert masked.n_tokens == unpadded.n_tokens == sum(lengths)
     for key, g in masked.grams.items():
@@ -138,8 +144,7 @@ def test_masked_padded_batch_equals_unpadded_examples_and_parity_differs() -> No
 def test_head_can_be_left_out_and_model_state_is_restored() -> None:
     model = tiny_model("bert")
     model.train()
-    stats = collect_grams(model, _batches("bert"), include_head=False, progress=False,
-                          max_length=32)
+    stats = collect_grams(model, _batches("bert"), include_head=False, progress=False, max_length=32)
     assert "classifier.weight" not in stats and stats.head == frozenset()
     assert "pooler.dense.weight" in stats
     assert stats.max_length == 32

@@ -54,8 +54,13 @@ def stats_of_a(experts: dict[str, Path]):
 
 def test_round_trip_with_metadata(tmp_path: Path, experts, stats_of_a) -> None:
     gram, fisher = stats_of_a
-    path = save_stats(tmp_path / "a.stats.safetensors", gram=gram, fisher=fisher,
-                      expert=experts["a"], extra={"data": "train.jsonl", "n": 3})
+    path = save_stats(
+        tmp_path / "a.stats.safetensors",
+        gram=gram,
+        fisher=fisher,
+        expert=experts["a"],
+        extra={"data": "train.jsonl", "n": 3},
+    )
     loaded = load_stats(path, experts["a"])
     assert loaded.kinds == {"gram", "fisher"}
     assert loaded.fingerprint == expert_fingerprint(experts["a"])
@@ -69,8 +74,7 @@ def test_round_trip_with_metadata(tmp_path: Path, experts, stats_of_a) -> None:
         assert g.grams[key].dtype == torch.float64
         assert torch.equal(g.grams[key], t)
     f = loaded.fisher
-    assert f is not None and (f.n_examples, f.label_mode, f.gradient, f.max_length) == (
-        3, "soft", "per_example", 16)
+    assert f is not None and (f.n_examples, f.label_mode, f.gradient, f.max_length) == (3, "soft", "per_example", 16)
     assert f.head == {"classifier.weight", "classifier.bias"}
     for name, t in fisher.fisher.items():
         assert torch.equal(f.fisher[name], t)
@@ -90,8 +94,7 @@ def test_round_trip_with_metadata(tmp_path: Path, experts, stats_of_a) -> None:
 
 def test_only_requested_kinds_and_float32_grams(tmp_path: Path, experts, stats_of_a) -> None:
     gram, _ = stats_of_a
-    path = save_stats(tmp_path / "g.safetensors", gram=gram, expert=experts["a"],
-                      gram_dtype=torch.float32)
+    path = save_stats(tmp_path / "g.safetensors", gram=gram, expert=experts["a"], gram_dtype=torch.float32)
     loaded = load_stats(path, experts["a"])
     assert loaded.kinds == {"gram"} and loaded.gram.grams[Q].dtype == torch.float32
     with pytest.raises(StatisticsError, match="no 'fisher' statistics"):
@@ -161,8 +164,7 @@ def test_stack_for_tensor(stats_of_a, tmp_path: Path, experts) -> None:
     one, two = load_stats(path), load_stats(path)
     stacked = stack_for_tensor([one, two], K, {"gram", "fisher"})
     assert stacked["gram"].shape == (2, 16, 16) and stacked["fisher"].shape == (2, 16, 16)
-    assert stack_for_tensor([one, two], "encoder.layer.0.attention.self.key.bias",
-                            {"gram"}) == {}
+    assert stack_for_tensor([one, two], "encoder.layer.0.attention.self.key.bias", {"gram"}) == {}
     only_fisher = load_stats(path, kinds=["fisher"])
     with pytest.raises(StatisticsError, match="missing"):
         stack_for_tensor([one, only_fisher], K, {"gram"})

@@ -19,7 +19,7 @@ import torch
 
 from guardmerge.align import per_feature_affine
 from guardmerge.errors import GuardmergeError
-from guardmerge.merge.layerwise import _capture_inputs, module_at
+from guardmerge.merge.layerwise import _capture_inputs, blocks_at
 from guardmerge.multihead import MultiHeadModel
 from guardmerge.stats.batches import tokenize_batches
 
@@ -44,7 +44,7 @@ def branch_hidden(
         raise GuardmergeError("branch alignment needs a branched model (share_layers below the number of layers)")
     adapter = model.adapter
     ex = expert.encoder.eval()
-    ex_blocks = module_at(ex, adapter.blocks or "")
+    ex_blocks = blocks_at(ex, adapter.blocks or "")
     merged_rows, expert_rows = [], []
     for batch in tokenize_batches(model.tokenizer, list(texts), batch_size=batch_size, max_length=max_length):
         rows = batch["attention_mask"].reshape(-1).bool()
@@ -85,14 +85,21 @@ def branch_align_stage(
     for task in model.tasks:
         if task not in texts or task not in experts:
             raise GuardmergeError(f"branch alignment: no texts or expert for task '{task}'")
-        merged, expert = branch_hidden(model, experts[task], task, texts[task], max_length=max_length,
-                                       batch_size=batch_size)
+        merged, expert = branch_hidden(
+            model, experts[task], task, texts[task], max_length=max_length, batch_size=batch_size
+        )
         scale, shift = per_feature_affine(merged, expert, ridge)
         model.branch(task).set_align(scale, shift)
         before = float((merged - expert).square().mean())
         after = float((merged * scale + shift - expert).square().mean())
         report["tasks"][task] = {"tokens": int(merged.shape[0]), "mse_before": before, "mse_after": after}
-        log.info("branch '%s' aligned at depth %s on %d tokens: hidden-state MSE %.3g -> %.3g", task,
-                 model.share_layers, merged.shape[0], before, after)
+        log.info(
+            "branch '%s' aligned at depth %s on %d tokens: hidden-state MSE %.3g -> %.3g",
+            task,
+            model.share_layers,
+            merged.shape[0],
+            before,
+            after,
+        )
     report["seconds"] = time.perf_counter() - started
     return report

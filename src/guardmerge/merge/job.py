@@ -116,8 +116,10 @@ class MergeJob:
             if len(weights) != len(experts):
                 raise ConfigError(f"{len(weights)} weights for {len(experts)} experts")
             experts = tuple(replace(e, weight=float(w)) for e, w in zip(experts, weights))
-        config = self.config.model_copy(update={
-            "parameters": params.model_dump(),
-            "experts": [c.model_copy(update={"weight": e.weight}) for c, e in zip(self.config.experts, experts)],
-        })
+        config = self.config.model_copy(
+            update={
+                "parameters": params.model_dump(),
+                "experts": [c.model_copy(update={"weight": e.weight}) for c, e in zip(self.config.experts, experts)],
+            }
+        )
         return replace(self, config=config, experts=experts, params=params)

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -50,6 +50,11 @@ class _Call:
     rows: torch.Tensor
 
 
+def blocks_at(root: nn.Module, path: str) -> list[nn.Module]:
+    """The blocks of the block list ``root.a.b`` for ``path = "a.b"``."""
+    return list(cast(nn.ModuleList, module_at(root, path)))
+
+
 def module_at(root: nn.Module, path: str) -> nn.Module:
     """``root.a.b`` for ``path = "a.b"``."""
     module = root
@@ -62,8 +67,9 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _capture_inputs(encoder: nn.Module, blocks: Sequence[nn.Module], batch: Mapping[str, torch.Tensor],
-                    upto: int | None) -> tuple[list[torch.Tensor], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+def _capture_inputs(
+    encoder: nn.Module, blocks: Sequence[nn.Module], batch: Mapping[str, torch.Tensor], upto: int | None
+) -> tuple[list[torch.Tensor], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
     """Run ``encoder`` on ``batch``, recording each block's input hidden states and call
     arguments (blocks ``0..upto``; all, plus the last block's output, when ``upto`` is None)."""
     hidden: list[torch.Tensor] = []
@@ -106,7 +112,8 @@ def _call(block: nn.Module, hidden: torch.Tensor, call: _Call | None) -> torch.T
 def _center(layers: Sequence[nn.Module], weights: torch.Tensor, bias: bool) -> torch.Tensor:
     """The experts' weighted mean layer, ``[out, in]`` (``[out, in + 1]`` with the bias column), float64."""
     rows = []
-    for m in layers:
+    for layer in layers:
+        m = cast(nn.Linear, layer)
         wt = m.weight.detach().double()
         if bias:
             b = m.bias.detach().double() if m.bias is not None else torch.zeros(wt.shape[0], dtype=torch.float64)
@@ -138,8 +145,10 @@ def linear_groups(block: nn.Module, hidden: torch.Tensor, call: _Call | None) ->
         previous = x
     seen = [n for g in groups for n in g]
     if len(seen) != len(set(seen)):
-        raise GuardmergeError(f"a Linear layer of {type(block).__name__} runs twice per forward; "
-                              "the layer-wise stage cannot order its solves")
+        raise GuardmergeError(
+            f"a Linear layer of {type(block).__name__} runs twice per forward; "
+            "the layer-wise stage cannot order its solves"
+        )
     return groups
 
 
@@ -151,8 +160,9 @@ def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return flat.detach()
 
 
-def _grab(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, call: _Call | None,
-          outputs: bool) -> dict[str, torch.Tensor]:
+def _grab(
+    block: nn.Module, names: Sequence[str], hidden: torch.Tensor, call: _Call | None, outputs: bool
+) -> dict[str, torch.Tensor]:
     """Run ``block`` until the Linear layers ``names`` have run; their inputs (or outputs)."""
     got: dict[str, torch.Tensor] = {}
     mods = {n: module_at(block, n) for n in names}
@@ -165,8 +175,9 @@ def _grab(block: nn.Module, names: Sequence[str], hidden: torch.Tensor, call: _C
 
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) if outputs else m.register_forward_pre_hook(hook(n))
-               for n, m in mods.items()]
+    handles = [
+        m.register_forward_hook(hook(n)) if outputs else m.register_forward_pre_hook(hook(n)) for n, m in mods.items()
+    ]
     try:
         _call(block, hidden, call)
     except _Stop:
@@ -228,11 +239,14 @@ def layerwise_stage(
     if model.tokenizer is None:
         raise GuardmergeError("the layer-wise stage needs the merged model's tokenizer")
     encoder = model.encoder.eval()
-    blocks = module_at(encoder, adapter.blocks)
-    pooler = module_at(encoder, adapter.pooler) if adapter.pooler and hasattr(encoder, adapter.pooler) \
-        and getattr(encoder, adapter.pooler) is not None else None
+    blocks = blocks_at(encoder, adapter.blocks)
+    pooler = (
+        module_at(encoder, adapter.pooler)
+        if adapter.pooler and hasattr(encoder, adapter.pooler) and getattr(encoder, adapter.pooler) is not None
+        else None
+    )
     if shared_blocks is not None:  # a branched trunk: its shared blocks only (not the branch point)
-        blocks, pooler = list(blocks)[:shared_blocks], None
+        blocks, pooler = blocks[:shared_blocks], None
         if not blocks:
             log.info("layer-wise stage: share_layers 0, no shared block to solve")
             return {"layers": 0, "tokens": {}, "seconds": 0.0}
@@ -240,19 +254,21 @@ def layerwise_stage(
     tokens: dict[str, int] = {}
     for task, task_texts in texts.items():
         ex = experts[task].encoder.eval()
-        batches = tokenize_batches(model.tokenizer, list(task_texts), batch_size=batch_size,
-                                   max_length=max_length, sort_by_length=True)
+        batches = tokenize_batches(
+            model.tokenizer, list(task_texts), batch_size=batch_size, max_length=max_length, sort_by_length=True
+        )
         calls, merged, expert_hidden = [], [], []
         for batch in batches:
             h, cl = _capture_inputs(encoder, blocks, batch, upto=0)
             rows = batch["attention_mask"].reshape(-1).bool().nonzero().squeeze(1)
             calls.append(_Call(cl[0][0], cl[0][1], rows))
             merged.append(h[0])
-            eh, _ = _capture_inputs(ex, module_at(ex, adapter.blocks), batch, upto=None)
+            eh, _ = _capture_inputs(ex, blocks_at(ex, adapter.blocks), batch, upto=None)
             expert_hidden.append(eh)
         ex_pooler = getattr(ex, adapter.pooler, None) if adapter.pooler else None
-        tasks[task] = _Task(calls, merged, expert_hidden, module_at(ex, adapter.blocks), ex_pooler,
-                            float(weights[task]))
+        tasks[task] = _Task(
+            calls, merged, expert_hidden, blocks_at(ex, adapter.blocks), ex_pooler, float(weights[task])
+        )
         tokens[task] = sum(int(c.rows.numel()) for c in calls)
     names = list(tasks)
     w = torch.tensor([tasks[t].weight for t in names], dtype=torch.float64)
@@ -262,10 +278,11 @@ def layerwise_stage(
         stack.append((adapter.pooler or "pooler", pooler, None))
     first = tasks[names[0]]
     for prefix, block, depth in tqdm(stack, desc="layer-wise solve", unit="block", disable=not progress):
-        def call_of(task: _Task, b: int) -> _Call | None:
+
+        def call_of(task: _Task, b: int, depth: int | None = depth) -> _Call | None:
             return task.calls[b] if depth is not None else None
 
-        def expert_block(task: _Task) -> nn.Module | None:
+        def expert_block(task: _Task, depth: int | None = depth) -> nn.Module | None:
             return task.blocks[depth] if depth is not None else task.pooler
 
         groups = linear_groups(block, first.merged[0], call_of(first, 0))
@@ -275,9 +292,26 @@ def layerwise_stage(
                 raise GuardmergeError(f"expert '{t}' has no pooler to fit the merged pooler to")
         every = [n for group in groups for n in group]
         # the experts' own outputs of every Linear of this block, one expert pass per batch (lot)
-        targets = {t: [{n: _rows(y, tasks[t].calls[b].rows).float() for n, y in _grab(
-            expert_block(tasks[t]), every, hidden[level], call_of(tasks[t], b), outputs=True).items()}  # type: ignore[arg-type]
-            for b, hidden in enumerate(tasks[t].expert)] for t in names} if cross else {}
+        targets = (
+            {
+                t: [
+                    {
+                        n: _rows(y, tasks[t].calls[b].rows).float()
+                        for n, y in _grab(
+                            expert_block(tasks[t]),  # type: ignore[arg-type]  # checked above: not None
+                            every,
+                            hidden[level],
+                            call_of(tasks[t], b),
+                            outputs=True,
+                        ).items()
+                    }
+                    for b, hidden in enumerate(tasks[t].expert)
+                ]
+                for t in names
+            }
+            if cross
+            else {}
+        )
         for group in groups:
             lins = {n: module_at(block, n) for n in group}
             ex_lins = {n: [module_at(expert_block(tasks[t]), n) for t in names] for n in group}  # type: ignore[arg-type]
@@ -286,13 +320,14 @@ def layerwise_stage(
             reference = {n: _center(ex_lins[n], w, bias) for n in group} if cross else {}
             grams, crosses = [], []
             for t in names:
-                task = tasks[t]
+                tk = tasks[t]
                 gram = None
                 cr: dict[str, torch.Tensor] = {}
                 count = 0
-                for b, hidden in enumerate(task.merged):
-                    x = _rows(_grab(block, group[:1], hidden, call_of(task, b), outputs=False)[group[0]],
-                              task.calls[b].rows).float()
+                for b, hidden in enumerate(tk.merged):
+                    x = _rows(
+                        _grab(block, group[:1], hidden, call_of(tk, b), outputs=False)[group[0]], tk.calls[b].rows
+                    ).float()
                     if bias:
                         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
                     # float32 products per batch, accumulated in float64 (as the Gram collector does)
@@ -311,8 +346,10 @@ def layerwise_stage(
                     name=f"{prefix}.{n}.weight",
                     gram=g,
                     cross=torch.stack([c[n] for c in crosses]) if cross else None,
-                    expert_weight=torch.stack([m.weight.detach() for m in ex_lins[n]]),
-                    expert_bias=None if lin.bias is None else torch.stack([m.bias.detach() for m in ex_lins[n]]),
+                    expert_weight=torch.stack([cast(nn.Linear, m).weight.detach() for m in ex_lins[n]]),
+                    expert_bias=None
+                    if lin.bias is None
+                    else torch.stack([cast(nn.Linear, m).bias.detach() for m in ex_lins[n]]),
                     anchor_weight=lin.weight.detach().clone(),
                     anchor_bias=None if lin.bias is None else lin.bias.detach().clone(),
                     weights=w,
@@ -325,9 +362,13 @@ def layerwise_stage(
                 solved += 1
         del targets
         if depth is not None:  # push every task's texts through the solved block
-            for task in tasks.values():
-                task.merged = [_call(block, h, task.calls[b]) for b, h in enumerate(task.merged)]
+            for tk in tasks.values():
+                tk.merged = [_call(block, h, tk.calls[b]) for b, h in enumerate(tk.merged)]
     seconds = time.perf_counter() - started
-    log.info("layer-wise stage: %d Linear layers solved on %s tokens in %.1f s", solved,
-             ", ".join(f"{t} {n}" for t, n in tokens.items()), seconds)
+    log.info(
+        "layer-wise stage: %d Linear layers solved on %s tokens in %.1f s",
+        solved,
+        ", ".join(f"{t} {n}" for t, n in tokens.items()),
+        seconds,
+    )
     return {"layers": solved, "tokens": tokens, "seconds": seconds}

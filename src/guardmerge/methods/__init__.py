@@ -21,12 +21,20 @@ from guardmerge.methods.registry import (
 )
 
 # Each module registers its methods when imported. Add new method modules here.
-_METHOD_MODULES = ("basic", "ties", "pcb", "model_stock", "regmean", "fisher", "dare_combos",
-                  "wudi", "layerwise")
+_METHOD_MODULES = ("basic", "ties", "pcb", "model_stock", "regmean", "fisher", "dare_combos", "wudi", "layerwise")
 
 for _module in _METHOD_MODULES:
     importlib.import_module(f"guardmerge.methods.{_module}")
 
 __all__ = [
-    "METHODS", "LayerwiseSpec", "LinearSystem", "MethodParams", "MethodSpec", "Role", "SearchRange", "StreamFactory", "TensorContext", "searchable",
+    "METHODS",
+    "LayerwiseSpec",
+    "LinearSystem",
+    "MethodParams",
+    "MethodSpec",
+    "Role",
+    "SearchRange",
+    "StreamFactory",
+    "TensorContext",
+    "searchable",
 ]

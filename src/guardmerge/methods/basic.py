@@ -32,9 +32,7 @@ class AverageParams(MethodParams):
     "Weighted average of the experts' weights (model soup); weights are normalised to sum 1.",
     reference="Wortsman et al. 2022, Model soups",
 )
-def average(
-    deltas: torch.Tensor, weights: torch.Tensor, params: AverageParams, ctx: TensorContext
-) -> torch.Tensor:
+def average(deltas: torch.Tensor, weights: torch.Tensor, params: AverageParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``sum_i w_i tau_i / sum_i w_i``."""
     total = weights.sum()
     if float(total) == 0.0:
@@ -44,7 +42,8 @@ def average(
 
 class TaskArithmeticParams(MethodParams):
     scaling: float = Field(
-        0.3, description="lambda, the coefficient on the summed task vectors",
+        0.3,
+        description="lambda, the coefficient on the summed task vectors",
         json_schema_extra=searchable(0.1, 1.5),
     )
 

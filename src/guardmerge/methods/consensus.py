@@ -107,8 +107,9 @@ class ChunkConsensus:
             # a zero sum with non-zero entries has a positive one, which agreed with the +1
             cols = torch.nonzero((total == 0) & (agreeing > 0)).squeeze(1)
             if cols.numel():
-                alt = disjoint_merge(weighted(sparse[:, cols], self.weights), self.weights,
-                                     -torch.ones(cols.numel()), self.mode)
+                alt = disjoint_merge(
+                    weighted(sparse[:, cols], self.weights), self.weights, -torch.ones(cols.numel()), self.mode
+                )
                 self._alternatives.append((cols + start, alt))
         merged = agreeing.mul_(gamma)
         if self.mode == "sum":

@@ -35,15 +35,14 @@ NORM_KEY = "fisher_norm"
 
 
 class FisherParams(MethodParams):
-    eps: float = Field(
-        1e-6, ge=0.0, description="added to every Fisher entry (a floor, avoids 0/0)"
-    )
+    eps: float = Field(1e-6, ge=0.0, description="added to every Fisher entry (a floor, avoids 0/0)")
     normalize: bool = Field(
         False,
         description="divide each expert's Fisher by its L2 norm over all tensors before merging",
     )
     scaling: float = Field(
-        1.0, description="lambda, the coefficient on the merged task vector",
+        1.0,
+        description="lambda, the coefficient on the merged task vector",
         json_schema_extra=searchable(0.5, 2.0),
     )
 
@@ -54,7 +53,7 @@ def fisher_norms(params: FisherParams, stream: StreamFactory) -> dict[str, torch
     if not params.normalize:
         return {}
     total: torch.Tensor | None = None
-    for ctx, deltas in stream():
+    for ctx, _deltas in stream():
         fisher = ctx.stats.get("fisher")
         if fisher is None:
             continue
@@ -89,8 +88,10 @@ def fisher_merge(
         the denominator is 0 get the weighted plain average.
     """
     if fisher.shape != deltas.shape:
-        raise StatisticsError(f"Fisher merge of '{name}': Fisher shape {tuple(fisher.shape)} "
-                              f"differs from the task vectors' {tuple(deltas.shape)}")
+        raise StatisticsError(
+            f"Fisher merge of '{name}': Fisher shape {tuple(fisher.shape)} "
+            f"differs from the task vectors' {tuple(deltas.shape)}"
+        )
     n = deltas.shape[0]
     view = (n,) + (1,) * (deltas.dim() - 1)
     f = fisher.to(device=deltas.device, dtype=torch.float64)
@@ -117,9 +118,7 @@ def fisher_merge(
     prepare=fisher_norms,
     reference="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging",
 )
-def fisher(
-    deltas: torch.Tensor, weights: torch.Tensor, params: FisherParams, ctx: TensorContext
-) -> torch.Tensor:
+def fisher(deltas: torch.Tensor, weights: torch.Tensor, params: FisherParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: Fisher-weighted average using ``ctx.stats["fisher"]``
     (``[N, *shape]``), the weighted plain average where none is given; times ``scaling``."""
     f = ctx.stats.get("fisher")

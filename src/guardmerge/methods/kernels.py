@@ -138,12 +138,17 @@ def consensus(
         if sparse.factor is not None:
             factor = _np(sparse.factor, torch.float32)
     out = torch.empty(d, dtype=torch.float32)
-    weights, fallback, scale, target = _np(agg.weights, torch.float32), np.float32(agg.fallback), \
-        np.float32(scaling), out.numpy()
+    weights, fallback, scale, target = (
+        _np(agg.weights, torch.float32),
+        np.float32(agg.fallback),
+        np.float32(scaling),
+        out.numpy(),
+    )
 
     def part(span: tuple[int, int]) -> tuple[int, float]:
-        zero_sums, mass = k.consensus(values, weights, kind, threshold, cutoff, keep, factor, fallback, agg.mean,
-                                      scale, target, *span)
+        zero_sums, mass = k.consensus(
+            values, weights, kind, threshold, cutoff, keep, factor, fallback, agg.mean, scale, target, *span
+        )
         return int(zero_sums), float(mass)
 
     parts = _map(part, _spans(d))

@@ -62,7 +62,10 @@ class LayerwiseParams(MethodParams):
         json_schema_extra=searchable(0.0, 3.0),
     )
     alpha: float = Field(
-        1.0, ge=0.0, le=1.0, description="off-diagonal shrink of each Gram, as RegMean's alpha",
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="off-diagonal shrink of each Gram, as RegMean's alpha",
         json_schema_extra=searchable(0.5, 1.0),
     )
     ridge: float = Field(1e-6, ge=0.0, description="fallback ridge * mean(diag) when the system is singular")
@@ -162,8 +165,12 @@ def lot_solve(system: LinearSystem, params: LayerwiseParams) -> tuple[torch.Tens
         g = shrunk
     w = system.weights.to(torch.float64)
     anchor = _with_bias(system.anchor_weight, system.anchor_bias)
-    experts = torch.stack([_with_bias(system.expert_weight[i], None if system.expert_bias is None
-                                      else system.expert_bias[i]) for i in range(len(w))])
+    experts = torch.stack(
+        [
+            _with_bias(system.expert_weight[i], None if system.expert_bias is None else system.expert_bias[i])
+            for i in range(len(w))
+        ]
+    )
     center = _weighted(experts, w) / float(w.sum())
     b = _weighted(system.cross, w)
     if system.reference is not None:  # cross was measured around the reference layer
@@ -178,13 +185,15 @@ def _with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([weight.to(torch.float64), b.unsqueeze(1)], dim=1)
 
 
-_SUMMARY = "starts from an anchor merge (default task arithmetic), then solves every Linear layer from the embeddings up on the merged model's own activations"
+_SUMMARY = (
+    "starts from an anchor merge (default task arithmetic), then solves every Linear layer from the embeddings up "
+    "on the merged model's own activations"
+)
 
 METHODS.method(
     "regmean_pp",
     LayerwiseParams,
-    f"RegMean++: RegMean with each layer's Grams measured on the merged model so far; {_SUMMARY}. "
-    "Needs: data.",
+    f"RegMean++: RegMean with each layer's Grams measured on the merged model so far; {_SUMMARY}. Needs: data.",
     prepare=anchor_prepare,
     layerwise=LayerwiseSpec(solve=regmean_pp_solve),
     reference="RegMean++, arXiv 2508.03121",

@@ -22,9 +22,7 @@ _CHUNK = 1 << 20
 
 
 class ModelStockParams(MethodParams):
-    scaling: float = Field(
-        1.0, description="lambda, a coefficient on the merged task vector (1 = the paper)"
-    )
+    scaling: float = Field(1.0, description="lambda, a coefficient on the merged task vector (1 = the paper)")
 
 
 def mean_pairwise_cosine(deltas: torch.Tensor) -> torch.Tensor:
@@ -58,8 +56,7 @@ def interpolation_ratio(cos: torch.Tensor | float, k: int) -> float:
 @METHODS.method(
     "model_stock",
     ModelStockParams,
-    "Model Stock: per tensor, t from the mean pairwise cosine of the task vectors; "
-    "theta_0 + t * mean_i tau_i.",
+    "Model Stock: per tensor, t from the mean pairwise cosine of the task vectors; theta_0 + t * mean_i tau_i.",
     reference="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models",
 )
 def model_stock(

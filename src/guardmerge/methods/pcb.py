@@ -63,11 +63,15 @@ _EPS = 1e-12
 
 class PcbParams(MethodParams):
     density: float = Field(
-        0.1, gt=0, le=1, description="r, fraction of each expert's balanced scores kept",
+        0.1,
+        gt=0,
+        le=1,
+        description="r, fraction of each expert's balanced scores kept",
         json_schema_extra=searchable(0.02, 0.5),
     )
     scaling: float = Field(
-        1.0, description="lambda, the coefficient on the merged task vector",
+        1.0,
+        description="lambda, the coefficient on the merged task vector",
         json_schema_extra=searchable(0.5, 2.5),
     )
     scope: Scope = Field(
@@ -79,9 +83,7 @@ class PcbParams(MethodParams):
         "tanh",
         description="inter-balancing: 'tanh' (authors' code) or 'softmax' (paper's formula)",
     )
-    clip: float = Field(
-        0.01, ge=0, lt=0.5, description="outlier clamp of |tau_i| at the clip / 1-clip quantiles"
-    )
+    clip: float = Field(0.01, ge=0, lt=0.5, description="outlier clamp of |tau_i| at the clip / 1-clip quantiles")
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -128,8 +130,7 @@ class PcbStats:
             return PcbStats(g["clip_lo"], g["clip_hi"], g["beta_lo"], g["beta_max"], pairs)
         except KeyError as exc:
             raise ValueError(
-                f"PCB global value {exc} is missing: the prepare hook must run before a "
-                "global-scope merge"
+                f"PCB global value {exc} is missing: the prepare hook must run before a global-scope merge"
             ) from None
 
 
@@ -224,9 +225,7 @@ def score_weights(beta: torch.Tensor, lo: torch.Tensor, top: torch.Tensor) -> to
     return torch.where(beta > lo.unsqueeze(1), w, 0.0)
 
 
-def aggregate(
-    clipped_rows: torch.Tensor, w: torch.Tensor, expert_weights: torch.Tensor
-) -> torch.Tensor:
+def aggregate(clipped_rows: torch.Tensor, w: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
     """``sum_i e_i w_i tau'_i / max(sum_i w_i, 1e-12)``: ``[N, d]`` -> ``[d]``."""
     e = expert_weights.to(clipped_rows.dtype).unsqueeze(1)
     return (e * w * clipped_rows).sum(0) / w.sum(0).clamp_min(_EPS)
@@ -307,13 +306,12 @@ def prepare_pcb(params: PcbParams, stream: StreamFactory) -> dict[str, torch.Ten
     prepare=prepare_pcb,
     reference="Du et al. 2024, Parameter Competition Balancing for Model Merging (PCB-merging)",
 )
-def pcb(
-    deltas: torch.Tensor, weights: torch.Tensor, params: PcbParams, ctx: TensorContext
-) -> torch.Tensor:
+def pcb(deltas: torch.Tensor, weights: torch.Tensor, params: PcbParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * tau_m`` (see the module doc).
 
     Walks the tensor in column chunks (the same chunks the statistics were computed on).
     """
+    stats: PcbStats | None
     if params.scope == "global":
         stats = PcbStats.from_globals(ctx.globals, params.inter == "softmax")
     else:

@@ -81,6 +81,7 @@ class MethodParams(BaseModel):
 
 
 P = TypeVar("P", bound=MethodParams)
+P_contra = TypeVar("P_contra", bound=MethodParams, contravariant=True)  # the protocols only take params
 
 
 def _empty_tensor_map() -> dict[str, torch.Tensor]:
@@ -119,18 +120,18 @@ class TensorContext:
 StreamFactory = Callable[[], Iterator[tuple[TensorContext, torch.Tensor]]]
 
 
-class MergeFn(Protocol[P]):
+class MergeFn(Protocol[P_contra]):
     def __call__(
-        self, deltas: torch.Tensor, weights: torch.Tensor, params: P, ctx: TensorContext
+        self, deltas: torch.Tensor, weights: torch.Tensor, params: P_contra, ctx: TensorContext
     ) -> torch.Tensor: ...
 
 
-class SparsifyFn(Protocol[P]):
-    def __call__(self, deltas: torch.Tensor, params: P, ctx: TensorContext) -> torch.Tensor: ...
+class SparsifyFn(Protocol[P_contra]):
+    def __call__(self, deltas: torch.Tensor, params: P_contra, ctx: TensorContext) -> torch.Tensor: ...
 
 
-class PrepareFn(Protocol[P]):
-    def __call__(self, params: P, stream: StreamFactory) -> dict[str, torch.Tensor]: ...
+class PrepareFn(Protocol[P_contra]):
+    def __call__(self, params: P_contra, stream: StreamFactory) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,8 @@ class LinearSystem:
     reference: torch.Tensor | None = None
 
 
-class LayerSolveFn(Protocol[P]):
-    def __call__(self, system: LinearSystem, params: P) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+class LayerSolveFn(Protocol[P_contra]):
+    def __call__(self, system: LinearSystem, params: P_contra) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 @dataclass(frozen=True)
@@ -223,13 +224,11 @@ class MethodSpec(Generic[P]):
             return self.params.model_validate(dict(raw or {}))
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(parameters)'}: {err['msg']}"
-                for err in exc.errors()
+                f"{'.'.join(str(p) for p in err['loc']) or '(parameters)'}: {err['msg']}" for err in exc.errors()
             )
             known = ", ".join(self.params.model_fields) or "(none)"
             raise ConfigError(
-                f"invalid parameters for method '{self.name}': {problems}. "
-                f"Known parameters: {known}"
+                f"invalid parameters for method '{self.name}': {problems}. Known parameters: {known}"
             ) from None
 
     def search_space(self) -> dict[str, SearchRange]:
@@ -321,8 +320,9 @@ class Registry:
         """Register ``fn`` again under ``name`` with another schema (a composed variant),
         inheriting the statistics it needs from its first registration."""
         needs = next((s.needs for s in self._specs.values() if s.fn is fn), frozenset())
-        return self.register(MethodSpec(name=name, fn=fn, params=params, summary=summary,
-                                        needs=options.pop("needs", needs), **options))
+        return self.register(
+            MethodSpec(name=name, fn=fn, params=params, summary=summary, needs=options.pop("needs", needs), **options)
+        )
 
     def get(self, name: str) -> MethodSpec[Any]:
         try:

@@ -71,9 +71,7 @@ def _cholesky_if_regular(a: torch.Tensor) -> torch.Tensor | None:
     if int(info) != 0:
         return None
     pivots = torch.diagonal(factor).square()
-    if not bool(torch.isfinite(pivots).all()) or float(pivots.min()) <= SINGULAR_RCOND * float(
-        pivots.max()
-    ):
+    if not bool(torch.isfinite(pivots).all()) or float(pivots.min()) <= SINGULAR_RCOND * float(pivots.max()):
         return None
     return factor
 
@@ -95,11 +93,12 @@ def solve_right(a: torch.Tensor, b: torch.Tensor, ridge: float, name: str = "") 
         eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
         factor, info = torch.linalg.cholesky_ex(a + (ridge * scale) * eye)
         if int(info) == 0:
-            log.info("RegMean on '%s': Gram sum singular, solved with ridge %.3g * mean(diag)",
-                     name, ridge)
+            log.info("RegMean on '%s': Gram sum singular, solved with ridge %.3g * mean(diag)", name, ridge)
             return torch.cholesky_solve(b.T, factor).T
-    log.warning("RegMean on '%s': Gram sum singular and the ridge did not help; using the "
-                "minimum-norm least-squares solution", name)
+    log.warning(
+        "RegMean on '%s': Gram sum singular and the ridge did not help; using the minimum-norm least-squares solution",
+        name,
+    )
     solution = torch.linalg.lstsq(a.T.cpu(), b.T.cpu(), driver="gelsd").solution
     return solution.T.to(a.device)
 
@@ -128,19 +127,24 @@ def regmean_merge(
         average if the Gram sum is zero: the layer never saw a non-zero input).
     """
     if deltas.dim() != 3 or grams.dim() != 3:
-        raise StatisticsError(f"RegMean on '{name}': expected deltas [N, out, in] and grams "
-                              f"[N, in, in], got {tuple(deltas.shape)} and {tuple(grams.shape)}")
+        raise StatisticsError(
+            f"RegMean on '{name}': expected deltas [N, out, in] and grams "
+            f"[N, in, in], got {tuple(deltas.shape)} and {tuple(grams.shape)}"
+        )
     n, _, d_in = deltas.shape
     if grams.shape != (n, d_in, d_in):
-        raise StatisticsError(f"RegMean on '{name}': Gram shape {tuple(grams.shape)} does not "
-                              f"match the weight's input size {d_in} for {n} experts")
+        raise StatisticsError(
+            f"RegMean on '{name}': Gram shape {tuple(grams.shape)} does not "
+            f"match the weight's input size {d_in} for {n} experts"
+        )
     g = shrink_grams(grams.to(torch.float64), alpha)
     w = weights.to(device=g.device, dtype=torch.float64).reshape(n, 1, 1)
     gw = g * w
     a = gw.sum(dim=0)  # [in, in]
     if float(torch.diagonal(a).sum()) <= 0.0:
-        log.warning("RegMean on '%s': the weighted Gram sum is zero (no input signal); using the "
-                    "weighted average", name)
+        log.warning(
+            "RegMean on '%s': the weighted Gram sum is zero (no input signal); using the weighted average", name
+        )
         return weighted_mean(deltas.to(torch.float64), weights, name).to(g.device)
     b = torch.einsum("noi,nij->oj", deltas.to(device=g.device, dtype=torch.float64), gw)
     return solve_right(a, b, ridge, name)
@@ -149,20 +153,15 @@ def regmean_merge(
 @METHODS.method(
     "regmean",
     RegMeanParams,
-    "RegMean: closed-form merge of each Linear weight from the Grams of its inputs; "
-    "plain average elsewhere.",
+    "RegMean: closed-form merge of each Linear weight from the Grams of its inputs; plain average elsewhere.",
     needs=frozenset({"gram"}),
     reference="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models",
 )
-def regmean(
-    deltas: torch.Tensor, weights: torch.Tensor, params: RegMeanParams, ctx: TensorContext
-) -> torch.Tensor:
+def regmean(deltas: torch.Tensor, weights: torch.Tensor, params: RegMeanParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: RegMean where ``ctx.stats["gram"]`` (``[N, in, in]``) is
     given for a 2-D weight, the weighted plain average otherwise; times ``scaling``."""
     grams = ctx.stats.get("gram")
     if grams is None or deltas.dim() != 3:
         return params.scaling * weighted_mean(deltas, weights, ctx.name)
-    merged = regmean_merge(
-        deltas, grams, weights, alpha=params.alpha, ridge=params.ridge, name=ctx.name
-    )
+    merged = regmean_merge(deltas, grams, weights, alpha=params.alpha, ridge=params.ridge, name=ctx.name)
     return (params.scaling * merged).to(device=deltas.device, dtype=deltas.dtype)

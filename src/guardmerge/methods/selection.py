@@ -242,8 +242,9 @@ def _bracketed_kth(rows: torch.Tensor, ranks: Sequence[int], absolute: bool = Fa
             if not n_lo < k <= n_lo + band.numel():
                 return None
             # k-th inside the band: the kernel's radix select, or numpy's introselect (~2x torch.kthvalue)
-            v, n_below, n_equal = kernels.kth_counts(band, k - n_lo) if counted is not None else \
-                _kth_counts(band.numpy(), k - n_lo)
+            v, n_below, n_equal = (
+                kernels.kth_counts(band, k - n_lo) if counted is not None else _kth_counts(band.numpy(), k - n_lo)
+            )
             values[i, j] = v + 0.0
             below[i, j] = n_lo + n_below
             equal[i, j] = n_equal
@@ -322,9 +323,7 @@ class RadixSelector:
         self._flush()
         counts = self._counts1.view(self.n_rows, _BINS)
         exp_bins = 0x7F80  # upper 16 bits of +inf; NaNs lie above, -inf/-NaN mirror below
-        return bool(
-            counts[:, _HALF_BINS + exp_bins :].any() or counts[:, : _HALF_BINS - exp_bins].any()
-        )
+        return bool(counts[:, _HALF_BINS + exp_bins :].any() or counts[:, : _HALF_BINS - exp_bins].any())
 
     def start_second_pass(self, ranks: Sequence[int]) -> None:
         """Fix the 1-based ranks wanted (the same for every row) and begin pass 2."""
@@ -503,7 +502,7 @@ class CutMasker:
             return values >= self.threshold
         mask = torch.empty(values.shape, dtype=torch.bool)
         for i, left in enumerate(self.remaining.tolist()):  # one comparison per row, ties counted only
-            t = self.threshold[i]                           # while a finite quota lasts
+            t = self.threshold[i]  # while a finite quota lasts
             if left == 0:  # quota used up: strictly above
                 torch.gt(values[i], t, out=mask[i])
                 continue
@@ -518,9 +517,7 @@ class CutMasker:
         return mask
 
 
-def topk_mask(
-    rows: torch.Tensor, threshold: torch.Tensor, quota: torch.Tensor, absolute: bool = False
-) -> torch.Tensor:
+def topk_mask(rows: torch.Tensor, threshold: torch.Tensor, quota: torch.Tensor, absolute: bool = False) -> torch.Tensor:
     """Bool ``[N, d]``: values above ``threshold`` ``[N]``, plus the first ``quota`` ``[N]`` ties.
 
     See :class:`TopKCut` for the rule; "first" is the lowest flat index.
@@ -573,9 +570,7 @@ def stream_topk_cuts(
     return cuts
 
 
-def _split_ties(
-    stream: ValueStream, cuts: list[TopKCut], partial: Iterable[int], absolute: bool
-) -> list[TopKCut]:
+def _split_ties(stream: ValueStream, cuts: list[TopKCut], partial: Iterable[int], absolute: bool) -> list[TopKCut]:
     """One more pass: give each tensor, in stream order, its share of each tie quota."""
     partial = list(partial)
     remaining = {j: cuts[j].quota.clone() for j in partial}

@@ -80,9 +80,7 @@ def cut_mask(deltas: torch.Tensor, cut: TopKCut, name: str = "") -> torch.Tensor
     return topk_mask(as_rows(deltas), cut.threshold, q, absolute=True).view(deltas.shape)
 
 
-def window_mask(
-    deltas: torch.Tensor, outer: TopKCut, inner: TopKCut, name: str = ""
-) -> torch.Tensor:
+def window_mask(deltas: torch.Tensor, outer: TopKCut, inner: TopKCut, name: str = "") -> torch.Tensor:
     """Bool ``[N, *shape]``: kept by ``inner`` (top ``n_top + n_keep``), not by ``outer``."""
     return cut_mask(deltas, inner, name) & ~cut_mask(deltas, outer, name)
 
@@ -139,15 +137,14 @@ def expert_generators(generator: torch.Generator, n: int) -> list[torch.Generato
     return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
 
-def dare_keep(
-    generators: list[torch.Generator], start: int, width: int, density: float
-) -> torch.Tensor:
+def dare_keep(generators: list[torch.Generator], start: int, width: int, density: float) -> torch.Tensor:
     """Bool ``[N, width]``: entries ``start:start + width`` kept, each with prob. ``density``.
 
     Expert i's uniforms come from ``generators[i]`` in column order, so chunks must be asked in
     order (``start`` names the columns; the draw does not depend on the chunk width). Wide
     draws run on one thread per expert (each generator is serial; the draws are the same).
     """
+
     def draw(g: torch.Generator) -> torch.Tensor:
         fast = kernels.draw_keep(g, width, density) if kernels.enabled() else None  # the same draws
         return torch.rand(width, generator=g, dtype=torch.float32) < density if fast is None else fast

@@ -89,8 +89,9 @@ _SEED = "DARE's seed; the draw depends on (seed, tensor name) only. Default: the
 
 
 class TiesParams(MethodParams):
-    density: float = Field(0.2, gt=0, le=1, description=_DENSITY + " (largest |tau_i|)",
-                           json_schema_extra=searchable(0.05, 1.0))
+    density: float = Field(
+        0.2, gt=0, le=1, description=_DENSITY + " (largest |tau_i|)", json_schema_extra=searchable(0.05, 1.0)
+    )
     scaling: float = Field(1.0, description=_SCALING, json_schema_extra=searchable(0.5, 2.5))
     scope: Scope = Field("global", description=_SCOPE)
     consensus: Consensus = Field("mean", description=_CONSENSUS)
@@ -98,11 +99,15 @@ class TiesParams(MethodParams):
 
 class DareLinearParams(MethodParams):
     density: float = Field(
-        0.5, gt=0, le=1, description=_DENSITY + " (drop probability 1 - density)",
+        0.5,
+        gt=0,
+        le=1,
+        description=_DENSITY + " (drop probability 1 - density)",
         json_schema_extra=searchable(0.1, 1.0),
     )
-    scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)",
-                           json_schema_extra=searchable(0.1, 1.5))
+    scaling: float = Field(
+        0.3, description=_SCALING + " (task arithmetic's default)", json_schema_extra=searchable(0.1, 1.5)
+    )
     rescale: bool = Field(True, description="rescale the survivors (see rescale_by)")
     rescale_by: RescaleBy = Field(
         "density",
@@ -119,13 +124,18 @@ class DareTiesParams(DareLinearParams):
 
 class BreadcrumbsParams(MethodParams):
     density: float = Field(
-        0.2, gt=0, le=1, description=_DENSITY + " after dropping the top gamma and the smallest",
+        0.2,
+        gt=0,
+        le=1,
+        description=_DENSITY + " after dropping the top gamma and the smallest",
         json_schema_extra=searchable(0.05, 1.0),
     )
-    gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest |tau_i| dropped",
-                         json_schema_extra=searchable(0.0, 0.1))
-    scaling: float = Field(0.3, description=_SCALING + " (task arithmetic's default)",
-                           json_schema_extra=searchable(0.1, 1.5))
+    gamma: float = Field(
+        0.01, ge=0, lt=1, description="fraction of largest |tau_i| dropped", json_schema_extra=searchable(0.0, 0.1)
+    )
+    scaling: float = Field(
+        0.3, description=_SCALING + " (task arithmetic's default)", json_schema_extra=searchable(0.1, 1.5)
+    )
     scope: Scope = Field("per_tensor", description=_SCOPE)
 
 
@@ -139,9 +149,7 @@ class BreadcrumbsTiesParams(BreadcrumbsParams):
 Aggregator = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-def merge_columns(
-    deltas: torch.Tensor, sparsify: ChunkFn, aggregate: Aggregator, scaling: float
-) -> torch.Tensor:
+def merge_columns(deltas: torch.Tensor, sparsify: ChunkFn, aggregate: Aggregator, scaling: float) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: sparsify then aggregate each column chunk, in order.
 
     ``aggregate`` may have a ``finish(flat)`` step (the consensus' zero-sum patch).
@@ -184,9 +192,7 @@ def linear(weights: torch.Tensor) -> Aggregator:
     return lambda start, sparse: weighted_sum(sparse, weights)
 
 
-def consensus(
-    weights: torch.Tensor, mode: Consensus, scope: Scope | None, ctx: TensorContext
-) -> ChunkConsensus:
+def consensus(weights: torch.Tensor, mode: Consensus, scope: Scope | None, ctx: TensorContext) -> ChunkConsensus:
     """TIES election + disjoint aggregation; the zero-sum fallback is the scope's mass."""
     return ChunkConsensus(weights, mode, global_mass(weights, ctx) if scope == "global" else None)
 
@@ -271,9 +277,7 @@ def prepare_ties(params: TiesParams, stream: StreamFactory) -> dict[str, torch.T
     return out
 
 
-def _breadcrumbs_globals(
-    params: BreadcrumbsParams, stream: StreamFactory, with_mass: bool
-) -> dict[str, torch.Tensor]:
+def _breadcrumbs_globals(params: BreadcrumbsParams, stream: StreamFactory, with_mass: bool) -> dict[str, torch.Tensor]:
     if params.scope != "global":
         return {}
     try:
@@ -291,16 +295,12 @@ def _breadcrumbs_globals(
     return out
 
 
-def prepare_breadcrumbs(
-    params: BreadcrumbsParams, stream: StreamFactory
-) -> dict[str, torch.Tensor]:
+def prepare_breadcrumbs(params: BreadcrumbsParams, stream: StreamFactory) -> dict[str, torch.Tensor]:
     """Global outer (top ``n_top``) and inner (top ``n_top + n_keep``) cuts per expert."""
     return _breadcrumbs_globals(params, stream, with_mass=False)
 
 
-def prepare_breadcrumbs_ties(
-    params: BreadcrumbsTiesParams, stream: StreamFactory
-) -> dict[str, torch.Tensor]:
+def prepare_breadcrumbs_ties(params: BreadcrumbsTiesParams, stream: StreamFactory) -> dict[str, torch.Tensor]:
     """As :func:`prepare_breadcrumbs`, plus the per-expert mass for the election fallback."""
     return _breadcrumbs_globals(params, stream, with_mass=True)
 
@@ -311,14 +311,11 @@ def prepare_breadcrumbs_ties(
 @METHODS.method(
     "ties",
     TiesParams,
-    "TIES: trim each task vector to its largest |tau|, elect signs, disjoint mean; "
-    "theta_0 + scaling * tau_m.",
+    "TIES: trim each task vector to its largest |tau|, elect signs, disjoint mean; theta_0 + scaling * tau_m.",
     prepare=prepare_ties,
     reference="Yadav et al. 2023, TIES-Merging: Resolving Interference When Merging Models",
 )
-def ties(
-    deltas: torch.Tensor, weights: torch.Tensor, params: TiesParams, ctx: TensorContext
-) -> torch.Tensor:
+def ties(deltas: torch.Tensor, weights: torch.Tensor, params: TiesParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * consensus(trim(tau))``."""
     agg = consensus(weights, params.consensus, params.scope, ctx)
     return merge_columns(deltas, trimmer(deltas, params, ctx), agg, params.scaling)
@@ -327,8 +324,7 @@ def ties(
 @METHODS.method(
     "dare_linear",
     DareLinearParams,
-    "DARE + task arithmetic: random drop (p = 1 - density) with rescale, then "
-    "theta_0 + scaling * sum_i w_i tau_i.",
+    "DARE + task arithmetic: random drop (p = 1 - density) with rescale, then theta_0 + scaling * sum_i w_i tau_i.",
     reference="Yu et al. 2024, Language Models are Super Mario (DARE)",
 )
 def dare_linear(
@@ -345,9 +341,7 @@ def dare_linear(
     "(the mergekit flavour; its default normalize: false is consensus: sum).",
     reference="Yu et al. 2024 (DARE) with Yadav et al. 2023 (TIES); as in mergekit",
 )
-def dare_ties(
-    deltas: torch.Tensor, weights: torch.Tensor, params: DareTiesParams, ctx: TensorContext
-) -> torch.Tensor:
+def dare_ties(deltas: torch.Tensor, weights: torch.Tensor, params: DareTiesParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * consensus(dare(tau))``."""
     agg = consensus(weights, params.consensus, None, ctx)
     return merge_columns(deltas, dropper(deltas, params, ctx), agg, params.scaling)
@@ -356,8 +350,7 @@ def dare_ties(
 @METHODS.method(
     "breadcrumbs",
     BreadcrumbsParams,
-    "Model Breadcrumbs: drop the largest gamma and the smallest entries (density remains), "
-    "then task arithmetic.",
+    "Model Breadcrumbs: drop the largest gamma and the smallest entries (density remains), then task arithmetic.",
     prepare=prepare_breadcrumbs,
     reference="Davari & Belilovsky 2023, Model Breadcrumbs",
 )

@@ -92,15 +92,12 @@ class WudiParams(MethodParams):
     lr: float = Field(1e-5, gt=0.0, description="Adam learning rate (solver adam only)")
 
 
-def _active_terms(
-    deltas: torch.Tensor, weights: torch.Tensor
-) -> list[tuple[torch.Tensor, float, float]]:
+def _active_terms(deltas: torch.Tensor, weights: torch.Tensor) -> list[tuple[torch.Tensor, float, float]]:
     """``(tau_i, w_i, w_i / ||tau_i||_F^2)`` for each expert whose task vector and weight are
     non-zero: the others contribute nothing (and would divide by zero)."""
     norms = deltas.reshape(deltas.shape[0], -1).square().sum(dim=1).tolist()
     ws = weights.tolist()
-    return [(deltas[i], w, w / n2) for i, (n2, w) in enumerate(zip(norms, ws))
-            if n2 > 0.0 and w != 0.0]
+    return [(deltas[i], w, w / n2) for i, (n2, w) in enumerate(zip(norms, ws)) if n2 > 0.0 and w != 0.0]
 
 
 def _loss(
@@ -149,8 +146,7 @@ def _rho_abs(rho: float, mean_diag: float, name: str) -> float:
     if rho == 0.0:
         return 0.0
     if mean_diag <= 0.0:
-        log.warning("WUDI on '%s': mean(diag(sum_i G_i)) = %.3g is not positive; no anchor pull",
-                    name, mean_diag)
+        log.warning("WUDI on '%s': mean(diag(sum_i G_i)) = %.3g is not positive; no anchor pull", name, mean_diag)
         return 0.0
     return rho * mean_diag
 
@@ -248,19 +244,18 @@ def wudi_adam(
     reference="Cheng et al. 2025, Whoever Started the Interference Should End It: Guiding "
     "Data-Free Model Merging via Task Vectors (arXiv 2503.08099)",
 )
-def wudi(
-    deltas: torch.Tensor, weights: torch.Tensor, params: WudiParams, ctx: TensorContext
-) -> torch.Tensor:
+def wudi(deltas: torch.Tensor, weights: torch.Tensor, params: WudiParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * tau`` (WUDI) for a Linear weight
     (``ctx.role`` LINEAR_WEIGHT, ``[N, out, in]``), ``scaling * anchor_scaling * sum_i w_i tau_i``
     for every other tensor; in ``deltas``' dtype."""
     if ctx.role != Role.LINEAR_WEIGHT or deltas.dim() != 3:
         return weighted_sum(deltas, (params.scaling * params.anchor_scaling) * weights)
     if params.solver == "adam":
-        tau = wudi_adam(deltas, weights, rho=params.rho, anchor_scaling=params.anchor_scaling,
-                        steps=params.steps, lr=params.lr)
+        tau = wudi_adam(
+            deltas, weights, rho=params.rho, anchor_scaling=params.anchor_scaling, steps=params.steps, lr=params.lr
+        )
     else:
-        tau = wudi_closed_form(deltas, weights, rho=params.rho,
-                               anchor_scaling=params.anchor_scaling, ridge=params.ridge,
-                               name=ctx.name)
+        tau = wudi_closed_form(
+            deltas, weights, rho=params.rho, anchor_scaling=params.anchor_scaling, ridge=params.ridge, name=ctx.name
+        )
     return (params.scaling * tau).to(device=deltas.device, dtype=deltas.dtype)

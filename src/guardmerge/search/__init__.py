@@ -14,6 +14,13 @@ from guardmerge.search.space import Candidate, SearchSpace, build_space
 from guardmerge.search.study import SearchOutcome, SearchSettings, run_search
 
 __all__ = [
-    "Candidate", "MergeScorer", "SearchJob", "SearchOutcome", "SearchSettings", "SearchSpace",
-    "aggregate", "build_space", "run_search",
+    "Candidate",
+    "MergeScorer",
+    "SearchJob",
+    "SearchOutcome",
+    "SearchSettings",
+    "SearchSpace",
+    "aggregate",
+    "build_space",
+    "run_search",
 ]

@@ -29,8 +29,9 @@ Report = Callable[[int, Mapping[str, float]], None]
 """``report(step, scores so far)``: may raise ``optuna.TrialPruned``."""
 
 
-def aggregate(scores: Mapping[str, float], objective: Objective = "mean",
-              task_weights: Mapping[str, float] | None = None) -> float:
+def aggregate(
+    scores: Mapping[str, float], objective: Objective = "mean", task_weights: Mapping[str, float] | None = None
+) -> float:
     """The search objective from per-task macro-F1: mean, worst task, or weighted mean.
 
     Tasks missing from ``task_weights`` weigh 1.
@@ -130,8 +131,15 @@ class MergeScorer:
             bs = self.job.batch_size
             self._batches = {
                 task: [
-                    dict(tokenizer(ex.texts[i : i + bs], padding=True, truncation=True,
-                                   max_length=self.job.max_length, return_tensors="pt"))
+                    dict(
+                        tokenizer(
+                            ex.texts[i : i + bs],
+                            padding=True,
+                            truncation=True,
+                            max_length=self.job.max_length,
+                            return_tensors="pt",
+                        )
+                    )
                     for i in range(0, len(ex.texts), bs)
                 ]
                 for task, ex in self.val.items()
@@ -159,4 +167,3 @@ class MergeScorer:
                 report(step, scores)
         self._seen[key] = dict(scores)
         return scores
-

@@ -35,8 +35,14 @@ def history_png(outcome: SearchOutcome, title: str = "") -> bytes | None:
     ax.scatter([t["number"] for t in done], [t["value"] for t in done], s=14, label="complete")
     if pruned:
         partial = [sum(t["scores"].values()) / len(t["scores"]) if t.get("scores") else float("nan") for t in pruned]
-        ax.scatter([t["number"] for t in pruned], partial, s=10, marker="x", alpha=0.5,
-                   label="pruned (mean of the tasks scored)")
+        ax.scatter(
+            [t["number"] for t in pruned],
+            partial,
+            s=10,
+            marker="x",
+            alpha=0.5,
+            label="pruned (mean of the tasks scored)",
+        )
     best, xs, ys = float("-inf"), [], []
     for t in sorted(done, key=lambda r: r["number"]):
         best = max(best, t["value"])
@@ -60,22 +66,27 @@ def card_section(outcome: SearchOutcome) -> str:
     s = outcome.settings
     scores = ", ".join(f"{t} {v:.4f}" for t, v in outcome.best_scores.items())
     params = ", ".join(f"`{k}={v}`" for k, v in outcome.best.parameters.items()) or "(defaults)"
-    return "\n".join([
-        "## Search",
-        "",
-        (f"Chosen by `guardmerge search`: {sum(outcome.counts.values())} trials "
-         f"({', '.join(f'{n} {k.lower()}' for k, n in outcome.counts.items())}), sampler `{s['sampler']}` "
-         f"(seed {s['seed']}), objective: {s['objective']} validation macro-F1."),
-        "",
-        f"- Best trial {outcome.best_number}: objective {outcome.best_value:.4f} ({scores})",
-        f"- Parameters: {params}; weights: {list(outcome.best.weights)}",
-        f"- Median seconds per trial: {outcome.seconds_per_trial:.1f}",
-        "- Every trial: `search.json`; history: `search_history.png`.",
-    ])
+    return "\n".join(
+        [
+            "## Search",
+            "",
+            (
+                f"Chosen by `guardmerge search`: {sum(outcome.counts.values())} trials "
+                f"({', '.join(f'{n} {k.lower()}' for k, n in outcome.counts.items())}), sampler `{s['sampler']}` "
+                f"(seed {s['seed']}), objective: {s['objective']} validation macro-F1."
+            ),
+            "",
+            f"- Best trial {outcome.best_number}: objective {outcome.best_value:.4f} ({scores})",
+            f"- Parameters: {params}; weights: {list(outcome.best.weights)}",
+            f"- Median seconds per trial: {outcome.seconds_per_trial:.1f}",
+            "- Every trial: `search.json`; history: `search_history.png`.",
+        ]
+    )
 
 
-def write_best(scorer: MergeScorer, outcome: SearchOutcome, out: str | Path, *, force: bool = False,
-               progress: bool = True) -> Path:
+def write_best(
+    scorer: MergeScorer, outcome: SearchOutcome, out: str | Path, *, force: bool = False, progress: bool = True
+) -> Path:
     """Merge the best candidate once more and write it to ``out`` with the search summary."""
     from guardmerge.engine import write_result
     from guardmerge.pipeline import build

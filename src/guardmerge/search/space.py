@@ -75,17 +75,17 @@ class SearchSpace:
         """The candidate a finished trial's ``params`` describe."""
         params = dict(self.fixed)
         params.update({k: values[k] for k in self.ranges})
-        weights = (
-            tuple(float(values[f"weight.{t}"]) for t in self.tasks) if self.weight_range else self.base_weights
-        )
+        weights = tuple(float(values[f"weight.{t}"]) for t in self.tasks) if self.weight_range else self.base_weights
         return Candidate(params, weights)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description (stored with the study and in the output's summary)."""
         return {
             "method": self.method,
-            "ranges": {k: [r.low, r.high] + (["log"] if r.log else []) + (["int"] if r.integer else [])
-                       for k, r in self.ranges.items()},
+            "ranges": {
+                k: [r.low, r.high] + (["log"] if r.log else []) + (["int"] if r.integer else [])
+                for k, r in self.ranges.items()
+            },
             "fixed": self.fixed,
             "weights": list(self.weight_range) if self.weight_range else "fixed",
         }

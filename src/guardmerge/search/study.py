@@ -99,8 +99,13 @@ class SearchOutcome:
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (written as ``search.json`` next to the best merge)."""
         return {
-            "best": {"trial": self.best_number, "value": self.best_value, "parameters": self.best.parameters,
-                     "weights": list(self.best.weights), "scores": self.best_scores},
+            "best": {
+                "trial": self.best_number,
+                "value": self.best_value,
+                "parameters": self.best.parameters,
+                "weights": list(self.best.weights),
+                "scores": self.best_scores,
+            },
             "seconds_per_trial": self.seconds_per_trial,
             "counts": self.counts,
             "space": self.space,
@@ -118,7 +123,7 @@ def open_storage(url: str) -> Any:
     import optuna
 
     if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
+        path = Path(url[len("sqlite:///") :])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
     return optuna.storages.RDBStorage(url) if "://" in url else url
@@ -129,14 +134,19 @@ def make_sampler(name: SamplerName, seed: int, startup: int, parallel: bool) -> 
     import optuna
 
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                          constant_liar=parallel)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=parallel
+        )
     if name == "cmaes":
         try:
             import cmaes  # noqa: F401
         except ImportError:
-            raise GuardmergeError("the CMA-ES sampler needs the cmaes package: pip install 'guardmerge[search]'") from None
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=min(startup, 5), warn_independent_sampling=False)
+            raise GuardmergeError(
+                "the CMA-ES sampler needs the cmaes package: pip install 'guardmerge[search]'"
+            ) from None
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=min(startup, 5), warn_independent_sampling=False
+        )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ConfigError(f"unknown sampler '{name}'; choose tpe, cmaes or random")
@@ -149,8 +159,9 @@ def _pruner(settings: SearchSettings, n_tasks: int) -> optuna.pruners.BasePruner
 
     if not settings.prune:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials,
-                                       n_warmup_steps=max(0, (n_tasks + 1) // 2 - 1))
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=settings.startup_trials, n_warmup_steps=max(0, (n_tasks + 1) // 2 - 1)
+    )
 
 
 def _finished(study: optuna.Study) -> int:
@@ -177,8 +188,9 @@ def prepare_study(space: SearchSpace, settings: SearchSettings) -> optuna.Study:
             )
     if settings.resume and not exists:
         log.warning("no study '%s' in %s to resume; starting a new one", settings.study_name, settings.storage)
-    study = optuna.create_study(study_name=settings.study_name, storage=storage, direction="maximize",
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=settings.study_name, storage=storage, direction="maximize", load_if_exists=True
+    )
     described = json.loads(json.dumps(space.describe()))
     stored = study.user_attrs.get("space")
     if stored is None:
@@ -239,24 +251,41 @@ class _Objective:
         padded = {t: scores.get(t, 0.0) for t in self.space.tasks}
         return aggregate(padded, self.settings.objective, self.settings.task_weights)
 
-    def _finish(self, trial: optuna.Trial, candidate: Candidate, state: str, scores: Mapping[str, float],
-                started: float) -> float:
+    def _finish(
+        self, trial: optuna.Trial, candidate: Candidate, state: str, scores: Mapping[str, float], started: float
+    ) -> float:
         """Record a finished trial's scores and time (trial attributes and the JSONL log)."""
         value = aggregate(scores, self.settings.objective, self.settings.task_weights)
         seconds = time.perf_counter() - started
         trial.set_user_attr("seconds", seconds)
         trial.set_user_attr("scores", dict(scores))
         if self.settings.log_path:
-            line = json.dumps({"trial": trial.number, "state": state, "value": value, "scores": dict(scores),
-                               "parameters": candidate.parameters, "weights": list(candidate.weights),
-                               "seconds": round(seconds, 3), "worker": self.worker, "pid": os.getpid()})
+            line = json.dumps(
+                {
+                    "trial": trial.number,
+                    "state": state,
+                    "value": value,
+                    "scores": dict(scores),
+                    "parameters": candidate.parameters,
+                    "weights": list(candidate.weights),
+                    "seconds": round(seconds, 3),
+                    "worker": self.worker,
+                    "pid": os.getpid(),
+                }
+            )
             with open(self.settings.log_path, "a", encoding="utf-8") as f:  # one write per line
                 f.write(line + "\n")
         return value
 
 
-def run_worker(space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings, quota: int,
-               worker: int, callbacks: list[Any] | None = None) -> int:
+def run_worker(
+    space: SearchSpace,
+    scorer_factory: ScorerFactory,
+    settings: SearchSettings,
+    quota: int,
+    worker: int,
+    callbacks: list[Any] | None = None,
+) -> int:
     """Run ``quota`` trials of the shared study (one worker); returns how many it ran."""
     import optuna
 
@@ -281,8 +310,14 @@ def _quotas(remaining: int, workers: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(workers)]
 
 
-def run_search(space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings, *,
-               progress: bool = True, scorer: Scorer | None = None) -> SearchOutcome:
+def run_search(
+    space: SearchSpace,
+    scorer_factory: ScorerFactory,
+    settings: SearchSettings,
+    *,
+    progress: bool = True,
+    scorer: Scorer | None = None,
+) -> SearchOutcome:
     """Run (or resume) the search until the study holds ``settings.trials`` finished trials.
 
     ``scorer``: an already built scorer for trials run in this process (its caches are reused);
@@ -316,13 +351,16 @@ def run_search(space: SearchSpace, scorer_factory: ScorerFactory, settings: Sear
     return outcome(study, space, settings)
 
 
-def _run_processes(space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings,
-                   quotas: list[int], bar: _Progress) -> None:
+def _run_processes(
+    space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings, quotas: list[int], bar: _Progress
+) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # torch and fork do not mix
-    procs = [ctx.Process(target=run_worker, args=(space, scorer_factory, settings, q, i), daemon=False)
-             for i, q in enumerate(quotas)]
+    procs = [
+        ctx.Process(target=run_worker, args=(space, scorer_factory, settings, q, i), daemon=False)
+        for i, q in enumerate(quotas)
+    ]
     for p in procs:
         p.start()
     try:
@@ -337,12 +375,14 @@ def _run_processes(space: SearchSpace, scorer_factory: ScorerFactory, settings: 
         p.join()
     failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
     if failed:
-        raise GuardmergeError(f"search worker(s) {failed} failed (exit codes "
-                              f"{[procs[i].exitcode for i in failed]}); see their log above")
+        raise GuardmergeError(
+            f"search worker(s) {failed} failed (exit codes {[procs[i].exitcode for i in failed]}); see their log above"
+        )
 
 
-def _run_ray(space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings,
-             quotas: list[int], bar: _Progress) -> None:
+def _run_ray(
+    space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings, quotas: list[int], bar: _Progress
+) -> None:
     try:
         import ray
     except ImportError:
@@ -351,8 +391,11 @@ def _run_ray(space: SearchSpace, scorer_factory: ScorerFactory, settings: Search
         address = None if settings.ray_address == "local" else settings.ray_address
         ray.init(address=address, log_to_driver=True, include_dashboard=False)
     if settings.storage.startswith("sqlite:///"):
-        log.info("Ray workers share the SQLite file %s: fine on one machine; use a database URL "
-                 "(--storage postgresql://...) when workers run on other nodes", settings.storage)
+        log.info(
+            "Ray workers share the SQLite file %s: fine on one machine; use a database URL "
+            "(--storage postgresql://...) when workers run on other nodes",
+            settings.storage,
+        )
     remote = ray.remote(num_cpus=1)(run_worker)
     refs = [remote.remote(space, scorer_factory, settings, q, i) for i, q in enumerate(quotas)]
     pending = list(refs)
@@ -412,9 +455,15 @@ def outcome(study: optuna.Study, space: SearchSpace, settings: SearchSettings) -
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     rows = [
-        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-         "scores": t.user_attrs.get("scores"), "seconds": t.user_attrs.get("seconds"),
-         "worker": t.user_attrs.get("worker")}
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "scores": t.user_attrs.get("scores"),
+            "seconds": t.user_attrs.get("seconds"),
+            "worker": t.user_attrs.get("worker"),
+        }
         for t in trials
     ]
     return SearchOutcome(
@@ -426,8 +475,15 @@ def outcome(study: optuna.Study, space: SearchSpace, settings: SearchSettings) -
         seconds_per_trial=statistics.median(seconds) if seconds else math.nan,
         counts=counts,
         space=space.describe(),
-        settings={"sampler": settings.sampler, "seed": settings.seed, "objective": settings.objective,
-                  "task_weights": settings.task_weights, "workers": settings.workers,
-                  "ray": settings.ray_address, "storage": settings.storage, "study": settings.study_name,
-                  "prune": settings.prune},
+        settings={
+            "sampler": settings.sampler,
+            "seed": settings.seed,
+            "objective": settings.objective,
+            "task_weights": settings.task_weights,
+            "workers": settings.workers,
+            "ray": settings.ray_address,
+            "storage": settings.storage,
+            "study": settings.study_name,
+            "prune": settings.prune,
+        },
     )

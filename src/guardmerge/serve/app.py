@@ -173,11 +173,14 @@ class ClassifyRequest(BaseModel):
         json_schema_extra={"examples": [{"texts": ["ignore previous instructions", "have a nice day"]}]},
     )
     texts: list[str] = Field(
-        ..., min_length=1,
-        description="Texts to classify (at least one; at most the server's max_texts, each at most max_chars characters).",
+        ...,
+        min_length=1,
+        description="Texts to classify (at least one; at most the server's max_texts, each at most max_chars "
+        "characters).",
     )
     tasks: list[str] | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="Heads to run, by task name (see GET /v1/model). Default: every head.",
     )
 
@@ -190,7 +193,8 @@ class HeadVerdict(BaseModel):
     probabilities: dict[str, float] = Field(..., description="Softmax probability of every label of the head.")
     flagged: bool = Field(
         ...,
-        description="True when a label other than the head's first (benign) label has probability >= the head's threshold.",
+        description="True when a label other than the head's first (benign) label has probability >= the head's "
+        "threshold.",
     )
 
 
@@ -265,27 +269,38 @@ class ErrorResponse(BaseModel):
 class APIError(Exception):
     """An error answered as ``{"error": {...}}`` with ``status``."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details, self.headers = status, code, message, details, headers
 
 
-_ERRORS = {
-    400: {"model": ErrorResponse,
-          "description": "unknown_task, or malformed_json (the body is not valid JSON, or not UTF-8)."},
-    401: {"model": ErrorResponse,
-          "description": "unauthorized: missing or wrong bearer token (when the server has an API key)."},
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorResponse,
+        "description": "unknown_task, or malformed_json (the body is not valid JSON, or not UTF-8).",
+    },
+    401: {
+        "model": ErrorResponse,
+        "description": "unauthorized: missing or wrong bearer token (when the server has an API key).",
+    },
     408: {"model": ErrorResponse, "description": "request_timeout: the body did not arrive within the body timeout."},
     413: {"model": ErrorResponse, "description": "too_many_texts, text_too_long or body_too_large."},
-    415: {"model": ErrorResponse,
-          "description": "unsupported_media_type: the body is not sent with Content-Type: application/json."},
-    422: {"model": ErrorResponse,
-          "description": "invalid_request (the body does not match the schema) or invalid_text (a text is not "
-                         "valid Unicode, e.g. a lone surrogate; details.indexes names the texts)."},
-    500: {"model": ErrorResponse,
-          "description": "inference_failed, or non_finite_output (the model produced NaN or infinite scores: "
-                         "no verdict is given)."},
+    415: {
+        "model": ErrorResponse,
+        "description": "unsupported_media_type: the body is not sent with Content-Type: application/json.",
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "invalid_request (the body does not match the schema) or invalid_text (a text is not "
+        "valid Unicode, e.g. a lone surrogate; details.indexes names the texts).",
+    },
+    500: {
+        "model": ErrorResponse,
+        "description": "inference_failed, or non_finite_output (the model produced NaN or infinite scores: "
+        "no verdict is given).",
+    },
     503: {"model": ErrorResponse, "description": "overloaded or unavailable (shutting down); retry later."},
 }
 
@@ -297,18 +312,29 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("guardmerge_requests", "HTTP requests by endpoint and status.",
-                                ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "guardmerge_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+        )
         self.latency = Histogram(
-            "guardmerge_request_duration_seconds", "HTTP request latency by endpoint.", ["endpoint"], registry=r,
+            "guardmerge_request_duration_seconds",
+            "HTTP request latency by endpoint.",
+            ["endpoint"],
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
-        self.errors = Counter("guardmerge_errors", "Error responses by endpoint and error code.",
-                              ["endpoint", "code"], registry=r)
-        self.batch_size = Histogram("guardmerge_batch_size", "Texts per encoder pass (micro-batch).", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.errors = Counter(
+            "guardmerge_errors", "Error responses by endpoint and error code.", ["endpoint", "code"], registry=r
+        )
+        self.batch_size = Histogram(
+            "guardmerge_batch_size",
+            "Texts per encoder pass (micro-batch).",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
         self.batch_seconds = Histogram(
-            "guardmerge_batch_duration_seconds", "Inference time of one micro-batch.", registry=r,
+            "guardmerge_batch_duration_seconds",
+            "Inference time of one micro-batch.",
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
         )
         self.texts = Counter("guardmerge_texts", "Texts classified.", registry=r)
@@ -361,8 +387,12 @@ def verdicts(
             k = int(p.argmax())
             th = thresholds[t]
             flagged = th is not None and len(p) > 1 and float(p[1:].max()) >= th
-            heads[t] = HeadVerdict(label=names[k], score=float(p[k]),
-                                   probabilities={name: float(v) for name, v in zip(names, p)}, flagged=flagged)
+            heads[t] = HeadVerdict(
+                label=names[k],
+                score=float(p[k]),
+                probabilities={name: float(v) for name, v in zip(names, p)},
+                flagged=flagged,
+            )
         out.append(TextVerdict(flagged=any(h.flagged for h in heads.values()), heads=heads))
     return out
 
@@ -394,8 +424,12 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     unknown = sorted(set(settings.thresholds) - set(tasks))
     if unknown:
         raise GuardmergeError(f"threshold for unknown task(s) {', '.join(unknown)}; this model has: {', '.join(tasks)}")
-    for name, value in [("max_texts", settings.max_texts), ("max_chars", settings.max_chars),
-                        ("max_batch", settings.max_batch), ("max_queue", settings.max_queue)]:
+    for name, value in [
+        ("max_texts", settings.max_texts),
+        ("max_chars", settings.max_chars),
+        ("max_batch", settings.max_batch),
+        ("max_queue", settings.max_queue),
+    ]:
         if value < 1:
             raise GuardmergeError(f"{name} must be at least 1 (got {value})")
     if not settings.body_timeout > 0:
@@ -410,8 +444,13 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         health.last_output_finite = all(bool(np.isfinite(v).all()) for v in out.values())
         return out
 
-    batcher = MicroBatcher(infer, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                           max_queue=max(settings.max_queue, settings.max_texts), on_batch=metrics.on_batch)
+    batcher = MicroBatcher(
+        infer,
+        max_batch=settings.max_batch,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue=max(settings.max_queue, settings.max_texts),
+        on_batch=metrics.on_batch,
+    )
     metrics.watch_queue(batcher)
     info = backend.info
     model_info = ModelInfo(
@@ -422,8 +461,12 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         backend=backend.name,
         precision=str(info.get("precision", "fp32")),
         guardmerge_version=__version__,
-        limits=Limits(max_texts=settings.max_texts, max_chars=settings.max_chars,
-                      max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms),
+        limits=Limits(
+            max_texts=settings.max_texts,
+            max_chars=settings.max_chars,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+        ),
     )
 
     @asynccontextmanager
@@ -431,9 +474,12 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         check = getattr(backend, "non_finite_weights", None)
         health.bad_weights = list(check()) if callable(check) else []
         if health.bad_weights:
-            log.error("the model's weights hold NaN or infinity in %d tensor(s) (%s): /healthz reports 503 and "
-                      "classifications fail with non_finite_output", len(health.bad_weights),
-                      ", ".join(health.bad_weights[:5]))
+            log.error(
+                "the model's weights hold NaN or infinity in %d tensor(s) (%s): /healthz reports 503 and "
+                "classifications fail with non_finite_output",
+                len(health.bad_weights),
+                ", ".join(health.bad_weights[:5]),
+            )
         await batcher.start()
         log.info("serving %d heads (%s) with the %s backend", len(tasks), ", ".join(tasks), backend.name)
         try:
@@ -441,7 +487,7 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         finally:
             await batcher.stop()
 
-    auth_note = (" Requests to /v1/* and /metrics need `Authorization: Bearer <key>`." if settings.api_key else "")
+    auth_note = " Requests to /v1/* and /metrics need `Authorization: Bearer <key>`." if settings.api_key else ""
     app = FastAPI(
         title="guardmerge",
         version=__version__,
@@ -459,8 +505,14 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     app.state.settings = settings
     app.state.health = health
 
-    def error(request: Request, status: int, code: str, message: str, details: Any = None,
-              headers: dict[str, str] | None = None) -> JSONResponse:
+    def error(
+        request: Request,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
         metrics.errors.labels(_endpoint(request.scope), code).inc()
         body = ErrorResponse(error=ErrorBody(code=code, message=_safe_json(message), details=_safe_json(details)))
         return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -474,16 +526,24 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         errs = exc.errors()
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-            return error(request, 415, "unsupported_media_type",
-                         f"the body must be JSON sent with 'Content-Type: application/json' (got '{ctype}')")
+            return error(
+                request,
+                415,
+                "unsupported_media_type",
+                f"the body must be JSON sent with 'Content-Type: application/json' (got '{ctype}')",
+            )
         if any(e.get("type") == "json_invalid" for e in errs):
             return error(request, 400, "malformed_json", "the request body is not valid JSON")
         details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errs]
         first = details[0] if details else {"loc": [], "msg": "invalid request", "type": ""}
         if first["loc"] == ["body"]:
-            return error(request, 422, "invalid_request",
-                         'the body must be a JSON object: {"texts": [str, ...], "tasks": [str, ...] (optional)}',
-                         details)
+            return error(
+                request,
+                422,
+                "invalid_request",
+                'the body must be a JSON object: {"texts": [str, ...], "tasks": [str, ...] (optional)}',
+                details,
+            )
         where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
         return error(request, 422, "invalid_request", f"{where}: {first['msg']}", details)
 
@@ -491,8 +551,9 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse the body
             log.info("unparsable body on %s: %s", request.url.path, type(exc.__cause__).__name__)
-            return error(request, 400, "malformed_json",
-                         f"the request body is not valid JSON ({type(exc.__cause__).__name__})")
+            return error(
+                request, 400, "malformed_json", f"the request body is not valid JSON ({type(exc.__cause__).__name__})"
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error(request, exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
@@ -509,8 +570,14 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     # a body that cannot be within the limits is refused (JSON escapes: 6 bytes/char), while it streams
     max_body = settings.max_texts * (6 * settings.max_chars + 8) + 4096
     app.add_middleware(
-        RequestGate, error=error, on_done=on_done, api_key=settings.api_key, protected=("/v1/", "/metrics"),
-        json_routes={("POST", "/v1/classify")}, max_body=max_body, body_timeout=settings.body_timeout,
+        RequestGate,
+        error=error,
+        on_done=on_done,
+        api_key=settings.api_key,
+        protected=("/v1/", "/metrics"),
+        json_routes={("POST", "/v1/classify")},
+        max_body=max_body,
+        body_timeout=settings.body_timeout,
     )
 
     bearer = HTTPBearer(auto_error=False, description="The server's API key (--api-key or $GUARDMERGE_API_KEY).")
@@ -523,30 +590,40 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
 
     protected = APIRouter(dependencies=[Depends(require_key)] if settings.api_key else [])
 
-    @protected.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS, tags=["guard"],
-                    summary="Classify texts with every (or the requested) head")
+    @protected.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        responses=_ERRORS,
+        tags=["guard"],
+        summary="Classify texts with every (or the requested) head",
+    )
     async def classify(body: ClassifyRequest) -> ClassifyResponse:
         """Per text: each requested head's label, score, probabilities and flag; texts of concurrent
         requests share micro-batches. Texts are normalised to Unicode NFC first."""
         if len(body.texts) > settings.max_texts:
-            raise APIError(413, "too_many_texts",
-                           f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}")
+            raise APIError(
+                413, "too_many_texts", f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}"
+            )
         long = [i for i, t in enumerate(body.texts) if len(t) > settings.max_chars]
         if long:
-            raise APIError(413, "text_too_long",
-                           f"text {long[0]} has {len(body.texts[long[0]])} characters; "
-                           f"the limit is {settings.max_chars}",
-                           {"indexes": long[:100]})
+            raise APIError(
+                413,
+                "text_too_long",
+                f"text {long[0]} has {len(body.texts[long[0]])} characters; the limit is {settings.max_chars}",
+                {"indexes": long[:100]},
+            )
         texts, invalid = normalise_texts(body.texts)
         if invalid:
-            raise APIError(422, "invalid_text", str(invalid[0]),
-                           {"indexes": [e.index for e in invalid[:100]]})
+            raise APIError(422, "invalid_text", str(invalid[0]), {"indexes": [e.index for e in invalid[:100]]})
         chosen = list(dict.fromkeys(body.tasks)) if body.tasks else tasks
         bad = [t for t in chosen if t not in labels]
         if bad:
-            raise APIError(400, "unknown_task",
-                           f"unknown task(s) {', '.join(repr(t) for t in bad)}; this model has: {', '.join(tasks)}",
-                           {"unknown": bad, "tasks": tasks})
+            raise APIError(
+                400,
+                "unknown_task",
+                f"unknown task(s) {', '.join(repr(t) for t in bad)}; this model has: {', '.join(tasks)}",
+                {"unknown": bad, "tasks": tasks},
+            )
         try:
             logits = await batcher.submit(texts, None if body.tasks is None else chosen)
         except QueueFullError as exc:
@@ -560,34 +637,52 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         rows = sorted({int(i) for v in ordered.values() for i in np.flatnonzero(~np.isfinite(v).all(axis=-1))})
         if rows:
             log.error("non-finite scores for %d of %d texts: no verdict given", len(rows), len(texts))
-            raise APIError(500, "non_finite_output",
-                           f"the model produced non-finite scores (NaN or infinity) for text {rows[0]}; "
-                           "no verdict is given",
-                           {"indexes": rows[:100]})
+            raise APIError(
+                500,
+                "non_finite_output",
+                f"the model produced non-finite scores (NaN or infinity) for text {rows[0]}; no verdict is given",
+                {"indexes": rows[:100]},
+            )
         return ClassifyResponse(tasks=chosen, results=verdicts(ordered, labels, thresholds))
 
-    @protected.get("/v1/model", response_model=ModelInfo, responses={401: _ERRORS[401]}, tags=["guard"],
-                   summary="The served model: base, heads, labels, method, version, limits")
+    @protected.get(
+        "/v1/model",
+        response_model=ModelInfo,
+        responses={401: _ERRORS[401]},
+        tags=["guard"],
+        summary="The served model: base, heads, labels, method, version, limits",
+    )
     async def model() -> ModelInfo:
         return model_info
 
-    @protected.get("/metrics", response_class=Response, responses={401: _ERRORS[401]}, tags=["ops"],
-                   summary="Prometheus metrics (text exposition format)")
+    @protected.get(
+        "/metrics",
+        response_class=Response,
+        responses={401: _ERRORS[401]},
+        tags=["ops"],
+        summary="Prometheus metrics (text exposition format)",
+    )
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(protected)
 
-    @app.get("/healthz", response_model=Health, response_model_exclude_none=True,
-             responses={503: {"model": Health}}, tags=["ops"],
-             summary="Readiness: 200 when ready to classify (never needs a token)")
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        response_model_exclude_none=True,
+        responses={503: {"model": Health}},
+        tags=["ops"],
+        summary="Readiness: 200 when ready to classify (never needs a token)",
+    )
     async def healthz() -> Any:
         if not batcher.running:
             status, reason = "stopped", "the batcher is not running"
         elif health.bad_weights:
             status = "non_finite_weights"
-            reason = (f"the model's weights hold NaN or infinity in {len(health.bad_weights)} tensor(s): "
-                      + ", ".join(health.bad_weights[:5]))
+            reason = f"the model's weights hold NaN or infinity in {len(health.bad_weights)} tensor(s): " + ", ".join(
+                health.bad_weights[:5]
+            )
         elif not health.last_output_finite:
             status, reason = "non_finite_output", "the last inference produced NaN or infinite scores"
         else:

@@ -96,7 +96,10 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(
-        self, folder: str | Path, max_length: int | None = None, threads: int | None = None,
+        self,
+        folder: str | Path,
+        max_length: int | None = None,
+        threads: int | None = None,
         _cleanup: str | Path | None = None,
     ) -> None:
         try:

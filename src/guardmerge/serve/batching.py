@@ -15,6 +15,7 @@ requests (chunks) is run again on its own, so only the requests that fail alone 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -99,10 +100,8 @@ class MicroBatcher:
         """Stop the collector; queued requests fail with an error."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         while self._queue:
             chunk = self._queue.popleft()
@@ -177,12 +176,21 @@ class MicroBatcher:
             raise
         except Exception as exc:
             if len(batch) == 1:
-                log.warning("inference failed on a request of %d texts: %s: %s",
-                            len(batch[0].texts), type(exc).__name__, exc, exc_info=True)
+                log.warning(
+                    "inference failed on a request of %d texts: %s: %s",
+                    len(batch[0].texts),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=True,
+                )
                 self._fail(batch, exc)
                 return
-            log.warning("inference failed on a batch of %d requests (%s: %s); retrying them one by one",
-                        len(batch), type(exc).__name__, exc)
+            log.warning(
+                "inference failed on a batch of %d requests (%s: %s); retrying them one by one",
+                len(batch),
+                type(exc).__name__,
+                exc,
+            )
             try:
                 for chunk in batch:
                     if not chunk.future.done():  # else the caller went away meanwhile

@@ -129,8 +129,9 @@ class RequestGate:
         finally:
             self.on_done(scope, status, time.perf_counter() - started)
 
-    def _refuse(self, scope: Scope, status: int, code: str, message: str, *,
-                close: bool, headers: dict[str, str] | None = None) -> _Refused:
+    def _refuse(
+        self, scope: Scope, status: int, code: str, message: str, *, close: bool, headers: dict[str, str] | None = None
+    ) -> _Refused:
         extra = dict(headers or {})
         if close:
             extra["Connection"] = "close"
@@ -146,26 +147,36 @@ class RequestGate:
         if self.api_key is not None and self._is_protected(path):
             problem = bearer_problem(headers.get("authorization"), self.api_key)
             if problem is not None:
-                raise self._refuse(scope, 401, "unauthorized", problem, close=body_pending,
-                                   headers={"WWW-Authenticate": "Bearer"})
+                raise self._refuse(
+                    scope, 401, "unauthorized", problem, close=body_pending, headers={"WWW-Authenticate": "Bearer"}
+                )
         if length.isdigit() and int(length) > self.max_body:
-            raise self._refuse(scope, 413, "body_too_large",
-                               f"the body has {length} bytes; the limit is {self.max_body}", close=True)
+            raise self._refuse(
+                scope, 413, "body_too_large", f"the body has {length} bytes; the limit is {self.max_body}", close=True
+            )
         if (method, path) not in self.json_routes:
             return receive
         content_type = headers.get("content-type", "")
         if not is_json_media_type(content_type):
             got = f"got '{content_type.split(';', 1)[0].strip()}'" if content_type.strip() else "got none"
-            raise self._refuse(scope, 415, "unsupported_media_type",
-                               f"the body must be JSON sent with 'Content-Type: application/json' ({got})",
-                               close=body_pending)
+            raise self._refuse(
+                scope,
+                415,
+                "unsupported_media_type",
+                f"the body must be JSON sent with 'Content-Type: application/json' ({got})",
+                close=body_pending,
+            )
         body = await self._read_body(scope, receive)
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise self._refuse(scope, 400, "malformed_json",
-                               f"the request body is not valid JSON: it is not UTF-8 (byte {exc.start})",
-                               close=False) from None
+            raise self._refuse(
+                scope,
+                400,
+                "malformed_json",
+                f"the request body is not valid JSON: it is not UTF-8 (byte {exc.start})",
+                close=False,
+            ) from None
         return _replay(body, receive)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
@@ -181,18 +192,28 @@ class RequestGate:
                     raise asyncio.TimeoutError
                 message = await asyncio.wait_for(receive(), remaining)
             except asyncio.TimeoutError:
-                log.info("refused a request body not received within %.3g s (%d bytes arrived)",
-                         self.body_timeout, total)
-                raise self._refuse(scope, 408, "request_timeout",
-                                   f"the request body did not arrive within {self.body_timeout:g} s "
-                                   f"({total} bytes received)", close=True) from None
+                log.info(
+                    "refused a request body not received within %.3g s (%d bytes arrived)", self.body_timeout, total
+                )
+                raise self._refuse(
+                    scope,
+                    408,
+                    "request_timeout",
+                    f"the request body did not arrive within {self.body_timeout:g} s ({total} bytes received)",
+                    close=True,
+                ) from None
             if message["type"] == "http.disconnect":
                 raise _Refused(None)
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.max_body:
-                raise self._refuse(scope, 413, "body_too_large",
-                                   f"the body has more than {self.max_body} bytes (the limit)", close=True)
+                raise self._refuse(
+                    scope,
+                    413,
+                    "body_too_large",
+                    f"the body has more than {self.max_body} bytes (the limit)",
+                    close=True,
+                )
             if chunk:
                 chunks.append(chunk)
             if not message.get("more_body", False):
@@ -211,4 +232,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-

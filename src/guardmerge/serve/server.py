@@ -37,7 +37,7 @@ class _HeaderTimeout:
     header_timeout: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         self._arm_header_timer()
 

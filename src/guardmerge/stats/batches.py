@@ -47,7 +47,7 @@ def tokenize_batches(
             max_length=max_length,
             return_tensors="pt",
         )
-        batch = {k: v for k, v in enc.items()}
+        batch = dict(enc.items())
         if labels is not None:
             batch["labels"] = torch.tensor([int(labels[i]) for i in idx], dtype=torch.long)
         out.append(batch)

@@ -77,18 +77,19 @@ class FisherStats:
 def _eager_attention(model: nn.Module) -> Iterator[None]:
     """Use eager attention while vmapping (SDPA has no vmap batching rule on CPU); restore after."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
     switched = False
-    if impl not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+    if impl not in (None, "eager") and callable(switch):
         try:
-            model.set_attn_implementation("eager")
+            switch("eager")
             switched = True
         except Exception:  # an implementation that cannot switch keeps its own
             log.debug("could not switch attention to eager; keeping %s", impl)
     try:
         yield
     finally:
-        if switched:
-            model.set_attn_implementation(impl)
+        if switched and callable(switch):
+            switch(impl)
 
 
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -114,11 +115,12 @@ def _check_modes(label_mode: str, gradient: str) -> None:
     if label_mode not in LABEL_MODES:
         raise ConfigError(f"unknown Fisher label mode '{label_mode}'; known: {', '.join(LABEL_MODES)}")
     if gradient not in GRADIENT_MODES:
-        raise ConfigError(f"unknown Fisher gradient mode '{gradient}'; known: "
-                          f"{', '.join(GRADIENT_MODES)}")
+        raise ConfigError(f"unknown Fisher gradient mode '{gradient}'; known: {', '.join(GRADIENT_MODES)}")
     if gradient == "batch" and label_mode == "soft":
-        raise ConfigError("Fisher gradient mode 'batch' (reference parity) supports label modes "
-                          "'hard' and 'empirical' only, not 'soft'")
+        raise ConfigError(
+            "Fisher gradient mode 'batch' (reference parity) supports label modes "
+            "'hard' and 'empirical' only, not 'soft'"
+        )
 
 
 def collect_fisher(
@@ -178,16 +180,14 @@ def collect_fisher(
     n_batches = 0
     try:
         with _eager_attention(model):
-            for batch in tqdm(batches, total=total, desc=f"fisher ({label_mode})",
-                              disable=not progress, leave=False):
+            for batch in tqdm(batches, total=total, desc=f"fisher ({label_mode})", disable=not progress, leave=False):
                 inputs = model_inputs(model, batch)
                 n = int(inputs["input_ids"].shape[0])
                 labels = _labels_of(batch, n) if label_mode == "empirical" else None
                 if gradient == "batch":
                     _batch_fisher(model, inputs, labels, names, acc)
                 else:
-                    _per_example_fisher(model, inputs, labels, label_mode, micro_batch_size,
-                                        names, acc)
+                    _per_example_fisher(model, inputs, labels, label_mode, micro_batch_size, names, acc)
                 n_examples += n
                 n_batches += 1
     finally:
@@ -196,8 +196,7 @@ def collect_fisher(
         raise StatisticsError("no batches given: cannot compute a Fisher from zero examples")
     denom = n_batches if gradient == "batch" else n_examples
     fisher = {names[p]: (acc[p] / denom).float().cpu() for p in names if p in acc}
-    log.info("Fisher (%s, %s): %d tensors, %d examples", label_mode, gradient, len(fisher),
-             n_examples)
+    log.info("Fisher (%s, %s): %d tensors, %d examples", label_mode, gradient, len(fisher), n_examples)
     return FisherStats(
         fisher=fisher,
         n_examples=n_examples,
@@ -216,7 +215,7 @@ def _accumulate(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) ->
         acc[name] = value.to(torch.float64)
 
 
-def _input_embedding(model: nn.Module, names: dict[str, str]) -> tuple[nn.Module, str] | None:
+def _input_embedding(model: nn.Module, names: dict[str, str]) -> tuple[nn.Embedding, str] | None:
     """The word-embedding module and its parameter name, if it is among the Fisher's params."""
     get = getattr(model, "get_input_embeddings", None)
     module = get() if callable(get) else None
@@ -265,8 +264,9 @@ def _per_example_fisher(
     def add_offset(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         return output + offset["value"] if "value" in offset else output
 
-    def log_lik(p: dict[str, torch.Tensor], emb_offset: torch.Tensor, target: torch.Tensor,
-                ex: dict[str, torch.Tensor]) -> torch.Tensor:
+    def log_lik(
+        p: dict[str, torch.Tensor], emb_offset: torch.Tensor, target: torch.Tensor, ex: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         kwargs = {k: v.unsqueeze(0) for k, v in ex.items()}
         offset["value"] = emb_offset.unsqueeze(0)
         try:
@@ -300,9 +300,8 @@ def _per_example_fisher(
                 for pname, g in grads.items():
                     # float32 squares summed over <= micro_batch_size examples, added in float64
                     _accumulate(acc, pname, torch.tensordot(w, g.detach().square(), dims=1))
-                if emb_name is not None:
-                    _accumulate_embedding(acc, emb_name, embedding[0].weight, ids[sl],
-                                          emb_grad.detach(), w)
+                if embedding is not None:
+                    _accumulate_embedding(acc, embedding[1], embedding[0].weight, ids[sl], emb_grad.detach(), w)
     finally:
         if handle is not None:
             handle.remove()
@@ -321,7 +320,7 @@ def _accumulate_embedding(
     row ``v`` is the sum of the output gradients at the positions holding token ``v``."""
     vocab, hidden = weight.shape
     m = ids.shape[0]
-    keys = (ids.to(torch.long) + vocab * torch.arange(m, device=ids.device).unsqueeze(1))
+    keys = ids.to(torch.long) + vocab * torch.arange(m, device=ids.device).unsqueeze(1)
     uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
     rows = torch.zeros(uniq.numel(), hidden, dtype=out_grad.dtype, device=out_grad.device)
     rows.index_add_(0, inverse, out_grad.reshape(-1, hidden))

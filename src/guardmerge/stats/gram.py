@@ -222,8 +222,7 @@ class GramCollector:
                 leader = canonical
             if known is not None and known != leader:
                 raise StatisticsError(
-                    f"Gram sharing of '{canonical}' changed between batches "
-                    f"('{known}' before, '{leader}' now)"
+                    f"Gram sharing of '{canonical}' changed between batches ('{known}' before, '{leader}' now)"
                 )
             self.weight_to_gram[canonical] = leader
             if leader != canonical:
@@ -234,8 +233,7 @@ class GramCollector:
             acc = self._acc.get(canonical)
             if acc is None:
                 acc_device = rows.device if rows.device.type != "mps" else torch.device("cpu")
-                acc = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64,
-                                  device=acc_device)
+                acc = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=acc_device)
                 self._acc[canonical] = acc
             rows = rows.to(acc.device)
             if _blocked(rows, self.block_size):
@@ -313,8 +311,7 @@ def collect_grams(
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     try:
         with collector:
-            for batch in tqdm(batches, total=total, desc="gram", disable=not progress,
-                              leave=False):
+            for batch in tqdm(batches, total=total, desc="gram", disable=not progress, leave=False):
                 inputs = model_inputs(model, batch)
                 collector.set_batch(inputs.get("attention_mask"), tuple(inputs["input_ids"].shape))
                 model(**inputs)
@@ -325,6 +322,9 @@ def collect_grams(
     stats = collector.result(max_length=max_length)
     log.info(
         "Grams: %d Linear layers, %d distinct inputs, %d examples, %d tokens",
-        len(stats.weight_to_gram), len(stats.grams), stats.n_examples, stats.n_tokens,
+        len(stats.weight_to_gram),
+        len(stats.grams),
+        stats.n_examples,
+        stats.n_tokens,
     )
     return stats

@@ -188,9 +188,7 @@ class ExpertStats:
     @property
     def kinds(self) -> frozenset[str]:
         """The statistics present: a subset of ``{"gram", "fisher"}``."""
-        return frozenset(
-            k for k, v in (("gram", self.gram), ("fisher", self.fisher)) if v is not None
-        )
+        return frozenset(k for k, v in (("gram", self.gram), ("fisher", self.fisher)) if v is not None)
 
     def for_tensor(self, name: str) -> dict[str, torch.Tensor]:
         """``{"gram": [in, in], "fisher": [*shape]}`` for a canonical tensor name (what exists)."""
@@ -221,15 +219,12 @@ def stack_for_tensor(
         if not any(present):
             continue
         if not all(present):
-            lacking = [e.path or e.expert or f"expert {i}" for i, e in enumerate(experts)
-                       if found[i] is None]
-            raise StatisticsError(
-                f"'{kind}' statistics for '{name}' are missing in: {', '.join(lacking)}"
-            )
+            lacking = [e.path or e.expert or f"expert {i}" for i, e in enumerate(experts) if found[i] is None]
+            raise StatisticsError(f"'{kind}' statistics for '{name}' are missing in: {', '.join(lacking)}")
         shapes = {tuple(t.shape) for t in found}  # type: ignore[union-attr]
         if len(shapes) > 1:
             raise StatisticsError(f"'{kind}' statistics for '{name}' differ in shape: {shapes}")
-        out[kind] = torch.stack([t for t in found])  # type: ignore[misc]
+        out[kind] = torch.stack([t for t in found if t is not None])
     return out
 
 
@@ -314,27 +309,31 @@ def save_stats(
         kinds.append("gram")
         for key, g in gram.grams.items():
             tensors[GRAM_PREFIX + key] = g.detach().to("cpu", gram_dtype).contiguous()
-        meta.update({
-            "gram.n_examples": _json(gram.n_examples),
-            "gram.n_tokens": _json(gram.n_tokens),
-            "gram.include_padding": _json(gram.include_padding),
-            "gram.max_length": _json(gram.max_length),
-            "gram.map": _json(gram.weight_to_gram),
-            "gram.rows": _json(gram.tokens),
-            "gram.head": _json(sorted(gram.head)),
-        })
+        meta.update(
+            {
+                "gram.n_examples": _json(gram.n_examples),
+                "gram.n_tokens": _json(gram.n_tokens),
+                "gram.include_padding": _json(gram.include_padding),
+                "gram.max_length": _json(gram.max_length),
+                "gram.map": _json(gram.weight_to_gram),
+                "gram.rows": _json(gram.tokens),
+                "gram.head": _json(sorted(gram.head)),
+            }
+        )
         max_length = gram.max_length
     if fisher is not None:
         kinds.append("fisher")
         for name, f in fisher.fisher.items():
             tensors[FISHER_PREFIX + name] = f.detach().to("cpu", torch.float32).contiguous()
-        meta.update({
-            "fisher.n_examples": _json(fisher.n_examples),
-            "fisher.label_mode": fisher.label_mode,
-            "fisher.gradient": fisher.gradient,
-            "fisher.max_length": _json(fisher.max_length),
-            "fisher.head": _json(sorted(fisher.head)),
-        })
+        meta.update(
+            {
+                "fisher.n_examples": _json(fisher.n_examples),
+                "fisher.label_mode": fisher.label_mode,
+                "fisher.gradient": fisher.gradient,
+                "fisher.max_length": _json(fisher.max_length),
+                "fisher.head": _json(sorted(fisher.head)),
+            }
+        )
         max_length = max_length if max_length is not None else fisher.max_length
     meta["kinds"] = _json(kinds)
     meta["max_length"] = _json(max_length)
@@ -358,12 +357,13 @@ def read_stats_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise StatisticsError(f"'{file}' is not a readable safetensors file: {exc}") from None
     if meta.get("format") != FORMAT:
-        raise StatisticsError(f"'{file}' is not a guardmerge statistics file (format "
-                              f"{meta.get('format')!r})")
+        raise StatisticsError(f"'{file}' is not a guardmerge statistics file (format {meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise StatisticsError(f"'{file}' has statistics format version "
-                              f"{meta.get('format_version')!r}; this guardmerge reads "
-                              f"{FORMAT_VERSION}")
+        raise StatisticsError(
+            f"'{file}' has statistics format version "
+            f"{meta.get('format_version')!r}; this guardmerge reads "
+            f"{FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -419,16 +419,17 @@ def load_stats(
         if kind not in KINDS:
             raise StatisticsError(f"unknown statistics kind '{kind}'; known: {', '.join(KINDS)}")
         if kind not in present:
-            raise StatisticsError(f"statistics file '{path}' has no '{kind}' statistics "
-                                  f"(it has: {', '.join(present) or 'none'})")
+            raise StatisticsError(
+                f"statistics file '{path}' has no '{kind}' statistics (it has: {', '.join(present) or 'none'})"
+            )
     grams: dict[str, torch.Tensor] = {}
     fishers: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt") as fh:
-        for key in fh.keys():
+        for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
             if key.startswith(GRAM_PREFIX) and "gram" in wanted:
-                grams[key[len(GRAM_PREFIX):]] = fh.get_tensor(key)
+                grams[key[len(GRAM_PREFIX) :]] = fh.get_tensor(key)
             elif key.startswith(FISHER_PREFIX) and "fisher" in wanted:
-                fishers[key[len(FISHER_PREFIX):]] = fh.get_tensor(key)
+                fishers[key[len(FISHER_PREFIX) :]] = fh.get_tensor(key)
     gram = fisher = None
     try:
         if "gram" in wanted:
@@ -457,7 +458,7 @@ def load_stats(
             )
     except (KeyError, ValueError) as exc:
         raise StatisticsError(f"'{path}': malformed statistics metadata ({exc})") from None
-    extra = {k[len("extra."):]: v for k, v in meta.items() if k.startswith("extra.")}
+    extra = {k[len("extra.") :]: v for k, v in meta.items() if k.startswith("extra.")}
     return ExpertStats(
         fingerprint=meta["expert_fingerprint"],
         gram=gram,
