@@ -74,8 +74,9 @@ def test_negative_mass_patches_the_zero_sum_columns_like_the_reference(monkeypat
     # the election falls back to '-', the disjoint mean keeps the -x
     deltas = -torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
     deltas[:, 5, 7] = torch.tensor([0.9, -0.9, 0.0])
-    fused, reference = _both(monkeypatch, lambda: _merge("ties", deltas, torch.ones(3), density=1.0,
-                                                         scope="per_tensor"))
+    fused, reference = _both(
+        monkeypatch, lambda: _merge("ties", deltas, torch.ones(3), density=1.0, scope="per_tensor")
+    )
     assert torch.equal(fused, reference)
     assert fused[5, 7].item() == pytest.approx(-0.9)
 
@@ -91,8 +92,9 @@ def test_global_scope_uses_the_kernel_with_the_prepared_cut(monkeypatch: pytest.
 
 def test_dare_draws_are_the_same_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     deltas = torch.ones(3, 50, 200)  # every kept entry shows up in the merged sum
-    fused, reference = _both(monkeypatch, lambda: _merge("dare_ties", deltas, torch.ones(3), density=0.3,
-                                                         rescale=False, consensus="sum"))
+    fused, reference = _both(
+        monkeypatch, lambda: _merge("dare_ties", deltas, torch.ones(3), density=0.3, rescale=False, consensus="sum")
+    )
     assert torch.equal(fused, reference)
     assert 0 < fused.count_nonzero() < fused.numel()
 
@@ -186,7 +188,6 @@ def test_draw_keep_reproduces_torch_rand_and_leaves_the_same_stream(seed: int, d
     assert torch.equal(torch.rand(100, generator=ours), torch.rand(100, generator=theirs))
 
 
-
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "signed_zeros"])
 def test_kth_counts_matches_a_sort(kind: str) -> None:
     g = torch.Generator().manual_seed(len(kind))
@@ -205,3 +206,55 @@ def test_kth_counts_matches_a_sort(kind: str) -> None:
             v, below, equal = kernels.kth_counts(x, k)
             assert v == ordered[k - 1].item()
             assert below == int((x < v).sum()) and equal == int((x == v).sum())
+
+
+@pytest.fixture
+def kernel_threads(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Four torch threads (the suite pins one) and a fresh kernel pool sized for them; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    kernels._pool.cache_clear()
+    used: list[int] = []
+    real_map = kernels._map
+    monkeypatch.setattr(kernels, "_map", lambda fn, items: (used.append(len(items)), real_map(fn, items))[1])
+    try:
+        yield used
+    finally:
+        kernels._pool().shutdown(wait=True)
+        kernels._pool.cache_clear()
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("ties", {"density": 0.3, "scope": "per_tensor", "scaling": 0.7}),
+        ("ties", {"density": 1.0, "scope": "per_tensor", "consensus": "sum"}),
+        ("dare_ties", {"density": 0.4, "rescale_by": "l1", "scaling": 1.3}),
+    ],
+)
+def test_threaded_split_is_bit_identical_to_one_thread_and_the_reference(
+    monkeypatch: pytest.MonkeyPatch, kernel_threads: list[int], method: str, raw: dict[str, Any]
+) -> None:
+    deltas = _task_vectors(5000, seed=5)  # 200,000 columns: three spans of >= 65,536 on four threads
+    assert len(kernels._spans(deltas[0].numel())) == 3
+    w = torch.tensor([0.3, 0.5, 0.21])
+    fused, reference = _both(monkeypatch, lambda: _merge(method, deltas, w, **raw))
+    assert max(kernel_threads) >= 3  # the column spans really ran as separate parts
+    torch.set_num_threads(1)
+    single = _merge(method, deltas, w, **raw)
+    assert torch.equal(fused, reference)
+    assert torch.equal(fused, single)
+
+
+def test_threaded_band_matches_one_thread(kernel_threads: list[int]) -> None:
+    row = torch.randn(300_001, generator=torch.Generator().manual_seed(9))
+    got = kernels.band(row, 0.2, 0.7, True, expected=120_000)
+    assert max(kernel_threads) == 4
+    torch.set_num_threads(1)
+    one = kernels.band(row, 0.2, 0.7, True, expected=120_000)
+    assert got is not None and one is not None
+    (below, band), (below1, band1) = got, one
+    assert below == below1 == int((row.abs() < 0.2).sum())
+    assert torch.equal(band.sort().values, band1.sort().values)
+    assert torch.equal(band.sort().values, row.abs()[(row.abs() >= 0.2) & (row.abs() <= 0.7)].sort().values)
