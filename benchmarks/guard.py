@@ -70,11 +70,15 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
     "pcb": {"density": [0.1], "scaling": [1.0, 1.5]},
     "fisher": {"normalize": [False]},
     "regmean": {"alpha": [0.5, 0.9]},
-    "wudi": {"rho": [1.0, 3.0, 10.0], "anchor_scaling": [0.5, 0.8]},
+    "wudi": {"rho": [1.0, 3.0, 10.0], "anchor_scaling": [0.5]},
     "regmean_pp": {"alpha": [0.9], "texts": [150]},
     "lot": {"rho": [0.3, 1.0], "anchor_parameters": [{"scaling": 0.6}], "texts": [150]},
-    "lot_wudi": {"anchor": ["wudi"], "anchor_parameters": [{"rho": 3.0, "anchor_scaling": 0.5}], "rho": [1.0],
-                 "texts": [150]},
+    "lot_wudi": {
+        "anchor": ["wudi"],
+        "anchor_parameters": [{"rho": 3.0, "anchor_scaling": 0.5}],
+        "rho": [1.0],
+        "texts": [150],
+    },
 }
 ROW_METHOD: dict[str, str] = {"lot_wudi": "lot"}
 """Rows that are a registered method with other settings (row name -> method)."""
@@ -106,7 +110,9 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 class Bench:
     """Shared state: experts, data, cached statistics and expert features."""
 
-    def __init__(self, data: Path, work: Path, experts: Mapping[str, Path], val_limit: int | None, test_limit: int | None):
+    def __init__(
+        self, data: Path, work: Path, experts: Mapping[str, Path], val_limit: int | None, test_limit: int | None
+    ):
         self.base = str(base_checkpoint())
         self.experts = dict(experts)
         self.tasks: dict[str, TaskData] = {t: load_task(data / t) for t in experts}
@@ -117,19 +123,41 @@ class Bench:
         self.solved: dict[str, Any] = {}
         self.work = work
 
-    def config(self, method: str, params: Mapping[str, Any], *, tasks: Sequence[str] | None = None,
-               align: bool = False, heads: str = "multi", seed: int = 0,
-               weights: Mapping[str, float] | None = None, **extra: Any) -> MergeConfig:
+    def config(
+        self,
+        method: str,
+        params: Mapping[str, Any],
+        *,
+        tasks: Sequence[str] | None = None,
+        align: bool = False,
+        heads: str = "multi",
+        seed: int = 0,
+        weights: Mapping[str, float] | None = None,
+        **extra: Any,
+    ) -> MergeConfig:
         chosen = list(tasks or self.experts)
-        return parse_config({
-            "base_model": self.base,
-            "experts": [{"model": str(self.experts[t]), "task": t, "weight": (weights or {}).get(t, 1.0),
-                         "data": str(self.tasks[t].folder / "train.jsonl")} for t in chosen],
-            "method": method, "parameters": dict(params), "heads": heads, "seed": seed,
-            "align_heads": ALIGN if align else False,
-            "statistics": {**STATS, "examples": FISHER_EXAMPLES if method == "fisher" else STATS["examples"]},
-            **extra,
-        }, source=f"{method} {dict(params)}")
+        return parse_config(
+            {
+                "base_model": self.base,
+                "experts": [
+                    {
+                        "model": str(self.experts[t]),
+                        "task": t,
+                        "weight": (weights or {}).get(t, 1.0),
+                        "data": str(self.tasks[t].folder / "train.jsonl"),
+                    }
+                    for t in chosen
+                ],
+                "method": method,
+                "parameters": dict(params),
+                "heads": heads,
+                "seed": seed,
+                "align_heads": ALIGN if align else False,
+                "statistics": {**STATS, "examples": FISHER_EXAMPLES if method == "fisher" else STATS["examples"]},
+                **extra,
+            },
+            source=f"{method} {dict(params)}",
+        )
 
     def merged(self, cfg: MergeConfig) -> MultiHeadModel:
         """The merged model of ``cfg``. A layer-wise merge is solved once per setting: its
@@ -143,7 +171,9 @@ class Bench:
         if job.statistics:
             key = f"{'+'.join(sorted(job.statistics))}:{','.join(job.tasks)}"
             if key not in self.stats_cache:
-                self.stats_cache[key] = expert_statistics(job, job.statistics, progress=False, cache=self.work / "stats")
+                self.stats_cache[key] = expert_statistics(
+                    job, job.statistics, progress=False, cache=self.work / "stats"
+                )
             stats = self.stats_cache[key]
         if not job.layerwise:
             return build(job, progress=False, stats=stats, feature_cache=self.features).to_model()
@@ -159,12 +189,16 @@ class Bench:
         copy = replace(solved, tensors={k: v.clone() for k, v in solved.tensors.items()}, info=dict(solved.info))
         return data_stages(replace(job, layerwise=False), copy, progress=False, feature_cache=self.features).to_model()
 
-    def score(self, model: MultiHeadModel, split: str, tasks: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    def score(
+        self, model: MultiHeadModel, split: str, tasks: Sequence[str] | None = None
+    ) -> dict[str, dict[str, float]]:
         data = self.val if split == "validation" else self.test
         return evaluate(model, {t: data[t] for t in (tasks or model.tasks)})
 
 
-def quality(bench: Bench, grids: Mapping[str, Mapping[str, Sequence[Any]]], expert_test: dict, seeds: Sequence[int]) -> dict:
+def quality(
+    bench: Bench, grids: Mapping[str, Mapping[str, Sequence[Any]]], expert_test: dict, seeds: Sequence[int]
+) -> dict:
     """Grid-search each method (and its +align variant) on validation, score the choice on test."""
     out: dict[str, Any] = {}
     for row, grid in grids.items():
@@ -176,12 +210,16 @@ def quality(bench: Bench, grids: Mapping[str, Mapping[str, Sequence[Any]]], expe
             for params in grid_points(grid):
                 model = bench.merged(bench.config(method, params, align=align))
                 val = bench.score(model, "validation")
-                trials.append({"parameters": params, "validation_mean_macro_f1": mean({t: v["macro_f1"] for t, v in val.items()})})
+                trials.append(
+                    {"parameters": params, "validation_mean_macro_f1": mean({t: v["macro_f1"] for t, v in val.items()})}
+                )
                 log.info("%s %s: validation mean macro-F1 %.4f", name, params, trials[-1]["validation_mean_macro_f1"])
             best = max(trials, key=lambda r: r["validation_mean_macro_f1"])
             run_seeds = seeds if method.startswith("dare") else (0,)
-            tests = [bench.score(bench.merged(bench.config(method, best["parameters"], align=align, seed=s)), "test")
-                     for s in run_seeds]
+            tests = [
+                bench.score(bench.merged(bench.config(method, best["parameters"], align=align, seed=s)), "test")
+                for s in run_seeds
+            ]
             test = {t: {m: statistics.fmean(r[t][m] for r in tests) for m in tests[0][t]} for t in tests[0]}
             per_task = normalized(test, expert_test)
             entry = {
@@ -223,15 +261,18 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 @torch.no_grad()
-def timings(bench: Bench, runners: Mapping[str, Any], tokenizer: Any, n_texts: int = 320,
-            repeats: int = 3) -> dict[str, dict[str, float]]:
+def timings(
+    bench: Bench, runners: Mapping[str, Any], tokenizer: Any, n_texts: int = 320, repeats: int = 3
+) -> dict[str, dict[str, float]]:
     """Texts/s at batch 32 and batch-1 latency of each runner (``fn(batch)``) on the same
     tokenised test texts of every task; runners alternate so machine noise hits them alike."""
     texts = [t for task in bench.tasks for t in bench.test[task].texts[: n_texts // len(bench.tasks)]]
 
     def batches(size: int) -> list[dict[str, torch.Tensor]]:
-        return [dict(tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128,
-                               return_tensors="pt")) for i in range(0, len(texts), size)]
+        return [
+            dict(tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+            for i in range(0, len(texts), size)
+        ]
 
     b32, b1 = batches(32), batches(1)[:64]
     for fn in runners.values():  # warm up
@@ -242,9 +283,14 @@ def timings(bench: Bench, runners: Mapping[str, Any], tokenizer: Any, n_texts: i
         for name, fn in runners.items():
             big[name].append(sum(_latencies(fn, b32, 1)))
             small[name] += _latencies(fn, b1, 1)
-    return {name: {"batch32_texts_per_s": len(texts) / statistics.median(big[name]),
-                   "batch1_p50_ms": _pct(small[name], 0.5), "batch1_p95_ms": _pct(small[name], 0.95)}
-            for name in runners} | {"_texts": {"n": len(texts), "repeats": repeats}}  # type: ignore[dict-item]
+    return {
+        name: {
+            "batch32_texts_per_s": len(texts) / statistics.median(big[name]),
+            "batch1_p50_ms": _pct(small[name], 0.5),
+            "batch1_p95_ms": _pct(small[name], 0.95),
+        }
+        for name in runners
+    } | {"_texts": {"n": len(texts), "repeats": repeats}}  # type: ignore[dict-item]
 
 
 def speed(bench: Bench, merged: MultiHeadModel, n_texts: int = 320, repeats: int = 3) -> dict:
@@ -258,17 +304,32 @@ def speed(bench: Bench, merged: MultiHeadModel, n_texts: int = 320, repeats: int
     t = timings(bench, {"merged": lambda b: merged(**b), "experts": run_experts}, merged.tokenizer, n_texts, repeats)
     m, e = t["merged"], t["experts"]
     return {
-        "batch32": {"merged_texts_per_s": m["batch32_texts_per_s"], "experts_texts_per_s": e["batch32_texts_per_s"],
-                    "ratio": m["batch32_texts_per_s"] / e["batch32_texts_per_s"]},
-        "batch1": {"merged_p50_ms": m["batch1_p50_ms"], "merged_p95_ms": m["batch1_p95_ms"],
-                   "experts_p50_ms": e["batch1_p50_ms"], "experts_p95_ms": e["batch1_p95_ms"],
-                   "ratio": e["batch1_p50_ms"] / m["batch1_p50_ms"]},
-        "texts": t["_texts"]["n"], "repeats": repeats,
+        "batch32": {
+            "merged_texts_per_s": m["batch32_texts_per_s"],
+            "experts_texts_per_s": e["batch32_texts_per_s"],
+            "ratio": m["batch32_texts_per_s"] / e["batch32_texts_per_s"],
+        },
+        "batch1": {
+            "merged_p50_ms": m["batch1_p50_ms"],
+            "merged_p95_ms": m["batch1_p95_ms"],
+            "experts_p50_ms": e["batch1_p50_ms"],
+            "experts_p95_ms": e["batch1_p95_ms"],
+            "ratio": e["batch1_p50_ms"] / m["batch1_p50_ms"],
+        },
+        "texts": t["_texts"]["n"],
+        "repeats": repeats,
     }
 
 
-def frontier(bench: Bench, expert_test: dict, results: dict, depths: Sequence[int], row: str | None = None,
-             n_texts: int = 320, branch_aligns: Sequence[bool] = (True,)) -> dict:
+def frontier(
+    bench: Bench,
+    expert_test: dict,
+    results: dict,
+    depths: Sequence[int],
+    row: str | None = None,
+    n_texts: int = 320,
+    branch_aligns: Sequence[bool] = (True,),
+) -> dict:
     """Sharing depth: the best single-pass row (by validation) as the trunk, each task's own
     upper blocks from depth K (``share_layers``), with the branch-point alignment (or the best of
     ``branch_aligns`` on validation); quality on test and measured throughput, against one pass
@@ -291,13 +352,23 @@ def frontier(bench: Bench, expert_test: dict, results: dict, depths: Sequence[in
         model = bench.merged(bench.config(method, params, align=align))
         test = bench.score(model, "test")
         per_task = normalized(test, expert_test)
-        best = {"normalized": mean(per_task), "worst_task_ratio": min(per_task.values()), "test": test,
-                "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}), "produced": produced()}
+        best = {
+            "normalized": mean(per_task),
+            "worst_task_ratio": min(per_task.values()),
+            "test": test,
+            "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
+            "produced": produced(),
+        }
     out: dict[str, Any] = {"trunk": row, "method": method, "hyperparameters": params, "layers": layers, "rows": {}}
     models: dict[str, MultiHeadModel] = {f"K={layers}": model}
-    out["rows"][f"K={layers}"] = {"share_layers": layers, "normalized": best["normalized"],
-                                  "worst_task_ratio": best.get("worst_task_ratio"), "mean_macro_f1": best["mean_macro_f1"],
-                                  "layer_passes": layers, "produced": best.get("produced")}
+    out["rows"][f"K={layers}"] = {
+        "share_layers": layers,
+        "normalized": best["normalized"],
+        "worst_task_ratio": best.get("worst_task_ratio"),
+        "mean_macro_f1": best["mean_macro_f1"],
+        "layer_passes": layers,
+        "produced": best.get("produced"),
+    }
     n = len(bench.experts)
     for depth in depths:
         trials = []
@@ -312,11 +383,18 @@ def frontier(bench: Bench, expert_test: dict, results: dict, depths: Sequence[in
         per_task = normalized(test, expert_test)
         name = f"K={depth}"
         models[name] = model
-        out["rows"][name] = {"share_layers": depth, "branch_align": branch_align, "validation_mean_macro_f1": val_score,
-                             "test": test, "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
-                             "normalized": mean(per_task), "normalized_per_task": per_task,
-                             "worst_task_ratio": min(per_task.values()), "layer_passes": depth + n * (layers - depth),
-                             "produced": produced()}
+        out["rows"][name] = {
+            "share_layers": depth,
+            "branch_align": branch_align,
+            "validation_mean_macro_f1": val_score,
+            "test": test,
+            "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
+            "normalized": mean(per_task),
+            "normalized_per_task": per_task,
+            "worst_task_ratio": min(per_task.values()),
+            "layer_passes": depth + n * (layers - depth),
+            "produced": produced(),
+        }
     experts = {t: load_any(p, t) for t, p in bench.experts.items()}
 
     def run_experts(b: Mapping[str, torch.Tensor]) -> None:
@@ -325,9 +403,14 @@ def frontier(bench: Bench, expert_test: dict, results: dict, depths: Sequence[in
 
     runners = {name: (lambda b, m=m: m(**b)) for name, m in models.items()} | {"experts": run_experts}
     speeds = timings(bench, runners, models[f"K={layers}"].tokenizer, n_texts)
-    out["rows"]["experts"] = {"share_layers": 0, "normalized": 1.0, "worst_task_ratio": 1.0,
-                              "mean_macro_f1": results["experts_mean_macro_f1"], "layer_passes": n * layers,
-                              "note": "the five experts run one after another"}
+    out["rows"]["experts"] = {
+        "share_layers": 0,
+        "normalized": 1.0,
+        "worst_task_ratio": 1.0,
+        "mean_macro_f1": results["experts_mean_macro_f1"],
+        "layer_passes": n * layers,
+        "note": "the five experts run one after another",
+    }
     for name, r in out["rows"].items():
         r.update(speeds[name])
         r["compute_vs_one_pass"] = r["layer_passes"] / layers
@@ -382,6 +465,7 @@ def _save(path: Path, results: dict, started: float) -> None:
 
 def produced() -> dict[str, str]:
     """The commit and date a result comes from (``-dirty`` when the source tree has changes)."""
+
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -396,7 +480,9 @@ def produced() -> dict[str, str]:
 
 def environment() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = ""
     cpu = platform.processor() or platform.machine()
@@ -407,8 +493,15 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()), "torch": torch.__version__,
-            "guardmerge": guardmerge.__version__, "commit": commit, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "guardmerge": guardmerge.__version__,
+        "commit": commit,
+        "python": platform.python_version(),
+    }
 
 
 def main() -> None:
@@ -420,17 +513,34 @@ def main() -> None:
     ap.add_argument("--val-limit", type=int, default=150, help="validation examples per task for the grids")
     ap.add_argument("--test-limit", type=int, default=1000, help="test examples per task (0: all)")
     ap.add_argument("--sweep-limit", type=int, default=200, help="test examples per task in the density sweep")
-    ap.add_argument("--only", action="append", default=[], choices=SECTIONS,
-                    help="run only these sections (repeatable); the others keep their stored results")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=SECTIONS,
+        help="run only these sections (repeatable); the others keep their stored results",
+    )
     ap.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="skip these sections")
-    ap.add_argument("--frontier-row", default=None,
-                    help="quality row used as the trunk of the frontier (default: best validation score)")
-    ap.add_argument("--branch-align-choice", action="store_true",
-                    help="frontier: choose branch_align on validation (default: always on)")
-    ap.add_argument("--methods", default=None,
-                    help=f"quality rows to (re)run, comma-separated (default all: {', '.join(GRIDS)})")
-    ap.add_argument("--expert", action="append", default=[], metavar="TASK=FOLDER",
-                    help="use these experts instead of building the zoo (e.g. your own)")
+    ap.add_argument(
+        "--frontier-row",
+        default=None,
+        help="quality row used as the trunk of the frontier (default: best validation score)",
+    )
+    ap.add_argument(
+        "--branch-align-choice",
+        action="store_true",
+        help="frontier: choose branch_align on validation (default: always on)",
+    )
+    ap.add_argument(
+        "--methods", default=None, help=f"quality rows to (re)run, comma-separated (default all: {', '.join(GRIDS)})"
+    )
+    ap.add_argument(
+        "--expert",
+        action="append",
+        default=[],
+        metavar="TASK=FOLDER",
+        help="use these experts instead of building the zoo (e.g. your own)",
+    )
     args = ap.parse_args()
     run = [x for x in (args.only or SECTIONS) if x not in args.skip]
     grids = QUICK_GRIDS if args.quick else GRIDS
@@ -463,9 +573,17 @@ def main() -> None:
     results["experts_mean_macro_f1"] = mean({t: v["macro_f1"] for t, v in expert_test.items()})
     results["experts_produced"] = produced()
     if "quality" in run:
-        methods = {"ensemble": {"test": expert_test, "mean_macro_f1": results["experts_mean_macro_f1"],
-                                "normalized": 1.0, "worst_task_ratio": 1.0, "hyperparameters": {},
-                                "note": "the five experts run separately", "produced": produced()}}
+        methods = {
+            "ensemble": {
+                "test": expert_test,
+                "mean_macro_f1": results["experts_mean_macro_f1"],
+                "normalized": 1.0,
+                "worst_task_ratio": 1.0,
+                "hyperparameters": {},
+                "note": "the five experts run separately",
+                "produced": produced(),
+            }
+        }
         methods.update(quality(bench, grids, expert_test, (0,) if args.quick else DARE_SEEDS))
         results["methods"] = {**results.get("methods", {}), **methods}
         results["grids"] = {**results.get("grids", {}), **grids}
@@ -475,15 +593,23 @@ def main() -> None:
         results["speed"] = {**speed(bench, merged, n_texts=64 if args.quick else 320), "produced": produced()}
     _save(args.out, results, started)
     if "frontier" in run:
-        results["frontier"] = frontier(bench, expert_test, results, (5, 4), row=args.frontier_row,
-                                       n_texts=64 if args.quick else 320,
-                                       branch_aligns=(False, True) if args.branch_align_choice else (True,))
+        results["frontier"] = frontier(
+            bench,
+            expert_test,
+            results,
+            (5, 4),
+            row=args.frontier_row,
+            n_texts=64 if args.quick else 320,
+            branch_aligns=(False, True) if args.branch_align_choice else (True,),
+        )
     _save(args.out, results, started)
     if "sweep" in run:
         sweep_bench = bench if args.quick else Bench(data, args.work, experts, args.val_limit, args.sweep_limit)
         sweep_bench.features = bench.features
         expert_sweep = {t: sweep_bench.score(load_any(p, t), "test", [t])[t] for t, p in experts.items()}
-        results["density_sweep"] = density_sweep(sweep_bench, expert_sweep, (0.2, 1.0) if args.quick else SWEEP_DENSITIES)
+        results["density_sweep"] = density_sweep(
+            sweep_bench, expert_sweep, (0.2, 1.0) if args.quick else SWEEP_DENSITIES
+        )
         results["density_sweep_experts"] = expert_sweep
         results["density_sweep_produced"] = produced()
     _save(args.out, results, started)
@@ -492,9 +618,15 @@ def main() -> None:
         results["two_task_produced"] = produced()
     results["environment"] = environment()
     results["seconds"] = time.perf_counter() - started
-    results["settings"] = {"val_limit": 60 if args.quick else args.val_limit,
-                           "test_limit": 100 if args.quick else test_limit, "sweep_limit": args.sweep_limit, "align": ALIGN,
-                           "statistics": STATS, "fisher_examples": FISHER_EXAMPLES, "quick": args.quick}
+    results["settings"] = {
+        "val_limit": 60 if args.quick else args.val_limit,
+        "test_limit": 100 if args.quick else test_limit,
+        "sweep_limit": args.sweep_limit,
+        "align": ALIGN,
+        "statistics": STATS,
+        "fisher_examples": FISHER_EXAMPLES,
+        "quick": args.quick,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(to_json_ready(results), indent=2) + "\n")
     log.info("wrote %s in %.0f s", args.out, results["seconds"])

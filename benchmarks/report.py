@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS.md and its plots from benchmarks/results/*.json (never by hand).
 
-    python benchmarks/report.py
+python benchmarks/report.py
 """
 
 from __future__ import annotations
@@ -65,8 +65,11 @@ def merge_speed_table(path: Path) -> list[str]:
         "Medians of alternating runs per tool (`runs` per job), each a fresh process (start-up included), "
         f"{res.get('cpus', '?')} CPUs; I/O floor = reading every input once and writing one output (warm page cache)"
         + ("; guardmerge with its `fast` extra (numba kernels)" if res.get("fused_kernels") else "")
-        + (f"; start-up alone (a process importing guardmerge's CLI and torch) {_f(res['startup_s'], 2)} s."
-           if "startup_s" in res else "."),
+        + (
+            f"; start-up alone (a process importing guardmerge's CLI and torch) {_f(res['startup_s'], 2)} s."
+            if "startup_s" in res
+            else "."
+        ),
         "",
         "| job | runs | guardmerge s | mergekit s | speedup | guardmerge peak MiB | mergekit peak MiB | I/O floor s | "
         "guardmerge / floor | max abs diff | entries differing |",
@@ -90,11 +93,16 @@ def _produced(entry: dict) -> str:
 
 def quality_table(res: dict) -> list[str]:
     tasks = [t for t in TASKS if t in res["experts"]]
-    lines = ["| method | " + " | ".join(tasks) + " | mean macro-F1 | normalised | worst task / expert | "
-             "hyperparameters (chosen on validation) | produced |",
-             "|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
-    lines.append("| experts | " + " | ".join(_f(res["experts"][t]["macro_f1"]) for t in tasks)
-                 + f" | {_f(res['experts_mean_macro_f1'])} | 1.000 | 1.000 | | {_produced({'produced': res.get('experts_produced')})} |")
+    lines = [
+        "| method | " + " | ".join(tasks) + " | mean macro-F1 | normalised | worst task / expert | "
+        "hyperparameters (chosen on validation) | produced |",
+        "|---|" + "---|" * len(tasks) + "---|---|---|---|---|",
+    ]
+    lines.append(
+        "| experts | "
+        + " | ".join(_f(res["experts"][t]["macro_f1"]) for t in tasks)
+        + f" | {_f(res['experts_mean_macro_f1'])} | 1.000 | 1.000 | | {_produced({'produced': res.get('experts_produced')})} |"
+    )
     for name, m in sorted(res.get("methods", {}).items(), key=lambda kv: -kv[1]["mean_macro_f1"]):
         if name == "ensemble":
             continue
@@ -111,8 +119,10 @@ def quality_table(res: dict) -> list[str]:
         if worst is None and "normalized_per_task" in m:
             worst = min(m["normalized_per_task"].values())
         where = f" ({m['worst_task']})" if "worst_task" in m else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | "
-                     f"{_f(worst)}{where} | {hp} | {_produced(m)} |")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | "
+            f"{_f(worst)}{where} | {hp} | {_produced(m)} |"
+        )
     return lines
 
 
@@ -163,14 +173,20 @@ def frontier_table(res: dict) -> list[str]:
             f"{_f(r.get('batch32_texts_per_s'), 1)} | {_f(r.get('batch1_p50_ms'), 1)} | {_f(r.get('batch1_p95_ms'), 1)} | "
             f"{_produced(r)} |"
         )
-    lines += ["", "Goal (issue 14): with at most 2x the compute of one pass, normalised >= 1.00 and no task below 0.97.", ""]
+    lines += [
+        "",
+        "Goal (issue 14): with at most 2x the compute of one pass, normalised >= 1.00 and no task below 0.97.",
+        "",
+    ]
     return lines
 
 
 def official_table(res: dict) -> list[str]:
     tasks = [t for t in TASKS if t in res["experts"]]
-    lines = ["| model | " + " | ".join(f"{t} ({OFFICIAL.get(t, 'macro_f1')})" for t in tasks) + " |",
-             "|---|" + "---|" * len(tasks)]
+    lines = [
+        "| model | " + " | ".join(f"{t} ({OFFICIAL.get(t, 'macro_f1')})" for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
     rows = {"experts": res["experts"], **{k: v["test"] for k, v in res.get("methods", {}).items()}}
     for name, test in rows.items():
         lines.append(f"| {name} | " + " | ".join(_f(test[t].get(OFFICIAL.get(t, "macro_f1"))) for t in tasks) + " |")
@@ -192,8 +208,19 @@ def plots(res: dict, out_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(11, 5))
         width = 0.8 / (len(tasks) + 1)
         for i, t in enumerate(tasks):
-            ax.bar([j + i * width for j in range(len(methods))], [res["methods"][m]["test"][t]["macro_f1"] for m in methods], width, label=t)
-        ax.bar([j + len(tasks) * width for j in range(len(methods))], [res["methods"][m]["mean_macro_f1"] for m in methods], width, label="mean", color="black")
+            ax.bar(
+                [j + i * width for j in range(len(methods))],
+                [res["methods"][m]["test"][t]["macro_f1"] for m in methods],
+                width,
+                label=t,
+            )
+        ax.bar(
+            [j + len(tasks) * width for j in range(len(methods))],
+            [res["methods"][m]["mean_macro_f1"] for m in methods],
+            width,
+            label="mean",
+            color="black",
+        )
         ax.axhline(res["experts_mean_macro_f1"], color="grey", linestyle="--", label="experts' mean")
         ax.set_xticks([j + 0.4 for j in range(len(methods))], methods, rotation=45, ha="right")
         ax.set_ylabel("test macro-F1")
@@ -224,7 +251,9 @@ def plots(res: dict, out_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         xs = [r.get("batch32_texts_per_s", 0) for r in fr.values()]
         ax.plot(xs, [r["normalized"] for r in fr.values()], marker="o", label="normalised (mean)")
-        ax.plot(xs, [r.get("worst_task_ratio") or 0 for r in fr.values()], marker="s", linestyle="--", label="worst task")
+        ax.plot(
+            xs, [r.get("worst_task_ratio") or 0 for r in fr.values()], marker="s", linestyle="--", label="worst task"
+        )
         for (name, r), x in zip(fr.items(), xs):
             ax.annotate(name, (x, r["normalized"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("texts/s at batch 32 (measured)")
@@ -238,9 +267,15 @@ def plots(res: dict, out_dir: Path) -> list[str]:
     if "speed" in res:
         sp = res["speed"]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        axes[0].bar(["merged", "5 experts"], [sp["batch32"]["merged_texts_per_s"], sp["batch32"]["experts_texts_per_s"]], color=["C0", "C1"])
+        axes[0].bar(
+            ["merged", "5 experts"],
+            [sp["batch32"]["merged_texts_per_s"], sp["batch32"]["experts_texts_per_s"]],
+            color=["C0", "C1"],
+        )
         axes[0].set_title("throughput, batch 32 (texts/s)")
-        axes[1].bar(["merged", "5 experts"], [sp["batch1"]["merged_p50_ms"], sp["batch1"]["experts_p50_ms"]], color=["C0", "C1"])
+        axes[1].bar(
+            ["merged", "5 experts"], [sp["batch1"]["merged_p50_ms"], sp["batch1"]["experts_p50_ms"]], color=["C0", "C1"]
+        )
         axes[1].set_title("latency p50, batch 1 (ms)")
         fig.tight_layout()
         fig.savefig(out_dir / "speed.png", dpi=110)
@@ -287,7 +322,12 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     lines += frontier_table(res)
     if "frontier.png" in made:
         lines += [f"![frontier]({rel('frontier.png')})", ""]
-    lines += ["Official TweetEval metric per task (macro-F1, except irony: F1 of the irony class):", "", *official_table(res), ""]
+    lines += [
+        "Official TweetEval metric per task (macro-F1, except irony: F1 of the irony class):",
+        "",
+        *official_table(res),
+        "",
+    ]
     lines += search_table(res)
     if "speed" in res:
         sp = res["speed"]
@@ -304,31 +344,57 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
         if "speed.png" in made:
             lines += [f"![speed]({rel('speed.png')})", ""]
     if "density_sweep" in res:
-        lines += ["## HM3 self-merging: density sweep", "",
-                  "Each expert merged with itself against the base (`theta_0 + sparsify(tau)`, scaling 1); "
-                  "test macro-F1 relative to the expert.", ""]
+        lines += [
+            "## HM3 self-merging: density sweep",
+            "",
+            "Each expert merged with itself against the base (`theta_0 + sparsify(tau)`, scaling 1); "
+            "test macro-F1 relative to the expert.",
+            "",
+        ]
         for method, curves in res["density_sweep"].items():
             dens = [c["density"] for c in next(iter(curves.values()))]
-            lines += [f"**{method}**", "", "| task | " + " | ".join(str(d) for d in dens) + " |", "|---|" + "---|" * len(dens)]
+            lines += [
+                f"**{method}**",
+                "",
+                "| task | " + " | ".join(str(d) for d in dens) + " |",
+                "|---|" + "---|" * len(dens),
+            ]
             for task, curve in curves.items():
                 lines.append(f"| {task} | " + " | ".join(_f(c["normalized"]) for c in curve) + " |")
             lines.append("")
         if "density_sweep.png" in made:
             lines += [f"![density sweep]({rel('density_sweep.png')})", ""]
     if "two_task" in res:
-        lines += ["## HM3 two-task merges (multi-head vs HM3 concatenated heads)", "",
-                  "| pair | sources' mean | " + " | ".join(k for k in next(iter(res["two_task"].values())) if k != "sources_mean_macro_f1") + " |"]
+        lines += [
+            "## HM3 two-task merges (multi-head vs HM3 concatenated heads)",
+            "",
+            "| pair | sources' mean | "
+            + " | ".join(k for k in next(iter(res["two_task"].values())) if k != "sources_mean_macro_f1")
+            + " |",
+        ]
         keys = [k for k in next(iter(res["two_task"].values())) if k != "sources_mean_macro_f1"]
         lines.append("|---|---|" + "---|" * len(keys))
         for pair, r in res["two_task"].items():
-            lines.append(f"| {pair} | {_f(r['sources_mean_macro_f1'])} | " + " | ".join(_f(r[k]["mean_macro_f1"]) for k in keys) + " |")
+            lines.append(
+                f"| {pair} | {_f(r['sources_mean_macro_f1'])} | "
+                + " | ".join(_f(r[k]["mean_macro_f1"]) for k in keys)
+                + " |"
+            )
         lines.append("")
     lines += merge_speed_table(HERE / "results" / "merge_speed.json")
     for extra in sorted(HERE.glob("results/*.json")):
         if extra.name in ("guard.json", "guard_frontier.json", "merge_speed.json"):
             continue
-        lines += [f"## {extra.stem}", "", f"From `benchmarks/results/{extra.name}`:", "", "```json",
-                  json.dumps(json.loads(extra.read_text()), indent=2)[:3000], "```", ""]
+        lines += [
+            f"## {extra.stem}",
+            "",
+            f"From `benchmarks/results/{extra.name}`:",
+            "",
+            "```json",
+            json.dumps(json.loads(extra.read_text()), indent=2)[:3000],
+            "```",
+            "",
+        ]
     out_md.write_text("\n".join(lines))
 
 
