@@ -133,7 +133,8 @@ def module_at(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def _first(out: Any) -> torch.Tensor:
+def first_output(out: Any) -> torch.Tensor:
+    """A module's main output: the first element of a tuple output, or the output itself."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -228,8 +229,8 @@ class Branch(nn.Module):
         if self.align is not None:
             h = self.align(h)
         for block in self.blocks:
-            h = _first(block(h, *args, **kwargs))
-        pooled = _first(self.pooler(h)) if self.pooler is not None else None
+            h = first_output(block(h, *args, **kwargs))
+        pooled = first_output(self.pooler(h)) if self.pooler is not None else None
         return h, pooled
 
     def set_align(self, scale: torch.Tensor, shift: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from guardmerge.errors import GuardmergeError
 from guardmerge.methods import LinearSystem, MethodParams
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.multihead import MultiHeadModel, blocks_at, first_output, module_at
 from guardmerge.stats.batches import tokenize_batches
 from guardmerge.stats.gram import model_inputs
 
@@ -50,25 +50,8 @@ class _Call:
     rows: torch.Tensor
 
 
-def blocks_at(root: nn.Module, path: str) -> list[nn.Module]:
-    """The blocks of the block list ``root.a.b`` for ``path = "a.b"``."""
-    return list(cast(nn.ModuleList, module_at(root, path)))
-
-
-def module_at(root: nn.Module, path: str) -> nn.Module:
-    """``root.a.b`` for ``path = "a.b"``."""
-    module = root
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _capture_inputs(
-    encoder: nn.Module, blocks: Sequence[nn.Module], batch: Mapping[str, torch.Tensor], upto: int | None
+    encoder: nn.Module, blocks: nn.ModuleList, batch: Mapping[str, torch.Tensor], upto: int | None
 ) -> tuple[list[torch.Tensor], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
     """Run ``encoder`` on ``batch``, recording each block's input hidden states and call
     arguments (blocks ``0..upto``; all, plus the last block's output, when ``upto`` is None)."""
@@ -92,7 +75,7 @@ def _capture_inputs(
 
     handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks[: last + 1])]
     if upto is None:
-        handles.append(blocks[-1].register_forward_hook(lambda _m, _a, out: hidden.append(_first(out))))
+        handles.append(blocks[-1].register_forward_hook(lambda _m, _a, out: hidden.append(first_output(out))))
     try:
         encoder(**model_inputs(encoder, batch))
     except _Stop:
@@ -105,8 +88,8 @@ def _capture_inputs(
 
 def _call(block: nn.Module, hidden: torch.Tensor, call: _Call | None) -> torch.Tensor:
     if call is None:  # the pooler: called on the last hidden states alone
-        return _first(block(hidden))
-    return _first(block(hidden, *call.args, **call.kwargs))
+        return first_output(block(hidden))
+    return first_output(block(hidden, *call.args, **call.kwargs))
 
 
 def _center(layers: Sequence[nn.Module], weights: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -195,7 +178,7 @@ class _Task:
     calls: list[_Call]
     merged: list[torch.Tensor]  # merged model's hidden states at the current block input, per batch
     expert: list[list[torch.Tensor]]  # expert's hidden states at every block input (+ final), per batch
-    blocks: Sequence[nn.Module]  # the expert's blocks
+    blocks: nn.ModuleList  # the expert's blocks
     pooler: nn.Module | None
     weight: float
 
