@@ -197,9 +197,14 @@ class Bench:
 
 
 def quality(
-    bench: Bench, grids: Mapping[str, Mapping[str, Sequence[Any]]], expert_test: dict, seeds: Sequence[int]
+    bench: Bench,
+    grids: Mapping[str, Mapping[str, Sequence[Any]]],
+    expert_test: dict,
+    seeds: Sequence[int],
+    done: Any = None,
 ) -> dict:
-    """Grid-search each method (and its +align variant) on validation, score the choice on test."""
+    """Grid-search each method (and its +align variant) on validation, score the choice on test;
+    ``done(name, entry)`` is called as each row is finished (the caller saves it)."""
     out: dict[str, Any] = {}
     for row, grid in grids.items():
         method = ROW_METHOD.get(row, row)
@@ -242,6 +247,8 @@ def quality(
                 entry["mean_macro_f1_per_seed"] = [mean({t: r[t]["macro_f1"] for t in r}) for r in tests]
             out[name] = entry
             log.info("%s: test mean macro-F1 %.4f, normalised %.4f", name, entry["mean_macro_f1"], entry["normalized"])
+            if done is not None:
+                done(name, entry)
     return out
 
 
@@ -584,9 +591,14 @@ def main() -> None:
                 "produced": produced(),
             }
         }
-        methods.update(quality(bench, grids, expert_test, (0,) if args.quick else DARE_SEEDS))
         results["methods"] = {**results.get("methods", {}), **methods}
         results["grids"] = {**results.get("grids", {}), **grids}
+
+        def done(name: str, entry: dict) -> None:  # an interrupted run keeps its finished rows
+            results["methods"][name] = entry
+            _save(args.out, results, started)
+
+        quality(bench, grids, expert_test, (0,) if args.quick else DARE_SEEDS, done=done)
     _save(args.out, results, started)
     if "speed" in run:
         merged = bench.merged(bench.config("task_arithmetic", {"scaling": 0.5}))
