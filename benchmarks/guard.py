@@ -555,7 +555,7 @@ def main() -> None:
         unknown = sorted(set(args.methods.split(",")) - set(grids))
         if unknown:
             ap.error(f"unknown rows {unknown}; known: {', '.join(grids)}")
-        grids = {k: v for k, v in grids.items() if k in args.methods.split(",")}
+        grids = {k: grids[k] for k in args.methods.split(",")}  # in the order given
     test_limit = args.test_limit or None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("transformers", "huggingface_hub"):
