@@ -58,8 +58,7 @@ def gram_pass(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) ->
     collect_grams(model, batches, progress=False)
 
 
-def mac_estimate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
-                 block: int) -> dict[str, float]:
+def mac_estimate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], block: int) -> dict[str, float]:
     """Multiply-accumulates: the Linear layers of a plain pass vs the Gram products."""
     stats = collect_grams(model, batches, progress=False, block_size=block)
     padded = sum(int(b["input_ids"].numel()) for b in batches)
@@ -72,8 +71,7 @@ def mac_estimate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
     gram = 0.0
     for key, g in stats.grams.items():
         d = g.shape[0]
-        per_row = d * d if d <= block else sum(min(block, d - i) * (d - i)
-                                              for i in range(0, d, block))
+        per_row = d * d if d <= block else sum(min(block, d - i) * (d - i) for i in range(0, d, block))
         gram += stats.tokens[key] * per_row
     return {"forward_linear_macs": forward, "gram_macs": gram, "gram_to_forward": gram / forward}
 
@@ -95,12 +93,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sort-by-length", action="store_true",
-                        help="bucket texts by length (less padding)")
+    parser.add_argument("--sort-by-length", action="store_true", help="bucket texts by length (less padding)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (0: torch's default); 1 by default, the "
-                        "stable choice on a small shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0: torch's default); 1 by default, the stable choice on a small shared machine",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gram_overhead.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -116,13 +116,21 @@ def main() -> None:
     model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2).to(device)
     model.eval()
     texts = read_texts(args.data, args.texts)
-    batches = tokenize_batches(tokenizer, texts, batch_size=args.batch_size,
-                               max_length=args.max_length, sort_by_length=args.sort_by_length)
+    batches = tokenize_batches(
+        tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length, sort_by_length=args.sort_by_length
+    )
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     padded = sum(int(b["input_ids"].numel()) for b in batches)
     real = sum(int(b["attention_mask"].sum()) for b in batches)
-    log.info("%d texts, %d batches, %d padded tokens, %d real tokens (%.0f%%), %d threads",
-             len(texts), len(batches), padded, real, 100 * real / padded, torch.get_num_threads())
+    log.info(
+        "%d texts, %d batches, %d padded tokens, %d real tokens (%.0f%%), %d threads",
+        len(texts),
+        len(batches),
+        padded,
+        real,
+        100 * real / padded,
+        torch.get_num_threads(),
+    )
 
     # warm-up: allocator, kernels, hooks
     plain_pass(model, batches[:2])
@@ -178,8 +186,14 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    log.info("ratio %.3f (goal <= 1.3): plain %.3fs, gram %.3fs; Gram/forward MACs %.2f -> %s",
-             ratio, plain_s, gram_s, macs["gram_to_forward"], args.out)
+    log.info(
+        "ratio %.3f (goal <= 1.3): plain %.3fs, gram %.3fs; Gram/forward MACs %.2f -> %s",
+        ratio,
+        plain_s,
+        gram_s,
+        macs["gram_to_forward"],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

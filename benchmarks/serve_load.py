@@ -71,9 +71,23 @@ def free_port() -> int:
 
 def start_server(model: Path, backend: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-m", "guardmerge.cli", "-q", "serve", str(model), "--host", "127.0.0.1",
-        "--port", str(port), "--backend", backend, "--no-access-log", "--max-batch", str(args.max_batch),
-        "--max-wait-ms", str(args.max_wait_ms),
+        sys.executable,
+        "-m",
+        "guardmerge.cli",
+        "-q",
+        "serve",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend",
+        backend,
+        "--no-access-log",
+        "--max-batch",
+        str(args.max_batch),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -248,12 +262,20 @@ def main() -> None:
         "tasks": tasks,
         "guardmerge_version": __version__,
         "settings": {
-            "requests": args.requests, "concurrency": args.concurrency, "warmup": args.warmup,
-            "texts_per_request": 1, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
-            "threads": args.threads, "max_length": "model default (512)", "host": "127.0.0.1",
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "warmup": args.warmup,
+            "texts_per_request": 1,
+            "max_batch": args.max_batch,
+            "max_wait_ms": args.max_wait_ms,
+            "threads": args.threads,
+            "max_length": "model default (512)",
+            "host": "127.0.0.1",
         },
         "machine": {
-            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
             "loadavg_start": [round(x, 2) for x in load_start],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         },
@@ -264,8 +286,14 @@ def main() -> None:
     for backend, r in results.items():
         log.info(
             "%-5s %6.1f req/s  p50 %.1f ms  p95 %.1f ms  errors %d  mean batch %.1f  (offline batch-%d: %.1f texts/s)",
-            backend, r["requests_per_s"], r["latency_ms"]["p50"], r["latency_ms"]["p95"], r["errors"],
-            r["mean_batch_size"], r["offline_batch"], r["offline_batch_texts_per_s"],
+            backend,
+            r["requests_per_s"],
+            r["latency_ms"]["p50"],
+            r["latency_ms"]["p95"],
+            r["errors"],
+            r["mean_batch_size"],
+            r["offline_batch"],
+            r["offline_batch_texts_per_s"],
         )
     log.info("wrote %s", args.out)
 
