@@ -270,9 +270,10 @@ def _pct(xs: list[float], q: float) -> float:
 @torch.no_grad()
 def timings(
     bench: Bench, runners: Mapping[str, Any], tokenizer: Any, n_texts: int = 320, repeats: int = 3
-) -> dict[str, dict[str, float]]:
+) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
     """Texts/s at batch 32 and batch-1 latency of each runner (``fn(batch)``) on the same
-    tokenised test texts of every task; runners alternate so machine noise hits them alike."""
+    tokenised test texts of every task; runners alternate so machine noise hits them alike.
+    Returns the figures per runner and the settings (``n`` texts, ``repeats``)."""
     texts = [t for task in bench.tasks for t in bench.test[task].texts[: n_texts // len(bench.tasks)]]
 
     def batches(size: int) -> list[dict[str, torch.Tensor]]:
@@ -297,18 +298,25 @@ def timings(
             "batch1_p95_ms": _pct(small[name], 0.95),
         }
         for name in runners
-    } | {"_texts": {"n": len(texts), "repeats": repeats}}  # type: ignore[dict-item]
+    }, {"n": len(texts), "repeats": repeats}
+
+
+def experts_runner(bench: Bench) -> Any:
+    """``fn(batch)`` running the five experts one after another (what one merged pass replaces)."""
+    experts = {t: load_any(p, t) for t, p in bench.experts.items()}
+
+    def run(b: Mapping[str, torch.Tensor]) -> None:
+        for m in experts.values():
+            m(**b)
+
+    return run
 
 
 def speed(bench: Bench, merged: MultiHeadModel, n_texts: int = 320, repeats: int = 3) -> dict:
     """Merged five-head model vs the five experts one after another, same tokenised inputs."""
-    experts = {t: load_any(p, t) for t, p in bench.experts.items()}
-
-    def run_experts(b: Mapping[str, torch.Tensor]) -> None:
-        for m in experts.values():
-            m(**b)
-
-    t = timings(bench, {"merged": lambda b: merged(**b), "experts": run_experts}, merged.tokenizer, n_texts, repeats)
+    t, settings = timings(
+        bench, {"merged": lambda b: merged(**b), "experts": experts_runner(bench)}, merged.tokenizer, n_texts, repeats
+    )
     m, e = t["merged"], t["experts"]
     return {
         "batch32": {
@@ -323,7 +331,7 @@ def speed(bench: Bench, merged: MultiHeadModel, n_texts: int = 320, repeats: int
             "experts_p95_ms": e["batch1_p95_ms"],
             "ratio": e["batch1_p50_ms"] / m["batch1_p50_ms"],
         },
-        "texts": t["_texts"]["n"],
+        "texts": settings["n"],
         "repeats": repeats,
     }
 
@@ -402,14 +410,8 @@ def frontier(
             "layer_passes": depth + n * (layers - depth),
             "produced": produced(),
         }
-    experts = {t: load_any(p, t) for t, p in bench.experts.items()}
-
-    def run_experts(b: Mapping[str, torch.Tensor]) -> None:
-        for m in experts.values():
-            m(**b)
-
-    runners = {name: (lambda b, m=m: m(**b)) for name, m in models.items()} | {"experts": run_experts}
-    speeds = timings(bench, runners, models[f"K={layers}"].tokenizer, n_texts)
+    runners = {name: (lambda b, m=m: m(**b)) for name, m in models.items()} | {"experts": experts_runner(bench)}
+    speeds, settings = timings(bench, runners, models[f"K={layers}"].tokenizer, n_texts)
     out["rows"]["experts"] = {
         "share_layers": 0,
         "normalized": 1.0,
@@ -421,7 +423,7 @@ def frontier(
     for name, r in out["rows"].items():
         r.update(speeds[name])
         r["compute_vs_one_pass"] = r["layer_passes"] / layers
-    out["speed_settings"] = speeds["_texts"]
+    out["speed_settings"] = settings
     out["produced"] = produced()
     return out
 

@@ -30,40 +30,16 @@ def _one_thread() -> Iterator[None]:
 def tiny_model(kind: str = "bert", num_labels: int = 3, seed: int = 0) -> torch.nn.Module:
     """A tiny random ``*ForSequenceClassification`` (hidden 16, 2 layers), in eval mode."""
     torch.manual_seed(seed)
+    shared = {"vocab_size": VOCAB, "num_labels": num_labels, "max_position_embeddings": 64}
+    bert_like = {**shared, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
     if kind == "bert":
-        cfg = BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            num_labels=num_labels,
-            max_position_embeddings=64,
-        )
-        model = BertForSequenceClassification(cfg)
+        model = BertForSequenceClassification(BertConfig(**bert_like))
     elif kind == "roberta":
-        cfg = RobertaConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            num_labels=num_labels,
-            max_position_embeddings=64,
-            pad_token_id=1,
-        )
-        model = RobertaForSequenceClassification(cfg)
+        model = RobertaForSequenceClassification(RobertaConfig(**bert_like, pad_token_id=1))
     elif kind == "distilbert":
-        cfg = DistilBertConfig(
-            vocab_size=VOCAB,
-            dim=16,
-            n_layers=2,
-            n_heads=2,
-            hidden_dim=32,
-            num_labels=num_labels,
-            max_position_embeddings=64,
+        model = DistilBertForSequenceClassification(
+            DistilBertConfig(**shared, dim=16, n_layers=2, n_heads=2, hidden_dim=32)
         )
-        model = DistilBertForSequenceClassification(cfg)
     else:
         raise ValueError(kind)
     return model.eval()
