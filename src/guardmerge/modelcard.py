@@ -44,7 +44,8 @@ def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
         ),
         *(
             [
-                f"- Layer-wise solves: {info['layerwise']['layers']} Linear layers solved on the merged model's own "
+                f"- Layer-wise solves: {info['layerwise']['layers']} {info['layerwise'].get('unit', 'Linear layers')} "
+                "solved on the merged model's own "
                 f"activations ({', '.join(f'{t} {n}' for t, n in info['layerwise']['tokens'].items())} tokens; "
                 "ALGORITHMS.md 3a)"
             ]

@@ -4,7 +4,8 @@ A config is resolved into a job once (:meth:`MergeJob.of`), then the stages run 
 
 1. **statistics** (:func:`statistics_stage`): the experts' Grams / Fishers, for methods that need them;
 2. **tensor merge** (:func:`guardmerge.engine.merge`): the method mapped over the checkpoints;
-3. **layer-wise solves** (:func:`guardmerge.merge.layerwise.layerwise_stage`): ``lot``, ``regmean_pp``
+3. **layer-wise solves** (:func:`guardmerge.merge.layerwise.layerwise_stage`): ``lot``, ``regmean_pp``,
+   ``prodistill``
    (with ``share_layers: K``, the K shared blocks only);
 3b. **branch alignment** (:func:`guardmerge.merge.branches.branch_align_stage`), with ``branch_align``;
 4. **head alignment** (:func:`guardmerge.refit.align_heads`), when the job's alignment plan says;
@@ -192,6 +193,14 @@ def statistics_stage(
     return stats
 
 
+def _base_tensors(job: MergeJob) -> dict[str, torch.Tensor]:
+    """The base model's encoder tensors under canonical names (a per-block fit's ``theta_0``)."""
+    from guardmerge.architectures import encoder_names
+
+    with Checkpoint(job.base, allow_pickle=job.config.allow_pickle) as ck:
+        return {n: ck.get(n) for n in encoder_names(ck.adapter, ck.names())}
+
+
 def data_stages(
     job: MergeJob, result: MergeResult, *, progress: bool = True, feature_cache: FeatureCache | None = None
 ) -> MergeResult:
@@ -233,10 +242,9 @@ def data_stages(
             experts,
             {t: x[: params.texts] for t, x in texts.items()},
             {e.task: e.weight for e in job.experts},
-            layerwise.solve,
+            layerwise,
             params,
-            cross=layerwise.cross,
-            bias=layerwise.bias,
+            base=_base_tensors(job) if layerwise.fit is not None else None,
             max_length=capped_length(params.max_length, model.config, f"method {job.spec.name}"),
             batch_size=params.batch_size,
             progress=progress,

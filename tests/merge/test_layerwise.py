@@ -50,6 +50,7 @@ def _config(lw: dict[str, Path], method: str, experts: list[tuple[str, Path]], *
         ("lot", {}),
         ("regmean_pp", {}),
         ("wudi", {"rho": 0.0, "anchor_scaling": 1.0}),
+        ("prodistill", {"init_scaling": 1.0, "epochs": 3}),
     ],
 )
 def test_one_expert_is_returned(lw: dict[str, Path], method: str, params: dict) -> None:
@@ -172,3 +173,38 @@ def test_layerwise_then_alignment_written_and_reloaded(lw: dict[str, Path], tmp_
     assert card["method"] == "lot" and "layerwise" in card and "align_heads" in card
     readme = (out / "README.md").read_text()
     assert "Layer-wise solves: 13 Linear layers" in readme and "Head alignment" in readme
+
+
+def test_prodistill_moves_every_block_toward_the_experts(lw: dict[str, Path]) -> None:
+    """Two experts: the distilled merge's logits are closer to each expert's than its start
+    (task arithmetic at init_scaling); every block and the pooler are fitted; embeddings keep
+    the start; a per-tensor fit stays in the span of the task vectors."""
+    experts = [("a", lw["a"]), ("b", lw["b"])]
+    start = build(_config(lw, "task_arithmetic", experts, scaling=0.3), progress=False)
+    fitted = build(_config(lw, "prodistill", experts, epochs=8, texts=40), progress=False)
+    assert fitted.info["layerwise"]["layers"] == 2 + 1 and fitted.info["layerwise"]["unit"] == "blocks fitted"
+    from guardmerge.multihead import MultiHeadModel
+
+    def pooled(model: MultiHeadModel) -> torch.Tensor:
+        return model.head_inputs(**model.encode(TEXTS))["pooled"]
+
+    with torch.no_grad():
+        ours, theirs = pooled(fitted.to_model()), pooled(start.to_model())
+        wants = [pooled(MultiHeadModel.from_classifier(folder, task)) for task, folder in experts]
+    gaps = [(float((ours - w).pow(2).mean()), float((theirs - w).pow(2).mean())) for w in wants]
+    assert all(o < t for o, t in gaps), gaps
+    assert sum(o for o, _ in gaps) < 0.85 * sum(t for _, t in gaps), gaps
+    for name, t in fitted.tensors.items():
+        if "embeddings" in name:
+            torch.testing.assert_close(t, start.tensors[name])
+    per_tensor = build(_config(lw, "prodistill", experts, epochs=3, texts=40, granularity="tensor"), progress=False)
+    from safetensors.torch import load_file
+
+    base = load_file(str(lw["base"] / "model.safetensors"))
+    taus = [load_file(str(lw[x] / "model.safetensors")) for x in ("a", "b")]
+    name = "encoder.layer.1.attention.self.query.weight"
+    tau = torch.stack([t[f"bert.{name}"] - base[name] for t in taus]).reshape(2, -1)
+    moved = (per_tensor.tensors[name] - base[name]).reshape(-1, 1)
+    coef = torch.linalg.lstsq(tau.T, moved).solution
+    torch.testing.assert_close(tau.T @ coef, moved, atol=1e-5, rtol=0)
+    assert float((per_tensor.tensors[name] - start.tensors[name]).abs().max()) > 1e-6

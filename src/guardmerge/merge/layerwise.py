@@ -25,10 +25,11 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from guardmerge.errors import GuardmergeError
-from guardmerge.methods import LinearSystem, MethodParams
+from guardmerge.methods import BlockProblem, LayerwiseSpec, LinearSystem, MethodParams
 from guardmerge.multihead import MultiHeadModel, blocks_at, first_output, module_at
 from guardmerge.stats.batches import tokenize_batches
 from guardmerge.stats.gram import model_inputs
@@ -183,17 +184,64 @@ class _Task:
     weight: float
 
 
+def _block_problem(
+    prefix: str,
+    block: nn.Module,
+    tasks: Sequence[_Task],
+    level: int,
+    depth: int | None,
+    base: Mapping[str, torch.Tensor],
+    weights: torch.Tensor,
+) -> BlockProblem | None:
+    """The per-block fit's problem: the block's base and task vectors, a differentiable call on
+    the merged inputs, and the experts' block outputs on their own inputs (None when the base
+    lacks one of the block's tensors)."""
+    names = [n for n, _ in block.named_parameters()]
+    if any(f"{prefix}.{n}" not in base for n in names):
+        return None
+    theta0 = {n: base[f"{prefix}.{n}"].float() for n in names}
+    deltas = {}
+    for n in names:
+        rows = []
+        for tk in tasks:
+            own = tk.blocks[depth] if depth is not None else tk.pooler
+            assert own is not None
+            rows.append(dict(own.named_parameters())[n].detach().float() - theta0[n])
+        deltas[n] = torch.stack(rows)
+
+    def call(task: _Task, b: int) -> _Call | None:
+        return task.calls[b] if depth is not None else None
+
+    def forward(parameters: Mapping[str, torch.Tensor], t: int, b: int) -> torch.Tensor:
+        tk = tasks[t]
+        c = call(tk, b)
+        args = (tk.merged[b],) if c is None else (tk.merged[b], *c.args)
+        out = first_output(functional_call(block, dict(parameters), args, {} if c is None else c.kwargs))
+        flat = out.reshape(-1, out.shape[-1])
+        return flat.index_select(0, c.rows) if c is not None and out.dim() >= 3 else flat
+
+    targets = []
+    for tk in tasks:
+        own = tk.blocks[depth] if depth is not None else tk.pooler
+        assert own is not None
+        per = []
+        for b, hidden in enumerate(tk.expert):
+            y = hidden[level + 1] if depth is not None else _call(own, hidden[level], None)
+            per.append(_rows(y, tk.calls[b].rows if depth is not None else None).float())
+        targets.append(per)
+    return BlockProblem(prefix, theta0, deltas, forward, targets, weights)
+
+
 @torch.no_grad()
 def layerwise_stage(
     model: MultiHeadModel,
     experts: Mapping[str, MultiHeadModel],
     texts: Mapping[str, Sequence[str]],
     weights: Mapping[str, float],
-    solve: Callable[[LinearSystem, Any], tuple[torch.Tensor, torch.Tensor | None]],
+    spec: LayerwiseSpec[Any],
     params: MethodParams,
     *,
-    cross: bool,
-    bias: bool,
+    base: Mapping[str, torch.Tensor] | None = None,
     max_length: int = 128,
     batch_size: int = 32,
     progress: bool = True,
@@ -206,8 +254,11 @@ def layerwise_stage(
         experts: task -> the expert as a one-head model (same family and tokenizer).
         texts: task -> unlabelled texts.
         weights: task -> expert weight ``w_i``.
-        solve: the method's pure per-layer solve; ``params`` its parameters.
-        cross: measure ``y x~^T`` (expert outputs on expert inputs); ``bias``: append a ones column.
+        spec: the method's layer-wise spec: a pure per-Linear ``solve`` (with ``cross``: measure
+            ``y x~^T``, expert outputs on expert inputs; ``bias``: append a ones column) or a
+            per-block ``fit``; ``params`` its parameters.
+        base: canonical name -> ``theta_0`` of the encoder's tensors (a per-block ``fit`` reads
+            its task vectors against them; blocks whose base tensors are missing keep the start).
         shared_blocks: solve only the first ``shared_blocks`` blocks and not the pooler (a
             sharing depth ``K``: the blocks above are each task's own); None: every block, then
             the pooler.
@@ -216,6 +267,9 @@ def layerwise_stage(
         A report: layers solved, tokens per task, seconds.
     """
     started = time.perf_counter()
+    cross, bias = spec.cross, spec.bias
+    if spec.fit is not None and base is None:
+        raise GuardmergeError("a per-block layer-wise fit needs the base model's tensors")
     adapter = model.adapter
     if adapter.blocks is None:
         raise GuardmergeError(f"the layer-wise stage does not support model_type '{adapter.model_type}'")
@@ -232,7 +286,7 @@ def layerwise_stage(
         blocks, pooler = blocks[:shared_blocks], None
         if not blocks:
             log.info("layer-wise stage: share_layers 0, no shared block to solve")
-            return {"layers": 0, "tokens": {}, "seconds": 0.0}
+            return {"layers": 0, "unit": "Linear layers", "tokens": {}, "seconds": 0.0}
     tasks: dict[str, _Task] = {}
     tokens: dict[str, int] = {}
     for task, task_texts in texts.items():
@@ -268,11 +322,25 @@ def layerwise_stage(
         def expert_block(task: _Task, depth: int | None = depth) -> nn.Module | None:
             return task.blocks[depth] if depth is not None else task.pooler
 
-        groups = linear_groups(block, first.merged[0], call_of(first, 0))
         level = len(blocks) if depth is None else depth
         for t in names:
             if expert_block(tasks[t]) is None:
                 raise GuardmergeError(f"expert '{t}' has no pooler to fit the merged pooler to")
+        if spec.fit is not None:
+            assert base is not None
+            problem = _block_problem(prefix, block, [tasks[t] for t in names], level, depth, base, w)
+            if problem is None:
+                log.warning("layer-wise fit: the base has no tensors for %s; it keeps the start merge", prefix)
+            else:
+                fitted = spec.fit(problem, params)
+                for pname, param in block.named_parameters():
+                    param.copy_(fitted[pname].to(param.dtype))
+                solved += 1
+            if depth is not None:
+                for tk in tasks.values():
+                    tk.merged = [_call(block, h, tk.calls[b]) for b, h in enumerate(tk.merged)]
+            continue
+        groups = linear_groups(block, first.merged[0], call_of(first, 0))
         every = [n for group in groups for n in group]
         # the experts' own outputs of every Linear of this block, one expert pass per batch (lot)
         targets = (
@@ -338,7 +406,8 @@ def layerwise_stage(
                     weights=w,
                     reference=reference.get(n),
                 )
-                new_w, new_b = solve(system, params)
+                assert spec.solve is not None
+                new_w, new_b = spec.solve(system, params)
                 lin.weight.copy_(new_w.to(lin.weight.dtype))
                 if new_b is not None and lin.bias is not None:
                     lin.bias.copy_(new_b.to(lin.bias.dtype))
@@ -348,10 +417,12 @@ def layerwise_stage(
             for tk in tasks.values():
                 tk.merged = [_call(block, h, tk.calls[b]) for b, h in enumerate(tk.merged)]
     seconds = time.perf_counter() - started
+    unit = "blocks fitted" if spec.fit is not None else "Linear layers"
     log.info(
-        "layer-wise stage: %d Linear layers solved on %s tokens in %.1f s",
+        "layer-wise stage: %d %s solved on %s tokens in %.1f s",
         solved,
+        unit,
         ", ".join(f"{t} {n}" for t, n in tokens.items()),
         seconds,
     )
-    return {"layers": solved, "tokens": tokens, "seconds": seconds}
+    return {"layers": solved, "unit": unit, "tokens": tokens, "seconds": seconds}

@@ -9,6 +9,7 @@ import importlib
 
 from guardmerge.methods.registry import (
     METHODS,
+    BlockProblem,
     LayerwiseSpec,
     LinearSystem,
     MethodParams,
@@ -21,13 +22,25 @@ from guardmerge.methods.registry import (
 )
 
 # Each module registers its methods when imported. Add new method modules here.
-_METHOD_MODULES = ("basic", "ties", "pcb", "model_stock", "regmean", "fisher", "dare_combos", "wudi", "layerwise")
+_METHOD_MODULES = (
+    "basic",
+    "ties",
+    "pcb",
+    "model_stock",
+    "regmean",
+    "fisher",
+    "dare_combos",
+    "wudi",
+    "layerwise",
+    "prodistill",
+)
 
 for _module in _METHOD_MODULES:
     importlib.import_module(f"guardmerge.methods.{_module}")
 
 __all__ = [
     "METHODS",
+    "BlockProblem",
     "LayerwiseSpec",
     "LinearSystem",
     "MethodParams",

@@ -26,7 +26,7 @@ method names anywhere else.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, Literal, Protocol, TypeVar, get_args, get_origin
@@ -173,19 +173,55 @@ class LayerSolveFn(Protocol[P_contra]):
 
 
 @dataclass(frozen=True)
+class BlockProblem:
+    """What the layer-wise stage gives a per-block fit (ALGORITHMS.md 3a, ProDistill).
+
+    Attributes:
+        name: the block's canonical prefix, e.g. ``encoder.layer.3``.
+        base: parameter name (within the block) -> ``theta_0`` of that parameter.
+        deltas: parameter name -> ``[N, *shape]`` the experts' task vectors.
+        forward: ``(parameters, task, batch) -> [n, d]``: the block called with ``parameters``
+            on the **merged** model's inputs of task ``task``'s batch ``batch`` (non-padding
+            rows), differentiable in ``parameters``.
+        targets: ``[task][batch] -> [n, d]`` the expert's own block output on the expert's own
+            inputs (no gradient).
+        weights: ``[N]`` per-expert coefficients.
+    """
+
+    name: str
+    base: Mapping[str, torch.Tensor]
+    deltas: Mapping[str, torch.Tensor]
+    forward: Callable[[Mapping[str, torch.Tensor], int, int], torch.Tensor]
+    targets: Sequence[Sequence[torch.Tensor]]
+    weights: torch.Tensor
+
+
+class BlockFitFn(Protocol[P_contra]):
+    def __call__(self, problem: BlockProblem, params: P_contra) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
 class LayerwiseSpec(Generic[P]):
-    """How a layer-wise method solves each Linear layer on the merged model's activations.
+    """How a layer-wise method solves each Linear layer (``solve``) or each whole block
+    (``fit``) on the merged model's activations; exactly one of the two is given.
 
     Attributes:
         solve: the pure solve, ``(LinearSystem, params) -> (weight [out, in], bias [out] | None)``
             (bias None: keep the merge's bias).
         cross: the solve needs :attr:`LinearSystem.cross` (expert outputs on expert inputs).
         bias: the bias is fitted jointly (the Gram carries the ones column).
+        fit: a per-block fit, ``(BlockProblem, params) -> {parameter: tensor}`` (the block's new
+            parameters); the stage then needs the base model's tensors.
     """
 
-    solve: LayerSolveFn[P]
+    solve: LayerSolveFn[P] | None = None
     cross: bool = False
     bias: bool = False
+    fit: BlockFitFn[P] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.solve is None) == (self.fit is None):
+            raise ValueError("a LayerwiseSpec takes exactly one of solve (per Linear layer) or fit (per block)")
 
 
 @dataclass(frozen=True)
