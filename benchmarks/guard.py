@@ -79,6 +79,7 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
         "rho": [1.0],
         "texts": [150],
     },
+    "prodistill": {"init_scaling": [0.3], "texts": [64]},
 }
 ROW_METHOD: dict[str, str] = {"lot_wudi": "lot"}
 """Rows that are a registered method with other settings (row name -> method)."""
@@ -95,6 +96,7 @@ QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
     "regmean_pp": {"alpha": [0.9], "texts": [60]},
     "lot": {"rho": [1.0], "texts": [60]},
     "lot_wudi": {"anchor": ["wudi"], "rho": [1.0], "texts": [60]},
+    "prodistill": {"texts": [16], "epochs": [2]},
 }
 DARE_SEEDS = (0, 1, 2)
 SWEEP_DENSITIES = (0.1, 0.3, 0.5, 0.7, 1.0)
