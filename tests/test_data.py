@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from guardmerge.data import discover_tasks, load_task, read_examples
+from guardmerge.data import discover_tasks, load_task, read_examples, task_texts
 from guardmerge.errors import DataError
 
 
@@ -43,3 +43,61 @@ def test_task_folder(tmp_path: Path) -> None:
     assert td.labels == ["no", "yes"]
     with pytest.raises(DataError, match="label 5 outside 0..1"):
         td.split("train")
+
+
+def _folder(root: Path, name: str, labels: list[str], kind: str, rows: list[dict]) -> Path:
+    task = root / name
+    task.mkdir()
+    (task / "labels.json").write_text(json.dumps({"labels": labels, "type": kind}))
+    (task / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return task
+
+
+def test_multi_label_task_folder(tmp_path: Path) -> None:
+    task = _folder(
+        tmp_path,
+        "emo",
+        ["joy", "anger", "neutral"],
+        "multi_label",
+        [{"text": "a", "labels": [0, 1]}, {"text": "b", "labels": []}],
+    )
+    td = load_task(task)
+    assert td.type == "multi_label"
+    ex = td.split("train")
+    assert ex.kind == "multi_label" and ex.texts == ["a", "b"] and ex.label_sets == [[0, 1], []] and ex.labels is None
+    assert ex.head(1).label_sets == [[0, 1]] and ex.labelled
+    (task / "train.jsonl").write_text('{"text": "a", "labels": [0, 3]}\n')
+    with pytest.raises(DataError, match=r"train.jsonl, line 1: 'labels' value 3 outside 0..2"):
+        td.split("train")
+    (task / "train.jsonl").write_text('{"text": "a", "labels": 1}\n')
+    with pytest.raises(DataError, match=r"line 1: field 'labels' must be a list of integers"):
+        td.split("train")
+    (task / "train.jsonl").write_text('{"text": "a", "label": 1}\n')
+    with pytest.raises(DataError, match=r"line 1: no field 'labels'"):
+        td.split("train")
+
+
+def test_token_task_folder(tmp_path: Path) -> None:
+    rows = [{"tokens": ["Ann", "lives", "in", "Oslo"], "tags": [1, 0, 0, 3]}, {"tokens": ["hi"], "tags": [0]}]
+    task = _folder(tmp_path, "ner", ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"], "token", rows)
+    ex = load_task(task).split("train")
+    assert ex.kind == "token" and ex.texts == ["Ann lives in Oslo", "hi"] and ex.tags == [[1, 0, 0, 3], [0]]
+    assert ex.words == [["Ann", "lives", "in", "Oslo"], ["hi"]]
+    # unlabelled texts of a token task (alignment, layer-wise solves): the words joined
+    assert task_texts(task) == ["Ann lives in Oslo", "hi"]
+    for bad, message in [
+        ({"tokens": ["a", "b"], "tags": [0]}, "2 tokens but 1 tags"),
+        ({"tokens": ["a"], "tags": [9]}, "'tags' value 9 outside 0..4"),
+        ({"tokens": "a b", "tags": [0]}, "field 'tokens' must be a non-empty list"),
+        ({"tokens": ["a b"], "tags": [0]}, "contains whitespace"),
+        ({"tokens": ["a"]}, "no field 'tags'"),
+    ]:
+        (task / "train.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=rf"train.jsonl, line 1: .*{message}"):
+            load_task(task).split("train")
+
+
+def test_unknown_task_type_is_refused(tmp_path: Path) -> None:
+    task = _folder(tmp_path, "x", ["a", "b"], "regression", [{"text": "a", "label": 0}])
+    with pytest.raises(DataError, match=r"labels.json: 'type' must be one of single_label, multi_label, token"):
+        load_task(task)

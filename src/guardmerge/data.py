@@ -1,7 +1,12 @@
 """Reading text data: JSONL, CSV and TXT files, and task folders.
 
-A task folder holds ``{train,validation,test}.jsonl`` (``{"text": str, "label": int}`` per
-line) and ``labels.json`` (``{"labels": [name, ...]}``), the layout of ``shared/data``.
+A task folder holds ``{train,validation,test}.jsonl`` and ``labels.json`` (``{"labels": [name,
+...], "type": ...}``), the layout of ``shared/data``. Its ``type`` sets the record shape:
+
+- ``single_label`` (the default): ``{"text": str, "label": int}``;
+- ``multi_label``: ``{"text": str, "labels": [int, ...]}`` (zero or more labels per text);
+- ``token``: ``{"tokens": [str, ...], "tags": [int, ...]}``, one tag per word (IOB2). The text a
+  model reads is the words joined by single spaces.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from guardmerge.errors import DataError
 from guardmerge.io import read_json
@@ -21,18 +27,42 @@ SPLITS = ("train", "validation", "test")
 MAX_TEXT_CHARS = 100_000  # longer texts are truncated on reading (models see a few hundred tokens)
 
 
+TaskType = Literal["single_label", "multi_label", "token"]
+TASK_TYPES: tuple[TaskType, ...] = ("single_label", "multi_label", "token")
+
+
 @dataclass(frozen=True)
 class Examples:
-    """Texts with optional integer labels (``None`` for unlabelled data)."""
+    """Texts and, for labelled data, one of: ``labels`` (one int per text), ``label_sets``
+    (multi-label: a list of ints per text) or ``tags`` (token tasks: one int per word of
+    ``words``; ``texts`` are the words joined by spaces)."""
 
     texts: list[str]
     labels: list[int] | None = None
+    label_sets: list[list[int]] | None = None
+    words: list[list[str]] | None = None
+    tags: list[list[int]] | None = None
+
+    @property
+    def kind(self) -> TaskType:
+        """The record shape: ``token``, ``multi_label`` or ``single_label``."""
+        if self.words is not None:
+            return "token"
+        return "multi_label" if self.label_sets is not None else "single_label"
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None or self.label_sets is not None or self.tags is not None
 
     def head(self, n: int | None) -> Examples:
         """The first ``n`` examples (all when ``n`` is None)."""
         if n is None or n >= len(self.texts):
             return self
-        return Examples(self.texts[:n], None if self.labels is None else self.labels[:n])
+
+        def cut(x: list[Any] | None) -> list[Any] | None:
+            return None if x is None else x[:n]
+
+        return Examples(self.texts[:n], cut(self.labels), cut(self.label_sets), cut(self.words), cut(self.tags))
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -104,8 +134,82 @@ def task_texts(path: str | Path, limit: int | None = None) -> list[str]:
         p = p / "train.jsonl"
         if not p.is_file():
             raise DataError(f"{p.parent}: a task folder needs train.jsonl")
-    texts = read_examples(p, label_field=None).texts
+    if p.suffix.lower() in (".jsonl", ".json") and _first_row_has(p, "tokens", "text"):
+        texts = read_token_examples(p, labelled=False).texts
+    else:
+        texts = read_examples(p, label_field=None).texts
     return texts[:limit] if limit else texts
+
+
+def _first_row_has(path: Path, field: str, unless: str) -> bool:
+    """Whether the first JSON row of ``path`` has ``field`` and not ``unless`` (a cheap peek)."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    return isinstance(row, dict) and field in row and unless not in row
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False  # read_examples reports the problem with its line
+    return False
+
+
+def _int_list(value: object, path: Path, line: int, name: str, size: int) -> list[int]:
+    """A JSON list of ints in ``0..size-1``, or a :class:`DataError` naming the line."""
+    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise DataError(f"{path}, line {line}: field '{name}' must be a list of integers")
+    bad = [x for x in value if not 0 <= x < size] if size else []
+    if bad:
+        raise DataError(f"{path}, line {line}: '{name}' value {bad[0]} outside 0..{size - 1}")
+    return list(value)
+
+
+def read_multi_label_examples(path: str | Path, n_labels: int = 0) -> Examples:
+    """``{"text": str, "labels": [int, ...]}`` rows (label indices below ``n_labels`` when given)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".json"):
+        raise DataError(f'{p}: multi-label data must be JSONL ({{"text": ..., "labels": [int, ...]}})')
+    ex = read_examples(p, label_field=None)
+    sets = [
+        _int_list(row.get("labels"), p, i, "labels", n_labels) if "labels" in row else _missing(p, i, "labels")
+        for i, row in _jsonl_rows(p)
+    ]
+    return Examples(ex.texts, label_sets=sets)
+
+
+def read_token_examples(path: str | Path, n_tags: int = 0, *, labelled: bool = True) -> Examples:
+    """``{"tokens": [str, ...], "tags": [int, ...]}`` rows (tags below ``n_tags`` when given);
+    the texts are the words joined by single spaces."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file '{p}' not found")
+    try:
+        numbered = _jsonl_rows(p)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p} is not UTF-8 text (binary file? bad byte at offset {exc.start})") from None
+    if not numbered:
+        raise DataError(f"{p} holds no examples")
+    words, tags = [], []
+    for i, row in numbered:
+        toks = row.get("tokens")
+        if not isinstance(toks, list) or not toks or not all(isinstance(t, str) and t for t in toks):
+            raise DataError(f"{p}, line {i}: field 'tokens' must be a non-empty list of non-empty strings")
+        if any(any(c.isspace() for c in t) for t in toks):
+            raise DataError(f"{p}, line {i}: a token contains whitespace (tokens are words)")
+        words.append(toks)
+        if labelled:
+            if "tags" not in row:
+                _missing(p, i, "tags")
+            tag = _int_list(row["tags"], p, i, "tags", n_tags)
+            if len(tag) != len(toks):
+                raise DataError(f"{p}, line {i}: {len(toks)} tokens but {len(tag)} tags")
+            tags.append(tag)
+    texts = [" ".join(w) for w in words]
+    return Examples(texts, words=words, tags=tags if labelled else None)
+
+
+def _missing(path: Path, line: int, name: str) -> Any:
+    raise DataError(f"{path}, line {line}: no field '{name}'")
 
 
 def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
@@ -129,14 +233,19 @@ def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
 
 @dataclass(frozen=True)
 class TaskData:
-    """A task folder: label names and its splits (those present)."""
+    """A task folder: label names, its type (see the module docstring) and its splits."""
 
     name: str
     labels: list[str]
     folder: Path
+    type: TaskType = "single_label"
 
     def split(self, split: str, limit: int | None = None) -> Examples:
         path = self.folder / f"{split}.jsonl"
+        if self.type == "multi_label":
+            return read_multi_label_examples(path, len(self.labels)).head(limit)
+        if self.type == "token":
+            return read_token_examples(path, len(self.labels)).head(limit)
         ex = read_examples(path)
         if ex.labels is None:
             raise DataError(f"{path}: every row needs an integer 'label'")
@@ -165,7 +274,10 @@ def load_task(folder: str | Path) -> TaskData:
         raise DataError(f'{meta}: expected {{"labels": [name, ...]}}: {exc}') from None
     if len(labels) < 2:
         raise DataError(f"{meta}: a classifier needs at least 2 labels, found {labels}")
-    return TaskData(name=folder.name, labels=labels, folder=folder)
+    kind = raw.get("type", "single_label") if isinstance(raw, dict) else "single_label"
+    if kind not in TASK_TYPES:
+        raise DataError(f"{meta}: 'type' must be one of {', '.join(TASK_TYPES)}, got {kind!r}")
+    return TaskData(name=folder.name, labels=labels, folder=folder, type=kind)
 
 
 def discover_tasks(data_dir: str | Path) -> list[str]:
