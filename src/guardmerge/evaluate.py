@@ -45,6 +45,59 @@ def classification_metrics(
     return out
 
 
+def multi_label_metrics(
+    y_true: Sequence[Sequence[int]],
+    y_pred: Sequence[Sequence[int]],
+    labels: Sequence[str],
+) -> dict[str, float]:
+    """Multi-label scores from label sets: ``macro_f1`` (over every label), ``micro_f1``,
+    ``exact_match`` and ``f1/<label>`` per label (the predicted sets are the labels over their
+    thresholds)."""
+    try:
+        from sklearn.metrics import f1_score
+    except ImportError:
+        raise GuardmergeError("evaluation needs scikit-learn: pip install 'guardmerge[demo]'") from None
+    n = len(labels)
+
+    def hot(sets: Sequence[Sequence[int]]) -> list[list[int]]:
+        return [[int(i in set(s)) for i in range(n)] for s in sets]
+
+    t, p = hot(y_true), hot(y_pred)
+    per = f1_score(t, p, average=None, zero_division=0)
+    out = {
+        "macro_f1": float(f1_score(t, p, average="macro", zero_division=0)),
+        "micro_f1": float(f1_score(t, p, average="micro", zero_division=0)),
+        "exact_match": float(sum(a == b for a, b in zip(t, p)) / max(1, len(t))),
+        "n": float(len(t)),
+    }
+    out.update({f"f1/{name}": float(v) for name, v in zip(labels, per)})
+    return out
+
+
+def token_metrics(
+    y_true: Sequence[Sequence[int]], y_pred: Sequence[Sequence[int]], labels: Sequence[str]
+) -> dict[str, float]:
+    """Entity-level scores (seqeval, IOB2, strict) from word-level tag indices: ``micro_f1``
+    over every entity (the task's official metric), ``macro_f1`` over entity types, and
+    ``f1/<type>`` per type."""
+    try:
+        from seqeval.metrics import classification_report
+        from seqeval.scheme import IOB2
+    except ImportError:
+        raise GuardmergeError("token evaluation needs seqeval: pip install 'guardmerge[demo]'") from None
+    gold = [[labels[i] for i in row] for row in y_true]
+    pred = [[labels[i] for i in row] for row in y_pred]
+    report = classification_report(gold, pred, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    types = sorted({lab[2:] for lab in labels if lab[:2] in ("B-", "I-")})
+    out = {
+        "micro_f1": float(report["micro avg"]["f1-score"]),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
+        "n": float(len(gold)),
+    }
+    out.update({f"f1/{t}": float(report.get(t, {}).get("f1-score", 0.0)) for t in types})
+    return out
+
+
 def evaluate(
     model: MultiHeadModel,
     data: Mapping[str, Examples],
