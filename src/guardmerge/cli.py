@@ -394,9 +394,22 @@ def export(
 @app.command()
 def finetune(
     base: Annotated[str, typer.Argument(help="Base checkpoint folder or hub id (the shared theta_0).")],
-    data: Annotated[Path, typer.Argument(help="Task folder (train.jsonl + labels.json) or a JSONL/CSV file.")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Task folder (train.jsonl + labels.json, whose 'type' sets the task type) or a JSONL/CSV file."
+        ),
+    ],
     out: Annotated[Path, typer.Argument(help="Output classifier folder.")],
     labels: Annotated[str | None, typer.Option(help="Comma-separated label names (when DATA is a file).")] = None,
+    task_type: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="Task type when DATA is a file: single_label ({text, label}), multi_label ({text, labels: "
+            "[int, ...]}, a sigmoid per label) or token ({tokens, tags}, a token classifier, IOB2 tags).",
+        ),
+    ] = "single_label",
     text_field: Annotated[str, typer.Option(help="Text field in JSONL/CSV.")] = "text",
     label_field: Annotated[str, typer.Option(help="Integer label field in JSONL/CSV.")] = "label",
     epochs: Annotated[float, typer.Option(help="Passes over the training data.")] = 2.0,
@@ -410,8 +423,9 @@ def finetune(
         bool, typer.Option("--allow-pickle", help="Accept a pytorch_model.bin (pickle) base you trust.")
     ] = False,
 ) -> None:
-    """Fine-tune an expert classifier from BASE (to add a guard to a merge)."""
-    from guardmerge.data import load_task, read_examples
+    """Fine-tune an expert classifier from BASE (to add a guard to a merge): a sequence classifier,
+    a multi-label one or a token classifier, as the data says."""
+    from guardmerge.data import load_task, read_examples, read_multi_label_examples, read_token_examples
     from guardmerge.finetune import FinetuneSettings
     from guardmerge.finetune import finetune as run
     from guardmerge.io import check_output
@@ -421,7 +435,14 @@ def finetune(
         task = load_task(data)
         train, names = task.split("train"), task.labels
     else:
-        train = read_examples(data, text_field=text_field, label_field=label_field)
+        readers = {
+            "single_label": lambda: read_examples(data, text_field=text_field, label_field=label_field),
+            "multi_label": lambda: read_multi_label_examples(data),
+            "token": lambda: read_token_examples(data),
+        }
+        if task_type not in readers:
+            raise GuardmergeError(f"--type must be one of {', '.join(readers)}, got '{task_type}'")
+        train = readers[task_type]()
         if not labels:
             raise GuardmergeError("--labels is required when DATA is a file (e.g. --labels benign,injection)")
         names = [x.strip() for x in labels.split(",")]

@@ -2,7 +2,13 @@
 
 A plain, reproducible recipe: AdamW, linear warm-up and decay, length-bucketed batches (texts of
 similar length share a batch, so padding is small and CPU steps are fast), fixed seed. The output
-is a stock ``AutoModelForSequenceClassification`` folder (safetensors), written atomically.
+is a stock transformers folder (safetensors), written atomically:
+
+- single-label examples: ``AutoModelForSequenceClassification`` (cross-entropy);
+- multi-label examples (``label_sets``): the same class with ``problem_type:
+  multi_label_classification`` (a sigmoid and binary cross-entropy per label);
+- token examples (``words`` and ``tags``): ``AutoModelForTokenClassification``; each word's tag
+  goes to its first sub-token and the rest are masked with -100.
 """
 
 from __future__ import annotations
@@ -66,17 +72,19 @@ def finetune(
     progress: bool = True,
     allow_pickle: bool = False,
 ) -> Path:
-    """Fine-tune ``base`` as a sequence classifier on ``train`` and save it to ``out``.
+    """Fine-tune ``base`` on ``train`` (a sequence, multi-label or token classifier, as the
+    examples' :attr:`~guardmerge.data.Examples.kind` says) and save it to ``out``.
 
     Args:
         base: base checkpoint folder (a headless encoder or a masked-LM is fine).
-        train: labelled examples; labels index into ``labels``.
+        train: labelled examples; labels (or label sets, or tags) index into ``labels``.
         labels: label names, in index order.
         out: output folder (refused if it exists, unless ``force``).
         allow_pickle: accept a base with only ``pytorch_model.bin`` (pickle) weights.
     """
     from transformers import (
         AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
         AutoTokenizer,
         get_linear_schedule_with_warmup,
     )
@@ -86,22 +94,25 @@ def finetune(
     s = settings or FinetuneSettings()
     folder = resolve(base)
     pickled = check_weights(folder, allow_pickle=allow_pickle)  # before transformers opens anything
-    if train.labels is None:
+    if not train.labelled:
         raise DataError("fine-tuning needs labelled examples")
     train = train.head(s.max_examples)
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
     tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForSequenceClassification.from_pretrained(
+    kind = train.kind
+    head_class = AutoModelForTokenClassification if kind == "token" else AutoModelForSequenceClassification
+    extra = {"problem_type": "multi_label_classification"} if kind == "multi_label" else {}
+    model = head_class.from_pretrained(
         str(folder),
         use_safetensors=not pickled,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)},
+        **extra,
     )
-    enc = tok(train.texts, truncation=True, max_length=capped_length(s.max_length, model.config.to_dict(), "fine-tune"))
-    columns: dict[str, Any] = dict(enc.items())
-    gold: list[int] = list(train.labels or [])  # checked above: labelled
+    length = capped_length(s.max_length, model.config.to_dict(), "fine-tune")
+    columns, targets = _encode(tok, train, len(labels), length)
     ids = columns["input_ids"]
     steps_per_epoch = math.ceil(len(ids) / s.batch_size)
     total = max(1, math.ceil(steps_per_epoch * s.epochs))
@@ -123,8 +134,7 @@ def finetune(
             if step >= total:
                 break
             feats = tok.pad({k: [v[i] for i in batch_idx] for k, v in columns.items()}, return_tensors="pt")
-            y = torch.tensor([gold[i] for i in batch_idx])
-            loss = model(**feats, labels=y).loss
+            loss = model(**feats, labels=_targets(targets, batch_idx, kind)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -143,6 +153,40 @@ def finetune(
         tok.save_pretrained(str(tmp))
         (tmp / "guardmerge_finetune.json").write_text(s.model_dump_json(indent=2) + "\n")
     return Path(out)
+
+
+def _encode(tok: Any, train: Examples, n_labels: int, max_length: int) -> tuple[dict[str, Any], list[Any]]:
+    """Tokenised columns and one training target per example: a label index, a multi-hot row
+    (multi-label), or a per-sub-token tag list (first sub-token of each word, the rest -100)."""
+    used = train.labels or [i for row in (train.label_sets or train.tags or []) for i in row]
+    bad = [i for i in used if not 0 <= i < n_labels]
+    if bad:
+        raise DataError(f"label index {bad[0]} outside the {n_labels} label names given (0..{n_labels - 1})")
+    if train.kind == "token":
+        if not getattr(tok, "is_fast", False):
+            raise DataError("token-classification fine-tuning needs a fast tokenizer (word ids)")
+        enc = tok(train.words, is_split_into_words=True, truncation=True, max_length=max_length)
+        tags = []
+        for row, word_tags in enumerate(train.tags or []):
+            previous, out = None, []
+            for word in enc.word_ids(row):
+                out.append(-100 if word is None or word == previous else word_tags[word])
+                previous = word
+            tags.append(out)
+        return dict(enc.items()), tags
+    enc = tok(train.texts, truncation=True, max_length=max_length)
+    if train.kind == "multi_label":
+        hot = [[float(i in set(s)) for i in range(n_labels)] for s in train.label_sets or []]
+        return dict(enc.items()), hot
+    return dict(enc.items()), list(train.labels or [])
+
+
+def _targets(targets: list[Any], batch: list[int], kind: str) -> torch.Tensor:
+    """The batch's ``labels`` tensor (token tags padded with -100 to the batch's length)."""
+    if kind != "token":
+        return torch.tensor([targets[i] for i in batch])
+    width = max(len(targets[i]) for i in batch)
+    return torch.tensor([targets[i] + [-100] * (width - len(targets[i])) for i in batch])
 
 
 def _digest(*parts: object) -> str:
