@@ -41,6 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: toolenv
+
+from toolenv import tool_env
+
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("bench.speed")
 
@@ -181,20 +185,8 @@ def _tokenizer_source() -> Path:
 def mergekit_env(work: Path) -> Path:
     """``mergekit-yaml`` of a separate environment holding mergekit 0.1.5 (created if missing)."""
     env = work / "mergekit-env"
-    exe = env / "bin" / "mergekit-yaml"
-    if not exe.is_file():
-        log.info("creating %s with mergekit 0.1.5 (CPU torch 2.13.0 pinned)", env)
-        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-        subprocess.run([str(env / "bin" / "pip"), "install", "-q", "torch==2.13.0", "mergekit==0.1.5"], check=True)
-    version = subprocess.run(
-        [str(env / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    if version != "0.1.5":
-        raise SystemExit(f"{env} holds mergekit {version}, not 0.1.5")
-    return exe
+    tool_env(env, ["torch==2.13.0", "mergekit==0.1.5"], "mergekit", "0.1.5")  # CPU torch 2.13.0 pinned
+    return env / "bin" / "mergekit-yaml"
 
 
 # ---------------------------------------------------------------------------------- running

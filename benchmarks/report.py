@@ -86,6 +86,92 @@ def merge_speed_table(path: Path) -> list[str]:
     return lines + [""]
 
 
+def vs_llm_guard_table(path: Path) -> list[str]:
+    """guardmerge's LLM Guard scanners vs LLM Guard 0.3.16's own (benchmarks/vs_llm_guard.py), if it was run."""
+    if not path.is_file():
+        return []
+    res = json.loads(path.read_text())
+    st, head, goals = res.get("settings", {}), res.get("headline", {}), res.get("goals", {})
+    merged = res.get("merged", {})
+    tasks = [
+        t for t in ("injection", "hate", "offensive", "emotion", "irony") if t in res.get("llm_guard_scanners", {})
+    ]
+    scanners = ", ".join(f"{t}: `{s['kind']}`" for t, s in res.get("llm_guard_scanners", {}).items())
+    single, batch = head.get("single_prompt", {}), head.get("batch32", {})
+    met = lambda key: "met" if goals.get(key) else "not met"  # noqa: E731
+    env = res.get("environment", {})
+    lines = [
+        f"## Versus LLM Guard {st.get('llm_guard', '')} (`python benchmarks/vs_llm_guard.py`)",
+        "",
+        f"The five guard experts behind LLM Guard's own classifier scanners ({scanners}; each a custom "
+        "`Model(path=...)`, re-exported with the label names the scanner reads), run with `scan_prompt`, against "
+        f"the merged five-head model (`{merged.get('row', '?')}`) behind `guardmerge.integrations.llm_guard` "
+        f"scanners. Same {st.get('texts', '?')} guard test texts ({st.get('texts_per_task') or 'all'} a task), "
+        f"threshold {st.get('threshold', '?')} on every scanner, at most {st.get('max_length', '?')} tokens; each "
+        f"tool and mode in a fresh process, inference threads: {st.get('threads') or 'the runtime default'} "
+        f"(load average {', '.join(f'{x:.1f}' for x in env.get('load_average', [])) or '?'}); "
+        f"produced {_produced(res)}. LLM Guard has no batch API: its batch-32 figure is 32 `scan_prompt` calls; "
+        "guardmerge's runs each batch in batched passes (`prefetch`, prompts of similar length together), the "
+        "texts in a fixed shuffled order. LLM Guard's "
+        "ONNX mode (`use_onnx=True`, "
+        f"optimum): {res.get('llm_guard_onnx', '?')}.",
+        "",
+        f"One prompt at a time, guardmerge ({single.get('guardmerge', '?')}) answers all five scanners "
+        f"**{_f(res.get('single_prompt_speedup'), 1)}x** faster than LLM Guard ({single.get('llm_guard', '?')}) "
+        f"(p50; goal 5x: {met('single_prompt_speedup_5x')}); for batches of 32, "
+        f"**{_f(res.get('batch32_speedup'), 1)}x** the throughput ({batch.get('guardmerge', '?')} vs "
+        f"{batch.get('llm_guard', '?')}; goal 10x: {met('batch32_speedup_10x')}). Peak RSS "
+        f"{_f(head.get('peak_rss_ratio'), 2)} and disk {_f(head.get('disk_ratio'), 2)} of LLM Guard's, each "
+        f"tool's smallest mode against the other's (goal at most 1/3: memory {met('peak_rss_at_most_one_third')}, "
+        f"disk {met('disk_at_most_one_third')}).",
+        "",
+        "| tool | mode | p50 ms (1 prompt) | p95 ms | batch-32 texts/s | import s | load s | peak RSS MiB | "
+        "disk MiB | mean macro-F1 | " + " | ".join(tasks) + " | produced |",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|",
+    ]
+    for tool in ("llm_guard", "guardmerge"):
+        for mode, r in res.get(tool, {}).items():
+            lines.append(
+                f"| {tool.replace('_', ' ')} | {mode} | {_f(r['single']['p50_ms'], 1)} | "
+                f"{_f(r['single']['p95_ms'], 1)} | "
+                f"{_f(r['batch32']['texts_per_s'], 1)} | {_f(r.get('import_s'), 2)} | {_f(r.get('load_s'), 2)} | "
+                f"{_f(r.get('peak_rss_mb'), 0)} | {_f(r.get('disk_mb'), 0)} | {_f(r.get('mean_macro_f1'))} | "
+                + " | ".join(_f(r.get("macro_f1", {}).get(t)) for t in tasks)
+                + f" | {_produced(r)} |"
+            )
+    agree = res.get("agreement_with_llm_guard_torch", {})
+    if agree:
+        lines += [
+            "",
+            "Verdict agreement (flagged or not) with LLM Guard's PyTorch scanners on the experts, per scanner, "
+            "over every text:",
+            "",
+            "| run | " + " | ".join(tasks) + " |",
+            "|---|" + "---|" * len(tasks),
+        ]
+        lines += [
+            f"| {run.replace('_', ' ')} | " + " | ".join(_f(a.get(t)) for t in tasks) + " |" for run, a in agree.items()
+        ]
+    check = res.get("integration_check", {})
+    if check:
+        lines += [""]
+        if "error" in check:
+            lines.append(f"Integration check (in the llm-guard environment) failed: {check['error'][-300:]}")
+        else:
+            versions = ", ".join(f"{k} {v}" for k, v in check.get("versions", {}).items())
+            lines.append(
+                f"Integration check ({versions}): the README example, guardmerge's scanners through the real "
+                f"`scan_prompt` on {check.get('texts', '?')} texts (result keys "
+                f"{', '.join(check.get('scan_prompt_keys', []))}): "
+                f"{check.get('scan_prompt_vs_direct_mismatches', '?')} verdicts differ from the same scanners called "
+                f"directly, {check.get('scan_prompt_vs_guardmerge_torch_run_mismatches', '?')} from the guardmerge "
+                f"PyTorch run; risk scores differ from LLM Guard's `calculate_risk_score` at "
+                f"{check.get('risk_score_mismatches_vs_llm_guard', '?')} of {check.get('risk_score_grid_points', '?')} "
+                "grid points."
+            )
+    return [*lines, ""]
+
+
 def _produced(entry: dict) -> str:
     p = entry.get("produced") or {}
     return f"{p.get('commit', '?')} {p.get('date', '')[:10]}".strip()
@@ -414,8 +500,9 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
             )
         lines.append("")
     lines += merge_speed_table(HERE / "results" / "merge_speed.json")
+    lines += vs_llm_guard_table(HERE / "results" / "vs_llm_guard.json")
     for extra in sorted(HERE.glob("results/*.json")):
-        if extra.name in ("guard.json", "guard_frontier.json", "merge_speed.json"):
+        if extra.name in ("guard.json", "guard_frontier.json", "merge_speed.json", "vs_llm_guard.json"):
             continue
         lines += [
             f"## {extra.stem}",

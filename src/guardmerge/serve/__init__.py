@@ -1,7 +1,8 @@
 """Serve a merged guard model over HTTP (``guardmerge serve``; extra ``guardmerge[serve]``).
 
 ``create_app(model_or_backend, settings)`` builds the FastAPI app; ``load_backend(path, kind)``
-opens a model folder with the torch or onnx backend; :class:`MicroBatcher` groups concurrent
+opens a model folder with the torch or onnx backend; :func:`flag_score` and
+:func:`is_flagged` are the flag rule; :class:`MicroBatcher` groups concurrent
 requests into shared encoder passes; :class:`RequestGate` checks auth and streams bodies within
 limits before the app reads them; :func:`uvicorn_limits` bounds slow or numerous connections.
 Names are imported lazily, so the backends and the batcher work without FastAPI installed.
@@ -22,6 +23,8 @@ _WHERE = {
     "OnnxBackend": "backends",
     "TorchBackend": "backends",
     "load_backend": "backends",
+    "flag_score": "flags",
+    "is_flagged": "flags",
     "MicroBatcher": "batching",
     "QueueFullError": "batching",
     "RequestGate": "gate",

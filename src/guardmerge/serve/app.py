@@ -42,6 +42,7 @@ from guardmerge import __version__
 from guardmerge.errors import GuardmergeError
 from guardmerge.serve.backends import Backend, TorchBackend
 from guardmerge.serve.batching import MicroBatcher, QueueFullError
+from guardmerge.serve.flags import flag_score, is_flagged, softmax
 from guardmerge.serve.gate import RequestGate, bearer_problem
 
 log = logging.getLogger(__name__)
@@ -360,14 +361,6 @@ def _endpoint(scope: Scope) -> str:
 
 
 # -- verdicts --------------------------------------------------------------------------------
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64."""
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def verdicts(
     logits: dict[str, np.ndarray], labels: dict[str, list[str]], thresholds: dict[str, float | None]
 ) -> list[TextVerdict]:
@@ -386,7 +379,7 @@ def verdicts(
             names = labels[t]
             k = int(p.argmax())
             th = thresholds[t]
-            flagged = th is not None and len(p) > 1 and float(p[1:].max()) >= th
+            flagged = is_flagged(flag_score(p), th)
             heads[t] = HeadVerdict(
                 label=names[k],
                 score=float(p[k]),
