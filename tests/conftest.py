@@ -86,16 +86,19 @@ def tiny_config(**overrides: object):
     return BertConfig(**base)
 
 
-def write_tokenizer(folder: Path, words: Sequence[str] = WORDS) -> None:
+def write_tokenizer(folder: Path, words: Sequence[str] = WORDS, model_input_names: Sequence[str] | None = None) -> None:
+    """A WordPiece tokenizer over ``words`` ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4);
+    ``model_input_names`` drops ``token_type_ids`` for families whose tokenizers give none."""
     from transformers import BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    extra = {"model_input_names": list(model_input_names)} if model_input_names else {}
     # built from a vocab.txt path: the one constructor argument transformers 4.x and 5.x both take
     with tempfile.TemporaryDirectory() as tmp:
         vocab = Path(tmp) / "vocab.txt"
         vocab.write_text("\n".join(tokens) + "\n", encoding="utf-8")
-        BertTokenizerFast(str(vocab), do_lower_case=True).save_pretrained(str(folder))
+        BertTokenizerFast(str(vocab), do_lower_case=True, **extra).save_pretrained(str(folder))
 
 
 def make_base(folder: Path, seed: int = 0, **config: object) -> Path:

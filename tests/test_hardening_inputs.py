@@ -462,7 +462,7 @@ def test_load_refuses_malformed_heads_metadata(tmp_path: Path, merged: Path) -> 
     for heads, match in (
         ([1, 2], "must map each task"),
         ({"hate": "x"}, "expected an object"),
-        ({"hate": {**cfg["guardmerge"]["heads"]["hate"], "activation": "gelu"}}, "activation"),
+        ({"hate": {**cfg["guardmerge"]["heads"]["hate"], "activation": "no-such-activation"}}, "activation"),
         ({"hate": {**cfg["guardmerge"]["heads"]["hate"], "labels": None}}, "labels"),
         ({"a.b": cfg["guardmerge"]["heads"]["hate"]}, "task name"),
     ):

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from guardmerge.architectures import ArchitectureAdapter, get_adapter
+from guardmerge.architectures import ArchitectureAdapter, get_adapter, position_offset
 from guardmerge.errors import CheckpointError
 from guardmerge.io import read_json
 
@@ -414,7 +414,7 @@ class Checkpoint:
         if not isinstance(raw, dict):
             raise CheckpointError(f"{self.where}: config.json 'id2label' is not an object")
         n = int(self.config.get("num_labels") or len(raw) or 0)
-        last_weight = self.adapter.head_names()[-2]
+        last_weight = self.adapter.classifier_weight
         if last_weight in self:
             rows = self.shape(last_weight)[0]
             declared = self.config.get("num_labels")
@@ -428,7 +428,7 @@ class Checkpoint:
         return [str(raw.get(str(i), raw.get(i, f"LABEL_{i}"))) for i in range(n)]
 
     def has_tokenizer(self) -> bool:
-        return any((self.path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json"))
+        return any((self.path / f).is_file() for f in TOKENIZER_VOCAB_FILES)
 
     def close(self) -> None:
         self._stack.close()
@@ -443,6 +443,17 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, model_type={self.model_type!r})"
 
+
+TOKENIZER_VOCAB_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spm.model",  # DeBERTa-v2/v3
+    "spiece.model",  # ALBERT
+    "sentencepiece.bpe.model",  # XLM-R
+    "tokenizer.model",
+)
+"""Files that make a folder's tokenizer: any one of them means the folder carries one."""
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -468,7 +479,7 @@ def position_limit(config: Any) -> int | None:
     n = config.get("max_position_embeddings") if isinstance(config, dict) else None
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         return None
-    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+    if position_offset(config):
         pad = config.get("pad_token_id")
         n -= (pad if isinstance(pad, int) else 1) + 1
     return max(n, 1)

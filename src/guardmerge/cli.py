@@ -16,7 +16,8 @@ from guardmerge.errors import GuardmergeError
 app = typer.Typer(
     name="guardmerge",
     help=(
-        "Merge fine-tuned transformer classifiers (BERT, RoBERTa, DistilBERT), training-free, "
+        "Merge fine-tuned transformer classifiers (BERT, RoBERTa, XLM-R, DistilBERT, DeBERTa-v3, ModernBERT, "
+        "ELECTRA, MPNet, ALBERT), training-free, "
         "into one multi-head model: one encoder pass answers every guard task.\n\n"
         "Start with `guardmerge demo`, list methods with `guardmerge methods`, merge with "
         "`guardmerge merge CONFIG OUT`."

@@ -11,12 +11,12 @@ import hashlib
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from guardmerge.architectures import ArchitectureAdapter, encoder_names
+from guardmerge.architectures import ArchitectureAdapter, HeadLayout, encoder_names
 from guardmerge.checkpoint import Checkpoint
 from guardmerge.errors import CompatibilityError, ConfigError
 
@@ -60,9 +60,9 @@ class MergePlan:
         adapter: the architecture adapter.
         merge_names: float encoder tensors merged by the method, in checkpoint order.
         copy_names: non-float tensors (``position_ids``) copied from the base.
-        head_layers: canonical layer names of every head (``pooler.dense`` first when the base
-            has no pooler, so each head keeps the pooler its expert trained).
-        head_input: ``pooled`` or ``cls``.
+        heads: task -> its head's layout (layers, activation, pooling, norms; the pooler's
+            layers first when the base has none, so each head keeps the pooler its expert
+            trained). Empty for ``heads: shared``.
         labels: task -> label names.
         shared: ``heads: shared``: head tensors are in ``merge_names`` and the output is one stock
             model under the checkpoint's own names.
@@ -76,16 +76,23 @@ class MergePlan:
     adapter: ArchitectureAdapter
     merge_names: tuple[str, ...]
     copy_names: tuple[str, ...]
-    head_layers: tuple[str, ...]
-    head_input: str
+    heads: dict[str, HeadLayout]
     labels: dict[str, tuple[str, ...]]
     shared: bool = False
     zero_base: frozenset[str] = frozenset()
     branch_names: tuple[str, ...] = ()
     share_layers: int | None = None
 
-    def head_tensor_names(self) -> list[str]:
-        return [f"{layer}.{kind}" for layer in self.head_layers for kind in ("weight", "bias")]
+    def head_tensor_names(self, task: str | None = None) -> list[str]:
+        """Canonical head tensor names of ``task`` in the multi-head output (every bias, zeros
+        where the stock head has none), or of every task (ordered union: the order in which heads
+        are laid out, tensor by tensor)."""
+        if task is not None:
+            return replace(self.heads[task], no_bias=()).tensor_names() if task in self.heads else []
+        out: dict[str, None] = {}
+        for t in self.heads:
+            out.update(dict.fromkeys(self.head_tensor_names(t)))
+        return list(out)
 
 
 def plan_merge(
@@ -117,30 +124,23 @@ def plan_merge(
     copy_names: list[str] = []  # integer buffers (position_ids) are copied, never merged
     for name in base_enc:
         (merge_names if base.dtype(name).is_floating_point else copy_names).append(name)
+    heads: dict[str, HeadLayout] = {}
     for ex in experts:
-        _check_tensors(base, merge_names, ex, head_owned_pooler)
+        heads[ex.task] = adapter.head_layout(ex.checkpoint.config, head_owned_pooler, where=ex.where)
+        _check_tensors(base, merge_names, ex, heads[ex.task])
         _check_labels(ex)
     _check_vocab(base, experts)
-    head_layers = adapter.head_layers
-    head_input = adapter.head_input
     if head_owned_pooler:
-        head_layers = ("pooler.dense", *head_layers)
-        head_input = "cls"
         log.info("the base has no pooler: each head keeps its expert's pooler")
-    if heads_mode == "hm3" and len(head_layers) > 1:
-        raise CompatibilityError(
-            f"heads: hm3 needs a single Linear head on a shared pooled output, but "
-            f"{adapter.model_type} heads here have a hidden layer ({', '.join(head_layers)}); "
-            "use heads: multi"
-        )
+    if heads_mode == "hm3":
+        _check_hm3(adapter, experts, heads)
     _warn_drift(base, experts, merge_names)
     merge_names, branch_names = _split_branches(adapter, base, merge_names, share_layers)
     return MergePlan(
         adapter=adapter,
         merge_names=tuple(merge_names),
         copy_names=tuple(copy_names),
-        head_layers=tuple(head_layers),
-        head_input=head_input,
+        heads=heads,
         labels={ex.task: tuple(ex.checkpoint.id2label()) for ex in experts},
         branch_names=tuple(branch_names),
         share_layers=share_layers,
@@ -157,9 +157,12 @@ def _split_branches(
     """
     if share_layers is None:
         return list(merge_names), []
+    problem = adapter.sharing_problem(base.config)
+    if problem:
+        raise ConfigError(f"share_layers: {problem} (base {base.source}); leave share_layers unset")
     layers = adapter.num_blocks(merge_names)
-    if adapter.blocks is None or layers == 0:
-        raise ConfigError(f"share_layers: {adapter.model_type} checkpoints have no block list to branch")
+    if layers == 0:
+        raise ConfigError(f"share_layers: the base ({base.source}) has no {adapter.blocks}.* blocks to branch")
     if share_layers > layers:
         raise ConfigError(
             f"share_layers is {share_layers} but the base ({base.source}) has {layers} layers "
@@ -212,8 +215,7 @@ def _plan_shared(base: Checkpoint, experts: Sequence[ExpertRef]) -> MergePlan:
         adapter=adapter,
         merge_names=tuple(merge_names + heads),
         copy_names=tuple(copy_names),
-        head_layers=(),
-        head_input=adapter.head_input,
+        heads={},
         labels={},
         shared=True,
         zero_base=zero,
@@ -243,17 +245,35 @@ def _check_config(base: Checkpoint, ex: ExpertRef) -> None:
             raise CompatibilityError(f"{ex.where}: config field '{key}' is {b} but the base ({base.source}) has {a}")
 
 
-def _check_tensors(base: Checkpoint, base_enc: Sequence[str], ex: ExpertRef, head_owned_pooler: bool) -> None:
+def _check_tensors(base: Checkpoint, base_enc: Sequence[str], ex: ExpertRef, head: HeadLayout) -> None:
     ck = ex.checkpoint
     _check_tensors_present(base, base_enc, ex)
-    head = list(ck.adapter.head_names())
-    if head_owned_pooler:
-        head = ["pooler.dense.weight", "pooler.dense.bias", *head]
-    for name in head:
+    for name in head.tensor_names():
         if name not in ck:
             raise CompatibilityError(
                 f"{ex.where} has no classification head tensor '{name}': guardmerge merges "
-                "fine-tuned *ForSequenceClassification checkpoints"
+                f"fine-tuned *ForSequenceClassification checkpoints ({ck.adapter.classifier_class})"
+            )
+
+
+def _check_hm3(adapter: ArchitectureAdapter, experts: Sequence[ExpertRef], heads: dict[str, HeadLayout]) -> None:
+    """``heads: hm3`` concatenates the experts' single Linear heads on one shared input."""
+    for ex in experts:
+        layout = heads[ex.task]
+        if len(layout.layers) > 1 or layout.norms or layout.no_bias:
+            raise CompatibilityError(
+                f"heads: hm3 needs a single Linear head on a shared pooled output, but "
+                f"{adapter.model_type} heads here have a hidden layer ({', '.join(layout.layers)}); "
+                "use heads: multi"
+            )
+    first = heads[experts[0].task]
+    for ex in experts[1:]:
+        layout = heads[ex.task]
+        if (layout.layers, layout.input) != (first.layers, first.input):
+            raise CompatibilityError(
+                f"heads: hm3 needs the same head layout in every expert, but {ex.where}'s head reads "
+                f"'{layout.input}' ({', '.join(layout.tensor_names())}) and {experts[0].where}'s reads "
+                f"'{first.input}' ({', '.join(first.tensor_names())}); use heads: multi"
             )
 
 
@@ -280,6 +300,7 @@ _VOCAB_FILES = (
     "vocab.json",
     "merges.txt",
     "spiece.model",
+    "spm.model",
     "sentencepiece.bpe.model",
     "tokenizer.model",
 )

@@ -41,6 +41,7 @@ from guardmerge.multihead import (
     MultiHeadModel,
     folder_config,
     load_tokenizer,
+    stock_head_tensors,
 )
 from guardmerge.stats.io import ExpertStats, stack_for_tensor
 from guardmerge.writer import ShardedWriter, TensorSlot
@@ -268,15 +269,25 @@ class OpenMerge:
         slots += [
             TensorSlot(self._out_name(n), self.base.dtype(n), tuple(self.base.shape(n))) for n in self.plan.copy_names
         ]
-        for tname in self.plan.head_tensor_names():
-            for ex in self.experts:
-                dtype = self.out_dtype or ex.checkpoint.dtype(tname)
-                slots.append(TensorSlot(f"{HEAD_PREFIX}{ex.task}.{tname}", dtype, tuple(ex.checkpoint.shape(tname))))
+        for tname, ex in self._head_slots():
+            stored = _stored_head_name(self.plan, ex.task, tname)  # a missing bias: zeros, sized by its weight
+            dtype = self.out_dtype or ex.checkpoint.dtype(stored)
+            shape = tuple(ex.checkpoint.shape(stored)) if stored == tname else tuple(ex.checkpoint.shape(stored)[:1])
+            slots.append(TensorSlot(f"{HEAD_PREFIX}{ex.task}.{tname}", dtype, shape))
         for ex in self.experts:  # sharing depth: each task's own upper blocks (and pooler)
             for name in self.plan.branch_names:
                 dtype = self.out_dtype or ex.checkpoint.dtype(name)
                 slots.append(TensorSlot(f"{BRANCH_PREFIX}{ex.task}.{name}", dtype, tuple(ex.checkpoint.shape(name))))
         return slots
+
+    def _head_slots(self) -> list[tuple[str, ExpertRef]]:
+        """``(head tensor, expert)`` in layout order: tensor by tensor, then expert by expert."""
+        return [
+            (tname, ex)
+            for tname in self.plan.head_tensor_names()
+            for ex in self.experts
+            if tname in self.plan.head_tensor_names(ex.task)
+        ]
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Merge and yield every output tensor, in :meth:`layout` order.
@@ -313,10 +324,9 @@ class OpenMerge:
         for name in self.plan.copy_names:
             yield self._out_name(name), self.base.get(name)
         heads = _heads(src, spec, params, self.weights, globals_, hm3)
-        for tname in self.plan.head_tensor_names():  # layout order: layer by layer, then expert
-            for ex in self.experts:
-                name = f"{HEAD_PREFIX}{ex.task}.{tname}"
-                yield name, heads[name] if self.out_dtype is None else heads[name].to(self.out_dtype)
+        for tname, ex in self._head_slots():  # layout order: layer by layer, then expert
+            name = f"{HEAD_PREFIX}{ex.task}.{tname}"
+            yield name, heads[name] if self.out_dtype is None else heads[name].to(self.out_dtype)
         for ex in self.experts:  # layout order: expert by expert, then the checkpoint's order
             for name in self.plan.branch_names:
                 tensor = ex.checkpoint.get(name)
@@ -334,12 +344,7 @@ class OpenMerge:
             else {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
         )
         heads = {
-            ex.task: HeadSpec(
-                labels=self.plan.labels[ex.task],
-                layers=self.plan.head_layers,
-                input=self.plan.head_input,
-                activation=self.plan.adapter.head_activation,
-            )
+            ex.task: HeadSpec.from_layout(self.plan.labels[ex.task], self.plan.heads[ex.task])
             for ex in self.experts
             if not self.plan.shared
         }
@@ -448,6 +453,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
     "spiece.model",
+    "spm.model",
     "sentencepiece.bpe.model",
     "tokenizer.model",
 )
@@ -522,6 +528,14 @@ _HEAD_CONFIG_KEYS = (
 )
 
 
+def _stored_head_name(plan: MergePlan, task: str, tname: str) -> str:
+    """The expert tensor behind output head tensor ``tname``: itself, or for a bias the stock
+    head lacks (stored as zeros), its weight."""
+    if tname in plan.heads[task].tensor_names():
+        return tname
+    return tname.removesuffix(".bias") + ".weight"
+
+
 def _heads(
     src: _TensorSource,
     spec: MethodSpec[Any],
@@ -532,11 +546,12 @@ def _heads(
 ) -> dict[str, torch.Tensor]:
     """Head tensors under ``heads.<task>.<layer>.*``: copied per task, or merged HM3-style."""
     out: dict[str, torch.Tensor] = {}
-    for tname in src.plan.head_tensor_names():
-        if not hm3:
-            for ex in src.experts:
-                out[f"{HEAD_PREFIX}{ex.task}.{tname}"] = ex.checkpoint.get(tname)
-            continue
+    if not hm3:
+        for ex in src.experts:  # heads: shared has no per-task heads (they are merged tensors)
+            if ex.task in src.plan.heads:
+                out.update(stock_head_tensors(ex.task, src.plan.heads[ex.task], ex.checkpoint.get))
+        return out
+    for tname in src.plan.head_tensor_names():  # hm3: one layout for every expert (plan_merge)
         zeros, deltas = src.hm3_head(tname)
         ctx = TensorContext(name=tname, role=Role.HEAD, globals=globals_, seed=src.seed)
         merged = (zeros.double() + spec.fn(deltas, weights, params, ctx).double()).float()

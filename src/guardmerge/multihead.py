@@ -26,15 +26,15 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from guardmerge.architectures import ArchitectureAdapter, get_adapter
+from guardmerge.architectures import HEAD_INPUTS, ArchitectureAdapter, HeadLayout, get_adapter
 from guardmerge.errors import CheckpointError, GuardmergeError
 from guardmerge.io import atomic_dir, read_json
 
@@ -52,19 +52,49 @@ class HeadSpec:
 
     Attributes:
         labels: label names in logit order.
-        layers: canonical layer names in order (``classifier``; ``classifier.dense``,
+        layers: canonical Linear layer names in order (``classifier``; ``classifier.dense``,
             ``classifier.out_proj``; ``pooler.dense``, ``classifier`` when the head owns a pooler).
-        input: ``pooled`` (the encoder's shared pooler output) or ``cls`` (first token).
-        activation: between layers (``tanh`` or ``relu``).
+        input: ``pooled`` (the encoder's shared pooler output), ``cls`` (first token) or
+            ``mean`` (masked mean of the tokens).
+        activation: after every layer but the last (``tanh``, ``relu``, ``gelu``...).
+        norms: LayerNorms after hidden layers' activations (``norms[i]`` follows layer ``i``).
+        norm_eps: the LayerNorms' epsilon.
+
+    Every layer and norm of a multi-head model's head carries a bias: where the stock head has
+    none (ModernBERT's ``head.dense`` and ``head.norm`` by default) it is stored as zeros, so head
+    alignment can fit one; :meth:`MultiHeadModel.export_task` drops a zero bias again.
     """
 
     labels: tuple[str, ...]
     layers: tuple[str, ...]
     input: str
     activation: str
+    norms: tuple[str, ...] = ()
+    norm_eps: float = 1e-5
+
+    @classmethod
+    def from_layout(cls, labels: Sequence[str], layout: HeadLayout) -> HeadSpec:
+        """A spec from the family's :class:`~guardmerge.architectures.HeadLayout` and the labels."""
+        return cls(tuple(labels), layout.layers, layout.input, layout.activation, layout.norms, layout.norm_eps)
+
+    @property
+    def layout(self) -> HeadLayout:
+        """The head's layout as stored here (every bias present)."""
+        return HeadLayout(self.layers, self.activation, self.input, self.norms, self.norm_eps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The ``guardmerge.heads.<task>`` entry; optional fields only when set (so a plain head
+        is written as before)."""
+        out: dict[str, Any] = {
+            "labels": list(self.labels),
+            "layers": list(self.layers),
+            "input": self.input,
+            "activation": self.activation,
+        }
+        if self.norms:
+            out["norms"] = list(self.norms)
+            out["norm_eps"] = self.norm_eps
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HeadSpec:
@@ -73,25 +103,44 @@ class HeadSpec:
             layers=tuple(data["layers"]),
             input=str(data["input"]),
             activation=str(data["activation"]),
+            norms=tuple(data.get("norms") or ()),
+            norm_eps=float(data.get("norm_eps", 1e-5)),
         )
 
 
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+def activation_names() -> list[str]:
+    """The activations a head may use (``transformers``' ``ACT2FN`` names)."""
+    from transformers.activations import ACT2FN
+
+    return sorted(ACT2FN)
+
+
+def make_activation(name: str) -> nn.Module:
+    """The module of activation ``name``, as the stock classifiers build it."""
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise GuardmergeError(f"unknown head activation '{name}'; expected one of {', '.join(activation_names())}")
+    return cast(nn.Module, ACT2FN[name])
 
 
 class Head(nn.Module):
-    """A stack of Linear layers with an activation between them: ``[B, d] -> [B, C]``."""
+    """Linear layers with an activation (and, where the family has one, a LayerNorm) between
+    them: ``[B, d] -> [B, C]``."""
 
     def __init__(self, spec: HeadSpec, shapes: Sequence[tuple[int, int]]) -> None:
         super().__init__()
         self.spec = spec
         self.layers = nn.ModuleList(nn.Linear(i, o) for o, i in shapes)
-        self.act = _ACTIVATIONS[spec.activation]()
+        self.norms = nn.ModuleList(nn.LayerNorm(shapes[k][0], eps=spec.norm_eps) for k in range(len(spec.norms)))
+        self.act = make_activation(spec.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             if i:
                 x = self.act(x)
+                if i - 1 < len(self.norms):
+                    x = self.norms[i - 1](x)
             x = layer(x)
         return x
 
@@ -100,12 +149,30 @@ class Head(nn.Module):
         """The head's Linear layers, in order (``layers`` as typed modules)."""
         return [cast(nn.Linear, m) for m in self.layers]
 
+    def modules_by_name(self) -> dict[str, nn.Module]:
+        """Canonical name -> module, for every Linear layer and LayerNorm of the head."""
+        out: dict[str, nn.Module] = dict(zip(self.spec.layers, self.layers))
+        out.update(zip(self.spec.norms, self.norms))
+        return out
+
     def state(self, task: str) -> dict[str, torch.Tensor]:
         out = {}
-        for name, layer in zip(self.spec.layers, self.linears):
-            out[f"{HEAD_PREFIX}{task}.{name}.weight"] = layer.weight.detach()
-            out[f"{HEAD_PREFIX}{task}.{name}.bias"] = layer.bias.detach()
+        for name in self.spec.layout.tensor_names():
+            module, kind = name.rsplit(".", 1)
+            out[f"{HEAD_PREFIX}{task}.{name}"] = getattr(self.modules_by_name()[module], kind).detach()
         return out
+
+
+def stock_head_tensors(task: str, layout: HeadLayout, read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``task``'s head tensors under ``heads.<task>.*`` from a stock classifier's ``read(name)``,
+    with zeros for the biases its ``layout`` lacks (see :class:`HeadSpec`)."""
+    lead = f"{HEAD_PREFIX}{task}."
+    out = {lead + name: read(name) for name in layout.tensor_names()}
+    for module in (*layout.layers, *layout.norms):
+        if module in layout.no_bias:
+            weight = out[f"{lead}{module}.weight"]
+            out[f"{lead}{module}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return out
 
 
 def build_encoder(config: Mapping[str, Any], with_pooler: bool) -> nn.Module:
@@ -113,11 +180,18 @@ def build_encoder(config: Mapping[str, Any], with_pooler: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "guardmerge"})
-    return AutoModel.from_config(cfg, **_encoder_kwargs(cfg.model_type, with_pooler))
+    return AutoModel.from_config(cfg, **get_adapter(cfg.model_type).encoder_kwargs(with_pooler))
 
 
-def _encoder_kwargs(model_type: str, with_pooler: bool) -> dict[str, Any]:
-    return {"add_pooling_layer": with_pooler} if model_type in ("bert", "roberta") else {}
+def has_pooler(adapter: ArchitectureAdapter, names: Iterable[str]) -> bool:
+    """Whether encoder tensors ``names`` (canonical) include the encoder's pooler."""
+    return any(adapter.is_pooler(n) for n in names)
+
+
+def accepted_inputs(encoder: nn.Module) -> frozenset[str]:
+    """The tokenizer outputs ``encoder``'s forward names (``token_type_ids`` only where it does)."""
+    params = inspect.signature(encoder.forward).parameters
+    return frozenset(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params)
 
 
 def blocks_at(root: nn.Module, path: str) -> nn.ModuleList:
@@ -144,9 +218,10 @@ class _Capture(nn.Module):
     so no family's mask format is rebuilt and the whole forward stays traceable. Calls are kept
     per thread, so concurrent forwards on one model do not mix their masks."""
 
-    def __init__(self) -> None:
+    def __init__(self, tuple_output: bool = False) -> None:
         super().__init__()
         self.calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self.tuple_output = tuple_output  # the family's encoder loop unpacks (hidden, attentions)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -154,7 +229,7 @@ class _Capture(nn.Module):
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
         self.calls[threading.get_ident()] = (rest, kwargs)
-        return hidden
+        return (hidden, None) if self.tuple_output else hidden
 
     def take(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """This thread's last call arguments (cleared, so no tensors outlive the forward)."""
@@ -189,6 +264,8 @@ class Branch(nn.Module):
         pooler: the expert's pooler, or None.
         embeddings: the expert's embeddings (``K = 0`` only: the branch starts from the tokens).
         align: per-feature affine map on the branch input, or None.
+        project: the expert's projection of the embeddings to the hidden size (``K = 0`` only,
+            a family with ``embeddings_project``), or None.
     """
 
     def __init__(
@@ -199,6 +276,7 @@ class Branch(nn.Module):
         pooler: nn.Module | None = None,
         embeddings: nn.Module | None = None,
         align: Affine | None = None,
+        project: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
@@ -207,6 +285,7 @@ class Branch(nn.Module):
         self.pooler = pooler
         self.embeddings = embeddings
         self.align = align
+        self.project = project
         self._embedding_inputs = tuple(inspect.signature(embeddings.forward).parameters) if embeddings else ()
 
     def entry(self, hidden: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -214,7 +293,8 @@ class Branch(nn.Module):
         branch's own embeddings of ``inputs`` (``input_ids``...) when it has them."""
         if self.embeddings is None:
             return hidden
-        return self.embeddings(**{k: v for k, v in inputs.items() if k in self._embedding_inputs})
+        h = self.embeddings(**{k: v for k, v in inputs.items() if k in self._embedding_inputs})
+        return self.project(h) if self.project is not None else h
 
     def forward(
         self,
@@ -246,9 +326,9 @@ class Branch(nn.Module):
         for name, t in self.blocks.state_dict().items():
             index, rest = name.split(".", 1)
             out[f"{ad.blocks}.{self.start + int(index)}.{rest}"] = t.detach()
-        for attr, prefix in (("embeddings", ad.embeddings), ("pooler", ad.pooler)):
+        for attr, prefix in (("embeddings", ad.embeddings), ("pooler", ad.pooler), ("project", ad.embeddings_project)):
             module = getattr(self, attr)
-            if module is not None:
+            if module is not None and prefix:
                 out.update(
                     {f"{prefix}.{n}": t.detach() for n, t in module.state_dict().items() if not n.endswith(_BUFFERS)}
                 )
@@ -260,12 +340,13 @@ class Branch(nn.Module):
 def cut_trunk(encoder: nn.Module, adapter: ArchitectureAdapter, share_layers: int) -> nn.Module:
     """Make ``encoder`` (in place) a trunk: its first ``share_layers`` blocks then the branch
     point, and no pooler (each branch owns one), so its last hidden state is depth K's."""
-    if adapter.blocks is None:
-        raise GuardmergeError(f"share_layers: model_type '{adapter.model_type}' has no block list")
+    problem = adapter.sharing_problem(_config_dict(encoder))
+    if problem or adapter.blocks is None:
+        raise GuardmergeError(f"share_layers: {problem}")
     blocks = blocks_at(encoder, adapter.blocks)
     parent_path, _, attr = adapter.blocks.rpartition(".")
     parent = module_at(encoder, parent_path) if parent_path else encoder
-    setattr(parent, attr, nn.ModuleList([*list(blocks)[:share_layers], _Capture()]))
+    setattr(parent, attr, nn.ModuleList([*list(blocks)[:share_layers], _Capture(adapter.block_output_tuple)]))
     if adapter.pooler and getattr(encoder, adapter.pooler, None) is not None:
         setattr(encoder, adapter.pooler, None)
     return encoder
@@ -284,11 +365,12 @@ def build_branch(
     Its modules come from a sibling of ``trunk`` built on the trunk's own config object, so a
     switch of attention implementation (eager for ONNX tracing) reaches the branch too.
     """
-    if adapter.blocks is None:
-        raise GuardmergeError(f"share_layers: model_type '{adapter.model_type}' has no block list")
+    problem = adapter.sharing_problem(_config_dict(trunk))
+    if problem or adapter.blocks is None:
+        raise GuardmergeError(f"{where}: share_layers: {problem}")
     own = {k: v for k, v in tensors.items() if not k.startswith("align.")}
     with_pooler = bool(adapter.pooler) and any(k.startswith(f"{adapter.pooler}.") for k in own)
-    donor = type(trunk)(trunk.config, **_encoder_kwargs(adapter.model_type, with_pooler))
+    donor = type(trunk)(trunk.config, **adapter.encoder_kwargs(with_pooler))
     missing, unexpected = donor.load_state_dict(own, strict=False)
     owned = adapter.branch_prefixes(share_layers, layers)
     missing = [
@@ -308,12 +390,21 @@ def build_branch(
     blocks = list(blocks_at(donor, adapter.blocks))[share_layers:]
     pooler = getattr(donor, adapter.pooler) if with_pooler and adapter.pooler else None
     embeddings = module_at(donor, adapter.embeddings) if share_layers == 0 and adapter.embeddings else None
+    project = (
+        getattr(donor, adapter.embeddings_project, None) if share_layers == 0 and adapter.embeddings_project else None
+    )
     align = None
     if "align.scale" in tensors or "align.shift" in tensors:
         if "align.scale" not in tensors or "align.shift" not in tensors:
             raise CheckpointError(f"{where}: 'align.scale' and 'align.shift' come together")
         align = Affine(tensors["align.scale"], tensors["align.shift"])
-    return Branch(blocks, share_layers, adapter, pooler, embeddings, align)
+    return Branch(blocks, share_layers, adapter, pooler, embeddings, align, project)
+
+
+def _config_dict(encoder: nn.Module) -> dict[str, Any]:
+    """``encoder``'s transformers config as a dict (empty without one)."""
+    cfg = getattr(encoder, "config", None)
+    return cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
 
 
 def _load_encoder(encoder: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, where: str) -> None:
@@ -359,6 +450,7 @@ class MultiHeadModel(nn.Module):
         self.info = dict(info or {})
         self.tokenizer = tokenizer
         self.adapter: ArchitectureAdapter = get_adapter(str(self.config["model_type"]))
+        self.inputs = accepted_inputs(encoder)
         if self.branches:
             if self._branch_point() is None:
                 raise GuardmergeError("a model with branches needs a trunk cut at the branch point (cut_trunk)")
@@ -416,15 +508,32 @@ class MultiHeadModel(nn.Module):
         """``{task: {"cls": [B, d], "pooled": [B, d]}}``: the encoder (trunk) runs once, then
         each task's branch on the trunk's output when the model has branches."""
         chosen = list(tasks) if tasks is not None else self.tasks
+        extra = self._extra(extra)
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
         if not self.branches:
-            shared = _feats(out[0], getattr(out, "pooler_output", None))
+            shared = _feats(out[0], getattr(out, "pooler_output", None), self._mean_mask(attention_mask))
             return dict.fromkeys(chosen, shared)
         point = self._branch_point()
         assert point is not None
         call = point.take()
         inputs = {"input_ids": input_ids, **extra}
-        return {t: _feats(*self.branch(t)(out[0], call, inputs)) for t in chosen}
+        feats = {}
+        for t in chosen:
+            hidden, pooled = self.branch(t)(out[0], call, inputs)
+            feats[t] = _feats(hidden, pooled, self._mean_mask(attention_mask))
+        return feats
+
+    def _mean_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask for ``"mean"`` pooling when a head reads it (None: no head does)."""
+        if not any(h.spec.input == "mean" for h in self.heads.values()):  # type: ignore[union-attr]
+            return None
+        if attention_mask is None:
+            raise GuardmergeError("mean pooling needs the attention mask")
+        return attention_mask
+
+    def _extra(self, extra: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The extra tokenizer outputs the encoder takes (``token_type_ids`` where it does)."""
+        return {k: v for k, v in extra.items() if k in self.inputs}
 
     def head_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None, **extra: torch.Tensor
@@ -434,8 +543,8 @@ class MultiHeadModel(nn.Module):
         A branched model's features are per task: ``task`` names whose (required there).
         """
         if not self.branches:
-            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
-            return _feats(out[0], getattr(out, "pooler_output", None))
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **self._extra(extra))
+            return _feats(out[0], getattr(out, "pooler_output", None), self._mean_mask(attention_mask))
         if task is None:
             raise GuardmergeError(f"this model branches at layer {self.share_layers}: head_inputs needs the task")
         return self.features(input_ids, attention_mask, [task], **extra)[task]
@@ -446,6 +555,7 @@ class MultiHeadModel(nn.Module):
         """``[B, T, d]``: what ``task``'s branch reads before its ``align`` (the trunk's output at
         depth K, or the branch's own embeddings at K = 0)."""
         branch = self.branch(task)
+        extra = self._extra(extra)
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
         point = self._branch_point()
         assert point is not None
@@ -471,15 +581,14 @@ class MultiHeadModel(nn.Module):
             raise GuardmergeError("this model has no tokenizer; load it from a saved folder")
         from guardmerge.checkpoint import capped_length
 
-        return dict(
-            self.tokenizer(
-                list(texts),
-                padding=True,
-                truncation=True,
-                max_length=capped_length(max_length or 512, self.config, "encode", level=logging.DEBUG),
-                return_tensors="pt",
-            )
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=capped_length(max_length or 512, self.config, "encode", level=logging.DEBUG),
+            return_tensors="pt",
         )
+        return {k: v for k, v in batch.items() if k in self.inputs}
 
     @torch.no_grad()
     def logits(
@@ -583,8 +692,8 @@ class MultiHeadModel(nn.Module):
         info = dict(info or {})
         head_mods = {task: head_from_tensors(task, spec, tensors) for task, spec in heads.items()}
         enc_state = {k: v for k, v in tensors.items() if not k.startswith((HEAD_PREFIX, BRANCH_PREFIX))}
-        encoder = build_encoder(config, any(k.startswith("pooler.") for k in enc_state))
         adapter = get_adapter(str(config["model_type"]))
+        encoder = build_encoder(config, has_pooler(adapter, enc_state))
         branched = any(k.startswith(BRANCH_PREFIX) for k in tensors)
         depth = info.get("share_layers")
         layers = len(blocks_at(encoder, adapter.blocks)) if adapter.blocks else 0
@@ -625,13 +734,16 @@ class MultiHeadModel(nn.Module):
             names = encoder_names(ad, ck.names())
             enc_state = {n: ck.get(n) for n in names}
             name = task or Path(ck.source).name
-            spec = HeadSpec(tuple(ck.id2label()), ad.head_layers, ad.head_input, ad.head_activation)
-            missing = [n for n in ad.head_names() if n not in ck]
+            layout = ad.head_layout(ck.config, where=ck.source)
+            spec = HeadSpec.from_layout(ck.id2label(), layout)
+            missing = [n for n in layout.tensor_names() if n not in ck]
             if missing:
-                raise CheckpointError(f"{ck.source} has no classification head ('{missing[0]}' missing)")
-            head = head_from_tensors(name, spec, {f"{HEAD_PREFIX}{name}.{n}": ck.get(n) for n in ad.head_names()})
+                raise CheckpointError(
+                    f"{ck.source} has no classification head ('{missing[0]}' missing; expected a {ad.classifier_class})"
+                )
+            head = head_from_tensors(name, spec, stock_head_tensors(name, layout, ck.get))
             config = {k: v for k, v in ck.config.items() if k not in ("id2label", "label2id", "architectures")}
-            encoder = build_encoder(config, any(n.startswith("pooler.") for n in enc_state))
+            encoder = build_encoder(config, has_pooler(ad, enc_state))
             encoder.load_state_dict(enc_state, strict=False)
             return cls(encoder, {name: head}, config, info={"source": ck.source}, tokenizer=load_tokenizer(ck.path))
 
@@ -645,20 +757,16 @@ class MultiHeadModel(nn.Module):
         if self.branches:  # layers < K from the trunk, the rest (and the pooler) from the branch
             tensors.update(self._branch_export(task))
         # a head that owns its pooler (base checkpoint without one) gives the stock pooler
-        for name, layer in zip(spec.layers, head.linears):
-            target = ad.prefixed(name) if name.startswith("pooler.") else name
-            tensors[f"{target}.weight"] = layer.weight.detach()
-            tensors[f"{target}.bias"] = layer.bias.detach()
+        head_state = {k[len(f"{HEAD_PREFIX}{task}.") :]: v for k, v in head.state(task).items()}
+        biased = self._stock_biases(task, head_state)
+        for name, t in head_state.items():
+            tensors[ad.prefixed(name)] = t
         tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
         cfg = dict(self.config)
         labels = list(spec.labels)
-        arch = {
-            "bert": "BertForSequenceClassification",
-            "roberta": "RobertaForSequenceClassification",
-            "distilbert": "DistilBertForSequenceClassification",
-        }[ad.model_type]
+        cfg.update(ad.head_config(spec.layout, biased))
         cfg.update(
-            architectures=[arch],
+            architectures=[ad.classifier_class],
             id2label={str(i): n for i, n in enumerate(labels)},
             label2id={n: i for i, n in enumerate(labels)},
             num_labels=len(labels),
@@ -667,6 +775,28 @@ class MultiHeadModel(nn.Module):
         with atomic_dir(path, force=force) as tmp:
             write_model_folder(tmp, tensors, cfg, self.tokenizer)
         return Path(path)
+
+    def _stock_biases(self, task: str, head_state: dict[str, torch.Tensor]) -> list[str]:
+        """Drop (in place) the zero biases of ``task``'s head that its stock head lacks; return the
+        head layers that keep a bias the stock config must switch on (a bias fitted by head
+        alignment where the stock head has none)."""
+        spec = self._head(task).spec
+        stock = self.adapter.head_layout(self.config).no_bias  # biases the stock config leaves out
+        switchable = {layer for layer, _ in self.adapter.head_bias_keys}
+        biased = []
+        for module in (*spec.layers, *spec.norms):
+            if module not in stock:
+                continue
+            if not bool(head_state[f"{module}.bias"].any()):
+                del head_state[f"{module}.bias"]
+            elif module in switchable:
+                biased.append(module)
+            else:
+                raise GuardmergeError(
+                    f"task '{task}': '{module}' has a non-zero bias, which a stock {self.adapter.classifier_class} "
+                    "with this config cannot hold"
+                )
+        return biased
 
     def _branch_export(self, task: str) -> dict[str, torch.Tensor]:
         """``task``'s branch under stock names, its ``align`` folded into the LayerNorm that
@@ -678,32 +808,38 @@ class MultiHeadModel(nn.Module):
         if scale is None or shift is None:
             return out
         depth = branch.start
-        norm = (
-            f"{ad.blocks}.{depth - 1}.{ad.block_output_norm}"
-            if depth > 0 and ad.block_output_norm
-            else (ad.embeddings_norm if depth == 0 else None)
-        )
+        trunk = {**self.encoder.state_dict(), **state}
+        project = ad.embeddings_project
+        if depth == 0 and project and f"{project}.weight" in trunk:
+            norm: str | None = project  # the projection (a Linear) produces the blocks' input
+        elif depth > 0:
+            norm = f"{ad.blocks}.{depth - 1}.{ad.block_output_norm}" if ad.block_output_norm else None
+        else:
+            norm = ad.embeddings_norm
         if norm is None:
             raise GuardmergeError(
                 f"task '{task}': cannot fold the branch alignment into a stock "
                 f"{ad.model_type} model (no LayerNorm produces block {depth - 1}'s output)"
             )
-        trunk = {**self.encoder.state_dict(), **state}
         for kind in ("weight", "bias"):
             if f"{norm}.{kind}" not in trunk:
-                raise GuardmergeError(f"task '{task}': LayerNorm tensor '{norm}.{kind}' not found to fold align into")
+                raise GuardmergeError(f"task '{task}': tensor '{norm}.{kind}' not found to fold align into")
         w, b = trunk[f"{norm}.weight"], trunk[f"{norm}.bias"]
         s64, c64 = scale.double(), shift.double()
-        out[ad.prefixed(f"{norm}.weight")] = (w.double() * s64).to(w.dtype)
+        rows = s64.reshape(-1, *([1] * (w.dim() - 1)))  # per output feature: a LayerNorm's or a Linear's
+        out[ad.prefixed(f"{norm}.weight")] = (w.double() * rows).to(w.dtype)
         out[ad.prefixed(f"{norm}.bias")] = (b.double() * s64 + c64).to(b.dtype)
         return out
 
 
-def _feats(hidden: torch.Tensor, pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """What heads read: ``{"cls": [B, d]}`` from ``hidden`` ``[B, T, d]``, plus ``"pooled"``."""
+def _feats(hidden: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What heads read: ``{"cls": [B, d]}`` from ``hidden`` ``[B, T, d]``, ``"pooled"`` where the
+    encoder pools, and ``"mean"`` (the masked mean over tokens) when ``mask`` ``[B, T]`` is given."""
     feats = {"cls": hidden[:, 0]}
     if pooled is not None:
         feats["pooled"] = pooled
+    if mask is not None:  # as ModernBERT's classifier_pooling "mean" computes it
+        feats["mean"] = (hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
     return feats
 
 
@@ -716,21 +852,36 @@ def load_any(path: str | Path, task: str | None = None) -> MultiHeadModel:
 
 
 def head_from_tensors(task: str, spec: HeadSpec, tensors: Mapping[str, torch.Tensor]) -> Head:
+    """Build ``task``'s head from ``tensors`` (``heads.<task>.<layer>.weight``...)."""
+    lead = f"{HEAD_PREFIX}{task}."
+    for name in spec.layout.tensor_names():
+        if lead + name not in tensors:
+            raise CheckpointError(f"head '{task}': tensor '{lead}{name}' is missing")
     shapes: list[tuple[int, int]] = []
     for name in spec.layers:
-        key = f"{HEAD_PREFIX}{task}.{name}.weight"
-        if key not in tensors or f"{HEAD_PREFIX}{task}.{name}.bias" not in tensors:
-            raise CheckpointError(f"head '{task}': tensor '{key}' (or its bias) is missing")
-        out_features, in_features = tensors[key].shape
-        shapes.append((int(out_features), int(in_features)))
+        weight = tensors[f"{lead}{name}.weight"]
+        if weight.dim() != 2:
+            raise CheckpointError(f"head '{task}': tensor '{lead}{name}.weight' is not a matrix")
+        shapes.append((int(weight.shape[0]), int(weight.shape[1])))
+    if len(spec.norms) >= len(spec.layers):
+        raise CheckpointError(f"head '{task}': {len(spec.norms)} norms for {len(spec.layers) - 1} hidden layers")
     head = Head(spec, shapes)
     with torch.no_grad():
-        for layer_name, layer in zip(spec.layers, head.linears):
-            layer.weight.copy_(tensors[f"{HEAD_PREFIX}{task}.{layer_name}.weight"])
-            layer.bias.copy_(tensors[f"{HEAD_PREFIX}{task}.{layer_name}.bias"])
-    if head.layers[-1].out_features != len(spec.labels):
+        for module_name, module in head.modules_by_name().items():
+            for kind in ("weight", "bias"):
+                param = getattr(module, kind)
+                if param is None:
+                    continue
+                src = tensors[f"{lead}{module_name}.{kind}"]
+                if tuple(src.shape) != tuple(param.shape):
+                    raise CheckpointError(
+                        f"head '{task}': tensor '{lead}{module_name}.{kind}' has shape {list(src.shape)}, "
+                        f"expected {list(param.shape)}"
+                    )
+                param.copy_(src)
+    if head.linears[-1].out_features != len(spec.labels):
         raise CheckpointError(
-            f"head '{task}' has {head.layers[-1].out_features} outputs but {len(spec.labels)} label names"
+            f"head '{task}' has {head.linears[-1].out_features} outputs but {len(spec.labels)} label names"
         )
     return head
 
@@ -798,10 +949,18 @@ def head_specs(raw: Any, where: Path) -> dict[str, HeadSpec]:
             raise CheckpointError(f"{name}.labels: expected a list of label names")
         if not isinstance(layers, list) or not layers or not all(isinstance(x, str) and x for x in layers):
             raise CheckpointError(f"{name}.layers: expected a list of layer names")
-        if entry.get("input") not in ("pooled", "cls"):
-            raise CheckpointError(f"{name}.input: expected 'pooled' or 'cls'")
-        if entry.get("activation") not in _ACTIVATIONS:
-            raise CheckpointError(f"{name}.activation: expected one of {', '.join(_ACTIVATIONS)}")
+        if entry.get("input") not in HEAD_INPUTS:
+            raise CheckpointError(f"{name}.input: expected one of {', '.join(HEAD_INPUTS)}")
+        if entry.get("activation") not in activation_names():
+            raise CheckpointError(f"{name}.activation: expected a transformers activation (tanh, relu, gelu...)")
+        norms = entry.get("norms", [])
+        if not isinstance(norms, list) or not all(isinstance(x, str) and x for x in norms):
+            raise CheckpointError(f"{name}.norms: expected a list of layer names")
+        if len(entry.get("norms", [])) >= len(layers):
+            raise CheckpointError(f"{name}.norms: at most one per hidden layer ({len(layers) - 1})")
+        eps = entry.get("norm_eps", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise CheckpointError(f"{name}.norm_eps: expected a small positive number")
         specs[task] = HeadSpec.from_dict(entry)
     return specs
 
@@ -811,8 +970,8 @@ def check_config_shapes(
 ) -> None:
     """Refuse a ``config.json`` whose encoder disagrees with the stored tensor shapes, before any
     memory is allocated for it (the encoder is built on the meta device to read its shapes)."""
-    with_pooler = any(k.startswith("pooler.") for k in layout)
     try:
+        with_pooler = has_pooler(get_adapter(str(config.get("model_type", ""))), layout)
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_encoder(config, with_pooler).state_dict().items()}
     except Exception as exc:  # transformers raises ValueError, TypeError, KeyError on bad configs

@@ -127,6 +127,10 @@ def export_onnx(
                 opset_version=opset,
                 do_constant_folding=True,
             )
+        used = _graph_inputs(raw)  # an input the encoder ignores (DeBERTa-v3's token types) is dropped
+        if used != inputs:
+            log.info("ONNX graph inputs: %s (the encoder does not read %s)", ", ".join(used), set(inputs) - set(used))
+            inputs = used
         if quantize == "int8":
             _quantize_int8(raw, target)
             raw.unlink()
@@ -135,6 +139,14 @@ def export_onnx(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %d heads (%s) to %s", len(tasks), quantize or "fp32", out_dir)
     return Path(out_dir)
+
+
+def _graph_inputs(path: Path) -> tuple[str, ...]:
+    """The input names of the ONNX graph at ``path``, in order (weights not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return tuple(i.name for i in graph.input)
 
 
 def _quantize_int8(src: Path, dst: Path) -> None:

@@ -91,6 +91,8 @@ class FeatureCache:
 def refit_head(head: Head, merged: Features, expert: Features, cfg: AlignConfig) -> dict[str, float]:
     """Replace ``head``'s weights in place; return fit diagnostics on the fitting texts."""
     first = head.linears[0]
+    x = merged.head_inputs.to(first.weight.dtype)
+    before = _fit(head(x), expert.logits)
     if cfg.method == "moments":
         scale, shift = moment_match(merged.head_inputs, expert.head_inputs)
         w, b = compose_linear(first.weight, first.bias, scale, shift)
@@ -99,8 +101,6 @@ def refit_head(head: Head, merged: Features, expert: Features, cfg: AlignConfig)
     else:
         m, c = affine_map(merged.head_inputs, expert.head_inputs, cfg.ridge)
         w, b = compose_linear(first.weight, first.bias, m, c)
-    x = merged.head_inputs.to(first.weight.dtype)
-    before = _fit(head(x), expert.logits)
     first.weight.copy_(w.to(first.weight.dtype))
     first.bias.copy_(b.to(first.bias.dtype))
     after = _fit(head(x), expert.logits)

@@ -15,9 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from guardmerge.architectures import ADAPTERS
 from guardmerge.checkpoint import resolve
 from guardmerge.config import AlignConfig, MergeConfig
-from guardmerge.errors import ConfigError
+from guardmerge.errors import CheckpointError, ConfigError
+from guardmerge.io import read_json
 from guardmerge.methods import METHODS, MethodParams, MethodSpec
 
 
@@ -77,9 +79,12 @@ class MergeJob:
             ExpertJob(task=e.task, source=e.model, folder=resolve(e.model), weight=e.weight, stats=e.stats, data=e.data)
             for e in config.experts
         )
+        base = resolve(config.base_model)
+        if spec.layerwise is not None:
+            _check_layerwise_family(base, config.method)
         job = cls(
             config=config,
-            base=resolve(config.base_model),
+            base=base,
             experts=experts,
             spec=spec,
             params=config.method_params(),
@@ -123,3 +128,19 @@ class MergeJob:
             }
         )
         return replace(self, config=config, experts=experts, params=params)
+
+
+def _check_layerwise_family(base: Path, method: str) -> None:
+    """Refuse a layer-wise method on a family whose adapter says the stage cannot run on it,
+    before any merging (an unreadable or unknown config is left to the checkpoint checks)."""
+    cfg_file = base / "config.json"
+    if not cfg_file.is_file():
+        return
+    try:
+        config = read_json(cfg_file, error=CheckpointError, what="model config")
+    except CheckpointError:
+        return
+    adapter = ADAPTERS.get(str(config.get("model_type", ""))) if isinstance(config, dict) else None
+    problem = adapter.layerwise_problem(config) if adapter is not None else None
+    if problem:
+        raise ConfigError(f"method '{method}': {problem} (base {base}); use a method without a layer-wise stage")

@@ -101,6 +101,27 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask.to(dtype)).unsqueeze(-2).unsqueeze(-2) * torch.finfo(dtype).min
 
 
+_MASK_ADVICE = (
+    "per-example Fisher needs a prepared additive attention mask, which {family} models read "
+    "differently ({detail}); set statistics.fisher_gradient: batch"
+)
+
+
+def _check_additive_mask(model: nn.Module, inputs: Mapping[str, torch.Tensor], logits: torch.Tensor) -> None:
+    """Refuse per-example Fisher where the model reads a prepared additive mask otherwise than
+    its 0/1 mask (DeBERTa's embeddings multiply by the mask; ModernBERT's sliding-window layers and
+    mean pooling build from the 0/1 mask): its logits on ``inputs`` must equal ``logits``."""
+    family = getattr(model.config, "model_type", "this")
+    try:
+        with torch.no_grad():
+            got = model(**inputs).logits.double()
+        gap = float((got - logits).abs().max()) if bool(torch.isfinite(got).all()) else float("inf")
+    except RuntimeError:  # a pooling that reads the mask's shape
+        gap = float("inf")
+    if not gap <= 1e-4 * (1.0 + float(logits.abs().max())):
+        raise StatisticsError(_MASK_ADVICE.format(family=family, detail=f"logits change by {gap:.3g}"))
+
+
 def _labels_of(batch: Mapping[str, Any], n: int) -> torch.Tensor:
     for key in ("labels", "label"):
         if key in batch and batch[key] is not None:
@@ -138,7 +159,7 @@ def collect_fisher(
     """Diagonal Fisher of ``model`` over ``batches``: the mean of per-example squared gradients.
 
     Args:
-        model: a ``*ForSequenceClassification`` model (BERT, RoBERTa, DistilBERT); evaluated in
+        model: a ``*ForSequenceClassification`` model (any supported family); evaluated in
             eval mode (no dropout), its mode restored afterwards.
         batches: tokenised batches (``input_ids`` ``[B, T]``, ``attention_mask`` ``[B, T]``,
             optional ``token_type_ids``; ``labels`` ``[B]`` for ``empirical``).
@@ -158,6 +179,12 @@ def collect_fisher(
     if micro_batch_size < 1:
         raise ConfigError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     adapter = adapter or get_adapter(getattr(model.config, "model_type", ""), "model")
+    if gradient == "per_example" and not adapter.additive_mask:
+        raise StatisticsError(
+            _MASK_ADVICE.format(
+                family=adapter.model_type, detail="it derives more than the padding mask from the 0/1 mask"
+            )
+        )
     names: dict[str, str] = {}  # module parameter name -> canonical
     head: set[str] = set()
     for pname, _ in model.named_parameters():
@@ -251,13 +278,15 @@ def _per_example_fisher(
     buffers = dict(model.named_buffers())
     dtype = next(iter(params.values())).dtype
     with torch.no_grad():
-        probs = torch.softmax(model(**inputs).logits.double(), dim=-1)  # [B, C]
+        logits = model(**inputs).logits.double()
+    probs = torch.softmax(logits, dim=-1)  # [B, C]
     n, n_classes = probs.shape
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])
     per_example = {k: v for k, v in inputs.items() if k != "attention_mask"}
     per_example["attention_mask"] = _additive_mask(mask, dtype)  # [B, 1, 1, T]
+    _check_additive_mask(model, per_example, logits)
     ids = inputs["input_ids"]
     offset: dict[str, torch.Tensor] = {}
 

@@ -2,7 +2,7 @@
 
 RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models")
 merges a Linear layer from the inner-product matrices of its inputs. This module runs one expert
-(a Hugging Face ``*ForSequenceClassification`` model: BERT, RoBERTa, DistilBERT) over batches
+(a Hugging Face ``*ForSequenceClassification`` model of any supported family) over batches
 of tokenised inputs and collects, per Linear layer:
 
 - the inputs, via forward pre-hooks, flattened to ``[tokens, in]``;
@@ -285,7 +285,7 @@ def collect_grams(
     """Run ``model`` over ``batches`` and return the mean Gram of every Linear input.
 
     Args:
-        model: a ``*ForSequenceClassification`` model (BERT, RoBERTa, DistilBERT); it is put in
+        model: a ``*ForSequenceClassification`` model (any supported family); it is put in
             eval mode for the pass and its mode restored afterwards.
         batches: tokenised batches: mappings with ``input_ids`` ``[B, T]``, ``attention_mask``
             ``[B, T]`` and optionally ``token_type_ids`` (other keys, e.g. ``labels``, ignored).
