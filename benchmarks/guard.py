@@ -80,8 +80,9 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
         "texts": [150],
     },
     "prodistill": {"init_scaling": [0.3], "texts": [64]},
+    "prodistill_tensor": {"init_scaling": [0.3], "texts": [64], "granularity": ["tensor"]},
 }
-ROW_METHOD: dict[str, str] = {"lot_wudi": "lot"}
+ROW_METHOD: dict[str, str] = {"lot_wudi": "lot", "prodistill_tensor": "prodistill"}
 """Rows that are a registered method with other settings (row name -> method)."""
 SECTIONS = ("quality", "speed", "frontier", "sweep", "pairs")
 QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
@@ -97,6 +98,7 @@ QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
     "lot": {"rho": [1.0], "texts": [60]},
     "lot_wudi": {"anchor": ["wudi"], "rho": [1.0], "texts": [60]},
     "prodistill": {"texts": [16], "epochs": [2]},
+    "prodistill_tensor": {"texts": [16], "epochs": [2], "granularity": ["tensor"]},
 }
 DARE_SEEDS = (0, 1, 2)
 SWEEP_DENSITIES = (0.1, 0.3, 0.5, 0.7, 1.0)
