@@ -3,7 +3,7 @@
     python benchmarks/guard.py [--data ../shared/data] [--work benchmarks/.work] [--quick]
     python benchmarks/guard.py --only quality --methods lot,regmean_pp   # one section, some rows
 
-Sections (``--only``, repeatable; default all): quality, speed, frontier, sweep, pairs. A run replaces
+Sections (``--only``, repeatable; default all): quality, speed, frontier, sweep, pairs, seven. A run replaces
 the rows and sections it computes in benchmarks/results/guard.json and keeps the others; every
 row records the commit and date that produced it (``produced``).
 
@@ -17,6 +17,9 @@ row records the commit and date that produced it (``produced``).
    validation) as the trunk, branch alignment chosen on validation; quality and measured speed
    against one pass and the five experts.
 5. HM3 experiments: self-merging density sweep (TIES, DARE) and two-task merges in both head modes.
+6. Seven tasks (``--only seven``): the five guard experts plus a multi-label (goemotions) and a
+   token-classification (ner) expert merged into one seven-head model, a few rows chosen on
+   validation, with the merged model's throughput against the seven experts.
 
 Writes benchmarks/results/guard.json, then regenerates BENCHMARKS.md and its plots from it
 (benchmarks/report.py). No figure is typed by hand.
@@ -84,7 +87,17 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
 }
 ROW_METHOD: dict[str, str] = {"lot_wudi": "lot", "prodistill_tensor": "prodistill"}
 """Rows that are a registered method with other settings (row name -> method)."""
-SECTIONS = ("quality", "speed", "frontier", "sweep", "pairs")
+SECTIONS = ("quality", "speed", "frontier", "sweep", "pairs", "seven")
+SEVEN = (*TASKS, "goemotions", "ner")
+"""The seven-task merge: the five guard tasks, a multi-label task and a token-classification task."""
+SEVEN_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "task_arithmetic": {"scaling": [0.3, 0.5]},
+    "ties": {"density": [0.2], "scaling": [1.0]},
+    "wudi": {"rho": [3.0], "anchor_scaling": [0.3, 0.5]},
+}
+"""Rows of the seven-task merge (all with head alignment), each chosen on validation."""
+OFFICIAL = {"goemotions": "micro_f1", "ner": "micro_f1"}
+"""Tasks whose data README names another headline metric beside macro-F1."""
 QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
     "average": {},
     "task_arithmetic": {"scaling": [0.5]},
@@ -432,6 +445,71 @@ def frontier(
     return out
 
 
+def seven_task(
+    data: Path, work: Path, val_limit: int | None, test_limit: int | None, n_texts: int = 320, quick: bool = False
+) -> dict:
+    """Five guard tasks + goemotions (multi-label) + ner (token classification) in one model:
+    each row's hyperparameters chosen on validation, all with head alignment; normalised
+    macro-F1 per task (entity-type macro-F1 for ner, label macro-F1 for goemotions; their
+    micro-F1 beside), and the merged model's throughput against the seven experts."""
+    from zoo import build_zoo
+
+    experts = build_zoo(data, work, list(SEVEN), progress=False)
+    bench = Bench(data, work, experts, val_limit, test_limit)
+    expert_test: dict[str, Any] = {}
+    for task, folder in experts.items():
+        expert_test.update(bench.score(load_any(folder, task), "test", [task]))
+    out: dict[str, Any] = {
+        "tasks": list(SEVEN),
+        "experts": expert_test,
+        "experts_mean_macro_f1": mean({t: v["macro_f1"] for t, v in expert_test.items()}),
+        "rows": {},
+    }
+    best_model, best_val = None, -1.0
+    for row, grid in SEVEN_GRIDS.items():
+        points = grid_points(grid)[:1] if quick else grid_points(grid)
+        trials = []
+        for params in points:
+            model = bench.merged(bench.config(row, params, align=True))
+            val = bench.score(model, "validation")
+            trials.append((mean({t: v["macro_f1"] for t, v in val.items()}), params, model))
+            log.info("seven %s %s: validation mean macro-F1 %.4f", row, params, trials[-1][0])
+        val_score, params, model = max(trials, key=lambda x: x[0])
+        test = bench.score(model, "test")
+        per_task = normalized(test, expert_test)
+        out["rows"][f"{row}+align"] = {
+            "hyperparameters": params,
+            "validation_mean_macro_f1": val_score,
+            "test": test,
+            "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
+            "normalized": mean(per_task),
+            "normalized_per_task": per_task,
+            "worst_task": min(per_task, key=lambda t: per_task[t]),
+            "worst_task_ratio": min(per_task.values()),
+            "official": {
+                t: {"metric": m, "merged": test[t][m], "expert": expert_test[t][m]} for t, m in OFFICIAL.items()
+            },
+            "produced": produced(),
+        }
+        log.info("seven %s+align: normalised %.4f, worst %.4f", row, mean(per_task), min(per_task.values()))
+        if val_score > best_val:
+            best_model, best_val = model, val_score
+    assert best_model is not None
+    speeds, settings = timings(
+        bench,
+        {"merged": lambda b: best_model(**b), "experts": experts_runner(bench)},
+        best_model.tokenizer,
+        64 if quick else n_texts,
+    )
+    out["speed"] = {
+        **speeds,
+        "settings": settings,
+        "batch32_ratio": speeds["merged"]["batch32_texts_per_s"] / speeds["experts"]["batch32_texts_per_s"],
+        "produced": produced(),
+    }
+    return out
+
+
 def density_sweep(bench: Bench, expert_test: dict, densities: Sequence[float]) -> dict:
     """HM3 self-merging: each expert merged with itself at each density (TIES, DARE)."""
     out: dict[str, Any] = {}
@@ -573,7 +651,7 @@ def main() -> None:
     if args.expert:
         experts = {k: Path(v) for k, v in (item.split("=", 1) for item in args.expert)}
     else:
-        experts = build_zoo(data, args.work, progress=False)
+        experts = build_zoo(data, args.work, list(TASKS), progress=False)
     bench = Bench(data, args.work, experts, 60 if args.quick else args.val_limit, 100 if args.quick else test_limit)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     expert_val, expert_test = {}, {}
@@ -630,6 +708,15 @@ def main() -> None:
         )
         results["density_sweep_experts"] = expert_sweep
         results["density_sweep_produced"] = produced()
+    _save(args.out, results, started)
+    if "seven" in run:
+        results["seven_task"] = seven_task(
+            data,
+            args.work,
+            60 if args.quick else args.val_limit,
+            100 if args.quick else test_limit,
+            quick=args.quick,
+        )
     _save(args.out, results, started)
     if "pairs" in run:
         results["two_task"] = two_task(bench, expert_test, QUICK_PAIRS if args.quick else PAIRS)

@@ -235,6 +235,57 @@ def best_single_pass(res: dict) -> list[str]:
     ]
 
 
+def seven_task_table(res: dict) -> list[str]:
+    """The seven-task merge (five guard tasks + multi-label goemotions + token ner)."""
+    sev = res.get("seven_task")
+    if not sev:
+        return []
+    tasks = sev["tasks"]
+    lines = [
+        "## Seven tasks: sequence, multi-label and token heads on one encoder "
+        "(`python benchmarks/guard.py --only seven`)",
+        "",
+        "The five guard experts plus a GoEmotions expert (multi-label, 28 labels, sigmoid per label, threshold 0.5) "
+        "and a WikiANN NER expert (token classification, IOB2), all fine-tuned from the same MiniLM base "
+        "(`benchmarks/zoo.py`), merged into one seven-head model with head alignment. Cells are test macro-F1 "
+        "(label macro-F1 for goemotions, entity-type macro-F1 for ner); each row's hyperparameters were chosen on "
+        "validation.",
+        "",
+        "| row | "
+        + " | ".join(tasks)
+        + " | mean macro-F1 | normalised | worst task / expert | hyperparameters | produced |",
+        "|---|" + "---|" * len(tasks) + "---|---|---|---|---|",
+        "| experts | "
+        + " | ".join(_f(sev["experts"][t]["macro_f1"]) for t in tasks)
+        + f" | {_f(sev['experts_mean_macro_f1'])} | 1.000 | 1.000 | | |",
+    ]
+    for name, m in sorted(sev["rows"].items(), key=lambda kv: -kv[1]["normalized"]):
+        hp = ", ".join(f"{k}={_hp(v)}" for k, v in m.get("hyperparameters", {}).items())
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_f(m["test"][t]["macro_f1"]) for t in tasks)
+            + f" | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | {_f(m['worst_task_ratio'])} ({m['worst_task']}) "
+            f"| {hp} | {_produced(m)} |"
+        )
+    lines.append("")
+    for name, m in sev["rows"].items():
+        off = ", ".join(
+            f"{t} {o['metric']} {_f(o['merged'])} (expert {_f(o['expert'])})" for t, o in m.get("official", {}).items()
+        )
+        lines.append(f"- {name}: {off}")
+    sp = sev.get("speed")
+    if sp:
+        lines += [
+            "",
+            f"One merged seven-head pass: {_f(sp['merged']['batch32_texts_per_s'], 1)} texts/s at batch 32 "
+            f"(p50 {_f(sp['merged']['batch1_p50_ms'], 1)} ms at batch 1) against "
+            f"{_f(sp['experts']['batch32_texts_per_s'], 1)} texts/s ({_f(sp['experts']['batch1_p50_ms'], 1)} ms) "
+            f"for the seven experts one after another: **{_f(sp['batch32_ratio'], 2)}x** "
+            f"({sp['settings']['n']} test texts, {_produced(sp)}).",
+        ]
+    return [*lines, ""]
+
+
 def _load(res: dict, section: str) -> str:
     env = res.get("section_environment", {}).get(section, {})
     load = env.get("load_average")
@@ -444,6 +495,7 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
         *official_table(res),
         "",
     ]
+    lines += seven_task_table(res)
     lines += search_table(res)
     if "speed" in res:
         sp = res["speed"]
