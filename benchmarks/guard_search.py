@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guard import HERE, ROOT, Bench  # noqa: E402
+from guard import HERE, ROOT, TASKS, Bench  # noqa: E402
 
 from guardmerge.demo import default_data_dir  # noqa: E402
 from guardmerge.evaluate import mean, normalized, to_json_ready  # noqa: E402
@@ -146,7 +146,7 @@ def main() -> None:
     args.val_limit = settings.get("val_limit", 300)
     from zoo import build_zoo
 
-    experts = build_zoo(args.data, args.work, progress=False)
+    experts = build_zoo(args.data, args.work, list(TASKS), progress=False)
     bench = Bench(args.data, args.work, experts, args.val_limit, settings.get("test_limit"))
     for name in args.only or list(SEARCHES):
         entry = run_one(name, SEARCHES[name], bench, results, args)
