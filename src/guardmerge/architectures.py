@@ -18,8 +18,16 @@ from typing import Any
 from guardmerge.errors import CompatibilityError
 from guardmerge.methods.registry import Role
 
-HEAD_INPUTS = ("pooled", "cls", "mean")
-"""What a head can read: the encoder's pooler output, the first token, or the masked mean."""
+HEAD_INPUTS = ("pooled", "cls", "mean", "tokens")
+"""What a head can read: the encoder's pooler output, the first token, the masked mean, or every
+token's last hidden state (token-classification heads: ``[B, T, d]`` in, ``[B, T, C]`` out)."""
+
+PROBLEMS = ("single_label", "multi_label", "token")
+"""Head kinds: one label per text (softmax), any number of labels per text (a sigmoid per label),
+or one label per token (softmax per token; BIO tags aggregated into entity spans)."""
+
+MULTI_LABEL_PROBLEM_TYPE = "multi_label_classification"
+"""The ``problem_type`` of a transformers config that marks a multi-label (sigmoid) classifier."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,8 @@ class HeadLayout:
         activation: the activation after every layer but the last (a ``transformers``
             ``ACT2FN`` name: ``tanh``, ``relu``, ``gelu``...).
         input: ``pooled`` (the encoder's pooler output), ``cls`` (the first token's hidden
-            state) or ``mean`` (the mean of the non-padding tokens' hidden states).
+            state), ``mean`` (the mean of the non-padding tokens' hidden states) or ``tokens``
+            (every token's hidden state: a token-classification head).
         norms: LayerNorms, canonical names: ``norms[i]`` follows hidden layer ``i``'s activation
             (ModernBERT's ``head.norm``); fewer entries than hidden layers: the rest have none.
         norm_eps: the LayerNorms' epsilon.
@@ -73,6 +82,9 @@ class ArchitectureAdapter:
         has_pooler: whether the encoder carries a pooler (``pooler.dense``).
         classifier_class: the stock sequence classifier (``BertForSequenceClassification``).
         token_classifier_class: the stock token classifier, or None.
+        token_head_layers: the token classifier's Linear layers in order (``classifier`` on the
+            token states after dropout, for most families; ModernBERT's ``head.dense`` first).
+        token_head_norms: LayerNorms inside the token head (ModernBERT's ``head.norm``).
         multi_head: whether the family can be a multi-head model (``heads: multi | hm3``);
             decoder families (Llama) merge whole checkpoints with ``heads: shared`` only.
         pooler_flag: the base-model constructor argument that adds or drops its pooler
@@ -131,6 +143,8 @@ class ArchitectureAdapter:
     has_pooler: bool
     classifier_class: str = ""
     token_classifier_class: str | None = None
+    token_head_layers: tuple[str, ...] = ("classifier",)
+    token_head_norms: tuple[str, ...] = ()
     multi_head: bool = True
     pooler_flag: str | None = None
     pooler_head_layers: tuple[str, ...] = ()
@@ -201,14 +215,19 @@ class ArchitectureAdapter:
         return Role.OTHER
 
     # -- the classification head -------------------------------------------------------------
-    def head_layout(self, config: Mapping[str, Any], pooler_in_head: bool = False, where: str = "") -> HeadLayout:
+    def head_layout(
+        self, config: Mapping[str, Any], pooler_in_head: bool = False, where: str = "", problem: str = "single_label"
+    ) -> HeadLayout:
         """The head a stock classifier of this family builds for ``config`` (a ``config.json``
         dict): its layers, activation, pooling, norms and bias-less layers.
 
         Args:
             pooler_in_head: the head owns the pooler (``pooler_head_layers`` first, reading the
-                first token): the base checkpoint has no pooler.
+                first token): the base checkpoint has no pooler. Ignored for token heads, which
+                read the token states and never the pooler.
             where: names the checkpoint in errors.
+            problem: ``token`` gives the stock token classifier's head (reading ``tokens``);
+                sequence heads (single- and multi-label) are built alike.
 
         Raises:
             CompatibilityError: a config field the layout reads has an unsupported value.
@@ -217,6 +236,18 @@ class ArchitectureAdapter:
         activation = self.head_activation
         if self.head_activation_key and config.get(self.head_activation_key) is not None:
             activation = str(config[self.head_activation_key])
+        eps = 1e-5
+        if self.head_norm_eps_key and config.get(self.head_norm_eps_key) is not None:
+            eps = float(config[self.head_norm_eps_key])
+        token = problem == "token"
+        layers, norms = self.head_layers, self.head_norms
+        if token:
+            layers, norms = self.token_head_layers, self.token_head_norms
+        no_bias = [layer for layer, key in self.head_bias_keys if layer in layers and not config.get(key)]
+        if self.head_norm_bias_key and not config.get(self.head_norm_bias_key):
+            no_bias += list(norms)
+        if token:
+            return HeadLayout(tuple(layers), activation, "tokens", tuple(norms), eps, tuple(no_bias))
         head_input = self.head_input
         if self.head_input_key and config.get(self.head_input_key) is not None:
             head_input = str(config[self.head_input_key])
@@ -224,13 +255,6 @@ class ArchitectureAdapter:
                 raise CompatibilityError(
                     f"{at}config field '{self.head_input_key}' is '{head_input}'; guardmerge supports 'cls' and 'mean'"
                 )
-        eps = 1e-5
-        if self.head_norm_eps_key and config.get(self.head_norm_eps_key) is not None:
-            eps = float(config[self.head_norm_eps_key])
-        no_bias = [layer for layer, key in self.head_bias_keys if not config.get(key)]
-        if self.head_norm_bias_key and not config.get(self.head_norm_bias_key):
-            no_bias += list(self.head_norms)
-        layers, norms = self.head_layers, self.head_norms
         if pooler_in_head:
             if not self.pooler_head_layers:
                 raise CompatibilityError(f"{at}{self.model_type} has no pooler a head could own")
@@ -258,6 +282,25 @@ class ArchitectureAdapter:
                 out[key] = True
         return out
 
+    def problem(self, config: Mapping[str, Any]) -> str:
+        """The head kind of a stock checkpoint with ``config``: ``token`` for the family's token
+        classifier (``architectures``), ``multi_label`` for ``problem_type:
+        multi_label_classification``, else ``single_label``."""
+        arch = config.get("architectures") or []
+        if self.token_classifier_class and isinstance(arch, list) and self.token_classifier_class in arch:
+            return "token"
+        if config.get("problem_type") == MULTI_LABEL_PROBLEM_TYPE:
+            return "multi_label"
+        return "single_label"
+
+    def stock_class(self, problem: str) -> str:
+        """The stock transformers class a head of kind ``problem`` exports to."""
+        if problem == "token":
+            if not self.token_classifier_class:
+                raise CompatibilityError(f"{self.model_type} has no stock token classifier")
+            return self.token_classifier_class
+        return self.classifier_class
+
     def head_names(self) -> list[str]:
         """The default head's canonical tensor names, in layer order (every bias included)."""
         return HeadLayout(self.head_layers, self.head_activation, self.head_input, self.head_norms).tensor_names()
@@ -266,6 +309,10 @@ class ArchitectureAdapter:
     def classifier_weight(self) -> str:
         """The canonical name of the head's last (label-producing) weight."""
         return f"{self.head_layers[-1]}.weight"
+
+    def label_weight(self, problem: str) -> str:
+        """The canonical name of the label-producing weight of a head of kind ``problem``."""
+        return f"{self.token_head_layers[-1]}.weight" if problem == "token" else self.classifier_weight
 
     def encoder_kwargs(self, with_pooler: bool) -> dict[str, Any]:
         """Keyword arguments of the base model's constructor (``add_pooling_layer``)."""
@@ -429,6 +476,8 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             has_pooler=False,
             classifier_class="ModernBertForSequenceClassification",
             token_classifier_class="ModernBertForTokenClassification",
+            token_head_layers=("head.dense", "classifier"),
+            token_head_norms=("head.norm",),
             no_blocks_reason=(
                 "its layers alternate global and sliding-window attention (each block takes its own "
                 "mask and rotary embeddings) and a final norm follows the last block"

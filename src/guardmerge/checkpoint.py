@@ -408,13 +408,19 @@ class Checkpoint:
     def model_type(self) -> str:
         return str(self.config["model_type"])
 
+    @property
+    def problem(self) -> str:
+        """The head kind of this classifier: ``single_label``, ``multi_label`` (``problem_type:
+        multi_label_classification``) or ``token`` (the family's ``*ForTokenClassification``)."""
+        return self.adapter.problem(self.config)
+
     def id2label(self) -> list[str]:
         """Label names in index order, from ``config.json`` (``LABEL_i`` where absent)."""
         raw = self.config.get("id2label") or {}
         if not isinstance(raw, dict):
             raise CheckpointError(f"{self.where}: config.json 'id2label' is not an object")
         n = int(self.config.get("num_labels") or len(raw) or 0)
-        last_weight = self.adapter.classifier_weight
+        last_weight = self.adapter.label_weight(self.problem)
         if last_weight in self:
             rows = self.shape(last_weight)[0]
             declared = self.config.get("num_labels")

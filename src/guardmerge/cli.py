@@ -199,12 +199,30 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines: one object per text.")] = False,
     task: Annotated[list[str] | None, typer.Option("--task", "-t", help="Only these heads.")] = None,
     batch_size: Annotated[int, typer.Option(help="Texts per encoder pass.")] = 32,
+    threshold: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--threshold",
+            help="Threshold of a multi-label head's labels: task=0.7 (every label) or task.label=0.7.",
+        ),
+    ] = None,
+    aggregation: Annotated[
+        str, typer.Option(help="Token heads: how word pieces become entities, first or simple (as transformers).")
+    ] = "first",
 ) -> None:
-    """Print every head's label and probability for each TEXT."""
+    """Print every head's answer for each TEXT: single-label heads their label and probability,
+    multi-label heads the labels at or above their thresholds (--json: every label's sigmoid
+    probability), token heads their entity spans (type, character offsets, text, score)."""
     from guardmerge.multihead import load_any
 
     m = load_any(model)
-    res = m.predict(texts, batch_size=batch_size, tasks=task or None)
+    res = m.predict(
+        texts,
+        batch_size=batch_size,
+        tasks=task or None,
+        thresholds=_predict_thresholds(threshold),
+        aggregation=aggregation,
+    )
     tasks = list(res)
     if as_json:
         for i, text in enumerate(texts):
@@ -218,8 +236,31 @@ def predict(
         typer.echo(f"{short:<{width}}  {cells}")
 
 
-def _verdict(item: dict) -> str:
+def _verdict(item: dict | list) -> str:
+    if isinstance(item, list):  # a token head's entity spans
+        return "; ".join(f"{e['label']} '{e['text']}'" for e in item) or "-"
+    if "labels" in item:  # a multi-label head
+        return ", ".join(item["labels"]) or "-"
     return f"{item['label']} ({item['score']:.3f})"
+
+
+def _predict_thresholds(items: list[str] | None) -> dict[str, float | dict[str, float]]:
+    """``--threshold`` of ``predict``: ``task=0.7`` or ``task.label=0.7`` (no ``off``)."""
+    from guardmerge.serve.flags import parse_thresholds
+
+    out: dict[str, float | dict[str, float]] = {}
+    for key, value in parse_thresholds(items or []).items():
+        if value is None:
+            raise GuardmergeError(f"--threshold {key}=off: predict has no flags to turn off; give a number")
+        task, _, label = key.partition(".")
+        if label:
+            per = out.setdefault(task, {})
+            if not isinstance(per, dict):
+                raise GuardmergeError(f"--threshold: task '{task}' has both one threshold and per-label ones")
+            per[label] = value
+        else:
+            out[task] = value
+    return out
 
 
 @app.command()
@@ -380,10 +421,17 @@ def _param_list(params: str | None) -> list[str] | None:
 def export(
     model: Annotated[Path, typer.Argument(help="A merged model folder.")],
     task: Annotated[str, typer.Argument(help="The head to export.")],
-    out: Annotated[Path, typer.Argument(help="Output folder: a stock AutoModelForSequenceClassification.")],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="Output folder: a stock AutoModelForSequenceClassification (AutoModelForTokenClassification for a "
+            "token head)."
+        ),
+    ],
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
-    """Export one task of a merged model as a stock transformers classifier folder."""
+    """Export one task of a merged model as a stock transformers classifier folder (a multi-label
+    head with problem_type multi_label_classification; a token head as the family's token classifier)."""
     from guardmerge.io import check_output
     from guardmerge.multihead import MultiHeadModel
 
@@ -473,9 +521,12 @@ def eval_(
         list[str] | None,
         typer.Option("--expert", "-e", help="TASK=FOLDER: score this expert too and add normalised = merged / expert."),
     ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar per task.")] = True,
 ) -> None:
-    """Score MODEL's heads on labelled data: macro-F1, accuracy, official metrics
-    ({task: {metric: value}}; with --expert, the normalised score per task)."""
+    """Score MODEL's heads on labelled data ({task: {metric: value}}; with --expert, the normalised
+    score per task): single-label heads macro-F1, accuracy and official metrics; multi-label heads
+    macro-, micro- and per-label F1 at their thresholds; token heads entity-level micro-F1, macro-F1
+    over types and per-type F1 (seqeval, on word-level tags)."""
     from guardmerge.data import discover_tasks, load_task
     from guardmerge.evaluate import evaluate, normalized, table, to_json_ready
     from guardmerge.multihead import load_any
@@ -489,7 +540,7 @@ def eval_(
     if not names:
         raise GuardmergeError(f"none of the model's heads ({', '.join(m.tasks)}) has a task folder in {data}")
     examples = {t: load_task(data / t).split(split, limit) for t in names}
-    res = evaluate(m, examples)
+    res = evaluate(m, examples, progress=progress)
     rows = {str(model): res}
     if expert:
         pairs = dict(item.split("=", 1) for item in expert if "=" in item)
@@ -499,7 +550,7 @@ def eval_(
         for t, folder in pairs.items():
             if t not in examples:
                 raise GuardmergeError(f"--expert {t}: no head/task folder '{t}' to compare with")
-            ex_res.update(evaluate(load_any(folder, t), {t: examples[t]}))
+            ex_res.update(evaluate(load_any(folder, t), {t: examples[t]}, progress=progress))
         for t, value in normalized(res, ex_res).items():
             res[t]["normalized"] = value
         rows["experts"] = ex_res
@@ -553,9 +604,31 @@ def serve(
     ] = None,
     threshold: Annotated[
         list[str] | None,
-        typer.Option("--threshold", help="Flag threshold per task, e.g. --threshold injection=0.8 (or emotion=off)."),
+        typer.Option(
+            "--threshold",
+            help="Flag threshold per task, e.g. --threshold injection=0.8 (or emotion=off), or per label of a "
+            "sequence head: --threshold toxicity.insult=0.7 (wins over its task's).",
+        ),
     ] = None,
     default_threshold: Annotated[float, typer.Option(help="Flag threshold of the other tasks.")] = 0.5,
+    benign: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--benign",
+            help="Benign labels of a multi-label head (never flag), e.g. --benign emotions=neutral,joy. Default: "
+            "labels named neutral, benign, safe, clean, none, normal, or starting with non/not.",
+        ),
+    ] = None,
+    flag_entities: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--flag-entities",
+            help="Entity types that flag a text for a token head, e.g. --flag-entities pii=PER,LOC (default: any).",
+        ),
+    ] = None,
+    aggregation: Annotated[
+        str, typer.Option(help="Token heads: how word pieces become entities, first or simple (as transformers).")
+    ] = "first",
     max_batch: Annotated[int, typer.Option(help="Most texts per encoder pass (micro-batch).")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="Longest wait for a fuller micro-batch (ms).")] = 5.0,
     max_texts: Annotated[int, typer.Option(help="Most texts per request.")] = 64,
@@ -582,7 +655,13 @@ def serve(
     ] = 512,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/classify, GET /v1/model, /healthz, /metrics (Prometheus);
-    the OpenAPI document is at /openapi.json. Needs the extra named serve."""
+    the OpenAPI document is at /openapi.json. Needs the extra named serve.
+
+    Single-label heads answer a label, its score and every label's probability; multi-label heads
+    every label's sigmoid probability and the labels at or above their thresholds; token heads
+    their entity spans (type, character offsets, text, score). A text is flagged when any head
+    flags it: a non-benign label at or above its threshold, or (token heads) an entity of a
+    flagged type."""
     if not 0.0 <= default_threshold <= 1.0:
         raise GuardmergeError(f"--default-threshold {default_threshold} is outside [0, 1]")
     if api_key is None and os.environ.get("GUARDMERGE_API_KEY") is not None:
@@ -597,6 +676,7 @@ def serve(
             parse_thresholds,
         )
         from guardmerge.serve.app import check_api_key
+        from guardmerge.serve.flags import parse_label_lists
         from guardmerge.serve.server import is_loopback, uvicorn_limits
     except ImportError as exc:
         raise GuardmergeError(
@@ -615,6 +695,9 @@ def serve(
         max_queue=max_queue,
         thresholds=parse_thresholds(threshold or []),
         default_threshold=default_threshold,
+        benign=parse_label_lists(benign or [], "--benign"),
+        flag_entities=parse_label_lists(flag_entities or [], "--flag-entities"),
+        aggregation=aggregation,
         api_key=api_key,
         body_timeout=body_timeout,
     )

@@ -1,8 +1,11 @@
 """Compatibility checks, run before any merge work, and the resulting merge plan.
 
 Every expert must share the base's architecture, structural config, vocabulary and encoder
-tensors (names and shapes), and carry a classification head. Errors name the expert (by task
-and path) and the field or tensor at fault.
+tensors (names and shapes), and carry a classification head: a sequence classifier (single- or
+multi-label) or a token classifier. A token classifier stores no pooler: an expert that lacks
+the base's pooler tensors counts as not having changed them (task vector 0 there); any other
+missing encoder tensor is an error. Errors name the expert (by task and path) and the field or
+tensor at fault.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -71,6 +74,9 @@ class MergePlan:
             with ``K < L``): blocks ``>= K``, the pooler, and at ``K = 0`` the embeddings too
             (those are then also merged, for the trunk). Empty when every layer is shared.
         share_layers: the sharing depth ``K`` asked for (None: every layer shared).
+        problems: task -> its head kind (``single_label``, ``multi_label``, ``token``).
+        absent: task -> the base's pooler tensors its expert lacks (a token classifier): merged
+            with a zero task vector, and not part of its branch.
     """
 
     adapter: ArchitectureAdapter
@@ -82,6 +88,12 @@ class MergePlan:
     zero_base: frozenset[str] = frozenset()
     branch_names: tuple[str, ...] = ()
     share_layers: int | None = None
+    problems: dict[str, str] = field(default_factory=dict)
+    absent: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def lacks(self, task: str, name: str) -> bool:
+        """Whether ``task``'s expert lacks encoder tensor ``name`` (a pooler it never had)."""
+        return name in self.absent.get(task, frozenset())
 
     def head_tensor_names(self, task: str | None = None) -> list[str]:
         """Canonical head tensor names of ``task`` in the multi-head output (every bias, zeros
@@ -125,9 +137,15 @@ def plan_merge(
     for name in base_enc:
         (merge_names if base.dtype(name).is_floating_point else copy_names).append(name)
     heads: dict[str, HeadLayout] = {}
+    problems: dict[str, str] = {}
+    absent: dict[str, frozenset[str]] = {}
     for ex in experts:
-        heads[ex.task] = adapter.head_layout(ex.checkpoint.config, head_owned_pooler, where=ex.where)
-        _check_tensors(base, merge_names, ex, heads[ex.task])
+        problems[ex.task] = problem = ex.checkpoint.problem
+        heads[ex.task] = adapter.head_layout(ex.checkpoint.config, head_owned_pooler, where=ex.where, problem=problem)
+        lacking = _check_tensors(base, merge_names, ex, heads[ex.task])
+        if lacking:
+            absent[ex.task] = lacking
+            log.info("%s has no pooler (a token classifier): merged as unchanged from the base", ex.where)
         _check_labels(ex)
     _check_vocab(base, experts)
     if head_owned_pooler:
@@ -144,6 +162,8 @@ def plan_merge(
         labels={ex.task: tuple(ex.checkpoint.id2label()) for ex in experts},
         branch_names=tuple(branch_names),
         share_layers=share_layers,
+        problems=problems,
+        absent=absent,
     )
 
 
@@ -222,16 +242,25 @@ def _plan_shared(base: Checkpoint, experts: Sequence[ExpertRef]) -> MergePlan:
     )
 
 
-def _check_tensors_present(base: Checkpoint, names: Sequence[str], ex: ExpertRef, what: str = "encoder tensor") -> None:
+def _check_tensors_present(
+    base: Checkpoint, names: Sequence[str], ex: ExpertRef, what: str = "encoder tensor", allow_pooler: bool = False
+) -> frozenset[str]:
+    """Check ``ex`` holds every tensor of ``names`` with the base's shape; return the pooler
+    tensors it lacks (only with ``allow_pooler``: a token classifier stores no pooler)."""
     ck = ex.checkpoint
+    lacking = []
     for name in names:
         if name not in ck:
+            if allow_pooler and base.adapter.is_pooler(name):
+                lacking.append(name)
+                continue
             raise CompatibilityError(f"{ex.where} is missing {what} '{name}'")
         if ck.shape(name) != base.shape(name):
             raise CompatibilityError(
                 f"{ex.where}: tensor '{name}' has shape {list(ck.shape(name))} but the base "
                 f"has {list(base.shape(name))}"
             )
+    return frozenset(lacking)
 
 
 def _check_config(base: Checkpoint, ex: ExpertRef) -> None:
@@ -245,19 +274,29 @@ def _check_config(base: Checkpoint, ex: ExpertRef) -> None:
             raise CompatibilityError(f"{ex.where}: config field '{key}' is {b} but the base ({base.source}) has {a}")
 
 
-def _check_tensors(base: Checkpoint, base_enc: Sequence[str], ex: ExpertRef, head: HeadLayout) -> None:
+def _check_tensors(base: Checkpoint, base_enc: Sequence[str], ex: ExpertRef, head: HeadLayout) -> frozenset[str]:
+    """Check ``ex``'s encoder and head tensors; return the pooler tensors it lacks."""
     ck = ex.checkpoint
-    _check_tensors_present(base, base_enc, ex)
+    lacking = _check_tensors_present(base, base_enc, ex, allow_pooler=True)
     for name in head.tensor_names():
         if name not in ck:
+            token = f" or {ck.adapter.token_classifier_class}" if ck.adapter.token_classifier_class else ""
             raise CompatibilityError(
-                f"{ex.where} has no classification head tensor '{name}': guardmerge merges "
-                f"fine-tuned *ForSequenceClassification checkpoints ({ck.adapter.classifier_class})"
+                f"{ex.where} has no classification head tensor '{name}': guardmerge merges fine-tuned "
+                f"*ForSequenceClassification and *ForTokenClassification checkpoints "
+                f"({ck.adapter.classifier_class}{token})"
             )
+    return lacking
 
 
 def _check_hm3(adapter: ArchitectureAdapter, experts: Sequence[ExpertRef], heads: dict[str, HeadLayout]) -> None:
     """``heads: hm3`` concatenates the experts' single Linear heads on one shared input."""
+    for ex in experts:
+        if ex.checkpoint.problem == "token":
+            raise CompatibilityError(
+                f"heads: hm3 merges sequence heads on one pooled input, but {ex.where} is a token classifier "
+                "(its head reads every token); use heads: multi"
+            )
     for ex in experts:
         layout = heads[ex.task]
         if len(layout.layers) > 1 or layout.norms or layout.no_bias:
@@ -351,6 +390,8 @@ def _warn_drift(base: Checkpoint, experts: Sequence[ExpertRef], names: Sequence[
     for ex in experts:
         num = den = 0.0
         for name in sample:
+            if name not in ex.checkpoint:  # a pooler a token classifier lacks
+                continue
             t0 = base.get(name, torch.float32)
             num += float((ex.checkpoint.get(name, torch.float32) - t0).pow(2).sum())
             den += float(t0.pow(2).sum())

@@ -45,6 +45,19 @@ class ExpertConfig(BaseModel):
     weight: float = Field(1.0, description="per-expert coefficient w_i")
     stats: str | None = Field(None, description="precomputed statistics file (guardmerge stats)")
     data: str | None = Field(None, description="unlabelled texts of this task (JSONL/CSV/TXT)")
+    thresholds: dict[str, float] | None = Field(
+        None,
+        description="per-label flag thresholds of a sequence head (label -> value in [0, 1]), stored with the "
+        "head: what predict and serve use for those labels (default 0.5)",
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for label, number in (value or {}).items():
+            if not 0.0 <= number <= 1.0:
+                raise ValueError(f"threshold of label '{label}' is {number}, outside [0, 1]")
+        return value
 
 
 class AlignConfig(BaseModel):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from guardmerge.checkpoint import Checkpoint
 from guardmerge.compat import ExpertRef, MergePlan, plan_merge
 from guardmerge.config import MergeConfig
-from guardmerge.errors import GuardmergeError, StatisticsError
+from guardmerge.errors import ConfigError, GuardmergeError, StatisticsError
 from guardmerge.io import atomic_dir
 from guardmerge.merge.job import MergeJob
 from guardmerge.methods import MethodParams, MethodSpec, Role, TensorContext
@@ -141,6 +141,12 @@ class _TensorSource:
         self.stats, self.needs = stats, needs
         self.sparsify = sparsify
 
+    def plan_shape(self, name: str) -> tuple[int, ...]:
+        """A merged tensor's shape: the base's (every expert's agrees), or for a tensor the base
+        lacks (``heads: shared`` on a headless base) the first expert's."""
+        ck = self.experts[0].checkpoint if name in self.plan.zero_base else self.base
+        return tuple(ck.shape(name))
+
     def context(self, name: str, ndim: int, globals_: dict[str, torch.Tensor] | None = None) -> TensorContext:
         return TensorContext(
             name=name,
@@ -156,7 +162,7 @@ class _TensorSource:
         With ``buffers``, both live in those reusable buffers (valid until the next call with
         the same buffers); otherwise they are fresh tensors.
         """
-        shape = self.experts[0].checkpoint.shape(name)
+        shape = self.plan_shape(name)
         bufs = buffers or _Buffers()
 
         def raw(stored: torch.dtype) -> torch.Tensor:  # where a tensor stored in another dtype lands
@@ -169,6 +175,9 @@ class _TensorSource:
             self.base.read_into(name, t0, raw)
         deltas = bufs.take("deltas", (len(self.experts), *shape), self.dtype)
         for i, ex in enumerate(self.experts):  # each expert read straight into its row, then minus theta_0
+            if self.plan.lacks(ex.task, name):  # a token classifier's missing pooler: unchanged
+                deltas[i].zero_()
+                continue
             ex.checkpoint.read_into(name, deltas[i], raw).sub_(t0)
         if self.sparsify is not None:
             deltas = self.sparsify(deltas, self.context(name, t0.dim()))
@@ -229,6 +238,7 @@ class OpenMerge:
         try:
             self.base, self.experts = _open_all(self.job, self._stack, self.progress)
             self.plan = plan_merge(self.base, self.experts, self.config.heads, self.config.share_layers)
+            _check_thresholds(self.config, self.plan)
             if self.spec.needs and (self.stats is None or len(self.stats) != len(self.experts)):
                 raise StatisticsError(
                     f"method '{self.spec.name}' needs {', '.join(sorted(self.spec.needs))} statistics for every "
@@ -264,8 +274,7 @@ class OpenMerge:
 
     def layout(self) -> list[TensorSlot]:
         """Every output tensor (name, dtype, shape) in the order :meth:`tensors` yields them."""
-        first = self.experts[0].checkpoint
-        slots = [TensorSlot(self._out_name(n), self._dtype(n), tuple(first.shape(n))) for n in self.plan.merge_names]
+        slots = [TensorSlot(self._out_name(n), self._dtype(n), self.src.plan_shape(n)) for n in self.plan.merge_names]
         slots += [
             TensorSlot(self._out_name(n), self.base.dtype(n), tuple(self.base.shape(n))) for n in self.plan.copy_names
         ]
@@ -275,10 +284,14 @@ class OpenMerge:
             shape = tuple(ex.checkpoint.shape(stored)) if stored == tname else tuple(ex.checkpoint.shape(stored)[:1])
             slots.append(TensorSlot(f"{HEAD_PREFIX}{ex.task}.{tname}", dtype, shape))
         for ex in self.experts:  # sharing depth: each task's own upper blocks (and pooler)
-            for name in self.plan.branch_names:
+            for name in self._branch_names(ex):
                 dtype = self.out_dtype or ex.checkpoint.dtype(name)
                 slots.append(TensorSlot(f"{BRANCH_PREFIX}{ex.task}.{name}", dtype, tuple(ex.checkpoint.shape(name))))
         return slots
+
+    def _branch_names(self, ex: ExpertRef) -> list[str]:
+        """The branch tensors ``ex`` keeps (a token classifier's branch has no pooler)."""
+        return [n for n in self.plan.branch_names if not self.plan.lacks(ex.task, n)]
 
     def _head_slots(self) -> list[tuple[str, ExpertRef]]:
         """``(head tensor, expert)`` in layout order: tensor by tensor, then expert by expert."""
@@ -328,7 +341,7 @@ class OpenMerge:
             name = f"{HEAD_PREFIX}{ex.task}.{tname}"
             yield name, heads[name] if self.out_dtype is None else heads[name].to(self.out_dtype)
         for ex in self.experts:  # layout order: expert by expert, then the checkpoint's order
-            for name in self.plan.branch_names:
+            for name in self._branch_names(ex):
                 tensor = ex.checkpoint.get(name)
                 yield (
                     f"{BRANCH_PREFIX}{ex.task}.{name}",
@@ -343,8 +356,14 @@ class OpenMerge:
             if self.plan.shared
             else {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
         )
+        thresholds = {e.task: e.thresholds for e in self.config.experts}
         heads = {
-            ex.task: HeadSpec.from_layout(self.plan.labels[ex.task], self.plan.heads[ex.task])
+            ex.task: HeadSpec.from_layout(
+                self.plan.labels[ex.task],
+                self.plan.heads[ex.task],
+                problem=self.plan.problems.get(ex.task, "single_label"),
+                thresholds=thresholds.get(ex.task),
+            )
             for ex in self.experts
             if not self.plan.shared
         }
@@ -359,6 +378,22 @@ class OpenMerge:
         if self.config.share_layers is not None:
             info["share_layers"] = self.config.share_layers
         return MergeResult(tensors=tensors, config=enc_config, heads=heads, info=info, tokenizer_dir=tok_dir)
+
+
+def _check_thresholds(config: MergeConfig, plan: MergePlan) -> None:
+    """Per-label ``thresholds`` of an expert name labels of its head, on a sequence head."""
+    for e in config.experts:
+        if not e.thresholds:
+            continue
+        if plan.shared or plan.problems.get(e.task) == "token":
+            kind = "heads: shared" if plan.shared else "a token-classification head"
+            raise ConfigError(f"expert '{e.task}': per-label thresholds do not apply to {kind}")
+        unknown = sorted(set(e.thresholds) - set(plan.labels[e.task]))
+        if unknown:
+            raise ConfigError(
+                f"expert '{e.task}': thresholds for unknown label(s) {', '.join(unknown)}; "
+                f"its labels are {', '.join(plan.labels[e.task])}"
+            )
 
 
 def merge(

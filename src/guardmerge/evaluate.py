@@ -10,9 +10,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 from guardmerge.data import Examples
 from guardmerge.errors import GuardmergeError
 from guardmerge.multihead import MultiHeadModel
+from guardmerge.outputs import OUTSIDE, label_thresholds, token_rows, word_tags
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +109,22 @@ def evaluate(
     batch_size: int = 64,
     max_length: int | None = 128,
     task_map: Mapping[str, str] | None = None,
+    progress: bool = False,
 ) -> Results:
-    """Score every head of ``model`` on its task's labelled examples.
+    """Score every head of ``model`` on its task's labelled examples, by the head's kind:
+
+    - single-label: :func:`classification_metrics` of the argmax;
+    - multi-label: :func:`multi_label_metrics` of the labels at or above their thresholds (the
+      head's own, else 0.5);
+    - token: :func:`token_metrics` of word-level tags: each word's tag is the argmax of its first
+      sub-token (tokens are mapped to words by their character offsets in the joined text).
+
+    Every result has ``macro_f1``.
 
     Args:
         data: task -> labelled examples; tasks the model lacks are skipped with a warning.
         task_map: data task -> head name, where they differ (a one-head expert model).
+        progress: show a progress bar over each task's batches.
     """
     results: Results = {}
     for task, examples in data.items():
@@ -118,12 +132,55 @@ def evaluate(
         if head not in model.tasks:
             log.warning("model has no head '%s'; skipped", head)
             continue
-        if examples.labels is None:
+        problem = model.problem(head)
+        labelled = {"single_label": examples.labels, "multi_label": examples.label_sets, "token": examples.tags}
+        gold = labelled.get(problem)
+        if gold is None:
+            if examples.labelled:
+                raise GuardmergeError(
+                    f"task '{task}': its data are {examples.kind.replace('_', '-')} examples but head '{head}' "
+                    f"is a {problem.replace('_', '-')} head"
+                )
             raise GuardmergeError(f"task '{task}': evaluation needs labelled examples")
-        logits = model.logits(examples.texts, batch_size=batch_size, max_length=max_length, tasks=[head])[head]
-        pred = logits.argmax(-1).tolist()
-        results[task] = classification_metrics(examples.labels, pred, model.labels(head), task)
+        logits = _logits(model, head, examples.texts, batch_size, max_length, progress)
+        names = model.labels(head)
+        if problem == "multi_label":
+            cuts = torch.tensor(label_thresholds(names, model.spec(head).thresholds))
+            pred_sets = [torch.nonzero(row).flatten().tolist() for row in torch.sigmoid(logits) >= cuts]
+            results[task] = multi_label_metrics(examples.label_sets or [], pred_sets, names)
+        elif problem == "token":
+            pred_tags = _word_tags(model, head, examples, logits, max_length)
+            results[task] = token_metrics(examples.tags or [], pred_tags, names)
+        else:
+            results[task] = classification_metrics(examples.labels or [], logits.argmax(-1).tolist(), names, task)
     return results
+
+
+def _logits(
+    model: MultiHeadModel, head: str, texts: Sequence[str], batch_size: int, max_length: int | None, progress: bool
+) -> torch.Tensor:
+    """``head``'s logits on ``texts``, batch by batch (with a progress bar when asked)."""
+    parts = []
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc=f"eval {head}", unit="batch", disable=not progress or len(starts) < 2):
+        chunk = texts[start : start + batch_size]
+        parts.append(model.logits(chunk, batch_size=batch_size, max_length=max_length, tasks=[head])[head])
+    return model.concat_logits(head, parts)
+
+
+def _word_tags(
+    model: MultiHeadModel, head: str, examples: Examples, logits: torch.Tensor, max_length: int | None
+) -> list[list[int]]:
+    """Word-level predicted tags: each word's first sub-token's argmax (``O`` for words cut by
+    truncation)."""
+    names = model.labels(head)
+    outside = names.index(OUTSIDE) if OUTSIDE in names else 0
+    tokens = model.text_tokens(examples.texts, max_length)
+    out = []
+    for words, tok, row in zip(examples.words or [], tokens, logits):
+        tags = token_rows(row.numpy(), len(tok), model.padding_side).argmax(-1)
+        out.append(word_tags(words, tok, tags.tolist(), outside))
+    return out
 
 
 def normalized(merged: Results, experts: Results, metric: str = "macro_f1") -> dict[str, float]:

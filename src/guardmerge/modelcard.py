@@ -66,7 +66,10 @@ def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
         "|---|---|---|---|",
     ]
     for ex in config.experts:
-        labels = ", ".join(result.heads[ex.task].labels) if ex.task in result.heads else "(shared head)"
+        spec = result.heads.get(ex.task)
+        labels = ", ".join(spec.labels) if spec is not None else "(shared head)"
+        if spec is not None and spec.problem != "single_label":
+            labels += " (multi-label)" if spec.problem == "multi_label" else " (token classification)"
         lines.append(f"| {ex.task} | {labels} | `{ex.model}` | {ex.weight} |")
     extra = info.get("card_sections") or []
     for section in extra:

@@ -5,7 +5,12 @@ format is plain: ``model.safetensors`` (encoder tensors under their canonical na
 tensors under ``heads.<task>.<layer>.{weight,bias}``), ``config.json`` (the encoder's
 transformers config plus a ``guardmerge`` section describing the heads), the tokenizer, the
 merge config and a model card. Any single task exports back to a stock
-``AutoModelForSequenceClassification`` folder.
+``AutoModelForSequenceClassification`` folder (``AutoModelForTokenClassification`` for a token head).
+
+**Head kinds** (:attr:`HeadSpec.problem`): ``single_label`` (softmax), ``multi_label`` (a sigmoid
+per label; labels at or above their thresholds) and ``token`` (per-token logits ``[B, T, C]`` read
+from the last hidden states; entity spans in :meth:`MultiHeadModel.predict`). See
+:mod:`guardmerge.outputs`.
 
 **Sharing depth** (``share_layers: K`` below the number of blocks ``L``): the encoder is a
 *trunk* of the K shared blocks; each task owns a :class:`Branch` (its expert's blocks
@@ -27,16 +32,34 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from guardmerge.architectures import HEAD_INPUTS, ArchitectureAdapter, HeadLayout, get_adapter
+from guardmerge.architectures import (
+    HEAD_INPUTS,
+    MULTI_LABEL_PROBLEM_TYPE,
+    PROBLEMS,
+    ArchitectureAdapter,
+    HeadLayout,
+    get_adapter,
+)
 from guardmerge.errors import CheckpointError, GuardmergeError
 from guardmerge.io import atomic_dir, read_json
+from guardmerge.outputs import (
+    AGGREGATIONS,
+    TextTokens,
+    entity_spans,
+    label_thresholds,
+    multi_label_result,
+    sigmoid,
+    softmax,
+    text_tokens,
+    token_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +77,14 @@ class HeadSpec:
         labels: label names in logit order.
         layers: canonical Linear layer names in order (``classifier``; ``classifier.dense``,
             ``classifier.out_proj``; ``pooler.dense``, ``classifier`` when the head owns a pooler).
-        input: ``pooled`` (the encoder's shared pooler output), ``cls`` (first token) or
-            ``mean`` (masked mean of the tokens).
+        input: ``pooled`` (the encoder's shared pooler output), ``cls`` (first token),
+            ``mean`` (masked mean of the tokens) or ``tokens`` (every token: a token head).
         activation: after every layer but the last (``tanh``, ``relu``, ``gelu``...).
         norms: LayerNorms after hidden layers' activations (``norms[i]`` follows layer ``i``).
         norm_eps: the LayerNorms' epsilon.
+        problem: ``single_label`` (softmax), ``multi_label`` (a sigmoid per label) or ``token``
+            (a softmax per token).
+        thresholds: label -> flag threshold of a sequence head's labels (others: 0.5).
 
     Every layer and norm of a multi-head model's head carries a bias: where the stock head has
     none (ModernBERT's ``head.dense`` and ``head.norm`` by default) it is stored as zeros, so head
@@ -71,11 +97,28 @@ class HeadSpec:
     activation: str
     norms: tuple[str, ...] = ()
     norm_eps: float = 1e-5
+    problem: str = "single_label"
+    thresholds: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_layout(cls, labels: Sequence[str], layout: HeadLayout) -> HeadSpec:
+    def from_layout(
+        cls,
+        labels: Sequence[str],
+        layout: HeadLayout,
+        problem: str = "single_label",
+        thresholds: Mapping[str, float] | None = None,
+    ) -> HeadSpec:
         """A spec from the family's :class:`~guardmerge.architectures.HeadLayout` and the labels."""
-        return cls(tuple(labels), layout.layers, layout.input, layout.activation, layout.norms, layout.norm_eps)
+        return cls(
+            tuple(labels),
+            layout.layers,
+            layout.input,
+            layout.activation,
+            layout.norms,
+            layout.norm_eps,
+            problem,
+            dict(thresholds or {}),
+        )
 
     @property
     def layout(self) -> HeadLayout:
@@ -94,6 +137,10 @@ class HeadSpec:
         if self.norms:
             out["norms"] = list(self.norms)
             out["norm_eps"] = self.norm_eps
+        if self.problem != "single_label":
+            out["problem"] = self.problem
+        if self.thresholds:
+            out["thresholds"] = dict(self.thresholds)
         return out
 
     @classmethod
@@ -105,7 +152,14 @@ class HeadSpec:
             activation=str(data["activation"]),
             norms=tuple(data.get("norms") or ()),
             norm_eps=float(data.get("norm_eps", 1e-5)),
+            problem=str(data.get("problem", "single_label")),
+            thresholds={str(k): float(v) for k, v in (data.get("thresholds") or {}).items()},
         )
+
+    @property
+    def token(self) -> bool:
+        """Whether this is a token-classification head (``[B, T, d] -> [B, T, C]``)."""
+        return self.problem == "token"
 
 
 def activation_names() -> list[str]:
@@ -126,7 +180,7 @@ def make_activation(name: str) -> nn.Module:
 
 class Head(nn.Module):
     """Linear layers with an activation (and, where the family has one, a LayerNorm) between
-    them: ``[B, d] -> [B, C]``."""
+    them: ``[B, d] -> [B, C]`` (a token head: ``[B, T, d] -> [B, T, C]``)."""
 
     def __init__(self, spec: HeadSpec, shapes: Sequence[tuple[int, int]]) -> None:
         super().__init__()
@@ -569,26 +623,50 @@ class MultiHeadModel(nn.Module):
         tasks: Sequence[str] | None = None,
         **extra: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """``{task: logits [B, C_task]}`` from one encoder (trunk) pass, then each task's branch."""
+        """``{task: logits [B, C_task]}`` (a token head: ``[B, T, C_task]``) from one encoder
+        (trunk) pass, then each task's branch."""
         chosen = list(tasks) if tasks is not None else self.tasks
         heads = {t: self._head(t) for t in chosen}
         feats = self.features(input_ids, attention_mask, chosen, **extra)
         return {t: heads[t](feats[t][heads[t].spec.input]) for t in chosen}
 
+    def spec(self, task: str) -> HeadSpec:
+        """``task``'s :class:`HeadSpec` (labels, layers, kind, thresholds)."""
+        return self._head(task).spec
+
+    def problem(self, task: str) -> str:
+        """``task``'s head kind: ``single_label``, ``multi_label`` or ``token``."""
+        return self.spec(task).problem
+
+    def token_length(self, max_length: int | None = None) -> int:
+        """Tokens per text that :meth:`encode` keeps (``max_length``, default 512, capped at the
+        model's positions)."""
+        from guardmerge.checkpoint import capped_length
+
+        return capped_length(max_length or 512, self.config, "encode", level=logging.DEBUG)
+
     def encode(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenise ``texts`` with the model's tokenizer (padded batch tensors)."""
         if self.tokenizer is None:
             raise GuardmergeError("this model has no tokenizer; load it from a saved folder")
-        from guardmerge.checkpoint import capped_length
-
         batch = self.tokenizer(
             list(texts),
             padding=True,
             truncation=True,
-            max_length=capped_length(max_length or 512, self.config, "encode", level=logging.DEBUG),
+            max_length=self.token_length(max_length),
             return_tensors="pt",
         )
         return {k: v for k, v in batch.items() if k in self.inputs}
+
+    def text_tokens(self, texts: Sequence[str], max_length: int | None = None) -> list[TextTokens]:
+        """Each text's tokens as :meth:`encode` makes them, with character offsets (a fast
+        tokenizer is needed): what turns a token head's rows into entity spans."""
+        return text_tokens(self.tokenizer, texts, self.token_length(max_length))
+
+    @property
+    def padding_side(self) -> str:
+        """Where the tokenizer pads a batch (``right`` for encoders)."""
+        return str(getattr(self.tokenizer, "padding_side", "right") or "right")
 
     @torch.no_grad()
     def logits(
@@ -599,14 +677,32 @@ class MultiHeadModel(nn.Module):
         max_length: int | None = None,
         tasks: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``{task: logits [len(texts), C_task]}``, input order kept."""
+        """``{task: logits [len(texts), C_task]}``, input order kept; a token head's are
+        ``[len(texts), T, C_task]``, padded to the longest text (on the tokenizer's padding side)
+        with zeros."""
         chosen = list(tasks) if tasks is not None else self.tasks
         parts: dict[str, list[torch.Tensor]] = {t: [] for t in chosen}
         for start in range(0, len(texts), batch_size):
             batch = self.encode(texts[start : start + batch_size], max_length)
             for task, out in self(tasks=chosen, **batch).items():
                 parts[task].append(out.float())
-        return {t: torch.cat(p) if p else torch.empty(0, len(self.labels(t))) for t, p in parts.items()}
+        return {t: self.concat_logits(t, p) for t, p in parts.items()}
+
+    def concat_logits(self, task: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``task``'s batches of logits as one tensor (a token head's padded, on the tokenizer's
+        padding side, to the longest batch with zeros)."""
+        classes = len(self.labels(task))
+        if not self._head(task).spec.token:
+            return torch.cat(list(parts)) if parts else torch.empty(0, classes)
+        if not parts:
+            return torch.empty(0, 0, classes)
+        width = max(p.shape[1] for p in parts)
+        left = self.padding_side == "left"
+        padded = []
+        for p in parts:
+            gap = width - p.shape[1]
+            padded.append(torch.nn.functional.pad(p, (0, 0, gap, 0) if left else (0, 0, 0, gap)))
+        return torch.cat(padded)
 
     def predict(
         self,
@@ -615,19 +711,53 @@ class MultiHeadModel(nn.Module):
         batch_size: int = 32,
         max_length: int | None = None,
         tasks: Sequence[str] | None = None,
-    ) -> dict[str, list[dict[str, Any]]]:
-        """Every head's verdict: ``{task: [{"label": str, "score": float}, ...]}`` in input order.
+        thresholds: Mapping[str, float | Mapping[str, float]] | None = None,
+        aggregation: str = "first",
+    ) -> dict[str, list[Any]]:
+        """Every head's answer, per text in input order:
 
-        ``score`` is the softmax probability (per head) of the predicted label.
+        - single-label heads: ``{"label": str, "score": float}`` (the softmax probability);
+        - multi-label heads: ``{"labels": [names at or above their thresholds], "probabilities":
+          {name: sigmoid probability}}``;
+        - token heads: the text's entity spans ``[{"label": entity type, "start": int, "end": int,
+          "text": str, "score": float}]`` (character offsets into the text).
+
+        Args:
+            thresholds: task -> one threshold for every label, or label -> threshold, of a
+                multi-label head (default: the head's own thresholds, else 0.5).
+            aggregation: how a token head's word pieces become entities: ``first`` (each word
+                takes its first piece's label) or ``simple`` (each piece its own), as in
+                transformers' token-classification pipeline.
         """
         if isinstance(texts, str):
             texts = [texts]
-        out: dict[str, list[dict[str, Any]]] = {}
-        for task, logit in self.logits(texts, batch_size=batch_size, max_length=max_length, tasks=tasks).items():
-            probs = torch.softmax(logit, dim=-1)
-            score, idx = probs.max(dim=-1)
+        if aggregation not in AGGREGATIONS:
+            raise GuardmergeError(f"unknown aggregation '{aggregation}'; use one of {', '.join(AGGREGATIONS)}")
+        chosen = list(tasks) if tasks is not None else self.tasks
+        given = dict(thresholds or {})
+        for task in given:
+            if self.problem(task) != "multi_label":
+                raise GuardmergeError(f"thresholds apply to multi-label heads; '{task}' is {self.problem(task)}")
+        cuts = {t: label_thresholds(self.labels(t), self._head(t).spec.thresholds, given.get(t)) for t in chosen}
+        tokens = (
+            self.text_tokens(texts, max_length) if any(self._head(t).spec.token for t in chosen) else []
+        )  # before the pass: a slow tokenizer is refused at once
+        out: dict[str, list[Any]] = {}
+        for task, logit in self.logits(texts, batch_size=batch_size, max_length=max_length, tasks=chosen).items():
             names = self.labels(task)
-            out[task] = [{"label": names[i], "score": float(s)} for i, s in zip(idx.tolist(), score.tolist())]
+            problem = self.problem(task)
+            if problem == "multi_label":
+                probs = sigmoid(logit.numpy())
+                out[task] = [multi_label_result(p, names, cuts[task]) for p in probs]
+            elif problem == "token":
+                rows = logit.numpy()
+                out[task] = [
+                    entity_spans(text, tok, softmax(token_rows(row, len(tok), self.padding_side)), names, aggregation)
+                    for text, tok, row in zip(texts, tokens, rows)
+                ]
+            else:
+                score, idx = torch.softmax(logit, dim=-1).max(dim=-1)
+                out[task] = [{"label": names[i], "score": float(s)} for i, s in zip(idx.tolist(), score.tolist())]
         return out
 
     # -- persistence ---------------------------------------------------------------------
@@ -723,9 +853,21 @@ class MultiHeadModel(nn.Module):
 
     @classmethod
     def from_classifier(
-        cls, path: str | Path, task: str | None = None, *, allow_pickle: bool = False
+        cls,
+        path: str | Path,
+        task: str | None = None,
+        *,
+        allow_pickle: bool = False,
+        fill: Mapping[str, torch.Tensor] | None = None,
     ) -> MultiHeadModel:
-        """Wrap a stock ``*ForSequenceClassification`` folder (or hub id) as a one-head model."""
+        """Wrap a stock ``*ForSequenceClassification`` (single- or multi-label) or
+        ``*ForTokenClassification`` folder (or hub id) as a one-head model.
+
+        Args:
+            fill: encoder tensors (canonical names) to use where the checkpoint has none: the
+                base's pooler for a token classifier, which stores none (the merge counts it as
+                unchanged), so the layer-wise stage can fit the merged pooler to it.
+        """
         from guardmerge.architectures import encoder_names
         from guardmerge.checkpoint import Checkpoint
 
@@ -733,23 +875,30 @@ class MultiHeadModel(nn.Module):
             ad = ck.adapter
             names = encoder_names(ad, ck.names())
             enc_state = {n: ck.get(n) for n in names}
+            for n, t in (fill or {}).items():
+                enc_state.setdefault(n, t)
             name = task or Path(ck.source).name
-            layout = ad.head_layout(ck.config, where=ck.source)
-            spec = HeadSpec.from_layout(ck.id2label(), layout)
+            problem = ck.problem
+            layout = ad.head_layout(ck.config, where=ck.source, problem=problem)
+            spec = HeadSpec.from_layout(ck.id2label(), layout, problem)
             missing = [n for n in layout.tensor_names() if n not in ck]
             if missing:
                 raise CheckpointError(
-                    f"{ck.source} has no classification head ('{missing[0]}' missing; expected a {ad.classifier_class})"
+                    f"{ck.source} has no classification head ('{missing[0]}' missing; "
+                    f"expected a {ad.stock_class(problem)})"
                 )
             head = head_from_tensors(name, spec, stock_head_tensors(name, layout, ck.get))
-            config = {k: v for k, v in ck.config.items() if k not in ("id2label", "label2id", "architectures")}
+            dropped = ("id2label", "label2id", "architectures", "problem_type")
+            config = {k: v for k, v in ck.config.items() if k not in dropped}
             encoder = build_encoder(config, has_pooler(ad, enc_state))
             encoder.load_state_dict(enc_state, strict=False)
             return cls(encoder, {name: head}, config, info={"source": ck.source}, tokenizer=load_tokenizer(ck.path))
 
     # -- single-task export ----------------------------------------------------------------
     def export_task(self, task: str, path: str | Path, *, force: bool = False) -> Path:
-        """Write ``task`` as a stock ``AutoModelForSequenceClassification`` folder."""
+        """Write ``task`` as a stock ``AutoModelForSequenceClassification`` folder (with
+        ``problem_type: multi_label_classification`` for a multi-label head), or an
+        ``AutoModelForTokenClassification`` folder (without the encoder's pooler) for a token head."""
         head = self._head(task)
         spec = head.spec
         ad = self.adapter
@@ -761,16 +910,23 @@ class MultiHeadModel(nn.Module):
         biased = self._stock_biases(task, head_state)
         for name, t in head_state.items():
             tensors[ad.prefixed(name)] = t
-        tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
+        tensors = {
+            k: v
+            for k, v in tensors.items()
+            if not k.endswith("position_ids") and not (spec.token and ad.is_pooler(ad.canonical(k)))
+        }
         cfg = dict(self.config)
         labels = list(spec.labels)
         cfg.update(ad.head_config(spec.layout, biased))
         cfg.update(
-            architectures=[ad.classifier_class],
+            architectures=[ad.stock_class(spec.problem)],
             id2label={str(i): n for i, n in enumerate(labels)},
             label2id={n: i for i, n in enumerate(labels)},
             num_labels=len(labels),
         )
+        cfg.pop("problem_type", None)
+        if spec.problem == "multi_label":
+            cfg["problem_type"] = MULTI_LABEL_PROBLEM_TYPE
         cfg.pop("guardmerge", None)
         with atomic_dir(path, force=force) as tmp:
             write_model_folder(tmp, tensors, cfg, self.tokenizer)
@@ -781,7 +937,8 @@ class MultiHeadModel(nn.Module):
         head layers that keep a bias the stock config must switch on (a bias fitted by head
         alignment where the stock head has none)."""
         spec = self._head(task).spec
-        stock = self.adapter.head_layout(self.config).no_bias  # biases the stock config leaves out
+        # the biases the stock config leaves out
+        stock = self.adapter.head_layout(self.config, problem=spec.problem).no_bias
         switchable = {layer for layer, _ in self.adapter.head_bias_keys}
         biased = []
         for module in (*spec.layers, *spec.norms):
@@ -793,8 +950,8 @@ class MultiHeadModel(nn.Module):
                 biased.append(module)
             else:
                 raise GuardmergeError(
-                    f"task '{task}': '{module}' has a non-zero bias, which a stock {self.adapter.classifier_class} "
-                    "with this config cannot hold"
+                    f"task '{task}': '{module}' has a non-zero bias, which a stock "
+                    f"{self.adapter.stock_class(spec.problem)} with this config cannot hold"
                 )
         return biased
 
@@ -833,9 +990,10 @@ class MultiHeadModel(nn.Module):
 
 
 def _feats(hidden: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """What heads read: ``{"cls": [B, d]}`` from ``hidden`` ``[B, T, d]``, ``"pooled"`` where the
-    encoder pools, and ``"mean"`` (the masked mean over tokens) when ``mask`` ``[B, T]`` is given."""
-    feats = {"cls": hidden[:, 0]}
+    """What heads read: ``{"cls": [B, d], "tokens": [B, T, d]}`` from ``hidden`` ``[B, T, d]``,
+    ``"pooled"`` where the encoder pools, and ``"mean"`` (the masked mean over tokens) when
+    ``mask`` ``[B, T]`` is given."""
+    feats = {"cls": hidden[:, 0], "tokens": hidden}
     if pooled is not None:
         feats["pooled"] = pooled
     if mask is not None:  # as ModernBERT's classifier_pooling "mean" computes it
@@ -961,6 +1119,19 @@ def head_specs(raw: Any, where: Path) -> dict[str, HeadSpec]:
         eps = entry.get("norm_eps", 1e-5)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise CheckpointError(f"{name}.norm_eps: expected a small positive number")
+        problem = entry.get("problem", "single_label")
+        if problem not in PROBLEMS:
+            raise CheckpointError(f"{name}.problem: expected one of {', '.join(PROBLEMS)}")
+        if (problem == "token") != (entry["input"] == "tokens"):
+            raise CheckpointError(f"{name}.input: a token head reads 'tokens', and only a token head does")
+        thresholds = entry.get("thresholds", {})
+        if (
+            not isinstance(thresholds, dict)
+            or not all(k in labels for k in thresholds)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in thresholds.values())
+            or not all(0.0 <= v <= 1.0 for v in thresholds.values())
+        ):
+            raise CheckpointError(f"{name}.thresholds: expected label -> number in [0, 1] for labels of the head")
         specs[task] = HeadSpec.from_dict(entry)
     return specs
 

@@ -1,9 +1,11 @@
 """Export a merged multi-head model to one ONNX graph (``guardmerge export-onnx``).
 
 The folder written is self-contained: ``model.onnx`` (inputs ``input_ids``, ``attention_mask``
-and ``token_type_ids`` when the tokenizer produces them; one output ``logits_<task>`` per head;
-dynamic ``batch`` and ``sequence`` axes), the tokenizer, and ``guardmerge_onnx.json`` naming the
-heads, their labels and outputs, the inputs, the precision and the merge provenance. With
+and ``token_type_ids`` when the tokenizer produces them; one output ``logits_<task>`` of raw
+logits per head, ``[batch, C]`` or, for a token head, ``[batch, sequence, C]``; dynamic ``batch``
+and ``sequence`` axes), the tokenizer, and ``guardmerge_onnx.json`` naming the heads, their
+labels, kind (``problem``), activation (``softmax``, ``sigmoid`` or ``token_softmax``), per-label
+thresholds and outputs, the inputs, the precision and the merge provenance. With
 ``quantize="int8"`` the graph's weights are quantised with onnxruntime's dynamic quantisation
 (int8 weights with per-channel scales, activations quantised per batch at run time).
 
@@ -26,6 +28,7 @@ from torch import nn
 from guardmerge.errors import GuardmergeError
 from guardmerge.io import atomic_dir
 from guardmerge.multihead import MultiHeadModel
+from guardmerge.outputs import ACTIVATIONS
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def export_onnx(
     args = tuple(example[n].to(torch.int64) for n in inputs)
     outputs = [output_name(t) for t in tasks]
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in inputs}
-    axes.update({o: {0: "batch"} for o in outputs})
+    axes.update({output_name(t): {0: "batch", 1: "sequence"} if _token(model, t) else {0: "batch"} for t in tasks})
     with atomic_dir(out_dir, force=force) as tmp:
         target = tmp / ONNX_FILE
         raw = tmp / ".fp32.onnx" if quantize else target
@@ -139,6 +142,10 @@ def export_onnx(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %d heads (%s) to %s", len(tasks), quantize or "fp32", out_dir)
     return Path(out_dir)
+
+
+def _token(model: MultiHeadModel, task: str) -> bool:
+    return model.problem(task) == "token"
 
 
 def _graph_inputs(path: Path) -> tuple[str, ...]:
@@ -180,10 +187,25 @@ def onnx_metadata(model: MultiHeadModel, inputs: tuple[str, ...], quantize: str 
         "max_length": max_len,
         "model_type": model.config.get("model_type"),
         "tasks": list(model.tasks),
-        "heads": {t: {"labels": model.labels(t), "output": output_name(t)} for t in model.tasks},
+        "heads": {t: _head_meta(model, t) for t in model.tasks},
         "info": info,
         "guardmerge_version": __version__,
     }
+
+
+def _head_meta(model: MultiHeadModel, task: str) -> dict[str, Any]:
+    """One head's entry: labels, output name, kind and activation (and per-label thresholds)."""
+    problem = model.problem(task)
+    meta: dict[str, Any] = {
+        "labels": model.labels(task),
+        "output": output_name(task),
+        "problem": problem,
+        "activation": ACTIVATIONS[problem],
+    }
+    thresholds = model.spec(task).thresholds
+    if thresholds:
+        meta["thresholds"] = dict(thresholds)
+    return meta
 
 
 def is_onnx_folder(path: str | Path) -> bool:

@@ -90,11 +90,17 @@ def compute_stats(
         settings = settings.model_copy(
             update={"max_length": capped_length(settings.max_length, ck.config, f"statistics of {expert}")}
         )
+        if "fisher" in kinds and ck.problem == "token":
+            raise StatisticsError(
+                f"expert {expert} is a token classifier: Fisher statistics are defined for sequence heads only; "
+                "merge it with a Gram-based (regmean) or data-free method"
+            )
     long = sum(len(t) > MAX_TEXT_CHARS for t in texts)
     if long:
         log.warning("statistics of %s: %d text(s) truncated to %d characters", expert, long, MAX_TEXT_CHARS)
         texts = [t[:MAX_TEXT_CHARS] for t in texts]
     tok = AutoTokenizer.from_pretrained(str(folder))
+    # a token classifier loads as a sequence classifier too: Grams read only its encoder's inputs
     model = AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=not pickled).eval()
     if encoder_state is not None:
         adapter = get_adapter(model.config.model_type)
@@ -201,6 +207,13 @@ def _base_tensors(job: MergeJob) -> dict[str, torch.Tensor]:
         return {n: ck.get(n) for n in encoder_names(ck.adapter, ck.names())}
 
 
+def _base_pooler(job: MergeJob) -> dict[str, torch.Tensor]:
+    """The base's pooler tensors (canonical names; empty without one): what an expert that
+    stores none (a token classifier) is merged as having."""
+    with Checkpoint(job.base, allow_pickle=job.config.allow_pickle) as ck:
+        return {n: ck.get(n) for n in ck.names() if ck.adapter.is_pooler(n)}
+
+
 def data_stages(
     job: MergeJob, result: MergeResult, *, progress: bool = True, feature_cache: FeatureCache | None = None
 ) -> MergeResult:
@@ -229,8 +242,9 @@ def data_stages(
     )
     experts: dict[str, MultiHeadModel] = {}
     if layerwise is not None or branch_align:
+        fill = _base_pooler(job) if layerwise is not None else None  # for token experts, which have none
         experts = {
-            e.task: MultiHeadModel.from_classifier(e.folder, e.task, allow_pickle=job.config.allow_pickle)
+            e.task: MultiHeadModel.from_classifier(e.folder, e.task, allow_pickle=job.config.allow_pickle, fill=fill)
             for e in job.experts
         }
     if layerwise is not None:

@@ -4,6 +4,8 @@ For each task, the expert and the merged encoder read the same n unlabelled text
 A single-Linear head is refit by ridge least squares from the merged head inputs to the expert's
 logits; a head with a hidden layer keeps its layers and absorbs an affine map (merged head input
 -> expert head input) into its first layer; ``moments`` matches per-feature mean and std only.
+Multi-label heads fit their logits exactly as softmax heads do; a token head fits per-token
+logits, one row per non-padding token of the texts (word-level texts are words joined by spaces).
 The encoder is never touched. Expert features do not depend on the merge, so they are cached
 (in memory, and on disk when a cache folder is given): a search or a benchmark pays for them once.
 The math lives in :mod:`guardmerge.align`.
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from guardmerge.align import affine_map, compose_linear, moment_match, ridge_refit
 from guardmerge.config import AlignConfig
+from guardmerge.errors import GuardmergeError
 from guardmerge.multihead import Head, MultiHeadModel
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Features:
-    """One model's view of a task's texts: head inputs ``[n, d]`` and logits ``[n, C]``."""
+    """One model's view of a task's texts: head inputs ``[n, d]`` and logits ``[n, C]`` (a token
+    head: one row per non-padding token)."""
 
     head_inputs: torch.Tensor
     logits: torch.Tensor
@@ -39,12 +43,15 @@ class Features:
 def head_features(
     model: MultiHeadModel, task: str, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 128
 ) -> Features:
-    """Run ``model`` once over ``texts``: the head ``task``'s input and its logits."""
+    """Run ``model`` once over ``texts``: the head ``task``'s input and its logits (a token head's
+    on the non-padding tokens, text by text)."""
     head: Head = model.heads[task]  # type: ignore[assignment]
     ins, outs = [], []
     for start in range(0, len(texts), batch_size):
         batch = model.encode(texts[start : start + batch_size], max_length)
         x = model.head_inputs(task=task, **batch)[head.spec.input]  # a branched model's are per task
+        if head.spec.token:  # [B, T, d] -> [tokens, d]
+            x = x[batch["attention_mask"].bool()]
         ins.append(x.double())
         outs.append(head(x).double())
     return Features(torch.cat(ins), torch.cat(outs))
@@ -92,7 +99,13 @@ def refit_head(head: Head, merged: Features, expert: Features, cfg: AlignConfig)
     """Replace ``head``'s weights in place; return fit diagnostics on the fitting texts."""
     first = head.linears[0]
     x = merged.head_inputs.to(first.weight.dtype)
-    before = _fit(head(x), expert.logits)
+    if merged.head_inputs.shape[0] != expert.logits.shape[0]:
+        raise GuardmergeError(
+            f"head alignment: {merged.head_inputs.shape[0]} merged rows but {expert.logits.shape[0]} expert rows "
+            "(the merged model and the expert tokenise the texts differently)"
+        )
+    multi = head.spec.problem == "multi_label"
+    before = _fit(head(x), expert.logits, multi)
     if cfg.method == "moments":
         scale, shift = moment_match(merged.head_inputs, expert.head_inputs)
         w, b = compose_linear(first.weight, first.bias, scale, shift)
@@ -103,14 +116,19 @@ def refit_head(head: Head, merged: Features, expert: Features, cfg: AlignConfig)
         w, b = compose_linear(first.weight, first.bias, m, c)
     first.weight.copy_(w.to(first.weight.dtype))
     first.bias.copy_(b.to(first.bias.dtype))
-    after = _fit(head(x), expert.logits)
+    after = _fit(head(x), expert.logits, multi)
     return {f"{k}_{when}": v for when, fit in (("before", before), ("after", after)) for k, v in fit.items()}
 
 
-def _fit(logits: torch.Tensor, expert_logits: torch.Tensor) -> dict[str, float]:
-    """Label agreement with the expert, and the RMS logit error, on the fitting texts."""
+def _fit(logits: torch.Tensor, expert_logits: torch.Tensor, multi_label: bool = False) -> dict[str, float]:
+    """Label agreement with the expert (the argmax; a multi-label head: each label's decision at
+    0.5), and the RMS logit error, on the fitting texts (or tokens)."""
+    if multi_label:
+        agree = ((logits >= 0) == (expert_logits >= 0)).double().mean()
+    else:
+        agree = (logits.argmax(-1) == expert_logits.argmax(-1)).double().mean()
     return {
-        "agreement": float((logits.argmax(-1) == expert_logits.argmax(-1)).double().mean()),
+        "agreement": float(agree),
         "logit_rmse": float((logits.double() - expert_logits).pow(2).mean().sqrt()),
     }
 

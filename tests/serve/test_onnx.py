@@ -38,7 +38,10 @@ def test_folder_is_self_contained_with_one_graph(onnx_dir: Path, merged: MultiHe
     meta = json.loads((onnx_dir / META_FILE).read_text())
     assert meta["tasks"] == list(TASKS) and meta["precision"] == "fp32"
     assert meta["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
-    assert meta["heads"] == {t: {"labels": merged.labels(t), "output": f"logits_{t}"} for t in TASKS}
+    assert meta["heads"] == {
+        t: {"labels": merged.labels(t), "output": f"logits_{t}", "problem": "single_label", "activation": "softmax"}
+        for t in TASKS
+    }
     assert meta["info"]["method"] == "task_arithmetic"
     graph = onnx.load(str(onnx_dir / ONNX_FILE)).graph
     assert [i.name for i in graph.input] == meta["inputs"]

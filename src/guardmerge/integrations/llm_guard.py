@@ -11,8 +11,10 @@ imported from ``llm_guard``), so a scanner list is swapped in one line::
 Each scanner's ``scan(prompt)`` returns ``(prompt, is_valid, risk_score)``: the prompt
 unchanged, ``is_valid`` False when the head flags the prompt, and the risk score LLM Guard
 derives from a score and a threshold (:func:`risk_score`). The score is the highest probability
-among the head's non-benign labels (every label but the first) and the head flags at or above
-its threshold: the server's rule (:mod:`guardmerge.serve.flags`). LLM Guard's own scanners flag
+among the head's non-benign labels (every label but the first; a multi-label head's sigmoid
+probabilities, its benign labels by the server's default rule) and the head flags at or above
+its threshold: the server's rule (:mod:`guardmerge.serve.flags`). Token-classification heads
+are not classifier scanners: they get none. LLM Guard's own scanners flag
 strictly above theirs, so the two can differ on a score exactly at the threshold.
 
 The scanners of one :func:`scanners` call share a :class:`SharedPass`: the first scanner that
@@ -41,7 +43,7 @@ import numpy as np
 
 from guardmerge.errors import GuardmergeError
 from guardmerge.serve.backends import BACKENDS, Backend, TorchBackend, load_backend
-from guardmerge.serve.flags import flag_score, is_flagged, softmax
+from guardmerge.serve.flags import default_benign, flag_score, is_flagged, sigmoid, softmax
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class HeadResult:
     Attributes:
         label: the most probable label.
         score: the highest probability among the non-benign labels (None: a one-label head).
-        probabilities: every label's softmax probability, in label order.
+        probabilities: every label's probability (softmax; sigmoid for a multi-label head), in label order.
     """
 
     label: str
@@ -129,6 +131,8 @@ class SharedPass:
         self.backend = backend
         self.tasks = list(tasks)
         self.labels = {t: backend.labels(t) for t in self.tasks}
+        problem_of = getattr(backend, "problem", None)
+        self.multi_label = {t for t in self.tasks if callable(problem_of) and problem_of(t) == "multi_label"}
         self.cache_size = cache_size
         self.batch_size = batch_size
         self.passes = 0
@@ -201,6 +205,16 @@ class SharedPass:
             if not np.isfinite(values).all():  # fail closed: no verdict from NaN or infinity
                 raise GuardmergeError(f"the model produced non-finite scores for head '{task}'; no verdict given")
             names = self.labels[task]
+            if task in self.multi_label:  # a sigmoid per label; the score: the top non-benign label's
+                benign = set(default_benign(names))
+                flagging = [i for i, n in enumerate(names) if n not in benign]
+                for row, probs in zip(out, sigmoid(values)):
+                    row[task] = HeadResult(
+                        label=names[int(probs.argmax())],
+                        score=float(probs[flagging].max()) if flagging else None,
+                        probabilities={n: float(p) for n, p in zip(names, probs)},
+                    )
+                continue
             for row, probs in zip(out, softmax(values)):
                 row[task] = HeadResult(
                     label=names[int(probs.argmax())],
@@ -291,8 +305,16 @@ def scanners(
     opened, owned = _open(model_or_folder, backend, max_length, threads)
     try:
         known = list(opened.tasks)
-        chosen = list(tasks) if tasks is not None else known
+        problem_of = getattr(opened, "problem", None)
+        token = [t for t in known if callable(problem_of) and problem_of(t) == "token"]
+        chosen = list(tasks) if tasks is not None else [t for t in known if t not in token]
         _check_heads("tasks", chosen, known)
+        asked = [t for t in chosen if t in token]
+        if asked:
+            raise GuardmergeError(
+                f"head(s) {', '.join(asked)} are token-classification heads (entity spans), not LLM Guard "
+                "classifier scanners; serve them with guardmerge serve"
+            )
         if not chosen:
             raise GuardmergeError(f"tasks is empty; this model has heads: {', '.join(known)}")
         twice = sorted({t for t in chosen if chosen.count(t) > 1})

@@ -98,7 +98,7 @@ class MergeScorer:
             if not td.has("validation"):
                 raise ConfigError(f"search data: task '{task}' has no validation split in {folder}")
             self.val[task] = td.split("validation", job.val_limit)
-            if self.val[task].labels is None:
+            if not self.val[task].labelled:
                 raise ConfigError(f"search data: {folder} validation split has no labels")
         work = Path(job.work_dir) if job.work_dir else None
         self.features = FeatureCache(work / "features") if work else None
@@ -143,11 +143,12 @@ class MergeScorer:
                     for i in range(0, len(ex.texts), bs)
                 ]
                 for task, ex in self.val.items()
+                if ex.labels is not None
             }
         return self._batches
 
     def __call__(self, candidate: Candidate, report: Report) -> dict[str, float]:
-        from guardmerge.evaluate import classification_metrics
+        from guardmerge.evaluate import classification_metrics, evaluate
         from guardmerge.pipeline import build
 
         key = candidate.key()
@@ -161,6 +162,12 @@ class MergeScorer:
         scores: dict[str, float] = {}
         with torch.no_grad():
             for step, task in enumerate(self.tasks):
+                if model.problem(task) != "single_label":  # multi-label and token heads: their macro-F1
+                    bs, length = self.job.batch_size, self.job.max_length
+                    res = evaluate(model, {task: self.val[task]}, batch_size=bs, max_length=length)
+                    scores[task] = res[task]["macro_f1"]
+                    report(step, scores)
+                    continue
                 pred = torch.cat([model(tasks=[task], **b)[task].argmax(-1) for b in batches[task]])
                 labels = self.val[task].labels or []
                 scores[task] = classification_metrics(labels, pred.tolist(), model.labels(task))["macro_f1"]

@@ -4,22 +4,29 @@ Endpoints: ``POST /v1/classify``, ``GET /v1/model``, ``GET /healthz``, ``GET /me
 OpenAPI document at ``/openapi.json`` describes them. Every error is JSON
 ``{"error": {"code", "message", "details"}}`` with a 4xx/5xx status.
 
-A head *flags* a text when any label other than its first one (index 0: ``benign``,
-``not-hate``, ``not-offensive``...) has a probability at or above the head's threshold
-(``ServeSettings.thresholds``, default ``default_threshold`` = 0.5; ``None`` turns flagging off
-for that head). A text is flagged when any of the heads asked for flags it.
+A single-label head *flags* a text when any label other than its first one (index 0:
+``benign``, ``not-hate``, ``not-offensive``...) has a probability at or above its threshold
+(``ServeSettings.thresholds``: ``task`` or ``task.label``, default ``default_threshold`` = 0.5;
+``None`` turns flagging off). A multi-label head flags a text when any non-benign label's sigmoid
+probability reaches its threshold (``ServeSettings.benign``; by default the labels named neutral,
+benign, safe, clean, none, normal, or starting with non/not); a token head flags a text that
+contains an entity of a flagged type (``ServeSettings.flag_entities``, default any entity). A text
+is flagged when any of the heads asked for flags it (see :mod:`guardmerge.serve.flags`).
+
+Single-label heads answer ``{label, score, probabilities, flagged}``; multi-label heads
+``{probabilities, labels, flagged}`` (``labels``: those at or above their thresholds); token heads
+``{entities: [{label, start, end, text, score}], flagged}``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import unicodedata
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -40,12 +47,23 @@ from starlette.types import Scope
 
 from guardmerge import __version__
 from guardmerge.errors import GuardmergeError
+from guardmerge.outputs import AGGREGATIONS, entity_spans, entity_types, token_rows
 from guardmerge.serve.backends import Backend, TorchBackend
 from guardmerge.serve.batching import MicroBatcher, QueueFullError
-from guardmerge.serve.flags import flag_score, is_flagged, softmax
+from guardmerge.serve.flags import (
+    default_benign,
+    entity_flag,
+    label_flag,
+    parse_label_lists,
+    parse_thresholds,
+    sigmoid,
+    softmax,
+)
 from guardmerge.serve.gate import RequestGate, bearer_problem
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ServeSettings", "create_app", "parse_label_lists", "parse_thresholds"]
 
 API_KEY_ENV = "GUARDMERGE_API_KEY"
 
@@ -61,8 +79,12 @@ class ServeSettings:
         max_batch: most texts per encoder pass (micro-batch).
         max_wait_ms: longest wait of the oldest queued text for a fuller batch.
         max_queue: most texts waiting for a batch (more: 503 ``overloaded``).
-        thresholds: task -> flag threshold, or None to never flag that task.
+        thresholds: ``task`` or ``task.label`` -> flag threshold, or None to never flag that
+            task (label); a label's own entry wins over its task's.
         default_threshold: the threshold of tasks not in ``thresholds``.
+        benign: multi-label task -> its benign labels (default: :func:`~guardmerge.serve.flags.default_benign`).
+        flag_entities: token task -> the entity types that flag a text (default: any).
+        aggregation: how token heads group word pieces into entities (``first`` or ``simple``).
         api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``
             (checked before the body is read); an empty or blank key is an error.
         body_timeout: seconds within which a request's whole body must arrive (else 408).
@@ -77,30 +99,22 @@ class ServeSettings:
     default_threshold: float = 0.5
     api_key: str | None = None
     body_timeout: float = 30.0
+    benign: dict[str, list[str]] = field(default_factory=dict)
+    flag_entities: dict[str, list[str]] = field(default_factory=dict)
+    aggregation: str = "first"
 
     def threshold(self, task: str) -> float | None:
         return self.thresholds.get(task, self.default_threshold)
 
-
-def parse_thresholds(items: Sequence[str]) -> dict[str, float | None]:
-    """``["injection=0.8", "emotion=off"]`` -> ``{"injection": 0.8, "emotion": None}``."""
-    out: dict[str, float | None] = {}
-    for item in items:
-        task, sep, value = item.partition("=")
-        task, value = task.strip(), value.strip()
-        if not sep or not task or not value:
-            raise GuardmergeError(f"threshold '{item}' must look like task=0.8 (or task=off)")
-        if value.lower() in ("off", "none"):
-            out[task] = None
-            continue
-        try:
-            number = float(value)
-        except ValueError:
-            raise GuardmergeError(f"threshold '{item}': '{value}' is not a number in [0, 1] or 'off'") from None
-        if not 0.0 <= number <= 1.0 or math.isnan(number):
-            raise GuardmergeError(f"threshold '{item}': {number} is outside [0, 1]")
-        out[task] = number
-    return out
+    def label_threshold(self, task: str, label: str, stored: Mapping[str, float] | None = None) -> float | None:
+        """``label``'s threshold: ``task.label`` here, else ``task`` here, else the head's
+        ``stored`` threshold of the label, else ``default_threshold``."""
+        key = f"{task}.{label}"
+        if key in self.thresholds:
+            return self.thresholds[key]
+        if task in self.thresholds:
+            return self.thresholds[task]
+        return float((stored or {}).get(label, self.default_threshold))
 
 
 def check_api_key(key: str | None, source: str = "the API key") -> None:
@@ -199,11 +213,43 @@ class HeadVerdict(BaseModel):
     )
 
 
+class MultiLabelVerdict(BaseModel):
+    """A multi-label head's verdict on one text."""
+
+    probabilities: dict[str, float] = Field(..., description="Sigmoid probability of every label of the head.")
+    labels: list[str] = Field(..., description="The labels at or above their thresholds, in label order.")
+    flagged: bool = Field(
+        ..., description="True when a non-benign label has probability >= its threshold (see GET /v1/model)."
+    )
+
+
+class EntitySpan(BaseModel):
+    """An entity a token head found in a text."""
+
+    label: str = Field(..., description="Entity type (the tag without its B-/I- prefix).")
+    start: int = Field(..., description="Start character offset in the text (as sent, after NFC normalisation).")
+    end: int = Field(..., description="End character offset (exclusive).")
+    text: str = Field(..., description="text[start:end].")
+    score: float = Field(..., description="Mean softmax probability of the entity's tags.")
+
+
+class TokenVerdict(BaseModel):
+    """A token-classification head's verdict on one text."""
+
+    entities: list[EntitySpan] = Field(..., description="Entity spans in text order.")
+    flagged: bool = Field(..., description="True when the text contains an entity of a flagged type.")
+
+
 class TextVerdict(BaseModel):
     """Every requested head's verdict on one text."""
 
     flagged: bool = Field(..., description="True when any requested head flagged the text.")
-    heads: dict[str, HeadVerdict] = Field(..., description="Task name -> verdict, for each requested head.")
+    heads: dict[str, MultiLabelVerdict | TokenVerdict | HeadVerdict] = Field(
+        ...,
+        description="Task name -> verdict, for each requested head: {label, score, probabilities, flagged} for "
+        "single-label heads, {probabilities, labels, flagged} for multi-label heads, {entities, flagged} for "
+        "token-classification heads.",
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -221,6 +267,23 @@ class HeadInfo(BaseModel):
     threshold: float | None = Field(..., description="Flag threshold (null: this head never flags).")
 
 
+class MultiLabelHeadInfo(HeadInfo):
+    """A multi-label head of the served model."""
+
+    problem: Literal["multi_label"] = Field("multi_label", description="A sigmoid per label.")
+    label_thresholds: dict[str, float | None] = Field(..., description="Each label's flag threshold.")
+    benign: list[str] = Field(..., description="Labels that never flag a text.")
+
+
+class TokenHeadInfo(HeadInfo):
+    """A token-classification head of the served model."""
+
+    problem: Literal["token"] = Field("token", description="A softmax per token; entity spans per text.")
+    entity_types: list[str] = Field(..., description="Entity types the head tags.")
+    flag_entities: list[str] | None = Field(..., description="Types that flag a text (null: any entity).")
+    aggregation: str = Field(..., description="How word pieces become entities: first or simple.")
+
+
 class Limits(BaseModel):
     """Request limits and batching of the server."""
 
@@ -236,7 +299,7 @@ class ModelInfo(BaseModel):
     base_model: str | None = Field(None, description="The base checkpoint the experts were fine-tuned from.")
     method: str | None = Field(None, description="The merge method.")
     parameters: dict[str, Any] = Field(default_factory=dict, description="The merge method's parameters.")
-    heads: list[HeadInfo] = Field(..., description="Every head, in model order.")
+    heads: list[MultiLabelHeadInfo | TokenHeadInfo | HeadInfo] = Field(..., description="Every head, in model order.")
     backend: str = Field(..., description="Inference backend: torch or onnx.")
     precision: str = Field("fp32", description="Weights precision of the backend (fp32 or int8).")
     guardmerge_version: str = Field(..., description="Version of the guardmerge package serving.")
@@ -361,25 +424,175 @@ def _endpoint(scope: Scope) -> str:
 
 
 # -- verdicts --------------------------------------------------------------------------------
-def verdicts(
-    logits: dict[str, np.ndarray], labels: dict[str, list[str]], thresholds: dict[str, float | None]
-) -> list[TextVerdict]:
-    """Per text, each head's label, score, probabilities and flag (see the module docstring)."""
-    tasks = list(logits)
-    n = len(next(iter(logits.values()))) if logits else 0
-    for t, v in logits.items():
-        if not np.isfinite(v).all():
+@dataclass(frozen=True)
+class HeadRule:
+    """How one head answers and flags (built once per server from the settings).
+
+    Attributes:
+        problem: ``single_label``, ``multi_label`` or ``token``.
+        labels: label names in logit order.
+        threshold: the head's threshold (None: it never flags).
+        label_thresholds: each label's threshold (sequence heads).
+        benign: labels that never flag (a single-label head's first; a multi-label head's benign ones).
+        entities: entity types that flag a text (token heads; None: any).
+    """
+
+    problem: str
+    labels: tuple[str, ...]
+    threshold: float | None
+    label_thresholds: tuple[float | None, ...] = ()
+    benign: frozenset[str] = frozenset()
+    entities: frozenset[str] | None = None
+
+
+def head_rules(backend: Backend, settings: ServeSettings) -> dict[str, HeadRule]:
+    """Every head's :class:`HeadRule`; thresholds, benign labels and entity types that name an
+    unknown task, label or type, or a head of the wrong kind, are errors."""
+    tasks = backend.tasks
+    problem_of = getattr(backend, "problem", None)
+    stored_of = getattr(backend, "thresholds", None)
+    problems = {t: str(problem_of(t)) if callable(problem_of) else "single_label" for t in tasks}
+    labels = {t: list(backend.labels(t)) for t in tasks}
+    have = ", ".join(tasks)
+    for key in settings.thresholds:
+        task, _, label = key.partition(".")
+        if task not in labels:
+            raise GuardmergeError(f"threshold for unknown task(s) {task}; this model has: {have}")
+        if label and problems[task] == "token":
+            raise GuardmergeError(f"threshold '{key}': token head '{task}' has no per-label thresholds")
+        if label and label not in labels[task]:
+            raise GuardmergeError(
+                f"threshold '{key}': head '{task}' has no label '{label}'; its labels are {', '.join(labels[task])}"
+            )
+    for option, given, kind in (
+        ("--benign", settings.benign, "multi_label"),
+        ("--flag-entities", settings.flag_entities, "token"),
+    ):
+        for task in given:
+            if task not in labels:
+                raise GuardmergeError(f"{option}: unknown task '{task}'; this model has: {have}")
+            if problems[task] != kind:
+                raise GuardmergeError(
+                    f"{option} {task}: applies to {kind.replace('_', '-')} heads; '{task}' is {problems[task]}"
+                )
+    if settings.aggregation not in AGGREGATIONS:
+        raise GuardmergeError(f"unknown aggregation '{settings.aggregation}'; use one of {', '.join(AGGREGATIONS)}")
+    rules = {}
+    for t in tasks:
+        names = labels[t]
+        stored = stored_of(t) if callable(stored_of) else {}
+        cuts = tuple(settings.label_threshold(t, n, stored) for n in names)
+        if problems[t] == "multi_label":
+            benign = settings.benign.get(t, default_benign(names))
+            unknown = sorted(set(benign) - set(names))
+            if unknown:
+                raise GuardmergeError(
+                    f"--benign {t}: unknown label(s) {', '.join(unknown)}; its labels are {', '.join(names)}"
+                )
+            rules[t] = HeadRule("multi_label", tuple(names), settings.threshold(t), cuts, frozenset(benign))
+        elif problems[t] == "token":
+            types = settings.flag_entities.get(t)
+            unknown = sorted(set(types or ()) - set(entity_types(names)))
+            if unknown:
+                raise GuardmergeError(
+                    f"--flag-entities {t}: unknown entity type(s) {', '.join(unknown)}; "
+                    f"its types are {', '.join(entity_types(names))}"
+                )
+            rules[t] = HeadRule(
+                "token", tuple(names), settings.threshold(t), entities=None if types is None else frozenset(types)
+            )
+        else:
+            rules[t] = HeadRule("single_label", tuple(names), settings.threshold(t), cuts, frozenset(names[:1]))
+    return rules
+
+
+def head_info(task: str, rule: HeadRule, aggregation: str) -> HeadInfo:
+    """What ``GET /v1/model`` shows of one head."""
+    base = {"task": task, "labels": list(rule.labels), "threshold": rule.threshold}
+    if rule.problem == "multi_label":
+        return MultiLabelHeadInfo(
+            **base,
+            label_thresholds=dict(zip(rule.labels, rule.label_thresholds)),
+            benign=[n for n in rule.labels if n in rule.benign],
+        )
+    if rule.problem == "token":
+        return TokenHeadInfo(
+            **base,
+            entity_types=entity_types(rule.labels),
+            flag_entities=None if rule.entities is None else sorted(rule.entities),
+            aggregation=aggregation,
+        )
+    return HeadInfo(**base)
+
+
+def entity_outputs(
+    backend: Backend,
+    texts: Sequence[str],
+    logits: Mapping[str, np.ndarray],
+    rules: Mapping[str, HeadRule],
+    aggregation: str,
+) -> dict[str, np.ndarray]:
+    """Each token head's entity spans per text (an object array of lists; None for a text whose
+    scores are not finite) from its padded per-token logits ``[n, T, C]``."""
+    tokens = backend.text_tokens(texts)  # type: ignore[attr-defined]
+    side = str(getattr(backend, "padding_side", "right"))
+    out = {}
+    for task, values in logits.items():
+        spans = np.empty(len(texts), dtype=object)
+        for i, (text, tok) in enumerate(zip(texts, tokens)):
+            rows = token_rows(values[i], len(tok), side)
+            spans[i] = (
+                entity_spans(text, tok, softmax(rows), rules[task].labels, aggregation)
+                if np.isfinite(rows).all()
+                else None
+            )
+        out[task] = spans
+    return out
+
+
+def _non_finite_rows(values: np.ndarray) -> list[int]:
+    """Rows (texts) without a verdict: non-finite scores, or a token head's missing spans (None)."""
+    if values.dtype == object:
+        return [i for i, v in enumerate(values) if v is None]
+    return [int(i) for i in np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=-1))]
+
+
+def verdicts(outputs: dict[str, np.ndarray], rules: dict[str, HeadRule]) -> list[TextVerdict]:
+    """Per text, each head's verdict (see the module docstring): ``outputs`` holds each sequence
+    head's logits ``[n, C]`` and each token head's entity spans (an object array of lists)."""
+    tasks = list(outputs)
+    n = len(next(iter(outputs.values()))) if outputs else 0
+    for t in tasks:
+        if _non_finite_rows(outputs[t]):
             raise NonFiniteOutputError(f"the model produced non-finite scores for task '{t}'")
-    probs = {t: softmax(v) for t, v in logits.items()}
+    probs = {
+        t: sigmoid(v) if rules[t].problem == "multi_label" else softmax(v)
+        for t, v in outputs.items()
+        if rules[t].problem != "token"
+    }
     out = []
     for i in range(n):
-        heads = {}
+        heads: dict[str, HeadVerdict | MultiLabelVerdict | TokenVerdict] = {}
         for t in tasks:
+            rule = rules[t]
+            if rule.problem == "token":
+                spans = list(outputs[t][i])
+                heads[t] = TokenVerdict(
+                    entities=[EntitySpan(**e) for e in spans],
+                    flagged=entity_flag(spans, rule.entities, rule.threshold),
+                )
+                continue
             p = probs[t][i]
-            names = labels[t]
+            names = rule.labels
+            flagged = label_flag(p, rule.label_thresholds, {k for k, name in enumerate(names) if name in rule.benign})
+            if rule.problem == "multi_label":
+                heads[t] = MultiLabelVerdict(
+                    probabilities={name: float(v) for name, v in zip(names, p)},
+                    labels=[name for name, v, c in zip(names, p, rule.label_thresholds) if c is not None and v >= c],
+                    flagged=flagged,
+                )
+                continue
             k = int(p.argmax())
-            th = thresholds[t]
-            flagged = is_flagged(flag_score(p), th)
             heads[t] = HeadVerdict(
                 label=names[k],
                 score=float(p[k]),
@@ -414,7 +627,7 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     )
     tasks = backend.tasks
     labels = {t: backend.labels(t) for t in tasks}
-    unknown = sorted(set(settings.thresholds) - set(tasks))
+    unknown = sorted({key.partition(".")[0] for key in settings.thresholds} - set(tasks))
     if unknown:
         raise GuardmergeError(f"threshold for unknown task(s) {', '.join(unknown)}; this model has: {', '.join(tasks)}")
     for name, value in [
@@ -428,13 +641,19 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     if not settings.body_timeout > 0:
         raise GuardmergeError(f"body_timeout must be > 0 seconds (got {settings.body_timeout})")
     check_api_key(settings.api_key)
-    thresholds = {t: settings.threshold(t) for t in tasks}
+    rules = head_rules(backend, settings)
     metrics = Metrics()
     health = _Health()
+    token_tasks = {t for t, r in rules.items() if r.problem == "token"}
 
     def infer(texts: Sequence[str], chosen: Sequence[str] | None) -> dict[str, np.ndarray]:
+        """Logits of the sequence heads, entity spans (an object array) of the token heads: spans
+        are made here, on the worker thread, which alone uses the tokenizer."""
         out = backend.logits(texts, chosen)
         health.last_output_finite = all(bool(np.isfinite(v).all()) for v in out.values())
+        wanted = [t for t in out if t in token_tasks]
+        if wanted:
+            out.update(entity_outputs(backend, texts, {t: out[t] for t in wanted}, rules, settings.aggregation))
         return out
 
     batcher = MicroBatcher(
@@ -450,7 +669,7 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         base_model=public_model_name(str(info["base_model"])) if info.get("base_model") is not None else None,
         method=info.get("method"),
         parameters=dict(info.get("parameters") or {}),
-        heads=[HeadInfo(task=t, labels=labels[t], threshold=thresholds[t]) for t in tasks],
+        heads=[head_info(t, rules[t], settings.aggregation) for t in tasks],
         backend=backend.name,
         precision=str(info.get("precision", "fp32")),
         guardmerge_version=__version__,
@@ -627,7 +846,7 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
             log.error("inference failed: %s: %s", type(exc).__name__, exc)
             raise APIError(500, "inference_failed", f"inference failed: {type(exc).__name__}") from None
         ordered = {t: logits[t] for t in chosen}
-        rows = sorted({int(i) for v in ordered.values() for i in np.flatnonzero(~np.isfinite(v).all(axis=-1))})
+        rows = sorted({i for v in ordered.values() for i in _non_finite_rows(v)})
         if rows:
             log.error("non-finite scores for %d of %d texts: no verdict given", len(rows), len(texts))
             raise APIError(
@@ -636,7 +855,7 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
                 f"the model produced non-finite scores (NaN or infinity) for text {rows[0]}; no verdict is given",
                 {"indexes": rows[:100]},
             )
-        return ClassifyResponse(tasks=chosen, results=verdicts(ordered, labels, thresholds))
+        return ClassifyResponse(tasks=chosen, results=verdicts(ordered, rules))
 
     @protected.get(
         "/v1/model",

@@ -1,8 +1,12 @@
-"""Inference backends for the server: texts -> ``{task: logits [n, C_task]}`` as numpy arrays.
+"""Inference backends for the server: texts -> ``{task: logits [n, C_task]}`` as numpy arrays
+(a token head's: ``[n, T, C_task]``, padded to the batch's longest text).
 
 Both backends tokenise with the model's own tokenizer (padding to the longest text of the
 batch, truncation at ``max_length``) and run the encoder once per call, whatever the number of
-heads asked for. They are called from one worker thread at a time.
+heads asked for. They are called from one worker thread at a time. Besides the logits, each
+tells a head's kind (:meth:`problem`: ``single_label``, ``multi_label`` or ``token``), its stored
+per-label thresholds, and each text's tokens with character offsets (:meth:`text_tokens`, what
+turns a token head's rows into entity spans).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from guardmerge.errors import GuardmergeError
+from guardmerge.outputs import TextTokens, text_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,10 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``problem(task) -> str`` (default ``single_label``), ``thresholds(task) -> {label:
+    # value}`` (the head's stored per-label thresholds), ``text_tokens(texts) -> list[TextTokens]``
+    # and ``padding_side`` (needed for token heads).
+
     # Optional: ``non_finite_weights() -> list[str]``, the names of weights holding NaN or infinity;
     # the server calls it once at start-up and reports not ready (/healthz 503) when any is found.
 
@@ -62,6 +71,20 @@ class TorchBackend:
 
     def labels(self, task: str) -> list[str]:
         return self.model.labels(task)
+
+    def problem(self, task: str) -> str:
+        return str(self.model.problem(task))
+
+    def thresholds(self, task: str) -> dict[str, float]:
+        return dict(self.model.spec(task).thresholds)
+
+    @property
+    def padding_side(self) -> str:
+        return str(self.model.padding_side)
+
+    def text_tokens(self, texts: Sequence[str]) -> list[TextTokens]:
+        """Each text's tokens as :meth:`logits` reads them, with character offsets."""
+        return list(self.model.text_tokens(texts, self.max_length))
 
     @property
     def info(self) -> dict[str, Any]:
@@ -130,9 +153,26 @@ class OnnxBackend:
         return list(self.meta["tasks"])
 
     def labels(self, task: str) -> list[str]:
+        return list(self._head(task)["labels"])
+
+    def _head(self, task: str) -> dict[str, Any]:
         if task not in self.meta["heads"]:
             raise GuardmergeError(f"unknown task '{task}'; this model has: {', '.join(self.tasks)}")
-        return list(self.meta["heads"][task]["labels"])
+        return dict(self.meta["heads"][task])
+
+    def problem(self, task: str) -> str:
+        return str(self._head(task).get("problem", "single_label"))
+
+    def thresholds(self, task: str) -> dict[str, float]:
+        return {str(k): float(v) for k, v in (self._head(task).get("thresholds") or {}).items()}
+
+    @property
+    def padding_side(self) -> str:
+        return str(getattr(self.tokenizer, "padding_side", "right") or "right")
+
+    def text_tokens(self, texts: Sequence[str]) -> list[TextTokens]:
+        """Each text's tokens as :meth:`logits` reads them, with character offsets."""
+        return text_tokens(self.tokenizer, texts, self.max_length)
 
     @property
     def info(self) -> dict[str, Any]:
