@@ -62,7 +62,7 @@ def main() -> None:
     import guardmerge
     from guardmerge.data import load_task
     from guardmerge.evaluate import classification_metrics
-    from guardmerge.onnx_export import export_onnx
+    from guardmerge.export.onnx import export_onnx
     from guardmerge.serve import OnnxBackend, TorchBackend
 
     if args.threads:

@@ -247,7 +247,7 @@ def main() -> None:
         for backend in args.backends:
             source = args.model
             if backend == "onnx":  # export once, outside the timed part
-                from guardmerge.onnx_export import export_onnx
+                from guardmerge.export.onnx import export_onnx
 
                 source = export_onnx(guardmerge.load(str(args.model)), tmp / "onnx")
             offline = offline_throughput(source, backend, texts[: args.offline_texts], args.max_batch, args.threads)

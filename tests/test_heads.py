@@ -339,7 +339,7 @@ def test_a_slow_tokenizer_is_refused_for_token_heads(merged: MultiHeadModel) -> 
 def onnx_dir(zoo: Zoo, merged: MultiHeadModel) -> Path:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from guardmerge.onnx_export import export_onnx
+    from guardmerge.export.onnx import export_onnx
 
     return export_onnx(merged, zoo.root / "onnx")
 
@@ -347,7 +347,7 @@ def onnx_dir(zoo: Zoo, merged: MultiHeadModel) -> Path:
 def test_onnx_outputs_raw_logits_and_records_each_activation(merged: MultiHeadModel, onnx_dir: Path) -> None:
     import onnxruntime as ort
 
-    from guardmerge.onnx_export import read_metadata
+    from guardmerge.export.onnx import read_metadata
     from guardmerge.serve import load_backend
 
     meta = read_metadata(onnx_dir)

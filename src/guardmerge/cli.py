@@ -732,8 +732,8 @@ def export_onnx_(
 ) -> None:
     """Export MODEL as one ONNX graph (all heads' logits as outputs logits_<task>, dynamic batch and
     sequence axes), self-contained with its tokenizer; serve it with `guardmerge serve OUT --backend onnx`."""
+    from guardmerge.export.onnx import export_onnx
     from guardmerge.io import check_output
-    from guardmerge.onnx_export import export_onnx
 
     check_output(out, force=force, inputs=[model])
     import guardmerge

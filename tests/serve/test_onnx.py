@@ -15,8 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from guardmerge.cli import app as cli_app  # noqa: E402
 from guardmerge.errors import GuardmergeError, OutputExistsError  # noqa: E402
+from guardmerge.export.onnx import META_FILE, ONNX_FILE, export_onnx, read_metadata  # noqa: E402
 from guardmerge.multihead import MultiHeadModel  # noqa: E402
-from guardmerge.onnx_export import META_FILE, ONNX_FILE, export_onnx, read_metadata  # noqa: E402
 from guardmerge.serve import OnnxBackend, TorchBackend, load_backend  # noqa: E402
 from tests.conftest import TEXTS  # noqa: E402
 from tests.serve.conftest import TASKS  # noqa: E402

@@ -129,8 +129,8 @@ class OnnxBackend:
             import onnxruntime as ort
         except ImportError:
             raise GuardmergeError("the onnx backend needs onnxruntime: pip install 'guardmerge[onnx]'") from None
+        from guardmerge.export.onnx import read_metadata
         from guardmerge.multihead import load_tokenizer
-        from guardmerge.onnx_export import read_metadata
 
         self.folder = Path(folder)
         self.meta = read_metadata(self.folder)
@@ -227,13 +227,13 @@ def load_backend(
     folder = Path(path)
     if not folder.is_dir():
         raise GuardmergeError(f"model folder '{folder}' does not exist")
-    from guardmerge.onnx_export import is_onnx_folder
+    from guardmerge.export.onnx import is_onnx_folder
 
     if kind == "onnx":
         if is_onnx_folder(folder):
             return OnnxBackend(folder, max_length=max_length, threads=threads)
         import guardmerge
-        from guardmerge.onnx_export import export_onnx
+        from guardmerge.export.onnx import export_onnx
 
         model = guardmerge.load(str(folder))
         tmp = Path(tempfile.mkdtemp(prefix="guardmerge-onnx-"))
