@@ -194,7 +194,8 @@ def merged_model(data: Path, work: Path, experts: Mapping[str, Path], row: str |
 def onnx_exports(merged: Path) -> dict[str, Path]:
     """The merged model as ONNX fp32 and int8 folders beside it (exported once)."""
     import guardmerge
-    from guardmerge.export.onnx import export_onnx, is_onnx_folder
+    from guardmerge.export.metadata import is_onnx_folder
+    from guardmerge.export.onnx import export_onnx
 
     out = {
         "torch": merged,

@@ -222,7 +222,8 @@ def test_two_experts_predict_save_and_export_to_the_stock_class(fam: Zoo, merged
 def test_onnx_export_matches_torch(fam: Zoo, merged2: MultiHeadModel) -> None:
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from guardmerge.export.onnx import export_onnx, read_metadata
+    from guardmerge.export.metadata import read_metadata
+    from guardmerge.export.onnx import export_onnx
 
     folder = export_onnx(merged2, fam.root / "onnx")
     meta = read_metadata(folder)

@@ -347,7 +347,7 @@ def onnx_dir(zoo: Zoo, merged: MultiHeadModel) -> Path:
 def test_onnx_outputs_raw_logits_and_records_each_activation(merged: MultiHeadModel, onnx_dir: Path) -> None:
     import onnxruntime as ort
 
-    from guardmerge.export.onnx import read_metadata
+    from guardmerge.export.metadata import read_metadata
     from guardmerge.serve import load_backend
 
     meta = read_metadata(onnx_dir)

@@ -90,7 +90,8 @@ def test_token_and_multi_label_heads_in_every_family(family: tuple[str, Path]) -
 def test_token_head_onnx_matches_torch(family: tuple[str, Path]) -> None:
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from guardmerge.export.onnx import export_onnx, read_metadata
+    from guardmerge.export.metadata import read_metadata
+    from guardmerge.export.onnx import export_onnx
     from guardmerge.multihead import MultiHeadModel
 
     _, root = family

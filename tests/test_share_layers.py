@@ -221,7 +221,8 @@ def test_onnx_export_of_a_branched_model_matches_torch(aligned: MultiHeadModel, 
     ort = pytest.importorskip("onnxruntime")
     import numpy as np
 
-    from guardmerge.export.onnx import ONNX_FILE, export_onnx
+    from guardmerge.export.metadata import ONNX_FILE
+    from guardmerge.export.onnx import export_onnx
 
     aligned.save_pretrained(tmp_path / "m")
     model = guardmerge.load(tmp_path / "m")  # with its tokenizer

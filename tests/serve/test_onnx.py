@@ -15,7 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from guardmerge.cli import app as cli_app  # noqa: E402
 from guardmerge.errors import GuardmergeError, OutputExistsError  # noqa: E402
-from guardmerge.export.onnx import META_FILE, ONNX_FILE, export_onnx, read_metadata  # noqa: E402
+from guardmerge.export.metadata import META_FILE, ONNX_FILE, read_metadata  # noqa: E402
+from guardmerge.export.onnx import export_onnx  # noqa: E402
 from guardmerge.multihead import MultiHeadModel  # noqa: E402
 from guardmerge.serve import OnnxBackend, TorchBackend, load_backend  # noqa: E402
 from tests.conftest import TEXTS  # noqa: E402
@@ -172,3 +173,31 @@ def test_cli_export_onnx(merged_dir: Path, tmp_path: Path) -> None:
     assert isinstance(again.exception, OutputExistsError)
     bad = runner.invoke(cli_app, ["export-onnx", str(merged_dir), str(tmp_path / "q"), "--quantize", "int4"])
     assert isinstance(bad.exception, GuardmergeError) and "int4" in str(bad.exception)
+
+
+def test_onnx_backend_reads_tokenizer_json_without_torch(onnx_dir: Path) -> None:
+    """An ONNX runtime process never imports torch or transformers (tokenizer.json is read with
+    the tokenizers library), and gets the logits the folder's own transformers tokenizer gives."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "from guardmerge.serve.backends import load_backend\n"
+        f"b = load_backend({str(onnx_dir)!r}, 'onnx', threads=1)\n"
+        f"out = b.logits({TEXTS!r})\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules, "
+        "'tokenizer': type(b.tokenizer).__name__, 'logits': {k: v.tolist() for k, v in out.items()}}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["tokenizer"] == "JsonTokenizer" and not got["torch"] and not got["transformers"]
+    want = OnnxBackend(onnx_dir)
+    from transformers import AutoTokenizer
+
+    want.tokenizer = AutoTokenizer.from_pretrained(str(onnx_dir))
+    for task, logits in want.logits(TEXTS).items():
+        np.testing.assert_allclose(np.asarray(got["logits"][task]), logits, atol=1e-6, rtol=0)

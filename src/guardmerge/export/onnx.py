@@ -26,14 +26,13 @@ import torch
 from torch import nn
 
 from guardmerge.errors import GuardmergeError
+from guardmerge.export.metadata import META_FILE, ONNX_FILE
 from guardmerge.io import atomic_dir
 from guardmerge.multihead import MultiHeadModel
 from guardmerge.outputs import ACTIVATIONS
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-META_FILE = "guardmerge_onnx.json"
 FORMAT_VERSION = 1
 OPSET = 17
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -205,27 +204,4 @@ def _head_meta(model: MultiHeadModel, task: str) -> dict[str, Any]:
     thresholds = model.spec(task).thresholds
     if thresholds:
         meta["thresholds"] = dict(thresholds)
-    return meta
-
-
-def is_onnx_folder(path: str | Path) -> bool:
-    """True when ``path`` is a folder written by :func:`export_onnx`."""
-    return (Path(path) / META_FILE).is_file()
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Read and check ``guardmerge_onnx.json`` of an exported folder."""
-    folder = Path(path)
-    meta_file = folder / META_FILE
-    if not meta_file.is_file():
-        raise GuardmergeError(f"{meta_file} is missing: not a folder written by 'guardmerge export-onnx'")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise GuardmergeError(f"{meta_file} is not valid JSON: {exc}") from None
-    missing = [k for k in ("model_file", "inputs", "tasks", "heads") if k not in meta]
-    if missing:
-        raise GuardmergeError(f"{meta_file} lacks {', '.join(missing)}")
-    if not (folder / meta["model_file"]).is_file():
-        raise GuardmergeError(f"{folder / meta['model_file']} is missing")
     return meta

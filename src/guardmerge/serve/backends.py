@@ -129,12 +129,12 @@ class OnnxBackend:
             import onnxruntime as ort
         except ImportError:
             raise GuardmergeError("the onnx backend needs onnxruntime: pip install 'guardmerge[onnx]'") from None
-        from guardmerge.export.onnx import read_metadata
-        from guardmerge.multihead import load_tokenizer
+        from guardmerge.export.metadata import read_metadata
+        from guardmerge.serve.tokenizer import load_runtime_tokenizer
 
         self.folder = Path(folder)
         self.meta = read_metadata(self.folder)
-        self.tokenizer = load_tokenizer(self.folder)
+        self.tokenizer = load_runtime_tokenizer(self.folder)  # tokenizer.json: no torch, no transformers
         if self.tokenizer is None:
             raise GuardmergeError(f"{self.folder} has no usable tokenizer")
         self.max_length = max_length or int(self.meta.get("max_length", 512))
@@ -227,7 +227,7 @@ def load_backend(
     folder = Path(path)
     if not folder.is_dir():
         raise GuardmergeError(f"model folder '{folder}' does not exist")
-    from guardmerge.export.onnx import is_onnx_folder
+    from guardmerge.export.metadata import is_onnx_folder
 
     if kind == "onnx":
         if is_onnx_folder(folder):
