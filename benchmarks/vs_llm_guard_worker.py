@@ -267,14 +267,14 @@ def guardmerge_side(job: dict[str, Any]) -> dict[str, Any]:
     """The merged model's scanners (``job["mode"]``: torch, onnx or int8), every scanner per prompt
     as ``scan_prompt`` runs them; batches through ``prefetch``."""
     started = time.perf_counter()
-    import torch  # noqa: F401  (imported here, not in the load: llm_guard's import brings it too)
-    import transformers  # noqa: F401
+    if job["mode"] == "torch":  # imported here, not in the load (llm_guard's import brings them too)
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
 
-    import guardmerge.multihead  # noqa: F401
-    from guardmerge.integrations.llm_guard import prefetch, scanners
-
-    if job["mode"] != "torch":
+        import guardmerge.multihead  # noqa: F401
+    else:  # the ONNX modes never import torch or transformers (tokenizer.json via tokenizers)
         import onnxruntime  # noqa: F401
+    from guardmerge.integrations.llm_guard import prefetch, scanners
 
     set_threads(job.get("threads"))
     imported = time.perf_counter()
@@ -321,6 +321,7 @@ def guardmerge_side(job: dict[str, Any]) -> dict[str, Any]:
         "startup_s": loaded - started,
         "peak_rss_mb": peak_rss_mb(),
         "passes": input_scanners[0].shared.passes,
+        "torch_imported": "torch" in sys.modules,
         "versions": _versions("guardmerge", "transformers", "torch", "onnxruntime"),
     }
 
