@@ -412,3 +412,41 @@ def test_readme_example_is_the_code_the_benchmark_runs() -> None:
     worker = (ROOT / "benchmarks" / "vs_llm_guard_worker.py").read_text()
     snippet = _between(worker, "# README example: start\n", "# README example: end\n")
     assert code.strip() == snippet.strip()
+
+
+def test_scanners_over_an_onnx_folder_never_import_torch(model: MultiHeadModel, tmp_path: Path) -> None:
+    """A process that scans with an ONNX export holds neither torch nor transformers."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import json
+    import subprocess
+
+    from guardmerge.export.onnx import export_onnx
+
+    folder = tmp_path / "onnx"
+    export_onnx(model, folder)
+    code = (
+        "import sys, json\n"
+        "from guardmerge.integrations.llm_guard import scanners, prefetch\n"
+        f"s = scanners({str(folder)!r}, backend='onnx', threads=1)\n"
+        f"prefetch(s, {TEXTS!r})\n"
+        f"verdicts = [[x.scan(t)[1] for x in s] for t in {TEXTS!r}]\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'transformers': 'transformers' in sys.modules, "
+        "'verdicts': verdicts}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not got["torch"] and not got["transformers"]
+    here = scanners(model)
+    assert got["verdicts"] == [[x.scan(t)[1] for x in here] for t in TEXTS]
+
+
+def test_long_prompts_run_in_small_passes() -> None:
+    """Passes stay under the padded-characters budget, so attention memory stays bounded."""
+    prompts = ["x" * 2000] * 6 + ["short"] * 40
+    passes = length_batches(prompts, 32, max_chars=8192)
+    assert sorted(p for chunk in passes for p in chunk) == sorted(prompts)
+    for chunk in passes:
+        assert len(chunk) * max(len(p) for p in chunk) <= 8192 or len(chunk) == 1
+        assert len(chunk) <= 32

@@ -82,20 +82,30 @@ class HeadResult:
     probabilities: dict[str, float]
 
 
-def length_batches(prompts: Sequence[str], batch_size: int, waste: float = 1.3) -> list[list[str]]:
+PASS_CHARS = 8192
+"""Most padded characters per batched pass (about 2,000 tokens): a 2,000-character prompt runs
+with at most three others."""
+
+
+def length_batches(
+    prompts: Sequence[str], batch_size: int, waste: float = 1.3, max_chars: int = PASS_CHARS
+) -> list[list[str]]:
     """``prompts`` sorted by length and cut into passes of at most ``batch_size``, a pass closed
-    before its padded size (prompts x the longest) would pass ``waste`` times its real size.
+    before its padded size (prompts x the longest) would pass ``waste`` times its real size or
+    ``max_chars`` characters.
 
     A batch is padded to its longest prompt, and on a CPU a pass costs about its padded size, so
-    one long prompt among short ones would multiply the cost of the whole batch. Characters stand
-    in for tokens.
+    one long prompt among short ones would multiply the cost of the whole batch; and attention
+    memory grows with prompts x length^2, so long prompts go in small passes (peak memory stays
+    near that of short batches). Characters stand in for tokens.
     """
     out: list[list[str]] = []
     chunk: list[str] = []
     total = 0
     for prompt in sorted(prompts, key=len):
         size = max(len(prompt), 1)
-        if chunk and (len(chunk) == batch_size or (len(chunk) + 1) * size > waste * (total + size)):
+        padded = (len(chunk) + 1) * size
+        if chunk and (len(chunk) == batch_size or padded > waste * (total + size) or padded > max_chars):
             out.append(chunk)
             chunk, total = [], 0
         chunk.append(prompt)
@@ -355,10 +365,10 @@ def prefetch(input_scanners: Sequence[Any], prompts: Sequence[str]) -> None:
 
 def _open(model_or_folder: Any, backend: str, max_length: int | None, threads: int | None) -> tuple[Backend, bool]:
     """The backend to run, and whether it was opened here (and is closed with the scanners)."""
+    if isinstance(model_or_folder, (str, Path)):  # an ONNX folder never imports torch
+        return load_backend(model_or_folder, backend, max_length=max_length, threads=threads), True
     from guardmerge.multihead import MultiHeadModel
 
-    if isinstance(model_or_folder, (str, Path)):
-        return load_backend(model_or_folder, backend, max_length=max_length, threads=threads), True
     if isinstance(model_or_folder, MultiHeadModel):
         if backend != "torch":
             raise GuardmergeError(
