@@ -141,7 +141,8 @@ def measure(
 
 
 def set_threads(threads: int | None) -> None:
-    if threads:
+    """torch's intra-op threads, where torch is loaded (ONNX sessions take theirs when opened)."""
+    if threads and "torch" in sys.modules:
         import torch
 
         torch.set_num_threads(threads)
@@ -183,6 +184,8 @@ def llm_guard_side(job: dict[str, Any]) -> dict[str, Any]:
     onnx = job["mode"] == "onnx"
     if onnx:
         import optimum.onnxruntime  # noqa: F401
+
+    import torch  # noqa: F401  (its pipelines run on torch: loaded here, so its threads are set)
 
     configure_logger(log_level="ERROR", stream=sys.stderr)  # no log line per scan
     set_threads(job.get("threads"))
