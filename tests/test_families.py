@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch
 
-from guardmerge.architectures import ArchitectureAdapter, get_adapter
 from guardmerge.config import parse_config
 from guardmerge.engine import merge
 from guardmerge.errors import CompatibilityError, ConfigError, StatisticsError
+from guardmerge.models.adapters import ArchitectureAdapter, get_adapter
 from guardmerge.multihead import MultiHeadModel
 from guardmerge.pipeline import build
 from tests.conftest import TEXTS, WORDS, expert_logits, write_tokenizer

@@ -46,7 +46,7 @@ def make_expert(folder: Path, base: Path, labels: list[str], seed: int, kind: st
         AutoTokenizer,
     )
 
-    from guardmerge.architectures import get_adapter
+    from guardmerge.models.adapters import get_adapter
 
     cfg = AutoConfig.from_pretrained(str(base))
     cfg.num_labels = len(labels)

@@ -58,7 +58,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def test_token_and_multi_label_heads_in_every_family(family: tuple[str, Path]) -> None:
     name, root = family
-    from guardmerge.architectures import get_adapter
+    from guardmerge.models.adapters import get_adapter
 
     adapter = get_adapter(json.loads((root / "base" / "config.json").read_text())["model_type"])
     base, ner, emo = root / "base", root / "ner", root / "emo"

@@ -6,7 +6,7 @@ map, so the pages of a read tensor do not stay counted in the process's memory. 
 sharded (``model.safetensors.index.json``) checkpoints are supported. Pickle checkpoints
 (``pytorch_model.bin``) can execute code when loaded and are refused unless the caller passes ``allow_pickle=True``.
 
-Tensor names are **canonical** (see :mod:`guardmerge.architectures`): the same tensor has the
+Tensor names are **canonical** (see :mod:`guardmerge.models.adapters`): the same tensor has the
 same name whether the checkpoint is a headless ``BertModel``, a ``BertForMaskedLM`` or a
 ``BertForSequenceClassification``.
 """
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from guardmerge.architectures import ArchitectureAdapter, get_adapter, position_offset
 from guardmerge.errors import CheckpointError
 from guardmerge.io import read_json
+from guardmerge.models.adapters import ArchitectureAdapter, get_adapter, position_offset
 
 log = logging.getLogger(__name__)
 

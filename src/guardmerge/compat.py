@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from guardmerge.architectures import ArchitectureAdapter, HeadLayout, encoder_names
 from guardmerge.checkpoint import Checkpoint
 from guardmerge.errors import CompatibilityError, ConfigError
+from guardmerge.models.adapters import ArchitectureAdapter, HeadLayout, encoder_names
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,9 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from guardmerge.architectures import (
+from guardmerge.errors import CheckpointError, GuardmergeError
+from guardmerge.io import atomic_dir, read_json
+from guardmerge.models.adapters import (
     HEAD_INPUTS,
     MULTI_LABEL_PROBLEM_TYPE,
     PROBLEMS,
@@ -47,8 +49,6 @@ from guardmerge.architectures import (
     HeadLayout,
     get_adapter,
 )
-from guardmerge.errors import CheckpointError, GuardmergeError
-from guardmerge.io import atomic_dir, read_json
 from guardmerge.outputs import (
     AGGREGATIONS,
     TextTokens,
@@ -108,7 +108,7 @@ class HeadSpec:
         problem: str = "single_label",
         thresholds: Mapping[str, float] | None = None,
     ) -> HeadSpec:
-        """A spec from the family's :class:`~guardmerge.architectures.HeadLayout` and the labels."""
+        """A spec from the family's :class:`~guardmerge.models.adapters.HeadLayout` and the labels."""
         return cls(
             tuple(labels),
             layout.layers,
@@ -868,8 +868,8 @@ class MultiHeadModel(nn.Module):
                 base's pooler for a token classifier, which stores none (the merge counts it as
                 unchanged), so the layer-wise stage can fit the merged pooler to it.
         """
-        from guardmerge.architectures import encoder_names
         from guardmerge.checkpoint import Checkpoint
+        from guardmerge.models.adapters import encoder_names
 
         with Checkpoint(path, allow_pickle=allow_pickle) as ck:
             ad = ck.adapter

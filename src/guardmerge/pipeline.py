@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from guardmerge.architectures import get_adapter
 from guardmerge.checkpoint import Checkpoint, capped_length, check_weights, resolve
 from guardmerge.config import AlignConfig, MergeConfig, StatsConfig
 from guardmerge.data import task_texts
@@ -41,6 +40,7 @@ from guardmerge.engine import (
 from guardmerge.errors import StatisticsError
 from guardmerge.io import check_output
 from guardmerge.merge.job import MergeJob
+from guardmerge.models.adapters import get_adapter
 from guardmerge.multihead import BRANCH_PREFIX, MultiHeadModel
 from guardmerge.refit import FeatureCache, align_heads
 from guardmerge.stats import (
@@ -201,7 +201,7 @@ def statistics_stage(
 
 def _base_tensors(job: MergeJob) -> dict[str, torch.Tensor]:
     """The base model's encoder tensors under canonical names (a per-block fit's ``theta_0``)."""
-    from guardmerge.architectures import encoder_names
+    from guardmerge.models.adapters import encoder_names
 
     with Checkpoint(job.base, allow_pickle=job.config.allow_pickle) as ck:
         return {n: ck.get(n) for n in encoder_names(ck.adapter, ck.names())}

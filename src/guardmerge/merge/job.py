@@ -15,12 +15,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from guardmerge.architectures import ADAPTERS
 from guardmerge.checkpoint import resolve
 from guardmerge.config import AlignConfig, MergeConfig
 from guardmerge.errors import CheckpointError, ConfigError
 from guardmerge.io import read_json
 from guardmerge.methods import METHODS, MethodParams, MethodSpec
+from guardmerge.models.adapters import ADAPTERS
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from guardmerge.architectures import ArchitectureAdapter, get_adapter
 from guardmerge.errors import ConfigError, DataError, StatisticsError
+from guardmerge.models.adapters import ArchitectureAdapter, get_adapter
 from guardmerge.stats.gram import model_inputs
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ key, and the others map to it. The sharing is detected by tensor identity during
 each distinct input costs exactly one product.
 
 Everything is keyed by **canonical weight names** (architecture prefix removed, see
-:mod:`guardmerge.architectures`): ``encoder.layer.0.attention.self.query.weight``. Head Linear
+:mod:`guardmerge.models.adapters`): ``encoder.layer.0.attention.self.query.weight``. Head Linear
 layers (``classifier.weight``...) are included unless ``include_head=False`` and are listed in
 :attr:`GramStats.head`.
 """
@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from guardmerge.architectures import ArchitectureAdapter, get_adapter
 from guardmerge.errors import StatisticsError
+from guardmerge.models.adapters import ArchitectureAdapter, get_adapter
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Models: the architecture adapters (:mod:`guardmerge.models.adapters`, all family knowledge)."""
