@@ -51,7 +51,7 @@ from guardmerge.config import MergeConfig, parse_config
 from guardmerge.data import TaskData, load_task
 from guardmerge.demo import base_checkpoint, default_data_dir
 from guardmerge.evaluate import evaluate, mean, normalized, to_json_ready
-from guardmerge.multihead import MultiHeadModel, load_any
+from guardmerge.models.multihead import MultiHeadModel, load_any
 from guardmerge.pipeline import build, expert_statistics, self_merge_config
 from guardmerge.refit import FeatureCache
 

@@ -274,7 +274,7 @@ def guardmerge_side(job: dict[str, Any]) -> dict[str, Any]:
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
-        import guardmerge.multihead  # noqa: F401
+        import guardmerge.models.multihead  # noqa: F401
     else:  # the ONNX modes never import torch or transformers (tokenizer.json via tokenizers)
         import onnxruntime  # noqa: F401
     from guardmerge.integrations.llm_guard import prefetch, scanners

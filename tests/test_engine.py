@@ -16,7 +16,7 @@ from guardmerge.errors import (
     GuardmergeError,
     OutputExistsError,
 )
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.pipeline import merge_to_folder
 from tests.conftest import TEXTS, expert_logits, make_base, make_expert
 

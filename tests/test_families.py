@@ -22,7 +22,7 @@ from guardmerge.config import parse_config
 from guardmerge.engine import merge
 from guardmerge.errors import CompatibilityError, ConfigError, StatisticsError
 from guardmerge.models.adapters import ArchitectureAdapter, get_adapter
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.pipeline import build
 from tests.conftest import TEXTS, WORDS, expert_logits, write_tokenizer
 

@@ -346,7 +346,7 @@ def test_every_checkpoint_opener_refuses_pickle(tmp_path: Path, zoo: dict[str, P
     from guardmerge.config import StatsConfig
     from guardmerge.data import Examples
     from guardmerge.finetune import finetune
-    from guardmerge.multihead import MultiHeadModel
+    from guardmerge.models.multihead import MultiHeadModel
     from guardmerge.pipeline import compute_stats
     from guardmerge.refit import FeatureCache
 

@@ -23,7 +23,7 @@ import torch
 from guardmerge.config import parse_config
 from guardmerge.engine import merge
 from guardmerge.errors import CheckpointError, CompatibilityError, ConfigError, GuardmergeError
-from guardmerge.multihead import HeadSpec, MultiHeadModel, head_specs
+from guardmerge.models.multihead import HeadSpec, MultiHeadModel, head_specs
 from guardmerge.outputs import entity_spans, text_tokens
 from guardmerge.pipeline import build
 from tests.conftest import TEXTS, WORDS, tiny_config, write_tokenizer

@@ -92,7 +92,7 @@ def test_token_head_onnx_matches_torch(family: tuple[str, Path]) -> None:
     ort = pytest.importorskip("onnxruntime")
     from guardmerge.export.metadata import read_metadata
     from guardmerge.export.onnx import export_onnx
-    from guardmerge.multihead import MultiHeadModel
+    from guardmerge.models.multihead import MultiHeadModel
 
     _, root = family
     model = MultiHeadModel.from_classifier(root / "ner", "ner")

@@ -15,7 +15,7 @@ from guardmerge.align import per_feature_affine
 from guardmerge.config import parse_config
 from guardmerge.engine import merge
 from guardmerge.errors import ConfigError
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.pipeline import build, merge_to_folder
 from tests.conftest import TEXTS, WORDS, expert_logits
 

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from guardmerge.multihead import MultiHeadModel
+    from guardmerge.models.multihead import MultiHeadModel
 
 
 def load(path: str, **kwargs: Any) -> MultiHeadModel:
     """Load a merged multi-head model folder written by ``guardmerge merge``."""
-    from guardmerge.multihead import MultiHeadModel
+    from guardmerge.models.multihead import MultiHeadModel
 
     return MultiHeadModel.from_pretrained(path, **kwargs)
 

@@ -213,7 +213,7 @@ def predict(
     """Print every head's answer for each TEXT: single-label heads their label and probability,
     multi-label heads the labels at or above their thresholds (--json: every label's sigmoid
     probability), token heads their entity spans (type, character offsets, text, score)."""
-    from guardmerge.multihead import load_any
+    from guardmerge.models.multihead import load_any
 
     m = load_any(model)
     res = m.predict(
@@ -433,7 +433,7 @@ def export(
     """Export one task of a merged model as a stock transformers classifier folder (a multi-label
     head with problem_type multi_label_classification; a token head as the family's token classifier)."""
     from guardmerge.io import check_output
-    from guardmerge.multihead import MultiHeadModel
+    from guardmerge.models.multihead import MultiHeadModel
 
     check_output(out, force=force, inputs=[model])
     MultiHeadModel.from_pretrained(model).export_task(task, out, force=force)
@@ -529,7 +529,7 @@ def eval_(
     over types and per-type F1 (seqeval, on word-level tags)."""
     from guardmerge.data import discover_tasks, load_task
     from guardmerge.evaluate import evaluate, normalized, table, to_json_ready
-    from guardmerge.multihead import load_any
+    from guardmerge.models.multihead import load_any
 
     if out is not None:
         from guardmerge.io import check_output

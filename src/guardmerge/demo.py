@@ -24,7 +24,7 @@ from guardmerge.data import load_task
 from guardmerge.errors import DataError, GuardmergeError
 from guardmerge.evaluate import evaluate, mean, normalized, table, to_json_ready
 from guardmerge.finetune import FinetuneSettings, finetune_cached
-from guardmerge.multihead import MultiHeadModel, load_any
+from guardmerge.models.multihead import MultiHeadModel, load_any
 
 log = logging.getLogger(__name__)
 

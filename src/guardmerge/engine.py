@@ -34,7 +34,7 @@ from guardmerge.io import atomic_dir
 from guardmerge.merge.job import MergeJob
 from guardmerge.methods import MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.modelcard import model_card
-from guardmerge.multihead import (
+from guardmerge.models.multihead import (
     BRANCH_PREFIX,
     HEAD_PREFIX,
     HeadSpec,

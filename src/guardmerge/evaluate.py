@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from guardmerge.data import Examples
 from guardmerge.errors import GuardmergeError
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.outputs import OUTSIDE, label_thresholds, token_rows, word_tags
 
 log = logging.getLogger(__name__)

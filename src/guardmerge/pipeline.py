@@ -41,7 +41,7 @@ from guardmerge.errors import StatisticsError
 from guardmerge.io import check_output
 from guardmerge.merge.job import MergeJob
 from guardmerge.models.adapters import get_adapter
-from guardmerge.multihead import BRANCH_PREFIX, MultiHeadModel
+from guardmerge.models.multihead import BRANCH_PREFIX, MultiHeadModel
 from guardmerge.refit import FeatureCache, align_heads
 from guardmerge.stats import (
     ExpertStats,

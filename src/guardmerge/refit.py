@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from guardmerge.align import affine_map, compose_linear, moment_match, ridge_refit
 from guardmerge.config import AlignConfig
 from guardmerge.errors import GuardmergeError
-from guardmerge.multihead import Head, MultiHeadModel
+from guardmerge.models.multihead import Head, MultiHeadModel
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from guardmerge.integrations.llm_guard import (
     scanner_name,
     scanners,
 )
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.models.multihead import MultiHeadModel
 from tests.conftest import TEXTS
 
 TASKS = ("hate", "injection", "sentiment")

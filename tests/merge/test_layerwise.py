@@ -159,7 +159,7 @@ def test_missing_texts_fail_before_any_output_naming_the_expert(lw: dict[str, Pa
 
 
 def test_layerwise_then_alignment_written_and_reloaded(lw: dict[str, Path], tmp_path: Path) -> None:
-    from guardmerge.multihead import MultiHeadModel
+    from guardmerge.models.multihead import MultiHeadModel
 
     cfg = parse_config(
         {**_config(lw, "lot", [("a", lw["a"]), ("b", lw["b"])], rho=1.0).model_dump(), "align_heads": {"examples": 40}}
@@ -183,7 +183,7 @@ def test_prodistill_moves_every_block_toward_the_experts(lw: dict[str, Path]) ->
     start = build(_config(lw, "task_arithmetic", experts, scaling=0.3), progress=False)
     fitted = build(_config(lw, "prodistill", experts, epochs=8, texts=40), progress=False)
     assert fitted.info["layerwise"]["layers"] == 2 + 1 and fitted.info["layerwise"]["unit"] == "blocks fitted"
-    from guardmerge.multihead import MultiHeadModel
+    from guardmerge.models.multihead import MultiHeadModel
 
     def pooled(model: MultiHeadModel) -> torch.Tensor:
         return model.head_inputs(**model.encode(TEXTS))["pooled"]

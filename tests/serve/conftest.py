@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.models.multihead import MultiHeadModel
 
 TASKS = ("hate", "injection", "sentiment")
 

@@ -20,7 +20,7 @@ from schemathesis.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from guardmerge.multihead import MultiHeadModel  # noqa: E402
+from guardmerge.models.multihead import MultiHeadModel  # noqa: E402
 
 pytestmark = pytest.mark.fuzz
 

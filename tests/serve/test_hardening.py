@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 import guardmerge  # noqa: E402
 from guardmerge.errors import GuardmergeError  # noqa: E402
-from guardmerge.multihead import MultiHeadModel  # noqa: E402
+from guardmerge.models.multihead import MultiHeadModel  # noqa: E402
 from guardmerge.serve import ServeSettings, TorchBackend, create_app  # noqa: E402
 from guardmerge.serve.app import public_model_name  # noqa: E402
 from guardmerge.serve.server import header_timeout_protocol, is_loopback  # noqa: E402

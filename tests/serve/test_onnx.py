@@ -17,7 +17,7 @@ from guardmerge.cli import app as cli_app  # noqa: E402
 from guardmerge.errors import GuardmergeError, OutputExistsError  # noqa: E402
 from guardmerge.export.metadata import META_FILE, ONNX_FILE, read_metadata  # noqa: E402
 from guardmerge.export.onnx import export_onnx  # noqa: E402
-from guardmerge.multihead import MultiHeadModel  # noqa: E402
+from guardmerge.models.multihead import MultiHeadModel  # noqa: E402
 from guardmerge.serve import OnnxBackend, TorchBackend, load_backend  # noqa: E402
 from tests.conftest import TEXTS  # noqa: E402
 from tests.serve.conftest import TASKS  # noqa: E402

@@ -28,7 +28,7 @@ from torch import nn
 from guardmerge.errors import GuardmergeError
 from guardmerge.export.metadata import META_FILE, ONNX_FILE
 from guardmerge.io import atomic_dir
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.outputs import ACTIVATIONS
 
 log = logging.getLogger(__name__)

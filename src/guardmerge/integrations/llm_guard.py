@@ -296,7 +296,7 @@ def scanners(
 
     Args:
         model_or_folder: a merged model folder, a folder written by ``guardmerge export-onnx``
-            (with ``backend="onnx"``), a loaded :class:`~guardmerge.multihead.MultiHeadModel`,
+            (with ``backend="onnx"``), a loaded :class:`~guardmerge.models.multihead.MultiHeadModel`,
             or a :class:`~guardmerge.serve.backends.Backend`.
         thresholds: head -> threshold in [0, 1]; heads not named get :data:`DEFAULT_THRESHOLD`.
         tasks: the heads to make scanners for, in this order (default: every head).
@@ -367,7 +367,7 @@ def _open(model_or_folder: Any, backend: str, max_length: int | None, threads: i
     """The backend to run, and whether it was opened here (and is closed with the scanners)."""
     if isinstance(model_or_folder, (str, Path)):  # an ONNX folder never imports torch
         return load_backend(model_or_folder, backend, max_length=max_length, threads=threads), True
-    from guardmerge.multihead import MultiHeadModel
+    from guardmerge.models.multihead import MultiHeadModel
 
     if isinstance(model_or_folder, MultiHeadModel):
         if backend != "torch":

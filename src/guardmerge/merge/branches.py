@@ -20,7 +20,7 @@ import torch
 from guardmerge.align import per_feature_affine
 from guardmerge.errors import GuardmergeError
 from guardmerge.merge.layerwise import _capture_inputs, blocks_at
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.stats.batches import tokenize_batches
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from guardmerge.errors import GuardmergeError
 from guardmerge.methods import BlockProblem, LayerwiseSpec, LinearSystem, MethodParams
-from guardmerge.multihead import MultiHeadModel, blocks_at, first_output, module_at
+from guardmerge.models.multihead import MultiHeadModel, blocks_at, first_output, module_at
 from guardmerge.stats.batches import tokenize_batches
 from guardmerge.stats.gram import model_inputs
 

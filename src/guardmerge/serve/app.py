@@ -620,7 +620,7 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     backend's ``non_finite_weights()`` (when it has one) is checked once.
     """
     settings = settings or ServeSettings()
-    from guardmerge.multihead import MultiHeadModel
+    from guardmerge.models.multihead import MultiHeadModel
 
     backend: Backend = (
         TorchBackend(model_or_backend) if isinstance(model_or_backend, MultiHeadModel) else model_or_backend

@@ -55,7 +55,7 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """A :class:`~guardmerge.multihead.MultiHeadModel` in PyTorch (CPU)."""
+    """A :class:`~guardmerge.models.multihead.MultiHeadModel` in PyTorch (CPU)."""
 
     name = "torch"
 

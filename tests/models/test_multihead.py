@@ -9,7 +9,7 @@ import guardmerge
 from guardmerge.config import parse_config
 from guardmerge.engine import merge
 from guardmerge.errors import GuardmergeError
-from guardmerge.multihead import MultiHeadModel
+from guardmerge.models.multihead import MultiHeadModel
 from tests.conftest import TEXTS, expert_logits, write_tokenizer
 
 
