@@ -122,7 +122,7 @@ def test_alignment_raises_agreement_with_the_expert(zoo: dict[str, Path], data_f
 
 
 def test_hidden_layer_head_gets_an_affine_map_and_stays_exact(tmp_path: Path) -> None:
-    from tests.test_multihead import _family_zoo
+    from tests.models.test_multihead import _family_zoo
 
     base, (_, e1) = _family_zoo(tmp_path, "roberta")
     cfg = parse_config(
