@@ -267,6 +267,19 @@ def seven_task_table(res: dict) -> list[str]:
             + f" | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | {_f(m['worst_task_ratio'])} ({m['worst_task']}) "
             f"| {hp} | {_produced(m)} |"
         )
+    weak = [t for t in tasks if sev["experts"][t]["macro_f1"] < 0.1]
+    if weak:
+        lines += [
+            "",
+            f"The {', '.join(weak)} expert is weak (test macro-F1 "
+            + ", ".join(_f(sev["experts"][t]["macro_f1"]) for t in weak)
+            + "): its ratio is noise. Normalised over the other tasks: "
+            + ", ".join(
+                f"{name} {_f(sum(v for t, v in m['normalized_per_task'].items() if t not in weak) / max(1, len([t for t in m['normalized_per_task'] if t not in weak])))}"
+                for name, m in sev["rows"].items()
+            )
+            + ".",
+        ]
     lines.append("")
     for name, m in sev["rows"].items():
         off = ", ".join(
