@@ -283,7 +283,9 @@ def seven_task_table(res: dict) -> list[str]:
     lines.append("")
     for name, m in sev["rows"].items():
         off = ", ".join(
-            f"{t} {o['metric']} {_f(o['merged'])} (expert {_f(o['expert'])})" for t, o in m.get("official", {}).items()
+            f"{t} {o['metric']} {_f(o['merged'])} (expert {_f(o['expert'])}"
+            + (f", normalised {_f(o['normalized'])})" if o.get("normalized") is not None else ")")
+            for t, o in m.get("official", {}).items()
         )
         lines.append(f"- {name}: {off}")
     sp = sev.get("speed")
