@@ -213,6 +213,28 @@ class Bench:
         return evaluate(model, {t: data[t] for t in (tasks or model.tasks)})
 
 
+def test_scores(test: Mapping[str, Mapping[str, float]], expert_test: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's test figures: per-task scores, mean macro-F1, normalised (mean and per task), worst task."""
+    per_task = normalized(test, expert_test)
+    return {
+        "test": test,
+        "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
+        "normalized": mean(per_task),
+        "normalized_per_task": per_task,
+        "worst_task": min(per_task, key=per_task.__getitem__),
+        "worst_task_ratio": min(per_task.values()),
+    }
+
+
+def best_row(results: Mapping[str, Any]) -> str:
+    """The best single-pass quality row by validation mean macro-F1."""
+    methods = results.get("methods", {})
+    rows = {k: m for k, m in methods.items() if k != "ensemble" and "validation_mean_macro_f1" in m}
+    if not rows:
+        raise SystemExit("benchmarks/results/guard.json has no quality rows: run python benchmarks/guard.py first")
+    return max(rows, key=lambda k: rows[k]["validation_mean_macro_f1"])
+
+
 def quality(
     bench: Bench,
     grids: Mapping[str, Mapping[str, Sequence[Any]]],
@@ -243,15 +265,9 @@ def quality(
                 for s in run_seeds
             ]
             test = {t: {m: statistics.fmean(r[t][m] for r in tests) for m in tests[0][t]} for t in tests[0]}
-            per_task = normalized(test, expert_test)
             entry = {
                 "method": method,
-                "test": test,
-                "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
-                "normalized": mean(per_task),
-                "normalized_per_task": per_task,
-                "worst_task": min(per_task, key=per_task.__getitem__),
-                "worst_task_ratio": min(per_task.values()),
+                **test_scores(test, expert_test),
                 "hyperparameters": best["parameters"],
                 "validation_mean_macro_f1": best["validation_mean_macro_f1"],
                 "grid": trials,
@@ -367,8 +383,7 @@ def frontier(
     ``branch_aligns`` on validation); quality on test and measured throughput, against one pass
     and the five experts."""
     methods = results.get("methods", {})
-    candidates = {k: m for k, m in methods.items() if k != "ensemble" and "validation_mean_macro_f1" in m}
-    row = row or max(candidates, key=lambda k: candidates[k]["validation_mean_macro_f1"])
+    row = row or best_row(results)
     layers = int(load_any(next(iter(bench.experts.values())), "x").config["num_hidden_layers"])
     align = row.endswith("+align")
     if row in methods:
@@ -382,15 +397,7 @@ def frontier(
             raise SystemExit(f"frontier trunk '{row}' has no quality result and {len(points)} grid points")
         method, params = ROW_METHOD.get(name, name), points[0]
         model = bench.merged(bench.config(method, params, align=align))
-        test = bench.score(model, "test")
-        per_task = normalized(test, expert_test)
-        best = {
-            "normalized": mean(per_task),
-            "worst_task_ratio": min(per_task.values()),
-            "test": test,
-            "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
-            "produced": produced(),
-        }
+        best = {**test_scores(bench.score(model, "test"), expert_test), "produced": produced()}
     out: dict[str, Any] = {"trunk": row, "method": method, "hyperparameters": params, "layers": layers, "rows": {}}
     models: dict[str, MultiHeadModel] = {f"K={layers}": model}
     out["rows"][f"K={layers}"] = {
@@ -411,19 +418,13 @@ def frontier(
             trials.append((mean({t: v["macro_f1"] for t, v in val.items()}), branch_align, model))
             log.info("frontier K=%d branch_align=%s: validation %.4f", depth, branch_align, trials[-1][0])
         val_score, branch_align, model = max(trials, key=lambda x: x[0])
-        test = bench.score(model, "test")
-        per_task = normalized(test, expert_test)
         name = f"K={depth}"
         models[name] = model
         out["rows"][name] = {
             "share_layers": depth,
             "branch_align": branch_align,
             "validation_mean_macro_f1": val_score,
-            "test": test,
-            "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
-            "normalized": mean(per_task),
-            "normalized_per_task": per_task,
-            "worst_task_ratio": min(per_task.values()),
+            **test_scores(bench.score(model, "test"), expert_test),
             "layer_passes": depth + n * (layers - depth),
             "produced": produced(),
         }
@@ -477,17 +478,12 @@ def seven_task(
                 trials.append((mean({t: v["macro_f1"] for t, v in val.items()}), params, model))
                 log.info("seven %s %s: validation mean macro-F1 %.4f", name, params, trials[-1][0])
             val_score, params, model = max(trials, key=lambda x: x[0])
-            test = bench.score(model, "test")
-            per_task = normalized(test, expert_test)
+            scores = test_scores(bench.score(model, "test"), expert_test)
+            test = scores["test"]
             out["rows"][name] = {
                 "hyperparameters": params,
                 "validation_mean_macro_f1": val_score,
-                "test": test,
-                "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
-                "normalized": mean(per_task),
-                "normalized_per_task": per_task,
-                "worst_task": min(per_task, key=lambda t: per_task[t]),
-                "worst_task_ratio": min(per_task.values()),
+                **scores,
                 "official": {
                     t: {
                         "metric": m,
@@ -499,7 +495,7 @@ def seven_task(
                 },
                 "produced": produced(),
             }
-            log.info("seven %s: normalised %.4f, worst %.4f", name, mean(per_task), min(per_task.values()))
+            log.info("seven %s: normalised %.4f, worst %.4f", name, scores["normalized"], scores["worst_task_ratio"])
             if val_score > best_val:
                 best_model, best_val = model, val_score
     assert best_model is not None

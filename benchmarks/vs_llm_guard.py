@@ -158,18 +158,11 @@ def _same_json(path: Path, data: Any) -> bool:
     return path.is_file() and json.loads(path.read_text()) == data
 
 
-def best_row(results: Mapping[str, Any]) -> str:
-    """The best single-pass quality row by validation mean macro-F1 (as guard.py's frontier picks it)."""
-    methods = results.get("methods", {})
-    rows = {k: m for k, m in methods.items() if k != "ensemble" and "validation_mean_macro_f1" in m}
-    if not rows:
-        raise SystemExit("benchmarks/results/guard.json has no quality rows: run python benchmarks/guard.py first")
-    return max(rows, key=lambda k: rows[k]["validation_mean_macro_f1"])
-
-
 def merged_model(data: Path, work: Path, experts: Mapping[str, Path], row: str | None) -> tuple[Path, dict[str, Any]]:
     """The guard benchmark's merged five-head model for quality ``row`` (default: the best by
     validation), built as benchmarks/guard.py builds it and saved once under WORK/vs_llm_guard."""
+    from guard import best_row
+
     guard_json = HERE / "results" / "guard.json"
     results = json.loads(guard_json.read_text()) if guard_json.is_file() else {}
     row = row or best_row(results)
