@@ -200,14 +200,9 @@ def _block_problem(
     if any(f"{prefix}.{n}" not in base for n in names):
         return None
     theta0 = {n: base[f"{prefix}.{n}"].float() for n in names}
-    deltas = {}
-    for n in names:
-        rows = []
-        for tk in tasks:
-            own = tk.blocks[depth] if depth is not None else tk.pooler
-            assert own is not None
-            rows.append(dict(own.named_parameters())[n].detach().float() - theta0[n])
-        deltas[n] = torch.stack(rows)
+    owns = [tk.blocks[depth] if depth is not None else tk.pooler for tk in tasks]
+    params = [dict(own.named_parameters()) for own in owns if own is not None]
+    deltas = {n: torch.stack([p[n].detach().float() - theta0[n] for p in params]) for n in names}
 
     def call(task: _Task, b: int) -> _Call | None:
         return task.calls[b] if depth is not None else None
@@ -221,8 +216,7 @@ def _block_problem(
         return flat.index_select(0, c.rows) if c is not None and out.dim() >= 3 else flat
 
     targets = []
-    for tk in tasks:
-        own = tk.blocks[depth] if depth is not None else tk.pooler
+    for tk, own in zip(tasks, owns):
         assert own is not None
         per = []
         for b, hidden in enumerate(tk.expert):

@@ -12,7 +12,7 @@ where the blocks are, what sharing depths it supports); nothing outside this mod
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from guardmerge.errors import CompatibilityError
@@ -380,6 +380,18 @@ _ROBERTA_HEAD: dict[str, Any] = {
     "has_pooler": False,
 }
 
+_ROBERTA = ArchitectureAdapter(
+    model_type="roberta",
+    prefix="roberta",
+    ignore_prefixes=("lm_head.", "pooler."),
+    classifier_class="RobertaForSequenceClassification",
+    token_classifier_class="RobertaForTokenClassification",
+    pooler_flag="add_pooling_layer",
+    position_offset=True,
+    **_ROBERTA_HEAD,
+    **_BERT_LIKE_BLOCKS,
+)
+
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     a.model_type: a
     for a in (
@@ -399,27 +411,12 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
             pooler="pooler",
             **_BERT_LIKE_BLOCKS,
         ),
-        ArchitectureAdapter(
-            model_type="roberta",
-            prefix="roberta",
-            ignore_prefixes=("lm_head.", "pooler."),
-            classifier_class="RobertaForSequenceClassification",
-            token_classifier_class="RobertaForTokenClassification",
-            pooler_flag="add_pooling_layer",
-            position_offset=True,
-            **_ROBERTA_HEAD,
-            **_BERT_LIKE_BLOCKS,
-        ),
-        ArchitectureAdapter(
+        _ROBERTA,
+        replace(  # XLM-R: RoBERTa's layout under other class names
+            _ROBERTA,
             model_type="xlm-roberta",
-            prefix="roberta",
-            ignore_prefixes=("lm_head.", "pooler."),
             classifier_class="XLMRobertaForSequenceClassification",
             token_classifier_class="XLMRobertaForTokenClassification",
-            pooler_flag="add_pooling_layer",
-            position_offset=True,
-            **_ROBERTA_HEAD,
-            **_BERT_LIKE_BLOCKS,
         ),
         ArchitectureAdapter(
             model_type="distilbert",
