@@ -154,6 +154,30 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+MERGED_TASKS = ("hate", "injection", "sentiment")
+"""The heads of the :func:`merged_dir` model."""
+
+
+@pytest.fixture(scope="session")
+def merged_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny merged three-head model saved as a folder (hate, injection, sentiment), shared by
+    the serving and integration tests."""
+    from guardmerge.config import parse_config
+    from guardmerge.engine import merge
+
+    cfg = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo[t]), "task": t} for t in MERGED_TASKS],
+            "method": "task_arithmetic",
+            "parameters": {"scaling": 0.4},
+        }
+    )
+    out = tmp_path_factory.mktemp("merged") / "merged"
+    merge(cfg, progress=False).to_model().save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def write_config(tmp_path: Path) -> Callable[..., Path]:
     """Write a merge config YAML and return its path."""

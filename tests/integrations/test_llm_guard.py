@@ -28,29 +28,10 @@ from guardmerge.integrations.llm_guard import (
     scanners,
 )
 from guardmerge.models.multihead import MultiHeadModel
-from tests.conftest import TEXTS
+from tests.conftest import MERGED_TASKS, TEXTS
 
-TASKS = ("hate", "injection", "sentiment")
+TASKS = MERGED_TASKS
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def merged_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny merged three-head model folder (hate, injection, sentiment)."""
-    from guardmerge.config import parse_config
-    from guardmerge.engine import merge
-
-    cfg = parse_config(
-        {
-            "base_model": str(zoo["base"]),
-            "experts": [{"model": str(zoo[t]), "task": t} for t in TASKS],
-            "method": "task_arithmetic",
-            "parameters": {"scaling": 0.4},
-        }
-    )
-    out = tmp_path_factory.mktemp("llm_guard") / "merged"
-    merge(cfg, progress=False).to_model().save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -66,14 +66,16 @@ def test_fit_lowers_the_loss_and_trains_coefficients_only(granularity: str) -> N
     )
     fitted = distill_block(problem, params)
     assert block_loss(problem, fitted) < 0.9 * block_loss(problem, start)
+    residuals = []
     for name, theta in fitted.items():
         tau = problem.deltas[name].reshape(2, -1)
-        moved = (theta - problem.base[name]).reshape(-1)
-        if granularity == "tensor":  # in the span of the two task vectors
-            coef = torch.linalg.lstsq(tau.T, moved.unsqueeze(1)).solution
-            torch.testing.assert_close(tau.T @ coef, moved.unsqueeze(1), atol=1e-5, rtol=0)
-        else:  # element-wise: zero where every task vector is zero
-            assert moved.shape == tau[0].shape
+        moved = (theta - problem.base[name]).reshape(-1, 1)
+        coef = torch.linalg.lstsq(tau.T, moved).solution
+        residuals.append(float((tau.T @ coef - moved).abs().max()))
+    if granularity == "tensor":  # every tensor stays in the span of the two task vectors
+        assert max(residuals) < 1e-5, residuals
+    else:  # one coefficient per element: the weight tensor leaves that span
+        assert max(residuals) > 1e-4, residuals
 
 
 def test_the_start_is_kept_when_the_fit_cannot_improve_it() -> None:

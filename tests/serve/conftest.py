@@ -16,27 +16,9 @@ from typing import Any
 import pytest
 
 from guardmerge.models.multihead import MultiHeadModel
+from tests.conftest import MERGED_TASKS
 
-TASKS = ("hate", "injection", "sentiment")
-
-
-@pytest.fixture(scope="session")
-def merged_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny merged three-head model saved as a folder (hate, injection, sentiment)."""
-    from guardmerge.config import parse_config
-    from guardmerge.engine import merge
-
-    cfg = parse_config(
-        {
-            "base_model": str(zoo["base"]),
-            "experts": [{"model": str(zoo[t]), "task": t} for t in TASKS],
-            "method": "task_arithmetic",
-            "parameters": {"scaling": 0.4},
-        }
-    )
-    out = tmp_path_factory.mktemp("serve") / "merged"
-    merge(cfg, progress=False).to_model().save_pretrained(out)
-    return out
+TASKS = MERGED_TASKS  # the heads of the shared merged_dir fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="session")
