@@ -49,6 +49,13 @@ def build_zoo(data: Path, work: Path, tasks: list[str] | None = None, progress: 
     return out
 
 
+def produced() -> dict[str, str]:
+    """The commit and date a row comes from (guard.py's rule)."""
+    from guard import produced as guard_produced
+
+    return guard_produced()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="task folders (default ../shared/data)")
@@ -65,7 +72,13 @@ def main() -> None:
         td = load_task(data / task)
         model = load_any(folder, task)
         scores = {split: evaluate(model, {task: td.split(split)})[task] for split in ("validation", "test")}
-        report[task] = {"folder": str(folder), "settings": RECIPE[task].model_dump(), "seconds": seconds, **scores}
+        report[task] = {
+            "folder": str(folder),
+            "settings": RECIPE[task].model_dump(),
+            "seconds": seconds,
+            **scores,
+            "produced": produced(),
+        }
         logging.info("%s: test macro-F1 %.4f", task, scores["test"]["macro_f1"])
     path = HERE / "results" / "zoo.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
