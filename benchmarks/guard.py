@@ -437,6 +437,7 @@ def frontier(
         "mean_macro_f1": results["experts_mean_macro_f1"],
         "layer_passes": n * layers,
         "note": "the five experts run one after another",
+        "produced": produced(),
     }
     for name, r in out["rows"].items():
         r.update(speeds[name])
