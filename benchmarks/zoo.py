@@ -84,10 +84,8 @@ def main() -> None:
             "produced": produced(),
         }
         logging.info("%s: test macro-F1 %.4f", task, scores["test"]["macro_f1"])
-    path = HERE / "results" / "zoo.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    previous.update(to_json_ready(report))
-    path.write_text(json.dumps(previous, indent=2) + "\n")
+    known.update(to_json_ready(report))
+    path.write_text(json.dumps(known, indent=2) + "\n")
     for task, r in report.items():
         print(f"{task:<10} test macro-F1 {r['test']['macro_f1']:.4f}  validation {r['validation']['macro_f1']:.4f}")
 
