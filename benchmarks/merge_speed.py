@@ -108,7 +108,7 @@ def build_checkpoints(work: Path, small: bool, seed: int = 0) -> list[Path]:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from guardmerge.writer import write_tensors
+    from guardmerge.io.writer import write_tensors
 
     cfg = (
         BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
@@ -144,7 +144,7 @@ def build_llama(work: Path, small: bool, seed: int = 0) -> list[Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from guardmerge.writer import write_tensors
+    from guardmerge.io.writer import write_tensors
 
     folders = [work / name for name in ("llama-base", "llama-ft1", "llama-ft2")]
     if all(any(f.glob("*.safetensors")) for f in folders):

@@ -287,7 +287,8 @@ def test_self_merge_at_density_one_reproduces_the_expert(zoo: dict[str, Path], m
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "pcb"])
 def test_streamed_sharded_output_equals_the_in_memory_merge(zoo: dict[str, Path], tmp_path: Path, method: str) -> None:
-    from guardmerge.writer import INDEX_FILE, read_tensors
+    from guardmerge.io.checkpoint import read_tensors
+    from guardmerge.io.formats import SAFETENSORS_INDEX as INDEX_FILE
 
     config = cfg(zoo, tasks=("hate", "injection", "sentiment"), method=method)
     in_memory = merge(config, progress=False).tensors
@@ -301,7 +302,7 @@ def test_streamed_sharded_output_equals_the_in_memory_merge(zoo: dict[str, Path]
 
 
 def test_out_dtype_and_compute_dtype(zoo: dict[str, Path], tmp_path: Path) -> None:
-    from guardmerge.writer import read_tensors
+    from guardmerge.io.checkpoint import read_tensors
 
     config = cfg(zoo, scaling=0.5).model_copy(update={"out_dtype": "bfloat16"})
     merge_to_folder(config, tmp_path / "bf16", progress=False)

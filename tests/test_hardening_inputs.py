@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from guardmerge.checkpoint import Checkpoint
+from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.cli import main
 from guardmerge.config import load_config
 from guardmerge.errors import (

@@ -51,7 +51,7 @@ def test_regmean_from_data_computes_and_caches_statistics(zoo: dict[str, Path], 
 
 
 def test_regmean_one_expert_returns_the_expert(zoo: dict[str, Path], data_file: Path) -> None:
-    from guardmerge.checkpoint import Checkpoint
+    from guardmerge.models.checkpoint import Checkpoint
 
     res = build(regmean(zoo, data_file, tasks=("sentiment",)), progress=False)
     with Checkpoint(zoo["sentiment"]) as ck:
@@ -109,7 +109,7 @@ def test_dare_regmean_computes_statistics_on_the_sparsified_experts(
     cfg = regmean(zoo, data_file, method="dare_regmean", parameters={"density": 0.5, "seed": 3})
     dropped = sparsified_experts(cfg)
     q = "encoder.layer.0.attention.self.query.weight"
-    from guardmerge.checkpoint import Checkpoint
+    from guardmerge.models.checkpoint import Checkpoint
 
     with Checkpoint(zoo["base"]) as base, Checkpoint(zoo["hate"]) as hate:
         tau = hate.get(q) - base.get(q)

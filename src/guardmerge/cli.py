@@ -73,8 +73,8 @@ def merge(
     from guardmerge.allocator import tune_for_streaming
     from guardmerge.config import load_config
     from guardmerge.io import check_output
+    from guardmerge.io.writer import parse_size
     from guardmerge.pipeline import merge_to_folder
-    from guardmerge.writer import parse_size
 
     overrides = list(set_ or [])
     if allow_pickle:
@@ -144,7 +144,6 @@ def stats(
     import os
     import tempfile
 
-    from guardmerge.checkpoint import check_weights, resolve
     from guardmerge.config import StatsConfig
     from guardmerge.data import read_examples
     from guardmerge.io import check_output
@@ -152,7 +151,6 @@ def stats(
     from guardmerge.stats import save_stats
 
     check_output(out, force=force, inputs=[expert, data], file=True)
-    check_weights(resolve(expert), allow_pickle=allow_pickle)  # before any data is read
     unknown = sorted(set(kind) - {"gram", "fisher"})
     if unknown:
         raise GuardmergeError(f"unknown statistics kind(s) {unknown}: use gram and/or fisher")
@@ -503,7 +501,7 @@ def finetune(
         max_examples=max_examples,
         seed=seed,
     )
-    from guardmerge.checkpoint import resolve
+    from guardmerge.io.checkpoint import resolve
 
     run(resolve(base), train, names, out, settings, force=force, allow_pickle=allow_pickle)
     typer.echo(f"fine-tuned expert -> {out}")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from guardmerge.checkpoint import Checkpoint
 from guardmerge.errors import CompatibilityError, ConfigError
+from guardmerge.io.formats import TOKENIZER_VOCAB_FILES
 from guardmerge.models.adapters import ArchitectureAdapter, HeadLayout, encoder_names
+from guardmerge.models.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -333,18 +334,6 @@ def _vocab(ck: Checkpoint) -> dict[str, int] | None:
         raise CompatibilityError(f"cannot load the tokenizer of {ck.source}: {exc}") from None
 
 
-_VOCAB_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "spm.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
-
-
 def _vocab_digest(ck: Checkpoint) -> str | None:
     """A digest of the tokenizer's vocabulary files (None without them): identical files mean
     an identical vocabulary, so the tokenizers need not be loaded."""
@@ -352,7 +341,7 @@ def _vocab_digest(ck: Checkpoint) -> str | None:
         return None
     h = hashlib.sha256()
     found = False
-    for name in _VOCAB_FILES:
+    for name in TOKENIZER_VOCAB_FILES:
         f = Path(ck.path) / name
         if f.is_file():
             found = True

@@ -26,14 +26,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from guardmerge.checkpoint import Checkpoint
 from guardmerge.compat import ExpertRef, MergePlan, plan_merge
 from guardmerge.config import MergeConfig
 from guardmerge.errors import ConfigError, GuardmergeError, StatisticsError
 from guardmerge.io import atomic_dir
+from guardmerge.io.formats import CONFIG_FILE, MERGE_CONFIG_FILE, MODEL_CARD_FILE, TOKENIZER_FILES
+from guardmerge.io.writer import ShardedWriter, TensorSlot
 from guardmerge.merge.job import MergeJob
 from guardmerge.methods import MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.modelcard import model_card
+from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.models.multihead import (
     BRANCH_PREFIX,
     HEAD_PREFIX,
@@ -44,7 +46,6 @@ from guardmerge.models.multihead import (
     stock_head_tensors,
 )
 from guardmerge.stats.io import ExpertStats, stack_for_tensor
-from guardmerge.writer import ShardedWriter, TensorSlot
 
 log = logging.getLogger(__name__)
 
@@ -470,28 +471,13 @@ def write_folder(
             model_cfg = {**result.config, "guardmerge": {"version": __version__, **result.info}}
         else:
             model_cfg = folder_config(result.config, result.heads, result.info)
-        (tmp / "config.json").write_text(json.dumps(model_cfg, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(model_cfg, indent=2) + "\n")
         if result.tokenizer_dir:
             _copy_tokenizer(Path(result.tokenizer_dir), tmp)
-        (tmp / "merge_config.yaml").write_text(config.dump())
-        (tmp / "README.md").write_text(model_card(result, config, __version__))
+        (tmp / MERGE_CONFIG_FILE).write_text(config.dump())
+        (tmp / MODEL_CARD_FILE).write_text(model_card(result, config, __version__))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "spiece.model",
-    "spm.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

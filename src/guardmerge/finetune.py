@@ -27,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from guardmerge.data import Examples, TaskData
-from guardmerge.errors import DataError
+from guardmerge.errors import DataError, GuardmergeError
 from guardmerge.io import atomic_dir
+from guardmerge.io.formats import SAFETENSORS_FILE, read_config
 
 log = logging.getLogger(__name__)
 
@@ -82,34 +83,34 @@ def finetune(
         out: output folder (refused if it exists, unless ``force``).
         allow_pickle: accept a base with only ``pytorch_model.bin`` (pickle) weights.
     """
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-        AutoTokenizer,
-        get_linear_schedule_with_warmup,
-    )
+    from transformers import get_linear_schedule_with_warmup
 
-    from guardmerge.checkpoint import capped_length, check_weights, resolve
+    from guardmerge.io.checkpoint import resolve
+    from guardmerge.models.adapters import capped_length, get_adapter
+    from guardmerge.models.multihead import load_tokenizer
+    from guardmerge.models.stock import stock_model
 
     s = settings or FinetuneSettings()
     folder = resolve(base)
-    pickled = check_weights(folder, allow_pickle=allow_pickle)  # before transformers opens anything
     if not train.labelled:
         raise DataError("fine-tuning needs labelled examples")
     train = train.head(s.max_examples)
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
-    tok = AutoTokenizer.from_pretrained(str(folder))
     kind = train.kind
-    head_class = AutoModelForTokenClassification if kind == "token" else AutoModelForSequenceClassification
-    extra = {"problem_type": "multi_label_classification"} if kind == "multi_label" else {}
-    model = head_class.from_pretrained(
-        str(folder),
-        use_safetensors=not pickled,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)},
-        **extra,
+    config = read_config(folder)
+    adapter = get_adapter(str(config["model_type"]), where=str(folder))
+    tok = load_tokenizer(folder, required=True)
+    # the new head, and a pooler where the base has none (a masked LM), start from the class's init
+    fresh = (*adapter.head_prefixes, *(p for p in (adapter.pooler,) if p), *adapter.token_head_layers)
+    model = stock_model(
+        folder,
+        token=kind == "token",
+        labels=labels,
+        multi_label=kind == "multi_label",
+        fresh=tuple(f if f.endswith(".") else f + "." for f in fresh),
+        allow_pickle=allow_pickle,
+        where=f"base {base}",
     )
     length = capped_length(s.max_length, model.config.to_dict(), "fine-tune")
     columns, targets = _encode(tok, train, len(labels), length)
@@ -142,12 +143,20 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             step += 1
             value = float(loss.detach())
+            if not math.isfinite(value):
+                raise GuardmergeError(
+                    f"fine-tuning {out} diverged at step {step} (the loss is {value}); nothing was written: "
+                    "lower the learning rate (--lr)"
+                )
             loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
             bar.set_postfix(loss=f"{loss_ema:.3f}")
             bar.update()
     bar.close()
     log.info("fine-tuned %s: %d steps in %.0f s", out, total, time.perf_counter() - started)
     model.eval()
+    bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise GuardmergeError(f"fine-tuning {out}: tensor '{bad[0]}' holds NaN or Inf values; nothing was written")
     with atomic_dir(out, force=force) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
@@ -201,7 +210,7 @@ def finetune_cached(
 ) -> Path:
     """Fine-tune the expert of ``task`` into ``cache``, or reuse it when the base's config and
     size, the training file, the labels and the settings are unchanged."""
-    weights = base / "model.safetensors"
+    weights = base / SAFETENSORS_FILE
     size = weights.stat().st_size if weights.is_file() else 0
     key = _digest(base / "config.json", size, task.folder / "train.jsonl", task.labels, settings.model_dump_json())
     out = Path(cache) / f"{task.name}-{key}"

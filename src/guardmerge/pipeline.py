@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from guardmerge.checkpoint import Checkpoint, capped_length, check_weights, resolve
 from guardmerge.config import AlignConfig, MergeConfig, StatsConfig
 from guardmerge.data import task_texts
 from guardmerge.engine import (
@@ -39,8 +38,10 @@ from guardmerge.engine import (
 )
 from guardmerge.errors import StatisticsError
 from guardmerge.io import check_output
+from guardmerge.io.checkpoint import resolve
 from guardmerge.merge.job import MergeJob
-from guardmerge.models.adapters import get_adapter
+from guardmerge.models.adapters import capped_length, encoder_names
+from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.models.multihead import BRANCH_PREFIX, MultiHeadModel
 from guardmerge.refit import FeatureCache, align_heads
 from guardmerge.stats import (
@@ -80,30 +81,32 @@ def compute_stats(
     ``allow_pickle``; ``settings.max_length`` is capped at the model's positions, and texts at
     :data:`~guardmerge.data.MAX_TEXT_CHARS` characters.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from guardmerge.data import MAX_TEXT_CHARS
+    from guardmerge.models.multihead import load_tokenizer
+    from guardmerge.models.stock import stock_model
 
     folder = resolve(expert)
-    pickled = check_weights(folder, allow_pickle=allow_pickle)  # the same check as every checkpoint read
     with Checkpoint(folder, allow_pickle=allow_pickle, where=f"expert {expert}") as ck:
         settings = settings.model_copy(
             update={"max_length": capped_length(settings.max_length, ck.config, f"statistics of {expert}")}
         )
-        if "fisher" in kinds and ck.problem == "token":
-            raise StatisticsError(
-                f"expert {expert} is a token classifier: Fisher statistics are defined for sequence heads only; "
-                "merge it with a Gram-based (regmean) or data-free method"
-            )
+        token = ck.problem == "token"
+    if "fisher" in kinds and token:
+        raise StatisticsError(
+            f"expert {expert} is a token classifier: Fisher statistics are defined for sequence heads only; "
+            "merge it with a Gram-based (regmean) or data-free method"
+        )
     long = sum(len(t) > MAX_TEXT_CHARS for t in texts)
     if long:
         log.warning("statistics of %s: %d text(s) truncated to %d characters", expert, long, MAX_TEXT_CHARS)
         texts = [t[:MAX_TEXT_CHARS] for t in texts]
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    # a token classifier loads as a sequence classifier too: Grams read only its encoder's inputs
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=not pickled).eval()
+    tok = load_tokenizer(folder, required=True)
+    # read as a sequence classifier: Grams read only the encoder's inputs (a token classifier's
+    # pooler and head, which it lacks, are initialised by the class and never used)
+    fresh = ("pooler.", *ck.adapter.head_prefixes) if token else ()
+    model = stock_model(folder, fresh=fresh, allow_pickle=allow_pickle, where=f"expert {expert}")
     if encoder_state is not None:
-        adapter = get_adapter(model.config.model_type)
+        adapter = ck.adapter
         own = model.state_dict()
         missing = [n for n in encoder_state if adapter.prefixed(n) not in own]
         if missing:
@@ -201,8 +204,6 @@ def statistics_stage(
 
 def _base_tensors(job: MergeJob) -> dict[str, torch.Tensor]:
     """The base model's encoder tensors under canonical names (a per-block fit's ``theta_0``)."""
-    from guardmerge.models.adapters import encoder_names
-
     with Checkpoint(job.base, allow_pickle=job.config.allow_pickle) as ck:
         return {n: ck.get(n) for n in encoder_names(ck.adapter, ck.names())}
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from guardmerge.checkpoint import Checkpoint
+from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.config import parse_config
 from guardmerge.engine import merge
 from guardmerge.search import Candidate

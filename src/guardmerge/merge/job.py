@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from guardmerge.checkpoint import resolve
 from guardmerge.config import AlignConfig, MergeConfig
 from guardmerge.errors import CheckpointError, ConfigError
-from guardmerge.io import read_json
+from guardmerge.io.checkpoint import resolve
+from guardmerge.io.formats import read_json
 from guardmerge.methods import METHODS, MethodParams, MethodSpec
 from guardmerge.models.adapters import ADAPTERS
 

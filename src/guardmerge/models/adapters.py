@@ -11,12 +11,15 @@ where the blocks are, what sharing depths it supports); nothing outside this mod
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from guardmerge.errors import CompatibilityError
 from guardmerge.methods.registry import Role
+
+log = logging.getLogger(__name__)
 
 HEAD_INPUTS = ("pooled", "cls", "mean", "tokens")
 """What a head can read: the encoder's pooler output, the first token, the masked mean, or every
@@ -572,3 +575,26 @@ def encoder_names(adapter: ArchitectureAdapter, names: Iterable[str]) -> list[st
         if not adapter.is_head(c) and not adapter.is_ignored(c):
             out.append(c)
     return out
+
+
+def position_limit(config: Any) -> int | None:
+    """The most tokens per text ``config`` (a ``config.json`` dict) can embed, or None if unknown.
+
+    RoBERTa-style models offset positions by ``pad_token_id + 1`` (514 positions: 512 tokens).
+    """
+    n = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    if position_offset(config):
+        pad = config.get("pad_token_id")
+        n -= (pad if isinstance(pad, int) else 1) + 1
+    return max(n, 1)
+
+
+def capped_length(max_length: int, config: Any, what: str, *, level: int = logging.INFO) -> int:
+    """``max_length`` capped at the model's positions (:func:`position_limit`), logged when capped."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        log.log(level, "%s: max_length %d capped at %d (the model's max_position_embeddings)", what, max_length, limit)
+        return limit
+    return max_length

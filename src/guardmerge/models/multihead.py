@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from guardmerge.errors import CheckpointError, GuardmergeError
-from guardmerge.io import atomic_dir, read_json
+from guardmerge.io import atomic_dir
+from guardmerge.io.formats import CONFIG_FILE, check_tokenizer_config, clip, read_config
 from guardmerge.models.adapters import (
     HEAD_INPUTS,
     MULTI_LABEL_PROBLEM_TYPE,
@@ -63,7 +64,6 @@ from guardmerge.outputs import (
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"
 HEAD_PREFIX = "heads."
 BRANCH_PREFIX = "branches."
 _BUFFERS = ("position_ids", "token_type_ids")  # non-persistent in recent transformers
@@ -641,7 +641,7 @@ class MultiHeadModel(nn.Module):
     def token_length(self, max_length: int | None = None) -> int:
         """Tokens per text that :meth:`encode` keeps (``max_length``, default 512, capped at the
         model's positions)."""
-        from guardmerge.checkpoint import capped_length
+        from guardmerge.models.adapters import capped_length
 
         return capped_length(max_length or 512, self.config, "encode", level=logging.DEBUG)
 
@@ -781,25 +781,24 @@ class MultiHeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu") -> MultiHeadModel:
         """Load a folder written by :meth:`save_pretrained` or ``guardmerge merge``."""
+        from guardmerge.io.checkpoint import CheckpointFiles
+
         folder = Path(path)
-        cfg_file = folder / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointError(f"{cfg_file} is missing: not a guardmerge model folder")
-        config = read_json(cfg_file, error=CheckpointError, what="model config")
-        meta = config.pop("guardmerge", None) if isinstance(config, dict) else None
+        cfg_file = folder / CONFIG_FILE
+        config = read_config(folder)
+        meta = config.pop("guardmerge", None)
         if not isinstance(meta, dict) or "heads" not in meta:
             raise CheckpointError(
                 f"{cfg_file} has no 'guardmerge.heads' section: this is not a merged multi-head "
                 "model (a single classifier loads with transformers directly)"
             )
-        from guardmerge.writer import read_layout, read_tensors
-
         specs = head_specs(meta["heads"], cfg_file)
-        check_config_shapes(config, read_layout(folder), folder)  # before any encoder is allocated
-        tensors = read_tensors(folder)  # one file or shards with an index
-        check_finite(tensors, folder)
+        with CheckpointFiles(folder, config=config) as files:  # every file, dtype and NaN rule
+            layout = {k: (files.dtype(k), files.shape(k)) for k in files.stored_names()}
+            check_config_shapes(config, layout, folder)  # before any encoder is allocated
+            tensors = files.state_dict()
         info = {k: v for k, v in meta.items() if k not in ("heads", "version")}
-        model = cls.from_tensors(config, specs, tensors, info, load_tokenizer(folder), where=str(folder / WEIGHTS_FILE))
+        model = cls.from_tensors(config, specs, tensors, info, load_tokenizer(folder), where=str(folder))
         return model.to(device)
 
     @classmethod
@@ -868,8 +867,8 @@ class MultiHeadModel(nn.Module):
                 base's pooler for a token classifier, which stores none (the merge counts it as
                 unchanged), so the layer-wise stage can fit the merged pooler to it.
         """
-        from guardmerge.checkpoint import Checkpoint
         from guardmerge.models.adapters import encoder_names
+        from guardmerge.models.checkpoint import Checkpoint
 
         with Checkpoint(path, allow_pickle=allow_pickle) as ck:
             ad = ck.adapter
@@ -1044,14 +1043,18 @@ def head_from_tensors(task: str, spec: HeadSpec, tensors: Mapping[str, torch.Ten
     return head
 
 
-def load_tokenizer(folder: str | Path) -> Any:
-    """The tokenizer saved in ``folder`` (None when there is none)."""
+def load_tokenizer(folder: str | Path, *, required: bool = False) -> Any:
+    """The tokenizer saved in ``folder``: None when there is none (an error when ``required``).
+    A tokenizer that points at code shipped with the model (``auto_map``) is refused."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_config(folder)
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # no tokenizer files, or unreadable ones
-        log.warning("no usable tokenizer in %s (%s); predict() will need one", folder, exc)
+        if required:
+            raise CheckpointError(f"{folder}: no usable tokenizer ({clip(exc, 200)})") from None
+        log.warning("no usable tokenizer in %s (%s); predict() will need one", folder, clip(exc, 200))
         return None
 
 
@@ -1063,7 +1066,7 @@ def write_model_folder(
 ) -> None:
     """Write weights (safetensors), ``config.json`` and the tokenizer into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    from guardmerge.writer import write_tensors
+    from guardmerge.io.writer import write_tensors
 
     write_tensors(folder, tensors)
     (folder / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=False) + "\n")
@@ -1084,7 +1087,7 @@ def folder_config(config: Mapping[str, Any], heads: Mapping[str, HeadSpec], info
     return cfg
 
 
-_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_TASK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def head_specs(raw: Any, where: Path) -> dict[str, HeadSpec]:
@@ -1098,7 +1101,7 @@ def head_specs(raw: Any, where: Path) -> dict[str, HeadSpec]:
     specs = {}
     for task, entry in raw.items():
         name = f"{where}: guardmerge.heads.{str(task)[:80]}"
-        if not isinstance(task, str) or not _TASK_RE.match(task):
+        if not isinstance(task, str) or not _TASK_RE.fullmatch(task):
             raise CheckpointError(f"{name}: not a valid task name")
         if not isinstance(entry, dict):
             raise CheckpointError(f"{name}: expected an object")
@@ -1141,8 +1144,18 @@ def check_config_shapes(
 ) -> None:
     """Refuse a ``config.json`` whose encoder disagrees with the stored tensor shapes, before any
     memory is allocated for it (the encoder is built on the meta device to read its shapes)."""
+    adapter = get_adapter(str(config.get("model_type", "")), where=str(folder / CONFIG_FILE))
+    declared = config.get("num_hidden_layers")
+    if adapter.blocks and isinstance(declared, int):
+        names = [k.split(".", 2)[2] if k.startswith(BRANCH_PREFIX) and k.count(".") >= 2 else k for k in layout]
+        found = adapter.num_blocks(names)
+        if found != declared:
+            raise CheckpointError(
+                f"{folder / CONFIG_FILE} does not match the weights: num_hidden_layers is {declared}, "
+                f"the weights hold {found} blocks"
+            )
     try:
-        with_pooler = has_pooler(get_adapter(str(config.get("model_type", ""))), layout)
+        with_pooler = has_pooler(adapter, layout)
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_encoder(config, with_pooler).state_dict().items()}
     except Exception as exc:  # transformers raises ValueError, TypeError, KeyError on bad configs
@@ -1157,10 +1170,3 @@ def check_config_shapes(
                 f"{folder / 'config.json'} does not match the weights: tensor '{key}' is stored as "
                 f"{list(shape)}, the config implies {list(expected[key])}"
             )
-
-
-def check_finite(tensors: Mapping[str, torch.Tensor], where: Path | str) -> None:
-    """Refuse NaN or Inf in any floating-point tensor, naming it."""
-    for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{where}: tensor '{key}' holds NaN or Inf values; refused")

@@ -49,11 +49,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from guardmerge import __version__
 from guardmerge.errors import CheckpointError, StatisticsError
+from guardmerge.io.formats import CONFIG_FILE, read_json, weight_files
+from guardmerge.io.safetensors import SafetensorsFile
 from guardmerge.stats.fisher import FisherStats
 from guardmerge.stats.gram import GramStats
 
@@ -86,21 +87,6 @@ def _sample_file(h: hashlib._Hash, path: Path, data_start: int) -> None:
             h.update(fh.read(length))
 
 
-def _weight_files(folder: Path) -> tuple[list[Path], bool]:
-    """The checkpoint's weight files (sorted) and whether they are safetensors."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return sorted({folder / f for f in weight_map.values()}), True
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single], True
-    pickles = sorted(folder.glob("pytorch_model*.bin"))
-    if pickles:
-        return pickles, False
-    raise CheckpointError(f"no weight files (model.safetensors, pytorch_model.bin) in '{folder}'")
-
-
 def expert_fingerprint(folder: str | os.PathLike[str]) -> str:
     """A cheap, stable identity of a checkpoint folder: ``gmfp1:<sha256 hex>``.
 
@@ -125,21 +111,18 @@ def expert_fingerprint(folder: str | os.PathLike[str]) -> str:
     path = Path(folder)
     if not path.is_dir():
         raise CheckpointError(f"expert folder '{folder}' not found")
-    config_file = path / "config.json"
+    config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise CheckpointError(f"'{folder}' has no config.json")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"'{config_file}' is not valid JSON: {exc}") from None
+    config = read_json(config_file, error=CheckpointError, what="model config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"'{config_file}' is not a JSON object")
     h = hashlib.sha256(FINGERPRINT_VERSION.encode())
     stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
     h.update(json.dumps(stable, sort_keys=True, separators=(",", ":")).encode())
-    files, is_safetensors = _weight_files(path)
+    files, pickled = weight_files(path, allow_pickle=True)  # the one finder (shards inside the folder)
     for file in files:
-        if not file.is_file():
-            raise CheckpointError(f"weight file '{file}' listed in the index is missing")
-        if is_safetensors:
+        if not pickled:
             with file.open("rb") as fh:
                 head = fh.read(8)
                 if len(head) < 8:
@@ -335,6 +318,9 @@ def save_stats(
             }
         )
         max_length = max_length if max_length is not None else fisher.max_length
+    for key, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise StatisticsError(f"statistics tensor '{key}' holds NaN or Inf values; nothing was written to {path}")
     meta["kinds"] = _json(kinds)
     meta["max_length"] = _json(max_length)
     for key, value in (extra or {}).items():
@@ -352,10 +338,10 @@ def read_stats_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     if not file.is_file():
         raise StatisticsError(f"statistics file '{file}' not found")
     try:
-        with safe_open(str(file), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise StatisticsError(f"'{file}' is not a readable safetensors file: {exc}") from None
+        with SafetensorsFile(file) as fh:
+            meta = dict(fh.metadata)
+    except CheckpointError as exc:
+        raise StatisticsError(str(exc)) from None
     if meta.get("format") != FORMAT:
         raise StatisticsError(f"'{file}' is not a guardmerge statistics file (format {meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -391,6 +377,12 @@ def check_fingerprint(
         )
 
 
+def _finite(tensor: torch.Tensor, path: str | os.PathLike[str], key: str) -> torch.Tensor:
+    if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+        raise StatisticsError(f"'{path}': statistics tensor '{key[:80]}' is not finite floating point; refused")
+    return tensor
+
+
 def load_stats(
     path: str | os.PathLike[str],
     expert: str | os.PathLike[str] | None = None,
@@ -424,12 +416,12 @@ def load_stats(
             )
     grams: dict[str, torch.Tensor] = {}
     fishers: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as fh:
-        for key in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
+    with SafetensorsFile(Path(path)) as fh:  # the one checked reader (offsets, dtypes)
+        for key in fh.keys():  # noqa: SIM118 (not a dict)
             if key.startswith(GRAM_PREFIX) and "gram" in wanted:
-                grams[key[len(GRAM_PREFIX) :]] = fh.get_tensor(key)
+                grams[key[len(GRAM_PREFIX) :]] = _finite(fh.get(key), path, key)
             elif key.startswith(FISHER_PREFIX) and "fisher" in wanted:
-                fishers[key[len(FISHER_PREFIX) :]] = fh.get_tensor(key)
+                fishers[key[len(FISHER_PREFIX) :]] = _finite(fh.get(key), path, key)
     gram = fisher = None
     try:
         if "gram" in wanted:

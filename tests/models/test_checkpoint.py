@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from guardmerge.checkpoint import Checkpoint
+from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.errors import CheckpointError
 
 

@@ -10,14 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from guardmerge.errors import CheckpointError, ConfigError
-from guardmerge.writer import (
-    INDEX_FILE,
-    ShardedWriter,
-    TensorSlot,
-    parse_size,
-    read_tensors,
-    write_tensors,
-)
+from guardmerge.io.checkpoint import read_tensors
+from guardmerge.io.formats import SAFETENSORS_INDEX as INDEX_FILE
+from guardmerge.io.writer import ShardedWriter, TensorSlot, parse_size, write_tensors
 
 
 def tensors() -> dict[str, torch.Tensor]:

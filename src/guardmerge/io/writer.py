@@ -22,13 +22,10 @@ from typing import BinaryIO
 
 import torch
 
-from guardmerge.checkpoint import SAFETENSORS_DTYPES
 from guardmerge.errors import CheckpointError, ConfigError
+from guardmerge.io.formats import SAFETENSORS_FILE, SAFETENSORS_INDEX, shard_name
+from guardmerge.io.safetensors import DTYPE_CODES as _CODES
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -106,7 +103,7 @@ class ShardedWriter:
         self.shards = plan_shards(layout, max_shard_bytes)
         self.metadata = dict(metadata or {"format": "pt"})
         n = len(self.shards)
-        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = [SAFETENSORS_FILE] if n == 1 else [shard_name(i, n) for i in range(n)]
         self._queue: Iterator[tuple[int, TensorSlot]] = ((i, s) for i, shard in enumerate(self.shards) for s in shard)
         self._fh: BinaryIO | None = None
         self._open_shard = -1
@@ -203,7 +200,7 @@ class ShardedWriter:
                 "metadata": {"total_size": sum(s.nbytes for shard in self.shards for s in shard)},
                 "weight_map": {s.name: self.files[i] for i, shard in enumerate(self.shards) for s in shard},
             }
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def write_tensors(
@@ -218,53 +215,3 @@ def write_tensors(
     with ShardedWriter(folder, layout, max_shard_bytes=max_shard_bytes, metadata=metadata) as w:
         for name, t in tensors.items():
             w.write(name, t)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder written by :class:`ShardedWriter` (shards checked to lie inside it)."""
-    from guardmerge.checkpoint import index_shards
-
-    index = folder / INDEX_FILE
-    if index.is_file():
-        return index_shards(folder, index)
-    if not (folder / SINGLE_FILE).is_file():
-        raise CheckpointError(f"no weights in {folder}: expected {SINGLE_FILE} or {INDEX_FILE}")
-    return [folder / SINGLE_FILE]
-
-
-def read_layout(folder: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Every tensor's dtype and shape from the safetensors headers alone (no tensor data read)."""
-    from guardmerge.checkpoint import SafetensorsFile
-
-    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    for f in _weight_files(Path(folder)):
-        handle = SafetensorsFile(f)
-        try:
-            for key, (dtype, shape, _, _) in handle.entries.items():
-                if key in out:
-                    raise CheckpointError(f"{f}: tensor '{key}' is stored twice")
-                out[key] = (dtype, shape)
-        finally:
-            handle.close()
-    return out
-
-
-def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder written by :class:`ShardedWriter` (one file or an index).
-
-    Headers are validated (offsets inside the file, shards inside the folder) before any data is
-    read; errors name the file, never quote its bytes.
-    """
-    from guardmerge.checkpoint import SafetensorsFile
-
-    out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(Path(folder)):
-        handle = SafetensorsFile(f)
-        try:
-            for key, (dtype, shape, _, _) in handle.entries.items():
-                if key in out:
-                    raise CheckpointError(f"{f}: tensor '{key}' is stored twice")
-                out[key] = handle.read_into(key, torch.empty(shape, dtype=dtype))
-        finally:
-            handle.close()
-    return out

@@ -1,0 +1,106 @@
+"""Stock transformers classifiers filled through the one checked reader.
+
+Statistics, fine-tuning and the expert passes of the data stages run a family's stock
+``*ForSequenceClassification`` / ``*ForTokenClassification``. :func:`stock_model` builds it from
+the folder's checked ``config.json`` and fills it with tensors read by
+:class:`~guardmerge.models.checkpoint.Checkpoint`, never by transformers' own loader, so every
+file, dtype and NaN rule holds here too. A tensor the class needs and the folder lacks is an
+error unless the caller names it as freshly initialised (a new head when fine-tuning a base).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guardmerge.errors import CheckpointError
+from guardmerge.io.checkpoint import INTEGER_BUFFERS
+from guardmerge.io.formats import clip
+from guardmerge.models.adapters import MULTI_LABEL_PROBLEM_TYPE
+from guardmerge.models.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+_LABEL_KEYS = ("id2label", "label2id", "num_labels", "problem_type")
+
+
+def stock_model(
+    folder: str | Path,
+    *,
+    token: bool = False,
+    labels: Sequence[str] | None = None,
+    multi_label: bool = False,
+    fresh: Sequence[str] = (),
+    allow_pickle: bool = False,
+    where: str | None = None,
+) -> Any:
+    """The family's stock sequence (or, with ``token``, token) classifier of ``folder``, in eval mode.
+
+    Args:
+        labels: label names of a new head (fine-tuning); default: the folder's own.
+        multi_label: a new head is multi-label (``problem_type: multi_label_classification``).
+        fresh: canonical-name prefixes the class may initialise itself when the folder lacks
+            them (``classifier.`` for a new head, ``pooler.`` for a base without a pooler); any
+            other missing tensor is an error.
+
+    Raises:
+        CheckpointError: a refused folder or tensor (see :mod:`guardmerge.io.checkpoint`), a
+            tensor whose shape differs from the class's, or one the class needs and lacks.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    with Checkpoint(folder, allow_pickle=allow_pickle, where=where) as ck:
+        ad = ck.adapter
+        config = {k: v for k, v in ck.config.items() if k != "guardmerge"}
+        if labels is not None:
+            config = {k: v for k, v in config.items() if k not in _LABEL_KEYS}
+            config.update(
+                num_labels=len(labels),
+                id2label={str(i): n for i, n in enumerate(labels)},
+                label2id={n: i for i, n in enumerate(labels)},
+            )
+            if multi_label:
+                config["problem_type"] = MULTI_LABEL_PROBLEM_TYPE
+        try:
+            cfg = AutoConfig.for_model(**config)
+        except Exception as exc:  # transformers raises ValueError, TypeError, KeyError on bad configs
+            raise CheckpointError(f"{ck.where}: config.json is not a usable config: {clip(exc, 200)}") from None
+        cls = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
+        model = cls.from_config(cfg)
+        own = model.state_dict()
+        state: dict[str, torch.Tensor] = {}
+        skipped = []
+        for name in ck.names():
+            if ad.is_ignored(name) or (name.endswith(INTEGER_BUFFERS) and ad.prefixed(name) not in own):
+                continue
+            key = ad.prefixed(name)
+            if key not in own or (labels is not None and ad.is_head(name)):  # a new head replaces a stored one
+                skipped.append(name)
+                continue
+            if tuple(own[key].shape) != ck.shape(name):
+                raise CheckpointError(
+                    f"{ck.where}: tensor '{clip(name)}' has shape {list(ck.shape(name))}, the stock "
+                    f"{type(model).__name__} needs {list(own[key].shape)}"
+                )
+            state[key] = ck.get(name, own[key].dtype)
+        missing = [
+            k
+            for k in own
+            if k not in state and not k.endswith(INTEGER_BUFFERS) and not ad.canonical(k).startswith(tuple(fresh))
+        ]
+        if missing:
+            raise CheckpointError(
+                f"{ck.where}: tensor '{clip(ad.canonical(missing[0]))}' is missing (the stock {type(model).__name__} "
+                "needs it; guardmerge never fills a missing weight with random values)"
+            )
+        if skipped:
+            log.info("%s: %d stored tensor(s) not used (e.g. %s)", ck.where, len(skipped), skipped[0])
+        new = sorted({ad.canonical(k).split(".")[0] for k in own if k not in state and not k.endswith(INTEGER_BUFFERS)})
+        if new:
+            log.info("%s: freshly initialised: %s", ck.where, ", ".join(new))
+        model.load_state_dict(state, strict=False)
+    return model.eval()
