@@ -20,7 +20,6 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.cli import main
 from guardmerge.config import load_config
 from guardmerge.errors import (
@@ -30,6 +29,7 @@ from guardmerge.errors import (
     GuardmergeError,
     OutputError,
 )
+from guardmerge.models.checkpoint import Checkpoint
 from tests.conftest import TEXTS
 
 # -- helpers -------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.errors import CheckpointError
+from guardmerge.models.checkpoint import Checkpoint
 
 
 def test_prefixed_and_unprefixed_names_map_to_one_canonical_name(zoo: dict[str, Path]) -> None:

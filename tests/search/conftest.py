@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.config import parse_config
 from guardmerge.engine import merge
+from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.search import Candidate
 from guardmerge.search.objective import Report
 from tests.conftest import WORDS, expert_logits, make_base, make_expert
