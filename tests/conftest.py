@@ -168,7 +168,10 @@ def merged_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     cfg = parse_config(
         {
             "base_model": str(zoo["base"]),
-            "experts": [{"model": str(zoo[t]), "task": t} for t in MERGED_TASKS],
+            "experts": [
+                {"model": str(zoo[t]), "task": t, **({"benign": ["neu"]} if t == "sentiment" else {})}
+                for t in MERGED_TASKS
+            ],
             "method": "task_arithmetic",
             "parameters": {"scaling": 0.4},
         }

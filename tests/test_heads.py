@@ -403,7 +403,7 @@ def test_serving_answers_each_kind_and_flags_by_its_rule(merged: MultiHeadModel,
             ]
             assert ner["flagged"] == bool(spans)  # any entity flags by default
         heads = {h["task"]: h for h in info["heads"]}
-        assert heads["seq"] == {"task": "seq", "labels": SEQ, "threshold": 0.5}
+        assert heads["seq"] == {"task": "seq", "labels": SEQ, "threshold": 0.5, "benign": ["benign"]}
         assert heads["emo"]["problem"] == "multi_label" and heads["emo"]["benign"] == ["neutral"]
         assert heads["ner"]["problem"] == "token" and heads["ner"]["entity_types"] == ["PER", "LOC"]
 
@@ -439,7 +439,7 @@ def test_serving_flag_options(merged: MultiHeadModel) -> None:
     for bad, match in [
         (ServeSettings(thresholds={"emo.fear": 0.5}), "has no label 'fear'"),
         (ServeSettings(thresholds={"ner.PER": 0.5}), "no per-label thresholds"),
-        (ServeSettings(benign={"seq": ["benign"]}), "applies to multi-label heads"),
+        (ServeSettings(benign={"ner": ["O"]}), "applies to single-label and multi-label heads"),
         (ServeSettings(benign={"emo": ["calm"]}), "unknown label"),
         (ServeSettings(flag_entities={"ner": ["ORG"]}), "unknown entity type"),
         (ServeSettings(flag_entities={"emo": ["PER"]}), "applies to token heads"),
@@ -449,18 +449,11 @@ def test_serving_flag_options(merged: MultiHeadModel) -> None:
             create_app(merged, bad)
 
 
-def test_default_benign_labels_and_cli_parsers() -> None:
-    from guardmerge.serve.flags import default_benign, parse_label_lists, parse_thresholds
+def test_guessed_benign_labels_and_cli_parsers() -> None:
+    from guardmerge.serve.flags import guess_benign, parse_label_lists, parse_thresholds
 
-    assert default_benign(["Neutral", "toxic", "non-toxic", "NOT_HATE", "safe", "clean", "none", "normal", "x"]) == [
-        "Neutral",
-        "non-toxic",
-        "NOT_HATE",
-        "safe",
-        "clean",
-        "none",
-        "normal",
-    ]
+    labels = ["Neutral", "toxic", "non-toxic", "NOT_HATE", "hate", "safe", "clean", "none", "normal", "x"]
+    assert guess_benign(labels) == (["Neutral", "non-toxic", "NOT_HATE", "safe", "clean", "none", "normal"], [])
     assert parse_thresholds(["emo.anger=0.7", "emo = 0.2", "ner=off"]) == {"emo.anger": 0.7, "emo": 0.2, "ner": None}
     assert parse_label_lists(["ner=PER, LOC", "emo=neutral"]) == {"ner": ["PER", "LOC"], "emo": ["neutral"]}
     with pytest.raises(GuardmergeError, match="task=NAME1,NAME2"):

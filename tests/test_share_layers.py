@@ -249,7 +249,7 @@ def test_serving_a_branched_model_returns_every_head(
     branched.save_pretrained(tmp_path / "m")
     model = guardmerge.load(tmp_path / "m")
     expected = model.predict(TEXTS)
-    with running(create_app(model, ServeSettings())) as url:
+    with running(create_app(model, ServeSettings(benign={"sentiment": ["neu"]}))) as url:
         res = httpx.post(f"{url}/v1/classify", json={"texts": TEXTS}, timeout=30)
     assert res.status_code == 200, res.text
     rows = res.json()["results"]

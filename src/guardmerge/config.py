@@ -51,6 +51,13 @@ class ExpertConfig(BaseModel):
         "head: what predict and serve use for those labels (default 0.5)",
     )
 
+    benign: list[str] | None = Field(
+        None,
+        description="labels of this head that never flag a text (stored with the head; serve and the LLM Guard "
+        "scanners read them); default: guessed from the label names, and a single-label head whose benign label "
+        "cannot be told is refused by serve until it is given",
+    )
+
     @field_validator("thresholds")
     @classmethod
     def _thresholds_in_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:

@@ -358,12 +358,14 @@ class OpenMerge:
             else {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
         )
         thresholds = {e.task: e.thresholds for e in self.config.experts}
+        benign = {e.task: e.benign for e in self.config.experts}
         heads = {
             ex.task: HeadSpec.from_layout(
                 self.plan.labels[ex.task],
                 self.plan.heads[ex.task],
                 problem=self.plan.problems.get(ex.task, "single_label"),
                 thresholds=thresholds.get(ex.task),
+                benign=benign.get(ex.task),
             )
             for ex in self.experts
             if not self.plan.shared
@@ -382,19 +384,33 @@ class OpenMerge:
 
 
 def _check_thresholds(config: MergeConfig, plan: MergePlan) -> None:
-    """Per-label ``thresholds`` of an expert name labels of its head, on a sequence head."""
+    """Per-label ``thresholds`` and ``benign`` labels of an expert name labels of its head, on a
+    sequence head; a sequence head whose benign labels are neither given nor clear from the
+    names gets a warning (serving it will need them)."""
+    from guardmerge.serve.flags import resolve_benign
+
     for e in config.experts:
-        if not e.thresholds:
+        kind = "heads: shared" if plan.shared else "a token-classification head"
+        token = plan.shared or plan.problems.get(e.task) == "token"
+        for option, value in (("thresholds", e.thresholds), ("benign", e.benign)):
+            if value is not None and token:
+                raise ConfigError(f"expert '{e.task}': {option} do not apply to {kind}")
+        if token:
             continue
-        if plan.shared or plan.problems.get(e.task) == "token":
-            kind = "heads: shared" if plan.shared else "a token-classification head"
-            raise ConfigError(f"expert '{e.task}': per-label thresholds do not apply to {kind}")
-        unknown = sorted(set(e.thresholds) - set(plan.labels[e.task]))
+        labels = plan.labels[e.task]
+        unknown = sorted(set(e.thresholds or {}) - set(labels))
         if unknown:
             raise ConfigError(
                 f"expert '{e.task}': thresholds for unknown label(s) {', '.join(unknown)}; "
-                f"its labels are {', '.join(plan.labels[e.task])}"
+                f"its labels are {', '.join(labels)}"
             )
+        how = f"`benign: [LABEL, ...]` on expert '{e.task}'"
+        try:
+            resolve_benign(e.task, labels, plan.problems.get(e.task, "single_label"), e.benign, how)
+        except GuardmergeError as exc:
+            if e.benign is not None:
+                raise ConfigError(f"expert '{e.task}': {exc}") from None
+            log.warning("%s; serving this head will need them", exc)
 
 
 def merge(

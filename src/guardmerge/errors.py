@@ -37,3 +37,29 @@ class DataError(GuardmergeError):
 
 class OutputError(GuardmergeError):
     """The output path is unsafe (it is, holds or lies inside an input) or cannot be written."""
+
+
+class InvalidTextError(GuardmergeError):
+    """A text that cannot be classified (not encodable as UTF-8, e.g. a lone surrogate)."""
+
+    def __init__(self, index: int, position: int, char: str) -> None:
+        super().__init__(
+            f"text {index} is not valid Unicode text: it has the lone surrogate U+{ord(char):04X} "
+            f"at character {position} (send UTF-8 text)"
+        )
+        self.index, self.position = index, position
+
+
+class NonFiniteOutputError(GuardmergeError):
+    """A model produced NaN or infinite scores: no verdict can be given (a guard fails closed)."""
+
+
+class NonFiniteWeightsError(GuardmergeError):
+    """A model's weights hold NaN or infinity: it must not answer at all."""
+
+    def __init__(self, names: list[str]) -> None:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        super().__init__(
+            f"the model's weights hold NaN or infinity in {len(names)} tensor(s) ({shown}): it does not answer"
+        )
+        self.names = list(names)

@@ -58,11 +58,14 @@ def count_passes(monkeypatch: pytest.MonkeyPatch) -> Callable[[MultiHeadModel], 
 
 
 def expected_scores(model: MultiHeadModel, text: str) -> dict[str, float]:
-    """Each head's highest non-benign probability for ``text``, computed here from the logits."""
+    """Each head's highest non-benign probability for ``text``, computed here from the logits
+    (benign: not-hate, benign by their names; the sentiment expert's neu, stored at merge)."""
+    benign = {"hate": "not-hate", "injection": "benign", "sentiment": "neu"}
     out = {}
     for task, logit in model.logits([text]).items():
         probs = torch.softmax(logit[0].double(), dim=-1)
-        out[task] = float(probs[1:].max())
+        keep = [i for i, n in enumerate(model.labels(task)) if n != benign[task]]
+        out[task] = float(probs[keep].max())
     return out
 
 

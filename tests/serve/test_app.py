@@ -77,7 +77,10 @@ def test_model_info_healthz_and_openapi(merged: MultiHeadModel, serve: Callable)
         info = httpx.get(f"{url}/v1/model").json()
         health = httpx.get(f"{url}/healthz")
         spec = httpx.get(f"{url}/openapi.json").json()
-    assert info["heads"] == [{"task": t, "labels": merged.labels(t), "threshold": 0.5} for t in TASKS]
+    benign = {"hate": ["not-hate"], "injection": ["benign"], "sentiment": ["neu"]}  # guessed, guessed, stored
+    assert info["heads"] == [
+        {"task": t, "labels": merged.labels(t), "threshold": 0.5, "benign": benign[t]} for t in TASKS
+    ]
     assert info["method"] == "task_arithmetic" and info["parameters"] == {"scaling": 0.4}
     assert info["base_model"] and info["backend"] == "torch" and info["precision"] == "fp32"
     assert info["guardmerge_version"] == guardmerge.__version__

@@ -40,7 +40,13 @@ def test_folder_is_self_contained_with_one_graph(onnx_dir: Path, merged: MultiHe
     assert meta["tasks"] == list(TASKS) and meta["precision"] == "fp32"
     assert meta["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert meta["heads"] == {
-        t: {"labels": merged.labels(t), "output": f"logits_{t}", "problem": "single_label", "activation": "softmax"}
+        t: {
+            "labels": merged.labels(t),
+            "output": f"logits_{t}",
+            "problem": "single_label",
+            "activation": "softmax",
+            **({"benign": ["neu"]} if t == "sentiment" else {}),  # stored at merge; the others are guessed
+        }
         for t in TASKS
     }
     assert meta["info"]["method"] == "task_arithmetic"

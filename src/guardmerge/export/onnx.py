@@ -204,4 +204,6 @@ def _head_meta(model: MultiHeadModel, task: str) -> dict[str, Any]:
     thresholds = model.spec(task).thresholds
     if thresholds:
         meta["thresholds"] = dict(thresholds)
+    if model.spec(task).benign is not None:
+        meta["benign"] = list(model.spec(task).benign or ())
     return meta

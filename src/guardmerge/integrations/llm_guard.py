@@ -11,17 +11,26 @@ imported from ``llm_guard``), so a scanner list is swapped in one line::
 Each scanner's ``scan(prompt)`` returns ``(prompt, is_valid, risk_score)``: the prompt
 unchanged, ``is_valid`` False when the head flags the prompt, and the risk score LLM Guard
 derives from a score and a threshold (:func:`risk_score`). The score is the highest probability
-among the head's non-benign labels (every label but the first; a multi-label head's sigmoid
-probabilities, its benign labels by the server's default rule) and the head flags at or above
-its threshold: the server's rule (:mod:`guardmerge.serve.flags`). Token-classification heads
-are not classifier scanners: they get none. LLM Guard's own scanners flag
-strictly above theirs, so the two can differ on a score exactly at the threshold.
+among the head's non-benign labels (softmax; a multi-label head's sigmoid probabilities) and the
+head flags at or above its threshold: the server's rule (:mod:`guardmerge.serve.flags`). Benign
+labels are those given in ``benign=``, else the head's stored ones, else a logged guess from the
+names that never silences a label; a single-label head whose benign labels cannot be told is
+refused until they are given. Token-classification heads are not classifier scanners: they get
+none. LLM Guard's own scanners flag strictly above theirs, so the two can differ on a score
+exactly at the threshold.
+
+A guard that cannot answer never lets a prompt through: a model whose weights hold NaN or
+infinity is refused when the scanners are built, a pass that produces non-finite scores or
+fails raises (``scan_prompt`` then fails), and :func:`prefetch` runs each prompt of a failing
+batch on its own, so one bad prompt (a lone surrogate) fails only itself.
 
 The scanners of one :func:`scanners` call share a :class:`SharedPass`: the first scanner that
 sees a prompt runs every head in one forward pass, and the others read the result, cached by the
 exact text (bounded, least recently used first out, thread-safe). Each scanner's class is named
 after its head (``injection`` -> ``Injection``, ``prompt_injection`` -> ``PromptInjection``),
-since ``scan_prompt`` keys its results by class name. :func:`prefetch` runs a batch of prompts
+since ``scan_prompt`` keys its results by class name; heads whose names give the same class name
+(``prompt_injection`` and ``prompt-injection``) are refused, since one verdict would overwrite
+the other. :func:`prefetch` runs a batch of prompts
 in batched passes first (prompts of similar length together, so little of a pass is padding),
 so prompts arriving together share passes too.
 """
@@ -41,9 +50,9 @@ from typing import Any, cast
 
 import numpy as np
 
-from guardmerge.errors import GuardmergeError
+from guardmerge.errors import GuardmergeError, NonFiniteWeightsError
 from guardmerge.serve.backends import BACKENDS, Backend, TorchBackend, load_backend
-from guardmerge.serve.flags import default_benign, flag_score, is_flagged, sigmoid, softmax
+from guardmerge.serve.flags import flag_score, is_flagged, normalise_texts, resolve_benign, sigmoid, softmax
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +82,7 @@ class HeadResult:
 
     Attributes:
         label: the most probable label.
-        score: the highest probability among the non-benign labels (None: a one-label head).
+        score: the highest probability among the non-benign labels (None: every label is benign).
         probabilities: every label's probability (softmax; sigmoid for a multi-label head), in label order.
     """
 
@@ -124,6 +133,7 @@ class SharedPass:
         cache_size: how many prompts' results are kept (least recently used dropped first).
         batch_size: most prompts per pass in :meth:`results`.
         owns_backend: close the backend with this object (it was opened for it).
+        benign: head -> its benign labels (default: the head's stored ones, else a logged guess).
     """
 
     def __init__(
@@ -133,6 +143,7 @@ class SharedPass:
         cache_size: int = DEFAULT_CACHE_SIZE,
         batch_size: int = 32,
         owns_backend: bool = False,
+        benign: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         if cache_size < 1:
             raise GuardmergeError(f"cache_size must be at least 1 (got {cache_size})")
@@ -143,6 +154,15 @@ class SharedPass:
         self.labels = {t: backend.labels(t) for t in self.tasks}
         problem_of = getattr(backend, "problem", None)
         self.multi_label = {t for t in self.tasks if callable(problem_of) and problem_of(t) == "multi_label"}
+        stored = getattr(backend, "benign", None)
+        given = dict(benign or {})
+        self.benign: dict[str, set[int]] = {}
+        for t in self.tasks:
+            names = self.labels[t]
+            problem = "multi_label" if t in self.multi_label else "single_label"
+            told = given[t] if t in given else stored(t) if callable(stored) else None
+            chosen = resolve_benign(t, names, problem, told, f"benign={{'{t}': [LABEL, ...]}}")
+            self.benign[t] = {i for i, n in enumerate(names) if n in chosen}
         self.cache_size = cache_size
         self.batch_size = batch_size
         self.passes = 0
@@ -170,6 +190,7 @@ class SharedPass:
         passes (:func:`length_batches`: at most ``batch_size``, similar lengths together) and are
         cached."""
         found = {p: r for p in dict.fromkeys(prompts) if (r := self._lookup(p)) is not None}
+        failed: dict[str, Exception] = {}
         with self._run_lock:
             missing = [p for p in dict.fromkeys(prompts) if p not in found]
             for p in missing:  # run by another thread meanwhile
@@ -177,9 +198,21 @@ class SharedPass:
                     found[p] = r
             missing = [p for p in missing if p not in found]
             for chunk in length_batches(missing, self.batch_size):
-                for p, r in zip(chunk, self._run(chunk)):
+                try:
+                    done = list(zip(chunk, self._run(chunk)))
+                except Exception:  # isolate: each prompt of a failing batch on its own
+                    done = []
+                    for p in chunk:
+                        try:
+                            done.append((p, self._run([p])[0]))
+                        except Exception as exc:
+                            failed[p] = exc
+                for p, r in done:
                     found[p] = r
                     self._store(p, r)
+        bad = [p for p in prompts if p in failed]
+        if bad:
+            raise failed[bad[0]]
         return [found[p] for p in prompts]
 
     def clear(self) -> None:
@@ -207,7 +240,10 @@ class SharedPass:
                 self._cache.popitem(last=False)
 
     def _run(self, prompts: Sequence[str]) -> list[dict[str, HeadResult]]:
-        logits = self.backend.logits(list(prompts), self.tasks)
+        texts, invalid = normalise_texts(prompts)  # the server's rule: NFC, lone surrogates refused
+        if invalid:
+            raise invalid[0]
+        logits = self.backend.logits(texts, self.tasks)
         self.passes += 1
         out: list[dict[str, HeadResult]] = [{} for _ in prompts]
         for task in self.tasks:
@@ -215,20 +251,11 @@ class SharedPass:
             if not np.isfinite(values).all():  # fail closed: no verdict from NaN or infinity
                 raise GuardmergeError(f"the model produced non-finite scores for head '{task}'; no verdict given")
             names = self.labels[task]
-            if task in self.multi_label:  # a sigmoid per label; the score: the top non-benign label's
-                benign = set(default_benign(names))
-                flagging = [i for i, n in enumerate(names) if n not in benign]
-                for row, probs in zip(out, sigmoid(values)):
-                    row[task] = HeadResult(
-                        label=names[int(probs.argmax())],
-                        score=float(probs[flagging].max()) if flagging else None,
-                        probabilities={n: float(p) for n, p in zip(names, probs)},
-                    )
-                continue
-            for row, probs in zip(out, softmax(values)):
+            probs_of = sigmoid if task in self.multi_label else softmax  # the score: the top non-benign label's
+            for row, probs in zip(out, probs_of(values)):
                 row[task] = HeadResult(
                     label=names[int(probs.argmax())],
-                    score=flag_score(probs),
+                    score=flag_score(probs, self.benign[task]),
                     probabilities={n: float(p) for n, p in zip(names, probs)},
                 )
         return out
@@ -291,6 +318,7 @@ def scanners(
     threads: int | None = None,
     cache_size: int = DEFAULT_CACHE_SIZE,
     batch_size: int = 32,
+    benign: Mapping[str, Sequence[str]] | None = None,
 ) -> list[HeadScanner]:
     """One LLM Guard input scanner per head, all sharing one forward pass per prompt.
 
@@ -305,10 +333,13 @@ def scanners(
         threads: inference threads (default: the runtime's).
         cache_size: prompts whose results are kept.
         batch_size: most prompts per pass in :func:`prefetch`.
+        benign: head -> the labels that never flag (default: the head's stored ones, else guessed
+            from the names, logged; a single-label head whose benign labels cannot be told is refused).
 
     Raises:
-        GuardmergeError: an unknown head in ``thresholds`` or ``tasks`` (naming it and the known
-            ones), a threshold outside [0, 1], an unknown backend or a model that cannot be loaded.
+        GuardmergeError: an unknown head in ``thresholds``, ``tasks`` or ``benign`` (naming it and
+            the known ones), a threshold outside [0, 1], heads whose scanner class names collide,
+            an unknown backend, a model that cannot be loaded or whose weights hold NaN or Inf.
     """
     if backend not in BACKENDS:
         raise GuardmergeError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
@@ -339,7 +370,21 @@ def scanners(
             )
         for task, value in limits.items():
             _check_threshold(task, value)
-        shared = SharedPass(opened, chosen, cache_size=cache_size, batch_size=batch_size, owns_backend=owned)
+        _check_heads("benign", list(benign or {}), chosen)
+        names: dict[str, str] = {}
+        for task in chosen:
+            clash = names.setdefault(scanner_name(task), task)
+            if clash != task:
+                raise GuardmergeError(
+                    f"heads '{clash}' and '{task}' both give the scanner name '{scanner_name(task)}', and scan_prompt "
+                    "keys results by name, so one verdict would overwrite the other; pick one with tasks=[...]"
+                )
+        bad = list(getattr(opened, "bad_weights", None) or [])
+        if bad:
+            raise NonFiniteWeightsError(bad)
+        shared = SharedPass(
+            opened, chosen, cache_size=cache_size, batch_size=batch_size, owns_backend=owned, benign=benign
+        )
     except BaseException:
         if owned:
             opened.close()

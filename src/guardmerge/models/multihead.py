@@ -85,6 +85,8 @@ class HeadSpec:
         problem: ``single_label`` (softmax), ``multi_label`` (a sigmoid per label) or ``token``
             (a softmax per token).
         thresholds: label -> flag threshold of a sequence head's labels (others: 0.5).
+        benign: the labels that never flag a text, where someone said so (the expert's
+            ``benign:`` in the merge config); None: not given (see :mod:`guardmerge.serve.flags`).
 
     Every layer and norm of a multi-head model's head carries a bias: where the stock head has
     none (ModernBERT's ``head.dense`` and ``head.norm`` by default) it is stored as zeros, so head
@@ -99,6 +101,7 @@ class HeadSpec:
     norm_eps: float = 1e-5
     problem: str = "single_label"
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    benign: tuple[str, ...] | None = None
 
     @classmethod
     def from_layout(
@@ -107,6 +110,7 @@ class HeadSpec:
         layout: HeadLayout,
         problem: str = "single_label",
         thresholds: Mapping[str, float] | None = None,
+        benign: Sequence[str] | None = None,
     ) -> HeadSpec:
         """A spec from the family's :class:`~guardmerge.models.adapters.HeadLayout` and the labels."""
         return cls(
@@ -118,6 +122,7 @@ class HeadSpec:
             layout.norm_eps,
             problem,
             dict(thresholds or {}),
+            None if benign is None else tuple(benign),
         )
 
     @property
@@ -141,6 +146,8 @@ class HeadSpec:
             out["problem"] = self.problem
         if self.thresholds:
             out["thresholds"] = dict(self.thresholds)
+        if self.benign is not None:
+            out["benign"] = list(self.benign)
         return out
 
     @classmethod
@@ -154,6 +161,7 @@ class HeadSpec:
             norm_eps=float(data.get("norm_eps", 1e-5)),
             problem=str(data.get("problem", "single_label")),
             thresholds={str(k): float(v) for k, v in (data.get("thresholds") or {}).items()},
+            benign=None if data.get("benign") is None else tuple(data["benign"]),
         )
 
     @property
@@ -1135,6 +1143,11 @@ def head_specs(raw: Any, where: Path) -> dict[str, HeadSpec]:
             or not all(0.0 <= v <= 1.0 for v in thresholds.values())
         ):
             raise CheckpointError(f"{name}.thresholds: expected label -> number in [0, 1] for labels of the head")
+        benign = entry.get("benign")
+        if benign is not None and (
+            not isinstance(benign, list) or not all(isinstance(x, str) and x in labels for x in benign)
+        ):
+            raise CheckpointError(f"{name}.benign: expected a list of labels of the head")
         specs[task] = HeadSpec.from_dict(entry)
     return specs
 

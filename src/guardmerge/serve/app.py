@@ -4,14 +4,13 @@ Endpoints: ``POST /v1/classify``, ``GET /v1/model``, ``GET /healthz``, ``GET /me
 OpenAPI document at ``/openapi.json`` describes them. Every error is JSON
 ``{"error": {"code", "message", "details"}}`` with a 4xx/5xx status.
 
-A single-label head *flags* a text when any label other than its first one (index 0:
-``benign``, ``not-hate``, ``not-offensive``...) has a probability at or above its threshold
-(``ServeSettings.thresholds``: ``task`` or ``task.label``, default ``default_threshold`` = 0.5;
-``None`` turns flagging off). A multi-label head flags a text when any non-benign label's sigmoid
-probability reaches its threshold (``ServeSettings.benign``; by default the labels named neutral,
-benign, safe, clean, none, normal, or starting with non/not); a token head flags a text that
-contains an entity of a flagged type (``ServeSettings.flag_entities``, default any entity). A text
-is flagged when any of the heads asked for flags it (see :mod:`guardmerge.serve.flags`).
+A sequence head *flags* a text when any of its non-benign labels has a probability (softmax;
+a sigmoid per label for a multi-label head) at or above its threshold (``ServeSettings.thresholds``:
+``task`` or ``task.label``, default ``default_threshold`` = 0.5; ``None`` turns flagging off). Benign
+labels come from ``ServeSettings.benign``, else the head's stored ones, else a logged guess from
+the names that never silences a label (see :mod:`guardmerge.serve.flags`); a token head flags a
+text that contains an entity of a flagged type (``ServeSettings.flag_entities``, default any
+entity). A text is flagged when any of the heads asked for flags it.
 
 Single-label heads answer ``{label, score, probabilities, flagged}``; multi-label heads
 ``{probabilities, labels, flagged}`` (``labels``: those at or above their thresholds); token heads
@@ -21,7 +20,6 @@ Single-label heads answer ``{label, score, probabilities, flagged}``; multi-labe
 from __future__ import annotations
 
 import logging
-import unicodedata
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,16 +44,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 from guardmerge import __version__
-from guardmerge.errors import GuardmergeError
+from guardmerge.errors import GuardmergeError, NonFiniteOutputError
 from guardmerge.outputs import AGGREGATIONS, entity_spans, entity_types, token_rows
 from guardmerge.serve.backends import Backend, TorchBackend
 from guardmerge.serve.batching import MicroBatcher, QueueFullError
 from guardmerge.serve.flags import (
-    default_benign,
     entity_flag,
     label_flag,
+    normalise_texts,
     parse_label_lists,
     parse_thresholds,
+    resolve_benign,
     sigmoid,
     softmax,
 )
@@ -82,7 +81,8 @@ class ServeSettings:
         thresholds: ``task`` or ``task.label`` -> flag threshold, or None to never flag that
             task (label); a label's own entry wins over its task's.
         default_threshold: the threshold of tasks not in ``thresholds``.
-        benign: multi-label task -> its benign labels (default: :func:`~guardmerge.serve.flags.default_benign`).
+        benign: sequence task -> its benign labels (default: the head's stored ones, else
+            :func:`~guardmerge.serve.flags.resolve_benign`'s guess).
         flag_entities: token task -> the entity types that flag a text (default: any).
         aggregation: how token heads group word pieces into entities (``first`` or ``simple``).
         api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``
@@ -139,31 +139,6 @@ def public_model_name(value: str) -> str:
     return text
 
 
-class InvalidTextError(GuardmergeError):
-    """A text that cannot be classified (not encodable as UTF-8, e.g. a lone surrogate)."""
-
-    def __init__(self, index: int, position: int, char: str) -> None:
-        super().__init__(
-            f"text {index} is not valid Unicode text: it has the lone surrogate U+{ord(char):04X} "
-            f"at character {position} (send UTF-8 text)"
-        )
-        self.index, self.position = index, position
-
-
-def normalise_texts(texts: Sequence[str]) -> tuple[list[str], list[InvalidTextError]]:
-    """Texts in Unicode NFC, and an error for each text that cannot be encoded as UTF-8."""
-    out: list[str] = []
-    bad: list[InvalidTextError] = []
-    for i, text in enumerate(texts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            bad.append(InvalidTextError(i, exc.start, text[exc.start]))
-            continue
-        out.append(unicodedata.normalize("NFC", text))
-    return out, bad
-
-
 def _safe_json(value: Any) -> Any:
     """``value`` with every string made encodable as UTF-8 (lone surrogates become ``\\udXXX``)."""
     if isinstance(value, str):
@@ -173,10 +148,6 @@ def _safe_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_safe_json(v) for v in value]
     return value
-
-
-class NonFiniteOutputError(GuardmergeError):
-    """The model produced NaN or infinite logits: no verdict can be given."""
 
 
 # -- schemas (the OpenAPI document) ----------------------------------------------------------
@@ -208,8 +179,7 @@ class HeadVerdict(BaseModel):
     probabilities: dict[str, float] = Field(..., description="Softmax probability of every label of the head.")
     flagged: bool = Field(
         ...,
-        description="True when a label other than the head's first (benign) label has probability >= the head's "
-        "threshold.",
+        description="True when a non-benign label has probability >= its threshold (see GET /v1/model).",
     )
 
 
@@ -263,8 +233,9 @@ class HeadInfo(BaseModel):
     """A head of the served model."""
 
     task: str = Field(..., description="Task name (key in classify results).")
-    labels: list[str] = Field(..., description="Label names in logit order; the first is the benign one.")
+    labels: list[str] = Field(..., description="Label names in logit order.")
     threshold: float | None = Field(..., description="Flag threshold (null: this head never flags).")
+    benign: list[str] = Field(default_factory=list, description="Labels that never flag a text.")
 
 
 class MultiLabelHeadInfo(HeadInfo):
@@ -272,7 +243,6 @@ class MultiLabelHeadInfo(HeadInfo):
 
     problem: Literal["multi_label"] = Field("multi_label", description="A sigmoid per label.")
     label_thresholds: dict[str, float | None] = Field(..., description="Each label's flag threshold.")
-    benign: list[str] = Field(..., description="Labels that never flag a text.")
 
 
 class TokenHeadInfo(HeadInfo):
@@ -433,7 +403,7 @@ class HeadRule:
         labels: label names in logit order.
         threshold: the head's threshold (None: it never flags).
         label_thresholds: each label's threshold (sequence heads).
-        benign: labels that never flag (a single-label head's first; a multi-label head's benign ones).
+        benign: labels that never flag (sequence heads).
         entities: entity types that flag a text (token heads; None: any).
     """
 
@@ -451,6 +421,7 @@ def head_rules(backend: Backend, settings: ServeSettings) -> dict[str, HeadRule]
     tasks = backend.tasks
     problem_of = getattr(backend, "problem", None)
     stored_of = getattr(backend, "thresholds", None)
+    benign_of = getattr(backend, "benign", None)
     problems = {t: str(problem_of(t)) if callable(problem_of) else "single_label" for t in tasks}
     labels = {t: list(backend.labels(t)) for t in tasks}
     have = ", ".join(tasks)
@@ -464,17 +435,16 @@ def head_rules(backend: Backend, settings: ServeSettings) -> dict[str, HeadRule]
             raise GuardmergeError(
                 f"threshold '{key}': head '{task}' has no label '{label}'; its labels are {', '.join(labels[task])}"
             )
-    for option, given, kind in (
-        ("--benign", settings.benign, "multi_label"),
-        ("--flag-entities", settings.flag_entities, "token"),
+    for option, given, kinds in (
+        ("--benign", settings.benign, ("single_label", "multi_label")),
+        ("--flag-entities", settings.flag_entities, ("token",)),
     ):
         for task in given:
             if task not in labels:
                 raise GuardmergeError(f"{option}: unknown task '{task}'; this model has: {have}")
-            if problems[task] != kind:
-                raise GuardmergeError(
-                    f"{option} {task}: applies to {kind.replace('_', '-')} heads; '{task}' is {problems[task]}"
-                )
+            if problems[task] not in kinds:
+                kind = " and ".join(k.replace("_", "-") for k in kinds)
+                raise GuardmergeError(f"{option} {task}: applies to {kind} heads; '{task}' is {problems[task]}")
     if settings.aggregation not in AGGREGATIONS:
         raise GuardmergeError(f"unknown aggregation '{settings.aggregation}'; use one of {', '.join(AGGREGATIONS)}")
     rules = {}
@@ -482,14 +452,13 @@ def head_rules(backend: Backend, settings: ServeSettings) -> dict[str, HeadRule]
         names = labels[t]
         stored = stored_of(t) if callable(stored_of) else {}
         cuts = tuple(settings.label_threshold(t, n, stored) for n in names)
+        benign: frozenset[str] = frozenset()
+        if problems[t] != "token" and any(c is not None for c in cuts):  # a head that can flag
+            told = settings.benign.get(t) if t in settings.benign else benign_of(t) if callable(benign_of) else None
+            how = f"--benign {t}=LABEL[,LABEL...] (or --threshold {t}=off)"
+            benign = resolve_benign(t, names, problems[t], told, how)
         if problems[t] == "multi_label":
-            benign = settings.benign.get(t, default_benign(names))
-            unknown = sorted(set(benign) - set(names))
-            if unknown:
-                raise GuardmergeError(
-                    f"--benign {t}: unknown label(s) {', '.join(unknown)}; its labels are {', '.join(names)}"
-                )
-            rules[t] = HeadRule("multi_label", tuple(names), settings.threshold(t), cuts, frozenset(benign))
+            rules[t] = HeadRule("multi_label", tuple(names), settings.threshold(t), cuts, benign)
         elif problems[t] == "token":
             types = settings.flag_entities.get(t)
             unknown = sorted(set(types or ()) - set(entity_types(names)))
@@ -502,19 +471,20 @@ def head_rules(backend: Backend, settings: ServeSettings) -> dict[str, HeadRule]
                 "token", tuple(names), settings.threshold(t), entities=None if types is None else frozenset(types)
             )
         else:
-            rules[t] = HeadRule("single_label", tuple(names), settings.threshold(t), cuts, frozenset(names[:1]))
+            rules[t] = HeadRule("single_label", tuple(names), settings.threshold(t), cuts, benign)
     return rules
 
 
 def head_info(task: str, rule: HeadRule, aggregation: str) -> HeadInfo:
     """What ``GET /v1/model`` shows of one head."""
-    base = {"task": task, "labels": list(rule.labels), "threshold": rule.threshold}
+    base = {
+        "task": task,
+        "labels": list(rule.labels),
+        "threshold": rule.threshold,
+        "benign": [n for n in rule.labels if n in rule.benign],
+    }
     if rule.problem == "multi_label":
-        return MultiLabelHeadInfo(
-            **base,
-            label_thresholds=dict(zip(rule.labels, rule.label_thresholds)),
-            benign=[n for n in rule.labels if n in rule.benign],
-        )
+        return MultiLabelHeadInfo(**base, label_thresholds=dict(zip(rule.labels, rule.label_thresholds)))
     if rule.problem == "token":
         return TokenHeadInfo(
             **base,
@@ -707,7 +677,7 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         description=(
             f"Heads: {', '.join(tasks)}. Limits: {settings.max_texts} texts per request, "
             f"{settings.max_chars} characters per text. A head flags a text when a label other than "
-            "its first (benign) one reaches the head's threshold." + auth_note
+            "its benign ones reaches the head's threshold." + auth_note
         ),
         lifespan=lifespan,
     )

@@ -47,8 +47,9 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
     # Optional: ``problem(task) -> str`` (default ``single_label``), ``thresholds(task) -> {label:
-    # value}`` (the head's stored per-label thresholds), ``text_tokens(texts) -> list[TextTokens]``
-    # and ``padding_side`` (needed for token heads).
+    # value}`` (the head's stored per-label thresholds), ``benign(task) -> [label] | None`` (its
+    # stored benign labels), ``text_tokens(texts) -> list[TextTokens]`` and ``padding_side``
+    # (needed for token heads).
 
     # Optional: ``non_finite_weights() -> list[str]``, the names of weights holding NaN or infinity;
     # the server calls it once at start-up and reports not ready (/healthz 503) when any is found.
@@ -77,6 +78,11 @@ class TorchBackend:
 
     def thresholds(self, task: str) -> dict[str, float]:
         return dict(self.model.spec(task).thresholds)
+
+    def benign(self, task: str) -> list[str] | None:
+        """The head's stored benign labels (None: not given)."""
+        stored = self.model.spec(task).benign
+        return None if stored is None else list(stored)
 
     @property
     def padding_side(self) -> str:
@@ -165,6 +171,11 @@ class OnnxBackend:
 
     def thresholds(self, task: str) -> dict[str, float]:
         return {str(k): float(v) for k, v in (self._head(task).get("thresholds") or {}).items()}
+
+    def benign(self, task: str) -> list[str] | None:
+        """The head's stored benign labels (None: not given)."""
+        stored = self._head(task).get("benign")
+        return None if stored is None else [str(x) for x in stored]
 
     @property
     def padding_side(self) -> str:

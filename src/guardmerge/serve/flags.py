@@ -1,64 +1,144 @@
 """When a head flags a text: the rule the server and the LLM Guard scanners share (no FastAPI).
 
-- **Single-label heads:** the first label (index 0: ``benign``, ``not-hate``...) is the benign one.
-  The head *flags* a text when any other label has a probability at or above its threshold (the
-  label's own, else the head's); a threshold of ``None`` never flags, and neither does a head
-  with a single label.
-- **Multi-label heads:** a sigmoid per label; the head flags a text when any non-benign label
-  has a probability at or above its threshold. A head's benign labels are configurable; by
-  default they are the labels named (case-insensitive) ``neutral``, ``benign``, ``safe``,
-  ``clean``, ``none`` or ``normal``, or starting with ``non`` or ``not`` (``non-toxic``,
-  ``not_hate``): see :func:`default_benign`.
+- **Benign labels** never flag. They are explicit where someone said so: the expert's ``benign:``
+  in the merge config (stored with the head), ``--benign task=LABEL,...`` for the server,
+  ``benign=`` for the scanners. Otherwise they are guessed from the label names
+  (:func:`guess_benign`), the guess is logged, and a guess never silences a label: a name that
+  only *looks* like a negation (``not_safe_for_work``, ``non_violent_crimes``) is ambiguous, so it
+  flags, with a warning. A single-label head whose benign label cannot be told from the names
+  (``anger, joy, optimism, sadness``; ``LABEL_0, LABEL_1``) is refused until its benign labels
+  are given (:func:`resolve_benign`), since flagging any label of it would be a guess.
+- **Single-label heads** flag a text when any non-benign label has a probability at or above
+  its threshold (the label's own, else the head's); a threshold of ``None`` never flags.
+- **Multi-label heads:** a sigmoid per label; the same rule per label. Without a benign-looking
+  label every label flags (each is a harm category, as in toxicity heads).
 - **Token heads:** the head flags a text that contains an entity of a flagged type (by default
   any entity); a threshold of ``None`` turns its flag off.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import unicodedata
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from guardmerge.errors import GuardmergeError
+from guardmerge.errors import GuardmergeError, InvalidTextError
 from guardmerge.outputs import sigmoid, softmax
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BENIGN_NAMES",
-    "default_benign",
     "entity_flag",
     "flag_score",
+    "guess_benign",
     "is_flagged",
     "label_flag",
-    "multi_label_flag",
+    "normalise_texts",
     "parse_label_lists",
     "parse_thresholds",
+    "resolve_benign",
     "sigmoid",
     "softmax",
 ]
 
-BENIGN_NAMES = frozenset({"neutral", "benign", "safe", "clean", "none", "normal"})
-"""Label names (lower case) a multi-label head treats as benign by default."""
+BENIGN_NAMES = frozenset({"neutral", "benign", "safe", "clean", "none", "normal", "harmless", "ok", "legitimate"})
+"""Label names (case-insensitive; ``-``, ``_`` and spaces alike) taken as benign when guessing."""
+
+NEGATIONS = ("not", "non", "no")
+"""Prefixes that make a label the negation of another (``not-hate`` of ``hate``)."""
 
 
-def flag_score(probs: np.ndarray) -> float | None:
-    """The highest probability among a head's non-benign labels (every label but the first) for
-    one text's probabilities ``[C]``; None for a one-label head, which never flags."""
-    if len(probs) < 2:
+def _words(label: str) -> list[str]:
+    return [w for w in re.split(r"[\s_\-]+", label.strip().lower()) if w]
+
+
+def guess_benign(labels: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(benign, ambiguous)`` labels of a head, guessed from the names alone.
+
+    A label is benign when its name is one of :data:`BENIGN_NAMES`, or when it negates another
+    label of the head whose name has no benign word (``not-hate`` beside ``hate``, ``non_irony``
+    beside ``irony``). A name that starts with a negation but negates no such label
+    (``not_safe_for_work``, ``non_violent_crimes``; ``not_safe`` beside ``safe``) is ambiguous:
+    it is never taken as benign.
+    """
+    others = {" ".join(_words(n)): n for n in labels}
+    benign, ambiguous = [], []
+    for label in labels:
+        words = _words(label)
+        name = " ".join(words)
+        if name in BENIGN_NAMES:
+            benign.append(label)
+            continue
+        if len(words) > 1 and words[0] in NEGATIONS:
+            negated = " ".join(words[1:])
+            if negated in others and not set(_words(negated)) & BENIGN_NAMES:
+                benign.append(label)
+            else:
+                ambiguous.append(label)
+    return benign, ambiguous
+
+
+def resolve_benign(
+    task: str, labels: Sequence[str], problem: str, given: Collection[str] | None, how: str
+) -> frozenset[str]:
+    """The benign labels of head ``task``: ``given`` when someone said so (checked against the
+    labels), else :func:`guess_benign`'s, logged.
+
+    Args:
+        problem: the head kind (``single_label`` or ``multi_label``).
+        how: how the user states them, for messages (``--benign task=LABEL,...``).
+
+    Raises:
+        GuardmergeError: a given label the head lacks, or a single-label head whose benign labels
+            cannot be guessed.
+    """
+    if given is not None:
+        unknown = sorted(set(given) - set(labels))
+        if unknown:
+            raise GuardmergeError(
+                f"benign labels of head '{task}': unknown label(s) {', '.join(unknown)}; its labels are "
+                f"{', '.join(labels)}"
+            )
+        return frozenset(given)
+    benign, ambiguous = guess_benign(labels)
+    if ambiguous:
+        log.warning(
+            "head '%s': label(s) %s look like negations but negate no label of the head: taken as harmful "
+            "(they flag); if they are benign, say so with %s",
+            task,
+            ", ".join(ambiguous),
+            how,
+        )
+    if problem == "single_label" and len(labels) > 1 and not benign:
+        raise GuardmergeError(
+            f"head '{task}': none of its labels ({', '.join(labels)}) looks benign, and guardmerge does not guess "
+            f"which labels never flag: name them with {how}"
+        )
+    if benign:
+        log.info("head '%s': labels taken as benign (guessed from their names): %s", task, ", ".join(benign))
+    elif problem == "multi_label":
+        log.info("head '%s': no label looks benign: every label flags", task)
+    return frozenset(benign)
+
+
+def flag_score(probs: np.ndarray, benign: Collection[int]) -> float | None:
+    """The highest probability among a head's non-benign labels (indices not in ``benign``) for
+    one text's probabilities ``[C]``; None when every label is benign (the head never flags)."""
+    flagging = [i for i in range(len(probs)) if i not in benign]
+    if not flagging:
         return None
-    return float(probs[1:].max())
+    return float(probs[flagging].max())
 
 
 def is_flagged(score: float | None, threshold: float | None) -> bool:
     """The flag of a :func:`flag_score`: at or above ``threshold`` (None: never)."""
     return score is not None and threshold is not None and score >= threshold
-
-
-def default_benign(labels: Sequence[str]) -> list[str]:
-    """A multi-label head's benign labels by default: those named (case-insensitive) ``neutral``,
-    ``benign``, ``safe``, ``clean``, ``none`` or ``normal``, or starting with ``non`` or ``not``."""
-    return [n for n in labels if n.strip().lower() in BENIGN_NAMES or n.strip().lower().startswith(("non", "not"))]
 
 
 def label_flag(probs: np.ndarray, thresholds: Sequence[float | None], benign: Collection[int]) -> bool:
@@ -69,13 +149,6 @@ def label_flag(probs: np.ndarray, thresholds: Sequence[float | None], benign: Co
     )
 
 
-def multi_label_flag(
-    probs: np.ndarray, labels: Sequence[str], thresholds: Sequence[float | None], benign: Collection[str]
-) -> bool:
-    """The flag of a multi-label head on one text's sigmoid probabilities ``[C]``."""
-    return label_flag(probs, thresholds, {i for i, n in enumerate(labels) if n in benign})
-
-
 def entity_flag(
     spans: Sequence[Mapping[str, Any]], types: Collection[str] | None, threshold: float | None = 0.5
 ) -> bool:
@@ -84,6 +157,20 @@ def entity_flag(
     if threshold is None:
         return False
     return any(types is None or s["label"] in types for s in spans)
+
+
+def normalise_texts(texts: Sequence[str]) -> tuple[list[str], list[InvalidTextError]]:
+    """Texts in Unicode NFC, and an error for each text that cannot be encoded as UTF-8."""
+    out: list[str] = []
+    bad: list[InvalidTextError] = []
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad.append(InvalidTextError(i, exc.start, text[exc.start]))
+            continue
+        out.append(unicodedata.normalize("NFC", text))
+    return out, bad
 
 
 def parse_thresholds(items: Sequence[str]) -> dict[str, float | None]:
