@@ -32,6 +32,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -39,7 +40,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from guardmerge.errors import CheckpointError, GuardmergeError
+from guardmerge.errors import CheckpointError, GuardmergeError, NonFiniteOutputError
 from guardmerge.io import atomic_dir
 from guardmerge.io.formats import CONFIG_FILE, check_tokenizer_config, clip, read_config
 from guardmerge.models.adapters import (
@@ -237,12 +238,23 @@ def stock_head_tensors(task: str, layout: HeadLayout, read: Callable[[str], torc
     return out
 
 
-def build_encoder(config: Mapping[str, Any], with_pooler: bool) -> nn.Module:
-    """A randomly initialised transformers base model (``BertModel``...) for ``config``."""
+def no_init() -> AbstractContextManager[Any]:
+    """transformers' ``no_init_weights``: modules are allocated but not initialised (every
+    tensor is loaded afterwards, and the loaders refuse a missing one)."""
+    from transformers.initialization import no_init_weights
+
+    return cast(AbstractContextManager[Any], no_init_weights())
+
+
+def build_encoder(config: Mapping[str, Any], with_pooler: bool, *, empty: bool = False) -> nn.Module:
+    """A transformers base model (``BertModel``...) for ``config``: randomly initialised, or with
+    ``empty`` allocated without initialisation (the caller loads every tensor: fast, no random
+    weights are ever computed)."""
     from transformers import AutoConfig, AutoModel
 
     cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "guardmerge"})
-    return AutoModel.from_config(cfg, **get_adapter(cfg.model_type).encoder_kwargs(with_pooler))
+    with no_init() if empty else nullcontext():
+        return AutoModel.from_config(cfg, **get_adapter(cfg.model_type).encoder_kwargs(with_pooler))
 
 
 def has_pooler(adapter: ArchitectureAdapter, names: Iterable[str]) -> bool:
@@ -432,7 +444,8 @@ def build_branch(
         raise GuardmergeError(f"{where}: share_layers: {problem}")
     own = {k: v for k, v in tensors.items() if not k.startswith("align.")}
     with_pooler = bool(adapter.pooler) and any(k.startswith(f"{adapter.pooler}.") for k in own)
-    donor = type(trunk)(trunk.config, **adapter.encoder_kwargs(with_pooler))
+    with no_init():  # every owned tensor is loaded below (a missing one is refused)
+        donor = type(trunk)(trunk.config, **adapter.encoder_kwargs(with_pooler))
     missing, unexpected = donor.load_state_dict(own, strict=False)
     owned = adapter.branch_prefixes(share_layers, layers)
     missing = [
@@ -470,11 +483,11 @@ def _config_dict(encoder: nn.Module) -> dict[str, Any]:
 
 
 def _load_encoder(encoder: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, where: str) -> None:
+    """Load ``state`` into an encoder built without initialisation: a missing tensor is always an
+    error (it would hold uninitialised memory); an unexpected one only when ``strict``."""
     missing, unexpected = encoder.load_state_dict(dict(state), strict=False)
-    if not strict:
-        return
     missing = [m for m in missing if not m.endswith(_BUFFERS)]
-    unexpected = [u for u in unexpected if not u.endswith(_BUFFERS)]
+    unexpected = [u for u in unexpected if not u.endswith(_BUFFERS)] if strict else []
     if missing or unexpected:
         raise CheckpointError(
             f"{where}: encoder tensors do not match the config "
@@ -687,14 +700,26 @@ class MultiHeadModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """``{task: logits [len(texts), C_task]}``, input order kept; a token head's are
         ``[len(texts), T, C_task]``, padded to the longest text (on the tokenizer's padding side)
-        with zeros."""
+        with zeros.
+
+        Raises:
+            NonFiniteOutputError: a head's scores for a text are NaN or infinite (no verdict).
+        """
         chosen = list(tasks) if tasks is not None else self.tasks
         parts: dict[str, list[torch.Tensor]] = {t: [] for t in chosen}
         for start in range(0, len(texts), batch_size):
             batch = self.encode(texts[start : start + batch_size], max_length)
             for task, out in self(tasks=chosen, **batch).items():
                 parts[task].append(out.float())
-        return {t: self.concat_logits(t, p) for t, p in parts.items()}
+        logits = {t: self.concat_logits(t, p) for t, p in parts.items()}
+        for task, values in logits.items():  # a guard fails closed: no verdict from NaN or infinity
+            bad = (~torch.isfinite(values.reshape(len(values), -1))).any(dim=-1).nonzero()
+            if len(bad):
+                raise NonFiniteOutputError(
+                    f"head '{task}' produced NaN or infinite scores for text {int(bad[0])} "
+                    f"({len(bad)} of {len(values)} texts); no verdict is given"
+                )
+        return logits
 
     def concat_logits(self, task: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """``task``'s batches of logits as one tensor (a token head's padded, on the tokenizer's
@@ -830,7 +855,7 @@ class MultiHeadModel(nn.Module):
         head_mods = {task: head_from_tensors(task, spec, tensors) for task, spec in heads.items()}
         enc_state = {k: v for k, v in tensors.items() if not k.startswith((HEAD_PREFIX, BRANCH_PREFIX))}
         adapter = get_adapter(str(config["model_type"]))
-        encoder = build_encoder(config, has_pooler(adapter, enc_state))
+        encoder = build_encoder(config, has_pooler(adapter, enc_state), empty=True)
         branched = any(k.startswith(BRANCH_PREFIX) for k in tensors)
         depth = info.get("share_layers")
         layers = len(blocks_at(encoder, adapter.blocks)) if adapter.blocks else 0
@@ -841,6 +866,10 @@ class MultiHeadModel(nn.Module):
                     f"in 0..{layers - 1}, got {depth!r}"
                 )
             cut_trunk(encoder, adapter, depth)
+            if depth == 0 and adapter.embeddings_project:  # each branch owns it; the trunk's output is unused
+                lead = adapter.embeddings_project + "."
+                own = encoder.state_dict()
+                enc_state.update({k: torch.zeros_like(v) for k, v in own.items() if k.startswith(lead)})
         _load_encoder(encoder, enc_state, strict, where)
         branches: dict[str, Branch] = {}
         if branched:
@@ -897,8 +926,8 @@ class MultiHeadModel(nn.Module):
             head = head_from_tensors(name, spec, stock_head_tensors(name, layout, ck.get))
             dropped = ("id2label", "label2id", "architectures", "problem_type")
             config = {k: v for k, v in ck.config.items() if k not in dropped}
-            encoder = build_encoder(config, has_pooler(ad, enc_state))
-            encoder.load_state_dict(enc_state, strict=False)
+            encoder = build_encoder(config, has_pooler(ad, enc_state), empty=True)
+            _load_encoder(encoder, enc_state, True, ck.where)
             return cls(encoder, {name: head}, config, info={"source": ck.source}, tokenizer=load_tokenizer(ck.path))
 
     # -- single-task export ----------------------------------------------------------------

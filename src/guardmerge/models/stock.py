@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from guardmerge.io.checkpoint import INTEGER_BUFFERS
 from guardmerge.io.formats import clip
 from guardmerge.models.adapters import MULTI_LABEL_PROBLEM_TYPE
 from guardmerge.models.checkpoint import Checkpoint
+from guardmerge.models.multihead import no_init
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,13 @@ def stock_model(
     fresh: Sequence[str] = (),
     allow_pickle: bool = False,
     where: str | None = None,
+    architecture: bool = False,
 ) -> Any:
     """The family's stock sequence (or, with ``token``, token) classifier of ``folder``, in eval mode.
 
     Args:
+        architecture: build the transformers class the config names (``architectures[0]``,
+            e.g. ``LlamaForCausalLM``) instead, in the stored dtypes.
         labels: label names of a new head (fine-tuning); default: the folder's own.
         multi_label: a new head is multi-label (``problem_type: multi_label_classification``).
         fresh: canonical-name prefixes the class may initialise itself when the folder lacks
@@ -69,9 +74,13 @@ def stock_model(
             cfg = AutoConfig.for_model(**config)
         except Exception as exc:  # transformers raises ValueError, TypeError, KeyError on bad configs
             raise CheckpointError(f"{ck.where}: config.json is not a usable config: {clip(exc, 200)}") from None
-        cls = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
-        model = cls.from_config(cfg)
+        cls = (_architecture(config, ck.where) if architecture else None) or (
+            AutoModelForTokenClassification if token else AutoModelForSequenceClassification
+        )
+        with nullcontext() if fresh else no_init():  # every tensor is loaded below unless fresh
+            model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
         own = model.state_dict()
+        tied = _tied(model)
         state: dict[str, torch.Tensor] = {}
         skipped = []
         for name in ck.names():
@@ -86,11 +95,14 @@ def stock_model(
                     f"{ck.where}: tensor '{clip(name)}' has shape {list(ck.shape(name))}, the stock "
                     f"{type(model).__name__} needs {list(own[key].shape)}"
                 )
-            state[key] = ck.get(name, own[key].dtype)
+            state[key] = ck.get(name, None if architecture else own[key].dtype)
         missing = [
             k
             for k in own
-            if k not in state and not k.endswith(INTEGER_BUFFERS) and not ad.canonical(k).startswith(tuple(fresh))
+            if k not in state
+            and not k.endswith(INTEGER_BUFFERS)
+            and not ad.canonical(k).startswith(tuple(fresh))
+            and not (k in tied and tied[k] in state)
         ]
         if missing:
             raise CheckpointError(
@@ -102,5 +114,34 @@ def stock_model(
         new = sorted({ad.canonical(k).split(".")[0] for k in own if k not in state and not k.endswith(INTEGER_BUFFERS)})
         if new:
             log.info("%s: freshly initialised: %s", ck.where, ", ".join(new))
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=False, assign=architecture)
+        if tied and hasattr(model, "tie_weights"):
+            model.tie_weights()
     return model.eval()
+
+
+def _architecture(config: dict[str, Any], where: str) -> Any:
+    """The transformers class ``config["architectures"][0]`` names (None when it names none)."""
+    import transformers
+
+    names = config.get("architectures")
+    if not names:
+        return None
+    name = names[0] if isinstance(names, list) and isinstance(names[0], str) else None
+    cls = getattr(transformers, name, None) if name else None
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        raise CheckpointError(f"{where}: config.json 'architectures' names no transformers model class")
+    return cls
+
+
+def _tied(model: Any) -> dict[str, str]:
+    """Parameter name -> the name of the parameter it is tied to (``lm_head.weight`` ->
+    ``model.embed_tokens.weight``), for the weights a model shares by construction."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            out[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return out
