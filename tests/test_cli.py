@@ -100,7 +100,7 @@ def test_help_explains_commands() -> None:
 
 
 def test_self_merge_at_full_density_reproduces_the_expert(zoo: dict[str, Path], tmp_path: Path) -> None:
-    from tests.conftest import TEXTS, expert_logits
+    from tests.builders import TEXTS, expert_logits
 
     res = runner.invoke(
         app,

@@ -85,3 +85,22 @@ def _good(tmp_path: Path) -> Path:
     p = tmp_path / "good.yaml"
     p.write_text("base_model: b\nexperts: [{model: a, task: t}]\n")
     return p
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "method=!!python/object/apply:os.system ['true']",
+        "parameters=!!python/name:os.system",
+        "parameters.scaling=[[[[[[",
+        "experts.x.weight=1",
+        "base_model.deeper=1",
+        "parameters.scaling=" + "[" * 5000 + "]" * 5000,
+    ],
+)
+def test_malformed_overrides_are_one_config_error(override: str) -> None:
+    from guardmerge.config import apply_overrides
+    from guardmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="override"):
+        apply_overrides({"base_model": "b", "experts": [{"model": "m", "task": "t"}]}, [override])

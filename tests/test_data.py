@@ -101,3 +101,23 @@ def test_unknown_task_type_is_refused(tmp_path: Path) -> None:
     task = _folder(tmp_path, "x", ["a", "b"], "regression", [{"text": "a", "label": 0}])
     with pytest.raises(DataError, match=r"labels.json: 'type' must be one of single_label, multi_label, token"):
         load_task(task)
+
+
+@pytest.mark.parametrize("label", ["1e400", "9" * 5000, "true", '"12345678901234567890123"', "1.5"])
+def test_huge_or_odd_labels_are_one_data_error(tmp_path: Path, label: str) -> None:
+    from guardmerge.data import read_examples
+    from guardmerge.errors import DataError
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": ' + label + "}\n")
+    with pytest.raises(DataError):
+        read_examples(path)
+
+
+def test_labels_json_with_a_huge_number_is_one_data_error(tmp_path: Path) -> None:
+    from guardmerge.data import load_task
+    from guardmerge.errors import DataError
+
+    (tmp_path / "labels.json").write_text('{"labels": ["a", ' + "9" * 5000 + "]}")
+    with pytest.raises(DataError):
+        load_task(tmp_path)

@@ -18,7 +18,7 @@ from guardmerge.errors import (
 )
 from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.pipeline import merge_to_folder
-from tests.conftest import TEXTS, expert_logits, make_base, make_expert
+from tests.builders import TEXTS, expert_logits, make_base, make_expert
 
 Q = "encoder.layer.0.attention.self.query.weight"
 

@@ -24,7 +24,7 @@ from guardmerge.errors import CompatibilityError, ConfigError, StatisticsError
 from guardmerge.models.adapters import ArchitectureAdapter, get_adapter
 from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.pipeline import build
-from tests.conftest import TEXTS, WORDS, expert_logits, write_tokenizer
+from tests.builders import TEXTS, WORDS, expert_logits, write_tokenizer
 
 FAMILIES = ["deberta-v2", "xlm-roberta", "modernbert", "modernbert-mean", "electra", "mpnet", "albert"]
 LONG = " ".join(TEXTS)  # longer than the texts the ONNX graph is traced with

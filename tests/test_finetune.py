@@ -12,7 +12,7 @@ import torch
 from guardmerge.data import Examples
 from guardmerge.errors import DataError
 from guardmerge.finetune import FinetuneSettings, _encode, finetune
-from tests.conftest import WORDS, make_base
+from tests.builders import WORDS, make_base
 
 FAST = FinetuneSettings(epochs=25, learning_rate=1e-2, batch_size=8, warmup=0.0, max_length=16)
 
@@ -75,3 +75,37 @@ def test_multi_label_expert_learns_label_sets(tmp_path: Path) -> None:
         probs = torch.sigmoid(model(**tok([" ".join(w) for w in test], return_tensors="pt", padding=True)).logits)
     want = torch.tensor([[float(w in row) for w in ("happy", "sad")] for row in test])
     assert float(((probs > 0.5).float() == want).float().mean()) > 0.9
+
+
+def _with_nan(src: Path, dst: Path) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    key = next(k for k in state if k.endswith("attention.self.query.weight"))
+    state[key][0, 0] = float("nan")
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_a_nan_base_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    from guardmerge.errors import CheckpointError
+
+    base = _with_nan(make_base(tmp_path / "base"), tmp_path / "nan-base")
+    train = Examples(["a b", "c d"], labels=[0, 1])
+    with pytest.raises(CheckpointError, match="NaN"):
+        finetune(base, train, ["x", "y"], tmp_path / "out", FAST, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    from guardmerge.errors import GuardmergeError
+
+    base = make_base(tmp_path / "base")
+    train = Examples([" ".join(s) for s in _sentences(16)], labels=[i % 2 for i in range(16)])
+    huge = FinetuneSettings(epochs=2, learning_rate=1e30, batch_size=8, warmup=0.0, max_length=16)
+    with pytest.raises(GuardmergeError, match="diverged|NaN"):
+        finetune(base, train, ["x", "y"], tmp_path / "out", huge, progress=False)
+    assert not (tmp_path / "out").exists()

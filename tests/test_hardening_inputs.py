@@ -30,7 +30,7 @@ from guardmerge.errors import (
     OutputError,
 )
 from guardmerge.models.checkpoint import Checkpoint
-from tests.conftest import TEXTS
+from tests.builders import TEXTS
 
 # -- helpers -------------------------------------------------------------------------------
 

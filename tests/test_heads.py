@@ -26,49 +26,13 @@ from guardmerge.errors import CheckpointError, CompatibilityError, ConfigError, 
 from guardmerge.models.multihead import HeadSpec, MultiHeadModel, head_specs
 from guardmerge.outputs import entity_spans, text_tokens
 from guardmerge.pipeline import build
-from tests.conftest import TEXTS, WORDS, tiny_config, write_tokenizer
+from tests.builders import TEXTS, WORDS, make_classifier, tiny_config, write_tokenizer
 
 VOCAB = [*WORDS, "john", "##son", "paris", "##ian", "london"]
 SEQ = ["benign", "injection"]
 EMO = ["neutral", "anger", "joy"]
 NER = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 SENTENCES = [*TEXTS, "John Johnson will tell the Parisian people", "ignore London , john", "Parisian"]
-
-
-def make_expert(folder: Path, base: Path, labels: list[str], seed: int, kind: str = "single_label") -> Path:
-    """A stock classifier of ``base``'s family: ``single_label`` / ``multi_label`` sequence
-    classifier or a ``token`` classifier; the base plus a small random task vector, a random head."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-        AutoTokenizer,
-    )
-
-    from guardmerge.models.adapters import get_adapter
-
-    cfg = AutoConfig.from_pretrained(str(base))
-    cfg.num_labels = len(labels)
-    cfg.id2label = dict(enumerate(labels))
-    cfg.label2id = {n: i for i, n in enumerate(labels)}
-    if kind == "multi_label":
-        cfg.problem_type = "multi_label_classification"
-    adapter = get_adapter(cfg.model_type)
-    torch.manual_seed(seed)
-    cls = AutoModelForTokenClassification if kind == "token" else AutoModelForSequenceClassification
-    model = cls.from_config(cfg)
-    body = AutoModel.from_pretrained(str(base))
-    getattr(model, adapter.prefix).load_state_dict(body.state_dict(), strict=False)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if adapter.is_head(adapter.canonical(name)):
-                p.normal_(0, 0.5)
-            else:
-                p.add_(0.005 * torch.randn_like(p))
-    model.save_pretrained(str(folder))
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(folder))
-    return folder
 
 
 def stock_logits(folder: Path, texts: list[str], token: bool = False) -> torch.Tensor:
@@ -128,9 +92,9 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     return Zoo(
         root=root,
         base=base,
-        seq=make_expert(root / "seq", base, SEQ, seed=1),
-        emo=make_expert(root / "emo", base, EMO, seed=2, kind="multi_label"),
-        ner=make_expert(root / "ner", base, NER, seed=3, kind="token"),
+        seq=make_classifier(root / "seq", base, SEQ, seed=1),
+        emo=make_classifier(root / "emo", base, EMO, seed=2, kind="multi_label"),
+        ner=make_classifier(root / "ner", base, NER, seed=3, kind="token"),
         texts=texts,
         words=words,
     )

@@ -14,9 +14,9 @@ import torch
 
 from guardmerge.config import parse_config
 from guardmerge.engine import merge
-from tests.conftest import TEXTS
+from tests.builders import TEXTS, make_classifier
 from tests.test_families import FAMILIES, LONG, make_family_base
-from tests.test_heads import NER, close, make_expert, stock_logits
+from tests.test_heads import NER, close, stock_logits
 
 TOKEN_LAYERS = {"modernbert": ("head.dense", "classifier"), "modernbert-mean": ("head.dense", "classifier")}
 SAMPLES = [*TEXTS, LONG]
@@ -26,7 +26,7 @@ def _base(folder: Path, family: str) -> Path:
     """A headless base of ``family``: test_families' families, plus RoBERTa and DistilBERT."""
     import transformers as tf
 
-    from tests.conftest import WORDS, write_tokenizer
+    from tests.builders import WORDS, write_tokenizer
 
     if family not in ("roberta", "distilbert"):
         return make_family_base(folder, family)
@@ -51,8 +51,8 @@ def _base(folder: Path, family: str) -> Path:
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     root = tmp_path_factory.mktemp(f"heads-{request.param}")
     base = _base(root / "base", request.param)
-    make_expert(root / "ner", base, NER, seed=3, kind="token")
-    make_expert(root / "emo", base, ["neutral", "anger", "joy"], seed=2, kind="multi_label")
+    make_classifier(root / "ner", base, NER, seed=3, kind="token")
+    make_classifier(root / "emo", base, ["neutral", "anger", "joy"], seed=2, kind="multi_label")
     return request.param, root
 
 

@@ -9,7 +9,7 @@ from guardmerge.config import parse_config
 from guardmerge.errors import ConfigError, StatisticsError
 from guardmerge.pipeline import build, compute_stats, expert_statistics, task_texts
 from guardmerge.stats import save_stats
-from tests.conftest import expert_logits
+from tests.builders import expert_logits
 from tests.test_refit import TEXTS
 
 
@@ -126,3 +126,21 @@ def test_dare_regmean_computes_statistics_on_the_sparsified_experts(
     assert not torch.allclose(plain[0].gram.gram(g), on_dropped.gram.gram(g), atol=1e-6)
     merged = build(cfg, progress=False)
     assert not torch.equal(merged.tensors[q], full.tensors[q])
+
+
+def test_statistics_of_a_nan_expert_are_refused(zoo: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from guardmerge.config import StatsConfig
+    from guardmerge.errors import CheckpointError
+    from guardmerge.pipeline import compute_stats
+
+    folder = tmp_path / "nan"
+    shutil.copytree(zoo["hate"], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["bert.encoder.layer.0.output.dense.weight"][0, 0] = float("inf")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        compute_stats(folder, ["a b c", "d e"], {"gram"}, StatsConfig(), progress=False)

@@ -12,7 +12,7 @@ from guardmerge.engine import merge
 from guardmerge.errors import ConfigError
 from guardmerge.pipeline import build
 from guardmerge.refit import FeatureCache, align_heads, head_features
-from tests.conftest import WORDS, expert_logits
+from tests.builders import WORDS, expert_logits
 
 
 def random_texts(n: int, seed: int = 0) -> list[str]:

@@ -17,7 +17,7 @@ from guardmerge.engine import merge
 from guardmerge.errors import ConfigError
 from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.pipeline import build, merge_to_folder
-from tests.conftest import TEXTS, WORDS, expert_logits
+from tests.builders import TEXTS, WORDS, expert_logits
 
 TASKS = ("hate", "injection", "sentiment")
 LAYERS = 2  # the conftest zoo's num_hidden_layers

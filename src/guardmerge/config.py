@@ -251,8 +251,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         try:
             _set_dotted(data, key.strip(), yaml.safe_load(raw))
-        except (IndexError, ValueError, TypeError) as exc:
-            raise ConfigError(f"override '{item}': {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override '{item[:200]}': not a YAML value ({' '.join(str(exc).split())[:200]})"
+            ) from None
+        except (IndexError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise ConfigError(f"override '{item[:200]}': {str(exc)[:200]}") from None
     return data
 
 

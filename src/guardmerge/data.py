@@ -121,10 +121,23 @@ def read_examples(path: str | Path, *, text_field: str = "text", label_field: st
     labels = None
     if label_field and all(label_field in r for r in rows):
         try:
-            labels = [int(r[label_field]) for r in rows]
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{path}: field '{label_field}' must hold integer labels: {exc}") from None
+            labels = [_label(r[label_field]) for r in rows]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DataError(f"{path}: field '{label_field}' must hold integer labels: {str(exc)[:100]}") from None
     return Examples(texts, labels)
+
+
+def _label(value: Any) -> int:
+    """An integer label from a JSON/CSV field: an int, an integral float or a digit string of a
+    sensible size (a 5,000-digit number or ``1e400`` is refused)."""
+    if isinstance(value, bool):
+        raise TypeError("a boolean is not a label")
+    if isinstance(value, str) and len(value.strip()) > 18:
+        raise ValueError(f"label '{value[:20]}...' is not a small integer")
+    number = int(value) if not isinstance(value, float) else int(value) if value.is_integer() else None
+    if number is None or abs(number) > 2**31:
+        raise ValueError(f"label {str(value)[:20]} is not a small integer")
+    return number
 
 
 def task_texts(path: str | Path, limit: int | None = None) -> list[str]:
@@ -221,8 +234,8 @@ def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {i}: invalid JSON: {exc}") from None
+            except ValueError as exc:  # JSONDecodeError, and integers beyond Python's digit limit
+                raise DataError(f"{path}, line {i}: invalid JSON: {str(exc)[:200]}") from None
             except RecursionError:
                 raise DataError(f"{path}, line {i}: invalid JSON: nested too deeply") from None
             if not isinstance(row, dict):

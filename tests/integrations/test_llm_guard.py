@@ -28,7 +28,7 @@ from guardmerge.integrations.llm_guard import (
     scanners,
 )
 from guardmerge.models.multihead import MultiHeadModel
-from tests.conftest import MERGED_TASKS, TEXTS
+from tests.builders import MERGED_TASKS, TEXTS
 
 TASKS = MERGED_TASKS
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import torch
 from guardmerge.config import parse_config
 from guardmerge.errors import ConfigError
 from guardmerge.pipeline import build, compute_stats, merge_to_folder
-from tests.conftest import TEXTS, WORDS, expert_logits, make_base, make_expert
+from tests.builders import TEXTS, WORDS, expert_logits, make_base, make_expert
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ def test_prefixed_and_unprefixed_names_map_to_one_canonical_name(zoo: dict[str, 
 def test_masked_lm_base_names_are_canonical(tmp_path: Path) -> None:
     from transformers import BertForMaskedLM
 
-    from tests.conftest import tiny_config
+    from tests.builders import tiny_config
 
     BertForMaskedLM(tiny_config()).save_pretrained(str(tmp_path), safe_serialization=True)
     with Checkpoint(tmp_path) as ck:

@@ -10,7 +10,7 @@ from guardmerge.config import parse_config
 from guardmerge.engine import merge
 from guardmerge.errors import GuardmergeError
 from guardmerge.models.multihead import MultiHeadModel
-from tests.conftest import TEXTS, expert_logits, write_tokenizer
+from tests.builders import TEXTS, expert_logits, write_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,134 @@ def test_other_families_merge_and_export(family: str, tmp_path: Path) -> None:
     hm3 = parse_config({"base_model": str(base), "experts": [{"model": str(e0), "task": "t0"}], "heads": "hm3"})
     with pytest.raises(GuardmergeError, match="hm3 needs a single Linear head"):
         merge(hm3, progress=False)
+
+
+# -- issue 21: what a merged folder may hold, and outputs that are not finite ---------------------
+
+
+def _edit_folder(folder: Path, tensors=None, config=None) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    if tensors is not None:
+        state = load_file(str(folder / "model.safetensors"))
+        tensors(state)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if config is not None:
+        data = json.loads((folder / "config.json").read_text())
+        config(data)
+        (folder / "config.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("tensors", "config", "problem"),
+    [
+        (
+            lambda s: s.__setitem__("heads.hate.classifier.weight", s["heads.hate.classifier.weight"].to(torch.int8)),
+            None,
+            "quantised",
+        ),
+        (
+            lambda s: s.__setitem__("heads.hate.classifier.bias", s["heads.hate.classifier.bias"] > 0),
+            None,
+            "floating point",
+        ),
+        (
+            lambda s: s.__setitem__(
+                "encoder.layer.0.output.dense.weight", s["encoder.layer.0.output.dense.weight"].to(torch.float8_e4m3fn)
+            ),
+            None,
+            "quantised",
+        ),
+        (None, lambda c: c.__setitem__("quantization_config", {"quant_method": "bitsandbytes"}), "quantised"),
+        (None, lambda c: c.__setitem__("num_hidden_layers", 20000), "num_hidden_layers is 20000"),
+        (
+            None,
+            lambda c: c["guardmerge"]["heads"].__setitem__("hate\n", c["guardmerge"]["heads"].pop("hate")),
+            "not a valid task name",
+        ),
+        (None, lambda c: c.__setitem__("auto_map", {"AutoModel": "evil.Model"}), "auto_map"),
+    ],
+)
+def test_load_refuses_what_a_merged_folder_may_not_hold(
+    merged: MultiHeadModel,
+    tmp_path: Path,
+    tensors,
+    config,
+    problem: str,  # type: ignore[no-untyped-def]
+) -> None:
+    import time
+
+    from guardmerge.errors import CheckpointError
+
+    folder = merged.save_pretrained(tmp_path / "m")
+    _edit_folder(folder, tensors, config)
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=problem):
+        guardmerge.load(folder)
+    assert time.perf_counter() - started < 10  # refused before building 20,000 layers
+
+
+def test_predict_refuses_non_finite_outputs(merged: MultiHeadModel) -> None:
+    from guardmerge.errors import NonFiniteOutputError
+
+    broken = MultiHeadModel(merged.encoder, dict(merged.heads), merged.config, merged.info, merged.tokenizer)
+    original = broken.heads["hate"].layers[-1].bias.detach().clone()
+    try:
+        with torch.no_grad():
+            broken.heads["hate"].layers[-1].bias.fill_(float("inf"))
+            broken.heads["hate"].layers[-1].bias[0] = float("-inf")  # inf - inf: NaN probabilities
+        with pytest.raises(NonFiniteOutputError, match="head 'hate'"):
+            broken.predict(TEXTS)
+        with pytest.raises(NonFiniteOutputError):
+            broken.logits(TEXTS, tasks=["hate"])
+        assert set(broken.logits(TEXTS, tasks=["injection"])) == {"injection"}  # other heads still answer
+    finally:
+        with torch.no_grad():
+            broken.heads["hate"].layers[-1].bias.copy_(original)
+
+
+def test_predict_cli_exits_2_on_non_finite_outputs(
+    tmp_path: Path, zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from guardmerge.cli import main
+
+    folder = _scaled_merge(zoo, tmp_path, probe=False)
+    monkeypatch.setattr(sys, "argv", ["guardmerge", "predict", str(folder), "hello there"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "NaN or infinite" in err and "Traceback" not in err
+
+
+def _scaled_merge(zoo: dict[str, Path], tmp_path: Path, probe: bool) -> Path:
+    """A merge at scaling 1e38 (finite weights, overflowing activations); ``probe=False`` skips
+    the merge's own output check, to build the folder a user must never get."""
+    from guardmerge import engine
+    from guardmerge.pipeline import merge_to_folder
+
+    cfg = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo["hate"]), "task": "hate"}],
+            "parameters": {"scaling": 1e38},
+            "align_heads": False,
+        }
+    )
+    if probe:
+        return merge_to_folder(cfg, tmp_path / "scaled", progress=False)
+    original = engine.probe_outputs
+    engine.probe_outputs = lambda *a, **k: None  # type: ignore[assignment]
+    try:
+        return merge_to_folder(cfg, tmp_path / "scaled", progress=False)
+    finally:
+        engine.probe_outputs = original
+
+
+def test_a_merge_whose_outputs_overflow_is_refused_before_it_is_written(tmp_path: Path, zoo: dict[str, Path]) -> None:
+    with pytest.raises(GuardmergeError, match="not finite on probe texts"):
+        _scaled_merge(zoo, tmp_path, probe=True)
+    assert list(tmp_path.iterdir()) == []

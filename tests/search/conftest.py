@@ -18,7 +18,7 @@ from guardmerge.engine import merge
 from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.search import Candidate
 from guardmerge.search.objective import Report
-from tests.conftest import WORDS, expert_logits, make_base, make_expert
+from tests.builders import WORDS, expert_logits, make_base, make_expert
 
 LABELS = {"hate": ["not-hate", "hate"], "injection": ["benign", "injection"], "sentiment": ["neg", "neu", "pos"]}
 TASKS = ("hate", "injection", "sentiment")

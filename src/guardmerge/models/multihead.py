@@ -1039,9 +1039,10 @@ def _feats(hidden: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor
 
 def load_any(path: str | Path, task: str | None = None) -> MultiHeadModel:
     """A merged folder as is, or a stock classifier folder as a one-head model."""
-    cfg = Path(path) / "config.json"
-    if cfg.is_file() and "guardmerge" in json.loads(cfg.read_text()):
-        return MultiHeadModel.from_pretrained(path)
+    from guardmerge.io.checkpoint import resolve
+
+    if "guardmerge" in read_config(resolve(path)):  # checked: a JSON object, no code hints
+        return MultiHeadModel.from_pretrained(resolve(path))
     return MultiHeadModel.from_classifier(path, task)
 
 

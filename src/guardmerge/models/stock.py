@@ -74,7 +74,7 @@ def stock_model(
             cfg = AutoConfig.for_model(**config)
         except Exception as exc:  # transformers raises ValueError, TypeError, KeyError on bad configs
             raise CheckpointError(f"{ck.where}: config.json is not a usable config: {clip(exc, 200)}") from None
-        cls = (_architecture(config, ck.where) if architecture else None) or (
+        cls: Any = (_architecture(config, ck.where) if architecture else None) or (
             AutoModelForTokenClassification if token else AutoModelForSequenceClassification
         )
         with nullcontext() if fresh else no_init():  # every tensor is loaded below unless fresh

@@ -49,10 +49,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from guardmerge import __version__
 from guardmerge.errors import CheckpointError, StatisticsError
+from guardmerge.io.atomic import atomic_file
 from guardmerge.io.formats import CONFIG_FILE, read_json, weight_files
 from guardmerge.io.safetensors import SafetensorsFile
 from guardmerge.stats.fisher import FisherStats
@@ -256,6 +257,7 @@ def save_stats(
     fingerprint: str | None = None,
     gram_dtype: torch.dtype = torch.float64,
     extra: Mapping[str, object] | None = None,
+    force: bool = True,
 ) -> Path:
     """Write a statistics file (layout in the module docstring) and return its path.
 
@@ -268,6 +270,7 @@ def save_stats(
             DARE-sparsified expert).
         gram_dtype: float64 (default, exact) or float32 (half the size).
         extra: free-form provenance, stored as ``extra.<key>`` strings.
+        force: replace an existing file (written atomically either way).
 
     Raises:
         StatisticsError: nothing to store, or neither ``expert`` nor ``fingerprint`` given.
@@ -326,8 +329,8 @@ def save_stats(
     for key, value in (extra or {}).items():
         meta[f"extra.{key}"] = value if isinstance(value, str) else _json(value)
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=meta)
+    with atomic_file(out, force=force) as fh:  # a full disk or a kill never leaves a partial file
+        fh.write(save(tensors, metadata=meta))
     log.info("wrote %s statistics to %s (%d tensors)", "+".join(kinds), out, len(tensors))
     return out
 
