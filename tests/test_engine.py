@@ -109,7 +109,7 @@ def broken(tmp_path_factory: pytest.TempPathFactory, zoo: dict[str, Path]) -> di
         zoo["base"],
         ["a", "b"],
         seed=6,
-        words=["x" + w for w in __import__("tests.conftest").conftest.WORDS],
+        words=["x" + w for w in __import__("tests.builders").builders.WORDS],
     )
     missing = root / "missing"
     shutil.copytree(zoo["hate"], missing)

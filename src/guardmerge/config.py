@@ -262,13 +262,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _resolve_paths(data: dict[str, Any], root: Path) -> None:
     def fix(value: Any) -> Any:
-        if not isinstance(value, str) or Path(value).is_absolute():
+        try:
+            if not isinstance(value, str) or Path(value).is_absolute():
+                return value
+            candidate = root / value
+            return str(candidate) if candidate.exists() else value
+        except (OSError, ValueError):  # a name the file system cannot hold: validation says why
             return value
-        candidate = root / value
-        return str(candidate) if candidate.exists() else value
 
     data["base_model"] = fix(data.get("base_model"))
-    for expert in data.get("experts") or []:
+    experts = data.get("experts")
+    for expert in experts if isinstance(experts, list) else []:
         if isinstance(expert, dict):
             for key in ("model", "stats", "data"):
                 if key in expert:
