@@ -113,7 +113,10 @@ def self_merge(
         if "=" not in item:
             raise GuardmergeError(f"--set '{item}' must look like name=value")
         key, value = item.split("=", 1)
-        params[key.strip()] = yaml.safe_load(value)
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except (yaml.YAMLError, RecursionError):
+            raise GuardmergeError(f"--set '{item[:200]}': the value is not a YAML value") from None
     cfg = self_merge_config(base, expert, method, params, task=Path(expert).name or "task", seed=seed)
     model = run_merge(cfg).to_model()
     model.export_task(model.tasks[0], out, force=force)
@@ -141,9 +144,6 @@ def stats(
 ) -> None:
     """Compute an expert's statistics once (RegMean Grams, diagonal Fisher) and store them,
     tied to the expert by fingerprint, so merges need no data: `stats: FILE` in the config."""
-    import os
-    import tempfile
-
     from guardmerge.config import StatsConfig
     from guardmerge.data import read_examples
     from guardmerge.io import check_output
@@ -171,22 +171,15 @@ def stats(
     if fisher_labels == "empirical" and "fisher" in kind and labels is None:
         raise GuardmergeError(f"empirical Fisher needs gold labels: no integer '{label_field}' in {data}")
     result = compute_stats(expert, texts, set(kind), settings, labels=labels, allow_pickle=allow_pickle)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        save_stats(
-            tmp,
-            gram=result.gram,
-            fisher=result.fisher,
-            fingerprint=result.fingerprint,
-            expert=expert,
-            extra={"data": str(data), "examples": len(texts)},
-        )
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_stats(
+        out,
+        gram=result.gram,
+        fisher=result.fisher,
+        fingerprint=result.fingerprint,
+        expert=expert,
+        extra={"data": str(data), "examples": len(texts)},
+        force=force,
+    )
     typer.echo(f"{'+'.join(sorted(kind))} statistics of {expert} on {len(texts)} texts -> {out}")
 
 
@@ -514,7 +507,8 @@ def eval_(
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     task: Annotated[str | None, typer.Option(help="Task name of a single-classifier MODEL.")] = None,
     limit: Annotated[int | None, typer.Option(help="Score at most this many examples per task.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here (refused if it exists).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     expert: Annotated[
         list[str] | None,
         typer.Option("--expert", "-e", help="TASK=FOLDER: score this expert too and add normalised = merged / expert."),
@@ -532,7 +526,7 @@ def eval_(
     if out is not None:
         from guardmerge.io import check_output
 
-        check_output(out, force=True, inputs=[model, data, *(e.split("=", 1)[-1] for e in expert or [])], file=True)
+        check_output(out, force=force, inputs=[model, data, *(e.split("=", 1)[-1] for e in expert or [])], file=True)
     m = load_any(model, task)
     names = [t for t in discover_tasks(data) if t in m.tasks]
     if not names:
@@ -554,7 +548,10 @@ def eval_(
         rows["experts"] = ex_res
     typer.echo(table(rows, "macro_f1", names))
     if out:
-        out.write_text(json.dumps(to_json_ready(res), indent=2) + "\n")
+        from guardmerge.io import atomic_file
+
+        with atomic_file(out, force=force, mode="w") as fh:
+            fh.write(json.dumps(to_json_ready(res), indent=2) + "\n")
 
 
 @app.command()
@@ -579,6 +576,93 @@ def demo(
     summary = run_demo(work, data, task or None)
     typer.echo("")
     typer.echo(render(summary))
+
+
+_MAX_PORT = 65535
+_MAX_THREADS = 1024
+_MAX_TOKENS = 1_000_000
+
+
+def _check_serve_flags(host: str, port: int, threads: int | None, max_length: int | None) -> None:
+    """Refuse the options of ``serve`` that only the command line has (one-line errors)."""
+    import ipaddress
+    import re
+
+    name = host.strip()
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        is_address = True
+    except ValueError:
+        is_address = False
+    if not is_address and not (name == host and len(name) <= 253 and re.fullmatch(rf"{label}(?:\.{label})*\.?", name)):
+        every = " (for every address, give 0.0.0.0 or ::)" if not name else ""
+        raise GuardmergeError(f"--host {host!r} is not an IP address or a host name{every}")
+    if not 1 <= port <= _MAX_PORT:
+        raise GuardmergeError(f"--port must be from 1 to {_MAX_PORT} (got {port})")
+    if threads is not None and not 1 <= threads <= _MAX_THREADS:
+        raise GuardmergeError(f"--threads must be from 1 to {_MAX_THREADS} (got {threads})")
+    if max_length is not None and not 1 <= max_length <= _MAX_TOKENS:
+        raise GuardmergeError(f"--max-length must be from 1 to {_MAX_TOKENS} tokens (got {max_length})")
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGINT reached ``serve``: unwind (removing a temporary export), then end as the signal asks."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _signals() -> tuple[int, ...]:
+    import signal
+
+    return (signal.SIGTERM, signal.SIGINT)
+
+
+def _stop_on_signals() -> dict[int, object]:
+    """Make SIGTERM and SIGINT raise :class:`_Stopped` (uvicorn puts this back after serving and then
+    re-raises the signal it caught); the previous handlers, to restore."""
+    import signal
+    import threading
+
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        return {}
+    return {sig: signal.signal(sig, stop) for sig in _signals()}
+
+
+def _hold_signals(pending: list[int]) -> None:
+    """While cleaning up: record SIGTERM and SIGINT instead of letting them interrupt the clean-up."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in _signals():
+            signal.signal(sig, lambda signum, _frame: pending.append(signum))
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        if handler is not None:
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def _end_by_signal(signum: int) -> None:
+    """End the process as ``signum`` would have: SIGINT as Ctrl-C (exit 130), others by the signal itself."""
+    import signal
+
+    log.info("stopped by %s", signal.Signals(signum).name)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
 
 
 @app.command()
@@ -649,8 +733,15 @@ def serve(
     ] = 30.0,
     keep_alive_timeout: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = 5.0,
     max_connections: Annotated[
-        int, typer.Option(help="Most concurrent connections (and requests in flight); beyond it new requests get 503.")
+        int,
+        typer.Option(
+            help="Most concurrent connections: beyond it the oldest connection that has sent no request yet is "
+            "closed, or, when every connection has sent one, the new one is refused (503; /healthz is answered)."
+        ),
     ] = 512,
+    inference_timeout: Annotated[
+        float, typer.Option(help="Seconds a request's texts may take to be classified; then 504 inference_timeout.")
+    ] = 30.0,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/classify, GET /v1/model, /healthz, /metrics (Prometheus);
     the OpenAPI document is at /openapi.json. Needs the extra named serve.
@@ -662,6 +753,7 @@ def serve(
     flagged type."""
     if not 0.0 <= default_threshold <= 1.0:
         raise GuardmergeError(f"--default-threshold {default_threshold} is outside [0, 1]")
+    _check_serve_flags(host, port, threads, max_length)
     if api_key is None and os.environ.get("GUARDMERGE_API_KEY") is not None:
         api_key = os.environ["GUARDMERGE_API_KEY"]  # click reads an empty variable as unset: refuse it below
     try:
@@ -698,6 +790,7 @@ def serve(
         aggregation=aggregation,
         api_key=api_key,
         body_timeout=body_timeout,
+        inference_timeout=inference_timeout,
     )
     if api_key is None and not is_loopback(host):
         log.warning(
@@ -705,8 +798,14 @@ def serve(
             "(set --api-key or $GUARDMERGE_API_KEY)",
             host or "every address",
         )
-    runner = load_backend(model, backend, max_length=max_length, threads=threads)
+    # from here on SIGTERM and SIGINT unwind through the clean-up below (a temporary ONNX export is
+    # removed), whenever they come: during the export, before uvicorn takes them, or after it re-raises
+    previous = _stop_on_signals()
+    runner = None
+    stopped_by: int | None = None
+    pending: list[int] = []
     try:
+        runner = load_backend(model, backend, max_length=max_length, threads=threads)
         application = create_app(runner, settings)
         log.info("listening on http://%s:%d (docs at /docs)", host, port)
         uvicorn.run(
@@ -717,8 +816,19 @@ def serve(
             log_level=logging.getLevelName(log.getEffectiveLevel()).lower(),
             **limits,
         )
+    except _Stopped as stop:
+        stopped_by = stop.signum
     finally:
-        runner.close()
+        _hold_signals(pending)
+        try:
+            if runner is not None:
+                runner.close()
+        finally:
+            _restore_signals(previous)
+    if stopped_by is None and pending:
+        stopped_by = pending[0]
+    if stopped_by is not None:
+        _end_by_signal(stopped_by)
 
 
 @app.command("export-onnx")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from guardmerge.models.multihead import MultiHeadModel
-from tests.conftest import MERGED_TASKS
+from tests.builders import MERGED_TASKS
 
 TASKS = MERGED_TASKS  # the heads of the shared merged_dir fixture (tests/conftest.py)
 

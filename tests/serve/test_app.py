@@ -18,7 +18,7 @@ import guardmerge  # noqa: E402
 from guardmerge.errors import GuardmergeError  # noqa: E402
 from guardmerge.models.multihead import MultiHeadModel  # noqa: E402
 from guardmerge.serve import ServeSettings, TorchBackend, create_app, parse_thresholds  # noqa: E402
-from tests.conftest import TEXTS  # noqa: E402
+from tests.builders import TEXTS  # noqa: E402
 from tests.serve.conftest import TASKS, metric_samples  # noqa: E402
 
 

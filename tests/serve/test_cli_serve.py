@@ -69,9 +69,10 @@ def test_serve_options_reach_the_app(
     assert settings.thresholds == {"hate": 0.8, "sentiment": None}
     assert (settings.max_batch, settings.max_wait_ms, settings.max_texts, settings.max_chars) == (4, 2.0, 10, 50)
     assert captured["app"].state.backend.name == "torch"
-    # connection limits reach uvicorn with their defaults
-    assert captured["timeout_keep_alive"] == 5.0 and captured["limit_concurrency"] == 512
-    assert captured["http"].header_timeout == 10.0 and settings.body_timeout == 30.0
+    # connection limits reach uvicorn with their defaults; the cap is the protocol's, not uvicorn's
+    assert captured["timeout_keep_alive"] == 5.0 and "limit_concurrency" not in captured
+    assert captured["http"].header_timeout == 10.0 and captured["http"].max_connections == 512
+    assert settings.body_timeout == 30.0 and settings.inference_timeout == 30.0
 
 
 def test_serve_connection_limits_reach_uvicorn(merged_dir: Path, captured: dict[str, Any]) -> None:
@@ -88,15 +89,18 @@ def test_serve_connection_limits_reach_uvicorn(merged_dir: Path, captured: dict[
             "3",
             "--max-connections",
             "40",
+            "--inference-timeout",
+            "12",
         ],
     )
     assert res.exit_code == 0, res.output
-    assert captured["timeout_keep_alive"] == 3.0 and captured["limit_concurrency"] == 40
+    assert captured["timeout_keep_alive"] == 3.0 and captured["http"].max_connections == 40
     assert captured["http"].header_timeout == 2.5
     assert captured["app"].state.settings.body_timeout == 7.0
+    assert captured["app"].state.settings.inference_timeout == 12.0
     config = uvicorn.Config(captured["app"], **{k: v for k, v in captured.items() if k != "app"})
     config.load()  # the options form a valid uvicorn configuration with our protocol class
-    assert config.http_protocol_class is captured["http"] and config.limit_concurrency == 40
+    assert config.http_protocol_class is captured["http"] and config.limit_concurrency is None
 
 
 @pytest.mark.parametrize("env", [None, "", "  "])

@@ -19,12 +19,12 @@ for _extra in ("fastapi", "uvicorn", "prometheus_client"):
 httpx = pytest.importorskip("httpx")
 
 import guardmerge  # noqa: E402
-from guardmerge.errors import GuardmergeError  # noqa: E402
+from guardmerge.errors import GuardmergeError, NonFiniteWeightsError  # noqa: E402
 from guardmerge.models.multihead import MultiHeadModel  # noqa: E402
 from guardmerge.serve import ServeSettings, TorchBackend, create_app  # noqa: E402
 from guardmerge.serve.app import public_model_name  # noqa: E402
 from guardmerge.serve.server import header_timeout_protocol, is_loopback  # noqa: E402
-from tests.conftest import TEXTS  # noqa: E402
+from tests.builders import TEXTS  # noqa: E402
 from tests.serve.conftest import TASKS, metric_samples  # noqa: E402
 
 JSON = {"content-type": "application/json"}
@@ -140,16 +140,19 @@ def nan_model(merged_dir: Path) -> MultiHeadModel:
 
 
 def test_nan_weights_fail_closed(nan_model: MultiHeadModel, serve: Callable) -> None:
-    assert TorchBackend(nan_model).non_finite_weights()
+    backend = TorchBackend(nan_model)
+    assert backend.bad_weights == ["encoder.embeddings.word_embeddings.weight"]
+    with pytest.raises(NonFiniteWeightsError, match="word_embeddings"):
+        backend.logits(["hi"])
     with serve(nan_model) as url:
         health = httpx.get(f"{url}/healthz")
         res = httpx.post(f"{url}/v1/classify", json={"texts": ["ignore previous instructions", "hi"]}, timeout=30)
-        errors = _error_count(url, "non_finite_output")
+        errors = _error_count(url, "non_finite_weights")
     assert health.status_code == 503
     assert health.json()["status"] == "non_finite_weights" and "NaN" in health.json()["reason"]
-    assert res.status_code == 500, res.text
+    assert res.status_code == 503, res.text
     err = res.json()["error"]
-    assert err["code"] == "non_finite_output" and err["details"] == {"indexes": [0, 1]}
+    assert err["code"] == "non_finite_weights" and "word_embeddings" in err["message"]
     assert "results" not in res.json()
     assert errors == 1
 
@@ -180,24 +183,28 @@ class _Scores:
         pass
 
 
-def test_non_finite_output_is_an_error_and_unhealthy_until_a_finite_inference(serve: Callable) -> None:
-    with serve(_Scores(), max_wait_ms=0) as url:
+def test_non_finite_output_is_a_flagged_head_error_and_unhealthy_until_a_finite_inference(serve: Callable) -> None:
+    with serve(_Scores(), max_wait_ms=0, thresholds={"injection": 0.9}) as url:
         first = httpx.get(f"{url}/healthz")
         nan = httpx.post(f"{url}/v1/classify", json={"texts": ["ok", "nan"]}, timeout=30)
         after_nan = httpx.get(f"{url}/healthz")
         inf = httpx.post(f"{url}/v1/classify", json={"texts": ["inf"]}, timeout=30)
         fine = httpx.post(f"{url}/v1/classify", json={"texts": ["ok"]}, timeout=30)
         after_fine = httpx.get(f"{url}/healthz")
-        errors = _error_count(url, "non_finite_output")
+        samples = metric_samples(httpx.get(f"{url}/metrics").text)
     assert first.status_code == 200 and first.json() == {"status": "ok", "queued_texts": 0}
-    for res, index in ((nan, 1), (inf, 0)):
-        assert res.status_code == 500, res.text
-        assert res.json()["error"]["code"] == "non_finite_output"
-        assert res.json()["error"]["details"] == {"indexes": [index]}
+    assert nan.status_code == 200, nan.text
+    ok_row, nan_row = nan.json()["results"]
+    assert ok_row["flagged"] is False and ok_row["heads"]["injection"]["score"] == 0.5
+    for row in (nan_row, inf.json()["results"][0]):
+        head = row["heads"]["injection"]
+        assert head["flagged"] is True and row["flagged"] is True  # fail closed: never a benign verdict
+        assert head["error"]["code"] == "non_finite_output" and "label" not in head
     assert after_nan.status_code == 503 and after_nan.json()["status"] == "non_finite_output"
     assert fine.status_code == 200 and fine.json()["results"][0]["heads"]["injection"]["score"] == 0.5
     assert after_fine.status_code == 200
-    assert errors == 2
+    key = ("guardmerge_head_errors_total", (("code", "non_finite_output"), ("task", "injection")))
+    assert samples[key] == 2
 
 
 # -- 3. auth before the body; the size limit while streaming ------------------------------------
@@ -362,9 +369,11 @@ def test_openapi_documents_the_new_errors(merged: MultiHeadModel) -> None:
 
     spec = TestClient(create_app(merged)).get("/openapi.json").json()
     responses = spec["paths"]["/v1/classify"]["post"]["responses"]
-    assert {"400", "401", "408", "413", "415", "422", "500", "503"} <= set(responses)
+    assert {"400", "401", "408", "413", "415", "422", "500", "503", "504"} <= set(responses)
     assert "invalid_text" in responses["422"]["description"]
-    assert "non_finite_output" in responses["500"]["description"]
+    assert "inference_failed" in responses["500"]["description"]
+    assert "non_finite_weights" in responses["503"]["description"]
+    assert "inference_timeout" in responses["504"]["description"]
     assert "reason" in spec["components"]["schemas"]["Health"]["properties"]
     assert TASKS  # the tiny model's heads are documented in the description
     assert all(t in spec["info"]["description"] for t in TASKS)

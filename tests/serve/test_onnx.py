@@ -19,7 +19,7 @@ from guardmerge.export.metadata import META_FILE, ONNX_FILE, read_metadata  # no
 from guardmerge.export.onnx import export_onnx  # noqa: E402
 from guardmerge.models.multihead import MultiHeadModel  # noqa: E402
 from guardmerge.serve import OnnxBackend, TorchBackend, load_backend  # noqa: E402
-from tests.conftest import TEXTS  # noqa: E402
+from tests.builders import TEXTS  # noqa: E402
 from tests.serve.conftest import TASKS  # noqa: E402
 
 LONG = " ".join(TEXTS)  # longer than the texts the graph was traced with

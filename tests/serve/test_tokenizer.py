@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from guardmerge.serve.tokenizer import JsonTokenizer, load_runtime_tokenizer
-from tests.conftest import TEXTS, make_base
+from tests.builders import TEXTS, make_base
 
 KEYS = ("input_ids", "attention_mask", "token_type_ids", "offset_mapping", "special_tokens_mask")
 

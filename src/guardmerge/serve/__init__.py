@@ -4,7 +4,9 @@
 opens a model folder with the torch or onnx backend; :func:`flag_score` and
 :func:`is_flagged` are the flag rule; :class:`MicroBatcher` groups concurrent
 requests into shared encoder passes; :class:`RequestGate` checks auth and streams bodies within
-limits before the app reads them; :func:`uvicorn_limits` bounds slow or numerous connections.
+limits before the app reads them; :func:`uvicorn_limits` bounds slow or numerous connections
+(:func:`guarded_protocol`: a request-head timeout, and a connection cap that idle connections
+cannot exhaust).
 Names are imported lazily, so the backends and the batcher work without FastAPI installed.
 """
 
@@ -28,6 +30,7 @@ _WHERE = {
     "MicroBatcher": "batching",
     "QueueFullError": "batching",
     "RequestGate": "gate",
+    "guarded_protocol": "server",
     "header_timeout_protocol": "server",
     "is_loopback": "server",
     "uvicorn_limits": "server",

@@ -14,11 +14,25 @@ entity). A text is flagged when any of the heads asked for flags it.
 
 Single-label heads answer ``{label, score, probabilities, flagged}``; multi-label heads
 ``{probabilities, labels, flagged}`` (``labels``: those at or above their thresholds); token heads
-``{entities: [{label, start, end, text, score}], flagged}``.
+``{entities: [{label, start, end, text, score}], flagged}``. Each text's result also says whether
+the tokenizer cut it at the token limit (``truncated``: its tail was not seen).
+
+A guard fails closed. One head's failure is reported per head and the others still answer: a
+head whose scores for a text are NaN or infinite, or that raised, gives that text
+``{"error": {"code", "message"}, "flagged": true}`` (``non_finite_output`` or ``inference_failed``),
+and the text is flagged. Only when every head fails does the request fail (500
+``inference_failed``); a model whose weights hold NaN or infinity never answers (503
+``non_finite_weights``); inference not finished within ``inference_timeout`` is 504
+``inference_timeout``. No failure ever gives a benign verdict.
+
+With an API key, ``/openapi.json`` and ``/docs`` stay public (clients and tools read them without
+the key) but name no head: the head names, like everything else about the model, are only
+shown by ``GET /v1/model``, behind the key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -44,7 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 from guardmerge import __version__
-from guardmerge.errors import GuardmergeError, NonFiniteOutputError
+from guardmerge.errors import GuardmergeError, NonFiniteWeightsError
 from guardmerge.outputs import AGGREGATIONS, entity_spans, entity_types, token_rows
 from guardmerge.serve.backends import Backend, TorchBackend
 from guardmerge.serve.batching import MicroBatcher, QueueFullError
@@ -65,6 +79,30 @@ log = logging.getLogger(__name__)
 __all__ = ["ServeSettings", "create_app", "parse_label_lists", "parse_thresholds"]
 
 API_KEY_ENV = "GUARDMERGE_API_KEY"
+
+SETTING_RANGES: dict[str, tuple[int, int]] = {
+    "max_texts": (1, 10_000),
+    "max_chars": (1, 1_000_000),
+    "max_batch": (1, 1024),
+    "max_queue": (1, 1_000_000),
+}
+"""The integer limits a server accepts (inclusive)."""
+MAX_WAIT_MS = 10_000.0
+MAX_TIMEOUT_S = 3600.0
+TRUNCATED = "\x00truncated"
+"""The batcher output carrying each text's truncation flag (not a head: no task name holds NUL)."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_seconds(name: str, value: float, flag: str | None = None) -> None:
+    """Refuse a timeout that is not a finite number of seconds in (0, :data:`MAX_TIMEOUT_S`]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_S:
+        raise GuardmergeError(
+            f"{name} ({flag or _flag(name)}) must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g} (got {value!r})"
+        )
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -88,6 +126,12 @@ class ServeSettings:
         api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``
             (checked before the body is read); an empty or blank key is an error.
         body_timeout: seconds within which a request's whole body must arrive (else 408).
+        inference_timeout: seconds within which a request's texts must be classified, from the moment
+            they are queued (else 504 ``inference_timeout``, never a verdict).
+
+    Every field is checked when the settings are made (and again by :func:`create_app`): limits
+    have upper bounds (:data:`SETTING_RANGES`, ``max_wait_ms`` <= 10000, timeouts <= 3600 s), and
+    NaN or infinite numbers are refused.
     """
 
     max_texts: int = 64
@@ -102,6 +146,32 @@ class ServeSettings:
     benign: dict[str, list[str]] = field(default_factory=dict)
     flag_entities: dict[str, list[str]] = field(default_factory=dict)
     aggregation: str = "first"
+    inference_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`GuardmergeError` (naming the field and its flag) for a value out of range."""
+        for name, (low, high) in SETTING_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise GuardmergeError(f"{name} ({_flag(name)}) must be an integer from {low} to {high} (got {value!r})")
+        wait = self.max_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_MS:
+            raise GuardmergeError(
+                f"max_wait_ms (--max-wait-ms) must be a number from 0 to {MAX_WAIT_MS:g} (got {wait!r})"
+            )
+        check_seconds("body_timeout", self.body_timeout)
+        check_seconds("inference_timeout", self.inference_timeout)
+        if not (isinstance(self.default_threshold, (int, float)) and 0.0 <= self.default_threshold <= 1.0):
+            raise GuardmergeError(
+                f"default_threshold (--default-threshold) {self.default_threshold!r} is outside [0, 1]"
+            )
+        for key, value in self.thresholds.items():
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise GuardmergeError(f"threshold '{key}' (--threshold) {value!r} is outside [0, 1]")
+        check_api_key(self.api_key, "the API key (api_key)")
 
     def threshold(self, task: str) -> float | None:
         return self.thresholds.get(task, self.default_threshold)
@@ -210,15 +280,41 @@ class TokenVerdict(BaseModel):
     flagged: bool = Field(..., description="True when the text contains an entity of a flagged type.")
 
 
+class HeadErrorBody(BaseModel):
+    """Why a head gave no verdict."""
+
+    code: str = Field(
+        ...,
+        description="non_finite_output (the head's scores for this text are NaN or infinite) or inference_failed "
+        "(the head raised).",
+    )
+    message: str = Field(..., description="What went wrong, naming the head.")
+
+
+class HeadErrorVerdict(BaseModel):
+    """A head that gave no verdict on this text. A guard fails closed: the head flags the text."""
+
+    error: HeadErrorBody
+    flagged: Literal[True] = Field(True, description="Always true: a head without a verdict flags the text.")
+
+
 class TextVerdict(BaseModel):
     """Every requested head's verdict on one text."""
 
-    flagged: bool = Field(..., description="True when any requested head flagged the text.")
-    heads: dict[str, MultiLabelVerdict | TokenVerdict | HeadVerdict] = Field(
+    flagged: bool = Field(
+        ..., description="True when any requested head flagged the text, or gave no verdict (an error)."
+    )
+    truncated: bool = Field(
+        ...,
+        description="True when the text has more tokens than the model reads (max_length): the tokenizer cut it, "
+        "and its tail was not classified. Split long texts to have all of them checked.",
+    )
+    heads: dict[str, MultiLabelVerdict | TokenVerdict | HeadVerdict | HeadErrorVerdict] = Field(
         ...,
         description="Task name -> verdict, for each requested head: {label, score, probabilities, flagged} for "
         "single-label heads, {probabilities, labels, flagged} for multi-label heads, {entities, flagged} for "
-        "token-classification heads.",
+        "token-classification heads; {error: {code, message}, flagged: true} for a head that failed on this text "
+        "(the others still answer).",
     )
 
 
@@ -332,10 +428,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     },
     500: {
         "model": ErrorResponse,
-        "description": "inference_failed, or non_finite_output (the model produced NaN or infinite scores: "
-        "no verdict is given).",
+        "description": "inference_failed: every requested head failed (no verdict is given). One head's failure, "
+        "such as non_finite_output (NaN or infinite scores), is reported in that head's entry of a 200 response.",
     },
-    503: {"model": ErrorResponse, "description": "overloaded or unavailable (shutting down); retry later."},
+    503: {
+        "model": ErrorResponse,
+        "description": "overloaded (too many texts queued, or too many connections; retry later), unavailable "
+        "(shutting down), or non_finite_weights (the model's weights hold NaN or infinity: it never answers).",
+    },
+    504: {
+        "model": ErrorResponse,
+        "description": "inference_timeout: the texts were not classified within the inference timeout; no "
+        "verdict is given.",
+    },
 }
 
 
@@ -370,6 +475,12 @@ class Metrics:
             "Inference time of one micro-batch.",
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.head_errors = Counter(
+            "guardmerge_head_errors",
+            "Texts a head gave no verdict on (error verdicts in 200 responses), by task and error code.",
+            ["task", "code"],
+            registry=r,
         )
         self.texts = Counter("guardmerge_texts", "Texts classified.", registry=r)
         self.queued = Gauge("guardmerge_queued_texts", "Texts waiting for a micro-batch.", registry=r)
@@ -495,6 +606,30 @@ def head_info(task: str, rule: HeadRule, aggregation: str) -> HeadInfo:
     return HeadInfo(**base)
 
 
+@dataclass(frozen=True)
+class HeadFailure:
+    """A head that gave no output for a text: the row of an object array in the batcher's output."""
+
+    code: str
+    message: str
+
+
+def failed_rows(n: int, code: str, message: str) -> np.ndarray:
+    """``n`` rows of one :class:`HeadFailure` (an object array, routed like a head's logits)."""
+    rows = np.empty(n, dtype=object)
+    rows.fill(HeadFailure(code, message))
+    return rows
+
+
+def has_head_failure(outputs: Mapping[str, np.ndarray]) -> bool:
+    """True when some head failed on some text of a batch (its rows are :class:`HeadFailure`)."""
+    return any(
+        v.dtype == object and any(isinstance(x, HeadFailure) for x in v)
+        for v in outputs.values()
+        if isinstance(v, np.ndarray)
+    )
+
+
 def entity_outputs(
     backend: Backend,
     texts: Sequence[str],
@@ -503,73 +638,130 @@ def entity_outputs(
     aggregation: str,
 ) -> dict[str, np.ndarray]:
     """Each token head's entity spans per text (an object array of lists; None for a text whose
-    scores are not finite) from its padded per-token logits ``[n, T, C]``."""
-    tokens = backend.text_tokens(texts)  # type: ignore[attr-defined]
+    scores are not finite; a :class:`HeadFailure` for every text when making the spans raised)
+    from its padded per-token logits ``[n, T, C]``."""
+    try:
+        tokens = backend.text_tokens(texts)  # type: ignore[attr-defined]
+    except Exception as exc:
+        log.error("token heads %s: tokens for entity spans failed: %s: %s", ", ".join(logits), type(exc).__name__, exc)
+        return {
+            t: failed_rows(len(texts), "inference_failed", f"head '{t}' failed: {type(exc).__name__}") for t in logits
+        }
     side = str(getattr(backend, "padding_side", "right"))
     out = {}
     for task, values in logits.items():
+        if values.dtype == object:  # the head already failed
+            out[task] = values
+            continue
         spans = np.empty(len(texts), dtype=object)
-        for i, (text, tok) in enumerate(zip(texts, tokens)):
-            rows = token_rows(values[i], len(tok), side)
-            spans[i] = (
-                entity_spans(text, tok, softmax(rows), rules[task].labels, aggregation)
-                if np.isfinite(rows).all()
-                else None
-            )
+        try:
+            for i, (text, tok) in enumerate(zip(texts, tokens)):
+                rows = token_rows(values[i], len(tok), side)
+                spans[i] = (
+                    entity_spans(text, tok, softmax(rows), rules[task].labels, aggregation)
+                    if np.isfinite(rows).all()
+                    else None
+                )
+        except Exception as exc:
+            log.error("token head '%s': entity spans failed: %s: %s", task, type(exc).__name__, exc)
+            spans = failed_rows(len(texts), "inference_failed", f"head '{task}' failed: {type(exc).__name__}")
         out[task] = spans
     return out
 
 
-def _non_finite_rows(values: np.ndarray) -> list[int]:
-    """Rows (texts) without a verdict: non-finite scores, or a token head's missing spans (None)."""
-    if values.dtype == object:
-        return [i for i, v in enumerate(values) if v is None]
-    return [int(i) for i in np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=-1))]
+def _non_finite(task: str) -> HeadErrorVerdict:
+    return HeadErrorVerdict(
+        error=HeadErrorBody(
+            code="non_finite_output",
+            message=f"head '{task}' produced non-finite scores (NaN or infinity) for this text: no verdict",
+        )
+    )
 
 
-def verdicts(outputs: dict[str, np.ndarray], rules: dict[str, HeadRule]) -> list[TextVerdict]:
-    """Per text, each head's verdict (see the module docstring): ``outputs`` holds each sequence
-    head's logits ``[n, C]`` and each token head's entity spans (an object array of lists)."""
-    tasks = list(outputs)
-    n = len(next(iter(outputs.values()))) if outputs else 0
-    for t in tasks:
-        if _non_finite_rows(outputs[t]):
-            raise NonFiniteOutputError(f"the model produced non-finite scores for task '{t}'")
-    probs = {
-        t: sigmoid(v) if rules[t].problem == "multi_label" else softmax(v)
-        for t, v in outputs.items()
-        if rules[t].problem != "token"
-    }
+def _head_verdicts(task: str, values: np.ndarray, rule: HeadRule) -> list[Any]:
+    """One head's verdict (or error verdict) for each text of ``values`` (its logits, or an object
+    array of entity spans, :class:`HeadFailure` or None)."""
+    n = len(values)
+    if values.dtype == object and rule.problem != "token":
+        return [HeadErrorVerdict(error=HeadErrorBody(code=v.code, message=v.message)) for v in values]
+    if rule.problem == "token":
+        out: list[Any] = []
+        for v in values:
+            if isinstance(v, HeadFailure):
+                out.append(HeadErrorVerdict(error=HeadErrorBody(code=v.code, message=v.message)))
+            elif v is None:
+                out.append(_non_finite(task))
+            else:
+                spans = list(v)
+                out.append(
+                    TokenVerdict(
+                        entities=[EntitySpan(**e) for e in spans],
+                        flagged=entity_flag(spans, rule.entities, rule.threshold),
+                    )
+                )
+        return out
+    finite = np.isfinite(values.reshape(n, -1)).all(axis=-1)
+    with np.errstate(all="ignore"):
+        probs = sigmoid(values) if rule.problem == "multi_label" else softmax(values)
+    names = rule.labels
+    benign = {k for k, name in enumerate(names) if name in rule.benign}
     out = []
     for i in range(n):
-        heads: dict[str, HeadVerdict | MultiLabelVerdict | TokenVerdict] = {}
-        for t in tasks:
-            rule = rules[t]
-            if rule.problem == "token":
-                spans = list(outputs[t][i])
-                heads[t] = TokenVerdict(
-                    entities=[EntitySpan(**e) for e in spans],
-                    flagged=entity_flag(spans, rule.entities, rule.threshold),
-                )
-                continue
-            p = probs[t][i]
-            names = rule.labels
-            flagged = label_flag(p, rule.label_thresholds, {k for k, name in enumerate(names) if name in rule.benign})
-            if rule.problem == "multi_label":
-                heads[t] = MultiLabelVerdict(
+        if not finite[i] or not np.isfinite(probs[i]).all():
+            out.append(_non_finite(task))
+            continue
+        p = probs[i]
+        flagged = label_flag(p, rule.label_thresholds, benign)
+        if rule.problem == "multi_label":
+            out.append(
+                MultiLabelVerdict(
                     probabilities={name: float(v) for name, v in zip(names, p)},
                     labels=[name for name, v, c in zip(names, p, rule.label_thresholds) if c is not None and v >= c],
                     flagged=flagged,
                 )
-                continue
-            k = int(p.argmax())
-            heads[t] = HeadVerdict(
+            )
+            continue
+        k = int(p.argmax())
+        out.append(
+            HeadVerdict(
                 label=names[k],
                 score=float(p[k]),
                 probabilities={name: float(v) for name, v in zip(names, p)},
                 flagged=flagged,
             )
-        out.append(TextVerdict(flagged=any(h.flagged for h in heads.values()), heads=heads))
+        )
+    return out
+
+
+def verdicts(
+    outputs: dict[str, np.ndarray], rules: dict[str, HeadRule], truncated: Sequence[bool] | np.ndarray | None = None
+) -> list[TextVerdict]:
+    """Per text, each head's verdict (see the module docstring): ``outputs`` holds each sequence
+    head's logits ``[n, C]`` and each token head's entity spans (an object array of lists); a head
+    that failed on a text (non-finite scores, :class:`HeadFailure`, an error while making its
+    verdict) gets an error verdict there, which flags the text."""
+    tasks = list(outputs)
+    n = len(next(iter(outputs.values()))) if outputs else 0
+    per_head: dict[str, list[Any]] = {}
+    for t in tasks:
+        try:
+            per_head[t] = _head_verdicts(t, outputs[t], rules[t])
+            if len(per_head[t]) != n:
+                raise ValueError(f"{len(per_head[t])} verdicts for {n} texts")
+        except Exception as exc:
+            log.error("head '%s': verdicts failed: %s: %s", t, type(exc).__name__, exc)
+            message = f"head '{t}' failed: {type(exc).__name__}"
+            per_head[t] = [HeadErrorVerdict(error=HeadErrorBody(code="inference_failed", message=message))] * n
+    out = []
+    for i in range(n):
+        heads = {t: per_head[t][i] for t in tasks}
+        out.append(
+            TextVerdict(
+                flagged=any(h.flagged for h in heads.values()),
+                truncated=bool(truncated[i]) if truncated is not None else False,
+                heads=heads,
+            )
+        )
     return out
 
 
@@ -586,8 +778,9 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     """A FastAPI app serving a merged model (a ``MultiHeadModel`` or a :class:`Backend`).
 
     The app owns a :class:`MicroBatcher` (started and stopped with the app's lifespan) and a
-    Prometheus registry of its own. The backend is not closed by the app. At start-up the
-    backend's ``non_finite_weights()`` (when it has one) is checked once.
+    Prometheus registry of its own. The backend is not closed by the app. The backend's
+    ``bad_weights`` (found when it was built) make ``/v1/classify`` answer 503
+    ``non_finite_weights`` and ``/healthz`` report it.
     """
     settings = settings or ServeSettings()
     from guardmerge.models.multihead import MultiHeadModel
@@ -600,30 +793,53 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     unknown = sorted({key.partition(".")[0] for key in settings.thresholds} - set(tasks))
     if unknown:
         raise GuardmergeError(f"threshold for unknown task(s) {', '.join(unknown)}; this model has: {', '.join(tasks)}")
-    for name, value in [
-        ("max_texts", settings.max_texts),
-        ("max_chars", settings.max_chars),
-        ("max_batch", settings.max_batch),
-        ("max_queue", settings.max_queue),
-    ]:
-        if value < 1:
-            raise GuardmergeError(f"{name} must be at least 1 (got {value})")
-    if not settings.body_timeout > 0:
-        raise GuardmergeError(f"body_timeout must be > 0 seconds (got {settings.body_timeout})")
-    check_api_key(settings.api_key)
+    settings.validate()  # fields may have been changed since the settings were made
     rules = head_rules(backend, settings)
     metrics = Metrics()
     health = _Health()
     token_tasks = {t for t, r in rules.items() if r.problem == "token"}
 
+    truncated_of = getattr(backend, "truncated", None)
+
+    def run_heads(texts: Sequence[str], chosen: Sequence[str] | None) -> dict[str, np.ndarray]:
+        """Every head's logits in one pass; when that raises, each head alone, so that a failing head
+        gets :class:`HeadFailure` rows and the others still answer (all failing: the error is raised)."""
+        try:
+            return dict(backend.logits(texts, chosen))
+        except NonFiniteWeightsError:
+            raise
+        except Exception as exc:
+            names = list(chosen) if chosen is not None else list(tasks)
+            if len(names) < 2:
+                raise
+            log.warning(
+                "inference of %d heads failed (%s: %s); running each head alone", len(names), type(exc).__name__, exc
+            )
+            out: dict[str, np.ndarray] = {}
+            for t in names:
+                try:
+                    out[t] = backend.logits(texts, [t])[t]
+                except NonFiniteWeightsError:
+                    raise
+                except Exception as head_exc:
+                    log.error("head '%s' failed on %d texts: %s: %s", t, len(texts), type(head_exc).__name__, head_exc)
+                    out[t] = failed_rows(
+                        len(texts), "inference_failed", f"head '{t}' failed: {type(head_exc).__name__}"
+                    )
+            if all(v.dtype == object for v in out.values()):
+                raise exc from None
+            return out
+
     def infer(texts: Sequence[str], chosen: Sequence[str] | None) -> dict[str, np.ndarray]:
-        """Logits of the sequence heads, entity spans (an object array) of the token heads: spans
-        are made here, on the worker thread, which alone uses the tokenizer."""
-        out = backend.logits(texts, chosen)
-        health.last_output_finite = all(bool(np.isfinite(v).all()) for v in out.values())
+        """Logits of the sequence heads, entity spans (an object array) of the token heads, and each
+        text's truncation flag: made here, on the worker thread, which alone uses the tokenizer."""
+        flags = np.asarray(truncated_of(texts) if callable(truncated_of) else [False] * len(texts), dtype=bool)
+        out = run_heads(texts, chosen)
+        health.last_output_finite = all(bool(np.isfinite(v).all()) for v in out.values() if v.dtype != object)
         wanted = [t for t in out if t in token_tasks]
         if wanted:
             out.update(entity_outputs(backend, texts, {t: out[t] for t in wanted}, rules, settings.aggregation))
+        out[TRUNCATED] = flags
         return out
 
     batcher = MicroBatcher(
@@ -632,6 +848,8 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         max_wait_ms=settings.max_wait_ms,
         max_queue=max(settings.max_queue, settings.max_texts),
         on_batch=metrics.on_batch,
+        shared=(TRUNCATED,),
+        partial_failure=has_head_failure,
     )
     metrics.watch_queue(batcher)
     info = backend.info
@@ -653,12 +871,15 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        check = getattr(backend, "non_finite_weights", None)
-        health.bad_weights = list(check()) if callable(check) else []
+        found = getattr(backend, "bad_weights", None)
+        if found is None:  # a backend of an older interface
+            check = getattr(backend, "non_finite_weights", None)
+            found = check() if callable(check) else []
+        health.bad_weights = list(found)
         if health.bad_weights:
             log.error(
                 "the model's weights hold NaN or infinity in %d tensor(s) (%s): /healthz reports 503 and "
-                "classifications fail with non_finite_output",
+                "classifications are refused with 503 non_finite_weights",
                 len(health.bad_weights),
                 ", ".join(health.bad_weights[:5]),
             )
@@ -669,13 +890,17 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         finally:
             await batcher.stop()
 
-    auth_note = " Requests to /v1/* and /metrics need `Authorization: Bearer <key>`." if settings.api_key else ""
+    if settings.api_key:  # the document is public: no head names (GET /v1/model shows them, with the key)
+        heads_note = "Heads: see GET /v1/model."
+        auth_note = " Requests to /v1/* and /metrics need `Authorization: Bearer <key>`."
+    else:
+        heads_note, auth_note = f"Heads: {', '.join(tasks)}.", ""
     app = FastAPI(
         title="guardmerge",
         version=__version__,
         summary="One merged multi-head guard model: every guard's verdict in one call.",
         description=(
-            f"Heads: {', '.join(tasks)}. Limits: {settings.max_texts} texts per request, "
+            f"{heads_note} Limits: {settings.max_texts} texts per request, "
             f"{settings.max_chars} characters per text. A head flags a text when a label other than "
             "its benign ones reaches the head's threshold." + auth_note
         ),
@@ -806,26 +1031,47 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
                 f"unknown task(s) {', '.join(repr(t) for t in bad)}; this model has: {', '.join(tasks)}",
                 {"unknown": bad, "tasks": tasks},
             )
+        if health.bad_weights:
+            raise APIError(503, "non_finite_weights", str(NonFiniteWeightsError(health.bad_weights)))
+        logits = await run_inference(texts, None if body.tasks is None else chosen)
+        results = verdicts({t: logits[t] for t in chosen}, rules, logits.get(TRUNCATED))
+        failed = 0
+        for row in results:
+            errors = [(t, h.error.code) for t, h in row.heads.items() if isinstance(h, HeadErrorVerdict)]
+            failed += bool(errors)
+            for task, code in errors:
+                metrics.head_errors.labels(task, code).inc()
+        if failed:
+            log.error("%d of %d texts have heads without a verdict (error verdicts, flagged)", failed, len(texts))
+        return ClassifyResponse(tasks=chosen, results=results)
+
+    async def run_inference(texts: list[str], chosen: list[str] | None) -> dict[str, np.ndarray]:
+        """The batcher's output for ``texts`` within the inference timeout, or an :class:`APIError`."""
+        job = asyncio.ensure_future(batcher.submit(texts, chosen))
         try:
-            logits = await batcher.submit(texts, None if body.tasks is None else chosen)
+            done, _ = await asyncio.wait({job}, timeout=settings.inference_timeout)
+        finally:
+            if not job.done():
+                job.cancel()
+        if not done:
+            log.error("inference of %d texts did not finish within %g s", len(texts), settings.inference_timeout)
+            raise APIError(
+                504,
+                "inference_timeout",
+                f"the texts were not classified within {settings.inference_timeout:g} s (--inference-timeout); "
+                "no verdict is given",
+            )
+        try:
+            return job.result()
         except QueueFullError as exc:
             raise APIError(503, "overloaded", str(exc), headers={"Retry-After": "1"}) from None
+        except NonFiniteWeightsError as exc:
+            raise APIError(503, "non_finite_weights", str(exc)) from None
         except GuardmergeError as exc:
             raise APIError(503, "unavailable", str(exc)) from None
         except Exception as exc:
             log.error("inference failed: %s: %s", type(exc).__name__, exc)
             raise APIError(500, "inference_failed", f"inference failed: {type(exc).__name__}") from None
-        ordered = {t: logits[t] for t in chosen}
-        rows = sorted({i for v in ordered.values() for i in _non_finite_rows(v)})
-        if rows:
-            log.error("non-finite scores for %d of %d texts: no verdict given", len(rows), len(texts))
-            raise APIError(
-                500,
-                "non_finite_output",
-                f"the model produced non-finite scores (NaN or infinity) for text {rows[0]}; no verdict is given",
-                {"indexes": rows[:100]},
-            )
-        return ClassifyResponse(tasks=chosen, results=verdicts(ordered, rules))
 
     @protected.get(
         "/v1/model",

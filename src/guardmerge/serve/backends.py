@@ -7,6 +7,12 @@ heads asked for. They are called from one worker thread at a time. Besides the l
 tells a head's kind (:meth:`problem`: ``single_label``, ``multi_label`` or ``token``), its stored
 per-label thresholds, and each text's tokens with character offsets (:meth:`text_tokens`, what
 turns a token head's rows into entity spans).
+
+A backend checks its weights once, when it is built: ``bad_weights`` names the floating-point
+weights (ONNX: initializers and constants) that hold NaN or infinity, and while any does,
+:meth:`logits` raises :class:`~guardmerge.errors.NonFiniteWeightsError`, so such a model never
+answers, whoever calls it (the server, the LLM Guard scanners). ``truncated(texts)`` tells which
+texts the tokenizer cuts at ``max_length`` (their tail is never seen by the model).
 """
 
 from __future__ import annotations
@@ -14,18 +20,49 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from guardmerge.errors import GuardmergeError
+from guardmerge.errors import GuardmergeError, NonFiniteWeightsError
 from guardmerge.outputs import TextTokens, text_tokens
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
+TEMP_EXPORT_NAME = "guardmerge-serve-onnx"
+"""``serve --backend onnx`` on a merged folder exports into ``$TMPDIR/.guardmerge-serve-onnx.tmp-*``
+(with its creator's pid), which a later call removes when that process is gone (SIGKILL)."""
+
+
+def special_token_count(tokenizer: Any) -> int:
+    """How many special tokens the tokenizer adds to one text ([CLS] and [SEP]: 2)."""
+    return len(list(tokenizer([""])["input_ids"][0]))
+
+
+def check_max_length(tokenizer: Any, max_length: int | None) -> None:
+    """Refuse a ``max_length`` too small to hold the special tokens and one token of text."""
+    if max_length is None:
+        return
+    least = special_token_count(tokenizer) + 1
+    if max_length < least:
+        raise GuardmergeError(
+            f"--max-length {max_length} is too small: the tokenizer adds {least - 1} special token(s), "
+            f"so the minimum is {least}"
+        )
+
+
+def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Each text's token count, special tokens included, before truncation and padding."""
+    from guardmerge.serve.tokenizer import JsonTokenizer
+
+    if isinstance(tokenizer, JsonTokenizer):
+        enc = tokenizer(list(texts))
+    else:  # transformers: no warning about texts longer than the model (that is what is measured)
+        enc = tokenizer(list(texts), truncation=False, verbose=False)
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 @runtime_checkable
@@ -46,13 +83,17 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``bad_weights: list[str]`` (weights holding NaN or infinity, found when the backend was
+    # built; the server then answers 503 non_finite_weights), ``truncated(texts) -> list[bool]`` (texts
+    # cut at max_length).
+
     # Optional: ``problem(task) -> str`` (default ``single_label``), ``thresholds(task) -> {label:
     # value}`` (the head's stored per-label thresholds), ``benign(task) -> [label] | None`` (its
     # stored benign labels), ``text_tokens(texts) -> list[TextTokens]`` and ``padding_side``
     # (needed for token heads).
 
-    # Optional: ``non_finite_weights() -> list[str]``, the names of weights holding NaN or infinity;
-    # the server calls it once at start-up and reports not ready (/healthz 503) when any is found.
+    # Optional (older backends): ``non_finite_weights() -> list[str]``, read at start-up when the
+    # backend has no ``bad_weights``.
 
 
 class TorchBackend:
@@ -65,6 +106,10 @@ class TorchBackend:
         self.max_length = max_length
         if model.tokenizer is None:
             raise GuardmergeError("the model has no tokenizer; serve a folder written by guardmerge merge")
+        check_max_length(model.tokenizer, max_length)
+        self.bad_weights: list[str] = self.non_finite_weights()
+        if self.bad_weights:
+            log.error("%s", NonFiniteWeightsError(self.bad_weights))
 
     @property
     def tasks(self) -> list[str]:
@@ -96,9 +141,17 @@ class TorchBackend:
     def info(self) -> dict[str, Any]:
         return dict(self.model.info)
 
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text has more tokens than :meth:`logits` keeps (its tail is cut)."""
+        limit = self.model.token_length(self.max_length)
+        return [n > limit for n in token_counts(self.model.tokenizer, texts)]
+
     def logits(self, texts: Sequence[str], tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Each requested head's logits; :class:`NonFiniteWeightsError` when the weights hold NaN or Inf."""
         import torch
 
+        if self.bad_weights:
+            raise NonFiniteWeightsError(self.bad_weights)
         with torch.inference_mode():
             batch = self.model.encode(list(texts), self.max_length)
             out = self.model(tasks=tasks, **batch)
@@ -120,7 +173,13 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """A folder written by ``guardmerge export-onnx``, run with onnxruntime on the CPU."""
+    """A folder written by ``guardmerge export-onnx``, run with onnxruntime on the CPU.
+
+    Opening it checks the metadata (:func:`~guardmerge.export.metadata.read_metadata`), that the
+    graph is an ONNX graph with the inputs and outputs the metadata names, and every floating-point
+    initializer and constant for NaN or infinity (this needs the ``onnx`` package: without it the
+    backend refuses to open rather than serve unchecked weights).
+    """
 
     name = "onnx"
 
@@ -138,21 +197,39 @@ class OnnxBackend:
         from guardmerge.export.metadata import read_metadata
         from guardmerge.serve.tokenizer import load_runtime_tokenizer
 
+        self._cleanup = Path(_cleanup) if _cleanup else None
         self.folder = Path(folder)
         self.meta = read_metadata(self.folder)
+        self.model_path = self.folder / self.meta["model_file"]
         self.tokenizer = load_runtime_tokenizer(self.folder)  # tokenizer.json: no torch, no transformers
         if self.tokenizer is None:
             raise GuardmergeError(f"{self.folder} has no usable tokenizer")
+        check_max_length(self.tokenizer, max_length)
         self.max_length = max_length or int(self.meta.get("max_length", 512))
         self.inputs = list(self.meta["inputs"])
+        self.bad_weights: list[str] = self.non_finite_weights()
+        if self.bad_weights:
+            log.error("%s: %s", self.model_path, NonFiniteWeightsError(self.bad_weights))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(self.folder / self.meta["model_file"]), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
-        self._cleanup = Path(_cleanup) if _cleanup else None
+        try:
+            self.session = ort.InferenceSession(
+                str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise GuardmergeError(f"{self.model_path} is not a usable ONNX graph: {_one_line(exc)}") from None
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        missing = [h["output"] for h in self.meta["heads"].values() if h["output"] not in graph_outputs]
+        if missing:
+            raise GuardmergeError(f"{self.model_path} lacks the output(s) {', '.join(missing)} its metadata names")
+        if graph_inputs != set(self.inputs):
+            raise GuardmergeError(
+                f"{self.model_path} takes the inputs {', '.join(sorted(graph_inputs))}, but its metadata names "
+                f"{', '.join(self.inputs)}"
+            )
 
     @property
     def tasks(self) -> list[str]:
@@ -185,11 +262,18 @@ class OnnxBackend:
         """Each text's tokens as :meth:`logits` reads them, with character offsets."""
         return text_tokens(self.tokenizer, texts, self.max_length)
 
+    def truncated(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text has more tokens than :meth:`logits` keeps (its tail is cut)."""
+        return [n > self.max_length for n in token_counts(self.tokenizer, texts)]
+
     @property
     def info(self) -> dict[str, Any]:
         return {**self.meta.get("info", {}), "precision": self.meta.get("precision", "fp32")}
 
     def logits(self, texts: Sequence[str], tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Each requested head's logits; :class:`NonFiniteWeightsError` when the weights hold NaN or Inf."""
+        if self.bad_weights:
+            raise NonFiniteWeightsError(self.bad_weights)
         chosen = list(tasks) if tasks is not None else self.tasks
         for t in chosen:
             self.labels(t)
@@ -202,26 +286,85 @@ class OnnxBackend:
         return {t: np.asarray(o, dtype=np.float32) for t, o in zip(chosen, outs)}
 
     def non_finite_weights(self) -> list[str]:
-        """Names of the graph's floating-point initializers holding NaN or infinity (needs ``onnx``;
-        without it nothing is checked)."""
+        """Names of the graph's floating-point initializers and constants (int8 graphs: their float
+        scales) holding NaN or infinity. Needs the ``onnx`` package: without it this raises."""
         try:
             import onnx
-            from onnx import numpy_helper
         except ImportError:
-            log.warning("the onnx package is missing: the weights of %s are not checked for NaN", self.folder)
-            return []
-        graph = onnx.load(str(self.folder / self.meta["model_file"])).graph
-        bad = []
-        for init in graph.initializer:
-            values = numpy_helper.to_array(init)
-            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-                bad.append(init.name)
-        return bad
+            raise GuardmergeError(
+                f"the onnx backend needs the onnx package to check the weights of {self.model_path} for NaN or "
+                "infinity: pip install 'guardmerge[onnx]'"
+            ) from None
+        try:
+            graph = onnx.load(str(self.model_path)).graph
+        except Exception as exc:
+            raise GuardmergeError(f"{self.model_path} is not a readable ONNX graph: {_one_line(exc)}") from None
+        return [name for name, tensor in _graph_tensors(graph) if not _finite(tensor)]
 
     def close(self) -> None:
         if self._cleanup is not None:
             shutil.rmtree(self._cleanup, ignore_errors=True)
             self._cleanup = None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _graph_tensors(graph: Any) -> Iterator[tuple[str, Any]]:
+    """``(name, TensorProto)`` of a graph's initializers and constant tensors, subgraphs included."""
+    import onnx
+
+    for init in graph.initializer:
+        yield init.name, init
+    for sparse in graph.sparse_initializer:
+        yield sparse.values.name, sparse.values
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield node.output[0] if node.output else node.name, attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for k, t in enumerate(attr.tensors):
+                    yield f"{node.name or node.op_type}.{attr.name}[{k}]", t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graph_tensors(sub)
+
+
+def _finite(tensor: Any) -> bool:
+    """False when a floating-point ONNX tensor holds NaN or infinity (integer tensors: True)."""
+    import onnx
+    from onnx import numpy_helper
+
+    kind = onnx.TensorProto
+    floats = {kind.FLOAT, kind.DOUBLE, kind.FLOAT16, kind.BFLOAT16}
+    floats |= {getattr(kind, n) for n in dir(kind) if n.startswith("FLOAT8")}
+    if tensor.data_type not in floats:
+        return True
+    values = np.asarray(numpy_helper.to_array(tensor))
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float32)
+    return bool(np.isfinite(values).all())
+
+
+def _temp_export_folder() -> Path:
+    """A fresh ``$TMPDIR/.guardmerge-serve-onnx.tmp-*`` marked with this process's pid, after removing
+    those of processes that are gone (a SIGKILLed server)."""
+    from guardmerge.io import clean_stale_temps
+    from guardmerge.io.atomic import _TMP_MARKER, _marker
+
+    root = Path(tempfile.gettempdir())
+    clean_stale_temps(root / TEMP_EXPORT_NAME)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TEMP_EXPORT_NAME}.tmp-", dir=root))
+    try:
+        (tmp / _TMP_MARKER).write_text(_marker())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
 
 
 def load_backend(
@@ -231,7 +374,8 @@ def load_backend(
 
     ``torch`` takes a merged model folder. ``onnx`` takes a folder written by
     ``guardmerge export-onnx``, or a merged model folder, which is then exported (fp32) to a
-    temporary folder removed by :meth:`Backend.close`.
+    temporary folder (:data:`TEMP_EXPORT_NAME`) removed by :meth:`Backend.close`, or, when the
+    process was killed, by the next call.
     """
     if kind not in BACKENDS:
         raise GuardmergeError(f"unknown backend '{kind}': use one of {', '.join(BACKENDS)}")
@@ -247,7 +391,7 @@ def load_backend(
         from guardmerge.export.onnx import export_onnx
 
         model = guardmerge.load(str(folder))
-        tmp = Path(tempfile.mkdtemp(prefix="guardmerge-onnx-"))
+        tmp = _temp_export_folder()
         try:
             log.info("exporting %s to ONNX in %s", folder, tmp)
             export_onnx(model, tmp / "onnx")

@@ -6,7 +6,8 @@ oldest chunk has waited ``max_wait_ms``, then takes chunks from the front of the
 they fit in ``max_batch`` texts and runs them as one batch in a single worker thread (so the
 event loop stays free to accept requests). While a batch runs, new requests queue up, so under
 load the next batch fills without waiting. Each request gets its own rows back, for the union
-of the heads the batch's requests asked for.
+of the heads the batch's requests asked for, plus the per-text outputs named in ``shared``
+(whether each text was truncated), which every request gets whatever heads it asked for.
 
 Failures are isolated per request: when a batch of several requests fails, each of its
 requests (chunks) is run again on its own, so only the requests that fail alone get the error.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -53,6 +55,10 @@ class MicroBatcher:
         max_wait_ms: longest time the oldest queued text waits for others before its batch runs.
         max_queue: most texts waiting; beyond it :meth:`submit` raises :class:`QueueFullError`.
         on_batch: called (in the event loop) with the size and duration of each batch run.
+        shared: output names (not heads) that every request gets its rows of, e.g. per-text flags.
+        partial_failure: ``(output) -> bool``, True when a batch's output holds a failure that may be
+            one request's fault (a head that failed); a batch of several requests is then run again
+            one request at a time, like a batch that raised.
     """
 
     def __init__(
@@ -63,16 +69,20 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 4096,
         on_batch: Callable[[int, float], None] | None = None,
+        shared: Sequence[str] = (),
+        partial_failure: Callable[[dict[str, np.ndarray]], bool] | None = None,
     ) -> None:
         if max_batch < 1:
             raise GuardmergeError("max_batch must be at least 1")
-        if max_wait_ms < 0:
-            raise GuardmergeError("max_wait_ms must be >= 0")
+        if not 0 <= max_wait_ms < math.inf:
+            raise GuardmergeError(f"max_wait_ms must be a finite number >= 0 (got {max_wait_ms})")
         self.infer = infer
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.shared = tuple(shared)
+        self.partial_failure = partial_failure
         self._queue: deque[_Chunk] = deque()
         self._queued_texts = 0
         self._wakeup: asyncio.Event | None = None
@@ -191,15 +201,22 @@ class MicroBatcher:
                 type(exc).__name__,
                 exc,
             )
-            try:
-                for chunk in batch:
-                    if not chunk.future.done():  # else the caller went away meanwhile
-                        await self._run(loop, [chunk])
-            except asyncio.CancelledError:
-                self._fail(batch, GuardmergeError("the server is shutting down"))
-                raise
+            await self._run_alone(loop, batch)
+            return
+        if len(batch) > 1 and self.partial_failure is not None and self.partial_failure(out):
+            log.warning("a head failed on a batch of %d requests; retrying them one by one", len(batch))
+            await self._run_alone(loop, batch)
             return
         self._route(batch, out)
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, batch: list[_Chunk]) -> None:
+        try:
+            for chunk in batch:
+                if not chunk.future.done():  # else the caller went away meanwhile
+                    await self._run(loop, [chunk])
+        except asyncio.CancelledError:
+            self._fail(batch, GuardmergeError("the server is shutting down"))
+            raise
 
     async def _infer(self, loop: asyncio.AbstractEventLoop, batch: list[_Chunk]) -> dict[str, np.ndarray]:
         texts = [t for c in batch for t in c.texts]
@@ -219,14 +236,13 @@ class MicroBatcher:
             if not c.future.done():
                 c.future.set_exception(exc)
 
-    @staticmethod
-    def _route(batch: list[_Chunk], out: dict[str, np.ndarray]) -> None:
+    def _route(self, batch: list[_Chunk], out: dict[str, np.ndarray]) -> None:
         """Give each chunk its rows; a malformed output fails the chunks it cannot serve, not the collector."""
         start = 0
         for c in batch:
             n = len(c.texts)
             if not c.future.done():
-                names = c.tasks if c.tasks is not None else tuple(out)
+                names = (*c.tasks, *(k for k in self.shared if k in out)) if c.tasks is not None else tuple(out)
                 try:
                     rows = {t: out[t][start : start + n] for t in names}
                     if any(len(v) != n for v in rows.values()):

@@ -2,8 +2,12 @@
 
 For every HTTP request, in this order, before the application reads anything:
 
+0. a request on a connection beyond the server's connection cap (the protocol marks its scope,
+   see :mod:`guardmerge.serve.server`) is refused with 503 ``overloaded`` and the connection is
+   closed (``/healthz`` is never marked: it is always answered);
 1. protected paths (``/v1/*``, ``/metrics``) need ``Authorization: Bearer <key>`` when the
-   server has a key (401 ``unauthorized``); the body is not read;
+   server has a key (401 ``unauthorized``, and the connection is closed, so an unauthenticated
+   client cannot keep it open); the body is not read;
 2. a declared ``Content-Length`` above the body limit is refused (413 ``body_too_large``);
 3. routes that take a JSON body need ``Content-Type: application/json`` (or ``*+json``;
    415 ``unsupported_media_type``);
@@ -27,6 +31,8 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from guardmerge.serve.server import OVER_CAPACITY
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +150,20 @@ class RequestGate:
         length = headers.get("content-length", "").strip()
         body_pending = "transfer-encoding" in headers or (length not in ("", "0"))
 
+        if (scope.get("extensions") or {}).get(OVER_CAPACITY):
+            raise self._refuse(
+                scope,
+                503,
+                "overloaded",
+                "the server has as many connections as it accepts (--max-connections); retry later",
+                close=True,
+                headers={"Retry-After": "1"},
+            )
         if self.api_key is not None and self._is_protected(path):
             problem = bearer_problem(headers.get("authorization"), self.api_key)
             if problem is not None:
                 raise self._refuse(
-                    scope, 401, "unauthorized", problem, close=body_pending, headers={"WWW-Authenticate": "Bearer"}
+                    scope, 401, "unauthorized", problem, close=True, headers={"WWW-Authenticate": "Bearer"}
                 )
         if length.isdigit() and int(length) > self.max_body:
             raise self._refuse(
