@@ -863,6 +863,13 @@ def _exit_now() -> None:
     os._exit(0)
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars an error interrupted, so the error gets a line of its own."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
 def _one_line(text: str, limit: int = 2000) -> str:
     """An error message on one line, of bounded length."""
     flat = " ".join(text.split())
@@ -879,9 +886,11 @@ def main() -> None:
             _exit_now()
         raise
     except GuardmergeError as exc:
+        _close_progress_bars()
         typer.echo(f"error: {_one_line(str(exc))}", err=True)
         raise SystemExit(2) from None
     except OSError as exc:  # a path the system refuses (too long, permissions, disk full) is a user error
+        _close_progress_bars()
         where = f"{_one_line(str(exc.filename))[:200]}: " if exc.filename else ""
         typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
         raise SystemExit(2) from None

@@ -30,6 +30,7 @@ from guardmerge.data import Examples, TaskData
 from guardmerge.errors import DataError, GuardmergeError
 from guardmerge.io import atomic_dir
 from guardmerge.io.formats import SAFETENSORS_FILE, read_config
+from guardmerge.io.writer import write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,10 @@ def finetune(
     bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
     if bad:
         raise GuardmergeError(f"fine-tuning {out}: tensor '{bad[0]}' holds NaN or Inf values; nothing was written")
-    with atomic_dir(out, force=force) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_dir(out, force=force) as tmp:  # guardmerge's own writer: a full disk is an error naming OUT
+        write_tensors(tmp, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / "guardmerge_finetune.json").write_text(s.model_dump_json(indent=2) + "\n")
     return Path(out)
