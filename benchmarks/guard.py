@@ -31,10 +31,7 @@ import argparse
 import itertools
 import json
 import logging
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -46,7 +43,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: zoo, report
 
-import guardmerge
 from guardmerge.config import MergeConfig, parse_config
 from guardmerge.data import TaskData, load_task
 from guardmerge.demo import base_checkpoint, default_data_dir
@@ -54,6 +50,7 @@ from guardmerge.evaluate import evaluate, mean, normalized, to_json_ready
 from guardmerge.models.multihead import MultiHeadModel, load_any
 from guardmerge.pipeline import build, expert_statistics, self_merge_config
 from guardmerge.refit import FeatureCache
+from provenance import environment, produced
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -272,7 +269,7 @@ def quality(
                 "validation_mean_macro_f1": best["validation_mean_macro_f1"],
                 "grid": trials,
                 "seconds": time.perf_counter() - started,
-                "produced": produced(),
+                "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
             }
             if len(tests) > 1:
                 entry["seeds"] = list(run_seeds)
@@ -397,7 +394,7 @@ def frontier(
             raise SystemExit(f"frontier trunk '{row}' has no quality result and {len(points)} grid points")
         method, params = ROW_METHOD.get(name, name), points[0]
         model = bench.merged(bench.config(method, params, align=align))
-        best = {**test_scores(bench.score(model, "test"), expert_test), "produced": produced()}
+        best = {**test_scores(bench.score(model, "test"), expert_test), "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py")}
     out: dict[str, Any] = {"trunk": row, "method": method, "hyperparameters": params, "layers": layers, "rows": {}}
     models: dict[str, MultiHeadModel] = {f"K={layers}": model}
     out["rows"][f"K={layers}"] = {
@@ -426,7 +423,7 @@ def frontier(
             "validation_mean_macro_f1": val_score,
             **test_scores(bench.score(model, "test"), expert_test),
             "layer_passes": depth + n * (layers - depth),
-            "produced": produced(),
+            "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
         }
     runners = {name: (lambda b, m=m: m(**b)) for name, m in models.items()} | {"experts": experts_runner(bench)}
     speeds, settings = timings(bench, runners, models[f"K={layers}"].tokenizer, n_texts)
@@ -437,13 +434,13 @@ def frontier(
         "mean_macro_f1": results["experts_mean_macro_f1"],
         "layer_passes": n * layers,
         "note": "the five experts run one after another",
-        "produced": produced(),
+        "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
     }
     for name, r in out["rows"].items():
         r.update(speeds[name])
         r["compute_vs_one_pass"] = r["layer_passes"] / layers
     out["speed_settings"] = settings
-    out["produced"] = produced()
+    out["produced"] = produced("benchmarks/guard.py", "benchmarks/zoo.py")
     return out
 
 
@@ -494,7 +491,7 @@ def seven_task(
                     }
                     for t, m in OFFICIAL.items()
                 },
-                "produced": produced(),
+                "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
             }
             log.info("seven %s: normalised %.4f, worst %.4f", name, scores["normalized"], scores["worst_task_ratio"])
             if val_score > best_val:
@@ -510,7 +507,7 @@ def seven_task(
         **speeds,
         "settings": settings,
         "batch32_ratio": speeds["merged"]["batch32_texts_per_s"] / speeds["experts"]["batch32_texts_per_s"],
-        "produced": produced(),
+        "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
     }
     return out
 
@@ -557,47 +554,6 @@ def _save(path: Path, results: dict, started: float) -> None:
     results["seconds"] = time.perf_counter() - started
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_json_ready(results), indent=2) + "\n")
-
-
-def produced() -> dict[str, str]:
-    """The commit and date a result comes from (``-dirty`` when the source tree has changes)."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if git("status", "--porcelain", "--", "src", "benchmarks/guard.py", "benchmarks/zoo.py"):
-        commit += "-dirty"
-    return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-
-
-def environment() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
-        "torch": torch.__version__,
-        "guardmerge": guardmerge.__version__,
-        "commit": commit,
-        "python": platform.python_version(),
-    }
 
 
 def main() -> None:
@@ -667,7 +623,7 @@ def main() -> None:
     results["experts"] = expert_test
     results["experts_validation"] = expert_val
     results["experts_mean_macro_f1"] = mean({t: v["macro_f1"] for t, v in expert_test.items()})
-    results["experts_produced"] = produced()
+    results["experts_produced"] = produced("benchmarks/guard.py", "benchmarks/zoo.py")
     if "quality" in run:
         methods = {
             "ensemble": {
@@ -677,7 +633,7 @@ def main() -> None:
                 "worst_task_ratio": 1.0,
                 "hyperparameters": {},
                 "note": "the five experts run separately",
-                "produced": produced(),
+                "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
             }
         }
         results["methods"] = {**results.get("methods", {}), **methods}
@@ -691,7 +647,7 @@ def main() -> None:
     _save(args.out, results, started)
     if "speed" in run:
         merged = bench.merged(bench.config("task_arithmetic", {"scaling": 0.5}))
-        results["speed"] = {**speed(bench, merged, n_texts=64 if args.quick else 320), "produced": produced()}
+        results["speed"] = {**speed(bench, merged, n_texts=64 if args.quick else 320), "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py")}
     _save(args.out, results, started)
     if "frontier" in run:
         results["frontier"] = frontier(
@@ -712,7 +668,7 @@ def main() -> None:
             sweep_bench, expert_sweep, (0.2, 1.0) if args.quick else SWEEP_DENSITIES
         )
         results["density_sweep_experts"] = expert_sweep
-        results["density_sweep_produced"] = produced()
+        results["density_sweep_produced"] = produced("benchmarks/guard.py", "benchmarks/zoo.py")
     _save(args.out, results, started)
     if "seven" in run:
         results["seven_task"] = seven_task(
@@ -725,7 +681,7 @@ def main() -> None:
     _save(args.out, results, started)
     if "pairs" in run:
         results["two_task"] = two_task(bench, expert_test, QUICK_PAIRS if args.quick else PAIRS)
-        results["two_task_produced"] = produced()
+        results["two_task_produced"] = produced("benchmarks/guard.py", "benchmarks/zoo.py")
     results["environment"] = environment()
     results["seconds"] = time.perf_counter() - started
     results["settings"] = {

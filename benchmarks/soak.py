@@ -32,6 +32,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import environment, produced
+
 log = logging.getLogger("soak")
 HERE = Path(__file__).resolve().parent
 SERVER_FLAGS = ["--max-texts", "16", "--max-chars", "2000", "--body-timeout", "2", "--no-access-log"]
@@ -277,11 +280,9 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     texts, source = guard_texts(args.data)
     random.Random(args.seed).shuffle(texts)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
     report = {
-        "commit": commit.stdout.strip() or None,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]},
+        "produced": produced("benchmarks/soak.py"),
+        "environment": environment(),
         "model": args.model.name,
         "settings": {
             "requests": args.requests,

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from guardmerge.data import load_task
+from provenance import produced
 from guardmerge.demo import base_checkpoint, default_data_dir
 from guardmerge.evaluate import evaluate, to_json_ready
 from guardmerge.finetune import FinetuneSettings, finetune_cached
@@ -49,13 +50,6 @@ def build_zoo(data: Path, work: Path, tasks: list[str] | None = None, progress: 
     return out
 
 
-def produced() -> dict[str, str]:
-    """The commit and date a row comes from (guard.py's rule)."""
-    from guard import produced as guard_produced
-
-    return guard_produced()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="task folders (default ../shared/data)")
@@ -81,7 +75,7 @@ def main() -> None:
             "settings": RECIPE[task].model_dump(),
             "seconds": seconds,
             **scores,
-            "produced": produced(),
+            "produced": produced("benchmarks/zoo.py"),
         }
         logging.info("%s: test macro-F1 %.4f", task, scores["test"]["macro_f1"])
     known.update(to_json_ready(report))

@@ -35,11 +35,14 @@ class DemoTask:
 
     name: str
     settings: FinetuneSettings
+    benign: tuple[str, ...] | None = None  # the labels that never flag, where the names do not say
 
 
 DEMO_TASKS: tuple[DemoTask, ...] = (
     DemoTask("injection", FinetuneSettings(epochs=4, learning_rate=1e-4, seed=0)),
-    DemoTask("emotion", FinetuneSettings(epochs=1.5, learning_rate=1e-4, max_examples=2000, seed=0)),
+    DemoTask(
+        "emotion", FinetuneSettings(epochs=1.5, learning_rate=1e-4, max_examples=2000, seed=0), ("joy", "optimism")
+    ),
     DemoTask("offensive", FinetuneSettings(epochs=1, learning_rate=1e-4, max_examples=2000, seed=0)),
 )
 DEMO_METHOD = {"method": "task_arithmetic", "parameters": {"scaling": 0.5}}
@@ -102,8 +105,14 @@ def run_demo(
             {
                 "base_model": str(base),
                 "experts": [
-                    {"model": str(p), "task": name, "data": str(task_data[name].folder / "train.jsonl")}
-                    for name, p in experts.items()
+                    {
+                        "model": str(p),
+                        "task": t.name,
+                        "data": str(task_data[t.name].folder / "train.jsonl"),
+                        **({"benign": list(t.benign)} if t.benign else {}),
+                    }
+                    for t in chosen
+                    for p in [experts[t.name]]
                 ],
                 **DEMO_METHOD,
                 "heads": "multi",
