@@ -1,7 +1,10 @@
+"""Weighted average and the weighted sum: goldens and the whole-tensor reference."""
+
 import pytest
 import torch
 
-from guardmerge.methods import METHODS, Role, TensorContext
+from guardmerge.methods import METHODS, Role, TensorContext, reference
+from guardmerge.methods.basic import weighted_sum
 
 CTX = TensorContext(name="w", role=Role.LINEAR_WEIGHT)
 
@@ -27,16 +30,8 @@ def test_average_rejects_zero_weight_sum() -> None:
         run("average", torch.ones(2, 3), [1.0, -1.0])
 
 
-def test_task_arithmetic_matches_hand_computation() -> None:
-    deltas = torch.tensor([[1.0, -2.0, 0.5], [3.0, 4.0, -0.5]])
-    # 0.5 * (2*[1,-2,.5] + 1*[3,4,-.5]) = 0.5 * [5, 0, 0.5]
-    out = run("task_arithmetic", deltas, [2.0, 1.0], scaling=0.5)
-    assert torch.allclose(out, torch.tensor([2.5, 0.0, 0.25]))
-
-
-def test_task_arithmetic_scaling_zero_returns_base() -> None:
-    assert torch.count_nonzero(run("task_arithmetic", torch.randn(3, 5), [1, 1, 1], scaling=0.0)) == 0
-
-
-def test_task_arithmetic_default_scaling_is_documented_value() -> None:
-    assert METHODS.get("task_arithmetic").validate({}).scaling == 0.3
+def test_weighted_sum_equals_the_reference() -> None:
+    deltas = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(0))
+    w = torch.tensor([0.3, 1.0, 2.5])
+    torch.testing.assert_close(weighted_sum(deltas, w), reference.weighted_sum(deltas, w), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(run("average", deltas, w.tolist()), reference.average(deltas, w), rtol=1e-6, atol=1e-7)

@@ -23,7 +23,7 @@ pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
 from mergekit.merge_methods.base import TensorGroup
 from mergekit.merge_methods.registry import get as mergekit_method
 
-import guardmerge.methods.sparsify as sparsify
+import guardmerge.methods.fast.sparsify as sparsify
 from guardmerge.methods import METHODS
 from guardmerge.methods.registry import Role, TensorContext
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from guardmerge.methods import METHODS
+from guardmerge.methods import METHODS, reference
 from guardmerge.methods.model_stock import interpolation_ratio, mean_pairwise_cosine
 from guardmerge.methods.registry import Role, TensorContext
 
@@ -62,3 +62,11 @@ def test_weighted_mean_and_scaling() -> None:
 
 def test_lambda_zero_returns_theta_0() -> None:
     assert torch.equal(run(torch.randn(3, 4), scaling=0.0), torch.zeros(4))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_equals_the_reference(k: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    tau = torch.randn(k, 6, 5, generator=g) + torch.randn(6, 5, generator=g)  # a shared direction: 0 < cos < 1
+    w = torch.rand(k, generator=g) + 0.5
+    torch.testing.assert_close(run(tau, w, scaling=0.8), reference.model_stock(tau, w, 0.8), rtol=1e-5, atol=1e-7)

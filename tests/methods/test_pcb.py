@@ -1,4 +1,4 @@
-"""PCB-merging: goldens, the authors' reference algorithm, global scope, bounds, no NaN."""
+"""PCB-merging: goldens, the whole-tensor reference, global scope, bounds, no NaN."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from guardmerge.methods import METHODS
+from guardmerge.methods import METHODS, reference
 from guardmerge.methods.pcb import (
     PairNorms,
     aggregate,
@@ -117,31 +117,29 @@ def test_softmax_inter_golden() -> None:
     assert np.allclose(c.sum(1).numpy(), [n, n], atol=1e-5)  # each softmax sums to 1
 
 
-def reference_pcb(tau: np.ndarray, ratio: float, clip: float) -> np.ndarray:
-    """The authors' algorithm, transcribed from the paper and their sort-based indexing."""
-    n, d = tau.shape
-    a = np.abs(tau)
-    s = np.sort(a, axis=1)
-    lo = s[:, int(round(d * clip, 9))][:, None]
-    hi = s[:, max(int(round(d * (1 - clip), 9) - 1), 0)][:, None]
-    a = np.clip(a, lo, hi)
-    clamped = np.sign(tau) * a
-    norm = (a - a.min(1, keepdims=True)) / (a.max(1, keepdims=True) - a.min(1, keepdims=True))
-    beta = np.exp(n * norm**2) * np.tanh(tau * tau.sum(0))
-    sb = np.sort(beta, axis=1)
-    blo = sb[:, int(round(d * (1 - ratio), 9))][:, None]
-    b = np.maximum(beta, blo)
-    scale = (b - blo) / (b.max(1, keepdims=True) - blo)
-    return (clamped * scale).sum(0) / np.maximum(scale.sum(0), 1e-12)
-
-
 @pytest.mark.parametrize(("n", "d", "ratio", "clip"), [(3, 200, 0.1, 0.01), (5, 97, 0.2, 0.05), (2, 50, 0.5, 0.0)])
 def test_pcb_matches_the_reference_algorithm(n: int, d: int, ratio: float, clip: float) -> None:
     tau = torch.randn(n, d, generator=torch.Generator().manual_seed(d)) * 0.01
     tau[0, :5] *= 30  # outliers for the clamp
     out = run(tau, density=ratio, clip=clip, scope="per_tensor")
-    ref = reference_pcb(tau.numpy().astype(np.float64), ratio, clip)
+    ref = reference.pcb(tau, torch.ones(n), density=ratio, clip=clip).numpy()
     assert np.allclose(out.numpy(), ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("inter", ["tanh", "softmax"])
+def test_global_scope_equals_the_reference_on_the_flattened_model(inter: str) -> None:
+    model = fake_model(4)
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    spec = METHODS.get("pcb")
+    params = spec.validate({"inter": inter, "density": 0.2, "clip": 0.02})
+    g = spec.prepare(params, lambda: ((TensorContext(k, Role.LINEAR_WEIGHT), t) for k, t in model.items()))
+    merged = [spec.fn(t, weights, params, TensorContext(k, Role.LINEAR_WEIGHT, globals=g)) for k, t in model.items()]
+    flat = torch.cat([t.reshape(t.shape[0], -1) for t in model.values()], 1)
+    want = reference.pcb(flat, weights, density=0.2, clip=0.02, inter=inter)
+    got = torch.cat([m.reshape(-1) for m in merged])
+    if inter == "tanh":  # the same float operations: bit for bit
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
 # --------------------------------------------------------------------- global scope
@@ -258,7 +256,7 @@ def test_non_finite_task_vectors_are_refused() -> None:
 @pytest.mark.parametrize("inter", ["tanh", "softmax"])
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
 def test_results_do_not_depend_on_the_chunking(inter: str, scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import guardmerge.methods.selection as selection
+    import guardmerge.methods.fast.selection as selection
 
     model = fake_model(3)
     whole = merge_model(model, inter=inter, scope=scope, density=0.3)

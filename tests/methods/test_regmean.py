@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guardmerge.errors import ConfigError, StatisticsError
-from guardmerge.methods import METHODS, Role, TensorContext
+from guardmerge.methods import METHODS, Role, TensorContext, reference
 from guardmerge.methods.regmean import regmean_merge
 
 NAME = "encoder.layer.0.output.dense.weight"
@@ -152,3 +152,12 @@ def test_merging_weights_or_deltas_agree() -> None:
     ones = torch.ones(2, dtype=torch.float64)
     full = regmean_merge(w0 + taus, grams, ones)
     torch.testing.assert_close(full, w0 + regmean_merge(taus, grams, ones))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.4, 0.0])
+def test_equals_the_reference(alpha: float) -> None:
+    gen = torch.Generator().manual_seed(8)
+    deltas = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64)
+    grams = torch.stack([mean_gram(torch.randn(20, 6, generator=gen, dtype=torch.float64)) for _ in range(3)])
+    want = reference.regmean(deltas, grams, torch.tensor([1.0, 2.0, 0.5]), alpha=alpha)
+    torch.testing.assert_close(run(deltas, [1.0, 2.0, 0.5], grams, alpha=alpha), want, rtol=1e-10, atol=1e-12)

@@ -1,4 +1,5 @@
-"""TIES, DARE-linear, DARE-TIES, breadcrumbs, breadcrumbs-TIES as registered methods."""
+"""The sparsify x consensus table: task arithmetic, TIES, DARE-linear, DARE-TIES, breadcrumbs,
+breadcrumbs-TIES as registered methods, and against the whole-tensor reference."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 
 from guardmerge.errors import ConfigError
-from guardmerge.methods import METHODS
+from guardmerge.methods import METHODS, reference
 from guardmerge.methods.registry import Role, TensorContext
+from guardmerge.methods.ties import CRUMBS, DARE, ELECT, LINEAR, TRIM
+from guardmerge.methods.ties import FAMILY as ROWS
 
 NAME = "encoder.layer.0.output.dense.weight"
 FAMILY = ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
@@ -60,7 +63,98 @@ TAU = torch.tensor(
 )
 
 
+# ---------------------------------------------------------------------------------- the table
+
+
+def test_the_table_has_one_row_per_registered_method() -> None:
+    steps = {row.name: (row.sparsify, row.consensus, row.params) for row in ROWS}
+    assert steps == {
+        "task_arithmetic": (None, LINEAR, METHODS.get("task_arithmetic").params),
+        "ties": (TRIM, ELECT, METHODS.get("ties").params),
+        "dare_linear": (DARE, LINEAR, METHODS.get("dare_linear").params),
+        "dare_ties": (DARE, ELECT, METHODS.get("dare_ties").params),
+        "breadcrumbs": (CRUMBS, LINEAR, METHODS.get("breadcrumbs").params),
+        "breadcrumbs_ties": (CRUMBS, ELECT, METHODS.get("breadcrumbs_ties").params),
+    }
+    for row in ROWS:
+        spec = METHODS.get(row.name)
+        assert (spec.summary, spec.reference, spec.needs) == (row.summary, row.reference, frozenset())
+        # a whole-model pre-pass exactly where the sparsify step ranks over a scope
+        assert (spec.prepare is not None) == (row.sparsify in (TRIM, CRUMBS))
+
+
+WEIGHTS = torch.tensor([0.3, 0.5, 0.21])
+
+
+def reference_merge(method: str, deltas: torch.Tensor, weights: torch.Tensor, **raw: Any) -> torch.Tensor:
+    """The whole-tensor reference of one row, per tensor, with the registered method's defaults."""
+    p = METHODS.get(method).validate(raw)
+    gen = TensorContext(NAME, Role.LINEAR_WEIGHT).generator(getattr(p, "seed", None))
+    if method == "task_arithmetic":
+        return reference.task_arithmetic(deltas, weights, p.scaling)
+    if method == "ties":
+        return reference.ties(deltas, weights, p.density, p.scaling, p.consensus)
+    if method.startswith("dare"):
+        dropped = reference.dare(deltas, p.density, gen, p.rescale, p.rescale_by)
+        if method == "dare_linear":
+            return reference.task_arithmetic(dropped, weights, p.scaling)
+        return p.scaling * reference.ties_consensus(dropped, weights, p.consensus)
+    if method == "breadcrumbs":
+        return reference.breadcrumbs(deltas, weights, p.density, p.gamma, p.scaling)
+    return reference.breadcrumbs_ties(deltas, weights, p.density, p.gamma, p.scaling, p.consensus)
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("ties", {"scope": "per_tensor"}),
+        ("ties", {"scope": "per_tensor", "density": 0.5, "consensus": "sum", "scaling": 0.7}),
+        ("dare_ties", {}),
+        ("dare_ties", {"rescale_by": "l1", "consensus": "sum", "density": 0.3}),
+        ("dare_ties", {"rescale": False}),
+        ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.05}),
+        ("breadcrumbs_ties", {"scope": "global", "consensus": "sum"}),
+    ],
+)
+def test_consensus_rows_are_bit_identical_to_the_reference(method: str, raw: dict) -> None:
+    deltas = torch.round(torch.randn(3, 40, 30, generator=torch.Generator().manual_seed(6)) * 64) / 64
+    deltas[1, 3] = -deltas[0, 3]  # columns summing to 0
+    deltas[2, 3] = 0.0
+    got = merge_model(method, {NAME: deltas}, WEIGHTS, **raw)[NAME]
+    assert torch.equal(got, reference_merge(method, deltas, WEIGHTS, **raw))
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        ("task_arithmetic", {}),
+        ("dare_linear", {}),
+        ("dare_linear", {"rescale_by": "l1", "density": 0.2, "scaling": 1.0}),
+        ("breadcrumbs", {"density": 0.3, "gamma": 0.05}),
+    ],
+)
+def test_linear_rows_equal_the_reference_to_rounding(method: str, raw: dict) -> None:
+    deltas = torch.randn(3, 40, 30, generator=torch.Generator().manual_seed(7))
+    got = merge_model(method, {NAME: deltas}, WEIGHTS, **raw)[NAME]
+    torch.testing.assert_close(got, reference_merge(method, deltas, WEIGHTS, **raw), rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- golden values
+
+
+def test_task_arithmetic_matches_hand_computation() -> None:
+    deltas = torch.tensor([[1.0, -2.0, 0.5], [3.0, 4.0, -0.5]])
+    # 0.5 * (2*[1,-2,.5] + 1*[3,4,-.5]) = 0.5 * [5, 0, 0.5]
+    out = run("task_arithmetic", deltas, torch.tensor([2.0, 1.0]), scaling=0.5)
+    assert torch.allclose(out, torch.tensor([2.5, 0.0, 0.25]))
+
+
+def test_task_arithmetic_scaling_zero_returns_base() -> None:
+    assert torch.count_nonzero(run("task_arithmetic", torch.randn(3, 5), scaling=0.0)) == 0
+
+
+def test_task_arithmetic_default_scaling_is_documented_value() -> None:
+    assert METHODS.get("task_arithmetic").validate({}).scaling == 0.3
 
 
 def test_ties_golden_with_sign_conflicts() -> None:
@@ -106,7 +200,7 @@ def test_breadcrumbs_golden() -> None:
 
 
 def test_dare_methods_golden_given_the_draws() -> None:
-    from guardmerge.methods.sparsify import expert_generators
+    from guardmerge.methods.fast.sparsify import expert_generators
 
     ctx = TensorContext(NAME, Role.LINEAR_WEIGHT)
     gens = expert_generators(ctx.generator(5), 3)
@@ -216,11 +310,12 @@ def test_global_ties_keeps_exactly_k_per_expert_across_tensors() -> None:
             yield TensorContext(name, Role.LINEAR_WEIGHT), t
 
     g = spec.prepare(params, stream)
-    from guardmerge.methods.selection import TopKCut
-    from guardmerge.methods.sparsify import cut_mask
+    from guardmerge.methods.fast.selection import TopKCut, topk_mask
 
     cut = TopKCut.from_globals(g, "trim")
-    kept = sum(cut_mask(t, cut, n).reshape(3, -1).sum(1) for n, t in model.items())
+    kept = sum(
+        topk_mask(t.reshape(3, -1), cut.threshold, cut.quota_for(n), absolute=True).sum(1) for n, t in model.items()
+    )
     assert kept.tolist() == [int(0.2 * d)] * 3
 
 
@@ -315,7 +410,7 @@ def test_prepare_pass_counts(method: str, raw: dict, passes: int) -> None:
     ],
 )
 def test_results_do_not_depend_on_the_chunking(method: str, raw: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    import guardmerge.methods.selection as selection
+    import guardmerge.methods.fast.selection as selection
 
     model = fake_model(5)
     model["q.bias"][:, 3:] = -model["q.bias"][:, 3:]  # more structure, same ties
@@ -328,7 +423,7 @@ def test_results_do_not_depend_on_the_chunking(method: str, raw: dict, monkeypat
 
 
 def test_per_tensor_zero_sum_patch_applies_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import guardmerge.methods.selection as selection
+    import guardmerge.methods.fast.selection as selection
 
     monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 2)  # one column per chunk (N = 2)
     tau = torch.tensor([[1.0, 0.0, -4.0], [-1.0, 0.0, 0.0]])  # column 0 cancels; mass -4

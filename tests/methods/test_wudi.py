@@ -8,7 +8,7 @@ import torch
 
 from guardmerge.config import parse_config
 from guardmerge.errors import ConfigError
-from guardmerge.methods import METHODS, Role, TensorContext
+from guardmerge.methods import METHODS, Role, TensorContext, reference
 from guardmerge.methods.wudi import wudi_loss
 
 NAME = "encoder.layer.0.attention.self.query.weight"
@@ -65,17 +65,18 @@ def test_config_with_method_wudi_validates() -> None:
             "heads": "multi",
         }
     )
-    p = cfg.method_params()
+    p = METHODS.get(cfg.method).validate(cfg.parameters)
     assert (p.rho, p.solver, p.steps, p.anchor_scaling) == (0.0, "adam", 50, 0.5)
+    bad = parse_config(
+        {
+            "base_model": "base",
+            "experts": [{"model": "a", "task": "hate"}],
+            "method": "wudi",
+            "parameters": {"rho": -2.0},
+        }
+    )
     with pytest.raises(ConfigError, match="wudi"):
-        parse_config(
-            {
-                "base_model": "base",
-                "experts": [{"model": "a", "task": "hate"}],
-                "method": "wudi",
-                "parameters": {"rho": -2.0},
-            }
-        )
+        METHODS.get(bad.method).validate(bad.parameters)
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.7, 3.0])
@@ -223,3 +224,10 @@ def test_adam_runs_under_no_grad_and_approaches_the_closed_form() -> None:
     assert torch.isfinite(adam_inf).all()
     exact = run(deltas.double(), [1.0, 1.0], **params).float()
     torch.testing.assert_close(adam, exact, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("rho", [0.0, 3.0])
+def test_closed_form_equals_the_reference(rho: float) -> None:
+    deltas = randn(3, 5, 8, seed=11)  # sum_i G_i regular
+    want = reference.wudi(deltas, torch.tensor([1.0, 2.0, 0.5], dtype=F64), rho=rho, anchor_scaling=0.4, scaling=1.5)
+    torch.testing.assert_close(run(deltas, [1.0, 2.0, 0.5], rho=rho, anchor_scaling=0.4, scaling=1.5), want)

@@ -1,6 +1,10 @@
 """Merge methods: pure tensor functions registered by name in :data:`METHODS`.
 
-Importing this package imports every method module, which registers its methods.
+Importing this package imports every method module, which registers its methods, each with one
+``METHODS.register(MethodSpec(...))`` (the sparsify x consensus family in :mod:`.ties` from the
+rows of its table). :mod:`.reference` states the per-tensor merges on whole tensors, as the
+papers do; :mod:`.fast` holds the chunked and fused paths the registered methods run;
+:mod:`.params` the parameter fields several methods share.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ _METHOD_MODULES = (
     "pcb",
     "model_stock",
     "regmean",
-    "fisher",
+    "fisher_merging",
     "dare_combos",
     "wudi",
-    "layerwise",
+    "layer_solves",
     "prodistill",
 )
 

@@ -1,17 +1,17 @@
-"""Weighted average (model soup) and task arithmetic.
+"""Weighted average (model soup), and the weighted sum every linear merge builds on.
 
 - Average (Wortsman et al. 2022, "Model soups"): ``theta = sum_i w_i theta_i / sum_i w_i``,
   i.e. the merged task vector is ``sum_i w_i tau_i / sum_i w_i``.
-- Task arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic"):
-  ``theta = theta_0 + scaling * sum_i w_i tau_i``.
+
+Task arithmetic (Ilharco et al. 2023, ``theta_0 + scaling * sum_i w_i tau_i``) is the first row
+of the sparsify x consensus table in :mod:`.ties` (no sparsify step, no consensus).
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
-from guardmerge.methods.registry import METHODS, MethodParams, TensorContext, searchable
+from guardmerge.methods.registry import METHODS, MethodParams, MethodSpec, TensorContext
 
 
 def weighted_sum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -26,12 +26,6 @@ class AverageParams(MethodParams):
     pass
 
 
-@METHODS.method(
-    "average",
-    AverageParams,
-    "Weighted average of the experts' weights (model soup); weights are normalised to sum 1.",
-    reference="Wortsman et al. 2022, Model soups",
-)
 def average(deltas: torch.Tensor, weights: torch.Tensor, params: AverageParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``sum_i w_i tau_i / sum_i w_i``."""
     total = weights.sum()
@@ -40,22 +34,13 @@ def average(deltas: torch.Tensor, weights: torch.Tensor, params: AverageParams, 
     return weighted_sum(deltas, weights) / total.to(deltas.dtype)
 
 
-class TaskArithmeticParams(MethodParams):
-    scaling: float = Field(
-        0.3,
-        description="lambda, the coefficient on the summed task vectors",
-        json_schema_extra=searchable(0.1, 1.5),
+METHODS.register(
+    MethodSpec(
+        name="average",
+        fn=average,
+        params=AverageParams,
+        summary="Weighted average of the experts' weights (model soup); weights are normalised to sum 1.",
+        needs=frozenset(),
+        reference="Wortsman et al. 2022, Model soups",
     )
-
-
-@METHODS.method(
-    "task_arithmetic",
-    TaskArithmeticParams,
-    "theta_0 + scaling * sum_i w_i tau_i.",
-    reference="Ilharco et al. 2023, Editing models with task arithmetic",
 )
-def task_arithmetic(
-    deltas: torch.Tensor, weights: torch.Tensor, params: TaskArithmeticParams, ctx: TensorContext
-) -> torch.Tensor:
-    """``[N, *shape]`` -> ``[*shape]``: ``scaling * sum_i w_i tau_i``."""
-    return weighted_sum(deltas, params.scaling * weights)

@@ -5,6 +5,8 @@ Per tensor, with k experts: ``cos`` = the mean pairwise cosine of the task vecto
 ``theta = t * mean_i theta_i + (1 - t) * theta_0``, i.e. the merged task vector is
 ``t * mean_i tau_i`` (weighted mean with the config's per-expert weights; uniform by default).
 
+The readable whole-tensor version is :func:`.reference.model_stock`.
+
 Guards: k = 1 gives t = 1 (the expert itself; no pair to measure). A pair with a zero task
 vector has cosine 0. ``cos`` is clamped to [0, 1], so ``t`` is in [0, 1] (the paper's regime;
 a negative mean cosine means no shared direction and gives ``theta_0``; mergekit does not clamp,
@@ -14,15 +16,15 @@ and its ``t`` has a pole at ``cos = -1/(k-1)``).
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
-from guardmerge.methods.registry import METHODS, MethodParams, TensorContext
+from guardmerge.methods import params as shared
+from guardmerge.methods.registry import METHODS, MethodParams, MethodSpec, TensorContext
 
 _CHUNK = 1 << 20
 
 
 class ModelStockParams(MethodParams):
-    scaling: float = Field(1.0, description="lambda, a coefficient on the merged task vector (1 = the paper)")
+    scaling: float = shared.scaling(1.0, description="lambda, a coefficient on the merged task vector (1 = the paper)")
 
 
 def mean_pairwise_cosine(deltas: torch.Tensor) -> torch.Tensor:
@@ -53,12 +55,6 @@ def interpolation_ratio(cos: torch.Tensor | float, k: int) -> float:
     return k * c / ((k - 1) * c + 1.0)
 
 
-@METHODS.method(
-    "model_stock",
-    ModelStockParams,
-    "Model Stock: per tensor, t from the mean pairwise cosine of the task vectors; theta_0 + t * mean_i tau_i.",
-    reference="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models",
-)
 def model_stock(
     deltas: torch.Tensor, weights: torch.Tensor, params: ModelStockParams, ctx: TensorContext
 ) -> torch.Tensor:
@@ -70,3 +66,16 @@ def model_stock(
     t = interpolation_ratio(mean_pairwise_cosine(deltas) if k > 1 else 1.0, k)
     mean = torch.tensordot(weights.to(deltas.dtype), deltas, dims=1)  # no [N, *shape] temporary
     return (params.scaling * t / total) * mean
+
+
+METHODS.register(
+    MethodSpec(
+        name="model_stock",
+        fn=model_stock,
+        params=ModelStockParams,
+        summary="Model Stock: per tensor, t from the mean pairwise cosine of the task vectors; "
+        "theta_0 + t * mean_i tau_i.",
+        needs=frozenset(),
+        reference="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models",
+    )
+)

@@ -16,7 +16,9 @@ the default as in the paper, or each tensor for ``scope: per_tensor``), with N e
    ``e_i`` are the config's per-expert weights (default 1, the paper): they act as PCB+ES's
    per-expert coefficients ``lambda_i``.
 
-Quantiles follow the authors' ``sort``-based convention (see :mod:`.selection`): the
+The readable whole-tensor version is :func:`.reference.pcb`.
+
+Quantiles follow the authors' ``sort``-based convention (see :mod:`.fast.selection`): the
 ``q``-quantile of d values is ``sorted[floor(d * q)]``, the upper clip ``sorted[floor(d * (1 - q))
 - 1]``. Guards: a MinMax over a constant set is 0; ``max beta == b_lo`` gives every weight 0
 (the reference code divides 0 by 0 there); so constant or zero task vectors merge to 0, never NaN.
@@ -39,14 +41,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from guardmerge.methods.registry import (
-    METHODS,
-    MethodParams,
-    StreamFactory,
-    TensorContext,
-    searchable,
-)
-from guardmerge.methods.selection import (
+from guardmerge.methods import params as shared
+from guardmerge.methods.fast.selection import (
     RadixSelector,
     as_rows,
     check_finite,
@@ -55,26 +51,19 @@ from guardmerge.methods.selection import (
     quantile_rank,
     upper_clip_rank,
 )
+from guardmerge.methods.params import Scope
+from guardmerge.methods.registry import METHODS, MethodParams, MethodSpec, StreamFactory, TensorContext
 
-Scope = Literal["global", "per_tensor"]
 Inter = Literal["tanh", "softmax"]
 _EPS = 1e-12
 
 
 class PcbParams(MethodParams):
-    density: float = Field(
-        0.1,
-        gt=0,
-        le=1,
-        description="r, fraction of each expert's balanced scores kept",
-        json_schema_extra=searchable(0.02, 0.5),
+    density: float = shared.density(
+        0.1, description="r, fraction of each expert's balanced scores kept", search=(0.02, 0.5)
     )
-    scaling: float = Field(
-        1.0,
-        description="lambda, the coefficient on the merged task vector",
-        json_schema_extra=searchable(0.5, 2.5),
-    )
-    scope: Scope = Field(
+    scaling: float = shared.scaling(1.0, search=(0.5, 2.5))
+    scope: Scope = shared.scope(
         "global",
         description="quantiles over each expert's whole task vector ('global', the paper) "
         "or within each tensor ('per_tensor')",
@@ -298,14 +287,6 @@ def prepare_pcb(params: PcbParams, stream: StreamFactory) -> dict[str, torch.Ten
 # ------------------------------------------------------------------------------- the method
 
 
-@METHODS.method(
-    "pcb",
-    PcbParams,
-    "PCB-merging: clip outliers, weight entries by intra- and inter-task balance, keep the top "
-    "density fraction of scores per expert, weighted mean; theta_0 + scaling * tau_m.",
-    prepare=prepare_pcb,
-    reference="Du et al. 2024, Parameter Competition Balancing for Model Merging (PCB-merging)",
-)
 def pcb(deltas: torch.Tensor, weights: torch.Tensor, params: PcbParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * tau_m`` (see the module doc).
 
@@ -326,3 +307,17 @@ def pcb(deltas: torch.Tensor, weights: torch.Tensor, params: PcbParams, ctx: Ten
         merged = aggregate(clipped(chunk, stats.clip_lo, stats.clip_hi), w, weights)
         out[start : start + chunk.shape[1]] = merged
     return (params.scaling * out).view(deltas.shape[1:]).to(deltas.dtype)
+
+
+METHODS.register(
+    MethodSpec(
+        name="pcb",
+        fn=pcb,
+        params=PcbParams,
+        summary="PCB-merging: clip outliers, weight entries by intra- and inter-task balance, keep the top "
+        "density fraction of scores per expert, weighted mean; theta_0 + scaling * tau_m.",
+        needs=frozenset(),
+        prepare=prepare_pcb,
+        reference="Du et al. 2024, Parameter Competition Balancing for Model Merging (PCB-merging)",
+    )
+)

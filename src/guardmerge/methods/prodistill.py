@@ -35,12 +35,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from guardmerge.methods import params as shared
 from guardmerge.methods.basic import weighted_sum
 from guardmerge.methods.registry import (
     METHODS,
     BlockProblem,
     LayerwiseSpec,
     MethodParams,
+    MethodSpec,
     TensorContext,
     searchable,
 )
@@ -56,12 +58,12 @@ class ProDistillParams(MethodParams):
     granularity: Literal["element", "tensor"] = Field(
         "element", description="one coefficient per element of each task vector, or one per task and tensor"
     )
-    lr: float = Field(0.01, gt=0.0, description="Adam learning rate", json_schema_extra=searchable(1e-3, 0.1, log=True))
+    lr: float = shared.lr(0.01, search=(1e-3, 0.1))
     epochs: int = Field(50, ge=1, description="passes over every task's texts per block")
     seed: int = Field(0, description="seed of the batch order")
-    texts: int = Field(64, ge=2, description="unlabelled texts per task run through the models")
-    max_length: int = Field(128, ge=8, description="tokens per text")
-    batch_size: int = Field(16, ge=1, description="texts per step (one task per batch, as the paper)")
+    texts: int = shared.texts(64)
+    max_length: int = shared.max_length()
+    batch_size: int = shared.batch_size(16, description="texts per step (one task per batch, as the paper)")
 
 
 def coefficient_merge(
@@ -134,12 +136,16 @@ def prodistill_start(
     return weighted_sum(deltas, params.init_scaling * weights)
 
 
-METHODS.method(
-    "prodistill",
-    ProDistillParams,
-    "ProDistill: element-wise (or per-tensor) merge coefficients of the task vectors fitted block by block with "
-    "Adam, so each merged block on merged inputs reproduces each expert's block on its own inputs; trains "
-    "coefficients only. Needs: data.",
-    layerwise=LayerwiseSpec(fit=distill_block),
-    reference="ProDistill, arXiv 2502.12706",
-)(prodistill_start)
+METHODS.register(
+    MethodSpec(
+        name="prodistill",
+        fn=prodistill_start,
+        params=ProDistillParams,
+        summary="ProDistill: element-wise (or per-tensor) merge coefficients of the task vectors fitted block by "
+        "block with Adam, so each merged block on merged inputs reproduces each expert's block on its own inputs; "
+        "trains coefficients only. Needs: data.",
+        needs=frozenset(),
+        layerwise=LayerwiseSpec(fit=distill_block),
+        reference="ProDistill, arXiv 2502.12706",
+    )
+)

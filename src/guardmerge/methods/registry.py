@@ -19,8 +19,9 @@ returns a fresh iterator over ``(TensorContext, deltas)`` for every tensor in th
 one tensor at a time, so a hook can make several exact passes without ever holding a whole
 model. Its result (a dict of tensors) reaches every later call as ``ctx.globals``.
 
-The CLI, config validation and docs all read :data:`METHODS`; there are no if/elif chains over
-method names anywhere else.
+Every method module registers each of its methods once, with
+``METHODS.register(MethodSpec(...))``. The CLI, config validation and docs all read
+:data:`METHODS`; there are no if/elif chains over method names anywhere else.
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ class MethodSpec(Generic[P]):
         fn: the pure tensor function (see module docstring).
         params: the pydantic parameter schema.
         summary: one line for ``guardmerge methods`` and the docs.
-        needs: statistics the method requires per expert (``{"gram"}``, ``{"fisher"}``).
+        needs: statistics the method requires per expert (``{"gram"}``, ``{"fisher"}``; an empty
+            set for a data-free method): always given, never inferred.
         prepare: optional whole-model pre-pass (global thresholds).
         sparsify: optional drop applied to every expert's task vectors before anything else
             (DARE for ``dare_regmean``): the engine merges the sparsified experts and the
@@ -248,7 +250,7 @@ class MethodSpec(Generic[P]):
     fn: MergeFn[P]
     params: type[P]
     summary: str
-    needs: frozenset[str] = frozenset()
+    needs: frozenset[str]
     prepare: PrepareFn[P] | None = None
     sparsify: SparsifyFn[P] | None = None
     layerwise: LayerwiseSpec[P] | None = None
@@ -308,57 +310,12 @@ class Registry:
         self._specs: dict[str, MethodSpec[Any]] = {}
 
     def register(self, spec: MethodSpec[Any]) -> MethodSpec[Any]:
+        """Add ``spec`` under its name: the one way a method is registered (every field of the
+        spec, ``needs`` included, given where the method is defined)."""
         if spec.name in self._specs:
             raise ValueError(f"method '{spec.name}' is registered twice")
         self._specs[spec.name] = spec
         return spec
-
-    def method(
-        self,
-        name: str,
-        params: type[P],
-        summary: str,
-        *,
-        needs: frozenset[str] = frozenset(),
-        prepare: PrepareFn[P] | None = None,
-        sparsify: SparsifyFn[P] | None = None,
-        layerwise: LayerwiseSpec[P] | None = None,
-        reference: str = "",
-    ) -> Callable[[MergeFn[P]], MergeFn[P]]:
-        """Decorator form of :meth:`register`."""
-
-        def deco(fn: MergeFn[P]) -> MergeFn[P]:
-            self.register(
-                MethodSpec(
-                    name=name,
-                    fn=fn,
-                    params=params,
-                    summary=summary,
-                    needs=needs,
-                    prepare=prepare,
-                    sparsify=sparsify,
-                    layerwise=layerwise,
-                    reference=reference,
-                )
-            )
-            return fn
-
-        return deco
-
-    def register_like(
-        self,
-        name: str,
-        fn: MergeFn[P],
-        params: type[P],
-        summary: str,
-        **options: Any,
-    ) -> MethodSpec[Any]:
-        """Register ``fn`` again under ``name`` with another schema (a composed variant),
-        inheriting the statistics it needs from its first registration."""
-        needs = next((s.needs for s in self._specs.values() if s.fn is fn), frozenset())
-        return self.register(
-            MethodSpec(name=name, fn=fn, params=params, summary=summary, needs=options.pop("needs", needs), **options)
-        )
 
     def get(self, name: str) -> MethodSpec[Any]:
         try:

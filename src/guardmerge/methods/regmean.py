@@ -11,7 +11,8 @@ Gram ``X_i^T X_i / n_i`` (``[in, in]``), RegMean minimises ``sum_i w_i ||X_i W -
 The system is **solved** (Cholesky, float64), never inverted; if it is numerically singular
 (fewer rows than features, e.g. a pooler Gram from a few hundred examples) a ridge
 ``ridge * mean(diag) * I`` is added, and only then. Tensors without a Gram (biases, LayerNorm,
-embeddings) get the weighted plain average of the task vectors.
+embeddings) get the weighted plain average of the task vectors. The readable version (a regular
+system assumed) is :func:`.reference.regmean`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from pydantic import Field
 
 from guardmerge.errors import StatisticsError
+from guardmerge.methods import params as shared
 from guardmerge.methods.basic import weighted_sum
-from guardmerge.methods.registry import METHODS, MethodParams, TensorContext, searchable
+from guardmerge.methods.registry import METHODS, MethodParams, MethodSpec, TensorContext
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,9 @@ SINGULAR_RCOND = 1e-12
 
 
 class RegMeanParams(MethodParams):
-    alpha: float = Field(
-        1.0,
-        ge=0.0,
-        le=1.0,
-        description="off-diagonal shrink of each Gram: G~ = alpha*G + (1-alpha)*diag(G); "
-        "1 = exact RegMean, 0 = per-input-feature weighted mean (typical 0.1-0.95)",
-        json_schema_extra=searchable(0.0, 1.0),
-    )
-    ridge: float = Field(
-        1e-6,
-        ge=0.0,
-        description="fallback ridge, used only when the summed Gram is numerically singular: "
-        "adds ridge * mean(diag) * I before solving",
-    )
-    scaling: float = Field(1.0, description="lambda, the coefficient on the merged task vector")
+    alpha: float = shared.alpha(search=(0.0, 1.0))
+    ridge: float = shared.ridge()
+    scaling: float = shared.scaling(1.0)
 
 
 def weighted_mean(deltas: torch.Tensor, weights: torch.Tensor, name: str = "") -> torch.Tensor:
@@ -150,13 +139,6 @@ def regmean_merge(
     return solve_right(a, b, ridge, name)
 
 
-@METHODS.method(
-    "regmean",
-    RegMeanParams,
-    "RegMean: closed-form merge of each Linear weight from the Grams of its inputs; plain average elsewhere.",
-    needs=frozenset({"gram"}),
-    reference="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models",
-)
 def regmean(deltas: torch.Tensor, weights: torch.Tensor, params: RegMeanParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: RegMean where ``ctx.stats["gram"]`` (``[N, in, in]``) is
     given for a 2-D weight, the weighted plain average otherwise; times ``scaling``."""
@@ -165,3 +147,16 @@ def regmean(deltas: torch.Tensor, weights: torch.Tensor, params: RegMeanParams, 
         return params.scaling * weighted_mean(deltas, weights, ctx.name)
     merged = regmean_merge(deltas, grams, weights, alpha=params.alpha, ridge=params.ridge, name=ctx.name)
     return (params.scaling * merged).to(device=deltas.device, dtype=deltas.dtype)
+
+
+SPEC = METHODS.register(
+    MethodSpec(
+        name="regmean",
+        fn=regmean,
+        params=RegMeanParams,
+        summary="RegMean: closed-form merge of each Linear weight from the Grams of its inputs; "
+        "plain average elsewhere.",
+        needs=frozenset({"gram"}),
+        reference="Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models",
+    )
+)

@@ -34,7 +34,8 @@ the same loss and init, 300 iterations, lr 2e-5 in the RoBERTa experiments).
 
 Every other tensor (biases, LayerNorm, embeddings, heads in ``hm3`` mode) gets task arithmetic
 at the anchor, ``scaling * A``. (FusionBench averages those tensors instead, i.e.
-``anchor_scaling = 1/N``.) The returned task vector is ``scaling * tau``.
+``anchor_scaling = 1/N``.) The returned task vector is ``scaling * tau``. The readable closed form
+is :func:`.reference.wudi`.
 """
 
 from __future__ import annotations
@@ -45,26 +46,20 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from guardmerge.methods import params as shared
 from guardmerge.methods.basic import weighted_sum
-from guardmerge.methods.registry import (
-    METHODS,
-    MethodParams,
-    Role,
-    TensorContext,
-    searchable,
-)
+from guardmerge.methods.registry import METHODS, MethodParams, MethodSpec, Role, TensorContext, searchable
 from guardmerge.methods.regmean import solve_right
 
 log = logging.getLogger(__name__)
 
 
 class WudiParams(MethodParams):
-    rho: float = Field(
+    rho: float = shared.rho(
         3.0,
-        ge=0.0,
         description="pull toward the task-arithmetic anchor, in units of mean(diag(sum_i G_i)); "
         "0 = the paper's exact objective",
-        json_schema_extra=searchable(0.0, 10.0),
+        search=(0.0, 10.0),
     )
     anchor_scaling: float = Field(
         0.5,
@@ -72,16 +67,10 @@ class WudiParams(MethodParams):
         "arithmetic); also what every non-Linear tensor gets",
         json_schema_extra=searchable(0.1, 1.5),
     )
-    scaling: float = Field(
-        1.0,
-        description="lambda, the coefficient on the merged task vector",
-        json_schema_extra=searchable(0.5, 1.5),
-    )
-    ridge: float = Field(
-        1e-6,
-        ge=0.0,
+    scaling: float = shared.scaling(1.0, search=(0.5, 1.5))
+    ridge: float = shared.ridge(
         description="fallback ridge (closed form), used only when the system is numerically "
-        "singular: adds ridge * mean(diag) * I before solving",
+        "singular: adds ridge * mean(diag) * I before solving"
     )
     solver: Literal["closed_form", "adam"] = Field(
         "closed_form",
@@ -89,7 +78,7 @@ class WudiParams(MethodParams):
         "paper's procedure (Adam from sum_i w_i tau_i, float32), a parity option",
     )
     steps: int = Field(300, ge=0, description="Adam steps (solver adam only)")
-    lr: float = Field(1e-5, gt=0.0, description="Adam learning rate (solver adam only)")
+    lr: float = shared.lr(1e-5, detail=" (solver adam only)")
 
 
 def _active_terms(deltas: torch.Tensor, weights: torch.Tensor) -> list[tuple[torch.Tensor, float, float]]:
@@ -236,14 +225,6 @@ def wudi_adam(
         return tau.detach()
 
 
-@METHODS.method(
-    "wudi",
-    WudiParams,
-    "WUDI: data-free least squares on each Linear weight against the task vectors' own row "
-    "spaces, pulled toward task arithmetic (rho); task arithmetic elsewhere.",
-    reference="Cheng et al. 2025, Whoever Started the Interference Should End It: Guiding "
-    "Data-Free Model Merging via Task Vectors (arXiv 2503.08099)",
-)
 def wudi(deltas: torch.Tensor, weights: torch.Tensor, params: WudiParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: ``scaling * tau`` (WUDI) for a Linear weight
     (``ctx.role`` LINEAR_WEIGHT, ``[N, out, in]``), ``scaling * anchor_scaling * sum_i w_i tau_i``
@@ -259,3 +240,17 @@ def wudi(deltas: torch.Tensor, weights: torch.Tensor, params: WudiParams, ctx: T
             deltas, weights, rho=params.rho, anchor_scaling=params.anchor_scaling, ridge=params.ridge, name=ctx.name
         )
     return (params.scaling * tau).to(device=deltas.device, dtype=deltas.dtype)
+
+
+METHODS.register(
+    MethodSpec(
+        name="wudi",
+        fn=wudi,
+        params=WudiParams,
+        summary="WUDI: data-free least squares on each Linear weight against the task vectors' own row "
+        "spaces, pulled toward task arithmetic (rho); task arithmetic elsewhere.",
+        needs=frozenset(),
+        reference="Cheng et al. 2025, Whoever Started the Interference Should End It: Guiding "
+        "Data-Free Model Merging via Task Vectors (arXiv 2503.08099)",
+    )
+)

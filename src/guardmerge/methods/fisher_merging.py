@@ -8,7 +8,8 @@ which, since the weights sum to one per coordinate, is in task-vector form
 ``delta[p] = sum_i w_i (F_i[p] + eps) tau_i[p] / sum_i w_i (F_i[p] + eps)`` (times ``scaling``).
 With ``normalize`` each expert's Fisher is first divided by its L2 norm over the whole model
 (computed once by the method's ``prepare`` pass), so an expert with larger gradients overall does
-not dominate. Tensors without a Fisher get the weighted plain average.
+not dominate. Tensors without a Fisher get the weighted plain average. The readable version is
+:func:`.reference.fisher`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,8 @@ import torch
 from pydantic import Field
 
 from guardmerge.errors import StatisticsError
-from guardmerge.methods.registry import (
-    METHODS,
-    MethodParams,
-    StreamFactory,
-    TensorContext,
-    searchable,
-)
+from guardmerge.methods import params as shared
+from guardmerge.methods.registry import METHODS, MethodParams, MethodSpec, StreamFactory, TensorContext
 from guardmerge.methods.regmean import weighted_mean
 
 log = logging.getLogger(__name__)
@@ -40,11 +36,7 @@ class FisherParams(MethodParams):
         False,
         description="divide each expert's Fisher by its L2 norm over all tensors before merging",
     )
-    scaling: float = Field(
-        1.0,
-        description="lambda, the coefficient on the merged task vector",
-        json_schema_extra=searchable(0.5, 2.0),
-    )
+    scaling: float = shared.scaling(1.0, search=(0.5, 2.0))
 
 
 def fisher_norms(params: FisherParams, stream: StreamFactory) -> dict[str, torch.Tensor]:
@@ -110,14 +102,6 @@ def fisher_merge(
     return merged
 
 
-@METHODS.method(
-    "fisher",
-    FisherParams,
-    "Fisher merging: per-parameter average weighted by each expert's diagonal Fisher.",
-    needs=frozenset({"fisher"}),
-    prepare=fisher_norms,
-    reference="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging",
-)
 def fisher(deltas: torch.Tensor, weights: torch.Tensor, params: FisherParams, ctx: TensorContext) -> torch.Tensor:
     """``[N, *shape]`` -> ``[*shape]``: Fisher-weighted average using ``ctx.stats["fisher"]``
     (``[N, *shape]``), the weighted plain average where none is given; times ``scaling``."""
@@ -134,3 +118,16 @@ def fisher(deltas: torch.Tensor, weights: torch.Tensor, params: FisherParams, ct
             )
     merged = fisher_merge(deltas, f, weights, eps=params.eps, norms=norms, name=ctx.name)
     return (params.scaling * merged).to(dtype=deltas.dtype)
+
+
+SPEC = METHODS.register(
+    MethodSpec(
+        name="fisher",
+        fn=fisher,
+        params=FisherParams,
+        summary="Fisher merging: per-parameter average weighted by each expert's diagonal Fisher.",
+        needs=frozenset({"fisher"}),
+        prepare=fisher_norms,
+        reference="Matena & Raffel 2022, Merging Models with Fisher-Weighted Averaging",
+    )
+)

@@ -1,21 +1,47 @@
-"""Magnitude trim, breadcrumbs window and DARE on small hand-checked tensors."""
+"""The chunked magnitude trim, breadcrumbs window and DARE: hand-checked tensors, chunking, and
+the whole-tensor reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from guardmerge.methods.registry import Role, TensorContext
-from guardmerge.methods.sparsify import (
+from guardmerge.methods import reference
+from guardmerge.methods.fast.selection import TopKCut, as_rows, topk_mask
+from guardmerge.methods.fast.sparsify import (
+    ChunkDare,
+    RescaleBy,
+    apply_chunks,
     breadcrumbs_counts,
     breadcrumbs_cuts,
-    cut_mask,
-    dare,
+    chunk_trim,
+    chunk_window,
     expert_generators,
     kept_count,
     magnitude_cut,
-    window_mask,
 )
+from guardmerge.methods.registry import Role, TensorContext
+
+
+def cut_mask(deltas: torch.Tensor, cut: TopKCut, name: str = "") -> torch.Tensor:
+    """Bool ``[N, *shape]``: the entries of ``|deltas|`` that ``cut`` keeps (the whole tensor at once)."""
+    return topk_mask(as_rows(deltas), cut.threshold, cut.quota_for(name), absolute=True).view(deltas.shape)
+
+
+def window_mask(deltas: torch.Tensor, outer: TopKCut, inner: TopKCut) -> torch.Tensor:
+    """Bool ``[N, *shape]``: kept by ``inner`` (top ``n_top + n_keep``), not by ``outer``."""
+    return cut_mask(deltas, inner) & ~cut_mask(deltas, outer)
+
+
+def dare(
+    deltas: torch.Tensor,
+    density: float,
+    generator: torch.Generator,
+    rescale: bool = True,
+    rescale_by: RescaleBy = "density",
+) -> torch.Tensor:
+    """The chunked DARE over a whole tensor ``[N, *shape]``."""
+    return apply_chunks(deltas, ChunkDare(deltas, density, generator, rescale, rescale_by))
 
 
 def test_magnitude_trim_golden() -> None:
@@ -88,7 +114,7 @@ def test_dare_golden_given_the_draws() -> None:
 def test_dare_draws_do_not_depend_on_chunking_or_later_experts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import guardmerge.methods.selection as selection
+    import guardmerge.methods.fast.selection as selection
 
     tau = torch.randn(3, 50)
     whole = dare(tau, 0.4, ctx().generator(3))
@@ -103,6 +129,24 @@ def test_dare_deterministic_per_seed_and_name() -> None:
     assert torch.equal(a, dare(tau, 0.5, ctx().generator(1)))
     assert not torch.equal(a, dare(tau, 0.5, ctx().generator(2)))
     assert not torch.equal(a, dare(tau, 0.5, ctx("pooler.dense.weight").generator(1)))
+
+
+def test_chunked_steps_equal_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    import guardmerge.methods.fast.selection as selection
+
+    g = torch.Generator().manual_seed(8)
+    tau = torch.round(torch.randn(3, 6, 50, generator=g) * 8) / 8  # many ties at every cut
+    monkeypatch.setattr(selection, "CHUNK_ELEMENTS", 3 * 7)  # ragged chunks of 7 columns
+    for density in (0.1, 0.37, 1.0):
+        trimmed = apply_chunks(tau, chunk_trim(magnitude_cut(tau, density)))
+        assert torch.equal(trimmed, reference.trim(tau, density))
+        crumbs = apply_chunks(tau, chunk_window(*breadcrumbs_cuts(tau, density, 0.05)))
+        assert torch.equal(crumbs, tau * reference.breadcrumbs_mask(tau, density, 0.05))
+    for rescale_by in ("density", "l1"):
+        ours = dare(tau, 0.3, ctx().generator(4), rescale_by=rescale_by)  # type: ignore[arg-type]
+        theirs = reference.dare(tau, 0.3, ctx().generator(4), rescale_by=rescale_by)  # type: ignore[arg-type]
+        assert torch.equal(ours != 0, theirs != 0)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
 
 
 def test_dare_density_one_is_identity() -> None:
@@ -130,7 +174,7 @@ def test_dare_l1_rescale_keeps_each_experts_l1_norm() -> None:
 
 
 def test_parallel_dare_draws_equal_the_serial_draws(monkeypatch: pytest.MonkeyPatch) -> None:
-    import guardmerge.methods.sparsify as sparsify
+    import guardmerge.methods.fast.sparsify as sparsify
 
     def draws() -> torch.Tensor:
         gens = sparsify.expert_generators(torch.Generator().manual_seed(3), 3)

@@ -1,4 +1,4 @@
-"""Fisher merging: invariants and the optional global normalisation (prepare pass)."""
+"""Fisher merging: invariants, the whole-tensor reference, the optional global normalisation (prepare pass)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from guardmerge.errors import StatisticsError
-from guardmerge.methods import METHODS, Role, TensorContext
+from guardmerge.methods import METHODS, Role, TensorContext, reference
 
 
 def run(
@@ -99,3 +99,11 @@ def test_normalize_makes_each_expert_scale_free() -> None:
     assert not torch.allclose(run(d, [1.0, 1.0], f, eps=0.0), run(d, [1.0, 1.0], scaled[0][1], eps=0.0))
     with pytest.raises(StatisticsError, match="prepare"):
         run(d, [1.0, 1.0], f, normalize=True)
+
+
+def test_equals_the_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+    deltas = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    fisher = torch.rand(3, 4, 5, generator=gen, dtype=torch.float64)
+    want = reference.fisher(deltas, fisher, torch.tensor([1.0, 0.5, 2.0]), eps=1e-3)
+    torch.testing.assert_close(run(deltas, [1.0, 0.5, 2.0], fisher, eps=1e-3), want)

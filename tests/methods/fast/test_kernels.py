@@ -1,4 +1,5 @@
-"""The fused numba kernels (methods/kernels.py) give bit for bit what the torch reference gives."""
+"""The fused numba kernels (methods/fast/kernels.py) give bit for bit what the chunked torch code and the
+whole-tensor reference give."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from guardmerge.methods import METHODS, kernels
+from guardmerge.methods import METHODS, reference
+from guardmerge.methods.fast import kernels
+from guardmerge.methods.fast.selection import ALL_TIES, kth_smallest, tie_cutoffs
 from guardmerge.methods.registry import Role, TensorContext
-from guardmerge.methods.selection import ALL_TIES, kth_smallest, tie_cutoffs
 
 pytest.importorskip("numba")
 
@@ -23,15 +25,15 @@ def _merge(method: str, deltas: torch.Tensor, weights: torch.Tensor, **raw: Any)
 
 
 def _both(monkeypatch: pytest.MonkeyPatch, fn: Any) -> tuple[Any, Any]:
-    """``fn()`` with the kernels, then with the torch reference."""
+    """``fn()`` with the kernels, then with the chunked torch code."""
     monkeypatch.delenv("GUARDMERGE_KERNELS", raising=False)
     assert kernels.enabled()
     fused = fn()
     monkeypatch.setenv("GUARDMERGE_KERNELS", "torch")
     assert not kernels.enabled()
-    reference = fn()
+    chunked = fn()
     monkeypatch.delenv("GUARDMERGE_KERNELS")
-    return fused, reference
+    return fused, chunked
 
 
 def _task_vectors(cols: int, seed: int = 0) -> torch.Tensor:
@@ -59,50 +61,73 @@ def _task_vectors(cols: int, seed: int = 0) -> torch.Tensor:
     ],
 )
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, 0.5, 0.21]])
-def test_fused_merge_is_bit_identical_to_the_reference(
+def test_fused_merge_is_bit_identical_to_the_chunked_code(
     monkeypatch: pytest.MonkeyPatch, method: str, raw: dict[str, Any], weights: list[float]
 ) -> None:
     deltas = _task_vectors(700)
     w = torch.tensor(weights)
-    fused, reference = _both(monkeypatch, lambda: _merge(method, deltas, w, **raw))
-    assert torch.equal(fused, reference)
+    fused, chunked = _both(monkeypatch, lambda: _merge(method, deltas, w, **raw))
+    assert torch.equal(fused, chunked)
     assert fused.shape == deltas.shape[1:]
 
 
-def test_negative_mass_patches_the_zero_sum_columns_like_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_negative_mass_patches_the_zero_sum_columns_like_the_chunked_code(monkeypatch: pytest.MonkeyPatch) -> None:
     # mostly negative entries (the mass is negative) and a column of +x, -x, 0: its sum is 0,
     # the election falls back to '-', the disjoint mean keeps the -x
     deltas = -torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
     deltas[:, 5, 7] = torch.tensor([0.9, -0.9, 0.0])
-    fused, reference = _both(
-        monkeypatch, lambda: _merge("ties", deltas, torch.ones(3), density=1.0, scope="per_tensor")
-    )
-    assert torch.equal(fused, reference)
+    fused, chunked = _both(monkeypatch, lambda: _merge("ties", deltas, torch.ones(3), density=1.0, scope="per_tensor"))
+    assert torch.equal(fused, chunked)
     assert fused[5, 7].item() == pytest.approx(-0.9)
 
 
 def test_global_scope_uses_the_kernel_with_the_prepared_cut(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.methods.test_ties import merge_model
-
     tensors = {f"layer.{i}.weight": _task_vectors(300, seed=i) for i in range(3)}
-    fused, reference = _both(monkeypatch, lambda: merge_model("ties", tensors, density=0.3))
-    for name in tensors:
-        assert torch.equal(fused[name], reference[name])
+    spec = METHODS.get("ties")
+    params = spec.validate({"density": 0.3})
+    assert spec.prepare is not None
+    found = spec.prepare(params, lambda: ((TensorContext(n, Role.LINEAR_WEIGHT), t) for n, t in tensors.items()))
+
+    def merged() -> list[torch.Tensor]:
+        return [
+            spec.fn(t, torch.ones(3), params, TensorContext(n, Role.LINEAR_WEIGHT, globals=found))
+            for n, t in tensors.items()
+        ]
+
+    fused, chunked = _both(monkeypatch, merged)
+    for got, want in zip(fused, chunked):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("consensus", ["mean", "sum"])
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_fused_ties_and_dare_ties_equal_the_whole_tensor_reference(
+    monkeypatch: pytest.MonkeyPatch, consensus: str, density: float
+) -> None:
+    monkeypatch.delenv("GUARDMERGE_KERNELS", raising=False)
+    deltas, w = _task_vectors(700), torch.tensor([0.3, 0.5, 0.21])
+    got = _merge("ties", deltas, w, density=density, scope="per_tensor", consensus=consensus, scaling=0.7)
+    assert torch.equal(got, reference.ties(deltas, w, density, 0.7, consensus))  # type: ignore[arg-type]
+    got = _merge("dare_ties", deltas, w, density=density, consensus=consensus, rescale_by="l1")
+    dropped = reference.dare(
+        deltas, density, TensorContext(NAME, Role.LINEAR_WEIGHT, seed=3).generator(), rescale_by="l1"
+    )
+    assert torch.equal(got, reference.ties_consensus(dropped, w, consensus))  # type: ignore[arg-type]
 
 
 def test_dare_draws_are_the_same_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     deltas = torch.ones(3, 50, 200)  # every kept entry shows up in the merged sum
-    fused, reference = _both(
+    fused, chunked = _both(
         monkeypatch, lambda: _merge("dare_ties", deltas, torch.ones(3), density=0.3, rescale=False, consensus="sum")
     )
-    assert torch.equal(fused, reference)
+    assert torch.equal(fused, chunked)
     assert 0 < fused.count_nonzero() < fused.numel()
 
 
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("ties", [False, True])
 def test_kth_smallest_through_the_band_kernel(monkeypatch: pytest.MonkeyPatch, absolute: bool, ties: bool) -> None:
-    from guardmerge.methods import selection
+    from guardmerge.methods.fast import selection
 
     monkeypatch.delenv("GUARDMERGE_KERNELS", raising=False)
     g = torch.Generator().manual_seed(7)
@@ -116,14 +141,14 @@ def test_kth_smallest_through_the_band_kernel(monkeypatch: pytest.MonkeyPatch, a
     assert got is not None
     assert torch.equal(got.values, want)
     monkeypatch.setenv("GUARDMERGE_KERNELS", "torch")
-    reference = kth_smallest(rows, ranks, absolute)
-    assert torch.equal(got.values, reference.values)
-    assert torch.equal(got.n_below, reference.n_below)
-    assert torch.equal(got.n_equal, reference.n_equal)
+    chunked = kth_smallest(rows, ranks, absolute)
+    assert torch.equal(got.values, chunked.values)
+    assert torch.equal(got.n_below, chunked.n_below)
+    assert torch.equal(got.n_equal, chunked.n_equal)
 
 
 def test_band_overflow_returns_none_and_selection_stays_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    from guardmerge.methods import selection
+    from guardmerge.methods.fast import selection
 
     monkeypatch.delenv("GUARDMERGE_KERNELS", raising=False)
     row = torch.randn(200_000, generator=torch.Generator().manual_seed(2))
@@ -233,17 +258,17 @@ def kernel_threads(monkeypatch: pytest.MonkeyPatch) -> Any:
         ("dare_ties", {"density": 0.4, "rescale_by": "l1", "scaling": 1.3}),
     ],
 )
-def test_threaded_split_is_bit_identical_to_one_thread_and_the_reference(
+def test_threaded_split_is_bit_identical_to_one_thread_and_the_chunked_code(
     monkeypatch: pytest.MonkeyPatch, kernel_threads: list[int], method: str, raw: dict[str, Any]
 ) -> None:
     deltas = _task_vectors(5000, seed=5)  # 200,000 columns: three spans of >= 65,536 on four threads
     assert len(kernels._spans(deltas[0].numel())) == 3
     w = torch.tensor([0.3, 0.5, 0.21])
-    fused, reference = _both(monkeypatch, lambda: _merge(method, deltas, w, **raw))
+    fused, chunked = _both(monkeypatch, lambda: _merge(method, deltas, w, **raw))
     assert max(kernel_threads) >= 3  # the column spans really ran as separate parts
     torch.set_num_threads(1)
     single = _merge(method, deltas, w, **raw)
-    assert torch.equal(fused, reference)
+    assert torch.equal(fused, chunked)
     assert torch.equal(fused, single)
 
 

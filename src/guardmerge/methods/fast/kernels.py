@@ -1,10 +1,10 @@
 """Optional fused CPU kernels for the hottest per-tensor loops (numba, ``pip install
 guardmerge[fast]``).
 
-The torch code in :mod:`.consensus`, :mod:`.sparsify` and :mod:`.selection` is the reference:
-it walks each tensor in column chunks and makes about ten passes over ``[N, w]`` per chunk. The
-kernels here make one, with the same float32 operations in the same order, so their results are
-bit-identical to the reference (``tests/methods/test_kernels.py`` checks it); the one exception,
+The chunked torch code in :mod:`.consensus`, :mod:`.sparsify` and :mod:`.selection` walks each
+tensor in column chunks and makes about ten passes over ``[N, w]`` per chunk. The kernels here
+make one, with the same float32 operations in the same order, so their results are bit-identical
+to the chunked torch code (``tests/methods/fast/test_kernels.py`` checks it); the one exception,
 DARE's L1 norms, are float64 sums that agree to float64 rounding. They cover:
 
 - TIES election + disjoint merge after a magnitude trim or a DARE drop (:func:`consensus`);
@@ -14,7 +14,7 @@ DARE's L1 norms, are float64 sums that agree to float64 rounding. They cover:
 - DARE's random keep masks from torch's own generator stream (:func:`draw_keep`).
 
 Without numba, or with ``GUARDMERGE_KERNELS=torch`` in the environment, everything runs the
-torch reference. numba compiles the kernels on first use and caches them on disk, so the first
+chunked torch code. numba compiles the kernels on first use and caches them on disk, so the first
 merge after an install is a few seconds slower.
 """
 
@@ -58,9 +58,9 @@ def _numba_installed() -> bool:
 
 @functools.cache
 def _compiled() -> ModuleType:
-    from guardmerge.methods import _fused
+    from guardmerge.methods.fast import fused
 
-    return _fused
+    return fused
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guardmerge.errors import CheckpointError
-from guardmerge.methods.selection import (
+from guardmerge.methods.fast.selection import (
     ALL_TIES,
     EmptyStreamError,
     TopKCut,
@@ -175,7 +175,7 @@ def _same(a, b) -> None:
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_large_inputs_use_the_sampled_bracket_with_the_same_answer(monkeypatch: pytest.MonkeyPatch, ties: bool) -> None:
-    import guardmerge.methods.selection as selection
+    import guardmerge.methods.fast.selection as selection
 
     g = torch.Generator().manual_seed(5)
     rows = torch.randn(3, 5000, generator=g)
@@ -196,7 +196,7 @@ def test_large_inputs_use_the_sampled_bracket_with_the_same_answer(monkeypatch: 
 
 
 def test_radix_fallback_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    import guardmerge.methods.selection as selection
+    import guardmerge.methods.fast.selection as selection
 
     g = torch.Generator().manual_seed(5)
     rows = torch.randn(3, 500, generator=g)
@@ -210,7 +210,7 @@ def test_radix_fallback_gives_the_same_answer(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_masks_over_chunks_split_ties_in_flat_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    import guardmerge.methods.selection as selection
+    import guardmerge.methods.fast.selection as selection
 
     rows = torch.tensor([[2.0, 1.0, 2.0, 2.0, 0.5, 2.0, 2.0]])
     cut = topk_cut(rows, 4)  # threshold 2, quota 4 of the five 2s

@@ -1,6 +1,6 @@
 """numba-compiled loops behind :mod:`.kernels` (imported only when numba is installed).
 
-Each function does in one pass what the torch reference does in several, with the same float32
+Each function does in one pass what the chunked torch code does in several, with the same float32
 operations in the same order, so the results are bit-identical (except :func:`l1_norms`, whose
 float64 sums the compiler may reorder to vectorise). The per-column kernels work on a range
 ``[c0, c1)`` of float32 rows ``[N, d]``, in blocks of :data:`BLOCK` columns (everything a block

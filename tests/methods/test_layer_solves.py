@@ -7,7 +7,7 @@ import torch
 
 from guardmerge.errors import ConfigError
 from guardmerge.methods import METHODS, LinearSystem
-from guardmerge.methods.layerwise import LayerwiseParams, lot_solve, regmean_pp_solve
+from guardmerge.methods.layer_solves import LayerwiseParams, lot_solve, regmean_pp_solve
 from guardmerge.methods.regmean import regmean_merge
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from guardmerge.errors import CheckpointError
-from guardmerge.methods import kernels
+from guardmerge.methods.fast import kernels
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _bracketed_kth(rows: torch.Tensor, ranks: Sequence[int], absolute: bool = Fa
             counted = kernels.band(vals[i], lo, hi, absolute, (i_hi - i_lo + 1) * d // m) if fused else None
             if counted is not None:
                 n_lo, band = counted
-            else:  # the reference (also where the kernel's band overflowed, e.g. on heavy ties)
+            else:  # the torch code (also where the kernel's band overflowed, e.g. on heavy ties)
                 row = vals[i].abs() if fused and absolute else vals[i]
                 n_lo = int(torch.count_nonzero(row < lo))  # strictly below the bracket
                 band = row[(row >= lo) & (row <= hi)]

@@ -1,13 +1,16 @@
-"""Sparsification of task vectors: magnitude trim (TIES), random drop (DARE), breadcrumbs.
+"""Sparsification of task vectors over column chunks: magnitude trim (TIES), random drop (DARE),
+breadcrumbs window.
 
-Every function takes the task vectors of one tensor stacked over experts, ``[N, *shape]``, and
-acts on each expert (row) separately. The ``Chunk*`` callables do the same on the tensor's
-column chunks (:func:`~guardmerge.methods.selection.column_chunks`), given in order, so a
-method never holds more than a few chunk-sized temporaries.
+The readable whole-tensor versions are :func:`~guardmerge.methods.reference.trim`,
+:func:`~guardmerge.methods.reference.dare` and :func:`~guardmerge.methods.reference.breadcrumbs_mask`.
+Here every step acts on one tensor's task vectors ``[N, *shape]``, each expert (row) separately,
+through ``Chunk*`` callables that take the tensor's column chunks
+(:func:`~guardmerge.methods.fast.selection.column_chunks`) in order, so a method never holds
+more than a few chunk-sized temporaries.
 
 - Magnitude trim (Yadav et al. 2023, "TIES-Merging"): keep the ``k = floor(density * n)``
   entries of largest ``|tau_i|`` per expert, zero the rest. Exactly ``k`` are kept; ties are
-  broken by the lower flat index (see :class:`~guardmerge.methods.selection.TopKCut`).
+  broken by the lower flat index (see :class:`~guardmerge.methods.fast.selection.TopKCut`).
 - DARE (Yu et al. 2024, "Language Models are Super Mario"): drop each entry with probability
   ``p = 1 - density``, rescale the survivors by ``1 / (1 - p)``.
 - Breadcrumbs (Davari & Belilovsky 2023, "Model Breadcrumbs"): drop the largest ``gamma``
@@ -22,21 +25,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 import torch
 
-from guardmerge.methods import kernels
-from guardmerge.methods.kernels import CutSpec, KeepSpec
-from guardmerge.methods.selection import (
+from guardmerge.methods.fast import kernels
+from guardmerge.methods.fast.kernels import CutSpec, KeepSpec
+from guardmerge.methods.fast.selection import (
     TopKCut,
     as_rows,
     column_chunks,
     floor_fraction,
     tie_cutoffs,
     topk_cut,
-    topk_mask,
 )
+from guardmerge.methods.params import RescaleBy
 
 ChunkFn = Callable[[int, torch.Tensor], torch.Tensor]
 """``(start column, chunk [N, w]) -> sparsified chunk``; chunks must come in column order."""
@@ -72,17 +74,6 @@ def breadcrumbs_cuts(deltas: torch.Tensor, density: float, gamma: float) -> tupl
     rows = as_rows(deltas)
     n_top, n_upto = breadcrumbs_counts(rows.shape[1], density, gamma)
     return topk_cut(rows, n_top, absolute=True), topk_cut(rows, n_upto, absolute=True)
-
-
-def cut_mask(deltas: torch.Tensor, cut: TopKCut, name: str = "") -> torch.Tensor:
-    """Bool ``[N, *shape]``: the entries of ``|deltas|`` that ``cut`` keeps."""
-    q = cut.quota_for(name)
-    return topk_mask(as_rows(deltas), cut.threshold, q, absolute=True).view(deltas.shape)
-
-
-def window_mask(deltas: torch.Tensor, outer: TopKCut, inner: TopKCut, name: str = "") -> torch.Tensor:
-    """Bool ``[N, *shape]``: kept by ``inner`` (top ``n_top + n_keep``), not by ``outer``."""
-    return cut_mask(deltas, inner, name) & ~cut_mask(deltas, outer, name)
 
 
 class ChunkTrim:
@@ -125,7 +116,6 @@ def apply_chunks(deltas: torch.Tensor, fn: ChunkFn) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ DARE
 
-RescaleBy = Literal["density", "l1"]
 _L1_EPS = 1e-7
 _PARALLEL_DRAW = 1 << 18  # values per expert from which the experts' draws run in parallel
 _L1_BLOCK = 1 << 20  # columns per partial sum of the L1 rescale
@@ -225,16 +215,3 @@ class ChunkDare:
         if self.factor is not None:
             out.mul_(self.factor.to(chunk.dtype).unsqueeze(1))
         return out
-
-
-def dare(
-    deltas: torch.Tensor,
-    density: float,
-    generator: torch.Generator,
-    rescale: bool = True,
-    rescale_by: RescaleBy = "density",
-) -> torch.Tensor:
-    """DARE on task vectors ``[N, *shape]`` (see :class:`ChunkDare`); ``density = 1`` is a no-op."""
-    if density >= 1.0:
-        return deltas
-    return apply_chunks(deltas, ChunkDare(deltas, density, generator, rescale, rescale_by))

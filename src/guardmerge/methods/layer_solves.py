@@ -32,15 +32,16 @@ import torch
 from pydantic import Field, model_validator
 
 from guardmerge.errors import ConfigError
+from guardmerge.methods import params as shared
 from guardmerge.methods.registry import (
     METHODS,
     LayerwiseSpec,
     LinearSystem,
     MethodParams,
+    MethodSpec,
     Role,
     StreamFactory,
     TensorContext,
-    searchable,
 )
 from guardmerge.methods.regmean import shrink_grams, solve_right, weighted_mean
 
@@ -54,27 +55,20 @@ class LayerwiseParams(MethodParams):
     anchor_parameters: dict[str, Any] = Field(
         default_factory=dict, description="the anchor method's parameters (its defaults where not given)"
     )
-    rho: float = Field(
+    rho: float = shared.rho(
         0.0,
-        ge=0.0,
         description="pull toward the anchor: adds rho * mean(diag(sum_i G_i)) * ||W - W_anchor||^2; "
         "0 = the plain method",
-        json_schema_extra=searchable(0.0, 3.0),
+        search=(0.0, 3.0),
     )
-    alpha: float = Field(
-        1.0,
-        ge=0.0,
-        le=1.0,
-        description="off-diagonal shrink of each Gram, as RegMean's alpha",
-        json_schema_extra=searchable(0.5, 1.0),
-    )
-    ridge: float = Field(1e-6, ge=0.0, description="fallback ridge * mean(diag) when the system is singular")
+    alpha: float = shared.alpha(description="off-diagonal shrink of each Gram, as RegMean's alpha", search=(0.5, 1.0))
+    ridge: float = shared.ridge(description="fallback ridge * mean(diag) when the system is singular")
     norms: Literal["average", "anchor"] = Field(
         "average", description="LayerNorm weights: the plain average of the experts, or the anchor merge's"
     )
-    texts: int = Field(300, ge=2, description="unlabelled texts per task run through the models")
-    max_length: int = Field(128, ge=8, description="tokens per text")
-    batch_size: int = Field(32, ge=1, description="texts per forward pass")
+    texts: int = shared.texts(300)
+    max_length: int = shared.max_length()
+    batch_size: int = shared.batch_size(32)
 
     @model_validator(mode="after")
     def _check_anchor(self) -> LayerwiseParams:
@@ -190,22 +184,29 @@ _SUMMARY = (
     "on the merged model's own activations"
 )
 
-METHODS.method(
-    "regmean_pp",
-    LayerwiseParams,
-    f"RegMean++: RegMean with each layer's Grams measured on the merged model so far; {_SUMMARY}. Needs: data.",
-    prepare=anchor_prepare,
-    layerwise=LayerwiseSpec(solve=regmean_pp_solve),
-    reference="RegMean++, arXiv 2508.03121",
-)(layerwise_start)
-
-METHODS.register_like(
-    "lot",
-    layerwise_start,
-    LayerwiseParams,
-    f"Cross-target least squares: each layer fitted from the merged model's inputs to the expert's own outputs; "
-    f"{_SUMMARY}. Needs: data.",
-    prepare=anchor_prepare,
-    layerwise=LayerwiseSpec(solve=lot_solve, cross=True, bias=True),
-    reference="LOT Merging, arXiv 2505.23859; PLeaS, arXiv 2407.02447",
+METHODS.register(
+    MethodSpec(
+        name="regmean_pp",
+        fn=layerwise_start,
+        params=LayerwiseParams,
+        summary=f"RegMean++: RegMean with each layer's Grams measured on the merged model so far; {_SUMMARY}. "
+        "Needs: data.",
+        needs=frozenset(),
+        prepare=anchor_prepare,
+        layerwise=LayerwiseSpec(solve=regmean_pp_solve),
+        reference="RegMean++, arXiv 2508.03121",
+    )
+)
+METHODS.register(
+    MethodSpec(
+        name="lot",
+        fn=layerwise_start,
+        params=LayerwiseParams,
+        summary="Cross-target least squares: each layer fitted from the merged model's inputs to the expert's own "
+        f"outputs; {_SUMMARY}. Needs: data.",
+        needs=frozenset(),
+        prepare=anchor_prepare,
+        layerwise=LayerwiseSpec(solve=lot_solve, cross=True, bias=True),
+        reference="LOT Merging, arXiv 2505.23859; PLeaS, arXiv 2407.02447",
+    )
 )
