@@ -25,11 +25,6 @@ from tests.serve.conftest import TASKS  # noqa: E402
 LONG = " ".join(TEXTS)  # longer than the texts the graph was traced with
 
 
-@pytest.fixture(scope="module")
-def onnx_dir(merged: MultiHeadModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(merged, tmp_path_factory.mktemp("onnx") / "fp32")
-
-
 def test_folder_is_self_contained_with_one_graph(onnx_dir: Path, merged: MultiHeadModel) -> None:
     import onnx
 

@@ -29,11 +29,6 @@ SAFE_TEXTS = [t for t in TEXTS if "kill" not in t]
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(merged: MultiHeadModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_onnx(merged, tmp_path_factory.mktemp("onnx") / "fp32")
-
-
-@pytest.fixture(scope="module")
 def int8_dir(merged: MultiHeadModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_onnx(merged, tmp_path_factory.mktemp("onnx") / "int8", quantize="int8")
 

@@ -1,6 +1,7 @@
 """Serve a merged guard model over HTTP (``guardmerge serve``; extra ``guardmerge[serve]``).
 
-``create_app(model_or_backend, settings)`` builds the FastAPI app; ``load_backend(path, kind)``
+``create_app(model_or_backend, settings)`` builds the FastAPI app (:class:`ServeSettings`: its
+limits and flagging, each field declared with its ``guardmerge serve`` flag); ``load_backend(path, kind)``
 opens a model folder with the torch or onnx backend; :func:`flag_score` and
 :func:`is_flagged` are the flag rule; :class:`MicroBatcher` groups concurrent
 requests into shared encoder passes; :class:`RequestGate` checks auth and streams bodies within
@@ -16,10 +17,10 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "API_KEY_ENV": "app",
-    "ServeSettings": "app",
+    "API_KEY_ENV": "settings",
+    "ServeSettings": "settings",
     "create_app": "app",
-    "parse_thresholds": "app",
+    "parse_thresholds": "flags",
     "BACKENDS": "backends",
     "Backend": "backends",
     "OnnxBackend": "backends",
