@@ -43,14 +43,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: zoo, report
 
+from provenance import environment, produced
+
 from guardmerge.config import MergeConfig, parse_config
 from guardmerge.data import TaskData, load_task
 from guardmerge.demo import base_checkpoint, default_data_dir
 from guardmerge.evaluate import evaluate, mean, normalized, to_json_ready
+from guardmerge.merge.align import FeatureCache
+from guardmerge.merge.stages import build, self_merge_config
+from guardmerge.merge.statistics import expert_statistics
 from guardmerge.models.multihead import MultiHeadModel, load_any
-from guardmerge.pipeline import build, expert_statistics, self_merge_config
-from guardmerge.refit import FeatureCache
-from provenance import environment, produced
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -178,7 +180,7 @@ class Bench:
         ``+align`` variant refits the heads on a copy of the solved merge (same result as a
         fresh build, without solving the layers twice)."""
         from guardmerge.merge.job import MergeJob
-        from guardmerge.pipeline import data_stages
+        from guardmerge.merge.stages import data_stages
 
         job = MergeJob.of(cfg)
         stats = None
@@ -196,7 +198,7 @@ class Bench:
         if key not in self.solved:
             while len(self.solved) >= 6:  # a grid's worth of solved merges (~90 MB each for MiniLM)
                 self.solved.pop(next(iter(self.solved)))
-            self.solved[key] = build(plain, progress=False, feature_cache=self.features)
+            self.solved[key] = build(MergeJob.of(plain), progress=False, feature_cache=self.features)
         if job.alignment is None:
             return self.solved[key].to_model()
         solved = self.solved[key]

@@ -305,7 +305,7 @@ def main() -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     out_path = HERE / "results" / "merge_speed.json"
     results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() and not args.small else {}
-    from guardmerge.methods import kernels
+    from guardmerge.methods.fast import kernels
 
     startup = [timed([sys.executable, "-c", "import guardmerge.cli, torch"], env)[0] for _ in range(5)]
     results.update(

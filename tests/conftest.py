@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from guardmerge.merge.job import MergeJob
 from tests.builders import MERGED_TASKS, make_base, make_expert
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; CI and dev machines have 2 cores
@@ -31,7 +32,7 @@ def merged_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     """A tiny merged three-head model saved as a folder (hate, injection, sentiment), shared by
     the serving and integration tests."""
     from guardmerge.config import parse_config
-    from guardmerge.engine import merge
+    from guardmerge.merge.engine import merge
 
     cfg = parse_config(
         {
@@ -45,7 +46,7 @@ def merged_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         }
     )
     out = tmp_path_factory.mktemp("merged") / "merged"
-    merge(cfg, progress=False).to_model().save_pretrained(out)
+    merge(MergeJob.of(cfg), progress=False).to_model().save_pretrained(out)
     return out
 
 

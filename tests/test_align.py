@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from guardmerge.align import (
+from guardmerge.merge.fits import (
     affine_map,
     compose_linear,
     default_ridge,

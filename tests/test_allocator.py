@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 
-from guardmerge.allocator import tune_for_streaming
+from guardmerge.merge.allocator import tune_for_streaming
 
 
 def test_tuning_applies_on_glibc_and_is_a_no_op_elsewhere() -> None:

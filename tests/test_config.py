@@ -18,27 +18,10 @@ def raw(**over: object) -> dict:
     return data
 
 
-def test_valid_config_parses_with_typed_parameters() -> None:
+def test_valid_config_parses() -> None:
     cfg = parse_config(raw())
-    assert cfg.method_params().scaling == 0.5
+    assert cfg.method == "task_arithmetic" and cfg.parameters == {"scaling": 0.5}
     assert [e.weight for e in cfg.experts] == [1.0, 0.5]
-
-
-def test_unknown_method_is_refused_with_known_names() -> None:
-    with pytest.raises(ConfigError, match=r"unknown method 'tiez'.*task_arithmetic"):
-        parse_config(raw(method="tiez"))
-
-
-def test_unknown_parameter_is_refused_with_known_parameters() -> None:
-    with pytest.raises(
-        ConfigError, match=r"invalid parameters for method 'task_arithmetic'.*lambda.*Known parameters: scaling"
-    ):
-        parse_config(raw(parameters={"lambda": 0.5}))
-
-
-def test_wrong_parameter_type_is_refused() -> None:
-    with pytest.raises(ConfigError, match="scaling"):
-        parse_config(raw(parameters={"scaling": "lots"}))
 
 
 def test_duplicate_task_names_are_refused() -> None:
@@ -64,7 +47,7 @@ def test_overrides_and_relative_paths(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text("base_model: some/hub-id\nexperts:\n  - {model: experts/a, task: hate}\nmethod: average\n")
     cfg = load_config(path, ["method=task_arithmetic", "parameters.scaling=0.8", "experts.0.weight=2"])
-    assert cfg.method == "task_arithmetic" and cfg.method_params().scaling == 0.8
+    assert cfg.method == "task_arithmetic" and cfg.parameters["scaling"] == 0.8
     assert cfg.experts[0].weight == 2.0
     assert cfg.experts[0].model == str(tmp_path / "experts" / "a")  # resolved against the file
     assert cfg.base_model == "some/hub-id"  # hub ids stay as given

@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 from guardmerge.config import MergeConfig, parse_config
-from guardmerge.engine import merge
 from guardmerge.errors import (
     CheckpointError,
     CompatibilityError,
@@ -16,8 +15,10 @@ from guardmerge.errors import (
     GuardmergeError,
     OutputExistsError,
 )
+from guardmerge.merge.engine import merge
+from guardmerge.merge.job import MergeJob
+from guardmerge.merge.stages import merge_to_folder
 from guardmerge.models.multihead import MultiHeadModel
-from guardmerge.pipeline import merge_to_folder
 from tests.builders import TEXTS, expert_logits, make_base, make_expert
 
 Q = "encoder.layer.0.attention.self.query.weight"
@@ -40,7 +41,7 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_task_arithmetic_matches_hand_computation(zoo: dict[str, Path]) -> None:
-    res = merge(cfg(zoo, scaling=0.7), progress=False)
+    res = merge(MergeJob.of(cfg(zoo, scaling=0.7)), progress=False)
     b, h, s = tensors(zoo["base"]), tensors(zoo["hate"]), tensors(zoo["sentiment"])
     expected = b[Q].double() + 0.7 * ((h[Q] - b[Q]).double() + (s[Q] - b[Q]).double())
     assert torch.allclose(res.tensors[Q].double(), expected, atol=1e-6)
@@ -57,7 +58,7 @@ def test_average_matches_hand_computation(zoo: dict[str, Path]) -> None:
             "method": "average",
         }
     )
-    res = merge(c, progress=False)
+    res = merge(MergeJob.of(c), progress=False)
     h, s = tensors(zoo["hate"]), tensors(zoo["sentiment"])
     assert torch.allclose(res.tensors[Q], (3 * h[Q] + s[Q]) / 4, atol=1e-6)
     # heads are kept per task, unchanged
@@ -67,7 +68,7 @@ def test_average_matches_hand_computation(zoo: dict[str, Path]) -> None:
 
 def test_one_expert_scaling_one_reproduces_the_expert_exactly(zoo: dict[str, Path]) -> None:
     for task in ("hate", "sentiment"):
-        model = merge(cfg(zoo, tasks=(task,), scaling=1.0), progress=False).to_model()
+        model = merge(MergeJob.of(cfg(zoo, tasks=(task,), scaling=1.0)), progress=False).to_model()
         ours = model.logits(TEXTS)[task]
         ref = expert_logits(zoo[task])
         assert torch.allclose(ours, ref, atol=1e-6)
@@ -75,13 +76,13 @@ def test_one_expert_scaling_one_reproduces_the_expert_exactly(zoo: dict[str, Pat
 
 
 def test_scaling_zero_gives_the_base_encoder(zoo: dict[str, Path]) -> None:
-    res = merge(cfg(zoo, scaling=0.0), progress=False)
+    res = merge(MergeJob.of(cfg(zoo, scaling=0.0)), progress=False)
     b = tensors(zoo["base"])
     assert all(torch.equal(res.tensors[k], b[k]) for k in b if not k.endswith("position_ids") and k in res.tensors)
 
 
 def test_merged_folder_contents(zoo: dict[str, Path], tmp_path: Path) -> None:
-    out = merge_to_folder(cfg(zoo, scaling=0.5), tmp_path / "out", progress=False)
+    out = merge_to_folder(MergeJob.of(cfg(zoo, scaling=0.5)), tmp_path / "out", progress=False)
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "merge_config.yaml", "README.md", "tokenizer_config.json"} <= names
     card = (out / "README.md").read_text()
@@ -157,7 +158,7 @@ def test_bad_expert_is_refused_and_leaves_no_output(
     )
     out = tmp_path / "out"
     with pytest.raises(error, match=pattern):
-        merge_to_folder(c, out, progress=False)
+        merge_to_folder(MergeJob.of(c), out, progress=False)
     _no_output(tmp_path, out)
 
 
@@ -171,7 +172,7 @@ def test_pickle_allowed_with_flag(zoo: dict[str, Path], broken: dict[str, Path])
             "allow_pickle": True,
         }
     )
-    model = merge(c, progress=False).to_model()
+    model = merge(MergeJob.of(c), progress=False).to_model()
     assert torch.allclose(model.logits(TEXTS)["hate"], expert_logits(zoo["hate"]), atol=1e-6)
 
 
@@ -180,16 +181,16 @@ def test_existing_output_is_refused_before_any_work(zoo: dict[str, Path], tmp_pa
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="already exists.*--force"):
-        merge_to_folder(cfg(zoo), out, progress=False)
+        merge_to_folder(MergeJob.of(cfg(zoo)), out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    merge_to_folder(cfg(zoo), out, force=True, progress=False)
+    merge_to_folder(MergeJob.of(cfg(zoo)), out, force=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
 def test_headless_expert_is_refused(zoo: dict[str, Path], tmp_path: Path) -> None:
     c = parse_config({"base_model": str(zoo["base"]), "experts": [{"model": str(zoo["base"]), "task": "x"}]})
     with pytest.raises(CompatibilityError, match="no classification head tensor 'classifier.weight'"):
-        merge_to_folder(c, tmp_path / "o", progress=False)
+        merge_to_folder(MergeJob.of(c), tmp_path / "o", progress=False)
     _no_output(tmp_path, tmp_path / "o")
 
 
@@ -214,7 +215,7 @@ def test_masked_lm_base_keeps_each_experts_pooler_in_its_head(tmp_path: Path, zo
             "parameters": {"scaling": 1.0},
         }
     )
-    res = merge(c, progress=False)
+    res = merge(MergeJob.of(c), progress=False)
     assert res.heads["hate"].layers == ("pooler.dense", "classifier")
     m = res.to_model()
     assert torch.allclose(m.logits(TEXTS)["hate"], expert_logits(zoo["hate"]), atol=1e-6)
@@ -233,7 +234,7 @@ def test_hm3_heads_are_merged_zero_padded_blocks(zoo: dict[str, Path]) -> None:
             "heads": "hm3",
         }
     )
-    res = merge(c, progress=False)
+    res = merge(MergeJob.of(c), progress=False)
     h, s = tensors(zoo["hate"]), tensors(zoo["sentiment"])
     # all-zero base head + 0.6 * (padded hate + padded sentiment): each block is 0.6 x its own head
     assert torch.allclose(res.tensors["heads.hate.classifier.weight"], 0.6 * h["classifier.weight"], atol=1e-6)
@@ -251,7 +252,7 @@ def test_hm3_sparsification_touches_heads(zoo: dict[str, Path]) -> None:
             "heads": "hm3",
         }
     )
-    w = merge(c, progress=False).tensors["heads.sentiment.classifier.weight"]
+    w = merge(MergeJob.of(c), progress=False).tensors["heads.sentiment.classifier.weight"]
     kept = (w != 0).float().mean()
     assert 0 < kept < 0.6  # most head entries trimmed, as the paper's mode requires
 
@@ -265,13 +266,13 @@ def test_one_expert_hm3_with_scaling_one_is_the_expert(zoo: dict[str, Path]) -> 
             "heads": "hm3",
         }
     )
-    model = merge(c, progress=False).to_model()
+    model = merge(MergeJob.of(c), progress=False).to_model()
     assert torch.allclose(model.logits(TEXTS)["sentiment"], expert_logits(zoo["sentiment"]), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs", "pcb"])
 def test_self_merge_at_density_one_reproduces_the_expert(zoo: dict[str, Path], method: str) -> None:
-    from guardmerge.pipeline import self_merge_config
+    from guardmerge.merge.stages import self_merge_config
 
     params = {"density": 1.0, "scaling": 1.0}
     if method == "breadcrumbs":
@@ -279,7 +280,7 @@ def test_self_merge_at_density_one_reproduces_the_expert(zoo: dict[str, Path], m
     if method == "pcb":
         params["clip"] = 0.0
     cfg = self_merge_config(str(zoo["base"]), str(zoo["hate"]), method, params, task="hate")
-    model = merge(cfg, progress=False).to_model()
+    model = merge(MergeJob.of(cfg), progress=False).to_model()
     ours, ref = model.logits(TEXTS)["hate"], expert_logits(zoo["hate"])
     assert torch.allclose(ours, ref, atol=1e-5)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
@@ -291,8 +292,8 @@ def test_streamed_sharded_output_equals_the_in_memory_merge(zoo: dict[str, Path]
     from guardmerge.io.formats import SAFETENSORS_INDEX as INDEX_FILE
 
     config = cfg(zoo, tasks=("hate", "injection", "sentiment"), method=method)
-    in_memory = merge(config, progress=False).tensors
-    merge_to_folder(config, tmp_path / "m", progress=False, max_shard_bytes=4000)
+    in_memory = merge(MergeJob.of(config), progress=False).tensors
+    merge_to_folder(MergeJob.of(config), tmp_path / "m", progress=False, max_shard_bytes=4000)
     assert (tmp_path / "m" / INDEX_FILE).is_file() and len(list((tmp_path / "m").glob("model-*.safetensors"))) > 2
     streamed = read_tensors(tmp_path / "m")
     assert list(streamed) and set(streamed) == set(in_memory)
@@ -305,12 +306,12 @@ def test_out_dtype_and_compute_dtype(zoo: dict[str, Path], tmp_path: Path) -> No
     from guardmerge.io.checkpoint import read_tensors
 
     config = cfg(zoo, scaling=0.5).model_copy(update={"out_dtype": "bfloat16"})
-    merge_to_folder(config, tmp_path / "bf16", progress=False)
+    merge_to_folder(MergeJob.of(config), tmp_path / "bf16", progress=False)
     out = read_tensors(tmp_path / "bf16")
-    ref = merge(cfg(zoo, scaling=0.5), progress=False).tensors
+    ref = merge(MergeJob.of(cfg(zoo, scaling=0.5)), progress=False).tensors
     assert out[Q].dtype == torch.bfloat16 and out["heads.hate.classifier.weight"].dtype == torch.bfloat16
     assert torch.equal(out[Q], ref[Q].to(torch.bfloat16))
-    half = merge(cfg(zoo, scaling=0.5).model_copy(update={"dtype": "float16"}), progress=False).tensors
+    half = merge(MergeJob.of(cfg(zoo, scaling=0.5).model_copy(update={"dtype": "float16"})), progress=False).tensors
     assert half[Q].dtype == torch.float32 and 0 < float((half[Q] - ref[Q]).abs().max()) < 1e-3
     with pytest.raises(ConfigError):
         parse_config({**cfg(zoo).model_dump(), "out_dtype": "int8"})
@@ -334,10 +335,12 @@ def test_shared_heads_write_a_stock_classifier(zoo: dict[str, Path], tmp_path: P
     head, the headless base having none)."""
     from transformers import AutoModelForSequenceClassification
 
-    merge_to_folder(shared_cfg(zoo["base"], [zoo["hate"]], scaling=1.0), tmp_path / "one", progress=False)
+    merge_to_folder(MergeJob.of(shared_cfg(zoo["base"], [zoo["hate"]], scaling=1.0)), tmp_path / "one", progress=False)
     assert torch.equal(expert_logits(tmp_path / "one"), expert_logits(zoo["hate"]))
     other = make_expert(tmp_path / "hate2", zoo["base"], ["not-hate", "hate"], seed=7)
-    merge_to_folder(shared_cfg(zoo["base"], [zoo["hate"], other], scaling=0.5), tmp_path / "two", progress=False)
+    merge_to_folder(
+        MergeJob.of(shared_cfg(zoo["base"], [zoo["hate"], other], scaling=0.5)), tmp_path / "two", progress=False
+    )
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "two"))
     h, o = tensors(zoo["hate"]), tensors(other)
     expected = 0.5 * (h["classifier.weight"].double() + o["classifier.weight"].double())
@@ -348,10 +351,12 @@ def test_shared_heads_write_a_stock_classifier(zoo: dict[str, Path], tmp_path: P
 
 def test_shared_heads_refuse_different_label_sets_and_alignment(zoo: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(CompatibilityError, match="heads: shared needs the same head|different label sets"):
-        merge_to_folder(shared_cfg(zoo["base"], [zoo["hate"], zoo["sentiment"]]), tmp_path / "x", progress=False)
+        merge_to_folder(
+            MergeJob.of(shared_cfg(zoo["base"], [zoo["hate"], zoo["sentiment"]])), tmp_path / "x", progress=False
+        )
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="align_heads needs a multi-head output"):
-        parse_config({**shared_cfg(zoo["base"], [zoo["hate"]]).model_dump(), "align_heads": True})
+        MergeJob.of(parse_config({**shared_cfg(zoo["base"], [zoo["hate"]]).model_dump(), "align_heads": True}))
 
 
 def make_llama(folder: Path, seed: int, base: dict | None = None) -> tuple[Path, dict]:
@@ -384,23 +389,25 @@ def test_llama_checkpoints_merge_whole_with_shared_heads(tmp_path: Path) -> None
     base, b = make_llama(tmp_path / "base", 0)
     (e1, s1), (e2, s2) = make_llama(tmp_path / "e1", 1, b), make_llama(tmp_path / "e2", 2, b)
     merge_to_folder(
-        shared_cfg(base, [e1, e2], "ties", density=0.5, scope="per_tensor"),
+        MergeJob.of(shared_cfg(base, [e1, e2], "ties", density=0.5, scope="per_tensor")),
         tmp_path / "m",
         progress=False,
         max_shard_bytes=20_000,
     )
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
     name = "model.layers.0.mlp.up_proj.weight"
-    ref = merge(shared_cfg(base, [e1, e2], "ties", density=0.5, scope="per_tensor"), progress=False).tensors
+    ref = merge(
+        MergeJob.of(shared_cfg(base, [e1, e2], "ties", density=0.5, scope="per_tensor")), progress=False
+    ).tensors
     assert torch.equal(model.state_dict()[name], ref[name]) and "lm_head.weight" in ref
     assert not torch.equal(ref[name], b[name]) and not torch.equal(ref[name], s1[name])
-    ta = merge(shared_cfg(base, [e1, e2], scaling=0.5), progress=False).tensors
+    ta = merge(MergeJob.of(shared_cfg(base, [e1, e2], scaling=0.5)), progress=False).tensors
     expected = b[name].double() + 0.5 * ((s1[name] - b[name]).double() + (s2[name] - b[name]).double())
     assert torch.allclose(ta[name].double(), expected, atol=1e-6)
     out = model(torch.tensor([[1, 2, 3]])).logits
     assert out.shape == (1, 3, 64) and torch.isfinite(out).all()
     with pytest.raises(CompatibilityError, match="heads: shared"):
-        merge(parse_config({**shared_cfg(base, [e1]).model_dump(), "heads": "multi"}), progress=False)
+        merge(MergeJob.of(parse_config({**shared_cfg(base, [e1]).model_dump(), "heads": "multi"})), progress=False)
 
 
 def test_outputs_never_alias_the_reused_input_buffers(zoo: dict[str, Path]) -> None:
@@ -408,11 +415,13 @@ def test_outputs_never_alias_the_reused_input_buffers(zoo: dict[str, Path]) -> N
     overwritten when the reader refills the buffers with later tensors."""
     import dataclasses
 
-    from guardmerge.engine import OpenMerge
+    from guardmerge.merge.engine import TensorMerge
 
-    with OpenMerge(cfg(zoo), progress=False) as job:
-        job.spec = dataclasses.replace(job.spec, fn=lambda deltas, weights, params, ctx: deltas[0])
-        out = dict(job.tensors())  # every tensor kept while the following ones are read
+    job = MergeJob.of(cfg(zoo))
+    with job.open():
+        merge = TensorMerge(job, progress=False)
+        merge.spec = dataclasses.replace(merge.spec, fn=lambda deltas, weights, params, ctx: deltas[0])
+        out = dict(merge.tensors())  # every tensor kept while the following ones are read
         names = list(job.plan.merge_names)
     h = tensors(zoo["hate"])
     assert len(names) > 4
@@ -421,7 +430,7 @@ def test_outputs_never_alias_the_reused_input_buffers(zoo: dict[str, Path]) -> N
 
 
 def test_buffers_are_reused_and_report_ownership() -> None:
-    from guardmerge.engine import _Buffers
+    from guardmerge.merge.engine import _Buffers
 
     bufs = _Buffers(reuse=True)
     a = bufs.take("x", (4, 8), torch.float32)

@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from guardmerge.config import parse_config
-from guardmerge.engine import merge
 from guardmerge.errors import CompatibilityError, ConfigError, StatisticsError
+from guardmerge.merge.engine import merge
+from guardmerge.merge.job import MergeJob
+from guardmerge.merge.stages import build
 from guardmerge.models.adapters import ArchitectureAdapter, get_adapter
 from guardmerge.models.multihead import MultiHeadModel
-from guardmerge.pipeline import build
 from tests.builders import TEXTS, WORDS, expert_logits, write_tokenizer
 
 FAMILIES = ["deberta-v2", "xlm-roberta", "modernbert", "modernbert-mean", "electra", "mpnet", "albert"]
@@ -176,7 +177,7 @@ def fam(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 def merged2(fam: Zoo) -> MultiHeadModel:
     """Task arithmetic (scaling 0.5) of both experts."""
     cfg = {"base_model": str(fam.base), "experts": fam.experts(), "parameters": {"scaling": 0.5}}
-    return merge(parse_config(cfg), progress=False).to_model()
+    return merge(MergeJob.of(parse_config(cfg)), progress=False).to_model()
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
@@ -195,7 +196,7 @@ def _export_matches(model: MultiHeadModel, task: str, folder: Path, cls: str) ->
 
 def test_one_expert_at_scaling_1_reproduces_the_expert(fam: Zoo) -> None:
     cfg = {"base_model": str(fam.base), "experts": fam.experts()[1:], "parameters": {"scaling": 1.0}}
-    model = merge(parse_config(cfg), progress=False).to_model()
+    model = merge(MergeJob.of(parse_config(cfg)), progress=False).to_model()
     want = expert_logits(fam.e1, [*TEXTS, LONG])
     _close(model.logits([*TEXTS, LONG])["t1"], want)
     _close(MultiHeadModel.from_classifier(fam.e1, "t1").logits([*TEXTS, LONG])["t1"], want)
@@ -256,7 +257,7 @@ def test_serving_returns_every_head(merged2: MultiHeadModel) -> None:
 
 def test_head_alignment_fits_and_exports(fam: Zoo) -> None:
     cfg = {"base_model": str(fam.base), "experts": fam.experts(data=True), "parameters": {"scaling": 0.5}}
-    res = build(parse_config(cfg), progress=False)
+    res = build(MergeJob.of(parse_config(cfg)), progress=False)
     report = res.info["align_heads"]["report"]
     assert set(report) == {"t0", "t1"}
     for fit in report.values():
@@ -273,9 +274,9 @@ def test_hm3_where_the_head_is_a_single_linear(fam: Zoo) -> None:
     cfg = parse_config({"base_model": str(fam.base), "experts": fam.experts(), "heads": "hm3"})
     if fam.adapter.hidden_in_head:
         with pytest.raises(CompatibilityError, match="hm3 needs a single Linear head"):
-            merge(cfg, progress=False)
+            merge(MergeJob.of(cfg), progress=False)
         return
-    model = merge(cfg, progress=False).to_model()
+    model = merge(MergeJob.of(cfg), progress=False).to_model()
     assert set(model.predict(TEXTS)) == {"t0", "t1"}
     _export_matches(model, "t0", fam.root / "hm3-export", fam.adapter.classifier_class)
 
@@ -292,9 +293,9 @@ def test_sharing_depth_or_a_clear_refusal(fam: Zoo, depth: int) -> None:
     problem = fam.adapter.sharing_problem()
     if problem:
         with pytest.raises(ConfigError, match=f"{fam.adapter.model_type} models do not support share_layers"):
-            build(parse_config(cfg), progress=False)
+            build(MergeJob.of(parse_config(cfg)), progress=False)
         return
-    model = build(parse_config(cfg), progress=False).to_model()
+    model = build(MergeJob.of(parse_config(cfg)), progress=False).to_model()
     assert model.share_layers == depth
     _export_matches(model, "t1", fam.root / f"branch-export-{depth}", fam.adapter.classifier_class)
 
@@ -305,9 +306,9 @@ def test_layerwise_stage_or_a_clear_refusal(fam: Zoo) -> None:
     )
     if fam.adapter.layerwise_problem():
         with pytest.raises(ConfigError, match=f"layer-wise stage does not support {fam.adapter.model_type}"):
-            build(cfg, progress=False)
+            build(MergeJob.of(cfg), progress=False)
         return
-    res = build(cfg, progress=False)
+    res = build(MergeJob.of(cfg), progress=False)
     assert res.info["layerwise"]["layers"] > 0
     assert set(res.to_model().predict(TEXTS)) == {"t0", "t1"}
 
@@ -327,22 +328,26 @@ def test_statistics_methods_or_a_clear_refusal(
     }
     if method == "fisher" and not fam.adapter.additive_mask:
         with pytest.raises(StatisticsError, match=r"per-example Fisher .*fisher_gradient: batch"):
-            build(parse_config(cfg), progress=False)
+            build(MergeJob.of(parse_config(cfg)), progress=False)
         cfg["statistics"] = {"fisher_gradient": "batch"}
-    logits = build(parse_config(cfg), progress=False).to_model().logits(TEXTS)
+    logits = build(MergeJob.of(parse_config(cfg)), progress=False).to_model().logits(TEXTS)
     assert set(logits) == {"t0", "t1"} and all(bool(torch.isfinite(v).all()) for v in logits.values())
 
 
 def test_mismatched_family_or_size_is_refused_naming_the_expert(fam: Zoo, zoo: dict[str, Path]) -> None:
     other = {"model": str(zoo["hate"]), "task": "odd"}  # a tiny BERT classifier
     with pytest.raises(CompatibilityError, match=r"expert 'odd' .* is a 'bert' model but the base"):
-        merge(parse_config({"base_model": str(fam.base), "experts": [*fam.experts(), other]}), progress=False)
+        merge(
+            MergeJob.of(parse_config({"base_model": str(fam.base), "experts": [*fam.experts(), other]})), progress=False
+        )
     deeper = fam.root / "deeper"
     if not deeper.exists():
         make_family_expert(deeper, fam.family, None, ["p", "q"], seed=5, num_hidden_layers=3)
     bad = {"model": str(deeper), "task": "deep"}
     with pytest.raises(CompatibilityError, match=r"expert 'deep' .*config field 'num_hidden_layers' is 3"):
-        merge(parse_config({"base_model": str(fam.base), "experts": [*fam.experts(), bad]}), progress=False)
+        merge(
+            MergeJob.of(parse_config({"base_model": str(fam.base), "experts": [*fam.experts(), bad]})), progress=False
+        )
 
 
 def test_a_base_without_pooler_gives_each_head_its_experts_pooler(tmp_path: Path) -> None:
@@ -351,8 +356,10 @@ def test_a_base_without_pooler_gives_each_head_its_experts_pooler(tmp_path: Path
     e0 = make_family_expert(tmp_path / "e0", "albert", with_pooler, ["a", "b"], seed=1)
     bare = make_family_base(tmp_path / "bare", "albert", with_pooler=False)
     model = merge(
-        parse_config(
-            {"base_model": str(bare), "experts": [{"model": str(e0), "task": "t0"}], "parameters": {"scaling": 1}}
+        MergeJob.of(
+            parse_config(
+                {"base_model": str(bare), "experts": [{"model": str(e0), "task": "t0"}], "parameters": {"scaling": 1}}
+            )
         ),
         progress=False,
     ).to_model()

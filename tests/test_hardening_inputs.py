@@ -29,6 +29,7 @@ from guardmerge.errors import (
     GuardmergeError,
     OutputError,
 )
+from guardmerge.merge.job import MergeJob
 from guardmerge.models.checkpoint import Checkpoint
 from tests.builders import TEXTS
 
@@ -101,11 +102,11 @@ def pickle_only(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def merged(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.stages import merge_to_folder
 
     root = tmp_path_factory.mktemp("merged")
     out = root / "m"
-    merge_to_folder(load_config(merge_cfg(root, zoo)), out, progress=False)
+    merge_to_folder(MergeJob.of(load_config(merge_cfg(root, zoo))), out, progress=False)
     return out
 
 
@@ -122,8 +123,10 @@ def data_file(tmp_path: Path, name: str = "texts.jsonl") -> Path:
     "override", ["parameters.scaling=.nan", "experts.0.weight=.nan", "experts.1.weight=.inf", "align_heads.ridge=.inf"]
 )
 def test_nonfinite_config_values_refused(tmp_path: Path, zoo: dict[str, Path], override: str) -> None:
+    from guardmerge.merge.job import MergeJob
+
     with pytest.raises(ConfigError, match=r"finite"):
-        load_config(merge_cfg(tmp_path, zoo), [override])
+        MergeJob.of(load_config(merge_cfg(tmp_path, zoo), [override]))
 
 
 def test_nonfinite_method_parameter_refused_for_every_method() -> None:
@@ -148,7 +151,7 @@ def test_zero_sum_weights_refused_up_front(tmp_path: Path, zoo: dict[str, Path])
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_expert_with_nonfinite_weights_refused(tmp_path: Path, zoo: dict[str, Path], value: float) -> None:
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.stages import merge_to_folder
 
     bad = copy_expert(zoo["hate"], tmp_path / "bad")
     edit_weights(bad, lambda s: s["bert.encoder.layer.1.output.dense.weight"].view(-1).__setitem__(3, value))
@@ -160,19 +163,19 @@ def test_expert_with_nonfinite_weights_refused(tmp_path: Path, zoo: dict[str, Pa
         )
     )
     with pytest.raises(CheckpointError, match=r"expert 'hate'.*encoder.layer.1.output.dense.weight.*NaN or Inf"):
-        merge_to_folder(cfg, tmp_path / "out", progress=False)
+        merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_nonfinite_merged_tensor_stops_the_write(tmp_path: Path, zoo: dict[str, Path]) -> None:
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.stages import merge_to_folder
 
     cfg = load_config(
         merge_cfg(tmp_path, zoo, parameters={"scaling": 1.0}, out_dtype="float16"),
         ["experts.0.weight=1.0e8", "experts.1.weight=1.0e8"],
     )  # finite, but overflows float16
     with pytest.raises(GuardmergeError, match=r"merged tensor '.*' holds NaN or Inf"):
-        merge_to_folder(cfg, tmp_path / "out", progress=False)
+        merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]  # no output, no temporary folder
 
 
@@ -322,7 +325,7 @@ def test_pickle_only_expert_refused_by_stats_unless_allowed(
 
 @pytest.mark.parametrize("mode", ["regmean", "align", "layerwise"])
 def test_pickle_only_expert_refused_by_data_stages(tmp_path: Path, zoo: dict[str, Path], mode: str) -> None:
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.stages import merge_to_folder
 
     expert = pickle_only(zoo["hate"], tmp_path / "pickled")
     data = data_file(tmp_path)
@@ -338,7 +341,7 @@ def test_pickle_only_expert_refused_by_data_stages(tmp_path: Path, zoo: dict[str
     over = {"align_heads": False} if mode != "align" else {}
     cfg = load_config(merge_cfg(tmp_path, zoo, experts=experts, method=method[0], parameters=method[1], **over))
     with pytest.raises(CheckpointError, match="pickle checkpoint"):
-        merge_to_folder(cfg, tmp_path / "out", progress=False)
+        merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -346,9 +349,9 @@ def test_every_checkpoint_opener_refuses_pickle(tmp_path: Path, zoo: dict[str, P
     from guardmerge.config import StatsConfig
     from guardmerge.data import Examples
     from guardmerge.finetune import finetune
+    from guardmerge.merge.align import FeatureCache
+    from guardmerge.merge.statistics import compute_stats
     from guardmerge.models.multihead import MultiHeadModel
-    from guardmerge.pipeline import compute_stats
-    from guardmerge.refit import FeatureCache
 
     expert = pickle_only(zoo["hate"], tmp_path / "pickled")
     base = pickle_only(zoo["base"], tmp_path / "pickled-base")
@@ -377,14 +380,14 @@ def test_every_checkpoint_opener_refuses_pickle(tmp_path: Path, zoo: dict[str, P
     ],
 )
 def test_non_float_weights_refused(tmp_path: Path, zoo: dict[str, Path], dtype: torch.dtype, match: str) -> None:
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.stages import merge_to_folder
 
     bad = copy_expert(zoo["hate"], tmp_path / "bad")
     key = "bert.encoder.layer.0.attention.self.query.weight"
     edit_weights(bad, lambda s: s.__setitem__(key, (s[key] * 100).to(dtype)))
     cfg = load_config(merge_cfg(tmp_path, zoo, experts=[{"model": str(bad), "task": "hate"}]))
     with pytest.raises(CheckpointError, match=rf"expert 'hate'.*{key}.*{match}"):
-        merge_to_folder(cfg, tmp_path / "out", progress=False)
+        merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)
 
 
 def test_quantised_checkpoints_refused(tmp_path: Path, zoo: dict[str, Path]) -> None:
@@ -592,8 +595,8 @@ def test_path_errors_exit_2_with_one_line(
 def test_disk_full_becomes_an_error_naming_the_output(
     tmp_path: Path, zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from guardmerge import engine
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge import write as engine
+    from guardmerge.merge.stages import merge_to_folder
 
     real = engine.model_card
 
@@ -602,7 +605,7 @@ def test_disk_full_becomes_an_error_naming_the_output(
 
     monkeypatch.setattr(engine, "model_card", full)
     with pytest.raises(OutputError, match=r"cannot write output '.*out': No space left on device"):
-        merge_to_folder(load_config(merge_cfg(tmp_path, zoo)), tmp_path / "out", progress=False)
+        merge_to_folder(MergeJob.of(load_config(merge_cfg(tmp_path, zoo))), tmp_path / "out", progress=False)
     monkeypatch.setattr(engine, "model_card", real)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]
 
@@ -626,13 +629,13 @@ def test_cli_subprocess_one_line_error(tmp_path: Path, zoo: dict[str, Path]) -> 
 
 @pytest.mark.parametrize("change", [{"id2label": {"0": "a", "1": "b", "2": "c"}}, {"num_labels": 5}])
 def test_label_count_must_match_the_head(tmp_path: Path, zoo: dict[str, Path], change: dict) -> None:
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.stages import merge_to_folder
 
     bad = copy_expert(zoo["hate"], tmp_path / "bad")
     edit_config(bad, **change)
     cfg = load_config(merge_cfg(tmp_path, zoo, experts=[{"model": str(bad), "task": "hate"}]))
     with pytest.raises(CheckpointError, match=r"expert 'hate'.*declares \d labels but its classifier"):
-        merge_to_folder(cfg, tmp_path / "out", progress=False)
+        merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)
 
 
 def test_stale_temporary_folders_of_dead_runs_are_removed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

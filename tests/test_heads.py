@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from guardmerge.config import parse_config
-from guardmerge.engine import merge
 from guardmerge.errors import CheckpointError, CompatibilityError, ConfigError, GuardmergeError
+from guardmerge.merge.engine import merge
+from guardmerge.merge.job import MergeJob
+from guardmerge.merge.stages import build
 from guardmerge.models.multihead import HeadSpec, MultiHeadModel, head_specs
 from guardmerge.outputs import entity_spans, text_tokens
-from guardmerge.pipeline import build
 from tests.builders import TEXTS, WORDS, make_classifier, tiny_config, write_tokenizer
 
 VOCAB = [*WORDS, "john", "##son", "paris", "##ian", "london"]
@@ -103,7 +104,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
 @pytest.fixture(scope="module")
 def merged(zoo: Zoo) -> MultiHeadModel:
     cfg = {"base_model": str(zoo.base), "experts": zoo.experts(), "parameters": {"scaling": 0.5}}
-    return merge(parse_config(cfg), progress=False).to_model()
+    return merge(MergeJob.of(parse_config(cfg)), progress=False).to_model()
 
 
 # -- merge, logits, predict ----------------------------------------------------------------------
@@ -126,7 +127,7 @@ def test_token_expert_without_pooler_merges_with_a_zero_task_vector(zoo: Zoo) ->
     from safetensors.torch import load_file
 
     cfg = {"base_model": str(zoo.base), "experts": zoo.experts(), "parameters": {"scaling": 0.5}}
-    res = merge(parse_config(cfg), progress=False)
+    res = merge(MergeJob.of(parse_config(cfg)), progress=False)
     base = load_file(str(zoo.base / "model.safetensors"))
     seq = load_file(str(zoo.seq / "model.safetensors"))
     emo = load_file(str(zoo.emo / "model.safetensors"))
@@ -141,7 +142,7 @@ def test_token_expert_without_pooler_merges_with_a_zero_task_vector(zoo: Zoo) ->
 def test_one_expert_at_scaling_1_reproduces_it_and_exports_back(zoo: Zoo, task: str) -> None:
     expert = next(e for e in zoo.experts() if e["task"] == task)
     cfg = {"base_model": str(zoo.base), "experts": [expert], "parameters": {"scaling": 1.0}}
-    model = merge(parse_config(cfg), progress=False).to_model()
+    model = merge(MergeJob.of(parse_config(cfg)), progress=False).to_model()
     token = task == "ner"
     want = stock_logits(Path(expert["model"]), SENTENCES, token)
     close(model.logits(SENTENCES)[task], want)
@@ -191,7 +192,7 @@ def test_multi_label_probabilities_and_per_label_thresholds(zoo: Zoo, merged: Mu
 def test_per_label_thresholds_in_the_config_are_stored_with_the_head(zoo: Zoo) -> None:
     extra = {"emo": {"thresholds": {"anger": 0.0, "joy": 1.0}}}
     cfg = {"base_model": str(zoo.base), "experts": zoo.experts(**extra)}
-    model = merge(parse_config(cfg), progress=False).to_model()
+    model = merge(MergeJob.of(parse_config(cfg)), progress=False).to_model()
     assert dict(model.spec("emo").thresholds) == {"anger": 0.0, "joy": 1.0}
     saved = MultiHeadModel.from_pretrained(model.save_pretrained(zoo.root / "with-thresholds"))
     assert dict(saved.spec("emo").thresholds) == {"anger": 0.0, "joy": 1.0}
@@ -199,7 +200,7 @@ def test_per_label_thresholds_in_the_config_are_stored_with_the_head(zoo: Zoo) -
     assert all("anger" in row and "joy" not in row for row in labels)
     bad = {"emo": {"thresholds": {"fear": 0.3}}}
     with pytest.raises(ConfigError, match=r"expert 'emo': thresholds for unknown label\(s\) fear"):
-        merge(parse_config({"base_model": str(zoo.base), "experts": zoo.experts(**bad)}), progress=False)
+        merge(MergeJob.of(parse_config({"base_model": str(zoo.base), "experts": zoo.experts(**bad)})), progress=False)
     with pytest.raises(ConfigError, match="outside"):
         parse_config({"base_model": str(zoo.base), "experts": zoo.experts(emo={"thresholds": {"anger": 2}})})
 
@@ -427,7 +428,7 @@ def test_guessed_benign_labels_and_cli_parsers() -> None:
 # -- head alignment, HM3, sharing depths ---------------------------------------------------------------
 def test_head_alignment_reduces_each_kinds_gap_to_its_expert(zoo: Zoo) -> None:
     cfg = {"base_model": str(zoo.base), "experts": zoo.experts(data=True), "parameters": {"scaling": 0.3}}
-    res = build(parse_config(cfg), progress=False)
+    res = build(MergeJob.of(parse_config(cfg)), progress=False)
     report = res.info["align_heads"]["report"]
     assert set(report) == {"seq", "emo", "ner"}
     for fit in report.values():
@@ -445,7 +446,7 @@ def test_data_dependent_methods_merge_a_token_expert(zoo: Zoo, method: str, tmp_
     cfg = {"base_model": str(zoo.base), "experts": zoo.experts(data=True), "method": method, "align_heads": False}
     if method == "lot":
         cfg["parameters"] = {"texts": 20}
-    res = build(parse_config(cfg), progress=False)
+    res = build(MergeJob.of(parse_config(cfg)), progress=False)
     logits = res.to_model().logits(SENTENCES)
     assert set(logits) == {"seq", "emo", "ner"} and all(bool(torch.isfinite(v).all()) for v in logits.values())
     if method == "lot":
@@ -458,30 +459,37 @@ def test_fisher_statistics_refuse_a_token_expert(zoo: Zoo, tmp_path: Path, monke
     monkeypatch.setenv("GUARDMERGE_CACHE", str(tmp_path / "cache"))
     cfg = {"base_model": str(zoo.base), "experts": zoo.experts(data=True), "method": "fisher", "align_heads": False}
     with pytest.raises(StatisticsError, match="token classifier: Fisher statistics"):
-        build(parse_config(cfg), progress=False)
+        build(MergeJob.of(parse_config(cfg)), progress=False)
 
 
 def test_hm3_sigmoid_per_block_and_token_refusal(zoo: Zoo) -> None:
     experts = zoo.experts()[:2]
-    model = merge(parse_config({"base_model": str(zoo.base), "experts": experts, "heads": "hm3"}), progress=False)
+    model = merge(
+        MergeJob.of(parse_config({"base_model": str(zoo.base), "experts": experts, "heads": "hm3"})), progress=False
+    )
     m = model.to_model()
     assert m.problem("emo") == "multi_label" and m.logits(TEXTS)["emo"].shape == (len(TEXTS), 3)
     probs = [list(r["probabilities"].values()) for r in m.predict(TEXTS)["emo"]]
     assert np.allclose(probs, torch.sigmoid(m.logits(TEXTS)["emo"]).numpy(), atol=1e-6)  # not a softmax
     one = merge(
-        parse_config(
-            {"base_model": str(zoo.base), "experts": experts[1:], "heads": "hm3", "parameters": {"scaling": 1.0}}
+        MergeJob.of(
+            parse_config(
+                {"base_model": str(zoo.base), "experts": experts[1:], "heads": "hm3", "parameters": {"scaling": 1.0}}
+            )
         ),
         progress=False,
     ).to_model()
     close(one.logits(TEXTS)["emo"], stock_logits(zoo.emo, TEXTS))
     with pytest.raises(CompatibilityError, match=r"heads: hm3 .*expert 'ner' .* is a token classifier"):
-        merge(parse_config({"base_model": str(zoo.base), "experts": zoo.experts(), "heads": "hm3"}), progress=False)
+        merge(
+            MergeJob.of(parse_config({"base_model": str(zoo.base), "experts": zoo.experts(), "heads": "hm3"})),
+            progress=False,
+        )
 
 
 def test_sharing_depth_0_reproduces_every_kind_of_expert(zoo: Zoo) -> None:
     cfg = {"base_model": str(zoo.base), "experts": zoo.experts(), "share_layers": 0}
-    model = merge(parse_config(cfg), progress=False).to_model()
+    model = merge(MergeJob.of(parse_config(cfg)), progress=False).to_model()
     assert model.share_layers == 0
     assert "pooler.dense.weight" not in model.branch("ner").state()  # the token expert has none
     logits = model.logits(SENTENCES)

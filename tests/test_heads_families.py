@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from guardmerge.config import parse_config
-from guardmerge.engine import merge
+from guardmerge.merge.engine import merge
+from guardmerge.merge.job import MergeJob
 from tests.builders import TEXTS, make_classifier
 from tests.test_families import FAMILIES, LONG, make_family_base
 from tests.test_heads import NER, close, stock_logits
@@ -64,7 +65,7 @@ def test_token_and_multi_label_heads_in_every_family(family: tuple[str, Path]) -
     base, ner, emo = root / "base", root / "ner", root / "emo"
     want = stock_logits(ner, SAMPLES, token=True)
     one = {"base_model": str(base), "experts": [{"model": str(ner), "task": "ner"}], "parameters": {"scaling": 1.0}}
-    model = merge(parse_config(one), progress=False).to_model()
+    model = merge(MergeJob.of(parse_config(one)), progress=False).to_model()
     assert model.spec("ner").layers == TOKEN_LAYERS.get(name, ("classifier",))
     close(model.logits(SAMPLES)["ner"], want)
 
@@ -73,7 +74,7 @@ def test_token_and_multi_label_heads_in_every_family(family: tuple[str, Path]) -
         "experts": [{"model": str(emo), "task": "emo"}, {"model": str(ner), "task": "ner"}],
         "parameters": {"scaling": 0.5},
     }
-    merged = merge(parse_config(both), progress=False).to_model()
+    merged = merge(MergeJob.of(parse_config(both)), progress=False).to_model()
     ref = merged.logits(SAMPLES)
     assert ref["emo"].shape == (len(SAMPLES), 3) and ref["ner"].shape[-1] == len(NER)
     out = merged.predict(SAMPLES)

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from guardmerge.config import parse_config
+from guardmerge.data import task_texts
 from guardmerge.errors import ConfigError, StatisticsError
-from guardmerge.pipeline import build, compute_stats, expert_statistics, task_texts
+from guardmerge.merge.job import MergeJob
+from guardmerge.merge.stages import build
+from guardmerge.merge.statistics import compute_stats, expert_statistics
 from guardmerge.stats import save_stats
 from tests.builders import expert_logits
 from tests.test_refit import TEXTS
@@ -41,11 +44,11 @@ def regmean(zoo: dict[str, Path], data: Path, tasks=("hate", "sentiment"), **ove
 
 def test_regmean_from_data_computes_and_caches_statistics(zoo: dict[str, Path], data_file: Path, cache: Path) -> None:
     cfg = regmean(zoo, data_file)
-    first = build(cfg, progress=False)
+    first = build(MergeJob.of(cfg), progress=False)
     files = sorted((cache / "stats").iterdir())
     assert len(files) == 2
     mtimes = [f.stat().st_mtime_ns for f in files]
-    second = build(cfg, progress=False)  # from the cache: files untouched, same merge
+    second = build(MergeJob.of(cfg), progress=False)  # from the cache: files untouched, same merge
     assert [f.stat().st_mtime_ns for f in sorted((cache / "stats").iterdir())] == mtimes
     assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
 
@@ -53,7 +56,7 @@ def test_regmean_from_data_computes_and_caches_statistics(zoo: dict[str, Path], 
 def test_regmean_one_expert_returns_the_expert(zoo: dict[str, Path], data_file: Path) -> None:
     from guardmerge.models.checkpoint import Checkpoint
 
-    res = build(regmean(zoo, data_file, tasks=("sentiment",)), progress=False)
+    res = build(MergeJob.of(regmean(zoo, data_file, tasks=("sentiment",))), progress=False)
     with Checkpoint(zoo["sentiment"]) as ck:
         for name, merged in res.tensors.items():
             # the tiny random model's pooler sees near-identical [CLS] states: a singular Gram,
@@ -66,18 +69,20 @@ def test_regmean_one_expert_returns_the_expert(zoo: dict[str, Path], data_file: 
 
 def test_fisher_from_data_runs(zoo: dict[str, Path], data_file: Path) -> None:
     cfg = regmean(zoo, data_file, method="fisher")
-    res = build(cfg, progress=False)
+    res = build(MergeJob.of(cfg), progress=False)
     assert "encoder.layer.0.attention.self.query.weight" in res.tensors
 
 
 def test_method_needing_statistics_without_data_fails_before_work(zoo: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match=r"method 'regmean' needs gram statistics.*expert\(s\) hate"):
-        parse_config(
-            {
-                "base_model": str(zoo["base"]),
-                "experts": [{"model": str(zoo["hate"]), "task": "hate"}],
-                "method": "regmean",
-            }
+        MergeJob.of(
+            parse_config(
+                {
+                    "base_model": str(zoo["base"]),
+                    "experts": [{"model": str(zoo["hate"]), "task": "hate"}],
+                    "method": "regmean",
+                }
+            )
         )
 
 
@@ -93,21 +98,23 @@ def test_stats_file_of_another_expert_is_refused(zoo: dict[str, Path], data_file
         }
     )
     with pytest.raises(StatisticsError, match="belongs to another expert"):
-        expert_statistics(bad, frozenset({"gram"}), progress=False)
+        expert_statistics(MergeJob.of(bad), frozenset({"gram"}), progress=False)
 
 
 def test_dare_regmean_computes_statistics_on_the_sparsified_experts(
     zoo: dict[str, Path], data_file: Path, cache: Path
 ) -> None:
-    from guardmerge.engine import sparsified_experts
-    from guardmerge.pipeline import compute_stats
+    from guardmerge.merge.engine import sparsified_experts
+    from guardmerge.merge.statistics import compute_stats
 
-    full = build(regmean(zoo, data_file), progress=False)
-    same = build(regmean(zoo, data_file, method="dare_regmean", parameters={"density": 1.0}), progress=False)
+    full = build(MergeJob.of(regmean(zoo, data_file)), progress=False)
+    same = build(
+        MergeJob.of(regmean(zoo, data_file, method="dare_regmean", parameters={"density": 1.0})), progress=False
+    )
     assert all(torch.allclose(full.tensors[k], same.tensors[k], atol=1e-6) for k in full.tensors)
 
     cfg = regmean(zoo, data_file, method="dare_regmean", parameters={"density": 0.5, "seed": 3})
-    dropped = sparsified_experts(cfg)
+    dropped = sparsified_experts(MergeJob.of(cfg))
     q = "encoder.layer.0.attention.self.query.weight"
     from guardmerge.models.checkpoint import Checkpoint
 
@@ -116,15 +123,15 @@ def test_dare_regmean_computes_statistics_on_the_sparsified_experts(
         kept = (dropped[0][q] - base.get(q)).abs() > 0
         assert 0.3 < kept.float().mean() < 0.7  # about half the entries dropped
         assert torch.allclose((dropped[0][q] - base.get(q))[kept], 2 * tau[kept], atol=1e-6)  # rescaled 1/density
-    expert_stats = expert_statistics(cfg, frozenset({"gram"}), progress=False)
+    expert_stats = expert_statistics(MergeJob.of(cfg), frozenset({"gram"}), progress=False)
     on_dropped = compute_stats(
         zoo["hate"], task_texts(data_file, 40), {"gram"}, cfg.statistics, progress=False, encoder_state=dropped[0]
     )
     g = "encoder.layer.1.attention.self.query.weight"
     assert torch.allclose(expert_stats[0].gram.gram(g), on_dropped.gram.gram(g), atol=1e-8)
-    plain = expert_statistics(regmean(zoo, data_file), frozenset({"gram"}), progress=False)
+    plain = expert_statistics(MergeJob.of(regmean(zoo, data_file)), frozenset({"gram"}), progress=False)
     assert not torch.allclose(plain[0].gram.gram(g), on_dropped.gram.gram(g), atol=1e-6)
-    merged = build(cfg, progress=False)
+    merged = build(MergeJob.of(cfg), progress=False)
     assert not torch.equal(merged.tensors[q], full.tensors[q])
 
 
@@ -135,7 +142,7 @@ def test_statistics_of_a_nan_expert_are_refused(zoo: dict[str, Path], tmp_path: 
 
     from guardmerge.config import StatsConfig
     from guardmerge.errors import CheckpointError
-    from guardmerge.pipeline import compute_stats
+    from guardmerge.merge.statistics import compute_stats
 
     folder = tmp_path / "nan"
     shutil.copytree(zoo["hate"], folder)

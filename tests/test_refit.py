@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from guardmerge.align import ridge_refit
 from guardmerge.config import AlignConfig, parse_config
-from guardmerge.engine import merge
 from guardmerge.errors import ConfigError
-from guardmerge.pipeline import build
-from guardmerge.refit import FeatureCache, align_heads, head_features
+from guardmerge.merge.align import FeatureCache, align_heads, head_features
+from guardmerge.merge.engine import merge
+from guardmerge.merge.fits import ridge_refit
+from guardmerge.merge.job import MergeJob
+from guardmerge.merge.stages import build
 from tests.builders import WORDS, expert_logits
 
 
@@ -42,7 +43,7 @@ def one_expert(zoo: dict[str, Path], task: str, **over: object):
 
 
 def test_ridge0_alignment_of_an_exact_encoder_recovers_the_expert(zoo: dict[str, Path]) -> None:
-    model = merge(one_expert(zoo, "sentiment"), progress=False).to_model()
+    model = merge(MergeJob.of(one_expert(zoo, "sentiment")), progress=False).to_model()
     with torch.no_grad():  # spoil the head: alignment must bring it back from features alone
         for p in model.heads["sentiment"].parameters():
             p.normal_()
@@ -61,7 +62,7 @@ def test_refit_equals_ridge_least_squares_on_the_same_features(zoo: dict[str, Pa
             "experts": [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")],
         }
     )
-    model = merge(cfg, progress=False).to_model()
+    model = merge(MergeJob.of(cfg), progress=False).to_model()
     merged_feats = head_features(model, "hate", TEXTS)
     cache = FeatureCache()
     expert_feats = cache.get(zoo["hate"], "hate", TEXTS, 128, 64)
@@ -83,13 +84,19 @@ def test_feature_cache_on_disk_is_reused(zoo: dict[str, Path], tmp_path: Path) -
 
 
 def test_alignment_is_on_by_default_with_data_and_off_without(zoo: dict[str, Path], data_file: Path) -> None:
-    with_data = parse_config({"base_model": "b", "experts": [{"model": "m", "task": "t", "data": str(data_file)}]})
-    assert with_data.alignment() == AlignConfig()
-    assert parse_config({"base_model": "b", "experts": [{"model": "m", "task": "t"}]}).alignment() is None
-    off = parse_config({"base_model": "b", "experts": [{"model": "m", "task": "t", "data": "x"}], "align_heads": False})
-    assert off.alignment() is None
+    base, hate = str(zoo["base"]), str(zoo["hate"])
+
+    def job(**over: object) -> MergeJob:
+        return MergeJob.of(parse_config({"base_model": base, "experts": [{"model": hate, "task": "t", **over}]}))
+
+    assert job(data=str(data_file)).alignment == AlignConfig()
+    assert job().alignment is None
+    off = MergeJob.of(
+        parse_config({"base_model": base, "experts": [{"model": hate, "task": "t", "data": "x"}], "align_heads": False})
+    )
+    assert off.alignment is None
     with pytest.raises(ConfigError, match="align_heads needs unlabelled texts.*expert\\(s\\) t"):
-        parse_config({"base_model": "b", "experts": [{"model": "m", "task": "t"}], "align_heads": True})
+        MergeJob.of(parse_config({"base_model": base, "experts": [{"model": hate, "task": "t"}], "align_heads": True}))
 
 
 @pytest.mark.parametrize("method", ["lstsq", "moments"])
@@ -105,8 +112,8 @@ def test_alignment_raises_agreement_with_the_expert(zoo: dict[str, Path], data_f
             "align_heads": {"method": method, "examples": 60},
         }
     )
-    plain = merge(cfg, progress=False)
-    res = build(cfg, progress=False)
+    plain = merge(MergeJob.of(cfg), progress=False)
+    res = build(MergeJob.of(cfg), progress=False)
     report = res.info["align_heads"]["report"]
     assert set(report) == {"hate", "injection", "sentiment"}
     for r in report.values():
@@ -128,7 +135,7 @@ def test_hidden_layer_head_gets_an_affine_map_and_stays_exact(tmp_path: Path) ->
     cfg = parse_config(
         {"base_model": str(base), "experts": [{"model": str(e1), "task": "t1"}], "parameters": {"scaling": 1.0}}
     )
-    model = merge(cfg, progress=False).to_model()
+    model = merge(MergeJob.of(cfg), progress=False).to_model()
     report = align_heads(model, {"t1": e1}, {"t1": TEXTS}, AlignConfig(ridge=0.0))
     assert len(model.heads["t1"].layers) == 2
     assert report["t1"]["logit_rmse_after"] < 1e-5

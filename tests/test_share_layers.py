@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import guardmerge
-from guardmerge.align import per_feature_affine
 from guardmerge.config import parse_config
-from guardmerge.engine import merge
 from guardmerge.errors import ConfigError
+from guardmerge.merge.engine import merge
+from guardmerge.merge.fits import per_feature_affine
+from guardmerge.merge.job import MergeJob
+from guardmerge.merge.stages import build, merge_to_folder
 from guardmerge.models.multihead import MultiHeadModel
-from guardmerge.pipeline import build, merge_to_folder
 from tests.builders import TEXTS, WORDS, expert_logits
 
 TASKS = ("hate", "injection", "sentiment")
@@ -51,20 +52,20 @@ def config(zoo: dict[str, Path], data: Path | None = None, **over: Any):
 
 @pytest.fixture(scope="module")
 def branched(zoo: dict[str, Path]) -> MultiHeadModel:
-    return merge(config(zoo, share_layers=1), progress=False).to_model()
+    return merge(MergeJob.of(config(zoo, share_layers=1)), progress=False).to_model()
 
 
 @pytest.fixture(scope="module")
 def aligned(zoo: dict[str, Path], data_file: Path) -> MultiHeadModel:
-    res = build(config(zoo, data_file, share_layers=1, branch_align=True), progress=False)
+    res = build(MergeJob.of(config(zoo, data_file, share_layers=1, branch_align=True)), progress=False)
     return res.to_model()
 
 
 def test_share_layers_0_reproduces_every_expert(zoo: dict[str, Path]) -> None:
-    res = merge(config(zoo, share_layers=0), progress=False)
+    res = merge(MergeJob.of(config(zoo, share_layers=0)), progress=False)
     assert "branches.hate.embeddings.word_embeddings.weight" in res.tensors
     model = res.to_model()
-    plain = merge(config(zoo), progress=False).to_model().logits(TEXTS)
+    plain = merge(MergeJob.of(config(zoo)), progress=False).to_model().logits(TEXTS)
     got = model.logits(TEXTS)
     for t in TASKS:
         ref = expert_logits(zoo[t])
@@ -73,8 +74,8 @@ def test_share_layers_0_reproduces_every_expert(zoo: dict[str, Path]) -> None:
 
 
 def test_share_layers_L_equals_the_single_pass_merge(zoo: dict[str, Path]) -> None:
-    full = merge(config(zoo, share_layers=LAYERS), progress=False)
-    plain = merge(config(zoo), progress=False)
+    full = merge(MergeJob.of(config(zoo, share_layers=LAYERS)), progress=False)
+    plain = merge(MergeJob.of(config(zoo)), progress=False)
     assert sorted(full.tensors) == sorted(plain.tensors)
     assert not any(k.startswith("branches.") for k in full.tensors)
     assert full.info["share_layers"] == LAYERS
@@ -104,7 +105,7 @@ def _reference(zoo: dict[str, Path], task: str, trunk_model: MultiHeadModel, dep
 def test_branched_logits_are_the_experts_blocks_on_the_merged_trunk(
     zoo: dict[str, Path], branched: MultiHeadModel
 ) -> None:
-    plain = merge(config(zoo), progress=False).to_model()  # same shared tensors (per-tensor method)
+    plain = merge(MergeJob.of(config(zoo)), progress=False).to_model()  # same shared tensors (per-tensor method)
     got = branched.logits(TEXTS)
     for t in TASKS:
         ref = _reference(zoo, t, plain, depth=1)
@@ -154,7 +155,7 @@ def test_save_load_round_trip_keeps_logits_labels_and_format(branched: MultiHead
 def test_streamed_folder_equals_the_in_memory_merge(
     zoo: dict[str, Path], branched: MultiHeadModel, tmp_path: Path
 ) -> None:
-    out = merge_to_folder(config(zoo, share_layers=1), tmp_path / "s", progress=False)
+    out = merge_to_folder(MergeJob.of(config(zoo, share_layers=1)), tmp_path / "s", progress=False)
     loaded = guardmerge.load(out)
     a, b = branched.logits(TEXTS), loaded.logits(TEXTS)
     assert all(torch.allclose(a[t], b[t], atol=1e-6) for t in TASKS)
@@ -204,9 +205,9 @@ def test_per_feature_affine_is_per_feature_least_squares() -> None:
 
 def test_layerwise_solves_only_the_shared_blocks(zoo: dict[str, Path], data_file: Path) -> None:
     cfg = config(zoo, data_file, share_layers=1, method="lot", parameters={"texts": 20})
-    res = build(cfg, progress=False)
+    res = build(MergeJob.of(cfg), progress=False)
     assert res.info["layerwise"]["layers"] == 6  # q, k, v, attention output, intermediate, output of block 0
-    plain = merge(cfg, progress=False)
+    plain = merge(MergeJob.of(cfg), progress=False)
     assert not torch.equal(
         res.tensors["encoder.layer.0.attention.self.query.weight"],
         plain.tensors["encoder.layer.0.attention.self.query.weight"],
@@ -263,17 +264,17 @@ def test_serving_a_branched_model_returns_every_head(
 
 def test_share_layers_above_the_layer_count_is_refused(zoo: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="share_layers is 3 but the base .* has 2 layers"):
-        merge(config(zoo, share_layers=3), progress=False)
+        merge(MergeJob.of(config(zoo, share_layers=3)), progress=False)
 
 
 def test_bad_sharing_configs_are_refused(zoo: dict[str, Path], data_file: Path) -> None:
     experts = [{"model": "m", "task": "hate", "data": str(data_file)}, {"model": "m2", "task": "spam"}]
     with pytest.raises(ConfigError, match=r"branch_align needs unlabelled texts.*expert\(s\) spam"):
-        parse_config({"base_model": "b", "experts": experts, "share_layers": 1, "branch_align": True})
+        MergeJob.of(parse_config({"base_model": "b", "experts": experts, "share_layers": 1, "branch_align": True}))
     with pytest.raises(ConfigError, match="branch_align .* set share_layers"):
-        parse_config({"base_model": "b", "experts": experts[:1], "branch_align": True})
+        MergeJob.of(parse_config({"base_model": "b", "experts": experts[:1], "branch_align": True}))
     with pytest.raises(ConfigError, match="share_layers .* use heads: multi"):
-        parse_config({"base_model": "b", "experts": experts[:1], "share_layers": 1, "heads": "hm3"})
+        MergeJob.of(parse_config({"base_model": "b", "experts": experts[:1], "share_layers": 1, "heads": "hm3"}))
     with pytest.raises(ConfigError, match="share_layers"):
         parse_config({"base_model": "b", "experts": experts[:1], "share_layers": -1})
 
@@ -285,9 +286,11 @@ def test_other_families_branch_and_export(family: str, tmp_path: Path) -> None:
     base, (e0, e1) = _family_zoo(tmp_path, family)
     experts = [{"model": str(e0), "task": "t0"}, {"model": str(e1), "task": "t1"}]
     zero = parse_config({"base_model": str(base), "experts": experts, "share_layers": 0})
-    model = merge(zero, progress=False).to_model()
+    model = merge(MergeJob.of(zero), progress=False).to_model()
     assert torch.allclose(model.logits(TEXTS)["t1"], expert_logits(e1), atol=1e-5)
-    one = merge(parse_config({"base_model": str(base), "experts": experts, "share_layers": 1}), progress=False)
+    one = merge(
+        MergeJob.of(parse_config({"base_model": str(base), "experts": experts, "share_layers": 1})), progress=False
+    )
     m1 = one.to_model()
     torch.manual_seed(0)
     m1.branch("t1").set_align(1 + 0.1 * torch.randn(16), 0.1 * torch.randn(16))

@@ -7,11 +7,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from guardmerge.errors import GuardmergeError
+from guardmerge.serve.options import serve_options
 
 app = typer.Typer(
     name="guardmerge",
@@ -70,21 +71,20 @@ def merge(
     Set dtype / out_dtype in the config (float32, float16, bfloat16). OUT is refused if it
     exists, unless --force.
     """
-    from guardmerge.allocator import tune_for_streaming
     from guardmerge.config import load_config
-    from guardmerge.io import check_output
     from guardmerge.io.writer import parse_size
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.allocator import tune_for_streaming
+    from guardmerge.merge.job import MergeJob
+    from guardmerge.merge.stages import merge_to_folder
 
     overrides = list(set_ or [])
     if allow_pickle:
         overrides.append("allow_pickle=true")
-    cfg = load_config(config, overrides)
-    check_output(out, force=force, inputs=[config, *cfg.input_paths()])
     shard = parse_size(out_shard_size) if out_shard_size else None
+    job = MergeJob.of(load_config(config, overrides))
     tune_for_streaming()
-    merge_to_folder(cfg, out, force=force, progress=progress, max_shard_bytes=shard)
-    typer.echo(f"merged {len(cfg.experts)} experts with {cfg.method} -> {out}")
+    merge_to_folder(job, out, force=force, progress=progress, max_shard_bytes=shard, inputs=[config])
+    typer.echo(f"merged {len(job.experts)} experts with {job.config.method} -> {out}")
 
 
 @app.command("self-merge")
@@ -103,9 +103,10 @@ def self_merge(
     sparsify(tau)) and write a normal single-head classifier, to study task-vector density."""
     import yaml
 
-    from guardmerge.engine import merge as run_merge
     from guardmerge.io import check_output
-    from guardmerge.pipeline import self_merge_config
+    from guardmerge.merge.engine import merge as run_merge
+    from guardmerge.merge.job import MergeJob
+    from guardmerge.merge.stages import self_merge_config
 
     check_output(out, force=force, inputs=[base, expert])
     params = {}
@@ -118,7 +119,7 @@ def self_merge(
         except (yaml.YAMLError, RecursionError):
             raise GuardmergeError(f"--set '{item[:200]}': the value is not a YAML value") from None
     cfg = self_merge_config(base, expert, method, params, task=Path(expert).name or "task", seed=seed)
-    model = run_merge(cfg).to_model()
+    model = run_merge(MergeJob.of(cfg)).to_model()
     model.export_task(model.tasks[0], out, force=force)
     typer.echo(f"self-merged {expert} with {method} {params or ''} -> {out}")
 
@@ -145,9 +146,9 @@ def stats(
     """Compute an expert's statistics once (RegMean Grams, diagonal Fisher) and store them,
     tied to the expert by fingerprint, so merges need no data: `stats: FILE` in the config."""
     from guardmerge.config import StatsConfig
-    from guardmerge.data import read_examples
+    from guardmerge.data import read_examples, task_texts
     from guardmerge.io import check_output
-    from guardmerge.pipeline import compute_stats, task_texts
+    from guardmerge.merge.statistics import compute_stats
     from guardmerge.stats import save_stats
 
     check_output(out, force=force, inputs=[expert, data], file=True)
@@ -373,7 +374,7 @@ def search(
         k, v = item.split("=", 1)
         tw[k.strip()] = float(v)
     work = out.parent / f"{out.name}.search"
-    job = SearchJob(config=cfg.model_dump(), data_dir=str(data), val_limit=val_limit or None, work_dir=str(work))
+    job = SearchJob(config=cfg, data_dir=str(data), val_limit=val_limit or None, work_dir=str(work))
     scorer = MergeScorer(job)  # checks the data before any trial (and before OUT.search exists)
     work.mkdir(parents=True, exist_ok=True)
     settings = SearchSettings(
@@ -578,170 +579,13 @@ def demo(
     typer.echo(render(summary))
 
 
-_MAX_PORT = 65535
-_MAX_THREADS = 1024
-_MAX_TOKENS = 1_000_000
-
-
-def _check_serve_flags(host: str, port: int, threads: int | None, max_length: int | None) -> None:
-    """Refuse the options of ``serve`` that only the command line has (one-line errors)."""
-    import ipaddress
-    import re
-
-    name = host.strip()
-    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    try:
-        ipaddress.ip_address(name.strip("[]"))
-        is_address = True
-    except ValueError:
-        is_address = False
-    if not is_address and not (name == host and len(name) <= 253 and re.fullmatch(rf"{label}(?:\.{label})*\.?", name)):
-        every = " (for every address, give 0.0.0.0 or ::)" if not name else ""
-        raise GuardmergeError(f"--host {host!r} is not an IP address or a host name{every}")
-    if not 1 <= port <= _MAX_PORT:
-        raise GuardmergeError(f"--port must be from 1 to {_MAX_PORT} (got {port})")
-    if threads is not None and not 1 <= threads <= _MAX_THREADS:
-        raise GuardmergeError(f"--threads must be from 1 to {_MAX_THREADS} (got {threads})")
-    if max_length is not None and not 1 <= max_length <= _MAX_TOKENS:
-        raise GuardmergeError(f"--max-length must be from 1 to {_MAX_TOKENS} tokens (got {max_length})")
-
-
-class _Stopped(BaseException):
-    """SIGTERM or SIGINT reached ``serve``: unwind (removing a temporary export), then end as the signal asks."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-def _signals() -> tuple[int, ...]:
-    import signal
-
-    return (signal.SIGTERM, signal.SIGINT)
-
-
-def _stop_on_signals() -> dict[int, object]:
-    """Make SIGTERM and SIGINT raise :class:`_Stopped` (uvicorn puts this back after serving and then
-    re-raises the signal it caught); the previous handlers, to restore."""
-    import signal
-    import threading
-
-    def stop(signum: int, _frame: object) -> None:
-        raise _Stopped(signum)
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        return {}
-    return {sig: signal.signal(sig, stop) for sig in _signals()}
-
-
-def _hold_signals(pending: list[int]) -> None:
-    """While cleaning up: record SIGTERM and SIGINT instead of letting them interrupt the clean-up."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in _signals():
-            signal.signal(sig, lambda signum, _frame: pending.append(signum))
-
-
-def _restore_signals(previous: dict[int, object]) -> None:
-    import signal
-
-    for sig, handler in previous.items():
-        if handler is not None:
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-
-
-def _end_by_signal(signum: int) -> None:
-    """End the process as ``signum`` would have: SIGINT as Ctrl-C (exit 130), others by the signal itself."""
-    import signal
-
-    log.info("stopped by %s", signal.Signals(signum).name)
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    signal.signal(signum, signal.SIG_DFL)
-    signal.raise_signal(signum)
-
-
 @app.command()
+@serve_options
 def serve(
     model: Annotated[
         Path, typer.Argument(help="A merged model folder, or (with --backend onnx) a folder from export-onnx.")
     ],
-    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    backend: Annotated[
-        str, typer.Option(help="torch, or onnx (onnxruntime; a merged folder is exported to a temporary folder first).")
-    ] = "torch",
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            "--api-key",
-            envvar="GUARDMERGE_API_KEY",
-            show_envvar=True,
-            help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (/healthz stays open).",
-        ),
-    ] = None,
-    threshold: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--threshold",
-            help="Flag threshold per task, e.g. --threshold injection=0.8 (or emotion=off), or per label of a "
-            "sequence head: --threshold toxicity.insult=0.7 (wins over its task's).",
-        ),
-    ] = None,
-    default_threshold: Annotated[float, typer.Option(help="Flag threshold of the other tasks.")] = 0.5,
-    benign: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--benign",
-            help="Benign labels of a multi-label head (never flag), e.g. --benign emotions=neutral,joy. Default: "
-            "labels named neutral, benign, safe, clean, none, normal, or starting with non/not.",
-        ),
-    ] = None,
-    flag_entities: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--flag-entities",
-            help="Entity types that flag a text for a token head, e.g. --flag-entities pii=PER,LOC (default: any).",
-        ),
-    ] = None,
-    aggregation: Annotated[
-        str, typer.Option(help="Token heads: how word pieces become entities, first or simple (as transformers).")
-    ] = "first",
-    max_batch: Annotated[int, typer.Option(help="Most texts per encoder pass (micro-batch).")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="Longest wait for a fuller micro-batch (ms).")] = 5.0,
-    max_texts: Annotated[int, typer.Option(help="Most texts per request.")] = 64,
-    max_chars: Annotated[int, typer.Option(help="Most characters per text.")] = 4000,
-    max_queue: Annotated[int, typer.Option(help="Most texts waiting for a batch before 503 overloaded.")] = 4096,
-    max_length: Annotated[
-        int | None, typer.Option(help="Tokens per text (default: the model's maximum, 512 at most).")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="Inference threads (default: the runtime's choice).")] = None,
-    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
-    header_timeout: Annotated[
-        float,
-        typer.Option(
-            help="Seconds a connection has to send a complete request head (from opening, or from the previous "
-            "response); then it is closed."
-        ),
-    ] = 10.0,
-    body_timeout: Annotated[
-        float, typer.Option(help="Seconds a request has to send its whole body; then 408 request_timeout.")
-    ] = 30.0,
-    keep_alive_timeout: Annotated[float, typer.Option(help="Seconds an idle keep-alive connection stays open.")] = 5.0,
-    max_connections: Annotated[
-        int,
-        typer.Option(
-            help="Most concurrent connections: beyond it the oldest connection that has sent no request yet is "
-            "closed, or, when every connection has sent one, the new one is refused (503; /healthz is answered)."
-        ),
-    ] = 512,
-    inference_timeout: Annotated[
-        float, typer.Option(help="Seconds a request's texts may take to be classified; then 504 inference_timeout.")
-    ] = 30.0,
+    **flags: Any,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/classify, GET /v1/model, /healthz, /metrics (Prometheus);
     the OpenAPI document is at /openapi.json. Needs the extra named serve.
@@ -751,84 +595,9 @@ def serve(
     their entity spans (type, character offsets, text, score). A text is flagged when any head
     flags it: a non-benign label at or above its threshold, or (token heads) an entity of a
     flagged type."""
-    if not 0.0 <= default_threshold <= 1.0:
-        raise GuardmergeError(f"--default-threshold {default_threshold} is outside [0, 1]")
-    _check_serve_flags(host, port, threads, max_length)
-    if api_key is None and os.environ.get("GUARDMERGE_API_KEY") is not None:
-        api_key = os.environ["GUARDMERGE_API_KEY"]  # click reads an empty variable as unset: refuse it below
-    try:
-        import uvicorn
+    from guardmerge.serve.process import run_serve
 
-        from guardmerge.serve import (
-            ServeSettings,
-            create_app,
-            load_backend,
-            parse_thresholds,
-        )
-        from guardmerge.serve.app import check_api_key
-        from guardmerge.serve.flags import parse_label_lists
-        from guardmerge.serve.server import is_loopback, uvicorn_limits
-    except ImportError as exc:
-        raise GuardmergeError(
-            f"serving needs the serve extra ({exc.name} is missing): pip install 'guardmerge[serve]'"
-        ) from None
-
-    check_api_key(api_key, "--api-key (or $GUARDMERGE_API_KEY)")
-    limits = uvicorn_limits(
-        header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout, max_connections=max_connections
-    )
-    settings = ServeSettings(
-        max_texts=max_texts,
-        max_chars=max_chars,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        max_queue=max_queue,
-        thresholds=parse_thresholds(threshold or []),
-        default_threshold=default_threshold,
-        benign=parse_label_lists(benign or [], "--benign"),
-        flag_entities=parse_label_lists(flag_entities or [], "--flag-entities"),
-        aggregation=aggregation,
-        api_key=api_key,
-        body_timeout=body_timeout,
-        inference_timeout=inference_timeout,
-    )
-    if api_key is None and not is_loopback(host):
-        log.warning(
-            "serving on %s without an API key: anyone who can reach it can classify and read /metrics "
-            "(set --api-key or $GUARDMERGE_API_KEY)",
-            host or "every address",
-        )
-    # from here on SIGTERM and SIGINT unwind through the clean-up below (a temporary ONNX export is
-    # removed), whenever they come: during the export, before uvicorn takes them, or after it re-raises
-    previous = _stop_on_signals()
-    runner = None
-    stopped_by: int | None = None
-    pending: list[int] = []
-    try:
-        runner = load_backend(model, backend, max_length=max_length, threads=threads)
-        application = create_app(runner, settings)
-        log.info("listening on http://%s:%d (docs at /docs)", host, port)
-        uvicorn.run(
-            application,
-            host=host,
-            port=port,
-            access_log=access_log,
-            log_level=logging.getLevelName(log.getEffectiveLevel()).lower(),
-            **limits,
-        )
-    except _Stopped as stop:
-        stopped_by = stop.signum
-    finally:
-        _hold_signals(pending)
-        try:
-            if runner is not None:
-                runner.close()
-        finally:
-            _restore_signals(previous)
-    if stopped_by is None and pending:
-        stopped_by = pending[0]
-    if stopped_by is not None:
-        _end_by_signal(stopped_by)
+    run_serve(model, flags)
 
 
 @app.command("export-onnx")

@@ -30,7 +30,6 @@ from pydantic import (
 )
 
 from guardmerge.errors import ConfigError
-from guardmerge.methods import METHODS, MethodParams
 
 TASK_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
@@ -97,7 +96,9 @@ class StatsConfig(BaseModel):
 
 
 class MergeConfig(BaseModel):
-    """A whole merge job, validated against the method registry."""
+    """A whole merge job as written: a typed schema (field types, ranges, unknown fields refused,
+    unique tasks, weights that do not sum to 0). What needs the method registry or the models is
+    checked once, by :meth:`guardmerge.merge.job.MergeJob.of`."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -134,12 +135,6 @@ class MergeConfig(BaseModel):
         "depth K from the trunk's), on each task's `data`; needs share_layers",
     )
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        METHODS.get(name)  # raises ConfigError naming the known methods
-        return name
-
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
         tasks = [e.task for e in self.experts]
@@ -152,61 +147,7 @@ class MergeConfig(BaseModel):
                 f"experts.*.weight: the expert weights {[e.weight for e in self.experts]} sum to 0; "
                 "weighted means (average, model_stock, regmean...) divide by the sum"
             )
-        spec = METHODS.get(self.method)
-        spec.validate(self.parameters)
-        self.alignment()  # align_heads: true without data fails here, before any work
-        self._check_sharing()
-        lacking = [e.task for e in self.experts if spec.needs and not (e.stats or e.data)]
-        if lacking:
-            raise ConfigError(
-                f"method '{self.method}' needs {', '.join(sorted(spec.needs))} statistics: give "
-                f"`stats: FILE` (guardmerge stats) or `data: FILE` to expert(s) {', '.join(lacking)}"
-            )
-        if spec.layerwise is not None:
-            if self.heads != "multi":
-                raise ConfigError(f"method '{self.method}' solves layers on a multi-head model: use heads: multi")
-            without = [e.task for e in self.experts if not e.data]
-            if without:
-                raise ConfigError(
-                    f"method '{self.method}' runs the models on each task's texts: give `data: FILE` "
-                    f"(unlabelled texts) to expert(s) {', '.join(without)}"
-                )
         return self
-
-    def _check_sharing(self) -> None:
-        """``share_layers`` needs ``heads: multi``; ``branch_align`` needs it and every expert's data."""
-        if self.share_layers is not None and self.heads != "multi":
-            raise ConfigError(
-                f"share_layers gives each task its own upper layers and head: use heads: multi "
-                f"(not heads: {self.heads})"
-            )
-        if self.branch_align:
-            if self.share_layers is None:
-                raise ConfigError("branch_align fits the input of each task's own layers: set share_layers")
-            missing = [e.task for e in self.experts if not e.data]
-            if missing:
-                raise ConfigError(
-                    f"branch_align needs unlabelled texts of every task: give `data: FILE` to expert(s) "
-                    f"{', '.join(missing)}"
-                )
-
-    def alignment(self) -> AlignConfig | None:
-        """The head-alignment settings in force, or None when alignment is off."""
-        if self.align_heads is False:
-            return None
-        if self.heads == "shared":
-            if self.align_heads not in (None, False):
-                raise ConfigError("align_heads needs a multi-head output; heads: shared writes one stock model")
-            return None
-        have_data = all(e.data for e in self.experts)
-        if self.align_heads is None:
-            return AlignConfig() if have_data else None
-        if not have_data:
-            missing = ", ".join(e.task for e in self.experts if not e.data)
-            raise ConfigError(
-                f"align_heads needs unlabelled texts of every task: give `data: FILE` to expert(s) {missing}"
-            )
-        return AlignConfig() if self.align_heads is True else self.align_heads
 
     def input_paths(self) -> list[str]:
         """Every path the merge reads (base, experts, their statistics and data): what an output
@@ -215,10 +156,6 @@ class MergeConfig(BaseModel):
         for e in self.experts:
             paths += [p for p in (e.model, e.stats, e.data) if p]
         return paths
-
-    def method_params(self) -> MethodParams:
-        """The validated parameter model of :attr:`method`."""
-        return METHODS.get(self.method).validate(self.parameters)
 
     def dump(self) -> str:
         """The config as YAML (what ``guardmerge merge`` stores beside the model)."""

@@ -121,11 +121,11 @@ def run_demo(
             sort_keys=False,
         )
     )
-    from guardmerge.pipeline import build, merge_to_folder
+    from guardmerge.merge.job import MergeJob
+    from guardmerge.merge.stages import build, merge_to_folder
 
-    config = load_config(config_path)
-    merged_dir = merge_to_folder(config, work / "merged", force=True, progress=progress)
-    plain = build(load_config(config_path, ["align_heads=false"]), progress=False).to_model()
+    merged_dir = merge_to_folder(MergeJob.of(load_config(config_path)), work / "merged", force=True, progress=progress)
+    plain = build(MergeJob.of(load_config(config_path, ["align_heads=false"])), progress=False).to_model()
 
     test = {name: td.split("test", test_limit) for name, td in task_data.items()}
     expert_results = {}

@@ -27,6 +27,7 @@ from guardmerge.integrations.llm_guard import (
     scanner_name,
     scanners,
 )
+from guardmerge.merge.job import MergeJob
 from guardmerge.models.multihead import MultiHeadModel
 from tests.builders import MERGED_TASKS, TEXTS
 
@@ -441,10 +442,10 @@ def test_long_prompts_run_in_small_passes() -> None:
 
 def _merge(zoo: dict[str, Path], experts: list[dict[str, Any]], folder: Path) -> Path:
     from guardmerge.config import parse_config
-    from guardmerge.engine import merge
+    from guardmerge.merge.engine import merge
 
     cfg = parse_config({"base_model": str(zoo["base"]), "experts": experts, "align_heads": False})
-    return merge(cfg, progress=False).to_model().save_pretrained(folder)
+    return merge(MergeJob.of(cfg), progress=False).to_model().save_pretrained(folder)
 
 
 def test_colliding_scanner_names_are_refused(zoo: dict[str, Path], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ import pytest
 
 from guardmerge.errors import OutputExistsError
 from guardmerge.io import atomic_dir
+from guardmerge.merge.job import MergeJob
 
 
 def test_failure_leaves_nothing(tmp_path: Path) -> None:
@@ -43,7 +44,7 @@ def test_a_blob_linked_expert_survives_force_onto_its_blobs(tmp_path: Path, zoo:
 
     from guardmerge.config import parse_config
     from guardmerge.errors import OutputError
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.stages import merge_to_folder
 
     repo = tmp_path / "hub" / "models--org--hate"
     snapshot, blobs = repo / "snapshots" / "rev", repo / "blobs"
@@ -58,7 +59,7 @@ def test_a_blob_linked_expert_survives_force_onto_its_blobs(tmp_path: Path, zoo:
     )
     for out in (blobs, blobs / "sha-model.safetensors", repo):
         with pytest.raises(OutputError, match="input"):
-            merge_to_folder(cfg, out, force=True, progress=False)
+            merge_to_folder(MergeJob.of(cfg), out, force=True, progress=False)
     assert {p.name: p.read_bytes() for p in blobs.iterdir()} == before
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from guardmerge.errors import GuardmergeError
+from guardmerge.merge.job import MergeJob
 
 WEIGHTS = "model.safetensors"
 
@@ -148,23 +149,23 @@ def run_cli(*args: str) -> None:
 
 def merge_expert(bad: Path, env: dict[str, Path]) -> None:
     from guardmerge.config import parse_config
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.stages import merge_to_folder
 
     cfg = {"base_model": str(env["base"]), "experts": [{"model": str(bad), "task": "hate"}], "align_heads": False}
-    merge_to_folder(parse_config(cfg), env["tmp"] / "out", progress=False)
+    merge_to_folder(MergeJob.of(parse_config(cfg)), env["tmp"] / "out", progress=False)
 
 
 def merge_base(bad: Path, env: dict[str, Path]) -> None:
     from guardmerge.config import parse_config
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge.stages import merge_to_folder
 
     cfg = {"base_model": str(bad), "experts": [{"model": str(env["hate"]), "task": "hate"}], "align_heads": False}
-    merge_to_folder(parse_config(cfg), env["tmp"] / "out", progress=False)
+    merge_to_folder(MergeJob.of(parse_config(cfg)), env["tmp"] / "out", progress=False)
 
 
 def statistics(bad: Path, env: dict[str, Path]) -> None:
     from guardmerge.config import StatsConfig
-    from guardmerge.pipeline import compute_stats
+    from guardmerge.merge.statistics import compute_stats
 
     compute_stats(bad, TEXTS, {"gram"}, StatsConfig(), progress=False)
 
@@ -180,7 +181,7 @@ def predict_command(bad: Path, env: dict[str, Path]) -> None:
 
 
 def head_alignment(bad: Path, env: dict[str, Path]) -> None:
-    from guardmerge.refit import FeatureCache
+    from guardmerge.merge.align import FeatureCache
 
     FeatureCache().get(bad, "hate", TEXTS, 16, 8)
 

@@ -11,7 +11,9 @@ import torch
 
 from guardmerge.config import parse_config
 from guardmerge.errors import ConfigError
-from guardmerge.pipeline import build, compute_stats, merge_to_folder
+from guardmerge.merge.job import MergeJob
+from guardmerge.merge.stages import build, merge_to_folder
+from guardmerge.merge.statistics import compute_stats
 from tests.builders import TEXTS, WORDS, expert_logits, make_base, make_expert
 
 
@@ -55,12 +57,12 @@ def _config(lw: dict[str, Path], method: str, experts: list[tuple[str, Path]], *
 )
 def test_one_expert_is_returned(lw: dict[str, Path], method: str, params: dict) -> None:
     """Every new method (wudi at its exact objective and lambda 1) returns a single expert."""
-    model = build(_config(lw, method, [("a", lw["a"])], **params), progress=False).to_model()
+    model = build(MergeJob.of(_config(lw, method, [("a", lw["a"])], **params)), progress=False).to_model()
     torch.testing.assert_close(model.logits(TEXTS)["a"], expert_logits(lw["a"]), atol=1e-5, rtol=0)
 
 
 def test_lot_identical_experts_are_returned(lw: dict[str, Path]) -> None:
-    model = build(_config(lw, "lot", [("a1", lw["a"]), ("a2", lw["a"])]), progress=False).to_model()
+    model = build(MergeJob.of(_config(lw, "lot", [("a1", lw["a"]), ("a2", lw["a"])])), progress=False).to_model()
     want = expert_logits(lw["a"])
     logits = model.logits(TEXTS)
     for task in ("a1", "a2"):
@@ -71,11 +73,11 @@ def test_every_linear_layer_is_solved_the_rest_kept(lw: dict[str, Path]) -> None
     """Every encoder Linear (and the pooler) moves off the anchor; embeddings are the experts'
     average and LayerNorm too (``norms: average``) or the anchor's (``norms: anchor``)."""
     experts = [("a", lw["a"]), ("b", lw["b"])]
-    anchor = build(_config(lw, "task_arithmetic", experts), progress=False).tensors
-    average = build(_config(lw, "average", experts), progress=False).tensors
-    solved = build(_config(lw, "lot", experts), progress=False)
+    anchor = build(MergeJob.of(_config(lw, "task_arithmetic", experts)), progress=False).tensors
+    average = build(MergeJob.of(_config(lw, "average", experts)), progress=False).tensors
+    solved = build(MergeJob.of(_config(lw, "lot", experts)), progress=False)
     assert solved.info["layerwise"]["layers"] == 2 * 6 + 1  # q, k, v, attn out, intermediate, output; pooler
-    normed = build(_config(lw, "lot", experts, norms="anchor"), progress=False).tensors
+    normed = build(MergeJob.of(_config(lw, "lot", experts, norms="anchor")), progress=False).tensors
     for name, t in solved.tensors.items():
         if name.startswith("heads."):
             continue
@@ -107,7 +109,7 @@ def test_regmean_pp_first_layer_equals_regmean(lw: dict[str, Path], tmp_path: Pa
                 tensors[key] = base_tensors[key.removeprefix("bert.")].clone()
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         experts.append((name, folder))
-    pp = build(_config(lw, "regmean_pp", experts), progress=False).tensors
+    pp = build(MergeJob.of(_config(lw, "regmean_pp", experts)), progress=False).tensors
     cfg = _config(lw, "regmean", experts)
     stats = [
         compute_stats(
@@ -119,7 +121,7 @@ def test_regmean_pp_first_layer_equals_regmean(lw: dict[str, Path], tmp_path: Pa
         )
         for _, p in experts
     ]
-    rm = build(cfg, stats=stats, progress=False).tensors
+    rm = build(MergeJob.of(cfg), stats=stats, progress=False).tensors
     for key in ("query", "key", "value"):
         name = f"encoder.layer.0.attention.self.{key}.weight"
         # LayerNorm outputs span a subspace (their features sum to a constant): compare the two
@@ -133,15 +135,17 @@ def test_regmean_pp_first_layer_equals_regmean(lw: dict[str, Path], tmp_path: Pa
 
 def test_missing_texts_fail_before_any_output_naming_the_expert(lw: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"lot.*expert\(s\) b"):
-        parse_config(
-            {
-                "base_model": str(lw["base"]),
-                "experts": [
-                    {"model": str(lw["a"]), "task": "a", "data": str(lw["data"])},
-                    {"model": str(lw["b"]), "task": "b"},
-                ],
-                "method": "lot",
-            }
+        MergeJob.of(
+            parse_config(
+                {
+                    "base_model": str(lw["base"]),
+                    "experts": [
+                        {"model": str(lw["a"]), "task": "a", "data": str(lw["data"])},
+                        {"model": str(lw["b"]), "task": "b"},
+                    ],
+                    "method": "lot",
+                }
+            )
         )
     # texts that do not exist: refused before the output folder appears
     cfg = parse_config(
@@ -154,7 +158,7 @@ def test_missing_texts_fail_before_any_output_naming_the_expert(lw: dict[str, Pa
     from guardmerge.errors import GuardmergeError
 
     with pytest.raises(GuardmergeError, match="nope.jsonl"):
-        merge_to_folder(cfg, tmp_path / "out", progress=False)
+        merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -164,8 +168,8 @@ def test_layerwise_then_alignment_written_and_reloaded(lw: dict[str, Path], tmp_
     cfg = parse_config(
         {**_config(lw, "lot", [("a", lw["a"]), ("b", lw["b"])], rho=1.0).model_dump(), "align_heads": {"examples": 40}}
     )
-    out = merge_to_folder(cfg, tmp_path / "merged", progress=False)
-    in_memory = build(cfg, progress=False).to_model().logits(TEXTS)
+    out = merge_to_folder(MergeJob.of(cfg), tmp_path / "merged", progress=False)
+    in_memory = build(MergeJob.of(cfg), progress=False).to_model().logits(TEXTS)
     loaded = MultiHeadModel.from_pretrained(out).logits(TEXTS)
     for task in ("a", "b"):
         torch.testing.assert_close(loaded[task], in_memory[task], atol=1e-5, rtol=0)
@@ -180,8 +184,8 @@ def test_prodistill_moves_every_block_toward_the_experts(lw: dict[str, Path]) ->
     (task arithmetic at init_scaling); every block and the pooler are fitted; embeddings keep
     the start; a per-tensor fit stays in the span of the task vectors."""
     experts = [("a", lw["a"]), ("b", lw["b"])]
-    start = build(_config(lw, "task_arithmetic", experts, scaling=0.3), progress=False)
-    fitted = build(_config(lw, "prodistill", experts, epochs=8, texts=40), progress=False)
+    start = build(MergeJob.of(_config(lw, "task_arithmetic", experts, scaling=0.3)), progress=False)
+    fitted = build(MergeJob.of(_config(lw, "prodistill", experts, epochs=8, texts=40)), progress=False)
     assert fitted.info["layerwise"]["layers"] == 2 + 1 and fitted.info["layerwise"]["unit"] == "blocks fitted"
     from guardmerge.models.multihead import MultiHeadModel
 
@@ -197,7 +201,9 @@ def test_prodistill_moves_every_block_toward_the_experts(lw: dict[str, Path]) ->
     for name, t in fitted.tensors.items():
         if "embeddings" in name:
             torch.testing.assert_close(t, start.tensors[name])
-    per_tensor = build(_config(lw, "prodistill", experts, epochs=3, texts=40, granularity="tensor"), progress=False)
+    per_tensor = build(
+        MergeJob.of(_config(lw, "prodistill", experts, epochs=3, texts=40, granularity="tensor")), progress=False
+    )
     from safetensors.torch import load_file
 
     base = load_file(str(lw["base"] / "model.safetensors"))

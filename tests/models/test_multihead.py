@@ -7,8 +7,9 @@ import torch
 
 import guardmerge
 from guardmerge.config import parse_config
-from guardmerge.engine import merge
 from guardmerge.errors import GuardmergeError
+from guardmerge.merge.engine import merge
+from guardmerge.merge.job import MergeJob
 from guardmerge.models.multihead import MultiHeadModel
 from tests.builders import TEXTS, expert_logits, write_tokenizer
 
@@ -23,7 +24,7 @@ def merged(zoo: dict[str, Path]) -> MultiHeadModel:
             "parameters": {"scaling": 0.4},
         }
     )
-    return merge(c, progress=False).to_model()
+    return merge(MergeJob.of(c), progress=False).to_model()
 
 
 def test_predict_returns_every_head_in_input_order(merged: MultiHeadModel) -> None:
@@ -141,19 +142,19 @@ def test_other_families_merge_and_export(family: str, tmp_path: Path) -> None:
     one = parse_config(
         {"base_model": str(base), "experts": [{"model": str(e1), "task": "t1"}], "parameters": {"scaling": 1.0}}
     )
-    model = merge(one, progress=False).to_model()
+    model = merge(MergeJob.of(one), progress=False).to_model()
     assert torch.allclose(model.logits(TEXTS)["t1"], expert_logits(e1), atol=1e-5)
     two = parse_config(
         {"base_model": str(base), "experts": [{"model": str(e0), "task": "t0"}, {"model": str(e1), "task": "t1"}]}
     )
-    res = merge(two, progress=False)
+    res = merge(MergeJob.of(two), progress=False)
     assert len(res.heads["t0"].layers) == 2  # hidden layer in the head
     m2 = res.to_model()
     m2.export_task("t1", tmp_path / "exp")
     assert torch.allclose(expert_logits(tmp_path / "exp"), m2.logits(TEXTS)["t1"], atol=1e-5)
     hm3 = parse_config({"base_model": str(base), "experts": [{"model": str(e0), "task": "t0"}], "heads": "hm3"})
     with pytest.raises(GuardmergeError, match="hm3 needs a single Linear head"):
-        merge(hm3, progress=False)
+        merge(MergeJob.of(hm3), progress=False)
 
 
 # -- issue 21: what a merged folder may hold, and outputs that are not finite ---------------------
@@ -260,8 +261,8 @@ def test_predict_cli_exits_2_on_non_finite_outputs(
 def _scaled_merge(zoo: dict[str, Path], tmp_path: Path, probe: bool) -> Path:
     """A merge at scaling 1e38 (finite weights, overflowing activations); ``probe=False`` skips
     the merge's own output check, to build the folder a user must never get."""
-    from guardmerge import engine
-    from guardmerge.pipeline import merge_to_folder
+    from guardmerge.merge import write as engine
+    from guardmerge.merge.stages import merge_to_folder
 
     cfg = parse_config(
         {
@@ -272,11 +273,11 @@ def _scaled_merge(zoo: dict[str, Path], tmp_path: Path, probe: bool) -> Path:
         }
     )
     if probe:
-        return merge_to_folder(cfg, tmp_path / "scaled", progress=False)
+        return merge_to_folder(MergeJob.of(cfg), tmp_path / "scaled", progress=False)
     original = engine.probe_outputs
     engine.probe_outputs = lambda *a, **k: None  # type: ignore[assignment]
     try:
-        return merge_to_folder(cfg, tmp_path / "scaled", progress=False)
+        return merge_to_folder(MergeJob.of(cfg), tmp_path / "scaled", progress=False)
     finally:
         engine.probe_outputs = original
 

@@ -8,13 +8,13 @@ import json
 import random
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from guardmerge.config import parse_config
-from guardmerge.engine import merge
+from guardmerge.config import MergeConfig, parse_config
+from guardmerge.merge.engine import merge
+from guardmerge.merge.job import MergeJob
 from guardmerge.models.checkpoint import Checkpoint
 from guardmerge.search import Candidate
 from guardmerge.search.objective import Report
@@ -78,14 +78,16 @@ def zoo_config(
     parameters: dict | None = None,
     weights: Mapping[str, float] | None = None,
     tasks: tuple[str, ...] = TASKS,
-) -> dict[str, Any]:
-    return {
-        "base_model": str(zoo["base"]),
-        "experts": [{"model": str(zoo[t]), "task": t, "weight": (weights or {}).get(t, 1.0)} for t in tasks],
-        "method": method,
-        "parameters": dict(parameters or {}),
-        "align_heads": False,
-    }
+) -> MergeConfig:
+    return parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [{"model": str(zoo[t]), "task": t, "weight": (weights or {}).get(t, 1.0)} for t in tasks],
+            "method": method,
+            "parameters": dict(parameters or {}),
+            "align_heads": False,
+        }
+    )
 
 
 class PlantedScorer:
@@ -102,8 +104,8 @@ class PlantedScorer:
 
     def _encoder(self, c: Candidate) -> dict[str, torch.Tensor]:
         weights = dict(zip(TASKS, c.weights))
-        cfg = parse_config(zoo_config(self.zoo, self.method, c.parameters, weights))
-        return {k: v for k, v in merge(cfg, progress=False).tensors.items() if not k.startswith("heads.")}
+        cfg = zoo_config(self.zoo, self.method, c.parameters, weights)
+        return {k: v for k, v in merge(MergeJob.of(cfg), progress=False).tensors.items() if not k.startswith("heads.")}
 
     @staticmethod
     def _distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:

@@ -44,9 +44,9 @@ def test_scorer_reports_after_every_task_and_reuses_seen_candidates(
     steps: list[int] = []
     first = scorer(Candidate({"scaling": 0.5}, (1.0, 1.0, 1.0)), lambda s, sc: steps.append(s))
     assert steps == [0, 1, 2] and set(first) == set(TASKS)
-    import guardmerge.pipeline
+    import guardmerge.merge.stages
 
-    monkeypatch.setattr(guardmerge.pipeline, "build", lambda *a, **k: pytest.fail("merged again"))
+    monkeypatch.setattr(guardmerge.merge.stages, "build", lambda *a, **k: pytest.fail("merged again"))
     assert scorer(Candidate({"scaling": 0.5}, (1.0, 1.0, 1.0)), lambda s, sc: None) == first
 
 

@@ -19,7 +19,7 @@ def test_search_command_writes_the_best_merge_with_summary_plot_and_card(
     search_zoo: dict[str, Path], val_data: Path, tmp_path: Path
 ) -> None:
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text(yaml.safe_dump(zoo_config(search_zoo, method="dare_ties")))
+    cfg.write_text(yaml.safe_dump(zoo_config(search_zoo, method="dare_ties").model_dump()))
     out = tmp_path / "best"
     args = ["search", str(cfg), "--data", str(val_data), "--out", str(out), "--weights", "0.5,1.5", "--no-progress"]
     res = runner.invoke(app, [*args, "--trials", "5"])
@@ -47,7 +47,7 @@ def test_search_command_refuses_bad_options_before_any_trial(
     search_zoo: dict[str, Path], val_data: Path, tmp_path: Path
 ) -> None:
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text(yaml.safe_dump(zoo_config(search_zoo, method="ties")))
+    cfg.write_text(yaml.safe_dump(zoo_config(search_zoo, method="ties").model_dump()))
     base = ["search", str(cfg), "--data", str(val_data), "--out", str(tmp_path / "o"), "--no-progress"]
     for extra, message in (
         (["--weights", "2"], "LOW,HIGH"),

@@ -3,6 +3,6 @@
 - :mod:`guardmerge.merge.job`: :class:`MergeJob`, a config resolved and validated once;
 - :mod:`guardmerge.merge.layerwise`: the layer-wise stage (``lot``, ``regmean_pp``).
 
-The stages run in this order: statistics, tensor merge (:mod:`guardmerge.engine`), layer-wise
-solves, head alignment, write (:mod:`guardmerge.pipeline`).
+The stages run in this order: statistics, tensor merge (:mod:`guardmerge.merge.engine`), layer-wise
+solves, head alignment, write (:mod:`guardmerge.merge.stages`).
 """

@@ -8,23 +8,23 @@ Multi-label heads fit their logits exactly as softmax heads do; a token head fit
 logits, one row per non-padding token of the texts (word-level texts are words joined by spaces).
 The encoder is never touched. Expert features do not depend on the merge, so they are cached
 (in memory, and on disk when a cache folder is given): a search or a benchmark pays for them once.
-The math lives in :mod:`guardmerge.align`.
+The math lives in :mod:`guardmerge.merge.fits`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from guardmerge.align import affine_map, compose_linear, moment_match, ridge_refit
 from guardmerge.config import AlignConfig
 from guardmerge.errors import GuardmergeError
+from guardmerge.merge.fits import affine_map, compose_linear, moment_match, ridge_refit
 from guardmerge.models.multihead import Head, MultiHeadModel
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,17 @@ class FeatureCache:
             h.update(t.encode() + b"\0")
         return h.hexdigest()[:20]
 
-    def get(self, expert: str | Path, task: str, texts: Sequence[str], max_length: int, batch_size: int) -> Features:
+    def get(
+        self,
+        expert: str | Path,
+        task: str,
+        texts: Sequence[str],
+        max_length: int,
+        batch_size: int,
+        model: Callable[[], MultiHeadModel] | None = None,
+    ) -> Features:
+        """The expert's features on ``texts``: cached, or computed with ``model()`` (the expert as a
+        one-head model; default: read from the ``expert`` folder)."""
         key = self.key(expert, texts, max_length)
         if key in self._memory:
             return self._memory[key]
@@ -85,8 +95,12 @@ class FeatureCache:
             data = load_file(str(path))
             feats = Features(data["head_inputs"], data["logits"])
         else:
-            model = MultiHeadModel.from_classifier(expert, task, allow_pickle=self.allow_pickle)
-            feats = head_features(model, task, texts, batch_size=batch_size, max_length=max_length)
+            one = (
+                model()
+                if model is not None
+                else MultiHeadModel.from_classifier(expert, task, allow_pickle=self.allow_pickle)
+            )
+            feats = head_features(one, task, texts, batch_size=batch_size, max_length=max_length)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_file({"head_inputs": feats.head_inputs, "logits": feats.logits}, str(path))
@@ -139,12 +153,15 @@ def align_heads(
     texts: Mapping[str, Sequence[str]],
     cfg: AlignConfig,
     cache: FeatureCache | None = None,
+    expert_models: Callable[[str], MultiHeadModel] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Refit every head of ``model`` that has an expert and texts; return per-task diagnostics.
 
     Args:
         experts: task -> expert classifier folder.
         texts: task -> unlabelled texts of that task (the first ``cfg.examples`` are used).
+        expert_models: task -> the expert as a one-head model (a merge job's, built once from its
+            open checkpoint); default: read from the folder when its features are not cached.
     """
     cache = cache or FeatureCache()
     report = {}
@@ -153,7 +170,8 @@ def align_heads(
             log.warning("head alignment: no texts for task '%s'; head kept as merged", task)
             continue
         sample = list(texts[task])[: cfg.examples]
-        ef = cache.get(expert, task, sample, cfg.max_length, cfg.batch_size)
+        build = (lambda t=task: expert_models(t)) if expert_models is not None else None
+        ef = cache.get(expert, task, sample, cfg.max_length, cfg.batch_size, build)
         mf = head_features(model, task, sample, batch_size=cfg.batch_size, max_length=cfg.max_length)
         report[task] = refit_head(model.heads[task], mf, ef, cfg)  # type: ignore[arg-type]
         log.info(

@@ -4,7 +4,7 @@ With ``share_layers: K`` each task runs its expert's own blocks ``K..L-1`` on th
 output, which drifts from what those blocks were trained on (the expert's own hidden states at
 depth K). For each task, the merged model and the task's expert read the same tokenised texts;
 over the non-padding tokens, a per-feature affine map from the trunk's hidden states to the
-expert's is fitted in closed form (:func:`guardmerge.align.per_feature_affine`) and set as the
+expert's is fitted in closed form (:func:`guardmerge.merge.fits.per_feature_affine`) and set as the
 branch's ``align``. Nothing else changes.
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from guardmerge.align import per_feature_affine
 from guardmerge.errors import GuardmergeError
+from guardmerge.merge.fits import per_feature_affine
 from guardmerge.merge.layerwise import _capture_inputs, blocks_at
 from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.stats.batches import tokenize_batches
@@ -72,7 +72,7 @@ def branch_align_stage(
         model: a branched merged model (with its tokenizer).
         experts: task -> the expert as a one-head model (same family and tokenizer).
         texts: task -> unlabelled texts.
-        ridge: see :func:`~guardmerge.align.per_feature_affine`.
+        ridge: see :func:`~guardmerge.merge.fits.per_feature_affine`.
 
     Returns:
         A report: ``share_layers``, per task the tokens and the mean squared error of the branch

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from guardmerge.config import MergeConfig
-    from guardmerge.engine import MergeResult
+    from guardmerge.merge.result import MergeResult
 
 
 def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:

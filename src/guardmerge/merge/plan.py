@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,19 +41,6 @@ STRUCTURAL_KEYS = (
 )
 DRIFT_WARN = 0.5  # ||tau|| / ||theta_0|| above this suggests another base
 DRIFT_PROBE_NUMEL = 1 << 22  # the drift probe reads matrices up to this size (not the embeddings)
-
-
-@dataclass(frozen=True)
-class ExpertRef:
-    """An expert as the engine sees it: task name, weight and its open checkpoint."""
-
-    task: str
-    weight: float
-    checkpoint: Checkpoint
-
-    @property
-    def where(self) -> str:
-        return f"expert '{self.task}' ({self.checkpoint.source})"
 
 
 @dataclass(frozen=True)
@@ -109,7 +96,7 @@ class MergePlan:
 
 
 def plan_merge(
-    base: Checkpoint, experts: Sequence[ExpertRef], heads_mode: str = "multi", share_layers: int | None = None
+    base: Checkpoint, experts: Mapping[str, Checkpoint], heads_mode: str = "multi", share_layers: int | None = None
 ) -> MergePlan:
     """Check that ``experts`` can be merged onto ``base`` and return the plan.
 
@@ -121,8 +108,8 @@ def plan_merge(
         ConfigError: ``share_layers`` above the number of layers.
     """
     adapter = base.adapter
-    for ex in experts:
-        _check_config(base, ex)
+    for ck in experts.values():
+        _check_config(base, ck)
     if heads_mode == "shared":
         return _plan_shared(base, experts)
     if not adapter.multi_head:
@@ -140,14 +127,14 @@ def plan_merge(
     heads: dict[str, HeadLayout] = {}
     problems: dict[str, str] = {}
     absent: dict[str, frozenset[str]] = {}
-    for ex in experts:
-        problems[ex.task] = problem = ex.checkpoint.problem
-        heads[ex.task] = adapter.head_layout(ex.checkpoint.config, head_owned_pooler, where=ex.where, problem=problem)
-        lacking = _check_tensors(base, merge_names, ex, heads[ex.task])
+    for task, ck in experts.items():
+        problems[task] = problem = ck.problem
+        heads[task] = adapter.head_layout(ck.config, head_owned_pooler, where=ck.where, problem=problem)
+        lacking = _check_tensors(base, merge_names, ck, heads[task])
         if lacking:
-            absent[ex.task] = lacking
-            log.info("%s has no pooler (a token classifier): merged as unchanged from the base", ex.where)
-        _check_labels(ex)
+            absent[task] = lacking
+            log.info("%s has no pooler (a token classifier): merged as unchanged from the base", ck.where)
+        _check_labels(ck)
     _check_vocab(base, experts)
     if head_owned_pooler:
         log.info("the base has no pooler: each head keeps its expert's pooler")
@@ -160,7 +147,7 @@ def plan_merge(
         merge_names=tuple(merge_names),
         copy_names=tuple(copy_names),
         heads=heads,
-        labels={ex.task: tuple(ex.checkpoint.id2label()) for ex in experts},
+        labels={task: tuple(ck.id2label()) for task, ck in experts.items()},
         branch_names=tuple(branch_names),
         share_layers=share_layers,
         problems=problems,
@@ -198,30 +185,30 @@ def _split_branches(
     return merged, branch
 
 
-def _plan_shared(base: Checkpoint, experts: Sequence[ExpertRef]) -> MergePlan:
+def _plan_shared(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> MergePlan:
     """``heads: shared``: every expert has the same tensors (head included), merged as one."""
     adapter = base.adapter
-    first = experts[0].checkpoint
+    first = next(iter(experts.values()))
     heads = [n for n in first.names() if adapter.is_head(n)]
     body = encoder_names(adapter, base.names())
     merge_names = [n for n in body if base.dtype(n).is_floating_point]
     copy_names = [n for n in body if not base.dtype(n).is_floating_point]
-    for ex in experts:
-        _check_tensors_present(base, merge_names, ex, "tensor")
-        own = sorted(n for n in ex.checkpoint.names() if adapter.is_head(n))
+    for ck in experts.values():
+        _check_tensors_present(base, merge_names, ck, "tensor")
+        own = sorted(n for n in ck.names() if adapter.is_head(n))
         if own != sorted(heads):
             raise CompatibilityError(
-                f"{ex.where}: heads: shared needs the same head in every expert, but its head tensors are "
+                f"{ck.where}: heads: shared needs the same head in every expert, but its head tensors are "
                 f"{own} and {first.source}'s are {sorted(heads)}; use heads: multi for different label sets"
             )
         for name in heads:
-            if ex.checkpoint.shape(name) != first.shape(name):
+            if ck.shape(name) != first.shape(name):
                 raise CompatibilityError(
-                    f"{ex.where}: head tensor '{name}' has shape {list(ex.checkpoint.shape(name))} but "
+                    f"{ck.where}: head tensor '{name}' has shape {list(ck.shape(name))} but "
                     f"{first.source}'s has {list(first.shape(name))} (different label sets: use heads: multi)"
                 )
-        if "id2label" in first.config and ex.checkpoint.config.get("id2label") != first.config.get("id2label"):
-            raise CompatibilityError(f"{ex.where}: its labels differ from {first.source}'s; use heads: multi")
+        if "id2label" in first.config and ck.config.get("id2label") != first.config.get("id2label"):
+            raise CompatibilityError(f"{ck.where}: its labels differ from {first.source}'s; use heads: multi")
     _check_vocab(base, experts)
     for name in heads:
         if name in base and base.shape(name) != first.shape(name):
@@ -244,83 +231,82 @@ def _plan_shared(base: Checkpoint, experts: Sequence[ExpertRef]) -> MergePlan:
 
 
 def _check_tensors_present(
-    base: Checkpoint, names: Sequence[str], ex: ExpertRef, what: str = "encoder tensor", allow_pooler: bool = False
+    base: Checkpoint, names: Sequence[str], ck: Checkpoint, what: str = "encoder tensor", allow_pooler: bool = False
 ) -> frozenset[str]:
-    """Check ``ex`` holds every tensor of ``names`` with the base's shape; return the pooler
+    """Check ``ck`` holds every tensor of ``names`` with the base's shape; return the pooler
     tensors it lacks (only with ``allow_pooler``: a token classifier stores no pooler)."""
-    ck = ex.checkpoint
     lacking = []
     for name in names:
         if name not in ck:
             if allow_pooler and base.adapter.is_pooler(name):
                 lacking.append(name)
                 continue
-            raise CompatibilityError(f"{ex.where} is missing {what} '{name}'")
+            raise CompatibilityError(f"{ck.where} is missing {what} '{name}'")
         if ck.shape(name) != base.shape(name):
             raise CompatibilityError(
-                f"{ex.where}: tensor '{name}' has shape {list(ck.shape(name))} but the base "
+                f"{ck.where}: tensor '{name}' has shape {list(ck.shape(name))} but the base "
                 f"has {list(base.shape(name))}"
             )
     return frozenset(lacking)
 
 
-def _check_config(base: Checkpoint, ex: ExpertRef) -> None:
-    if ex.checkpoint.model_type != base.model_type:
+def _check_config(base: Checkpoint, ck: Checkpoint) -> None:
+    if ck.model_type != base.model_type:
         raise CompatibilityError(
-            f"{ex.where} is a '{ex.checkpoint.model_type}' model but the base ({base.source}) is '{base.model_type}'"
+            f"{ck.where} is a '{ck.model_type}' model but the base ({base.source}) is '{base.model_type}'"
         )
     for key in STRUCTURAL_KEYS:
-        a, b = base.config.get(key), ex.checkpoint.config.get(key)
+        a, b = base.config.get(key), ck.config.get(key)
         if a is not None and b is not None and a != b:
-            raise CompatibilityError(f"{ex.where}: config field '{key}' is {b} but the base ({base.source}) has {a}")
+            raise CompatibilityError(f"{ck.where}: config field '{key}' is {b} but the base ({base.source}) has {a}")
 
 
-def _check_tensors(base: Checkpoint, base_enc: Sequence[str], ex: ExpertRef, head: HeadLayout) -> frozenset[str]:
-    """Check ``ex``'s encoder and head tensors; return the pooler tensors it lacks."""
-    ck = ex.checkpoint
-    lacking = _check_tensors_present(base, base_enc, ex, allow_pooler=True)
+def _check_tensors(base: Checkpoint, base_enc: Sequence[str], ck: Checkpoint, head: HeadLayout) -> frozenset[str]:
+    """Check ``ck``'s encoder and head tensors; return the pooler tensors it lacks."""
+    lacking = _check_tensors_present(base, base_enc, ck, allow_pooler=True)
     for name in head.tensor_names():
         if name not in ck:
             token = f" or {ck.adapter.token_classifier_class}" if ck.adapter.token_classifier_class else ""
             raise CompatibilityError(
-                f"{ex.where} has no classification head tensor '{name}': guardmerge merges fine-tuned "
+                f"{ck.where} has no classification head tensor '{name}': guardmerge merges fine-tuned "
                 f"*ForSequenceClassification and *ForTokenClassification checkpoints "
                 f"({ck.adapter.classifier_class}{token})"
             )
     return lacking
 
 
-def _check_hm3(adapter: ArchitectureAdapter, experts: Sequence[ExpertRef], heads: dict[str, HeadLayout]) -> None:
+def _check_hm3(adapter: ArchitectureAdapter, experts: Mapping[str, Checkpoint], heads: dict[str, HeadLayout]) -> None:
     """``heads: hm3`` concatenates the experts' single Linear heads on one shared input."""
-    for ex in experts:
-        if ex.checkpoint.problem == "token":
+    for ck in experts.values():
+        if ck.problem == "token":
             raise CompatibilityError(
-                f"heads: hm3 merges sequence heads on one pooled input, but {ex.where} is a token classifier "
+                f"heads: hm3 merges sequence heads on one pooled input, but {ck.where} is a token classifier "
                 "(its head reads every token); use heads: multi"
             )
-    for ex in experts:
-        layout = heads[ex.task]
+    for task in experts:
+        layout = heads[task]
         if len(layout.layers) > 1 or layout.norms or layout.no_bias:
             raise CompatibilityError(
                 f"heads: hm3 needs a single Linear head on a shared pooled output, but "
                 f"{adapter.model_type} heads here have a hidden layer ({', '.join(layout.layers)}); "
                 "use heads: multi"
             )
-    first = heads[experts[0].task]
-    for ex in experts[1:]:
-        layout = heads[ex.task]
+    first_task, first_ck = next(iter(experts.items()))
+    first = heads[first_task]
+    for task, ck in list(experts.items())[1:]:
+        layout = heads[task]
         if (layout.layers, layout.input) != (first.layers, first.input):
             raise CompatibilityError(
-                f"heads: hm3 needs the same head layout in every expert, but {ex.where}'s head reads "
-                f"'{layout.input}' ({', '.join(layout.tensor_names())}) and {experts[0].where}'s reads "
+                f"heads: hm3 needs the same head layout in every expert, but {ck.where}'s head reads "
+                f"'{layout.input}' ({', '.join(layout.tensor_names())}) and {first_ck.where}'s reads "
                 f"'{first.input}' ({', '.join(first.tensor_names())}); use heads: multi"
             )
 
 
-def _check_labels(ex: ExpertRef) -> None:
-    labels = ex.checkpoint.id2label()
+def _check_labels(ck: Checkpoint) -> None:
+    labels = ck.id2label()
     if len(set(labels)) != len(labels):
-        raise CompatibilityError(f"{ex.where}: duplicate label names in id2label: {labels}")
+        raise CompatibilityError(f"{ck.where}: duplicate label names in id2label: {labels}")
 
 
 def _vocab(ck: Checkpoint) -> dict[str, int] | None:
@@ -349,46 +335,46 @@ def _vocab_digest(ck: Checkpoint) -> str | None:
     return h.hexdigest() if found else None
 
 
-def _check_vocab(base: Checkpoint, experts: Sequence[ExpertRef]) -> None:
+def _check_vocab(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> None:
     digest = _vocab_digest(base)
-    if digest is not None and all(_vocab_digest(ex.checkpoint) == digest for ex in experts):
+    if digest is not None and all(_vocab_digest(ck) == digest for ck in experts.values()):
         return  # the same vocabulary files everywhere
     ref_name, ref = base.source, _vocab(base)
-    for ex in experts:
-        vocab = _vocab(ex.checkpoint)
+    for ck in experts.values():
+        vocab = _vocab(ck)
         if vocab is None:
-            log.warning("%s has no tokenizer files: vocabulary not checked", ex.where)
+            log.warning("%s has no tokenizer files: vocabulary not checked", ck.where)
             continue
         if ref is None:
-            ref_name, ref = ex.checkpoint.source, vocab
+            ref_name, ref = ck.source, vocab
             continue
         if vocab != ref:
             only = sorted(set(vocab) ^ set(ref))[:5]
             detail = f"tokens in one but not the other: {only}" if only else "token ids differ"
             raise CompatibilityError(
-                f"{ex.where} has a different vocabulary from {ref_name} ({len(vocab)} vs {len(ref)} tokens; {detail})"
+                f"{ck.where} has a different vocabulary from {ref_name} ({len(vocab)} vs {len(ref)} tokens; {detail})"
             )
     if ref is None:
         log.warning("no tokenizer found in the base or any expert; the output will have none")
 
 
-def _warn_drift(base: Checkpoint, experts: Sequence[ExpertRef], names: Sequence[str]) -> None:
+def _warn_drift(base: Checkpoint, experts: Mapping[str, Checkpoint], names: Sequence[str]) -> None:
     # four weight matrices, skipping the large embeddings: a cheap probe, not a full pass
     matrices = [n for n in names if len(base.shape(n)) == 2]
     sample = ([n for n in matrices if math.prod(base.shape(n)) <= DRIFT_PROBE_NUMEL] or matrices)[:4]
-    for ex in experts:
+    for ck in experts.values():
         num = den = 0.0
         for name in sample:
-            if name not in ex.checkpoint:  # a pooler a token classifier lacks
+            if name not in ck:  # a pooler a token classifier lacks
                 continue
             t0 = base.get(name, torch.float32)
-            num += float((ex.checkpoint.get(name, torch.float32) - t0).pow(2).sum())
+            num += float((ck.get(name, torch.float32) - t0).pow(2).sum())
             den += float(t0.pow(2).sum())
         drift = (num / den) ** 0.5 if den > 0 else 0.0
         if drift > DRIFT_WARN:
             log.warning(
                 "%s drifts far from the base (||tau||/||theta_0|| = %.2f on %d tensors): was it fine-tuned from %s?",
-                ex.where,
+                ck.where,
                 drift,
                 len(sample),
                 base.source,

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -62,6 +62,9 @@ from guardmerge.outputs import (
     text_tokens,
     token_rows,
 )
+
+if TYPE_CHECKING:
+    from guardmerge.models.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -890,14 +893,15 @@ class MultiHeadModel(nn.Module):
     @classmethod
     def from_classifier(
         cls,
-        path: str | Path,
+        path: str | Path | Checkpoint,
         task: str | None = None,
         *,
         allow_pickle: bool = False,
         fill: Mapping[str, torch.Tensor] | None = None,
     ) -> MultiHeadModel:
         """Wrap a stock ``*ForSequenceClassification`` (single- or multi-label) or
-        ``*ForTokenClassification`` folder (or hub id) as a one-head model.
+        ``*ForTokenClassification`` folder (or hub id, or a merge job's open checkpoint, read
+        again and not reopened) as a one-head model.
 
         Args:
             fill: encoder tensors (canonical names) to use where the checkpoint has none: the
@@ -907,7 +911,9 @@ class MultiHeadModel(nn.Module):
         from guardmerge.models.adapters import encoder_names
         from guardmerge.models.checkpoint import Checkpoint
 
-        with Checkpoint(path, allow_pickle=allow_pickle) as ck:
+        opened = None if isinstance(path, Checkpoint) else Checkpoint(path, allow_pickle=allow_pickle)
+        with opened or nullcontext(path) as ck:
+            assert isinstance(ck, Checkpoint)
             ad = ck.adapter
             names = encoder_names(ad, ck.names())
             enc_state = {n: ck.get(n) for n in names}

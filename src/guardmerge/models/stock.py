@@ -31,7 +31,7 @@ _LABEL_KEYS = ("id2label", "label2id", "num_labels", "problem_type")
 
 
 def stock_model(
-    folder: str | Path,
+    source: str | Path | Checkpoint,
     *,
     token: bool = False,
     labels: Sequence[str] | None = None,
@@ -41,7 +41,8 @@ def stock_model(
     where: str | None = None,
     architecture: bool = False,
 ) -> Any:
-    """The family's stock sequence (or, with ``token``, token) classifier of ``folder``, in eval mode.
+    """The family's stock sequence (or, with ``token``, token) classifier of ``source`` (a folder or
+    hub id, or a checkpoint already open: a merge job's, read again, not reopened), in eval mode.
 
     Args:
         architecture: build the transformers class the config names (``architectures[0]``,
@@ -58,7 +59,9 @@ def stock_model(
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    with Checkpoint(folder, allow_pickle=allow_pickle, where=where) as ck:
+    opened = None if isinstance(source, Checkpoint) else Checkpoint(source, allow_pickle=allow_pickle, where=where)
+    with opened or nullcontext(source) as ck:
+        assert isinstance(ck, Checkpoint)
         ad = ck.adapter
         config = {k: v for k, v in ck.config.items() if k != "guardmerge"}
         if labels is not None:

@@ -3,7 +3,7 @@
 A :class:`MergeScorer` is built once per worker process from a picklable :class:`SearchJob`
 and keeps everything that does not change between trials: the validation subsets, tokenised
 once into batches; the experts' statistics (RegMean, Fisher), computed once; the experts' head
-features for head alignment (a :class:`~guardmerge.refit.FeatureCache` on disk, shared by the
+features for head alignment (a :class:`~guardmerge.merge.align.FeatureCache` on disk, shared by the
 workers); and the scores of candidates already seen. Per trial it re-merges the encoder
 (reading the checkpoints, which the OS keeps cached) and runs the merged model over the
 batches, task by task, reporting the scores so far so hopeless trials are pruned early.
@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
+from guardmerge.config import MergeConfig
 from guardmerge.errors import ConfigError, GuardmergeError
 from guardmerge.search.space import Candidate
+
+if TYPE_CHECKING:
+    from guardmerge.merge.job import MergeJob
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +65,14 @@ class SearchJob:
     """Everything a worker needs to build its :class:`MergeScorer` (picklable).
 
     Attributes:
-        config: the merge config as a dict (``MergeConfig.model_dump()``).
+        config: the merge config, validated once (a pydantic model: it pickles to workers).
         data_dir: folder with one sub-folder per task holding ``validation.jsonl``.
         val_limit: validation examples per task (first n), None for all.
         work_dir: cache folder (statistics, expert features) shared by the workers.
         max_length, batch_size: tokenisation and evaluation batch settings.
     """
 
-    config: dict[str, Any]
+    config: MergeConfig
     data_dir: str
     val_limit: int | None = 200
     work_dir: str | None = None
@@ -79,13 +84,12 @@ class MergeScorer:
     """The real scorer: merge the candidate and evaluate it on the validation subsets."""
 
     def __init__(self, job: SearchJob) -> None:
-        from guardmerge.config import parse_config
         from guardmerge.data import load_task
+        from guardmerge.merge.align import FeatureCache
         from guardmerge.merge.job import MergeJob
-        from guardmerge.refit import FeatureCache
 
         self.job = job
-        self.merge_job = MergeJob.of(parse_config(dict(job.config), source="search config"))
+        self.merge_job = MergeJob.of(job.config)
         self.spec = self.merge_job.spec
         self.tasks = self.merge_job.tasks
         root = Path(job.data_dir)
@@ -106,15 +110,22 @@ class MergeScorer:
         self._stats: Any = None
         self._batches: dict[str, list[dict[str, torch.Tensor]]] | None = None
         self._seen: dict[str, dict[str, float]] = {}
+        self._open = ExitStack()  # the job stays open across trials: each model is read once
 
-    def config_for(self, candidate: Candidate) -> Any:
-        """The merge job of ``candidate``: the search's job with its parameters and weights."""
+    def close(self) -> None:
+        """Close the merge job's checkpoints."""
+        self._open.close()
+
+    def config_for(self, candidate: Candidate) -> MergeJob:
+        """The merge job of ``candidate``: the search's open job with its parameters and weights."""
+        if not self.merge_job.is_open:
+            self._open.enter_context(self.merge_job.open())
         return self.merge_job.with_candidate(candidate.parameters, candidate.weights)
 
-    def statistics(self, config: Any) -> Any:
+    def statistics(self, config: MergeJob) -> Any:
         """Per-expert statistics: computed once, or per candidate when the method sparsifies
         the experts first (their statistics then depend on density and seed)."""
-        from guardmerge.pipeline import expert_statistics
+        from guardmerge.merge.statistics import expert_statistics
 
         if not self.spec.needs:
             return None
@@ -149,7 +160,7 @@ class MergeScorer:
 
     def __call__(self, candidate: Candidate, report: Report) -> dict[str, float]:
         from guardmerge.evaluate import classification_metrics, evaluate
-        from guardmerge.pipeline import build
+        from guardmerge.merge.stages import build
 
         key = candidate.key()
         if key in self._seen:

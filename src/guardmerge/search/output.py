@@ -88,8 +88,8 @@ def write_best(
     scorer: MergeScorer, outcome: SearchOutcome, out: str | Path, *, force: bool = False, progress: bool = True
 ) -> Path:
     """Merge the best candidate once more and write it to ``out`` with the search summary."""
-    from guardmerge.engine import write_result
-    from guardmerge.pipeline import build
+    from guardmerge.merge.stages import build
+    from guardmerge.merge.write import write_result
 
     job = scorer.config_for(outcome.best)
     result = build(job, progress=progress, stats=scorer.statistics(job), feature_cache=scorer.features)
