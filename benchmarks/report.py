@@ -462,6 +462,86 @@ def plots(res: dict, out_dir: Path) -> list[str]:
     return made
 
 
+def _split_counts(counts: dict[str, int]) -> dict[str, dict[str, int]]:
+    """``{"merge.killed": 10, ...}`` -> ``{"merge": {"killed": 10, ...}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for key, value in sorted(counts.items()):
+        head, _, tail = key.partition(".")
+        out.setdefault(head, {})[tail or "count"] = value
+    return out
+
+
+def reliability_table(path: Path) -> list[str]:
+    """The "Reliability" section from ``results/reliability.json`` (``benchmarks/reliability.py``)."""
+    if not path.is_file():
+        return []
+    rel = json.loads(path.read_text())
+    env = rel.get("environment", {})
+    lines = [
+        "## Reliability: faults, malformed inputs and a soak (`python benchmarks/reliability.py`)",
+        "",
+        f"Measured at commit {_produced(rel)}, {env.get('cpus', '?')} CPUs, torch {env.get('torch', '?')}.",
+        "",
+        "**Faults injected and survived** (`tests/io/test_faults.py`): each command killed with SIGKILL at "
+        f"{rel['faults']['settings']['kills_per_command']} random points; survived = the output is absent or "
+        "whole, every input is byte-identical, and the next run cleans up and succeeds.",
+        "",
+        "| command | killed | finished before the kill | survived |",
+        "|---|---|---|---|",
+    ]
+    faults = _split_counts(rel["faults"].get("counts", {}))
+    for name, c in faults.items():
+        if "killed" in c:
+            lines.append(
+                f"| {name} | {c.get('killed', 0)} | {c.get('complete_before_kill', 0)} | {c.get('survived', 0)} |"
+            )
+    race, disk = faults.get("race", {}), faults.get("full_disk", {})
+    lines += [
+        "",
+        f"Racing runs to one new output: {race.get('runs', 0)} runs, {race.get('outputs', 0)} output(s), "
+        "the others a clear error. Full disk (RLIMIT_FSIZE): "
+        f"{disk.get('clean_errors', 0)} writing commands, each one error line and no output. "
+        f"Fault tests: {rel['faults']['tests']} in {rel['faults']['seconds']} s.",
+        "",
+        "**Malformed inputs generated** (`tests/io/test_fuzz_formats.py`, hypothesis, "
+        f"{rel['fuzz']['settings']['examples_per_format']} examples per format): the only outcomes allowed "
+        "are a guardmerge error or a correct read.",
+        "",
+        "| format | refused with a clear error | accepted (valid) |",
+        "|---|---|---|",
+    ]
+    for name, c in _split_counts(rel["fuzz"].get("counts", {})).items():
+        lines.append(f"| {name} | {c.get('refused', 0)} | {c.get('accepted', 0)} |")
+    lines += [
+        "",
+        f"Every reader against every broken folder (`tests/io/test_readers.py`): {rel['readers']['tests']}.",
+        "",
+    ]
+    soak = rel.get("soak")
+    if soak:
+        s_env = soak.get("environment", {})
+        lines += [
+            f"**Soak** (`benchmarks/soak.py`, commit {_produced(soak)}, load average at the start "
+            f"{', '.join(f'{x:.2f}' for x in s_env.get('load_average', []))}): "
+            f"{soak['settings']['requests']} requests from {soak['settings']['clients']} clients, "
+            "78% normal, the rest malformed, unauthenticated, oversized, slow or stalled bodies, then unknown "
+            "head names.",
+            "",
+            "| backend | requests | normal requests | errors on normal | unexpected statuses | normal p50 / p95 / p99 ms "
+            "| RSS after warm-up -> end (MB) | /healthz at end |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for backend, r in soak["results"].items():
+            n, rss = r["normal"], r["rss_mb"]
+            lines.append(
+                f"| {backend} | {r['requests_sent']} | {n['requests']} | {n['errors']} | {r['unexpected_statuses']} "
+                f"| {n['p50_ms']} / {n['p95_ms']} / {n['p99_ms']} | {rss['after_warmup']} -> {rss['end']} "
+                f"| {r['healthz_at_end']} |"
+            )
+        lines.append("")
+    return lines
+
+
 def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     res = json.loads(Path(guard_json).read_text())
     part = Path(guard_json).with_name("guard_frontier.json")  # sections run as a separate job
@@ -568,8 +648,16 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
         lines.append("")
     lines += merge_speed_table(HERE / "results" / "merge_speed.json")
     lines += vs_llm_guard_table(HERE / "results" / "vs_llm_guard.json")
+    lines += reliability_table(HERE / "results" / "reliability.json")
     for extra in sorted(HERE.glob("results/*.json")):
-        if extra.name in ("guard.json", "guard_frontier.json", "merge_speed.json", "vs_llm_guard.json"):
+        if extra.name in (
+            "guard.json",
+            "guard_frontier.json",
+            "merge_speed.json",
+            "vs_llm_guard.json",
+            "reliability.json",
+            "reliability_soak.json",
+        ):
             continue
         lines += [
             f"## {extra.stem}",
