@@ -226,6 +226,213 @@ def _block_problem(
     return BlockProblem(prefix, theta0, deltas, forward, targets, weights)
 
 
+@dataclass
+class _Site:
+    """One block (or the pooler) being solved: where it sits and how each task reaches it."""
+
+    prefix: str
+    block: nn.Module
+    depth: int | None  # block index; None for the pooler
+    level: int  # index into each expert's hidden states of this site's input
+
+    def call(self, task: _Task, b: int) -> _Call | None:
+        return task.calls[b] if self.depth is not None else None
+
+    def expert(self, task: _Task) -> nn.Module:
+        own = task.blocks[self.depth] if self.depth is not None else task.pooler
+        assert own is not None  # checked by _sites
+        return own
+
+
+def _encoder_parts(
+    model: MultiHeadModel, shared_blocks: int | None
+) -> tuple[nn.Module, nn.ModuleList, nn.Module | None]:
+    """The merged encoder, the blocks to solve and the pooler (None when absent or not solved)."""
+    adapter = model.adapter
+    if adapter.blocks is None:
+        raise GuardmergeError(f"the layer-wise stage does not support model_type '{adapter.model_type}'")
+    if model.tokenizer is None:
+        raise GuardmergeError("the layer-wise stage needs the merged model's tokenizer")
+    encoder = model.encoder.eval()
+    blocks = blocks_at(encoder, adapter.blocks)
+    pooler = (
+        module_at(encoder, adapter.pooler)
+        if adapter.pooler and hasattr(encoder, adapter.pooler) and getattr(encoder, adapter.pooler) is not None
+        else None
+    )
+    if shared_blocks is not None:  # a branched trunk: its shared blocks only (not the branch point)
+        blocks, pooler = blocks[:shared_blocks], None
+    return encoder, blocks, pooler
+
+
+def _prepare_tasks(
+    model: MultiHeadModel,
+    blocks: nn.ModuleList,
+    experts: Mapping[str, MultiHeadModel],
+    texts: Mapping[str, Sequence[str]],
+    weights: Mapping[str, float],
+    batch_size: int,
+    max_length: int,
+) -> dict[str, _Task]:
+    """Tokenise each task's texts; capture the merged model's first block input and the expert's
+    hidden states at every block input (they never change)."""
+    adapter, encoder = model.adapter, model.encoder
+    assert adapter.blocks is not None and model.tokenizer is not None
+    tasks: dict[str, _Task] = {}
+    for task, task_texts in texts.items():
+        ex = experts[task].encoder.eval()
+        batches = tokenize_batches(
+            model.tokenizer, list(task_texts), batch_size=batch_size, max_length=max_length, sort_by_length=True
+        )
+        calls, merged, expert_hidden = [], [], []
+        for batch in batches:
+            h, cl = _capture_inputs(encoder, blocks, batch, upto=0)
+            rows = batch["attention_mask"].reshape(-1).bool().nonzero().squeeze(1)
+            calls.append(_Call(cl[0][0], cl[0][1], rows))
+            merged.append(h[0])
+            eh, _ = _capture_inputs(ex, blocks_at(ex, adapter.blocks), batch, upto=None)
+            expert_hidden.append(eh)
+        ex_pooler = getattr(ex, adapter.pooler, None) if adapter.pooler else None
+        tasks[task] = _Task(
+            calls, merged, expert_hidden, blocks_at(ex, adapter.blocks), ex_pooler, float(weights[task])
+        )
+    return tasks
+
+
+def _sites(
+    model: MultiHeadModel, blocks: nn.ModuleList, pooler: nn.Module | None, tasks: Mapping[str, _Task]
+) -> list[_Site]:
+    """The blocks from the embeddings up, then the pooler; every expert must have each one."""
+    adapter = model.adapter
+    sites = [_Site(f"{adapter.blocks}.{i}", b, i, i) for i, b in enumerate(blocks)]
+    if pooler is not None:
+        sites.append(_Site(adapter.pooler or "pooler", pooler, None, len(blocks)))
+    for site in sites:
+        for t, tk in tasks.items():
+            if (tk.blocks[site.depth] if site.depth is not None else tk.pooler) is None:
+                raise GuardmergeError(f"expert '{t}' has no pooler to fit the merged pooler to")
+    return sites
+
+
+def _fit_block(
+    site: _Site,
+    tasks: Mapping[str, _Task],
+    base: Mapping[str, torch.Tensor],
+    w: torch.Tensor,
+    spec: LayerwiseSpec[Any],
+    params: MethodParams,
+) -> int:
+    """A per-block ``fit`` of one site; 1 when fitted, 0 when the base lacks its tensors."""
+    assert spec.fit is not None
+    problem = _block_problem(site.prefix, site.block, list(tasks.values()), site.level, site.depth, base, w)
+    if problem is None:
+        log.warning("layer-wise fit: the base has no tensors for %s; it keeps the start merge", site.prefix)
+        return 0
+    fitted = spec.fit(problem, params)
+    for pname, param in site.block.named_parameters():
+        param.copy_(fitted[pname].to(param.dtype))
+    return 1
+
+
+def _expert_targets(
+    site: _Site, tasks: Mapping[str, _Task], every: Sequence[str]
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Task -> per batch, the experts' own outputs of every Linear of the site (one expert pass a batch)."""
+    return {
+        t: [
+            {
+                n: _rows(y, tk.calls[b].rows).float()
+                for n, y in _grab(site.expert(tk), every, hidden[site.level], site.call(tk, b), outputs=True).items()
+            }
+            for b, hidden in enumerate(tk.expert)
+        ]
+        for t, tk in tasks.items()
+    }
+
+
+def _group_statistics(
+    site: _Site,
+    group: Sequence[str],
+    tasks: Mapping[str, _Task],
+    targets: Mapping[str, list[dict[str, torch.Tensor]]],
+    reference: Mapping[str, torch.Tensor],
+    bias: bool,
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """The per-task Gram ``[T, d, d]`` of the group's input on the merged model, and per task the
+    cross products ``r x^T`` of each layer's residual target (means over tokens, float64)."""
+    grams, crosses = [], []
+    for t, tk in tasks.items():
+        gram = None
+        cr: dict[str, torch.Tensor] = {}
+        count = 0
+        for b, hidden in enumerate(tk.merged):
+            x = _rows(
+                _grab(site.block, group[:1], hidden, site.call(tk, b), outputs=False)[group[0]], tk.calls[b].rows
+            ).float()
+            if bias:
+                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+            # float32 products per batch, accumulated in float64 (as the Gram collector does)
+            gram = (x.T @ x).double() if gram is None else gram.add_(x.T @ x)
+            count += x.shape[0]
+            for n in reference:
+                r = targets[t][b][n] - x @ reference[n].T.float()
+                cr[n] = (r.T @ x).double() if n not in cr else cr[n].add_(r.T @ x)
+        assert gram is not None
+        grams.append(gram / count)
+        crosses.append({n: c / count for n, c in cr.items()})
+    return torch.stack(grams), crosses
+
+
+def _solve_group(
+    site: _Site,
+    group: Sequence[str],
+    tasks: Mapping[str, _Task],
+    targets: Mapping[str, list[dict[str, torch.Tensor]]],
+    w: torch.Tensor,
+    spec: LayerwiseSpec[Any],
+    params: MethodParams,
+) -> int:
+    """Solve the Linear layers of one group (they read one input) by the method's ``solve``."""
+    assert spec.solve is not None
+    cross, bias = spec.cross, spec.bias
+    ex_lins = {n: [module_at(site.expert(tk), n) for tk in tasks.values()] for n in group}
+    # cross products are measured around the experts' mean layer (the residual of each target),
+    # so a merge that equals the experts is solved to float32 rounding
+    reference = {n: _center(ex_lins[n], w, bias) for n in group} if cross else {}
+    g, crosses = _group_statistics(site, group, tasks, targets, reference, bias)
+    for n in group:
+        lin = module_at(site.block, n)
+        assert isinstance(lin, nn.Linear)
+        system = LinearSystem(
+            name=f"{site.prefix}.{n}.weight",
+            gram=g,
+            cross=torch.stack([c[n] for c in crosses]) if cross else None,
+            expert_weight=torch.stack([cast(nn.Linear, m).weight.detach() for m in ex_lins[n]]),
+            expert_bias=None
+            if lin.bias is None
+            else torch.stack([cast(nn.Linear, m).bias.detach() for m in ex_lins[n]]),
+            anchor_weight=lin.weight.detach().clone(),
+            anchor_bias=None if lin.bias is None else lin.bias.detach().clone(),
+            weights=w,
+            reference=reference.get(n),
+        )
+        new_w, new_b = spec.solve(system, params)
+        lin.weight.copy_(new_w.to(lin.weight.dtype))
+        if new_b is not None and lin.bias is not None:
+            lin.bias.copy_(new_b.to(lin.bias.dtype))
+    return len(group)
+
+
+def _solve_site(
+    site: _Site, tasks: Mapping[str, _Task], w: torch.Tensor, spec: LayerwiseSpec[Any], params: MethodParams
+) -> int:
+    """Solve every Linear group of one site, in call order; the number of layers solved."""
+    first = next(iter(tasks.values()))
+    groups = linear_groups(site.block, first.merged[0], site.call(first, 0))
+    targets = _expert_targets(site, tasks, [n for group in groups for n in group]) if spec.cross else {}
+    return sum(_solve_group(site, group, tasks, targets, w, spec, params) for group in groups)
+
+
 @torch.no_grad()
 def layerwise_stage(
     model: MultiHeadModel,
@@ -261,155 +468,25 @@ def layerwise_stage(
         A report: layers solved, tokens per task, seconds.
     """
     started = time.perf_counter()
-    cross, bias = spec.cross, spec.bias
     if spec.fit is not None and base is None:
         raise GuardmergeError("a per-block layer-wise fit needs the base model's tensors")
-    adapter = model.adapter
-    if adapter.blocks is None:
-        raise GuardmergeError(f"the layer-wise stage does not support model_type '{adapter.model_type}'")
-    if model.tokenizer is None:
-        raise GuardmergeError("the layer-wise stage needs the merged model's tokenizer")
-    encoder = model.encoder.eval()
-    blocks = blocks_at(encoder, adapter.blocks)
-    pooler = (
-        module_at(encoder, adapter.pooler)
-        if adapter.pooler and hasattr(encoder, adapter.pooler) and getattr(encoder, adapter.pooler) is not None
-        else None
-    )
-    if shared_blocks is not None:  # a branched trunk: its shared blocks only (not the branch point)
-        blocks, pooler = blocks[:shared_blocks], None
-        if not blocks:
-            log.info("layer-wise stage: share_layers 0, no shared block to solve")
-            return {"layers": 0, "unit": "Linear layers", "tokens": {}, "seconds": 0.0}
-    tasks: dict[str, _Task] = {}
-    tokens: dict[str, int] = {}
-    for task, task_texts in texts.items():
-        ex = experts[task].encoder.eval()
-        batches = tokenize_batches(
-            model.tokenizer, list(task_texts), batch_size=batch_size, max_length=max_length, sort_by_length=True
-        )
-        calls, merged, expert_hidden = [], [], []
-        for batch in batches:
-            h, cl = _capture_inputs(encoder, blocks, batch, upto=0)
-            rows = batch["attention_mask"].reshape(-1).bool().nonzero().squeeze(1)
-            calls.append(_Call(cl[0][0], cl[0][1], rows))
-            merged.append(h[0])
-            eh, _ = _capture_inputs(ex, blocks_at(ex, adapter.blocks), batch, upto=None)
-            expert_hidden.append(eh)
-        ex_pooler = getattr(ex, adapter.pooler, None) if adapter.pooler else None
-        tasks[task] = _Task(
-            calls, merged, expert_hidden, blocks_at(ex, adapter.blocks), ex_pooler, float(weights[task])
-        )
-        tokens[task] = sum(int(c.rows.numel()) for c in calls)
-    names = list(tasks)
-    w = torch.tensor([tasks[t].weight for t in names], dtype=torch.float64)
+    _, blocks, pooler = _encoder_parts(model, shared_blocks)
+    if shared_blocks is not None and not blocks:
+        log.info("layer-wise stage: share_layers 0, no shared block to solve")
+        return {"layers": 0, "unit": "Linear layers", "tokens": {}, "seconds": 0.0}
+    tasks = _prepare_tasks(model, blocks, experts, texts, weights, batch_size, max_length)
+    tokens = {t: sum(int(c.rows.numel()) for c in tk.calls) for t, tk in tasks.items()}
+    w = torch.tensor([tk.weight for tk in tasks.values()], dtype=torch.float64)
     solved = 0
-    stack: list[tuple[str, nn.Module, int | None]] = [(f"{adapter.blocks}.{i}", b, i) for i, b in enumerate(blocks)]
-    if pooler is not None:
-        stack.append((adapter.pooler or "pooler", pooler, None))
-    first = tasks[names[0]]
-    for prefix, block, depth in tqdm(stack, desc="layer-wise solve", unit="block", disable=not progress):
-
-        def call_of(task: _Task, b: int, depth: int | None = depth) -> _Call | None:
-            return task.calls[b] if depth is not None else None
-
-        def expert_block(task: _Task, depth: int | None = depth) -> nn.Module | None:
-            return task.blocks[depth] if depth is not None else task.pooler
-
-        level = len(blocks) if depth is None else depth
-        for t in names:
-            if expert_block(tasks[t]) is None:
-                raise GuardmergeError(f"expert '{t}' has no pooler to fit the merged pooler to")
+    for site in tqdm(_sites(model, blocks, pooler, tasks), desc="layer-wise solve", unit="block", disable=not progress):
         if spec.fit is not None:
             assert base is not None
-            problem = _block_problem(prefix, block, [tasks[t] for t in names], level, depth, base, w)
-            if problem is None:
-                log.warning("layer-wise fit: the base has no tensors for %s; it keeps the start merge", prefix)
-            else:
-                fitted = spec.fit(problem, params)
-                for pname, param in block.named_parameters():
-                    param.copy_(fitted[pname].to(param.dtype))
-                solved += 1
-            if depth is not None:
-                for tk in tasks.values():
-                    tk.merged = [_call(block, h, tk.calls[b]) for b, h in enumerate(tk.merged)]
-            continue
-        groups = linear_groups(block, first.merged[0], call_of(first, 0))
-        every = [n for group in groups for n in group]
-        # the experts' own outputs of every Linear of this block, one expert pass per batch (lot)
-        targets = (
-            {
-                t: [
-                    {
-                        n: _rows(y, tasks[t].calls[b].rows).float()
-                        for n, y in _grab(
-                            expert_block(tasks[t]),  # type: ignore[arg-type]  # checked above: not None
-                            every,
-                            hidden[level],
-                            call_of(tasks[t], b),
-                            outputs=True,
-                        ).items()
-                    }
-                    for b, hidden in enumerate(tasks[t].expert)
-                ]
-                for t in names
-            }
-            if cross
-            else {}
-        )
-        for group in groups:
-            lins = {n: module_at(block, n) for n in group}
-            ex_lins = {n: [module_at(expert_block(tasks[t]), n) for t in names] for n in group}  # type: ignore[arg-type]
-            # cross products are measured around the experts' mean layer (the residual of each
-            # target), so a merge that equals the experts is solved to float32 rounding
-            reference = {n: _center(ex_lins[n], w, bias) for n in group} if cross else {}
-            grams, crosses = [], []
-            for t in names:
-                tk = tasks[t]
-                gram = None
-                cr: dict[str, torch.Tensor] = {}
-                count = 0
-                for b, hidden in enumerate(tk.merged):
-                    x = _rows(
-                        _grab(block, group[:1], hidden, call_of(tk, b), outputs=False)[group[0]], tk.calls[b].rows
-                    ).float()
-                    if bias:
-                        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-                    # float32 products per batch, accumulated in float64 (as the Gram collector does)
-                    gram = (x.T @ x).double() if gram is None else gram.add_(x.T @ x)
-                    count += x.shape[0]
-                    for n in reference:
-                        r = targets[t][b][n] - x @ reference[n].T.float()
-                        cr[n] = (r.T @ x).double() if n not in cr else cr[n].add_(r.T @ x)
-                assert gram is not None
-                grams.append(gram / count)
-                crosses.append({n: c / count for n, c in cr.items()})
-            g = torch.stack(grams)
-            for n, lin in lins.items():
-                assert isinstance(lin, nn.Linear)
-                system = LinearSystem(
-                    name=f"{prefix}.{n}.weight",
-                    gram=g,
-                    cross=torch.stack([c[n] for c in crosses]) if cross else None,
-                    expert_weight=torch.stack([cast(nn.Linear, m).weight.detach() for m in ex_lins[n]]),
-                    expert_bias=None
-                    if lin.bias is None
-                    else torch.stack([cast(nn.Linear, m).bias.detach() for m in ex_lins[n]]),
-                    anchor_weight=lin.weight.detach().clone(),
-                    anchor_bias=None if lin.bias is None else lin.bias.detach().clone(),
-                    weights=w,
-                    reference=reference.get(n),
-                )
-                assert spec.solve is not None
-                new_w, new_b = spec.solve(system, params)
-                lin.weight.copy_(new_w.to(lin.weight.dtype))
-                if new_b is not None and lin.bias is not None:
-                    lin.bias.copy_(new_b.to(lin.bias.dtype))
-                solved += 1
-        del targets
-        if depth is not None:  # push every task's texts through the solved block
+            solved += _fit_block(site, tasks, base, w, spec, params)
+        else:
+            solved += _solve_site(site, tasks, w, spec, params)
+        if site.depth is not None:  # push every task's texts through the solved block
             for tk in tasks.values():
-                tk.merged = [_call(block, h, tk.calls[b]) for b, h in enumerate(tk.merged)]
+                tk.merged = [_call(site.block, h, tk.calls[b]) for b, h in enumerate(tk.merged)]
     seconds = time.perf_counter() - started
     unit = "blocks fitted" if spec.fit is not None else "Linear layers"
     log.info(
