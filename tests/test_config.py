@@ -87,3 +87,20 @@ def test_malformed_overrides_are_one_config_error(override: str) -> None:
 
     with pytest.raises(ConfigError, match="override"):
         apply_overrides({"base_model": "b", "experts": [{"model": "m", "task": "t"}]}, [override])
+
+
+def test_one_key_value_reader_for_every_assignment_argument() -> None:
+    from guardmerge.config import parse_assignments, split_assignment
+
+    assert split_assignment("a.b=x=y", "--set") == ("a.b", "x=y")
+    assert parse_assignments(["density=0.5", "scope=global", "flag=true"]) == {
+        "density": 0.5,
+        "scope": "global",
+        "flag": True,
+    }
+    with pytest.raises(ConfigError, match="--set 'density' must look like key=value"):
+        parse_assignments(["density"])
+    with pytest.raises(ConfigError, match="--set '=3' must look like key=value"):
+        parse_assignments(["=3"])
+    with pytest.raises(ConfigError, match="not a YAML value"):
+        parse_assignments(["x=[1, 2"])

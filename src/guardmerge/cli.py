@@ -101,23 +101,14 @@ def self_merge(
 ) -> None:
     """HM3 self-merging: merge one expert with itself against its base (theta_0 + scaling *
     sparsify(tau)) and write a normal single-head classifier, to study task-vector density."""
-    import yaml
-
+    from guardmerge.config import parse_assignments
     from guardmerge.io import check_output
     from guardmerge.merge.engine import merge as run_merge
     from guardmerge.merge.job import MergeJob
     from guardmerge.merge.stages import self_merge_config
 
     check_output(out, force=force, inputs=[base, expert])
-    params = {}
-    for item in set_ or []:
-        if "=" not in item:
-            raise GuardmergeError(f"--set '{item}' must look like name=value")
-        key, value = item.split("=", 1)
-        try:
-            params[key.strip()] = yaml.safe_load(value)
-        except (yaml.YAMLError, RecursionError):
-            raise GuardmergeError(f"--set '{item[:200]}': the value is not a YAML value") from None
+    params = parse_assignments(list(set_ or []))
     cfg = self_merge_config(base, expert, method, params, task=Path(expert).name or "task", seed=seed)
     model = run_merge(MergeJob.of(cfg)).to_model()
     model.export_task(model.tasks[0], out, force=force)
@@ -146,15 +137,10 @@ def stats(
     """Compute an expert's statistics once (RegMean Grams, diagonal Fisher) and store them,
     tied to the expert by fingerprint, so merges need no data: `stats: FILE` in the config."""
     from guardmerge.config import StatsConfig
-    from guardmerge.data import read_examples, task_texts
     from guardmerge.io import check_output
-    from guardmerge.merge.statistics import compute_stats
-    from guardmerge.stats import save_stats
+    from guardmerge.merge.statistics import write_expert_stats
 
     check_output(out, force=force, inputs=[expert, data], file=True)
-    unknown = sorted(set(kind) - {"gram", "fisher"})
-    if unknown:
-        raise GuardmergeError(f"unknown statistics kind(s) {unknown}: use gram and/or fisher")
     settings = StatsConfig(
         examples=max_examples,
         batch_size=batch_size,
@@ -163,25 +149,18 @@ def stats(
         fisher_labels=fisher_labels,
         fisher_gradient=fisher_gradient,
     )
-    labels = None
-    if data.is_file():
-        ex = read_examples(data, text_field=text_field, label_field=label_field).head(max_examples)
-        texts, labels = ex.texts, ex.labels
-    else:
-        texts = task_texts(data, max_examples)
-    if fisher_labels == "empirical" and "fisher" in kind and labels is None:
-        raise GuardmergeError(f"empirical Fisher needs gold labels: no integer '{label_field}' in {data}")
-    result = compute_stats(expert, texts, set(kind), settings, labels=labels, allow_pickle=allow_pickle)
-    save_stats(
+    count = write_expert_stats(
+        expert,
+        data,
         out,
-        gram=result.gram,
-        fisher=result.fisher,
-        fingerprint=result.fingerprint,
-        expert=expert,
-        extra={"data": str(data), "examples": len(texts)},
+        set(kind),
+        settings,
+        text_field=text_field,
+        label_field=label_field,
         force=force,
+        allow_pickle=allow_pickle,
     )
-    typer.echo(f"{'+'.join(sorted(kind))} statistics of {expert} on {len(texts)} texts -> {out}")
+    typer.echo(f"{'+'.join(sorted(kind))} statistics of {expert} on {count} texts -> {out}")
 
 
 @app.command()
@@ -258,30 +237,9 @@ def _predict_thresholds(items: list[str] | None) -> dict[str, float | dict[str, 
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """List the registered merge methods and their parameters."""
-    from guardmerge.methods import METHODS
+    from guardmerge.docs import methods_json, methods_text
 
-    if as_json:
-        out = {
-            s.name: {
-                "summary": s.summary,
-                "reference": s.reference,
-                "needs": sorted(s.needs),
-                "parameters": {
-                    n: {"type": t, "default": d, "description": desc} for n, t, d, desc in s.parameter_rows()
-                },
-            }
-            for s in METHODS
-        }
-        typer.echo(json.dumps(out, indent=2))
-        return
-    for spec in METHODS:
-        needs = f"  [needs: {', '.join(sorted(spec.needs))}]" if spec.needs else ""
-        typer.echo(f"{spec.name}{needs}\n  {spec.summary}")
-        if spec.reference:
-            typer.echo(f"  ref: {spec.reference}")
-        for name, tname, default, desc in spec.parameter_rows():
-            typer.echo(f"    {name:<14} {tname:<24} default {default:<10} {desc}")
-        typer.echo("")
+    typer.echo(json.dumps(methods_json(), indent=2) if as_json else methods_text())
 
 
 @app.command()
@@ -335,64 +293,35 @@ def search(
     seconds per trial), search_history.png and a model card naming the search.
     Needs pip install 'guardmerge\\[search]'.
     """
-    from functools import partial
-
     from guardmerge.config import load_config
-    from guardmerge.io import check_output
-    from guardmerge.search import (
-        MergeScorer,
-        SearchJob,
-        SearchSettings,
-        build_space,
-        run_search,
-    )
-    from guardmerge.search.output import write_best
+    from guardmerge.search import SearchSettings
+    from guardmerge.search.run import parse_task_weights, parse_weight_range, search_to_folder
 
-    cfg = load_config(config, list(set_ or []))
-    check_output(out, force=force, inputs=[config, data, *cfg.input_paths()])
-    wr = None
-    if weights:
-        try:
-            lo, hi = (float(x) for x in weights.split(","))
-        except ValueError:
-            raise GuardmergeError(f"--weights '{weights}' must look like LOW,HIGH (e.g. 0.5,3.0)") from None
-        wr = (lo, hi)
-    space = build_space(
-        cfg.method,
-        cfg.parameters,
-        [e.task for e in cfg.experts],
-        [e.weight for e in cfg.experts],
-        only=_param_list(params),
-        weight_range=wr,
-    )
-    if objective not in ("mean", "worst", "weighted"):
-        raise GuardmergeError(f"--objective '{objective}': choose mean, worst or weighted")
-    tw = {}
-    for item in task_weight or []:
-        if "=" not in item:
-            raise GuardmergeError(f"--task-weight '{item}' must look like TASK=W")
-        k, v = item.split("=", 1)
-        tw[k.strip()] = float(v)
-    work = out.parent / f"{out.name}.search"
-    job = SearchJob(config=cfg, data_dir=str(data), val_limit=val_limit or None, work_dir=str(work))
-    scorer = MergeScorer(job)  # checks the data before any trial (and before OUT.search exists)
-    work.mkdir(parents=True, exist_ok=True)
     settings = SearchSettings(
         trials=trials,
-        sampler=sampler,  # type: ignore[arg-type]
+        sampler=sampler,  # type: ignore[arg-type]  # checked by the study
         seed=seed,
-        storage=storage or f"sqlite:///{(work / 'study.db').resolve()}",
         study_name=study_name,
         resume=resume,
         workers=workers,
         ray_address=ray,
         prune=prune,
-        objective=objective,  # type: ignore[arg-type]
-        task_weights=tw,
-        log_path=str(work / "trials.jsonl"),
+        objective=objective,  # type: ignore[arg-type]  # checked by search_to_folder
+        task_weights=parse_task_weights(task_weight or []),
     )
-    result = run_search(space, partial(MergeScorer, job), settings, progress=progress, scorer=scorer)
-    write_best(scorer, result, out, force=force, progress=progress)
+    result = search_to_folder(
+        load_config(config, list(set_ or [])),
+        data,
+        out,
+        settings,
+        only=_param_list(params),
+        weight_range=parse_weight_range(weights),
+        val_limit=val_limit or None,
+        storage=storage,
+        force=force,
+        progress=progress,
+        inputs=[config],
+    )
     best = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best.parameters.items())
     typer.echo(
         f"best of {sum(result.counts.values())} trials: {result.best_value:.4f} ({best}; weights "
@@ -466,27 +395,13 @@ def finetune(
 ) -> None:
     """Fine-tune an expert classifier from BASE (to add a guard to a merge): a sequence classifier,
     a multi-label one or a token classifier, as the data says."""
-    from guardmerge.data import load_task, read_examples, read_multi_label_examples, read_token_examples
-    from guardmerge.finetune import FinetuneSettings
+    from guardmerge.finetune import FinetuneSettings, training_data
     from guardmerge.finetune import finetune as run
     from guardmerge.io import check_output
+    from guardmerge.io.checkpoint import resolve
 
     check_output(out, force=force, inputs=[base, data])
-    if data.is_dir():
-        task = load_task(data)
-        train, names = task.split("train"), task.labels
-    else:
-        readers = {
-            "single_label": lambda: read_examples(data, text_field=text_field, label_field=label_field),
-            "multi_label": lambda: read_multi_label_examples(data),
-            "token": lambda: read_token_examples(data),
-        }
-        if task_type not in readers:
-            raise GuardmergeError(f"--type must be one of {', '.join(readers)}, got '{task_type}'")
-        train = readers[task_type]()
-        if not labels:
-            raise GuardmergeError("--labels is required when DATA is a file (e.g. --labels benign,injection)")
-        names = [x.strip() for x in labels.split(",")]
+    train, names = training_data(data, task_type, labels, text_field, label_field)
     settings = FinetuneSettings(
         epochs=epochs,
         learning_rate=learning_rate,
@@ -495,8 +410,6 @@ def finetune(
         max_examples=max_examples,
         seed=seed,
     )
-    from guardmerge.io.checkpoint import resolve
-
     run(resolve(base), train, names, out, settings, force=force, allow_pickle=allow_pickle)
     typer.echo(f"fine-tuned expert -> {out}")
 

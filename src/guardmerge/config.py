@@ -180,18 +180,41 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         node[last] = value
 
 
+def split_assignment(item: str, option: str, shape: str = "key=value") -> tuple[str, str]:
+    """``"a.b=0.7"`` -> ``("a.b", "0.7")``: the one reader of ``KEY=VALUE`` arguments (``option``
+    and ``shape`` name the argument and its form in the error)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{option} '{item[:200]}' must look like {shape}")
+    return key.strip(), value
+
+
+def yaml_value(item: str, raw: str, option: str) -> Any:
+    """The YAML value of one ``KEY=VALUE`` argument, or a :class:`ConfigError` naming it."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{option} '{item[:200]}': not a YAML value ({' '.join(str(exc).split())[:200]})") from None
+    except RecursionError:
+        raise ConfigError(f"{option} '{item[:200]}': not a YAML value (nested too deeply)") from None
+
+
+def parse_assignments(items: list[str], option: str = "--set") -> dict[str, Any]:
+    """``["density=0.5", "scaling=1"]`` -> ``{"density": 0.5, "scaling": 1}`` (values as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, raw = split_assignment(item, option)
+        out[key] = yaml_value(item, raw, option)
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config dict."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value")
-        key, raw = item.split("=", 1)
+        key, raw = split_assignment(item, "override")
+        value = yaml_value(item, raw, "override")
         try:
-            _set_dotted(data, key.strip(), yaml.safe_load(raw))
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"override '{item[:200]}': not a YAML value ({' '.join(str(exc).split())[:200]})"
-            ) from None
+            _set_dotted(data, key, value)
         except (IndexError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             raise ConfigError(f"override '{item[:200]}': {str(exc)[:200]}") from None
     return data

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from guardmerge.methods import METHODS
 
@@ -21,6 +22,32 @@ def methods_table() -> str:
         params = ", ".join(f"`{n}`={d}" for n, _, d, _ in spec.parameter_rows())
         needs = f" Needs: {', '.join(sorted(spec.needs))}." if spec.needs else ""
         lines.append(f"| `{spec.name}` | {spec.summary}{needs} | {params} |")
+    return "\n".join(lines)
+
+
+def methods_json() -> dict[str, dict[str, Any]]:
+    """``guardmerge methods --json``: each method's summary, reference, needs and parameters."""
+    return {
+        s.name: {
+            "summary": s.summary,
+            "reference": s.reference,
+            "needs": sorted(s.needs),
+            "parameters": {n: {"type": t, "default": d, "description": desc} for n, t, d, desc in s.parameter_rows()},
+        }
+        for s in METHODS
+    }
+
+
+def methods_text() -> str:
+    """``guardmerge methods``: each method, what it needs, its reference and its parameters."""
+    lines = []
+    for spec in METHODS:
+        needs = f"  [needs: {', '.join(sorted(spec.needs))}]" if spec.needs else ""
+        lines += [f"{spec.name}{needs}", f"  {spec.summary}"]
+        if spec.reference:
+            lines.append(f"  ref: {spec.reference}")
+        lines += [f"    {n:<14} {t:<24} default {d:<10} {desc}" for n, t, d, desc in spec.parameter_rows()]
+        lines.append("")
     return "\n".join(lines)
 
 

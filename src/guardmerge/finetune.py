@@ -84,25 +84,42 @@ def finetune(
         out: output folder (refused if it exists, unless ``force``).
         allow_pickle: accept a base with only ``pytorch_model.bin`` (pickle) weights.
     """
-    from transformers import get_linear_schedule_with_warmup
-
-    from guardmerge.io.checkpoint import resolve
-    from guardmerge.models.adapters import capped_length, get_adapter
-    from guardmerge.models.multihead import load_tokenizer
-    from guardmerge.models.stock import stock_model
+    from guardmerge.models.adapters import capped_length
 
     s = settings or FinetuneSettings()
-    folder = resolve(base)
     if not train.labelled:
         raise DataError("fine-tuning needs labelled examples")
     train = train.head(s.max_examples)
     torch.manual_seed(s.seed)
-    rng = random.Random(s.seed)
-    kind = train.kind
+    model, tok = _start(base, train.kind, labels, allow_pickle)
+    length = capped_length(s.max_length, model.config.to_dict(), "fine-tune")
+    columns, targets = _encode(tok, train, len(labels), length)
+    _train(model, tok, columns, targets, train.kind, s, str(out), progress)
+    model.eval()
+    bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise GuardmergeError(f"fine-tuning {out}: tensor '{bad[0]}' holds NaN or Inf values; nothing was written")
+    with atomic_dir(out, force=force) as tmp:  # guardmerge's own writer: a full disk is an error naming OUT
+        write_tensors(tmp, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "guardmerge_finetune.json").write_text(s.model_dump_json(indent=2) + "\n")
+    return Path(out)
+
+
+def _start(base: str | Path, kind: str, labels: Sequence[str], allow_pickle: bool) -> tuple[Any, Any]:
+    """The stock classifier to train (the base's weights; a fresh head, and a fresh pooler where
+    the base has none) and its tokenizer."""
+    from guardmerge.io.checkpoint import resolve
+    from guardmerge.models.adapters import get_adapter
+    from guardmerge.models.multihead import load_tokenizer
+    from guardmerge.models.stock import stock_model
+
+    folder = resolve(base)
     config = read_config(folder)
     adapter = get_adapter(str(config["model_type"]), where=str(folder))
     tok = load_tokenizer(folder, required=True)
-    # the new head, and a pooler where the base has none (a masked LM), start from the class's init
     fresh = (*adapter.head_prefixes, *(p for p in (adapter.pooler,) if p), *adapter.token_head_layers)
     model = stock_model(
         folder,
@@ -113,11 +130,26 @@ def finetune(
         allow_pickle=allow_pickle,
         where=f"base {base}",
     )
-    length = capped_length(s.max_length, model.config.to_dict(), "fine-tune")
-    columns, targets = _encode(tok, train, len(labels), length)
+    return model, tok
+
+
+def _train(
+    model: Any,
+    tok: Any,
+    columns: dict[str, Any],
+    targets: list[Any],
+    kind: str,
+    s: FinetuneSettings,
+    out: str,
+    progress: bool,
+) -> None:
+    """AdamW with linear warm-up and decay over length-bucketed batches; a non-finite loss stops
+    the run with an error (nothing is written)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    rng = random.Random(s.seed)
     ids = columns["input_ids"]
-    steps_per_epoch = math.ceil(len(ids) / s.batch_size)
-    total = max(1, math.ceil(steps_per_epoch * s.epochs))
+    total = max(1, math.ceil(math.ceil(len(ids) / s.batch_size) * s.epochs))
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     groups = [
         {
@@ -154,17 +186,6 @@ def finetune(
             bar.update()
     bar.close()
     log.info("fine-tuned %s: %d steps in %.0f s", out, total, time.perf_counter() - started)
-    model.eval()
-    bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
-    if bad:
-        raise GuardmergeError(f"fine-tuning {out}: tensor '{bad[0]}' holds NaN or Inf values; nothing was written")
-    with atomic_dir(out, force=force) as tmp:  # guardmerge's own writer: a full disk is an error naming OUT
-        write_tensors(tmp, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        (tmp / "guardmerge_finetune.json").write_text(s.model_dump_json(indent=2) + "\n")
-    return Path(out)
 
 
 def _encode(tok: Any, train: Examples, n_labels: int, max_length: int) -> tuple[dict[str, Any], list[Any]]:
@@ -222,3 +243,27 @@ def finetune_cached(
         return out
     log.info("expert %s: fine-tuning from %s (%s)", task.name, base, settings)
     return finetune(base, task.split("train"), task.labels, out, settings, progress=progress)
+
+
+def training_data(
+    data: Path, task_type: str, labels: str | None, text_field: str = "text", label_field: str = "label"
+) -> tuple[Examples, list[str]]:
+    """The training examples and label names of ``guardmerge finetune DATA``: a task folder
+    (``train.jsonl`` + ``labels.json``) or a JSONL/CSV file of ``task_type`` with ``labels``
+    (comma-separated names)."""
+    from guardmerge.data import load_task, read_examples, read_multi_label_examples, read_token_examples
+
+    if data.is_dir():
+        task = load_task(data)
+        return task.split("train"), list(task.labels)
+    readers = {
+        "single_label": lambda: read_examples(data, text_field=text_field, label_field=label_field),
+        "multi_label": lambda: read_multi_label_examples(data),
+        "token": lambda: read_token_examples(data),
+    }
+    if task_type not in readers:
+        raise GuardmergeError(f"--type must be one of {', '.join(readers)}, got '{task_type}'")
+    train = readers[task_type]()
+    if not labels:
+        raise GuardmergeError("--labels is required when DATA is a file (e.g. --labels benign,injection)")
+    return train, [x.strip() for x in labels.split(",")]

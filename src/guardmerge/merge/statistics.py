@@ -197,3 +197,43 @@ def statistics_stage(
     if job.statistics and stats is None:
         return expert_statistics(job, job.statistics, progress=progress)
     return stats
+
+
+def write_expert_stats(
+    expert: str,
+    data: Path,
+    out: Path,
+    kinds: set[str],
+    settings: StatsConfig,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    force: bool = False,
+    allow_pickle: bool = False,
+) -> int:
+    """``guardmerge stats``: an expert's statistics on the texts of ``data`` (a JSONL/CSV/TXT file
+    or a task folder), written to ``out`` tied to the expert by fingerprint; the number of texts."""
+    from guardmerge.data import read_examples
+
+    unknown = sorted(kinds - {"gram", "fisher"})
+    if unknown:
+        raise StatisticsError(f"unknown statistics kind(s) {unknown}: use gram and/or fisher")
+    labels = None
+    if data.is_file():
+        ex = read_examples(data, text_field=text_field, label_field=label_field).head(settings.examples)
+        texts, labels = ex.texts, ex.labels
+    else:
+        texts = task_texts(data, settings.examples)
+    if settings.fisher_labels == "empirical" and "fisher" in kinds and labels is None:
+        raise StatisticsError(f"empirical Fisher needs gold labels: no integer '{label_field}' in {data}")
+    result = compute_stats(expert, texts, kinds, settings, labels=labels, allow_pickle=allow_pickle)
+    save_stats(
+        out,
+        gram=result.gram,
+        fisher=result.fisher,
+        fingerprint=result.fingerprint,
+        expert=expert,
+        extra={"data": str(data), "examples": len(texts)},
+        force=force,
+    )
+    return len(texts)
