@@ -73,3 +73,41 @@ def test_the_session_opens_once_and_candidates_share_it(zoo: dict[str, Path]) ->
     assert not job.is_open and not candidate.is_open
     with pytest.raises(ConfigError, match="2 weights for 3 experts|weights for"):
         job.with_candidate({}, [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("method", "stages"),
+    [
+        ("regmean", {"statistics"}),  # Grams from the texts, then head alignment
+        ("regmean_pp", {"layerwise"}),  # layer-wise solves on the merged model, then head alignment
+    ],
+)
+def test_a_merge_opens_the_base_and_each_expert_once(
+    zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, stages: set[str]
+) -> None:
+    from guardmerge.io import checkpoint as io_checkpoint
+    from guardmerge.merge.stages import merge_to_folder
+    from tests.builders import TEXTS
+
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(TEXTS) + "\n")
+    opens: list[Path] = []
+    real_init = io_checkpoint.CheckpointFiles.__init__
+
+    def counting_init(self: io_checkpoint.CheckpointFiles, folder: str | Path, *args: object, **kwargs: object) -> None:
+        opens.append(Path(folder).resolve())
+        real_init(self, folder, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(io_checkpoint.CheckpointFiles, "__init__", counting_init)
+    cfg = raw(zoo, method=method, parameters={}, align_heads=True)
+    for expert in cfg["experts"]:
+        expert["data"] = str(data)
+    job = MergeJob.of(parse_config(cfg))
+    out = merge_to_folder(job, tmp_path / "out", progress=False)
+    card = (out / "README.md").read_text()
+    counts = {folder: opens.count(folder) for folder in set(opens)}
+    inputs = [zoo["base"].resolve(), zoo["hate"].resolve(), zoo["injection"].resolve()]
+    assert {f: counts.get(f, 0) for f in inputs} == dict.fromkeys(inputs, 1), counts
+    assert "head alignment" in card.lower(), card  # the data stages really ran
+    if "layerwise" in stages:
+        assert "layer-wise" in card.lower(), card

@@ -37,7 +37,7 @@ from guardmerge.models.multihead import (
     HeadSpec,
     stock_head_tensors,
 )
-from guardmerge.stats.io import ExpertStats, stack_for_tensor
+from guardmerge.stats.files import ExpertStats, stack_for_tensor
 
 log = logging.getLogger(__name__)
 

@@ -141,7 +141,8 @@ class MergeJob:
     def text_count(self) -> int:
         """How many texts per task the data stages read (the largest any of them asks for)."""
         fit = self.alignment or AlignConfig()
-        counts = [int(getattr(self.params, "texts", 0)) if self.layerwise else 0]
+        layerwise = self.spec.layerwise.text_count(self.params) if self.spec.layerwise else 0
+        counts = [layerwise or 0]
         counts += [self.alignment.examples if self.alignment else 0, fit.examples if self.branch_align else 0]
         return max(counts)
 

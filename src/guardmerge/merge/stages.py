@@ -23,7 +23,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from guardmerge.config import AlignConfig, MergeConfig
 from guardmerge.io import check_output
@@ -90,7 +89,7 @@ def _layerwise(job: MergeJob, state: MergeState) -> None:
     model, params = state.merged_model(), job.params
     spec = job.spec.layerwise
     assert spec is not None
-    texts: Any = getattr(params, "texts", None)
+    texts = spec.text_count(params)
     state.merged().info["layerwise"] = layerwise_stage(
         model,
         {e.task: job.expert_model(e.task) for e in job.experts},

@@ -193,7 +193,7 @@ METHODS.register(
         "Needs: data.",
         needs=frozenset(),
         prepare=anchor_prepare,
-        layerwise=LayerwiseSpec(solve=regmean_pp_solve),
+        layerwise=LayerwiseSpec(solve=regmean_pp_solve, texts=lambda p: p.texts),
         reference="RegMean++, arXiv 2508.03121",
     )
 )
@@ -206,7 +206,7 @@ METHODS.register(
         f"outputs; {_SUMMARY}. Needs: data.",
         needs=frozenset(),
         prepare=anchor_prepare,
-        layerwise=LayerwiseSpec(solve=lot_solve, cross=True, bias=True),
+        layerwise=LayerwiseSpec(solve=lot_solve, cross=True, bias=True, texts=lambda p: p.texts),
         reference="LOT Merging, arXiv 2505.23859; PLeaS, arXiv 2407.02447",
     )
 )

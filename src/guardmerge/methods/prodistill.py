@@ -145,7 +145,7 @@ METHODS.register(
         "block with Adam, so each merged block on merged inputs reproduces each expert's block on its own inputs; "
         "trains coefficients only. Needs: data.",
         needs=frozenset(),
-        layerwise=LayerwiseSpec(fit=distill_block),
+        layerwise=LayerwiseSpec(fit=distill_block, texts=lambda p: p.texts),
         reference="ProDistill, arXiv 2502.12706",
     )
 )

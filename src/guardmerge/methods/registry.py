@@ -213,12 +213,19 @@ class LayerwiseSpec(Generic[P]):
         bias: the bias is fitted jointly (the Gram carries the ones column).
         fit: a per-block fit, ``(BlockProblem, params) -> {parameter: tensor}`` (the block's new
             parameters); the stage then needs the base model's tensors.
+        texts: how many unlabelled texts per task the stage reads, from the parameters (the
+            declaration the job reads to load the texts; None: every text given).
     """
 
     solve: LayerSolveFn[P] | None = None
     cross: bool = False
     bias: bool = False
     fit: BlockFitFn[P] | None = None
+    texts: Callable[[P], int | None] | None = None
+
+    def text_count(self, params: P) -> int | None:
+        """Texts per task the stage reads under ``params`` (None: all)."""
+        return None if self.texts is None else self.texts(params)
 
     def __post_init__(self) -> None:
         if (self.solve is None) == (self.fit is None):

@@ -2,7 +2,7 @@
 
 - :func:`collect_grams` (:mod:`guardmerge.stats.gram`): mean ``x x^T`` of every Linear input.
 - :func:`collect_fisher` (:mod:`guardmerge.stats.fisher`): mean per-example squared gradients.
-- :func:`save_stats` / :func:`load_stats` / :func:`expert_fingerprint` (:mod:`guardmerge.stats.io`):
+- :func:`save_stats` / :func:`load_stats` / :func:`expert_fingerprint` (:mod:`guardmerge.stats.files`):
   statistics files tied to the expert they were computed on.
 - :func:`tokenize_batches` (:mod:`guardmerge.stats.batches`): texts -> tokenised batches.
 """
@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 from guardmerge.stats.batches import tokenize_batches
-from guardmerge.stats.fisher import FisherStats, collect_fisher
-from guardmerge.stats.gram import GramStats, collect_grams
-from guardmerge.stats.io import (
+from guardmerge.stats.files import (
     ExpertStats,
     StackedStats,
     check_fingerprint,
@@ -23,6 +21,8 @@ from guardmerge.stats.io import (
     save_stats,
     stack_for_tensor,
 )
+from guardmerge.stats.fisher import FisherStats, collect_fisher
+from guardmerge.stats.gram import GramStats, collect_grams
 
 __all__ = [
     "ExpertStats",

@@ -144,6 +144,26 @@ def _check_modes(label_mode: str, gradient: str) -> None:
         )
 
 
+def _fisher_names(
+    model: nn.Module, adapter: ArchitectureAdapter, include_head: bool
+) -> tuple[dict[str, str], set[str]]:
+    """Module parameter name -> canonical name of every parameter a Fisher covers, and the head's."""
+    names: dict[str, str] = {}
+    head: set[str] = set()
+    for pname, _ in model.named_parameters():
+        canonical = adapter.canonical(pname)
+        if adapter.is_ignored(canonical):
+            continue
+        if adapter.is_head(canonical):
+            if not include_head:
+                continue
+            head.add(canonical)
+        names[pname] = canonical
+    if not names:
+        raise StatisticsError("the model has no parameters to compute a Fisher for")
+    return names, head
+
+
 def collect_fisher(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -185,19 +205,7 @@ def collect_fisher(
                 family=adapter.model_type, detail="it derives more than the padding mask from the 0/1 mask"
             )
         )
-    names: dict[str, str] = {}  # module parameter name -> canonical
-    head: set[str] = set()
-    for pname, _ in model.named_parameters():
-        canonical = adapter.canonical(pname)
-        if adapter.is_ignored(canonical):
-            continue
-        if adapter.is_head(canonical):
-            if not include_head:
-                continue
-            head.add(canonical)
-        names[pname] = canonical
-    if not names:
-        raise StatisticsError("the model has no parameters to compute a Fisher for")
+    names, head = _fisher_names(model, adapter, include_head)
 
     was_training = model.training
     model.eval()

@@ -248,6 +248,38 @@ def _json(value: object) -> str:
     return json.dumps(value, sort_keys=False)
 
 
+def _gram_entries(gram: GramStats, dtype: torch.dtype, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Add the Grams (``gram.<key>``) and their metadata to a statistics file being built."""
+    for key, g in gram.grams.items():
+        tensors[GRAM_PREFIX + key] = g.detach().to("cpu", dtype).contiguous()
+    meta.update(
+        {
+            "gram.n_examples": _json(gram.n_examples),
+            "gram.n_tokens": _json(gram.n_tokens),
+            "gram.include_padding": _json(gram.include_padding),
+            "gram.max_length": _json(gram.max_length),
+            "gram.map": _json(gram.weight_to_gram),
+            "gram.rows": _json(gram.tokens),
+            "gram.head": _json(sorted(gram.head)),
+        }
+    )
+
+
+def _fisher_entries(fisher: FisherStats, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Add the diagonal Fisher (``fisher.<name>``) and its metadata to a statistics file being built."""
+    for name, f in fisher.fisher.items():
+        tensors[FISHER_PREFIX + name] = f.detach().to("cpu", torch.float32).contiguous()
+    meta.update(
+        {
+            "fisher.n_examples": _json(fisher.n_examples),
+            "fisher.label_mode": fisher.label_mode,
+            "fisher.gradient": fisher.gradient,
+            "fisher.max_length": _json(fisher.max_length),
+            "fisher.head": _json(sorted(fisher.head)),
+        }
+    )
+
+
 def save_stats(
     path: str | os.PathLike[str],
     *,
@@ -282,7 +314,6 @@ def save_stats(
             raise StatisticsError("save_stats needs the expert folder or its fingerprint")
         fingerprint = expert_fingerprint(expert)
     tensors: dict[str, torch.Tensor] = {}
-    kinds = []
     meta: dict[str, str] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -290,37 +321,12 @@ def save_stats(
         "expert_fingerprint": fingerprint,
         "expert": str(expert) if expert is not None else "",
     }
-    max_length = None
+    kinds = [k for k, s in (("gram", gram), ("fisher", fisher)) if s is not None]
     if gram is not None:
-        kinds.append("gram")
-        for key, g in gram.grams.items():
-            tensors[GRAM_PREFIX + key] = g.detach().to("cpu", gram_dtype).contiguous()
-        meta.update(
-            {
-                "gram.n_examples": _json(gram.n_examples),
-                "gram.n_tokens": _json(gram.n_tokens),
-                "gram.include_padding": _json(gram.include_padding),
-                "gram.max_length": _json(gram.max_length),
-                "gram.map": _json(gram.weight_to_gram),
-                "gram.rows": _json(gram.tokens),
-                "gram.head": _json(sorted(gram.head)),
-            }
-        )
-        max_length = gram.max_length
+        _gram_entries(gram, gram_dtype, tensors, meta)
     if fisher is not None:
-        kinds.append("fisher")
-        for name, f in fisher.fisher.items():
-            tensors[FISHER_PREFIX + name] = f.detach().to("cpu", torch.float32).contiguous()
-        meta.update(
-            {
-                "fisher.n_examples": _json(fisher.n_examples),
-                "fisher.label_mode": fisher.label_mode,
-                "fisher.gradient": fisher.gradient,
-                "fisher.max_length": _json(fisher.max_length),
-                "fisher.head": _json(sorted(fisher.head)),
-            }
-        )
-        max_length = max_length if max_length is not None else fisher.max_length
+        _fisher_entries(fisher, tensors, meta)
+    max_length = next((s.max_length for s in (gram, fisher) if s is not None and s.max_length is not None), None)
     for key, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
             raise StatisticsError(f"statistics tensor '{key}' holds NaN or Inf values; nothing was written to {path}")
