@@ -11,7 +11,6 @@ JSON, or any field of the wrong type, is a one-line :class:`~guardmerge.errors.G
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from guardmerge.errors import GuardmergeError
-from guardmerge.outputs import ACTIVATIONS
+from guardmerge.io.formats import read_json
+from guardmerge.models.head_kinds import HEAD_KINDS, KindName
 
 ONNX_FILE = "model.onnx"
 META_FILE = "guardmerge_onnx.json"
@@ -37,7 +37,7 @@ class HeadMetadata(BaseModel):
 
     labels: list[str] = Field(..., min_length=1)
     output: str = Field(..., min_length=1)
-    problem: Literal["single_label", "multi_label", "token"]
+    problem: KindName
     activation: str | None = None
     thresholds: dict[str, float] | None = None
     benign: list[str] | None = None
@@ -48,10 +48,10 @@ class HeadMetadata(BaseModel):
             raise ValueError("labels must be non-empty strings")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
-        if self.activation is not None and self.activation != ACTIVATIONS[self.problem]:
+        expected = HEAD_KINDS[self.problem].onnx_activation
+        if self.activation is not None and self.activation != expected:
             raise ValueError(
-                f"activation '{self.activation}' does not fit problem '{self.problem}' "
-                f"(expected '{ACTIVATIONS[self.problem]}')"
+                f"activation '{self.activation}' does not fit problem '{self.problem}' (expected '{expected}')"
             )
         for label, value in (self.thresholds or {}).items():
             if label not in self.labels:
@@ -122,22 +122,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     meta_file = folder / META_FILE
     if not meta_file.is_file():
         raise GuardmergeError(f"{meta_file} is missing: not a folder written by 'guardmerge export-onnx'")
-    try:
-        if meta_file.stat().st_size > MAX_META_BYTES:
-            raise GuardmergeError(f"{meta_file} is larger than {MAX_META_BYTES >> 20} MiB: not guardmerge metadata")
-        raw = meta_file.read_bytes()
-    except OSError as exc:
-        raise GuardmergeError(f"{meta_file} cannot be read: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise GuardmergeError(f"{meta_file} is not UTF-8 text (byte {exc.start}): not guardmerge metadata") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise GuardmergeError(f"{meta_file} is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise GuardmergeError(f"{meta_file} is not valid JSON: nested too deeply") from None
+    data = read_json(meta_file, what="guardmerge metadata JSON", max_bytes=MAX_META_BYTES)
     if not isinstance(data, dict):
         raise GuardmergeError(f"{meta_file} must hold a JSON object, not {type(data).__name__}")
     try:

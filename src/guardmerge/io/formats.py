@@ -79,11 +79,15 @@ def short_path(path: PathLike, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit // 2] + "..." + text[-limit // 2 :]
 
 
-def read_json(path: PathLike, *, error: type[GuardmergeError] = GuardmergeError, what: str = "JSON") -> Any:
-    """``path`` parsed as JSON, or ``error`` naming the file (binary, too deeply nested, invalid,
-    a number too large to read)."""
+def read_json(
+    path: PathLike, *, error: type[GuardmergeError] = GuardmergeError, what: str = "JSON", max_bytes: int | None = None
+) -> Any:
+    """``path`` parsed as JSON, or ``error`` naming the file (larger than ``max_bytes``, binary,
+    too deeply nested, invalid, a number too large to read)."""
     p = Path(path)
     try:
+        if max_bytes is not None and p.stat().st_size > max_bytes:
+            raise error(f"{short_path(p)} is larger than {max_bytes >> 20} MiB: not {what}")
         raw = p.read_bytes()
     except OSError as exc:
         raise error(f"{short_path(p)}: cannot read: {exc.strerror or exc}") from None

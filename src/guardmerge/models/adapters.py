@@ -18,19 +18,13 @@ from typing import Any
 
 from guardmerge.errors import CompatibilityError
 from guardmerge.methods.registry import Role
+from guardmerge.models.head_kinds import DEFAULT_KIND, head_kind, stock_kind
 
 log = logging.getLogger(__name__)
 
 HEAD_INPUTS = ("pooled", "cls", "mean", "tokens")
 """What a head can read: the encoder's pooler output, the first token, the masked mean, or every
 token's last hidden state (token-classification heads: ``[B, T, d]`` in, ``[B, T, C]`` out)."""
-
-PROBLEMS = ("single_label", "multi_label", "token")
-"""Head kinds: one label per text (softmax), any number of labels per text (a sigmoid per label),
-or one label per token (softmax per token; BIO tags aggregated into entity spans)."""
-
-MULTI_LABEL_PROBLEM_TYPE = "multi_label_classification"
-"""The ``problem_type`` of a transformers config that marks a multi-label (sigmoid) classifier."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +213,7 @@ class ArchitectureAdapter:
 
     # -- the classification head -------------------------------------------------------------
     def head_layout(
-        self, config: Mapping[str, Any], pooler_in_head: bool = False, where: str = "", problem: str = "single_label"
+        self, config: Mapping[str, Any], pooler_in_head: bool = False, where: str = "", problem: str = DEFAULT_KIND
     ) -> HeadLayout:
         """The head a stock classifier of this family builds for ``config`` (a ``config.json``
         dict): its layers, activation, pooling, norms and bias-less layers.
@@ -229,8 +223,9 @@ class ArchitectureAdapter:
                 first token): the base checkpoint has no pooler. Ignored for token heads, which
                 read the token states and never the pooler.
             where: names the checkpoint in errors.
-            problem: ``token`` gives the stock token classifier's head (reading ``tokens``);
-                sequence heads (single- and multi-label) are built alike.
+            problem: the head kind: a per-token kind (``token``) gives the stock token
+                classifier's head (reading ``tokens``); sequence heads (single- and multi-label)
+                are built alike.
 
         Raises:
             CompatibilityError: a config field the layout reads has an unsupported value.
@@ -242,7 +237,7 @@ class ArchitectureAdapter:
         eps = 1e-5
         if self.head_norm_eps_key and config.get(self.head_norm_eps_key) is not None:
             eps = float(config[self.head_norm_eps_key])
-        token = problem == "token"
+        token = head_kind(problem).per_token
         layers, norms = self.head_layers, self.head_norms
         if token:
             layers, norms = self.token_head_layers, self.token_head_norms
@@ -290,23 +285,16 @@ class ArchitectureAdapter:
         classifier (``architectures``), ``multi_label`` for ``problem_type:
         multi_label_classification``, else ``single_label``."""
         arch = config.get("architectures") or []
-        if self.token_classifier_class and isinstance(arch, list) and self.token_classifier_class in arch:
-            return "token"
-        if config.get("problem_type") == MULTI_LABEL_PROBLEM_TYPE:
-            return "multi_label"
-        return "single_label"
+        token = bool(self.token_classifier_class) and isinstance(arch, list) and self.token_classifier_class in arch
+        return stock_kind(token, config.get("problem_type")).name
 
     def stock_class(self, problem: str) -> str:
         """The stock transformers class a head of kind ``problem`` exports to."""
-        if problem == "token":
+        if head_kind(problem).per_token:
             if not self.token_classifier_class:
                 raise CompatibilityError(f"{self.model_type} has no stock token classifier")
             return self.token_classifier_class
         return self.classifier_class
-
-    def head_names(self) -> list[str]:
-        """The default head's canonical tensor names, in layer order (every bias included)."""
-        return HeadLayout(self.head_layers, self.head_activation, self.head_input, self.head_norms).tensor_names()
 
     @property
     def classifier_weight(self) -> str:
@@ -315,7 +303,7 @@ class ArchitectureAdapter:
 
     def label_weight(self, problem: str) -> str:
         """The canonical name of the label-producing weight of a head of kind ``problem``."""
-        return f"{self.token_head_layers[-1]}.weight" if problem == "token" else self.classifier_weight
+        return f"{self.token_head_layers[-1]}.weight" if head_kind(problem).per_token else self.classifier_weight
 
     def encoder_kwargs(self, with_pooler: bool) -> dict[str, Any]:
         """Keyword arguments of the base model's constructor (``add_pooling_layer``)."""

@@ -21,9 +21,9 @@ import torch
 from guardmerge.errors import CheckpointError
 from guardmerge.io.checkpoint import INTEGER_BUFFERS
 from guardmerge.io.formats import clip
-from guardmerge.models.adapters import MULTI_LABEL_PROBLEM_TYPE
 from guardmerge.models.checkpoint import Checkpoint
-from guardmerge.models.multihead import no_init
+from guardmerge.models.head_kinds import MULTI_LABEL_PROBLEM_TYPE
+from guardmerge.models.modules import no_init
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """What each kind of head answers, from its logits (numpy only: shared by ``predict``, both
-serving backends and evaluation).
+serving backends and evaluation). Which of these a head uses is its kind's entry in
+:data:`guardmerge.models.head_kinds.HEAD_KINDS`.
 
 - ``single_label``: a softmax over the labels; the most probable label.
 - ``multi_label``: a sigmoid per label; every label's probability and the labels at or above
@@ -11,6 +12,9 @@ serving backends and evaluation).
   words of one entity type (``B-X`` starts a new one, ``I-X`` continues) become one span, scored
   by the mean of their probabilities; spans of label ``O`` are dropped. Offsets come from a fast
   tokenizer's offset mapping; a slow tokenizer is refused.
+
+The answer hooks (:func:`single_label_answers`... for ``predict``, :func:`label_answer`... for
+the server) take torch tensors only through their methods, so torch is never imported here.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from guardmerge.errors import GuardmergeError
 
-ACTIVATIONS = {"single_label": "softmax", "multi_label": "sigmoid", "token": "token_softmax"}
-"""The activation each head kind applies to its raw logits (``guardmerge_onnx.json`` records it)."""
+if TYPE_CHECKING:
+    import torch
 
 AGGREGATIONS = ("first", "simple")
 """Entity aggregation strategies (transformers' ``TokenClassificationPipeline`` names)."""
@@ -237,3 +241,65 @@ def word_tags(words: Sequence[str], tokens: TextTokens, tags: Sequence[int], out
         if 0 <= k < len(words) and start < starts[k] + len(words[k]) and not seen[k]:
             out[k], seen[k] = int(tags[i]), True
     return out
+
+
+# -- answers: what each kind's hooks in the head-kind table return ---------------------------------
+@dataclass(frozen=True)
+class Answering:
+    """What a kind's ``predict`` hook reads besides a head's logits.
+
+    Attributes:
+        labels: the head's label names in logit order.
+        thresholds: each label's threshold (:func:`label_thresholds`).
+        texts: the texts, in input order.
+        tokens: each text's tokens (token heads only; empty otherwise).
+        padding_side: where the tokenizer padded the batch.
+        aggregation: how a token head's word pieces become entities (:data:`AGGREGATIONS`).
+    """
+
+    labels: Sequence[str]
+    thresholds: Sequence[float] = ()
+    texts: Sequence[str] = ()
+    tokens: Sequence[TextTokens] = ()
+    padding_side: str = "right"
+    aggregation: str = "first"
+
+
+def single_label_answers(logits: torch.Tensor, ctx: Answering) -> list[dict[str, Any]]:
+    """``{"label", "score"}`` per text: the most probable label and its softmax probability."""
+    score, idx = logits.softmax(dim=-1).max(dim=-1)
+    return [{"label": ctx.labels[i], "score": float(s)} for i, s in zip(idx.tolist(), score.tolist())]
+
+
+def multi_label_answers(logits: torch.Tensor, ctx: Answering) -> list[dict[str, Any]]:
+    """:func:`multi_label_result` per text of the sigmoid probabilities."""
+    return [multi_label_result(p, ctx.labels, ctx.thresholds) for p in sigmoid(logits.numpy())]
+
+
+def token_answers(logits: torch.Tensor, ctx: Answering) -> list[list[dict[str, Any]]]:
+    """Each text's :func:`entity_spans` from its rows of the padded per-token logits ``[n, T, C]``."""
+    return [
+        entity_spans(text, tok, softmax(token_rows(row, len(tok), ctx.padding_side)), ctx.labels, ctx.aggregation)
+        for text, tok, row in zip(ctx.texts, ctx.tokens, logits.numpy())
+    ]
+
+
+def label_answer(probs: np.ndarray, labels: Sequence[str], thresholds: Sequence[float | None]) -> dict[str, Any]:
+    """A served single-label answer of one text's probabilities ``[C]``: the most probable label,
+    its probability and every label's."""
+    k = int(probs.argmax())
+    return {"label": labels[k], "score": float(probs[k]), "probabilities": {n: float(v) for n, v in zip(labels, probs)}}
+
+
+def label_set_answer(probs: np.ndarray, labels: Sequence[str], thresholds: Sequence[float | None]) -> dict[str, Any]:
+    """A served multi-label answer of one text's probabilities ``[C]``: every label's probability
+    and the labels at or above their thresholds (None: never)."""
+    return {
+        "probabilities": {n: float(v) for n, v in zip(labels, probs)},
+        "labels": [n for n, v, c in zip(labels, probs, thresholds) if c is not None and v >= c],
+    }
+
+
+def entity_answer(spans: Sequence[Mapping[str, Any]], labels: Sequence[str], thresholds: Any = ()) -> dict[str, Any]:
+    """A served token-head answer: the text's entity spans."""
+    return {"entities": [dict(s) for s in spans]}

@@ -1,0 +1,96 @@
+"""Model folders: save/load round trip, a stock classifier read as a one-head model, and what a merged
+folder may not hold."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import guardmerge
+from guardmerge.errors import GuardmergeError
+from guardmerge.models.multihead import MultiHeadModel
+from tests.builders import TEXTS, expert_logits
+
+
+def test_save_load_round_trip_keeps_heads_labels_and_logits(merged: MultiHeadModel, tmp_path: Path) -> None:
+    merged.save_pretrained(tmp_path / "m")
+    loaded = guardmerge.load(tmp_path / "m")
+    assert loaded.tasks == merged.tasks
+    for t in merged.tasks:
+        assert loaded.labels(t) == merged.labels(t)
+    a, b = merged.logits(TEXTS), loaded.logits(TEXTS)
+    assert all(torch.equal(a[t], b[t]) for t in a)
+
+
+def test_loading_a_plain_classifier_folder_explains(zoo: dict[str, Path]) -> None:
+    with pytest.raises(GuardmergeError, match="not a merged multi-head model"):
+        MultiHeadModel.from_pretrained(zoo["hate"])
+    one = MultiHeadModel.from_classifier(zoo["hate"], "hate")
+    assert torch.allclose(one.logits(TEXTS)["hate"], expert_logits(zoo["hate"]), atol=1e-6)
+
+
+# -- issue 21: what a merged folder may hold -----------------------------------------------------------
+
+
+def _edit_folder(folder: Path, tensors=None, config=None) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    if tensors is not None:
+        state = load_file(str(folder / "model.safetensors"))
+        tensors(state)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if config is not None:
+        data = json.loads((folder / "config.json").read_text())
+        config(data)
+        (folder / "config.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("tensors", "config", "problem"),
+    [
+        (
+            lambda s: s.__setitem__("heads.hate.classifier.weight", s["heads.hate.classifier.weight"].to(torch.int8)),
+            None,
+            "quantised",
+        ),
+        (
+            lambda s: s.__setitem__("heads.hate.classifier.bias", s["heads.hate.classifier.bias"] > 0),
+            None,
+            "floating point",
+        ),
+        (
+            lambda s: s.__setitem__(
+                "encoder.layer.0.output.dense.weight", s["encoder.layer.0.output.dense.weight"].to(torch.float8_e4m3fn)
+            ),
+            None,
+            "quantised",
+        ),
+        (None, lambda c: c.__setitem__("quantization_config", {"quant_method": "bitsandbytes"}), "quantised"),
+        (None, lambda c: c.__setitem__("num_hidden_layers", 20000), "num_hidden_layers is 20000"),
+        (
+            None,
+            lambda c: c["guardmerge"]["heads"].__setitem__("hate\n", c["guardmerge"]["heads"].pop("hate")),
+            "not a valid task name",
+        ),
+        (None, lambda c: c.__setitem__("auto_map", {"AutoModel": "evil.Model"}), "auto_map"),
+    ],
+)
+def test_load_refuses_what_a_merged_folder_may_not_hold(
+    merged: MultiHeadModel,
+    tmp_path: Path,
+    tensors,
+    config,
+    problem: str,  # type: ignore[no-untyped-def]
+) -> None:
+    import time
+
+    from guardmerge.errors import CheckpointError
+
+    folder = merged.save_pretrained(tmp_path / "m")
+    _edit_folder(folder, tensors, config)
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=problem):
+        guardmerge.load(folder)
+    assert time.perf_counter() - started < 10  # refused before building 20,000 layers
