@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from guardmerge.config import parse_config
-from guardmerge.errors import CheckpointError, CompatibilityError, ConfigError, GuardmergeError
+from guardmerge.errors import CompatibilityError, ConfigError, GuardmergeError
 from guardmerge.merge.engine import merge
 from guardmerge.merge.job import MergeJob
 from guardmerge.merge.stages import build
-from guardmerge.models.multihead import HeadSpec, MultiHeadModel, head_specs
-from guardmerge.outputs import entity_spans, text_tokens
+from guardmerge.models.multihead import MultiHeadModel
+from guardmerge.models.outputs import entity_spans, text_tokens
 from tests.builders import TEXTS, WORDS, make_classifier, tiny_config, write_tokenizer
 
 VOCAB = [*WORDS, "john", "##son", "paris", "##ian", "london"]
@@ -205,24 +205,6 @@ def test_per_label_thresholds_in_the_config_are_stored_with_the_head(zoo: Zoo) -
         parse_config({"base_model": str(zoo.base), "experts": zoo.experts(emo={"thresholds": {"anger": 2}})})
 
 
-def test_old_head_entries_load_and_new_fields_are_checked(tmp_path: Path) -> None:
-    old = {"labels": ["a", "b"], "layers": ["classifier"], "input": "pooled", "activation": "tanh"}
-    spec = head_specs({"t": old}, tmp_path)["t"]
-    assert spec.problem == "single_label" and not spec.thresholds
-    assert spec.to_dict() == old  # a single-label head is written as before
-    token = HeadSpec(("O", "B-X", "I-X"), ("classifier",), "tokens", "tanh", problem="token")
-    assert HeadSpec.from_dict(token.to_dict()) == token
-    for bad, field in [
-        ({**old, "problem": "regression"}, "problem"),
-        ({**old, "problem": "token"}, "input"),
-        ({**old, "input": "tokens"}, "input"),
-        ({**old, "thresholds": {"c": 0.5}}, "thresholds"),
-        ({**old, "thresholds": {"a": 3}}, "thresholds"),
-    ]:
-        with pytest.raises(CheckpointError, match=rf"guardmerge.heads.t.{field}"):
-            head_specs({"t": bad}, tmp_path)
-
-
 # -- entity spans ---------------------------------------------------------------------------------
 def _one_hot(tags: list[str], strength: list[float]) -> np.ndarray:
     rows = np.zeros((len(tags), len(NER)))
@@ -234,7 +216,7 @@ def _one_hot(tags: list[str], strength: list[float]) -> np.ndarray:
 def test_entity_spans_by_hand_for_both_aggregations(zoo: Zoo) -> None:
     from transformers import AutoTokenizer
 
-    from guardmerge.outputs import softmax
+    from guardmerge.models.outputs import softmax
 
     tok = AutoTokenizer.from_pretrained(str(zoo.base))
     text = "John Johnson tell Parisian people"
@@ -414,11 +396,9 @@ def test_serving_flag_options(merged: MultiHeadModel) -> None:
             create_app(merged, bad)
 
 
-def test_guessed_benign_labels_and_cli_parsers() -> None:
-    from guardmerge.serve.flags import guess_benign, parse_label_lists, parse_thresholds
+def test_cli_parsers_of_thresholds_and_label_lists() -> None:
+    from guardmerge.serve.flags import parse_label_lists, parse_thresholds
 
-    labels = ["Neutral", "toxic", "non-toxic", "NOT_HATE", "hate", "safe", "clean", "none", "normal", "x"]
-    assert guess_benign(labels) == (["Neutral", "non-toxic", "NOT_HATE", "safe", "clean", "none", "normal"], [])
     assert parse_thresholds(["emo.anger=0.7", "emo = 0.2", "ner=off"]) == {"emo.anger": 0.7, "emo": 0.2, "ner": None}
     assert parse_label_lists(["ner=PER, LOC", "emo=neutral"]) == {"ner": ["PER", "LOC"], "emo": ["neutral"]}
     with pytest.raises(GuardmergeError, match="task=NAME1,NAME2"):

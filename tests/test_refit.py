@@ -129,9 +129,9 @@ def test_alignment_raises_agreement_with_the_expert(zoo: dict[str, Path], data_f
 
 
 def test_hidden_layer_head_gets_an_affine_map_and_stays_exact(tmp_path: Path) -> None:
-    from tests.models.test_multihead import _family_zoo
+    from tests.models.test_stock_export import family_zoo
 
-    base, (_, e1) = _family_zoo(tmp_path, "roberta")
+    base, (_, e1) = family_zoo(tmp_path, "roberta")
     cfg = parse_config(
         {"base_model": str(base), "experts": [{"model": str(e1), "task": "t1"}], "parameters": {"scaling": 1.0}}
     )

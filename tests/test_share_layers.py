@@ -281,9 +281,9 @@ def test_bad_sharing_configs_are_refused(zoo: dict[str, Path], data_file: Path) 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])
 def test_other_families_branch_and_export(family: str, tmp_path: Path) -> None:
-    from tests.models.test_multihead import _family_zoo
+    from tests.models.test_stock_export import family_zoo
 
-    base, (e0, e1) = _family_zoo(tmp_path, family)
+    base, (e0, e1) = family_zoo(tmp_path, family)
     experts = [{"model": str(e0), "task": "t0"}, {"model": str(e1), "task": "t1"}]
     zero = parse_config({"base_model": str(base), "experts": experts, "share_layers": 0})
     model = merge(MergeJob.of(zero), progress=False).to_model()

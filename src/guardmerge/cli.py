@@ -295,7 +295,7 @@ def search(
     """
     from guardmerge.config import load_config
     from guardmerge.search import SearchSettings
-    from guardmerge.search.run import parse_task_weights, parse_weight_range, search_to_folder
+    from guardmerge.search.run import parse_task_weights, parse_weight_range, search_to_folder, summary_line
 
     settings = SearchSettings(
         trials=trials,
@@ -322,11 +322,7 @@ def search(
         progress=progress,
         inputs=[config],
     )
-    best = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best.parameters.items())
-    typer.echo(
-        f"best of {sum(result.counts.values())} trials: {result.best_value:.4f} ({best}; weights "
-        f"{[round(w, 3) for w in result.best.weights]}); {result.seconds_per_trial:.1f} s/trial -> {out}"
-    )
+    typer.echo(f"{summary_line(result)} -> {out}")
 
 
 def _param_list(params: str | None) -> list[str] | None:

@@ -67,7 +67,7 @@ class ExpertConfig(BaseModel):
 
 
 class AlignConfig(BaseModel):
-    """Closed-form head alignment after merging (ALGORITHMS.md 3b)."""
+    """Closed-form head alignment after merging (docs/algorithms.md 3b)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

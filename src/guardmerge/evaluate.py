@@ -7,7 +7,7 @@ scikit-learn (``pip install guardmerge[demo]`` or ``[bench]``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from guardmerge.data import Examples
 from guardmerge.errors import GuardmergeError
 from guardmerge.models.multihead import MultiHeadModel
-from guardmerge.outputs import OUTSIDE, label_thresholds, token_rows, word_tags
+from guardmerge.models.outputs import OUTSIDE, label_thresholds, token_rows, word_tags
 
 log = logging.getLogger(__name__)
 
@@ -132,28 +132,54 @@ def evaluate(
         if head not in model.tasks:
             log.warning("model has no head '%s'; skipped", head)
             continue
-        problem = model.problem(head)
-        labelled = {"single_label": examples.labels, "multi_label": examples.label_sets, "token": examples.tags}
-        gold = labelled.get(problem)
-        if gold is None:
+        kind = model.kind(head)
+        if getattr(examples, kind.gold) is None:  # the data field holding this kind's labels
             if examples.labelled:
                 raise GuardmergeError(
                     f"task '{task}': its data are {examples.kind.replace('_', '-')} examples but head '{head}' "
-                    f"is a {problem.replace('_', '-')} head"
+                    f"is a {kind.title} head"
                 )
             raise GuardmergeError(f"task '{task}': evaluation needs labelled examples")
         logits = _logits(model, head, examples.texts, batch_size, max_length, progress)
-        names = model.labels(head)
-        if problem == "multi_label":
-            cuts = torch.tensor(label_thresholds(names, model.spec(head).thresholds))
-            pred_sets = [torch.nonzero(row).flatten().tolist() for row in torch.sigmoid(logits) >= cuts]
-            results[task] = multi_label_metrics(examples.label_sets or [], pred_sets, names)
-        elif problem == "token":
-            pred_tags = _word_tags(model, head, examples, logits, max_length)
-            results[task] = token_metrics(examples.tags or [], pred_tags, names)
-        else:
-            results[task] = classification_metrics(examples.labels or [], logits.argmax(-1).tolist(), names, task)
+        results[task] = SCORERS[kind.metric](model, head, task, examples, logits, max_length)
     return results
+
+
+Scorer = Callable[[MultiHeadModel, str, str, Examples, torch.Tensor, int | None], dict[str, float]]
+"""``(model, head, task, examples, logits, max_length) -> metrics`` of one head kind."""
+
+
+def _score_classes(
+    model: MultiHeadModel, head: str, task: str, examples: Examples, logits: torch.Tensor, max_length: int | None
+) -> dict[str, float]:
+    """:func:`classification_metrics` of the argmax."""
+    return classification_metrics(examples.labels or [], logits.argmax(-1).tolist(), model.labels(head), task)
+
+
+def _score_label_sets(
+    model: MultiHeadModel, head: str, task: str, examples: Examples, logits: torch.Tensor, max_length: int | None
+) -> dict[str, float]:
+    """:func:`multi_label_metrics` of the labels whose sigmoid is at or above their thresholds."""
+    names = model.labels(head)
+    cuts = torch.tensor(label_thresholds(names, model.spec(head).thresholds))
+    pred_sets = [torch.nonzero(row).flatten().tolist() for row in torch.sigmoid(logits) >= cuts]
+    return multi_label_metrics(examples.label_sets or [], pred_sets, names)
+
+
+def _score_tags(
+    model: MultiHeadModel, head: str, task: str, examples: Examples, logits: torch.Tensor, max_length: int | None
+) -> dict[str, float]:
+    """:func:`token_metrics` of the word-level tags (:func:`_word_tags`)."""
+    pred_tags = _word_tags(model, head, examples, logits, max_length)
+    return token_metrics(examples.tags or [], pred_tags, model.labels(head))
+
+
+SCORERS: dict[str, Scorer] = {
+    "classification_metrics": _score_classes,
+    "multi_label_metrics": _score_label_sets,
+    "token_metrics": _score_tags,
+}
+"""Scorers by the metric name a head kind's table entry gives (``HeadKind.metric``)."""
 
 
 def _logits(

@@ -31,6 +31,7 @@ from guardmerge.errors import DataError, GuardmergeError
 from guardmerge.io import atomic_dir
 from guardmerge.io.formats import SAFETENSORS_FILE, read_config
 from guardmerge.io.writer import write_tensors
+from guardmerge.models.head_kinds import head_kind
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def _start(base: str | Path, kind: str, labels: Sequence[str], allow_pickle: boo
     the base has none) and its tokenizer."""
     from guardmerge.io.checkpoint import resolve
     from guardmerge.models.adapters import get_adapter
-    from guardmerge.models.multihead import load_tokenizer
+    from guardmerge.models.folder import load_tokenizer
     from guardmerge.models.stock import stock_model
 
     folder = resolve(base)
@@ -123,7 +124,7 @@ def _start(base: str | Path, kind: str, labels: Sequence[str], allow_pickle: boo
     fresh = (*adapter.head_prefixes, *(p for p in (adapter.pooler,) if p), *adapter.token_head_layers)
     model = stock_model(
         folder,
-        token=kind == "token",
+        token=head_kind(kind).per_token,
         labels=labels,
         multi_label=kind == "multi_label",
         fresh=tuple(f if f.endswith(".") else f + "." for f in fresh),
@@ -195,7 +196,7 @@ def _encode(tok: Any, train: Examples, n_labels: int, max_length: int) -> tuple[
     bad = [i for i in used if not 0 <= i < n_labels]
     if bad:
         raise DataError(f"label index {bad[0]} outside the {n_labels} label names given (0..{n_labels - 1})")
-    if train.kind == "token":
+    if head_kind(train.kind).per_token:
         if not getattr(tok, "is_fast", False):
             raise DataError("token-classification fine-tuning needs a fast tokenizer (word ids)")
         enc = tok(train.words, is_split_into_words=True, truncation=True, max_length=max_length)
@@ -216,7 +217,7 @@ def _encode(tok: Any, train: Examples, n_labels: int, max_length: int) -> tuple[
 
 def _targets(targets: list[Any], batch: list[int], kind: str) -> torch.Tensor:
     """The batch's ``labels`` tensor (token tags padded with -100 to the batch's length)."""
-    if kind != "token":
+    if not head_kind(kind).per_token:
         return torch.tensor([targets[i] for i in batch])
     width = max(len(targets[i]) for i in batch)
     return torch.tensor([targets[i] + [-100] * (width - len(targets[i])) for i in batch])

@@ -7,7 +7,10 @@ import pytest
 pytest.importorskip("pydantic")
 from pydantic import ValidationError
 
+from guardmerge.models.head_kinds import HEAD_KINDS
 from guardmerge.serve.schemas import (
+    HEAD_INFOS,
+    VERDICTS,
     ClassifyRequest,
     ErrorResponse,
     HeadErrorVerdict,
@@ -60,6 +63,12 @@ def test_text_verdicts_tell_the_head_kinds_apart() -> None:
         "token": TokenVerdict,
         "failed": HeadErrorVerdict,
     }
+
+
+def test_every_head_kind_has_a_verdict_and_a_head_info_schema() -> None:
+    assert set(VERDICTS) == set(HEAD_INFOS) == set(HEAD_KINDS)
+    assert VERDICTS["multi_label"] is MultiLabelVerdict and HEAD_INFOS["token"] is TokenHeadInfo
+    assert VERDICTS["single_label"] is HeadVerdict and HEAD_INFOS["single_label"] is HeadInfo
 
 
 def test_model_info_tells_the_head_kinds_apart() -> None:

@@ -29,7 +29,6 @@ from guardmerge.errors import GuardmergeError
 from guardmerge.export.metadata import META_FILE, ONNX_FILE
 from guardmerge.io import atomic_dir
 from guardmerge.models.multihead import MultiHeadModel
-from guardmerge.outputs import ACTIVATIONS
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,9 @@ def export_onnx(
     args = tuple(example[n].to(torch.int64) for n in inputs)
     outputs = [output_name(t) for t in tasks]
     axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in inputs}
-    axes.update({output_name(t): {0: "batch", 1: "sequence"} if _token(model, t) else {0: "batch"} for t in tasks})
+    axes.update(
+        {output_name(t): {0: "batch", 1: "sequence"} if model.kind(t).per_token else {0: "batch"} for t in tasks}
+    )
     with atomic_dir(out_dir, force=force) as tmp:
         target = tmp / ONNX_FILE
         raw = tmp / ".fp32.onnx" if quantize else target
@@ -141,10 +142,6 @@ def export_onnx(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %d heads (%s) to %s", len(tasks), quantize or "fp32", out_dir)
     return Path(out_dir)
-
-
-def _token(model: MultiHeadModel, task: str) -> bool:
-    return model.problem(task) == "token"
 
 
 def _graph_inputs(path: Path) -> tuple[str, ...]:
@@ -199,7 +196,7 @@ def _head_meta(model: MultiHeadModel, task: str) -> dict[str, Any]:
         "labels": model.labels(task),
         "output": output_name(task),
         "problem": problem,
-        "activation": ACTIVATIONS[problem],
+        "activation": model.kind(task).onnx_activation,
     }
     thresholds = model.spec(task).thresholds
     if thresholds:

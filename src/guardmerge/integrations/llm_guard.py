@@ -51,8 +51,10 @@ from typing import Any, cast
 import numpy as np
 
 from guardmerge.errors import GuardmergeError, NonFiniteWeightsError
+from guardmerge.models.benign import resolve_benign
+from guardmerge.models.head_kinds import DEFAULT_KIND, HeadKind, head_kind
 from guardmerge.serve.backends import BACKENDS, Backend, TorchBackend, load_backend
-from guardmerge.serve.flags import flag_score, is_flagged, normalise_texts, resolve_benign, sigmoid, softmax
+from guardmerge.serve.flags import flag_score, is_flagged, normalise_texts
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +155,16 @@ class SharedPass:
         self.tasks = list(tasks)
         self.labels = {t: backend.labels(t) for t in self.tasks}
         problem_of = getattr(backend, "problem", None)
-        self.multi_label = {t for t in self.tasks if callable(problem_of) and problem_of(t) == "multi_label"}
+        self.kinds: dict[str, HeadKind] = {
+            t: head_kind(str(problem_of(t)) if callable(problem_of) else DEFAULT_KIND) for t in self.tasks
+        }
         stored = getattr(backend, "benign", None)
         given = dict(benign or {})
         self.benign: dict[str, set[int]] = {}
         for t in self.tasks:
             names = self.labels[t]
-            problem = "multi_label" if t in self.multi_label else "single_label"
             told = given[t] if t in given else stored(t) if callable(stored) else None
-            chosen = resolve_benign(t, names, problem, told, f"benign={{'{t}': [LABEL, ...]}}")
+            chosen = resolve_benign(t, names, self.kinds[t].name, told, f"benign={{'{t}': [LABEL, ...]}}")
             self.benign[t] = {i for i, n in enumerate(names) if n in chosen}
         self.cache_size = cache_size
         self.batch_size = batch_size
@@ -251,8 +254,8 @@ class SharedPass:
             if not np.isfinite(values).all():  # fail closed: no verdict from NaN or infinity
                 raise GuardmergeError(f"the model produced non-finite scores for head '{task}'; no verdict given")
             names = self.labels[task]
-            probs_of = sigmoid if task in self.multi_label else softmax  # the score: the top non-benign label's
-            for row, probs in zip(out, probs_of(values)):
+            # the score: the top non-benign label's probability (softmax; a multi-label head's sigmoid)
+            for row, probs in zip(out, self.kinds[task].activation(values)):
                 row[task] = HeadResult(
                     label=names[int(probs.argmax())],
                     score=flag_score(probs, self.benign[task]),
@@ -347,7 +350,7 @@ def scanners(
     try:
         known = list(opened.tasks)
         problem_of = getattr(opened, "problem", None)
-        token = [t for t in known if callable(problem_of) and problem_of(t) == "token"]
+        token = [t for t in known if callable(problem_of) and head_kind(str(problem_of(t))).per_token]
         chosen = list(tasks) if tasks is not None else [t for t in known if t not in token]
         _check_heads("tasks", chosen, known)
         asked = [t for t in chosen if t in token]

@@ -1,4 +1,4 @@
-"""Head alignment after merging (ALGORITHMS.md 3b): runs the models, then refits in closed form.
+"""Head alignment after merging (docs/algorithms.md 3b): runs the models, then refits in closed form.
 
 For each task, the expert and the merged encoder read the same n unlabelled texts of that task.
 A single-Linear head is refit by ridge least squares from the merged head inputs to the expert's
@@ -25,7 +25,9 @@ from safetensors.torch import load_file, save_file
 from guardmerge.config import AlignConfig
 from guardmerge.errors import GuardmergeError
 from guardmerge.merge.fits import affine_map, compose_linear, moment_match, ridge_refit
-from guardmerge.models.multihead import Head, MultiHeadModel
+from guardmerge.models.head_kinds import HeadKind
+from guardmerge.models.heads import Head
+from guardmerge.models.multihead import MultiHeadModel
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def head_features(
     for start in range(0, len(texts), batch_size):
         batch = model.encode(texts[start : start + batch_size], max_length)
         x = model.head_inputs(task=task, **batch)[head.spec.input]  # a branched model's are per task
-        if head.spec.token:  # [B, T, d] -> [tokens, d]
+        if head.spec.kind.per_token:  # [B, T, d] -> [tokens, d]
             x = x[batch["attention_mask"].bool()]
         ins.append(x.double())
         outs.append(head(x).double())
@@ -118,8 +120,8 @@ def refit_head(head: Head, merged: Features, expert: Features, cfg: AlignConfig)
             f"head alignment: {merged.head_inputs.shape[0]} merged rows but {expert.logits.shape[0]} expert rows "
             "(the merged model and the expert tokenise the texts differently)"
         )
-    multi = head.spec.problem == "multi_label"
-    before = _fit(head(x), expert.logits, multi)
+    kind = head.spec.kind
+    before = _fit(head(x), expert.logits, kind)
     if cfg.method == "moments":
         scale, shift = moment_match(merged.head_inputs, expert.head_inputs)
         w, b = compose_linear(first.weight, first.bias, scale, shift)
@@ -130,17 +132,14 @@ def refit_head(head: Head, merged: Features, expert: Features, cfg: AlignConfig)
         w, b = compose_linear(first.weight, first.bias, m, c)
     first.weight.copy_(w.to(first.weight.dtype))
     first.bias.copy_(b.to(first.bias.dtype))
-    after = _fit(head(x), expert.logits, multi)
+    after = _fit(head(x), expert.logits, kind)
     return {f"{k}_{when}": v for when, fit in (("before", before), ("after", after)) for k, v in fit.items()}
 
 
-def _fit(logits: torch.Tensor, expert_logits: torch.Tensor, multi_label: bool = False) -> dict[str, float]:
-    """Label agreement with the expert (the argmax; a multi-label head: each label's decision at
-    0.5), and the RMS logit error, on the fitting texts (or tokens)."""
-    if multi_label:
-        agree = ((logits >= 0) == (expert_logits >= 0)).double().mean()
-    else:
-        agree = (logits.argmax(-1) == expert_logits.argmax(-1)).double().mean()
+def _fit(logits: torch.Tensor, expert_logits: torch.Tensor, kind: HeadKind) -> dict[str, float]:
+    """Agreement with the expert by the head kind's alignment target (the argmax; a multi-label
+    head: each label's decision at 0.5), and the RMS logit error, on the fitting texts (or tokens)."""
+    agree = kind.agreement(logits, expert_logits).double().mean()
     return {
         "agreement": float(agree),
         "logit_rmse": float((logits.double() - expert_logits).pow(2).mean().sqrt()),

@@ -1,4 +1,4 @@
-"""The branch-alignment stage of a sharing depth (ALGORITHMS.md 3a, ``branch_align: true``).
+"""The branch-alignment stage of a sharing depth (docs/algorithms.md 3a, ``branch_align: true``).
 
 With ``share_layers: K`` each task runs its expert's own blocks ``K..L-1`` on the merged trunk's
 output, which drifts from what those blocks were trained on (the expert's own hidden states at

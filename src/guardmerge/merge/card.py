@@ -37,7 +37,8 @@ def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
         *(
             [
                 f"- Head alignment: `{info['align_heads']['settings']['method']}` on "
-                f"{info['align_heads']['settings']['examples']} unlabelled texts per task (ALGORITHMS.md 3b)"
+                f"{info['align_heads']['settings']['examples']} unlabelled texts per task "
+                "(docs/algorithms.md 3b in the guardmerge repository)"
             ]
             if info.get("align_heads")
             else []
@@ -47,7 +48,7 @@ def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
                 f"- Layer-wise solves: {info['layerwise']['layers']} {info['layerwise'].get('unit', 'Linear layers')} "
                 "solved on the merged model's own "
                 f"activations ({', '.join(f'{t} {n}' for t, n in info['layerwise']['tokens'].items())} tokens; "
-                "ALGORITHMS.md 3a)"
+                "docs/algorithms.md 3a in the guardmerge repository)"
             ]
             if info.get("layerwise")
             else []
@@ -68,8 +69,8 @@ def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
     for ex in config.experts:
         spec = result.heads.get(ex.task)
         labels = ", ".join(spec.labels) if spec is not None else "(shared head)"
-        if spec is not None and spec.problem != "single_label":
-            labels += " (multi-label)" if spec.problem == "multi_label" else " (token classification)"
+        if spec is not None:
+            labels += spec.kind.card_note
         lines.append(f"| {ex.task} | {labels} | `{ex.model}` | {ex.weight} |")
     extra = info.get("card_sections") or []
     for section in extra:

@@ -30,13 +30,10 @@ from guardmerge.merge.plan import MergePlan
 from guardmerge.merge.result import MergeResult
 from guardmerge.merge.write import write_folder
 from guardmerge.methods import MethodParams, MethodSpec, Role, TensorContext
+from guardmerge.models.branches import BRANCH_PREFIX
 from guardmerge.models.checkpoint import Checkpoint
-from guardmerge.models.multihead import (
-    BRANCH_PREFIX,
-    HEAD_PREFIX,
-    HeadSpec,
-    stock_head_tensors,
-)
+from guardmerge.models.head_kinds import DEFAULT_KIND
+from guardmerge.models.heads import HEAD_PREFIX, HeadSpec, stock_head_tensors
 from guardmerge.stats.files import ExpertStats, stack_for_tensor
 
 log = logging.getLogger(__name__)
@@ -280,7 +277,7 @@ class TensorMerge:
             task: HeadSpec.from_layout(
                 self.plan.labels[task],
                 self.plan.heads[task],
-                problem=self.plan.problems.get(task, "single_label"),
+                problem=self.plan.problems.get(task, DEFAULT_KIND),
                 thresholds=thresholds.get(task),
                 benign=benign.get(task),
             )

@@ -1,4 +1,4 @@
-"""Closed-form head alignment after merging (ALGORITHMS.md section 3b): the pure math.
+"""Closed-form head alignment after merging (docs/algorithms.md section 3b): the pure math.
 
 A merged encoder's features drift from what each expert's head was trained on. Given, for one
 task, the head inputs of the **merged** model ``F_m`` (``[n, d]``) on n unlabelled inputs of that
@@ -167,7 +167,7 @@ def per_feature_affine(
     """Per feature ``j``: least squares ``expert_j ~ s_j * merged_j + c_j`` with a small ridge
     pulling ``s_j`` toward 1 (the identity map), float64.
 
-    The branch-point alignment of a sharing depth (ALGORITHMS.md 3a): ``merged`` holds the
+    The branch-point alignment of a sharing depth (docs/algorithms.md 3a): ``merged`` holds the
     merged trunk's hidden states at depth K, ``expert`` the expert's own, one row per token.
     ``s_j = (cov_j + mu) / (var_j + mu)``, ``c_j = mean(expert_j) - s_j mean(merged_j)``
     (population moments; the intercept is not penalised), so a constant merged feature is only

@@ -335,12 +335,13 @@ def _check_head_settings(config: MergeConfig, plan: MergePlan) -> None:
     names gets a warning (serving it will need them)."""
     import logging
 
-    from guardmerge.serve.flags import resolve_benign
+    from guardmerge.models.benign import resolve_benign
+    from guardmerge.models.head_kinds import DEFAULT_KIND, head_kind
 
     log = logging.getLogger(__name__)
     for e in config.experts:
         kind = "heads: shared" if plan.shared else "a token-classification head"
-        token = plan.shared or plan.problems.get(e.task) == "token"
+        token = plan.shared or head_kind(plan.problems.get(e.task, DEFAULT_KIND)).per_token
         for option, value in (("thresholds", e.thresholds), ("benign", e.benign)):
             if value is not None and token:
                 raise ConfigError(f"expert '{e.task}': {option} do not apply to {kind}")
@@ -355,7 +356,7 @@ def _check_head_settings(config: MergeConfig, plan: MergePlan) -> None:
             )
         how = f"`benign: [LABEL, ...]` on expert '{e.task}'"
         try:
-            resolve_benign(e.task, labels, plan.problems.get(e.task, "single_label"), e.benign, how)
+            resolve_benign(e.task, labels, plan.problems.get(e.task, DEFAULT_KIND), e.benign, how)
         except GuardmergeError as exc:
             if e.benign is not None:
                 raise ConfigError(f"expert '{e.task}': {exc}") from None

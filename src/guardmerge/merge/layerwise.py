@@ -1,6 +1,6 @@
 """The layer-wise stage: solve every Linear layer on the merged model's own activations.
 
-ALGORITHMS.md 3a. For each task, the merged model and the task's expert read the same
+docs/algorithms.md 3a. For each task, the merged model and the task's expert read the same
 tokenised texts. Block by block, from the embeddings upward (then the pooler, where the family
 has one), each group of Linear layers that reads one input (q/k/v; attention output;
 intermediate; output) is measured on the merged model *as solved so far*, solved by the method's
@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from guardmerge.errors import GuardmergeError
 from guardmerge.methods import BlockProblem, LayerwiseSpec, LinearSystem, MethodParams
-from guardmerge.models.multihead import MultiHeadModel, blocks_at, first_output, module_at
+from guardmerge.models.modules import blocks_at, first_output, module_at
+from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.stats.batches import tokenize_batches
 from guardmerge.stats.gram import model_inputs
 

@@ -23,6 +23,7 @@ from guardmerge.errors import CompatibilityError, ConfigError
 from guardmerge.io.formats import TOKENIZER_VOCAB_FILES
 from guardmerge.models.adapters import ArchitectureAdapter, HeadLayout, encoder_names
 from guardmerge.models.checkpoint import Checkpoint
+from guardmerge.models.head_kinds import head_kind
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def _check_tensors(base: Checkpoint, base_enc: Sequence[str], ck: Checkpoint, he
 def _check_hm3(adapter: ArchitectureAdapter, experts: Mapping[str, Checkpoint], heads: dict[str, HeadLayout]) -> None:
     """``heads: hm3`` concatenates the experts' single Linear heads on one shared input."""
     for ck in experts.values():
-        if ck.problem == "token":
+        if head_kind(ck.problem).per_token:
             raise CompatibilityError(
                 f"heads: hm3 merges sequence heads on one pooled input, but {ck.where} is a token classifier "
                 "(its head reads every token); use heads: multi"

@@ -11,11 +11,9 @@ from typing import Any
 import torch
 
 from guardmerge.errors import GuardmergeError
-from guardmerge.models.multihead import (
-    HeadSpec,
-    MultiHeadModel,
-    load_tokenizer,
-)
+from guardmerge.models.folder import load_tokenizer
+from guardmerge.models.heads import HeadSpec
+from guardmerge.models.multihead import MultiHeadModel
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from guardmerge.merge.result import MergeResult
 from guardmerge.merge.statistics import statistics_stage
 from guardmerge.merge.write import write_result
 from guardmerge.models.adapters import capped_length
-from guardmerge.models.multihead import BRANCH_PREFIX, MultiHeadModel
+from guardmerge.models.branches import BRANCH_PREFIX
+from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.stats import ExpertStats
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ from guardmerge.merge.engine import sparsified_experts
 from guardmerge.merge.job import MergeJob
 from guardmerge.models.adapters import capped_length
 from guardmerge.models.checkpoint import Checkpoint
+from guardmerge.models.head_kinds import head_kind
 from guardmerge.stats import (
     ExpertStats,
     collect_fisher,
@@ -78,13 +79,13 @@ def _collect(
     encoder_state: Mapping[str, torch.Tensor] | None,
 ) -> ExpertStats:
     from guardmerge.data import MAX_TEXT_CHARS
-    from guardmerge.models.multihead import load_tokenizer
+    from guardmerge.models.folder import load_tokenizer
     from guardmerge.models.stock import stock_model
 
     settings = settings.model_copy(
         update={"max_length": capped_length(settings.max_length, ck.config, f"statistics of {ck.where}")}
     )
-    token = ck.problem == "token"
+    token = head_kind(ck.problem).per_token
     if "fisher" in kinds and token:
         raise StatisticsError(
             f"{ck.where} is a token classifier: Fisher statistics are defined for sequence heads only; "
@@ -145,7 +146,7 @@ def _expert_statistics(job: MergeJob, kinds: frozenset[str], progress: bool, cac
     out = []
     states = None
     variant: dict[str, object] = {}
-    if job.spec.sparsify is not None:  # statistics of the sparsified experts (ALGORITHMS.md 2)
+    if job.spec.sparsify is not None:  # statistics of the sparsified experts (docs/algorithms.md 2)
         variant = {"sparsified_by": config.method, "seed": config.seed, **job.params.model_dump()}
     for i, e in enumerate(job.experts):
         fingerprint = expert_fingerprint(e.folder)

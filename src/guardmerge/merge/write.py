@@ -19,11 +19,8 @@ from guardmerge.io.formats import CONFIG_FILE, MERGE_CONFIG_FILE, MODEL_CARD_FIL
 from guardmerge.io.writer import ShardedWriter, TensorSlot
 from guardmerge.merge.card import model_card
 from guardmerge.merge.result import MergeResult
-from guardmerge.models.multihead import (
-    MultiHeadModel,
-    folder_config,
-    load_tokenizer,
-)
+from guardmerge.models.folder import folder_config, load_tokenizer
+from guardmerge.models.multihead import MultiHeadModel
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 DARE (Yu et al. 2024) drops each task-vector entry with probability ``1 - density`` and rescales
 the survivors; any merger can follow. For data-dependent mergers the statistics must describe
-the **sparsified** experts (ALGORITHMS.md section 2), so these methods declare the drop as their
+the **sparsified** experts (docs/algorithms.md section 2), so these methods declare the drop as their
 ``sparsify`` step: the engine merges the dropped task vectors and the pipeline computes Grams or
 Fishers on the same dropped experts (same seed, same mask).
 """

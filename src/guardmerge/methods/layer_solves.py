@@ -1,4 +1,4 @@
-"""Layer-wise merges on the merged model's own activations (ALGORITHMS.md 3a).
+"""Layer-wise merges on the merged model's own activations (docs/algorithms.md 3a).
 
 RegMean computes every layer's Grams on each expert's own activations. Once the layers below
 are merged, a layer's inputs drift; the layer-wise methods merge from the embeddings upward and

@@ -11,7 +11,7 @@ from the one function here that defines it, e.g.::
 Defaults differ per method (task arithmetic's ``scaling`` is 0.3, TIES' 1.0), so each call
 names its default. ``detail`` is appended to the shared description; ``description`` replaces it
 where a method's parameter means something narrower (PCB's ``density`` keeps balanced scores).
-The vocabulary is ALGORITHMS.md section 0's: ``density`` is the fraction of entries **kept**,
+The vocabulary is docs/algorithms.md section 0's: ``density`` is the fraction of entries **kept**,
 ``scaling`` (lambda) the coefficient on the merged task vector.
 """
 

@@ -3,7 +3,7 @@
 Each function takes the task vectors of one tensor stacked over experts, ``deltas``
 ``[N, *shape]`` (``tau_i = theta_i - theta_0``), and per-expert ``weights`` ``[N]``, and returns
 the merged task vector ``[*shape]`` (``theta = theta_0 + result``), step by step as the paper
-states it (peft's ``utils/merge_utils.py`` is the model); ALGORITHMS.md is the specification.
+states it (peft's ``utils/merge_utils.py`` is the model); docs/algorithms.md is the specification.
 Top-k and quantiles rank each expert's entries within the tensor given: the ``global`` scope of
 the registered methods is the same function applied to the flattened model.
 

@@ -137,7 +137,7 @@ class PrepareFn(Protocol[P_contra]):
 
 @dataclass(frozen=True)
 class LinearSystem:
-    """What the layer-wise stage measured for one Linear layer (ALGORITHMS.md 3a).
+    """What the layer-wise stage measured for one Linear layer (docs/algorithms.md 3a).
 
     ``k`` is the layer's input size, plus one when the method fits the bias jointly (a ones
     column appended to every input row).
@@ -175,7 +175,7 @@ class LayerSolveFn(Protocol[P_contra]):
 
 @dataclass(frozen=True)
 class BlockProblem:
-    """What the layer-wise stage gives a per-block fit (ALGORITHMS.md 3a, ProDistill).
+    """What the layer-wise stage gives a per-block fit (docs/algorithms.md 3a, ProDistill).
 
     Attributes:
         name: the block's canonical prefix, e.g. ``encoder.layer.3``.
@@ -246,7 +246,7 @@ class MethodSpec(Generic[P]):
         prepare: optional whole-model pre-pass (global thresholds).
         sparsify: optional drop applied to every expert's task vectors before anything else
             (DARE for ``dare_regmean``): the engine merges the sparsified experts and the
-            pipeline computes statistics on them, as ALGORITHMS.md section 2 requires.
+            pipeline computes statistics on them, as docs/algorithms.md section 2 requires.
         layerwise: for methods solved layer by layer on the merged model's own activations
             (``lot``, ``regmean_pp``): ``fn`` gives the starting merge, then the layer-wise
             stage solves every Linear layer with :attr:`LayerwiseSpec.solve`.

@@ -173,7 +173,7 @@ class MergeScorer:
         scores: dict[str, float] = {}
         with torch.no_grad():
             for step, task in enumerate(self.tasks):
-                if model.problem(task) != "single_label":  # multi-label and token heads: their macro-F1
+                if not model.kind(task).exclusive:  # multi-label and token heads: their macro-F1 by evaluate
                     bs, length = self.job.batch_size, self.job.max_length
                     res = evaluate(model, {task: self.val[task]}, batch_size=bs, max_length=length)
                     scores[task] = res[task]["macro_f1"]

@@ -84,3 +84,12 @@ def search_to_folder(
     result = run_search(space, partial(MergeScorer, job), settings, progress=progress, scorer=scorer)
     write_best(scorer, result, out, force=force, progress=progress)
     return result
+
+
+def summary_line(result: SearchOutcome) -> str:
+    """One line: trials, the best objective, its parameters and weights, seconds per trial."""
+    best = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best.parameters.items())
+    return (
+        f"best of {sum(result.counts.values())} trials: {result.best_value:.4f} ({best}; weights "
+        f"{[round(w, 3) for w in result.best.weights]}); {result.seconds_per_trial:.1f} s/trial"
+    )

@@ -2,7 +2,7 @@
 
 The ranges come from the method's parameter schema (``searchable(...)`` on each Field, see
 :mod:`guardmerge.methods.registry`), so the space is declared once, next to the parameter it
-tunes. Per-expert weights (PCB + ES's ``lambda_i``, ALGORITHMS.md section 2) are searched when
+tunes. Per-expert weights (PCB + ES's ``lambda_i``, docs/algorithms.md section 2) are searched when
 asked, in ``weight_range``.
 """
 

@@ -6,7 +6,7 @@ this machine, or Ray tasks on a cluster) share one study: the storage hands ever
 out once. The remaining trial budget is split between the workers up front, so a search stops at
 exactly ``trials`` finished trials (complete or pruned).
 
-Samplers: TPE (HM3 searched DARE-TIES this way), CMA-ES (PCB + ES, ALGORITHMS.md section 2) and
+Samplers: TPE (HM3 searched DARE-TIES this way), CMA-ES (PCB + ES, docs/algorithms.md section 2) and
 random. Pruning: the median rule after each task, from the point where half the tasks are scored,
 on the objective with unscored tasks counted as 0 (the worst-task objective is not pruned).
 """

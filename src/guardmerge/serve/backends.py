@@ -27,7 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from guardmerge.errors import GuardmergeError, NonFiniteWeightsError
-from guardmerge.outputs import TextTokens, text_tokens
+from guardmerge.models.head_kinds import DEFAULT_KIND
+from guardmerge.models.outputs import TextTokens, text_tokens
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class OnnxBackend:
         return dict(self.meta["heads"][task])
 
     def problem(self, task: str) -> str:
-        return str(self._head(task).get("problem", "single_label"))
+        return str(self._head(task).get("problem", DEFAULT_KIND))
 
     def thresholds(self, task: str) -> dict[str, float]:
         return {str(k): float(v) for k, v in (self._head(task).get("thresholds") or {}).items()}

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from guardmerge.errors import NonFiniteWeightsError
-from guardmerge.outputs import entity_spans, token_rows
+from guardmerge.models.outputs import entity_spans, token_rows
 from guardmerge.serve.backends import Backend
-from guardmerge.serve.flags import softmax
 from guardmerge.serve.rules import HeadRule
 from guardmerge.serve.verdicts import failed_rows
 
@@ -74,7 +73,7 @@ def entity_outputs(
             for i, (text, tok) in enumerate(zip(texts, tokens)):
                 rows = token_rows(values[i], len(tok), side)
                 spans[i] = (
-                    entity_spans(text, tok, softmax(rows), rules[task].labels, aggregation)
+                    entity_spans(text, tok, rules[task].kind.activation(rows), rules[task].labels, aggregation)
                     if np.isfinite(rows).all()
                     else None
                 )
@@ -100,7 +99,7 @@ class HeadRunner:
         self.rules = rules
         self.aggregation = aggregation
         self.health = health
-        self.token_tasks = {t for t, r in rules.items() if r.problem == "token"}
+        self.token_tasks = {t for t, r in rules.items() if r.kind.per_token}
 
     def __call__(self, texts: Sequence[str], chosen: Sequence[str] | None) -> dict[str, np.ndarray]:
         """Logits of the sequence heads, entity spans (an object array) of the token heads, and each

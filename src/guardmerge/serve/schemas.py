@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "HEAD_INFOS",
+    "VERDICTS",
     "ClassifyRequest",
     "ClassifyResponse",
     "EntitySpan",
@@ -94,6 +96,15 @@ class TokenVerdict(BaseModel):
     flagged: bool = Field(..., description="True when the text contains an entity of a flagged type.")
 
 
+VERDICTS: dict[str, type[HeadVerdict | MultiLabelVerdict | TokenVerdict]] = {
+    "single_label": HeadVerdict,
+    "multi_label": MultiLabelVerdict,
+    "token": TokenVerdict,
+}
+"""Each head kind's verdict (its kind's answer plus ``flagged``; one per kind of
+:data:`guardmerge.models.head_kinds.HEAD_KINDS`)."""
+
+
 class HeadErrorBody(BaseModel):
     """Why a head gave no verdict."""
 
@@ -162,6 +173,14 @@ class TokenHeadInfo(HeadInfo):
     entity_types: list[str] = Field(..., description="Entity types the head tags.")
     flag_entities: list[str] | None = Field(..., description="Types that flag a text (null: any entity).")
     aggregation: str = Field(..., description="How word pieces become entities: first or simple.")
+
+
+HEAD_INFOS: dict[str, type[HeadInfo]] = {
+    "single_label": HeadInfo,
+    "multi_label": MultiLabelHeadInfo,
+    "token": TokenHeadInfo,
+}
+"""Each head kind's ``GET /v1/model`` entry (one per kind of :data:`guardmerge.models.head_kinds.HEAD_KINDS`)."""
 
 
 class Limits(BaseModel):

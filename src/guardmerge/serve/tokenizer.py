@@ -123,6 +123,6 @@ def load_runtime_tokenizer(folder: str | Path) -> Any:
             log.info("the tokenizers package is missing: %s is read with transformers", folder)
         except Exception as exc:  # an unreadable tokenizer.json: transformers says why
             log.warning("%s/%s could not be read directly (%s); trying transformers", folder, TOKENIZER_FILE, exc)
-    from guardmerge.models.multihead import load_tokenizer
+    from guardmerge.models.folder import load_tokenizer
 
     return load_tokenizer(folder)

@@ -15,17 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from guardmerge.serve.flags import entity_flag, label_flag, sigmoid, softmax
+from guardmerge.serve.flags import entity_flag, label_flag
 from guardmerge.serve.rules import HeadRule
-from guardmerge.serve.schemas import (
-    EntitySpan,
-    HeadErrorBody,
-    HeadErrorVerdict,
-    HeadVerdict,
-    MultiLabelVerdict,
-    TextVerdict,
-    TokenVerdict,
-)
+from guardmerge.serve.schemas import VERDICTS, HeadErrorBody, HeadErrorVerdict, TextVerdict
 
 log = logging.getLogger(__name__)
 
@@ -67,57 +59,39 @@ def _non_finite(task: str) -> HeadErrorVerdict:
 
 def _head_verdicts(task: str, values: np.ndarray, rule: HeadRule) -> list[Any]:
     """One head's verdict (or error verdict) for each text of ``values`` (its logits, or an object
-    array of entity spans, :class:`HeadFailure` or None)."""
-    n = len(values)
-    if values.dtype == object and rule.problem != "token":
+    array of entity spans, :class:`HeadFailure` or None), by its kind's flag rule and answer."""
+    kind = rule.kind
+    if kind.flags == "entities":
+        return [_entity_verdict(task, v, rule) for v in values]
+    if values.dtype == object:
         return [HeadErrorVerdict(error=HeadErrorBody(code=v.code, message=v.message)) for v in values]
-    if rule.problem == "token":
-        out: list[Any] = []
-        for v in values:
-            if isinstance(v, HeadFailure):
-                out.append(HeadErrorVerdict(error=HeadErrorBody(code=v.code, message=v.message)))
-            elif v is None:
-                out.append(_non_finite(task))
-            else:
-                spans = list(v)
-                out.append(
-                    TokenVerdict(
-                        entities=[EntitySpan(**e) for e in spans],
-                        flagged=entity_flag(spans, rule.entities, rule.threshold),
-                    )
-                )
-        return out
+    n = len(values)
     finite = np.isfinite(values.reshape(n, -1)).all(axis=-1)
     with np.errstate(all="ignore"):
-        probs = sigmoid(values) if rule.problem == "multi_label" else softmax(values)
+        probs = kind.activation(values)
     names = rule.labels
     benign = {k for k, name in enumerate(names) if name in rule.benign}
-    out = []
+    schema = VERDICTS[kind.name]
+    out: list[Any] = []
     for i in range(n):
         if not finite[i] or not np.isfinite(probs[i]).all():
             out.append(_non_finite(task))
             continue
         p = probs[i]
         flagged = label_flag(p, rule.label_thresholds, benign)
-        if rule.problem == "multi_label":
-            out.append(
-                MultiLabelVerdict(
-                    probabilities={name: float(v) for name, v in zip(names, p)},
-                    labels=[name for name, v, c in zip(names, p, rule.label_thresholds) if c is not None and v >= c],
-                    flagged=flagged,
-                )
-            )
-            continue
-        k = int(p.argmax())
-        out.append(
-            HeadVerdict(
-                label=names[k],
-                score=float(p[k]),
-                probabilities={name: float(v) for name, v in zip(names, p)},
-                flagged=flagged,
-            )
-        )
+        out.append(schema(**kind.answer(p, names, rule.label_thresholds), flagged=flagged))
     return out
+
+
+def _entity_verdict(task: str, value: Any, rule: HeadRule) -> Any:
+    """A token head's verdict on one text from its entity spans (None: non-finite scores)."""
+    if isinstance(value, HeadFailure):
+        return HeadErrorVerdict(error=HeadErrorBody(code=value.code, message=value.message))
+    if value is None:
+        return _non_finite(task)
+    spans = list(value)
+    answer = rule.kind.answer(spans, rule.labels, rule.label_thresholds)
+    return VERDICTS[rule.problem](**answer, flagged=entity_flag(spans, rule.entities, rule.threshold))
 
 
 def verdicts(

@@ -140,7 +140,7 @@ def expert_fingerprint(folder: str | os.PathLike[str]) -> str:
 def derive_fingerprint(fingerprint: str, **settings: object) -> str:
     """The fingerprint of an expert transformed before its statistics were taken.
 
-    For example statistics of a DARE-sparsified expert (ALGORITHMS.md 2: data-dependent
+    For example statistics of a DARE-sparsified expert (docs/algorithms.md 2: data-dependent
     mergers use statistics of the sparsified experts):
     ``derive_fingerprint(expert_fingerprint(folder), dare_density=0.5, seed=0)``.
     """
