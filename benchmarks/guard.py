@@ -28,42 +28,44 @@ Writes benchmarks/results/guard.json, then regenerates BENCHMARKS.md and its plo
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: guard_bench, zoo, report
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: zoo, report
-
+from guard_bench import (
+    ALIGN,
+    FISHER_EXAMPLES,
+    STATS,
+    Bench,
+    best_row,
+    experts_runner,
+    grid_points,
+    test_scores,
+    timings,
+)
 from provenance import environment, produced
 
-from guardmerge.config import MergeConfig, parse_config
-from guardmerge.data import TaskData, load_task
-from guardmerge.demo import base_checkpoint, default_data_dir
-from guardmerge.evaluate import evaluate, mean, normalized, to_json_ready
-from guardmerge.merge.align import FeatureCache
-from guardmerge.merge.stages import build, self_merge_config
-from guardmerge.merge.statistics import expert_statistics
+from guardmerge.demo import default_data_dir
+from guardmerge.evaluate import mean, to_json_ready
+from guardmerge.merge.stages import self_merge_config
 from guardmerge.models.multihead import MultiHeadModel, load_any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 log = logging.getLogger("bench")
 
+SOURCES = ("benchmarks/guard.py", "benchmarks/guard_bench.py", "benchmarks/zoo.py")
+"""The benchmark's code: a result is ``-dirty`` when these (or ``src``) have uncommitted changes."""
 TASKS = ("hate", "offensive", "emotion", "irony", "injection")
-ALIGN = {"method": "lstsq", "examples": 400}
-STATS = {"examples": 1000, "max_length": 128, "batch_size": 32}
-FISHER_EXAMPLES = 256
 
-# Small documented grids, chosen on validation (ALGORITHMS.md defaults included).
+# Small documented grids, chosen on validation (docs/algorithms.md defaults included).
 GRIDS: dict[str, dict[str, list[Any]]] = {
     "average": {},
     "task_arithmetic": {"scaling": [0.6, 1.0]},
@@ -118,122 +120,6 @@ PAIRS = (("injection", "hate"), ("emotion", "irony"))
 QUICK_PAIRS = (("injection", "emotion"),)
 
 
-def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
-
-
-class Bench:
-    """Shared state: experts, data, cached statistics and expert features."""
-
-    def __init__(
-        self, data: Path, work: Path, experts: Mapping[str, Path], val_limit: int | None, test_limit: int | None
-    ):
-        self.base = str(base_checkpoint())
-        self.experts = dict(experts)
-        self.tasks: dict[str, TaskData] = {t: load_task(data / t) for t in experts}
-        self.val = {t: td.split("validation", val_limit) for t, td in self.tasks.items()}
-        self.test = {t: td.split("test", test_limit) for t, td in self.tasks.items()}
-        self.features = FeatureCache(work / "features")
-        self.stats_cache: dict[str, Any] = {}
-        self.solved: dict[str, Any] = {}
-        self.work = work
-
-    def config(
-        self,
-        method: str,
-        params: Mapping[str, Any],
-        *,
-        tasks: Sequence[str] | None = None,
-        align: bool = False,
-        heads: str = "multi",
-        seed: int = 0,
-        weights: Mapping[str, float] | None = None,
-        **extra: Any,
-    ) -> MergeConfig:
-        chosen = list(tasks or self.experts)
-        return parse_config(
-            {
-                "base_model": self.base,
-                "experts": [
-                    {
-                        "model": str(self.experts[t]),
-                        "task": t,
-                        "weight": (weights or {}).get(t, 1.0),
-                        "data": str(self.tasks[t].folder / "train.jsonl"),
-                    }
-                    for t in chosen
-                ],
-                "method": method,
-                "parameters": dict(params),
-                "heads": heads,
-                "seed": seed,
-                "align_heads": ALIGN if align else False,
-                "statistics": {**STATS, "examples": FISHER_EXAMPLES if method == "fisher" else STATS["examples"]},
-                **extra,
-            },
-            source=f"{method} {dict(params)}",
-        )
-
-    def merged(self, cfg: MergeConfig) -> MultiHeadModel:
-        """The merged model of ``cfg``. A layer-wise merge is solved once per setting: its
-        ``+align`` variant refits the heads on a copy of the solved merge (same result as a
-        fresh build, without solving the layers twice)."""
-        from guardmerge.merge.job import MergeJob
-        from guardmerge.merge.stages import data_stages
-
-        job = MergeJob.of(cfg)
-        stats = None
-        if job.statistics:
-            key = f"{'+'.join(sorted(job.statistics))}:{','.join(job.tasks)}"
-            if key not in self.stats_cache:
-                self.stats_cache[key] = expert_statistics(
-                    job, job.statistics, progress=False, cache=self.work / "stats"
-                )
-            stats = self.stats_cache[key]
-        if not job.layerwise:
-            return build(job, progress=False, stats=stats, feature_cache=self.features).to_model()
-        plain = cfg.model_copy(update={"align_heads": False})
-        key = plain.model_dump_json()
-        if key not in self.solved:
-            while len(self.solved) >= 6:  # a grid's worth of solved merges (~90 MB each for MiniLM)
-                self.solved.pop(next(iter(self.solved)))
-            self.solved[key] = build(MergeJob.of(plain), progress=False, feature_cache=self.features)
-        if job.alignment is None:
-            return self.solved[key].to_model()
-        solved = self.solved[key]
-        copy = replace(solved, tensors={k: v.clone() for k, v in solved.tensors.items()}, info=dict(solved.info))
-        return data_stages(replace(job, layerwise=False), copy, progress=False, feature_cache=self.features).to_model()
-
-    def score(
-        self, model: MultiHeadModel, split: str, tasks: Sequence[str] | None = None
-    ) -> dict[str, dict[str, float]]:
-        data = self.val if split == "validation" else self.test
-        return evaluate(model, {t: data[t] for t in (tasks or model.tasks)})
-
-
-def test_scores(test: Mapping[str, Mapping[str, float]], expert_test: Mapping[str, Any]) -> dict[str, Any]:
-    """A row's test figures: per-task scores, mean macro-F1, normalised (mean and per task), worst task."""
-    per_task = normalized(test, expert_test)
-    return {
-        "test": test,
-        "mean_macro_f1": mean({t: v["macro_f1"] for t, v in test.items()}),
-        "normalized": mean(per_task),
-        "normalized_per_task": per_task,
-        "worst_task": min(per_task, key=per_task.__getitem__),
-        "worst_task_ratio": min(per_task.values()),
-    }
-
-
-def best_row(results: Mapping[str, Any]) -> str:
-    """The best single-pass quality row by validation mean macro-F1."""
-    methods = results.get("methods", {})
-    rows = {k: m for k, m in methods.items() if k != "ensemble" and "validation_mean_macro_f1" in m}
-    if not rows:
-        raise SystemExit("benchmarks/results/guard.json has no quality rows: run python benchmarks/guard.py first")
-    return max(rows, key=lambda k: rows[k]["validation_mean_macro_f1"])
-
-
 def quality(
     bench: Bench,
     grids: Mapping[str, Mapping[str, Sequence[Any]]],
@@ -249,7 +135,7 @@ def quality(
         for align in (False, True):
             name = f"{row}+align" if align else row
             started = time.perf_counter()
-            trials = []
+            trials: list[dict[str, Any]] = []
             for params in grid_points(grid):
                 model = bench.merged(bench.config(method, params, align=align))
                 val = bench.score(model, "validation")
@@ -271,7 +157,7 @@ def quality(
                 "validation_mean_macro_f1": best["validation_mean_macro_f1"],
                 "grid": trials,
                 "seconds": time.perf_counter() - started,
-                "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
+                "produced": produced(*SOURCES),
             }
             if len(tests) > 1:
                 entry["seeds"] = list(run_seeds)
@@ -282,66 +168,6 @@ def quality(
             if done is not None:
                 done(name, entry)
     return out
-
-
-def _latencies(fn, batches: Sequence[Mapping[str, torch.Tensor]], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        for b in batches:
-            t0 = time.perf_counter()
-            fn(b)
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-@torch.no_grad()
-def timings(
-    bench: Bench, runners: Mapping[str, Any], tokenizer: Any, n_texts: int = 320, repeats: int = 3
-) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-    """Texts/s at batch 32 and batch-1 latency of each runner (``fn(batch)``) on the same
-    tokenised test texts of every task; runners alternate so machine noise hits them alike.
-    Returns the figures per runner and the settings (``n`` texts, ``repeats``)."""
-    texts = [t for task in bench.tasks for t in bench.test[task].texts[: n_texts // len(bench.tasks)]]
-
-    def batches(size: int) -> list[dict[str, torch.Tensor]]:
-        return [
-            dict(tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-            for i in range(0, len(texts), size)
-        ]
-
-    b32, b1 = batches(32), batches(1)[:64]
-    for fn in runners.values():  # warm up
-        fn(b32[0])
-    big: dict[str, list[float]] = {name: [] for name in runners}
-    small: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, fn in runners.items():
-            big[name].append(sum(_latencies(fn, b32, 1)))
-            small[name] += _latencies(fn, b1, 1)
-    return {
-        name: {
-            "batch32_texts_per_s": len(texts) / statistics.median(big[name]),
-            "batch1_p50_ms": _pct(small[name], 0.5),
-            "batch1_p95_ms": _pct(small[name], 0.95),
-        }
-        for name in runners
-    }, {"n": len(texts), "repeats": repeats}
-
-
-def experts_runner(bench: Bench) -> Any:
-    """``fn(batch)`` running the five experts one after another (what one merged pass replaces)."""
-    experts = {t: load_any(p, t) for t, p in bench.experts.items()}
-
-    def run(b: Mapping[str, torch.Tensor]) -> None:
-        for m in experts.values():
-            m(**b)
-
-    return run
 
 
 def speed(bench: Bench, merged: MultiHeadModel, n_texts: int = 320, repeats: int = 3) -> dict:
@@ -396,7 +222,7 @@ def frontier(
             raise SystemExit(f"frontier trunk '{row}' has no quality result and {len(points)} grid points")
         method, params = ROW_METHOD.get(name, name), points[0]
         model = bench.merged(bench.config(method, params, align=align))
-        best = {**test_scores(bench.score(model, "test"), expert_test), "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py")}
+        best = {**test_scores(bench.score(model, "test"), expert_test), "produced": produced(*SOURCES)}
     out: dict[str, Any] = {"trunk": row, "method": method, "hyperparameters": params, "layers": layers, "rows": {}}
     models: dict[str, MultiHeadModel] = {f"K={layers}": model}
     out["rows"][f"K={layers}"] = {
@@ -425,7 +251,7 @@ def frontier(
             "validation_mean_macro_f1": val_score,
             **test_scores(bench.score(model, "test"), expert_test),
             "layer_passes": depth + n * (layers - depth),
-            "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
+            "produced": produced(*SOURCES),
         }
     runners = {name: (lambda b, m=m: m(**b)) for name, m in models.items()} | {"experts": experts_runner(bench)}
     speeds, settings = timings(bench, runners, models[f"K={layers}"].tokenizer, n_texts)
@@ -436,13 +262,13 @@ def frontier(
         "mean_macro_f1": results["experts_mean_macro_f1"],
         "layer_passes": n * layers,
         "note": "the five experts run one after another",
-        "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
+        "produced": produced(*SOURCES),
     }
     for name, r in out["rows"].items():
         r.update(speeds[name])
         r["compute_vs_one_pass"] = r["layer_passes"] / layers
     out["speed_settings"] = settings
-    out["produced"] = produced("benchmarks/guard.py", "benchmarks/zoo.py")
+    out["produced"] = produced(*SOURCES)
     return out
 
 
@@ -493,7 +319,7 @@ def seven_task(
                     }
                     for t, m in OFFICIAL.items()
                 },
-                "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
+                "produced": produced(*SOURCES),
             }
             log.info("seven %s: normalised %.4f, worst %.4f", name, scores["normalized"], scores["worst_task_ratio"])
             if val_score > best_val:
@@ -509,7 +335,7 @@ def seven_task(
         **speeds,
         "settings": settings,
         "batch32_ratio": speeds["merged"]["batch32_texts_per_s"] / speeds["experts"]["batch32_texts_per_s"],
-        "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
+        "produced": produced(*SOURCES),
     }
     return out
 
@@ -558,7 +384,11 @@ def _save(path: Path, results: dict, started: float) -> None:
     path.write_text(json.dumps(to_json_ready(results), indent=2) + "\n")
 
 
-def main() -> None:
+Grids = Mapping[str, Mapping[str, Sequence[Any]]]
+
+
+def parse_args() -> tuple[argparse.Namespace, Grids]:
+    """The command line, and the grids of the quality rows it asks for (``--quick``, ``--methods``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=HERE / ".work")
@@ -596,28 +426,19 @@ def main() -> None:
         help="use these experts instead of building the zoo (e.g. your own)",
     )
     args = ap.parse_args()
-    run = [x for x in (args.only or SECTIONS) if x not in args.skip]
-    grids = QUICK_GRIDS if args.quick else GRIDS
+    grids: Grids = QUICK_GRIDS if args.quick else GRIDS
     if args.methods:
         unknown = sorted(set(args.methods.split(",")) - set(grids))
         if unknown:
             ap.error(f"unknown rows {unknown}; known: {', '.join(grids)}")
         grids = {k: grids[k] for k in args.methods.split(",")}  # in the order given
-    test_limit = args.test_limit or None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("transformers", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    started = time.perf_counter()
-    data = args.data or default_data_dir()
-    from zoo import build_zoo
+    return args, grids
 
-    if args.expert:
-        experts = {k: Path(v) for k, v in (item.split("=", 1) for item in args.expert)}
-    else:
-        experts = build_zoo(data, args.work, list(TASKS), progress=False)
-    bench = Bench(data, args.work, experts, 60 if args.quick else args.val_limit, 100 if args.quick else test_limit)
-    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    expert_val, expert_test = {}, {}
+
+def score_experts(bench: Bench, experts: Mapping[str, Path], results: dict[str, Any]) -> dict[str, Any]:
+    """Each expert on its own task (test and validation), recorded in ``results``; returns the test scores."""
+    expert_val: dict[str, Any] = {}
+    expert_test: dict[str, Any] = {}
     for task, folder in experts.items():
         model = load_any(folder, task)
         expert_test.update(bench.score(model, "test", [task]))
@@ -625,65 +446,55 @@ def main() -> None:
     results["experts"] = expert_test
     results["experts_validation"] = expert_val
     results["experts_mean_macro_f1"] = mean({t: v["macro_f1"] for t, v in expert_test.items()})
-    results["experts_produced"] = produced("benchmarks/guard.py", "benchmarks/zoo.py")
-    if "quality" in run:
-        methods = {
-            "ensemble": {
-                "test": expert_test,
-                "mean_macro_f1": results["experts_mean_macro_f1"],
-                "normalized": 1.0,
-                "worst_task_ratio": 1.0,
-                "hyperparameters": {},
-                "note": "the five experts run separately",
-                "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py"),
-            }
+    results["experts_produced"] = produced(*SOURCES)
+    return expert_test
+
+
+def run_quality(
+    bench: Bench,
+    grids: Grids,
+    expert_test: dict[str, Any],
+    results: dict[str, Any],
+    out: Path,
+    started: float,
+    quick: bool,
+) -> None:
+    """The quality section: the ensemble row, then each grid row, saved to ``out`` as it is done."""
+    methods = {
+        "ensemble": {
+            "test": expert_test,
+            "mean_macro_f1": results["experts_mean_macro_f1"],
+            "normalized": 1.0,
+            "worst_task_ratio": 1.0,
+            "hyperparameters": {},
+            "note": "the five experts run separately",
+            "produced": produced(*SOURCES),
         }
-        results["methods"] = {**results.get("methods", {}), **methods}
-        results["grids"] = {**results.get("grids", {}), **grids}
+    }
+    results["methods"] = {**results.get("methods", {}), **methods}
+    results["grids"] = {**results.get("grids", {}), **grids}
 
-        def done(name: str, entry: dict) -> None:  # an interrupted run keeps its finished rows
-            results["methods"][name] = entry
-            _save(args.out, results, started)
+    def done(name: str, entry: dict) -> None:  # an interrupted run keeps its finished rows
+        results["methods"][name] = entry
+        _save(out, results, started)
 
-        quality(bench, grids, expert_test, (0,) if args.quick else DARE_SEEDS, done=done)
-    _save(args.out, results, started)
-    if "speed" in run:
-        merged = bench.merged(bench.config("task_arithmetic", {"scaling": 0.5}))
-        results["speed"] = {**speed(bench, merged, n_texts=64 if args.quick else 320), "produced": produced("benchmarks/guard.py", "benchmarks/zoo.py")}
-    _save(args.out, results, started)
-    if "frontier" in run:
-        results["frontier"] = frontier(
-            bench,
-            expert_test,
-            results,
-            (5, 4),
-            row=args.frontier_row,
-            n_texts=64 if args.quick else 320,
-            branch_aligns=(False, True) if args.branch_align_choice else (True,),
-        )
-    _save(args.out, results, started)
-    if "sweep" in run:
-        sweep_bench = bench if args.quick else Bench(data, args.work, experts, args.val_limit, args.sweep_limit)
-        sweep_bench.features = bench.features
-        expert_sweep = {t: sweep_bench.score(load_any(p, t), "test", [t])[t] for t, p in experts.items()}
-        results["density_sweep"] = density_sweep(
-            sweep_bench, expert_sweep, (0.2, 1.0) if args.quick else SWEEP_DENSITIES
-        )
-        results["density_sweep_experts"] = expert_sweep
-        results["density_sweep_produced"] = produced("benchmarks/guard.py", "benchmarks/zoo.py")
-    _save(args.out, results, started)
-    if "seven" in run:
-        results["seven_task"] = seven_task(
-            data,
-            args.work,
-            60 if args.quick else args.val_limit,
-            100 if args.quick else test_limit,
-            quick=args.quick,
-        )
-    _save(args.out, results, started)
-    if "pairs" in run:
-        results["two_task"] = two_task(bench, expert_test, QUICK_PAIRS if args.quick else PAIRS)
-        results["two_task_produced"] = produced("benchmarks/guard.py", "benchmarks/zoo.py")
+    quality(bench, grids, expert_test, (0,) if quick else DARE_SEEDS, done=done)
+
+
+def run_sweep(
+    bench: Bench, data: Path, experts: Mapping[str, Path], results: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """The density-sweep section (on its own test subsets, ``--sweep-limit``)."""
+    sweep_bench = bench if args.quick else Bench(data, args.work, experts, args.val_limit, args.sweep_limit)
+    sweep_bench.features = bench.features
+    expert_sweep = {t: sweep_bench.score(load_any(p, t), "test", [t])[t] for t, p in experts.items()}
+    results["density_sweep"] = density_sweep(sweep_bench, expert_sweep, (0.2, 1.0) if args.quick else SWEEP_DENSITIES)
+    results["density_sweep_experts"] = expert_sweep
+    results["density_sweep_produced"] = produced(*SOURCES)
+
+
+def finish(args: argparse.Namespace, results: dict[str, Any], started: float, test_limit: int | None) -> None:
+    """Write the results with the run's settings, then regenerate the report from them."""
     results["environment"] = environment()
     results["seconds"] = time.perf_counter() - started
     results["settings"] = {
@@ -702,6 +513,60 @@ def main() -> None:
 
     default_out = args.out.resolve() == (HERE / "results" / "guard.json").resolve()
     write_report(args.out, ROOT / "BENCHMARKS.md" if default_out else args.out.with_suffix(".md"), args.out.parent)
+
+
+def main() -> None:
+    args, grids = parse_args()
+    run = [x for x in (args.only or SECTIONS) if x not in args.skip]
+    test_limit = args.test_limit or None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    started = time.perf_counter()
+    data = args.data or default_data_dir()
+    from zoo import build_zoo
+
+    if args.expert:
+        experts = {k: Path(v) for k, v in (item.split("=", 1) for item in args.expert)}
+    else:
+        experts = build_zoo(data, args.work, list(TASKS), progress=False)
+    bench = Bench(data, args.work, experts, 60 if args.quick else args.val_limit, 100 if args.quick else test_limit)
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    expert_test = score_experts(bench, experts, results)
+    if "quality" in run:
+        run_quality(bench, grids, expert_test, results, args.out, started, args.quick)
+    _save(args.out, results, started)
+    if "speed" in run:
+        merged = bench.merged(bench.config("task_arithmetic", {"scaling": 0.5}))
+        results["speed"] = {**speed(bench, merged, n_texts=64 if args.quick else 320), "produced": produced(*SOURCES)}
+    _save(args.out, results, started)
+    if "frontier" in run:
+        results["frontier"] = frontier(
+            bench,
+            expert_test,
+            results,
+            (5, 4),
+            row=args.frontier_row,
+            n_texts=64 if args.quick else 320,
+            branch_aligns=(False, True) if args.branch_align_choice else (True,),
+        )
+    _save(args.out, results, started)
+    if "sweep" in run:
+        run_sweep(bench, data, experts, results, args)
+    _save(args.out, results, started)
+    if "seven" in run:
+        results["seven_task"] = seven_task(
+            data,
+            args.work,
+            60 if args.quick else args.val_limit,
+            100 if args.quick else test_limit,
+            quick=args.quick,
+        )
+    _save(args.out, results, started)
+    if "pairs" in run:
+        results["two_task"] = two_task(bench, expert_test, QUICK_PAIRS if args.quick else PAIRS)
+        results["two_task_produced"] = produced(*SOURCES)
+    finish(args, results, started, test_limit)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ subsets as benchmarks/guard.py's grids (``settings.val_limit`` of guard.json):
 
 - ``dare_ties_search``: HM3's search: TPE over DARE-TIES' density, scaling and seed.
 - ``pcb_search``: PCB + ES: CMA-ES over the five per-expert coefficients in [0.5, 3.0], density
-  and scaling fixed at the PCB grid's choice (ALGORITHMS.md section 2).
+  and scaling fixed at the PCB grid's choice (docs/algorithms.md section 2).
 
 Each search uses ``guardmerge.search`` (SQLite study under WORK/search, so a rerun resumes or
 reuses a finished study). The grid-chosen counterpart is re-scored on the same validation
@@ -30,11 +30,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guard import HERE, ROOT, TASKS, Bench  # noqa: E402
+from guard import HERE, ROOT, TASKS, Bench
 
-from guardmerge.demo import default_data_dir  # noqa: E402
-from guardmerge.evaluate import mean, normalized, to_json_ready  # noqa: E402
-from guardmerge.search import (  # noqa: E402
+from guardmerge.demo import default_data_dir
+from guardmerge.evaluate import mean, normalized, to_json_ready
+from guardmerge.search import (
     Candidate,
     MergeScorer,
     SearchJob,
@@ -69,7 +69,7 @@ def run_one(name: str, recipe: dict[str, Any], bench: Bench, results: dict, args
         recipe["method"], fixed, tasks, [1.0] * len(tasks), only=only or [], weight_range=recipe["weights"]
     )
     job = SearchJob(
-        config=config.model_dump(),
+        config=config,
         data_dir=str(args.data),
         val_limit=args.val_limit,
         work_dir=str(args.work / "search"),

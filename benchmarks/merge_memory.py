@@ -44,7 +44,8 @@ def build_checkpoints(work: Path, n_experts: int, seed: int = 0) -> tuple[Path, 
     torch.manual_seed(seed)
     base_state = {k: v.contiguous() for k, v in BertModel(cfg).state_dict().items()}
     tok_src = _tokenizer_source()
-    for folder, state, labels in [(base_dir, base_state, None)] + [(d, None, ["no", "yes"]) for d in experts]:
+    parts: list[tuple[Path, dict[str, torch.Tensor] | None]] = [(base_dir, base_state), *((d, None) for d in experts)]
+    for folder, state in parts:
         folder.mkdir(parents=True, exist_ok=True)
         if state is None:
             gen = torch.Generator().manual_seed(seed + 1 + experts.index(folder))

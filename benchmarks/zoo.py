@@ -14,9 +14,11 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
+
+from provenance import produced
 
 from guardmerge.data import load_task
-from provenance import produced
 from guardmerge.demo import base_checkpoint, default_data_dir
 from guardmerge.evaluate import evaluate, to_json_ready
 from guardmerge.finetune import FinetuneSettings, finetune_cached
@@ -60,7 +62,7 @@ def main() -> None:
     data = args.data or default_data_dir()
     path = HERE / "results" / "zoo.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
-    report = {}
+    report: dict[str, dict[str, Any]] = {}
     for task in [t for t in RECIPE if not args.task or t in args.task]:
         started = time.perf_counter()
         folder = build_zoo(data, args.work, [task])[task]

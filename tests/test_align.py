@@ -1,4 +1,4 @@
-"""Closed-form head alignment math (ALGORITHMS.md 3b) against numpy and on a tiny BERT."""
+"""Closed-form head alignment math (docs/algorithms.md 3b) against numpy and on a tiny BERT."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The layer-wise solves as pure functions (ALGORITHMS.md 3a): RegMean++ and cross-target LS."""
+"""The layer-wise solves as pure functions (docs/algorithms.md 3a): RegMean++ and cross-target LS."""
 
 from __future__ import annotations
 

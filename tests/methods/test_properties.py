@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of the invariants in ALGORITHMS.md section 4, over random shapes,
+"""Property tests (hypothesis) of the invariants in docs/algorithms.md section 4, over random shapes,
 numbers of experts, densities and weights.
 
 Every method returns the merged task vector (``theta - theta_0``), so "returns theta_1" is

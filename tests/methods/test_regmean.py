@@ -1,4 +1,4 @@
-"""RegMean: exact joint least squares, invariants from ALGORITHMS.md 4, numerics."""
+"""RegMean: exact joint least squares, invariants from docs/algorithms.md 4, numerics."""
 
 from __future__ import annotations
 

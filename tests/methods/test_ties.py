@@ -221,7 +221,7 @@ def test_dare_uses_the_run_seed_unless_given() -> None:
     assert not torch.equal(a, run("dare_linear", TAU, run_seed=11, name="pooler.dense.weight"))
 
 
-# ------------------------------------------------------------------------ ALGORITHMS.md §4
+# ------------------------------------------------------------------------ docs/algorithms.md §4
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """WUDI merging: normal equations, the orthogonal-row-space case, the anchor limit, the paper's
-Adam procedure, registration (ALGORITHMS.md section 2)."""
+Adam procedure, registration (docs/algorithms.md section 2)."""
 
 from __future__ import annotations
 
