@@ -311,6 +311,52 @@ def scanner_name(task: str) -> str:
     return "".join(part[:1].upper() + part[1:] for part in re.split(r"[_\-]+", task) if part) or task
 
 
+def _chosen_heads(opened: Any, tasks: Sequence[str] | None) -> list[str]:
+    """The heads to make scanners for: ``tasks`` (checked: known, not token heads, not empty,
+    none twice), or every classifier head."""
+    known = list(opened.tasks)
+    problem_of = getattr(opened, "problem", None)
+    token = [t for t in known if callable(problem_of) and head_kind(str(problem_of(t))).per_token]
+    chosen = list(tasks) if tasks is not None else [t for t in known if t not in token]
+    _check_heads("tasks", chosen, known)
+    asked = [t for t in chosen if t in token]
+    if asked:
+        raise GuardmergeError(
+            f"head(s) {', '.join(asked)} are token-classification heads (entity spans), not LLM Guard "
+            "classifier scanners; serve them with guardmerge serve"
+        )
+    if not chosen:
+        raise GuardmergeError(f"tasks is empty; this model has heads: {', '.join(known)}")
+    twice = sorted({t for t in chosen if chosen.count(t) > 1})
+    if twice:
+        raise GuardmergeError(f"tasks lists head(s) {', '.join(twice)} more than once")
+    return chosen
+
+
+def _check_settings(
+    known: list[str], chosen: list[str], limits: Mapping[str, float], benign: Mapping[str, Sequence[str]] | None
+) -> None:
+    """Thresholds and benign sets name chosen heads; thresholds lie in [0, 1]; no two chosen heads
+    share a scanner class name (``scan_prompt`` keys results by it)."""
+    _check_heads("thresholds", list(limits), known)
+    unused = sorted(set(limits) - set(chosen))
+    if unused:
+        raise GuardmergeError(
+            f"thresholds name head(s) {', '.join(unused)} that tasks leaves out (tasks: {', '.join(chosen)})"
+        )
+    for task, value in limits.items():
+        _check_threshold(task, value)
+    _check_heads("benign", list(benign or {}), chosen)
+    names: dict[str, str] = {}
+    for task in chosen:
+        clash = names.setdefault(scanner_name(task), task)
+        if clash != task:
+            raise GuardmergeError(
+                f"heads '{clash}' and '{task}' both give the scanner name '{scanner_name(task)}', and scan_prompt "
+                "keys results by name, so one verdict would overwrite the other; pick one with tasks=[...]"
+            )
+
+
 def scanners(
     model_or_folder: Any,
     thresholds: Mapping[str, float] | None = None,
@@ -348,40 +394,9 @@ def scanners(
         raise GuardmergeError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
     opened, owned = _open(model_or_folder, backend, max_length, threads)
     try:
-        known = list(opened.tasks)
-        problem_of = getattr(opened, "problem", None)
-        token = [t for t in known if callable(problem_of) and head_kind(str(problem_of(t))).per_token]
-        chosen = list(tasks) if tasks is not None else [t for t in known if t not in token]
-        _check_heads("tasks", chosen, known)
-        asked = [t for t in chosen if t in token]
-        if asked:
-            raise GuardmergeError(
-                f"head(s) {', '.join(asked)} are token-classification heads (entity spans), not LLM Guard "
-                "classifier scanners; serve them with guardmerge serve"
-            )
-        if not chosen:
-            raise GuardmergeError(f"tasks is empty; this model has heads: {', '.join(known)}")
-        twice = sorted({t for t in chosen if chosen.count(t) > 1})
-        if twice:
-            raise GuardmergeError(f"tasks lists head(s) {', '.join(twice)} more than once")
+        chosen = _chosen_heads(opened, tasks)
         limits = dict(thresholds or {})
-        _check_heads("thresholds", list(limits), known)
-        unused = sorted(set(limits) - set(chosen))
-        if unused:
-            raise GuardmergeError(
-                f"thresholds name head(s) {', '.join(unused)} that tasks leaves out (tasks: {', '.join(chosen)})"
-            )
-        for task, value in limits.items():
-            _check_threshold(task, value)
-        _check_heads("benign", list(benign or {}), chosen)
-        names: dict[str, str] = {}
-        for task in chosen:
-            clash = names.setdefault(scanner_name(task), task)
-            if clash != task:
-                raise GuardmergeError(
-                    f"heads '{clash}' and '{task}' both give the scanner name '{scanner_name(task)}', and scan_prompt "
-                    "keys results by name, so one verdict would overwrite the other; pick one with tasks=[...]"
-                )
+        _check_settings(list(opened.tasks), chosen, limits, benign)
         bad = list(getattr(opened, "bad_weights", None) or [])
         if bad:
             raise NonFiniteWeightsError(bad)

@@ -2,11 +2,62 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from guardmerge.config import MergeConfig
     from guardmerge.merge.result import MergeResult
+
+
+def _stage_lines(info: dict[str, Any]) -> list[str]:
+    """One bullet per data stage that ran: head alignment, layer-wise solves, sharing depth."""
+    lines = []
+    if info.get("align_heads"):
+        settings = info["align_heads"]["settings"]
+        lines.append(
+            f"- Head alignment: `{settings['method']}` on {settings['examples']} unlabelled texts per task "
+            "(docs/algorithms.md 3b in the guardmerge repository)"
+        )
+    if info.get("layerwise"):
+        lw = info["layerwise"]
+        tokens = ", ".join(f"{t} {n}" for t, n in lw["tokens"].items())
+        lines.append(
+            f"- Layer-wise solves: {lw['layers']} {lw.get('unit', 'Linear layers')} solved on the merged model's own "
+            f"activations ({tokens} tokens; docs/algorithms.md 3a in the guardmerge repository)"
+        )
+    if info.get("share_layers") is not None:
+        lines.append(
+            f"- Sharing depth: blocks below {info['share_layers']} shared; each task runs its expert's own blocks "
+            "from there (`branches.<task>.*`)" + (", aligned at the branch point" if info.get("branch_align") else "")
+        )
+    return lines
+
+
+def _use_lines(shared: bool, arch: str) -> list[str]:
+    """The card's "Use" section: stock transformers for a shared head, guardmerge otherwise."""
+    if shared:
+        return [
+            "## Use",
+            "",
+            "```python",
+            "import transformers",
+            f"model = transformers.{arch}.from_pretrained('THIS_FOLDER')",
+            "```",
+            "",
+        ]
+    return [
+        "## Use",
+        "",
+        "```python",
+        "import guardmerge",
+        "model = guardmerge.load('THIS_FOLDER')",
+        "model.predict(['some text'])  # {task: [{'label': ..., 'score': ...}]}",
+        "```",
+        "",
+        'or `guardmerge predict THIS_FOLDER "some text"`. Export one task to a stock '
+        "transformers classifier with `guardmerge export THIS_FOLDER TASK OUT`.",
+        "",
+    ]
 
 
 def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
@@ -34,34 +85,7 @@ def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
         f"- Method: `{config.method}`, heads: `{config.heads}`",
         "- Parameters: " + (", ".join(f"`{k}={v}`" for k, v in info.get("parameters", {}).items()) or "(defaults)"),
         f"- guardmerge version: {version}",
-        *(
-            [
-                f"- Head alignment: `{info['align_heads']['settings']['method']}` on "
-                f"{info['align_heads']['settings']['examples']} unlabelled texts per task "
-                "(docs/algorithms.md 3b in the guardmerge repository)"
-            ]
-            if info.get("align_heads")
-            else []
-        ),
-        *(
-            [
-                f"- Layer-wise solves: {info['layerwise']['layers']} {info['layerwise'].get('unit', 'Linear layers')} "
-                "solved on the merged model's own "
-                f"activations ({', '.join(f'{t} {n}' for t, n in info['layerwise']['tokens'].items())} tokens; "
-                "docs/algorithms.md 3a in the guardmerge repository)"
-            ]
-            if info.get("layerwise")
-            else []
-        ),
-        *(
-            [
-                f"- Sharing depth: blocks below {info['share_layers']} shared; each task runs its expert's own blocks "
-                "from there (`branches.<task>.*`)"
-                + (", aligned at the branch point" if info.get("branch_align") else "")
-            ]
-            if info.get("share_layers") is not None
-            else []
-        ),
+        *_stage_lines(info),
         "",
         "| task (head) | labels | expert | weight |",
         "|---|---|---|---|",
@@ -72,35 +96,6 @@ def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
         if spec is not None:
             labels += spec.kind.card_note
         lines.append(f"| {ex.task} | {labels} | `{ex.model}` | {ex.weight} |")
-    extra = info.get("card_sections") or []
-    for section in extra:
+    for section in info.get("card_sections") or []:
         lines += ["", str(section)]
-    if shared:
-        return "\n".join(
-            [
-                *lines,
-                "",
-                "## Use",
-                "",
-                "```python",
-                "import transformers",
-                f"model = transformers.{arch}.from_pretrained('THIS_FOLDER')",
-                "```",
-                "",
-            ]
-        )
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import guardmerge",
-        "model = guardmerge.load('THIS_FOLDER')",
-        "model.predict(['some text'])  # {task: [{'label': ..., 'score': ...}]}",
-        "```",
-        "",
-        'or `guardmerge predict THIS_FOLDER "some text"`. Export one task to a stock '
-        "transformers classifier with `guardmerge export THIS_FOLDER TASK OUT`.",
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *_use_lines(shared, arch)])

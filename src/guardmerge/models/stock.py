@@ -62,17 +62,7 @@ def stock_model(
     opened = None if isinstance(source, Checkpoint) else Checkpoint(source, allow_pickle=allow_pickle, where=where)
     with opened or nullcontext(source) as ck:
         assert isinstance(ck, Checkpoint)
-        ad = ck.adapter
-        config = {k: v for k, v in ck.config.items() if k != "guardmerge"}
-        if labels is not None:
-            config = {k: v for k, v in config.items() if k not in _LABEL_KEYS}
-            config.update(
-                num_labels=len(labels),
-                id2label={str(i): n for i, n in enumerate(labels)},
-                label2id={n: i for i, n in enumerate(labels)},
-            )
-            if multi_label:
-                config["problem_type"] = MULTI_LABEL_PROBLEM_TYPE
+        config = _stock_config(ck, labels, multi_label)
         try:
             cfg = AutoConfig.for_model(**config)
         except Exception as exc:  # transformers raises ValueError, TypeError, KeyError on bad configs
@@ -82,45 +72,76 @@ def stock_model(
         )
         with nullcontext() if fresh else no_init():  # every tensor is loaded below unless fresh
             model = cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
-        own = model.state_dict()
         tied = _tied(model)
-        state: dict[str, torch.Tensor] = {}
-        skipped = []
-        for name in ck.names():
-            if ad.is_ignored(name) or (name.endswith(INTEGER_BUFFERS) and ad.prefixed(name) not in own):
-                continue
-            key = ad.prefixed(name)
-            if key not in own or (labels is not None and ad.is_head(name)):  # a new head replaces a stored one
-                skipped.append(name)
-                continue
-            if tuple(own[key].shape) != ck.shape(name):
-                raise CheckpointError(
-                    f"{ck.where}: tensor '{clip(name)}' has shape {list(ck.shape(name))}, the stock "
-                    f"{type(model).__name__} needs {list(own[key].shape)}"
-                )
-            state[key] = ck.get(name, None if architecture else own[key].dtype)
-        missing = [
-            k
-            for k in own
-            if k not in state
-            and not k.endswith(INTEGER_BUFFERS)
-            and not ad.canonical(k).startswith(tuple(fresh))
-            and not (k in tied and tied[k] in state)
-        ]
-        if missing:
-            raise CheckpointError(
-                f"{ck.where}: tensor '{clip(ad.canonical(missing[0]))}' is missing (the stock {type(model).__name__} "
-                "needs it; guardmerge never fills a missing weight with random values)"
-            )
-        if skipped:
-            log.info("%s: %d stored tensor(s) not used (e.g. %s)", ck.where, len(skipped), skipped[0])
-        new = sorted({ad.canonical(k).split(".")[0] for k in own if k not in state and not k.endswith(INTEGER_BUFFERS)})
-        if new:
-            log.info("%s: freshly initialised: %s", ck.where, ", ".join(new))
+        state = _stock_state(ck, model, tied, new_head=labels is not None, fresh=fresh, stored_dtypes=architecture)
         model.load_state_dict(state, strict=False, assign=architecture)
         if tied and hasattr(model, "tie_weights"):
             model.tie_weights()
     return model.eval()
+
+
+def _stock_config(ck: Checkpoint, labels: Sequence[str] | None, multi_label: bool) -> dict[str, Any]:
+    """The folder's config without guardmerge's entry; with ``labels``, a new head's label fields."""
+    config = {k: v for k, v in ck.config.items() if k != "guardmerge"}
+    if labels is not None:
+        config = {k: v for k, v in config.items() if k not in _LABEL_KEYS}
+        config.update(
+            num_labels=len(labels),
+            id2label={str(i): n for i, n in enumerate(labels)},
+            label2id={n: i for i, n in enumerate(labels)},
+        )
+        if multi_label:
+            config["problem_type"] = MULTI_LABEL_PROBLEM_TYPE
+    return config
+
+
+def _stock_state(
+    ck: Checkpoint,
+    model: Any,
+    tied: dict[str, str],
+    *,
+    new_head: bool,
+    fresh: Sequence[str],
+    stored_dtypes: bool,
+) -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` read from ``ck``: every shape checked, every tensor the class
+    needs accounted for (only ``fresh`` prefixes and tied copies may be left to the class)."""
+    ad = ck.adapter
+    own = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    skipped = []
+    for name in ck.names():
+        if ad.is_ignored(name) or (name.endswith(INTEGER_BUFFERS) and ad.prefixed(name) not in own):
+            continue
+        key = ad.prefixed(name)
+        if key not in own or (new_head and ad.is_head(name)):  # a new head replaces a stored one
+            skipped.append(name)
+            continue
+        if tuple(own[key].shape) != ck.shape(name):
+            raise CheckpointError(
+                f"{ck.where}: tensor '{clip(name)}' has shape {list(ck.shape(name))}, the stock "
+                f"{type(model).__name__} needs {list(own[key].shape)}"
+            )
+        state[key] = ck.get(name, None if stored_dtypes else own[key].dtype)
+    missing = [
+        k
+        for k in own
+        if k not in state
+        and not k.endswith(INTEGER_BUFFERS)
+        and not ad.canonical(k).startswith(tuple(fresh))
+        and not (k in tied and tied[k] in state)
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{ck.where}: tensor '{clip(ad.canonical(missing[0]))}' is missing (the stock {type(model).__name__} "
+            "needs it; guardmerge never fills a missing weight with random values)"
+        )
+    if skipped:
+        log.info("%s: %d stored tensor(s) not used (e.g. %s)", ck.where, len(skipped), skipped[0])
+    new = sorted({ad.canonical(k).split(".")[0] for k in own if k not in state and not k.endswith(INTEGER_BUFFERS)})
+    if new:
+        log.info("%s: freshly initialised: %s", ck.where, ", ".join(new))
+    return state
 
 
 def _architecture(config: dict[str, Any], where: str) -> Any:
