@@ -42,6 +42,11 @@ def write_folder(
     to ``out`` when complete."""
     from guardmerge import __version__
 
+    card = model_card(result, config, __version__)
+    if config.heads == "shared":  # a stock transformers folder, with the merge's provenance
+        model_cfg = {**result.config, "guardmerge": {"version": __version__, **result.info}}
+    else:
+        model_cfg = folder_config(result.config, result.heads, result.info)
     with atomic_dir(out, force=force) as tmp:
         with ShardedWriter(tmp, layout, max_shard_bytes=max_shard_bytes) as writer:
             for name, tensor in tensors:
@@ -51,15 +56,11 @@ def write_folder(
                         f"parameters {result.info.get('parameters')}); nothing was written to {out}"
                     )
                 writer.write(name, tensor)
-        if config.heads == "shared":  # a stock transformers folder, with the merge's provenance
-            model_cfg = {**result.config, "guardmerge": {"version": __version__, **result.info}}
-        else:
-            model_cfg = folder_config(result.config, result.heads, result.info)
         (tmp / CONFIG_FILE).write_text(json.dumps(model_cfg, indent=2) + "\n")
         if result.tokenizer_dir:
             _copy_tokenizer(Path(result.tokenizer_dir), tmp)
         (tmp / MERGE_CONFIG_FILE).write_text(config.dump())
-        (tmp / MODEL_CARD_FILE).write_text(model_card(result, config, __version__))
+        (tmp / MODEL_CARD_FILE).write_text(card)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         probe_outputs(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,11 +30,13 @@ if TYPE_CHECKING:
     from torch import nn
 
     from guardmerge.models.checkpoint import Checkpoint
-    from guardmerge.models.multihead import MultiHeadModel
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound="MultiHeadModel")
+MultiHeadModel = Any
+"""A :class:`~guardmerge.models.multihead.MultiHeadModel`, typed loosely here: that module imports
+this one (its folder methods call these functions), and this one never imports it back."""
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def save_folder(model: MultiHeadModel, path: str | Path, *, force: bool = False) -> Path:
@@ -45,7 +47,7 @@ def save_folder(model: MultiHeadModel, path: str | Path, *, force: bool = False)
     return Path(path)
 
 
-def load_folder(cls: type[M], path: str | Path, *, device: str = "cpu") -> M:
+def load_folder(cls: Callable[..., M], path: str | Path, *, device: str = "cpu") -> M:
     """A ``cls`` model from a folder written by ``save_pretrained`` or ``guardmerge merge``."""
     from guardmerge.io.checkpoint import CheckpointFiles
 
@@ -69,7 +71,7 @@ def load_folder(cls: type[M], path: str | Path, *, device: str = "cpu") -> M:
 
 
 def model_from_tensors(
-    cls: type[M],
+    cls: Callable[..., M],
     config: Mapping[str, Any],
     heads: Mapping[str, HeadSpec],
     tensors: Mapping[str, torch.Tensor],
@@ -137,7 +139,7 @@ def _branches(
 
 
 def model_from_classifier(
-    cls: type[M],
+    cls: Callable[..., M],
     path: str | Path | Checkpoint,
     task: str | None = None,
     *,

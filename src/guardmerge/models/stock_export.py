@@ -8,7 +8,7 @@ branch's above, with the branch's ``align`` folded into the LayerNorm that feeds
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -17,8 +17,9 @@ from guardmerge.io import atomic_dir
 from guardmerge.models.folder import write_model_folder
 from guardmerge.models.heads import HEAD_PREFIX
 
-if TYPE_CHECKING:
-    from guardmerge.models.multihead import MultiHeadModel
+MultiHeadModel = Any
+"""A :class:`~guardmerge.models.multihead.MultiHeadModel`, typed loosely here: that module imports
+this one (``export_task`` calls it), and this one never imports it back."""
 
 
 def export_task(model: MultiHeadModel, task: str, path: str | Path, *, force: bool = False) -> Path:
