@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from guardmerge.merge.job import MergeJob
-from tests.builders import MERGED_TASKS, make_base, make_expert
+from tests.builders import MERGED_TASKS, make_base, make_expert, merge_cfg
+
+if TYPE_CHECKING:
+    from guardmerge.models.multihead import MultiHeadModel
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; CI and dev machines have 2 cores
 
@@ -47,6 +51,37 @@ def merged_dir(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     )
     out = tmp_path_factory.mktemp("merged") / "merged"
     merge(MergeJob.of(cfg), progress=False).to_model().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def merged_model(merged_dir: Path) -> MultiHeadModel:
+    """The ``merged_dir`` model, loaded as a user loads it (``guardmerge.load``); tests must not change it."""
+    import guardmerge
+
+    return guardmerge.load(str(merged_dir))
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(merged_model: MultiHeadModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny merged model exported to ONNX (fp32); tests must not change it."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from guardmerge.export.onnx import export_onnx
+
+    return export_onnx(merged_model, tmp_path_factory.mktemp("onnx") / "fp32")
+
+
+@pytest.fixture(scope="session")
+def merged_folder(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-head merge (hate, sentiment; scaling 0.5) written by the command line's write path
+    (``merge_to_folder``); tests copy it before they edit it."""
+    from guardmerge.config import load_config
+    from guardmerge.merge.stages import merge_to_folder
+
+    root = tmp_path_factory.mktemp("merged-folder")
+    out = root / "m"
+    merge_to_folder(MergeJob.of(load_config(merge_cfg(root, zoo))), out, progress=False)
     return out
 
 

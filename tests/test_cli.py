@@ -9,7 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from guardmerge.cli import app
+from guardmerge.cli import app, main
+from tests.builders import TEXTS, copy_expert, digest, edit_weights, merge_cfg, pickle_only, texts_jsonl
 
 runner = CliRunner()
 
@@ -100,7 +101,7 @@ def test_help_explains_commands() -> None:
 
 
 def test_self_merge_at_full_density_reproduces_the_expert(zoo: dict[str, Path], tmp_path: Path) -> None:
-    from tests.builders import TEXTS, expert_logits
+    from tests.builders import expert_logits
 
     res = runner.invoke(
         app,
@@ -122,10 +123,10 @@ def test_self_merge_at_full_density_reproduces_the_expert(zoo: dict[str, Path], 
 
 
 def test_stats_command_then_regmean_merge_from_the_file(zoo: dict[str, Path], tmp_path: Path) -> None:
-    from tests.test_refit import TEXTS
+    from tests.builders import RANDOM_TEXTS
 
     data = tmp_path / "t.txt"
-    data.write_text("\n".join(TEXTS))
+    data.write_text("\n".join(RANDOM_TEXTS))
     files = {}
     for task in ("hate", "sentiment"):
         files[task] = tmp_path / f"{task}.safetensors"
@@ -198,3 +199,231 @@ def test_eval_command_writes_task_metric_json_with_normalised_scores(zoo: dict[s
     assert set(out) == {"hate", "sentiment"}
     assert 0 <= out["hate"]["macro_f1"] <= 1 and 0 <= out["sentiment"]["accuracy"] <= 1
     assert "normalized" in out["hate"] and "normalized" not in out["sentiment"]
+
+
+# -- hostile or broken inputs refused with one clean line (security review, issue 17) ----------------
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run the console entry point in-process (for refusals: a success of merge exits the process)."""
+    monkeypatch.setattr(sys, "argv", ["guardmerge", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    return int(info.value.code or 0), err
+
+
+def assert_clean_refusal(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture
+def own_zoo(tmp_path: Path, zoo: dict[str, Path]) -> dict[str, Path]:
+    """A private copy of the zoo in one folder (so a refusal can be checked against its contents)."""
+    root = tmp_path / "models"
+    return {k: copy_expert(v, root / k) for k, v in zoo.items()}
+
+
+def test_merge_force_onto_an_input_refused(
+    tmp_path: Path, own_zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = merge_cfg(tmp_path, own_zoo)
+    before = digest(tmp_path / "models")
+    for out, how in (
+        (own_zoo["hate"], "is the input"),
+        (tmp_path / "models", "contains the input"),
+        (own_zoo["base"] / "sub", "lies inside the input"),
+        (tmp_path, "contains the input"),
+    ):
+        code, err = run_cli(monkeypatch, capsys, "merge", str(cfg), str(out), "--force", "--no-progress")
+        assert_clean_refusal(code, err, how)
+    assert digest(tmp_path / "models") == before and cfg.is_file()
+
+
+def test_out_dot_with_force_refused(
+    tmp_path: Path, own_zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = merge_cfg(tmp_path / "models", own_zoo)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    code, err = run_cli(monkeypatch, capsys, "merge", str(cfg), ".", "--force", "--no-progress")
+    assert_clean_refusal(code, err, "working directory")
+    assert (work / "keep.txt").read_text() == "mine"
+
+
+def test_export_and_onnx_onto_their_source_refused(
+    tmp_path: Path, merged_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = copy_expert(merged_folder, tmp_path / "m")
+    before = digest(src)
+    for args in (
+        ["export", str(src), "hate", str(src), "--force"],
+        ["export-onnx", str(src), str(src), "--force"],
+        ["export", str(src), "hate", str(src / "inner"), "--force"],
+    ):
+        code, err = run_cli(monkeypatch, capsys, *args)
+        assert_clean_refusal(code, err, "input")
+    assert digest(src) == before
+
+
+def test_stats_out_onto_expert_weights_refused(
+    tmp_path: Path, own_zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = texts_jsonl(tmp_path)
+    before = digest(own_zoo["hate"])
+    code, err = run_cli(
+        monkeypatch,
+        capsys,
+        "stats",
+        str(own_zoo["hate"]),
+        "--data",
+        str(data),
+        "--out",
+        str(own_zoo["hate"] / "model.safetensors"),
+        "--force",
+    )
+    assert_clean_refusal(code, err, "lies inside the input")
+    code, err = run_cli(
+        monkeypatch, capsys, "stats", str(own_zoo["hate"]), "--data", str(data), "--out", str(data), "--force"
+    )
+    assert_clean_refusal(code, err, "is the input")
+    assert digest(own_zoo["hate"]) == before and data.read_text().count("\n") == len(TEXTS)
+
+
+def test_self_merge_finetune_search_eval_onto_inputs_refused(
+    tmp_path: Path, own_zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = texts_jsonl(tmp_path)
+    before = digest(tmp_path / "models")
+    cases = [
+        ["self-merge", str(own_zoo["base"]), str(own_zoo["hate"]), str(own_zoo["hate"]), "--force"],
+        ["finetune", str(own_zoo["base"]), str(data), str(own_zoo["base"]), "--labels", "a,b", "--force"],
+        ["finetune", str(own_zoo["base"]), str(data), str(tmp_path), "--labels", "a,b", "--force"],
+        [
+            "search",
+            str(merge_cfg(tmp_path, own_zoo)),
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(own_zoo["sentiment"]),
+            "--force",
+        ],
+        ["eval", str(own_zoo["hate"]), "--data", str(tmp_path), "--out", str(data)],
+    ]
+    for args in cases:
+        code, err = run_cli(monkeypatch, capsys, *args)
+        assert_clean_refusal(code, err, "input")
+    assert digest(tmp_path / "models") == before and data.read_text().count("\n") == len(TEXTS)
+
+
+def test_pickle_only_expert_refused_by_stats_unless_allowed(
+    tmp_path: Path, zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import transformers
+
+    expert = pickle_only(zoo["hate"], tmp_path / "pickled")
+    data = texts_jsonl(tmp_path)
+    calls: list[str] = []
+    real = transformers.AutoModelForSequenceClassification.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoModelForSequenceClassification,
+        "from_pretrained",
+        lambda *a, **k: calls.append(str(a[0])) or real(*a, **k),
+    )
+    code, err = run_cli(monkeypatch, capsys, "stats", str(expert), "--data", str(data), "--out", str(tmp_path / "s.st"))
+    assert_clean_refusal(code, err, "pytorch_model.bin is a pickle checkpoint")
+    assert calls == [] and not (tmp_path / "s.st").exists()
+    from typer.testing import CliRunner
+
+    from guardmerge.cli import app
+
+    res = CliRunner().invoke(
+        app, ["stats", str(expert), "--data", str(data), "--out", str(tmp_path / "s.st"), "--allow-pickle"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "s.st").is_file()
+
+
+def test_stats_caps_max_length_at_the_model_positions(
+    tmp_path: Path, zoo: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from typer.testing import CliRunner
+
+    from guardmerge.cli import app
+
+    data = tmp_path / "long.txt"
+    data.write_text(" ".join(["hate"] * 300) + "\nshort text\n")  # 300 tokens; the tiny model has 64 positions
+    with caplog.at_level("INFO"):
+        res = CliRunner().invoke(
+            app,
+            [
+                "stats",
+                str(zoo["hate"]),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "s.safetensors"),
+                "--max-length",
+                "512",
+                "-k",
+                "gram",
+                "-k",
+                "fisher",
+            ],
+        )
+    assert res.exit_code == 0, res.output
+    assert "capped at 64" in caplog.text
+
+
+def test_path_errors_exit_2_with_one_line(
+    tmp_path: Path,
+    zoo: dict[str, Path],
+    merged_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = merge_cfg(tmp_path, zoo)
+    plain = tmp_path / "afile.txt"
+    plain.write_text("not a folder")
+    long = tmp_path / ("x" * 300)
+    for args, needle in (
+        (["merge", str(cfg), str(long)], "name too long"),
+        (["merge", str(cfg), str(tmp_path / ("d" * 300) / "out")], "too long"),
+        (["merge", str(long) + ".yaml", str(tmp_path / "o")], "too long"),
+        (["merge", str(cfg), str(plain / "out")], "is a file, not a folder"),
+        (["export-onnx", str(merged_folder), str(plain / "onnx")], "is a file, not a folder"),
+        (
+            ["stats", str(zoo["hate"]), "--data", str(texts_jsonl(tmp_path)), "--out", str(plain / "s.safetensors")],
+            "is a file, not a folder",
+        ),
+        (
+            ["stats", str(zoo["hate"]), "--data", str(texts_jsonl(tmp_path)), "--out", str(tmp_path), "--force"],
+            "contains the input",
+        ),
+        (
+            ["stats", str(zoo["hate"]), "--data", str(texts_jsonl(tmp_path)), "--out", str(merged_folder), "--force"],
+            "is a folder",
+        ),
+    ):
+        code, err = run_cli(monkeypatch, capsys, *args)
+        assert_clean_refusal(code, err, needle)
+
+
+def test_cli_subprocess_one_line_error(tmp_path: Path, zoo: dict[str, Path]) -> None:
+    bad = copy_expert(zoo["hate"], tmp_path / "bad")
+    edit_weights(bad, lambda s: s["classifier.weight"].__setitem__((0, 0), float("inf")))
+    cfg = merge_cfg(tmp_path, zoo, experts=[{"model": str(bad), "task": "hate"}])
+    proc = subprocess.run(
+        [sys.executable, "-m", "guardmerge.cli", "merge", str(cfg), str(tmp_path / "o")],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: expert 'hate'") and "Traceback" not in proc.stderr

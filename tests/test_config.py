@@ -4,6 +4,7 @@ import pytest
 
 from guardmerge.config import load_config, parse_config
 from guardmerge.errors import ConfigError
+from tests.builders import merge_cfg
 
 
 def raw(**over: object) -> dict:
@@ -104,3 +105,27 @@ def test_one_key_value_reader_for_every_assignment_argument() -> None:
         parse_assignments(["=3"])
     with pytest.raises(ConfigError, match="not a YAML value"):
         parse_assignments(["x=[1, 2"])
+
+
+@pytest.mark.parametrize(
+    "override", ["parameters.scaling=.nan", "experts.0.weight=.nan", "experts.1.weight=.inf", "align_heads.ridge=.inf"]
+)
+def test_nonfinite_config_values_refused(tmp_path: Path, zoo: dict[str, Path], override: str) -> None:
+    from guardmerge.merge.job import MergeJob
+
+    with pytest.raises(ConfigError, match=r"finite"):
+        MergeJob.of(load_config(merge_cfg(tmp_path, zoo), [override]))
+
+
+def test_zero_sum_weights_refused_up_front(tmp_path: Path, zoo: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="sum to 0"):
+        load_config(
+            merge_cfg(tmp_path, zoo, method="average", parameters={}), ["experts.0.weight=1.0", "experts.1.weight=-1.0"]
+        )
+
+
+def test_a_binary_config_file_gives_a_clean_error(tmp_path: Path) -> None:
+    yml = tmp_path / "bin.yaml"
+    yml.write_bytes(b"\xff\xfe\x00\x01" * 20)
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(yml)

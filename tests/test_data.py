@@ -121,3 +121,37 @@ def test_labels_json_with_a_huge_number_is_one_data_error(tmp_path: Path) -> Non
     (tmp_path / "labels.json").write_text('{"labels": ["a", ' + "9" * 5000 + "]}")
     with pytest.raises(DataError):
         load_task(tmp_path)
+
+
+def test_data_files_cap_characters_per_text(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from guardmerge.data import MAX_TEXT_CHARS, read_examples
+
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"text": "a" * (MAX_TEXT_CHARS * 3)}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    with caplog.at_level("WARNING"):
+        texts = read_examples(path).texts
+    assert [len(t) for t in texts] == [MAX_TEXT_CHARS, 1] and "truncated" in caplog.text
+
+
+def test_deeply_nested_and_binary_data_files_give_clean_errors(tmp_path: Path) -> None:
+    from guardmerge.data import read_examples
+
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match=r"deep.jsonl, line 1: invalid JSON: nested too deeply"):
+        read_examples(deep)
+    for suffix in (".jsonl", ".csv", ".txt"):
+        binary = tmp_path / f"bin{suffix}"
+        binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00" * 50)
+        with pytest.raises(DataError, match="not UTF-8 text"):
+            read_examples(binary)
+
+
+@pytest.mark.parametrize("text", ["null", "123", "1.5", "true", '["x"]'])
+def test_jsonl_text_must_be_a_string(tmp_path: Path, text: str) -> None:
+    from guardmerge.data import read_examples
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": ' + text + "}\n")
+    with pytest.raises(DataError, match=r"d.jsonl, line 3: field 'text' must be a string"):
+        read_examples(path)

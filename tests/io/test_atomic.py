@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,27 @@ def test_outputs_follow_the_umask(tmp_path: Path) -> None:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o750
     assert stat.S_IMODE((tmp_path / "file.bin").stat().st_mode) == 0o640
+
+
+def test_stale_temporary_folders_of_dead_runs_are_removed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    from guardmerge.io import atomic_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / ".out.tmp-dead1"
+    alive = tmp_path / ".out.tmp-alive"
+    foreign = tmp_path / ".out.tmp-nomarker"
+    other = tmp_path / ".other.tmp-dead2"
+    for folder, pid in ((stale, dead.pid), (alive, os.getppid()), (foreign, None), (other, dead.pid)):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("partial")
+        if pid is not None:
+            (folder / ".guardmerge-tmp").write_text(f"{pid} {host}\n")
+    with caplog.at_level("WARNING"), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("1")
+    assert not stale.exists() and alive.exists() and foreign.exists() and other.exists()
+    assert "interrupted guardmerge run" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a"]  # the marker never reaches the output

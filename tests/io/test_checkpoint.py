@@ -11,9 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from guardmerge.config import load_config
 from guardmerge.errors import CheckpointError
 from guardmerge.io.checkpoint import CheckpointFiles, dtype_problem
 from guardmerge.io.formats import input_files, read_config, weight_files
+from guardmerge.merge.job import MergeJob
+from guardmerge.models.checkpoint import Checkpoint
+from tests.builders import copy_expert, edit_config, edit_weights, merge_cfg
 
 
 def copy(src: Path, dst: Path) -> Path:
@@ -129,3 +133,61 @@ def test_binary_nested_or_non_object_config_is_one_clean_error(tmp_path: Path, c
     (tmp_path / "config.json").write_bytes(content)
     with pytest.raises(CheckpointError):
         read_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "match"),
+    [
+        (torch.int8, "quantised"),
+        (torch.uint8, "quantised"),
+        (torch.bool, "must be floating point"),
+        (torch.int32, "must be floating point"),
+    ],
+)
+def test_non_float_weights_refused(tmp_path: Path, zoo: dict[str, Path], dtype: torch.dtype, match: str) -> None:
+    from guardmerge.merge.stages import merge_to_folder
+
+    bad = copy_expert(zoo["hate"], tmp_path / "bad")
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    edit_weights(bad, lambda s: s.__setitem__(key, (s[key] * 100).to(dtype)))
+    cfg = load_config(merge_cfg(tmp_path, zoo, experts=[{"model": str(bad), "task": "hate"}]))
+    with pytest.raises(CheckpointError, match=rf"expert 'hate'.*{key}.*{match}"):
+        merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)
+
+
+def test_quantised_checkpoints_refused(tmp_path: Path, zoo: dict[str, Path]) -> None:
+    q = copy_expert(zoo["hate"], tmp_path / "q")
+    edit_config(q, quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
+    with pytest.raises(CheckpointError, match="quantization_config"):
+        Checkpoint(q)
+    g = copy_expert(zoo["hate"], tmp_path / "g")
+    edit_weights(g, lambda s: s.__setitem__("bert.encoder.layer.0.attention.self.query.qweight", torch.zeros(4, 4)))
+    with pytest.raises(CheckpointError, match=r"query.qweight.*quantised"):
+        Checkpoint(g)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_shard_paths_outside_the_folder_refused(
+    tmp_path: Path, zoo: dict[str, Path], merged_folder: Path, shard: str
+) -> None:
+    import guardmerge
+
+    shutil.copy(zoo["hate"] / "model.safetensors", tmp_path / "outside.safetensors")
+    for src in (zoo["hate"], merged_folder):
+        folder = copy_expert(src, tmp_path / src.name)
+        keys = list(load_file(str(folder / "model.safetensors")))
+        (folder / "model.safetensors").unlink()
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, shard)}))
+        with pytest.raises(CheckpointError, match="outside the model folder"):
+            Checkpoint(folder) if src == zoo["hate"] else guardmerge.load(str(folder))
+        shutil.rmtree(folder)
+
+
+def test_a_binary_or_deeply_nested_config_json_gives_a_clean_error(tmp_path: Path, zoo: dict[str, Path]) -> None:
+    model = copy_expert(zoo["hate"], tmp_path / "binconfig")
+    (model / "config.json").write_bytes(b"\xff\xd8\xff\xe0" * 10)
+    with pytest.raises(CheckpointError, match="not UTF-8 text"):
+        Checkpoint(model)
+    (model / "config.json").write_text("[" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        Checkpoint(model)

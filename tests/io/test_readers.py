@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from guardmerge.errors import GuardmergeError
+from guardmerge.errors import CheckpointError, GuardmergeError
 from guardmerge.merge.job import MergeJob
+from tests.builders import pickle_only
 
 WEIGHTS = "model.safetensors"
 
@@ -286,3 +287,25 @@ def test_every_reader_reads_the_unbroken_folder(reader: str, env: dict[str, Path
     good = tmp_path / "good"
     shutil.copytree(source, good)
     {**STOCK_READERS, **MERGED_READERS}[reader](good, {**env, "tmp": tmp_path})
+
+
+def test_every_checkpoint_opener_refuses_pickle(tmp_path: Path, zoo: dict[str, Path]) -> None:
+    from guardmerge.config import StatsConfig
+    from guardmerge.data import Examples
+    from guardmerge.finetune import finetune
+    from guardmerge.merge.align import FeatureCache
+    from guardmerge.merge.statistics import compute_stats
+    from guardmerge.models.multihead import MultiHeadModel
+
+    expert = pickle_only(zoo["hate"], tmp_path / "pickled")
+    base = pickle_only(zoo["base"], tmp_path / "pickled-base")
+    with pytest.raises(CheckpointError, match="pickle"):
+        compute_stats(expert, TEXTS, {"gram"}, StatsConfig(), progress=False)
+    with pytest.raises(CheckpointError, match="pickle"):
+        FeatureCache().get(expert, "hate", TEXTS, 32, 8)
+    with pytest.raises(CheckpointError, match="pickle"):
+        MultiHeadModel.from_classifier(expert, "hate")
+    with pytest.raises(CheckpointError, match="pickle"):
+        finetune(base, Examples(list(TEXTS), [0, 1] * 4), ["a", "b"], tmp_path / "ft", progress=False)
+    assert not (tmp_path / "ft").exists()
+    assert FeatureCache(allow_pickle=True).get(expert, "hate", TEXTS, 32, 8).logits.shape == (len(TEXTS), 2)

@@ -4,6 +4,7 @@ is quoted back (issue 21, defects 9 and 10)."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from guardmerge.errors import CheckpointError
 from guardmerge.io.safetensors import SafetensorsFile, parse_header
+from guardmerge.models.checkpoint import Checkpoint
+from tests.builders import copy_expert
 
 
 def raw_file(path: Path, header: dict, data: bytes) -> Path:
@@ -100,3 +103,25 @@ def test_a_foreign_file_is_refused_without_quoting_its_bytes(tmp_path: Path) -> 
 def test_parse_header_reports_positions_relative_to_the_data() -> None:
     entries, meta = parse_header(json.dumps(two([0, 16], [16, 32])[0]).encode(), 32, 100)
     assert entries["b"] == (torch.float32, (4,), 116, 16) and meta == {}
+
+
+def test_invalid_header_error_never_quotes_file_bytes(tmp_path: Path, merged_folder: Path) -> None:
+    import guardmerge
+
+    secret = "SECRET-" + "x" * 5000
+    for header in (
+        b'{"' + secret.encode() + b'": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]',
+        json.dumps({secret: {"dtype": secret, "shape": [1], "data_offsets": [0, 4]}}).encode(),
+        b"\xff\xfe" + secret.encode(),
+        b"[" * 100_000 + b"]" * 100_000,
+    ):
+        folder = copy_expert(merged_folder, tmp_path / "m")
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+        for opener in (guardmerge.load, Checkpoint):
+            with pytest.raises(CheckpointError) as info:
+                opener(str(folder))
+            assert "SECRET-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in str(
+                info.value
+            )
+            assert len(str(info.value)) < 500
+        shutil.rmtree(folder)

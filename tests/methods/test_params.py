@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from guardmerge.errors import ConfigError
 from guardmerge.methods import METHODS, MethodParams
 from guardmerge.methods import params as shared
 from guardmerge.methods.params import Consensus, Scope
@@ -91,3 +92,16 @@ def test_each_method_keeps_its_own_default() -> None:
         METHODS.get("ties").validate({}).scope == "global"
         and METHODS.get("breadcrumbs").validate({}).scope == "per_tensor"
     )
+
+
+def test_nonfinite_method_parameter_refused_for_every_method() -> None:
+    from guardmerge.methods import METHODS
+
+    checked = 0
+    for spec in METHODS:
+        for pname, finfo in spec.params.model_fields.items():
+            if finfo.annotation is float:
+                with pytest.raises(ConfigError, match="finite"):
+                    spec.validate({pname: float("nan")})
+                checked += 1
+    assert checked >= 5

@@ -6,8 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from guardmerge.config import load_config
 from guardmerge.errors import CheckpointError
+from guardmerge.merge.job import MergeJob
 from guardmerge.models.checkpoint import Checkpoint
+from tests.builders import copy_expert, edit_config, merge_cfg
 
 
 def test_prefixed_and_unprefixed_names_map_to_one_canonical_name(zoo: dict[str, Path]) -> None:
@@ -95,3 +98,14 @@ def test_hub_id_offline_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=r"'someone/guard-model' is not a local folder.*Hugging Face Hub"):
         Checkpoint("someone/guard-model")
+
+
+@pytest.mark.parametrize("change", [{"id2label": {"0": "a", "1": "b", "2": "c"}}, {"num_labels": 5}])
+def test_label_count_must_match_the_head(tmp_path: Path, zoo: dict[str, Path], change: dict) -> None:
+    from guardmerge.merge.stages import merge_to_folder
+
+    bad = copy_expert(zoo["hate"], tmp_path / "bad")
+    edit_config(bad, **change)
+    cfg = load_config(merge_cfg(tmp_path, zoo, experts=[{"model": str(bad), "task": "hate"}]))
+    with pytest.raises(CheckpointError, match=r"expert 'hate'.*declares \d labels but its classifier"):
+        merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import guardmerge
-from guardmerge.errors import GuardmergeError
+from guardmerge.errors import CheckpointError, GuardmergeError
 from guardmerge.models.multihead import MultiHeadModel
-from tests.builders import TEXTS, expert_logits
+from tests.builders import TEXTS, copy_expert, edit_config, edit_weights, expert_logits
 
 
 def test_save_load_round_trip_keeps_heads_labels_and_logits(merged: MultiHeadModel, tmp_path: Path) -> None:
@@ -94,3 +94,26 @@ def test_load_refuses_what_a_merged_folder_may_not_hold(
     with pytest.raises(CheckpointError, match=problem):
         guardmerge.load(folder)
     assert time.perf_counter() - started < 10  # refused before building 20,000 layers
+
+
+def test_load_refuses_nonfinite_weights(tmp_path: Path, merged_folder: Path) -> None:
+    import guardmerge
+
+    bad = copy_expert(merged_folder, tmp_path / "bad")
+    edit_weights(bad, lambda s: s["heads.hate.classifier.bias"].__setitem__(0, float("nan")))
+    with pytest.raises(CheckpointError, match=r"heads.hate.classifier.bias.*NaN or Inf"):
+        guardmerge.load(str(bad))
+
+
+def test_load_checks_config_against_shapes_before_allocating(tmp_path: Path, merged_folder: Path) -> None:
+    import resource
+
+    import guardmerge
+
+    bad = copy_expert(merged_folder, tmp_path / "bad")
+    edit_config(bad, vocab_size=8_000_000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=r"word_embeddings.*stored as \[.*config implies \[8000000"):
+        guardmerge.load(str(bad))
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 200_000  # the 8M-token embedding (512 MB at 16 dims) was never allocated

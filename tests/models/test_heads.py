@@ -3,6 +3,8 @@ module, and heads built from stored or stock tensors."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from guardmerge.models.heads import (
     make_activation,
     stock_head_tensors,
 )
+from tests.builders import copy_expert, edit_config
 
 
 def test_old_head_entries_load_and_new_fields_are_checked(tmp_path: Path) -> None:
@@ -92,3 +95,21 @@ def test_stock_head_tensors_store_zeros_for_the_biases_the_stock_head_lacks() ->
     out = stock_head_tensors("t", layout, stored.__getitem__)
     assert torch.equal(out["heads.t.head.dense.bias"], torch.zeros(4))
     assert torch.equal(out["heads.t.classifier.bias"], torch.ones(2))
+
+
+def test_load_refuses_malformed_heads_metadata(tmp_path: Path, merged_folder: Path) -> None:
+    import guardmerge
+
+    cfg = json.loads((merged_folder / "config.json").read_text())
+    for heads, match in (
+        ([1, 2], "must map each task"),
+        ({"hate": "x"}, "expected an object"),
+        ({"hate": {**cfg["guardmerge"]["heads"]["hate"], "activation": "no-such-activation"}}, "activation"),
+        ({"hate": {**cfg["guardmerge"]["heads"]["hate"], "labels": None}}, "labels"),
+        ({"a.b": cfg["guardmerge"]["heads"]["hate"]}, "task name"),
+    ):
+        bad = copy_expert(merged_folder, tmp_path / "bad")
+        edit_config(bad, guardmerge={**cfg["guardmerge"], "heads": heads})
+        with pytest.raises(CheckpointError, match=match):
+            guardmerge.load(str(bad))
+        shutil.rmtree(bad)

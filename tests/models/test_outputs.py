@@ -1,5 +1,5 @@
 """What heads answer (models/outputs.py): activations, thresholds, multi-label results, token rows and
-word tags (entity spans against transformers' pipeline: tests/test_heads.py)."""
+word tags (entity spans against transformers' pipeline: tests/models/test_head_kinds_end_to_end.py)."""
 
 from __future__ import annotations
 

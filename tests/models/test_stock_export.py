@@ -10,7 +10,7 @@ from guardmerge.errors import GuardmergeError
 from guardmerge.merge.engine import merge
 from guardmerge.merge.job import MergeJob
 from guardmerge.models.multihead import MultiHeadModel
-from tests.builders import TEXTS, expert_logits, write_tokenizer
+from tests.builders import TEXTS, expert_logits, family_zoo
 
 
 def test_export_task_loads_with_stock_transformers(merged: MultiHeadModel, tmp_path: Path) -> None:
@@ -20,59 +20,6 @@ def test_export_task_loads_with_stock_transformers(merged: MultiHeadModel, tmp_p
     cfg = AutoConfig.from_pretrained(str(out))
     assert cfg.id2label == {0: "neg", 1: "neu", 2: "pos"}
     assert torch.allclose(expert_logits(out), merged.logits(TEXTS)["sentiment"], atol=1e-6)
-
-
-def family_zoo(root: Path, family: str) -> tuple[Path, list[Path]]:
-    """A base and two experts of another family, saved as real HF folders."""
-    from transformers import (
-        AutoModel,
-        AutoModelForSequenceClassification,
-        DistilBertConfig,
-        RobertaConfig,
-    )
-
-    if family == "roberta":
-        cfg = RobertaConfig(
-            vocab_size=60,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=70,
-            pad_token_id=0,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-    else:
-        cfg = DistilBertConfig(
-            vocab_size=60,
-            dim=16,
-            n_layers=2,
-            n_heads=2,
-            hidden_dim=32,
-            max_position_embeddings=64,
-            dropout=0.0,
-            attention_dropout=0.0,
-            seq_classif_dropout=0.0,
-        )
-    torch.manual_seed(0)
-    base = AutoModel.from_config(cfg)
-    base.save_pretrained(str(root / "base"), safe_serialization=True)
-    write_tokenizer(root / "base")
-    experts = []
-    for i, labels in enumerate((["a", "b"], ["x", "y", "z"])):
-        cfg.num_labels = len(labels)
-        cfg.id2label = dict(enumerate(labels))
-        cfg.label2id = {n: j for j, n in enumerate(labels)}
-        m = AutoModelForSequenceClassification.from_config(cfg)
-        getattr(m, family).load_state_dict(base.state_dict(), strict=False)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        m.save_pretrained(str(root / f"e{i}"), safe_serialization=True)
-        write_tokenizer(root / f"e{i}")
-        experts.append(root / f"e{i}")
-    return root / "base", experts
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])

@@ -1,5 +1,6 @@
-"""Fixtures for the server tests: a tiny merged model folder (and its ONNX export), a real uvicorn
-server, stub backends, and helpers that talk HTTP to a server or read its metrics.
+"""Fixtures for the server tests: the tiny merged model (its folder and ONNX export come from
+tests/conftest.py), a real uvicorn server, stub backends, and helpers that talk HTTP to a server
+or read its metrics.
 
 Test modules skip themselves (pytest.importorskip) when an optional extra is missing.
 """
@@ -11,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -28,20 +28,9 @@ QUIET = {"a": 0.9, "b": 0.9}  # TwoHeads' zeros give p = 0.5: below these thresh
 
 
 @pytest.fixture(scope="session")
-def merged(merged_dir: Path) -> MultiHeadModel:
-    import guardmerge
-
-    return guardmerge.load(str(merged_dir))
-
-
-@pytest.fixture(scope="session")
-def onnx_dir(merged: MultiHeadModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny merged model exported to ONNX (fp32); tests must not change it."""
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    from guardmerge.export.onnx import export_onnx
-
-    return export_onnx(merged, tmp_path_factory.mktemp("onnx") / "fp32")
+def merged(merged_model: MultiHeadModel) -> MultiHeadModel:
+    """The shared merged model (``merged_model``, tests/conftest.py) under the name the server tests use."""
+    return merged_model
 
 
 @contextmanager

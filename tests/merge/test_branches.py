@@ -1,11 +1,11 @@
-"""Sharing depth (``share_layers: K``): trunk of K merged blocks, each task's own blocks above it."""
+"""Sharing depth (``share_layers: K``), the merge side: the trunk of K merged blocks, each task's own
+blocks above it (guardmerge.merge.engine), the branch-alignment stage (guardmerge.merge.branches),
+the layer-wise stage on the shared blocks, ONNX and serving of a branched model, refused settings.
+The branched model itself (trunk, branches, save/load, export): tests/models/test_branches.py."""
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -14,19 +14,14 @@ import guardmerge
 from guardmerge.config import parse_config
 from guardmerge.errors import ConfigError
 from guardmerge.merge.engine import merge
-from guardmerge.merge.fits import per_feature_affine
 from guardmerge.merge.job import MergeJob
 from guardmerge.merge.stages import build, merge_to_folder
 from guardmerge.models.multihead import MultiHeadModel
-from tests.builders import TEXTS, WORDS, expert_logits
+from tests.builders import MERGED_TASKS, TEXTS, expert_logits, random_texts
+from tests.builders import zoo_merge_config as config
 
-TASKS = ("hate", "injection", "sentiment")
+TASKS = MERGED_TASKS
 LAYERS = 2  # the conftest zoo's num_hidden_layers
-
-
-def random_texts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +29,6 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "texts.txt"
     path.write_text("\n".join(random_texts(40)) + "\n")
     return path
-
-
-def config(zoo: dict[str, Path], data: Path | None = None, **over: Any):
-    experts = [{"model": str(zoo[t]), "task": t, **({"data": str(data)} if data else {})} for t in TASKS]
-    return parse_config(
-        {
-            "base_model": str(zoo["base"]),
-            "experts": experts,
-            "method": "task_arithmetic",
-            "parameters": {"scaling": 0.4},
-            "align_heads": False,
-            **over,
-        }
-    )
 
 
 @pytest.fixture(scope="module")
@@ -113,45 +94,6 @@ def test_branched_logits_are_the_experts_blocks_on_the_merged_trunk(
         assert (got[t] - expert_logits(zoo[t])).abs().max() > 1e-4  # the trunk is merged, not the expert's
 
 
-def test_trunk_runs_once_then_each_branch(branched: MultiHeadModel) -> None:
-    assert branched.share_layers == 1
-    trunk_blocks = list(branched.encoder.encoder.layer)[:-1]
-    assert len(trunk_blocks) == 1
-    calls: list[str] = []
-    hooks = [b.register_forward_hook(lambda *a: calls.append("trunk")) for b in trunk_blocks]
-    for t in TASKS:
-        hooks += [b.register_forward_hook(lambda *a, t=t: calls.append(t)) for b in branched.branch(t).blocks]
-    try:
-        batch = branched.encode(TEXTS)
-        branched(**batch)
-        assert calls.count("trunk") == 1  # K calls per forward, not K * tasks
-        assert all(calls.count(t) == LAYERS - 1 for t in TASKS)
-        calls.clear()
-        branched(tasks=["sentiment"], **batch)
-        assert calls == ["trunk", "sentiment"]
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def test_save_load_round_trip_keeps_logits_labels_and_format(branched: MultiHeadModel, tmp_path: Path) -> None:
-    from safetensors import safe_open
-
-    branched.save_pretrained(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert cfg["guardmerge"]["share_layers"] == 1
-    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
-        names = set(f.keys())
-    assert "branches.hate.encoder.layer.1.attention.self.query.weight" in names
-    assert "branches.sentiment.pooler.dense.weight" in names
-    assert not any(n.startswith(("encoder.layer.1.", "pooler.")) for n in names)  # not shared
-    loaded = guardmerge.load(tmp_path / "m")
-    assert loaded.tasks == branched.tasks and loaded.share_layers == 1
-    assert all(loaded.labels(t) == branched.labels(t) for t in TASKS)
-    a, b = branched.logits(TEXTS), loaded.logits(TEXTS)
-    assert all(torch.allclose(a[t], b[t], atol=1e-6) for t in TASKS)
-
-
 def test_streamed_folder_equals_the_in_memory_merge(
     zoo: dict[str, Path], branched: MultiHeadModel, tmp_path: Path
 ) -> None:
@@ -159,12 +101,6 @@ def test_streamed_folder_equals_the_in_memory_merge(
     loaded = guardmerge.load(out)
     a, b = branched.logits(TEXTS), loaded.logits(TEXTS)
     assert all(torch.allclose(a[t], b[t], atol=1e-6) for t in TASKS)
-
-
-def test_export_task_is_a_stock_classifier(branched: MultiHeadModel, tmp_path: Path) -> None:
-    for t in ("hate", "sentiment"):
-        out = branched.export_task(t, tmp_path / t)
-        assert torch.allclose(expert_logits(out), branched.logits(TEXTS)[t], atol=1e-5), t
 
 
 def test_branch_align_fits_and_exports(aligned: MultiHeadModel, branched: MultiHeadModel, tmp_path: Path) -> None:
@@ -182,25 +118,6 @@ def test_branch_align_fits_and_exports(aligned: MultiHeadModel, branched: MultiH
     aligned.save_pretrained(tmp_path / "m")
     loaded = guardmerge.load(tmp_path / "m")
     assert torch.allclose(loaded.logits(TEXTS)["sentiment"], aligned.logits(TEXTS)["sentiment"], atol=1e-6)
-
-
-def test_per_feature_affine_is_per_feature_least_squares() -> None:
-    torch.manual_seed(0)
-    m = torch.randn(200, 5, dtype=torch.float64)
-    e = (
-        m * torch.tensor([2.0, -1.0, 0.5, 1.0, 3.0], dtype=torch.float64)
-        + 0.3
-        + 0.01 * torch.randn(200, 5, dtype=torch.float64)
-    )
-    scale, shift = per_feature_affine(m, e, ridge=0.0)
-    for j in range(5):
-        a = torch.stack([m[:, j], torch.ones(200, dtype=torch.float64)], 1)
-        sol = torch.linalg.lstsq(a, e[:, j : j + 1]).solution.squeeze(1)
-        assert torch.allclose(scale[j], sol[0], atol=1e-10) and torch.allclose(shift[j], sol[1], atol=1e-10)
-    same, zero = per_feature_affine(m, m)  # identical inputs: the identity
-    assert torch.allclose(same, torch.ones(5, dtype=torch.float64)) and torch.allclose(
-        zero, torch.zeros(5, dtype=torch.float64), atol=1e-12
-    )
 
 
 def test_layerwise_solves_only_the_shared_blocks(zoo: dict[str, Path], data_file: Path) -> None:
@@ -277,22 +194,3 @@ def test_bad_sharing_configs_are_refused(zoo: dict[str, Path], data_file: Path) 
         MergeJob.of(parse_config({"base_model": "b", "experts": experts[:1], "share_layers": 1, "heads": "hm3"}))
     with pytest.raises(ConfigError, match="share_layers"):
         parse_config({"base_model": "b", "experts": experts[:1], "share_layers": -1})
-
-
-@pytest.mark.parametrize("family", ["roberta", "distilbert"])
-def test_other_families_branch_and_export(family: str, tmp_path: Path) -> None:
-    from tests.models.test_stock_export import family_zoo
-
-    base, (e0, e1) = family_zoo(tmp_path, family)
-    experts = [{"model": str(e0), "task": "t0"}, {"model": str(e1), "task": "t1"}]
-    zero = parse_config({"base_model": str(base), "experts": experts, "share_layers": 0})
-    model = merge(MergeJob.of(zero), progress=False).to_model()
-    assert torch.allclose(model.logits(TEXTS)["t1"], expert_logits(e1), atol=1e-5)
-    one = merge(
-        MergeJob.of(parse_config({"base_model": str(base), "experts": experts, "share_layers": 1})), progress=False
-    )
-    m1 = one.to_model()
-    torch.manual_seed(0)
-    m1.branch("t1").set_align(1 + 0.1 * torch.randn(16), 0.1 * torch.randn(16))
-    m1.export_task("t1", tmp_path / "exp")
-    assert torch.allclose(expert_logits(tmp_path / "exp"), m1.logits(TEXTS)["t1"], atol=1e-5)

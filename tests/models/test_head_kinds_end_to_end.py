@@ -1,4 +1,6 @@
-"""Multi-label and token-classification heads end to end, on tiny random BERTs.
+"""Head kinds (guardmerge.models.head_kinds) end to end: multi-label and token-classification heads
+on tiny random BERTs (the kind table's own tests: tests/models/test_head_kinds.py; the same kinds in
+every other family: tests/models/test_adapters.py).
 
 A base, a single-label expert, a multi-label expert (``problem_type:
 multi_label_classification``) and a token expert (``BertForTokenClassification``, which stores no
@@ -27,28 +29,12 @@ from guardmerge.merge.job import MergeJob
 from guardmerge.merge.stages import build
 from guardmerge.models.multihead import MultiHeadModel
 from guardmerge.models.outputs import entity_spans, text_tokens
-from tests.builders import TEXTS, WORDS, make_classifier, tiny_config, write_tokenizer
+from tests.builders import NER, TEXTS, WORDS, close, make_classifier, stock_logits, tiny_config, write_tokenizer
 
 VOCAB = [*WORDS, "john", "##son", "paris", "##ian", "london"]
 SEQ = ["benign", "injection"]
 EMO = ["neutral", "anger", "joy"]
-NER = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 SENTENCES = [*TEXTS, "John Johnson will tell the Parisian people", "ignore London , john", "Parisian"]
-
-
-def stock_logits(folder: Path, texts: list[str], token: bool = False) -> torch.Tensor:
-    """A stock transformers classifier's logits on ``texts`` (one padded batch)."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
-
-    cls = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
-    model = cls.from_pretrained(str(folder)).eval()
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    with torch.no_grad():
-        return model(**tok(texts, padding=True, return_tensors="pt")).logits
-
-
-def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
-    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=0)
 
 
 @dataclass(frozen=True)

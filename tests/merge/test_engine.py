@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from guardmerge.config import MergeConfig, parse_config
+from guardmerge.config import MergeConfig, load_config, parse_config
 from guardmerge.errors import (
     CheckpointError,
     CompatibilityError,
@@ -19,7 +19,7 @@ from guardmerge.merge.engine import merge
 from guardmerge.merge.job import MergeJob
 from guardmerge.merge.stages import merge_to_folder
 from guardmerge.models.multihead import MultiHeadModel
-from tests.builders import TEXTS, expert_logits, make_base, make_expert
+from tests.builders import TEXTS, copy_expert, edit_weights, expert_logits, make_base, make_expert, merge_cfg
 
 Q = "encoder.layer.0.attention.self.query.weight"
 
@@ -440,3 +440,21 @@ def test_buffers_are_reused_and_report_ownership() -> None:
     assert c.shape == (100, 100) and c.dtype == torch.bfloat16 and bufs.owns(c)
     fresh = _Buffers(reuse=False)
     assert not fresh.owns(fresh.take("x", (2,), torch.float32))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_expert_with_nonfinite_weights_refused(tmp_path: Path, zoo: dict[str, Path], value: float) -> None:
+    from guardmerge.merge.stages import merge_to_folder
+
+    bad = copy_expert(zoo["hate"], tmp_path / "bad")
+    edit_weights(bad, lambda s: s["bert.encoder.layer.1.output.dense.weight"].view(-1).__setitem__(3, value))
+    cfg = load_config(
+        merge_cfg(
+            tmp_path,
+            zoo,
+            experts=[{"model": str(bad), "task": "hate"}, {"model": str(zoo["sentiment"]), "task": "sentiment"}],
+        )
+    )
+    with pytest.raises(CheckpointError, match=r"expert 'hate'.*encoder.layer.1.output.dense.weight.*NaN or Inf"):
+        merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""The whole job: statistics from data (computed, cached, refused when foreign), then merge."""
+"""The statistics stage (guardmerge.merge.statistics): statistics from data (computed, cached,
+refused when foreign), then the merge that reads them."""
 
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from guardmerge.merge.job import MergeJob
 from guardmerge.merge.stages import build
 from guardmerge.merge.statistics import compute_stats, expert_statistics
 from guardmerge.stats import save_stats
+from tests.builders import RANDOM_TEXTS as TEXTS
 from tests.builders import expert_logits
-from tests.test_refit import TEXTS
 
 
 @pytest.fixture

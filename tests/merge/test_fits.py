@@ -1,4 +1,5 @@
-"""Closed-form head alignment math (docs/algorithms.md 3b) against numpy and on a tiny BERT."""
+"""The closed-form fits of guardmerge.merge.fits against numpy and on a tiny BERT: head alignment
+(docs/algorithms.md 3b) and the branch-point alignment of a sharing depth (3a)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from guardmerge.merge.fits import (
     compose_linear,
     default_ridge,
     moment_match,
+    per_feature_affine,
     ridge_refit,
 )
 
@@ -118,3 +120,22 @@ def test_bad_shapes_are_refused() -> None:
         ridge_refit(f[0], z)
     with pytest.raises(ValueError, match=">= 0"):
         ridge_refit(f, z, ridge=-1.0)
+
+
+def test_per_feature_affine_is_per_feature_least_squares() -> None:
+    torch.manual_seed(0)
+    m = torch.randn(200, 5, dtype=torch.float64)
+    e = (
+        m * torch.tensor([2.0, -1.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+        + 0.3
+        + 0.01 * torch.randn(200, 5, dtype=torch.float64)
+    )
+    scale, shift = per_feature_affine(m, e, ridge=0.0)
+    for j in range(5):
+        a = torch.stack([m[:, j], torch.ones(200, dtype=torch.float64)], 1)
+        sol = torch.linalg.lstsq(a, e[:, j : j + 1]).solution.squeeze(1)
+        assert torch.allclose(scale[j], sol[0], atol=1e-10) and torch.allclose(shift[j], sol[1], atol=1e-10)
+    same, zero = per_feature_affine(m, m)  # identical inputs: the identity
+    assert torch.allclose(same, torch.ones(5, dtype=torch.float64)) and torch.allclose(
+        zero, torch.zeros(5, dtype=torch.float64), atol=1e-12
+    )

@@ -1,6 +1,5 @@
-"""Head alignment orchestration: exactness on tiny models, encoder untouched, config wiring."""
+"""Head alignment (guardmerge.merge.align): exactness on tiny models, encoder untouched, config wiring."""
 
-import random
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,8 @@ from guardmerge.merge.engine import merge
 from guardmerge.merge.fits import ridge_refit
 from guardmerge.merge.job import MergeJob
 from guardmerge.merge.stages import build
-from tests.builders import WORDS, expert_logits
-
-
-def random_texts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
-
-
-TEXTS = random_texts(60)
+from tests.builders import RANDOM_TEXTS as TEXTS
+from tests.builders import expert_logits, family_zoo
 
 
 @pytest.fixture
@@ -129,8 +121,6 @@ def test_alignment_raises_agreement_with_the_expert(zoo: dict[str, Path], data_f
 
 
 def test_hidden_layer_head_gets_an_affine_map_and_stays_exact(tmp_path: Path) -> None:
-    from tests.models.test_stock_export import family_zoo
-
     base, (_, e1) = family_zoo(tmp_path, "roberta")
     cfg = parse_config(
         {"base_model": str(base), "experts": [{"model": str(e1), "task": "t1"}], "parameters": {"scaling": 1.0}}
