@@ -17,6 +17,7 @@ import numpy as np
 from guardmerge.errors import NonFiniteWeightsError
 from guardmerge.models.outputs import entity_spans, token_rows
 from guardmerge.serve.backends import Backend
+from guardmerge.serve.memory import release_free_memory
 from guardmerge.serve.rules import HeadRule
 from guardmerge.serve.verdicts import failed_rows
 
@@ -112,6 +113,7 @@ class HeadRunner:
         if wanted:
             out.update(entity_outputs(self.backend, texts, {t: out[t] for t in wanted}, self.rules, self.aggregation))
         out[TRUNCATED] = flags
+        release_free_memory()  # varying batch shapes fragment the heap: without it, RSS grows
         return out
 
     def run_heads(self, texts: Sequence[str], chosen: Sequence[str] | None) -> dict[str, np.ndarray]:
