@@ -413,50 +413,63 @@ def finetune(
 @app.command("eval")
 def eval_(
     model: Annotated[Path, typer.Argument(help="A merged model folder or a stock classifier folder.")],
-    data: Annotated[Path, typer.Option("--data", help="Folder of task folders (labels.json + SPLIT.jsonl).")],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Folder of task folders (labels.json + SPLIT.jsonl).")
+    ] = None,
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     task: Annotated[str | None, typer.Option(help="Task name of a single-classifier MODEL.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Score at most this many examples per task.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score at most this many examples per task (per file).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here (refused if it exists).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     expert: Annotated[
         list[str] | None,
-        typer.Option("--expert", "-e", help="TASK=FOLDER: score this expert too and add normalised = merged / expert."),
+        typer.Option(
+            "--expert", "-e", help="TASK=FOLDER: add normalised = merged / expert; with --experts, the experts to use."
+        ),
+    ] = None,
+    experts: Annotated[
+        bool,
+        typer.Option(
+            "--experts", help="Fidelity report, no labels: each head vs its expert (MODEL/merge_config.yaml's, or -e)."
+        ),
+    ] = False,
+    texts: Annotated[
+        list[str] | None,
+        typer.Option("--texts", help="TASK=FILE: unlabelled texts (JSONL/CSV/TXT) of TASK for --experts; repeatable."),
+    ] = None,
+    benign: Annotated[
+        list[str] | None,
+        typer.Option("--benign", help="TASK=LABEL[,LABEL...]: labels that never flag, for --experts' flag rates."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar per task.")] = True,
 ) -> None:
     """Score MODEL's heads on labelled data ({task: {metric: value}}; with --expert, the normalised
     score per task): single-label heads macro-F1, accuracy and official metrics; multi-label heads
     macro-, micro- and per-label F1 at their thresholds; token heads entity-level micro-F1, macro-F1
-    over types and per-type F1 (seqeval, on word-level tags)."""
-    from guardmerge.data import discover_tasks, load_task
-    from guardmerge.evaluate import evaluate, normalized, table, to_json_ready
-    from guardmerge.models.multihead import load_any
+    over types and per-type F1 (seqeval, on word-level tags).
 
+    With --experts, a fidelity report on unlabelled texts instead: per head, agreement with its
+    expert on its task's texts and on the others', and the flag-rate difference, with 95% intervals."""
+    from guardmerge.evaluate import labelled_report, to_json_ready
+    from guardmerge.evaluate.fidelity import expert_folders, fidelity_report, fidelity_table, fidelity_texts
+
+    folders = expert_folders(model, expert or []) if experts else {}
     if out is not None:
         from guardmerge.io import check_output
 
-        check_output(out, force=force, inputs=[model, data, *(e.split("=", 1)[-1] for e in expert or [])], file=True)
-    m = load_any(model, task)
-    names = [t for t in discover_tasks(data) if t in m.tasks]
-    if not names:
-        raise GuardmergeError(f"none of the model's heads ({', '.join(m.tasks)}) has a task folder in {data}")
-    examples = {t: load_task(data / t).split(split, limit) for t in names}
-    res = evaluate(m, examples, progress=progress)
-    rows = {str(model): res}
-    if expert:
-        pairs = dict(item.split("=", 1) for item in expert if "=" in item)
-        if len(pairs) != len(expert):
-            raise GuardmergeError("--expert takes TASK=FOLDER")
-        ex_res = {}
-        for t, folder in pairs.items():
-            if t not in examples:
-                raise GuardmergeError(f"--expert {t}: no head/task folder '{t}' to compare with")
-            ex_res.update(evaluate(load_any(folder, t), {t: examples[t]}, progress=progress))
-        for t, value in normalized(res, ex_res).items():
-            res[t]["normalized"] = value
-        rows["experts"] = ex_res
-    typer.echo(table(rows, "macro_f1", names))
+        given = [item.split("=", 1)[-1] for item in [*(expert or []), *(texts or [])]]
+        check_output(out, force=force, inputs=[model, data, *given, *folders.values()], file=True)
+    if experts:
+        pool = fidelity_texts(data, texts or [], split, limit)
+        res = fidelity_report(model, folders, pool, task=task, benign=benign or [], progress=progress)
+        typer.echo(fidelity_table(res))
+    else:
+        if data is None or texts or benign:
+            raise GuardmergeError("eval scores labelled --data FOLDER; --texts and --benign go with --experts")
+        res, text = labelled_report(
+            model, data, split=split, task=task, limit=limit, experts=expert or [], progress=progress
+        )
+        typer.echo(text)
     if out:
         from guardmerge.io import atomic_file
 

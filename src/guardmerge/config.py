@@ -79,7 +79,51 @@ class AlignConfig(BaseModel):
     examples: int = Field(400, ge=2, description="unlabelled texts per task used for the fit")
     ridge: float | None = Field(None, ge=0, description="ridge mu; default 1e-2 * mean(A^2); 0 = exact")
     max_length: int = Field(128, ge=8, description="tokens per text")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="texts per forward pass")
+
+
+class HealConfig(BaseModel):
+    """Label-free multi-teacher distillation of the merged model from the experts, the one stage
+    that trains weights (docs/algorithms.md 3c; issue 23 section 2)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    train: Literal["all", "top", "heads"] = Field(
+        "all",
+        description="what trains: all (encoder, branches, heads), top (the top `top_blocks` encoder blocks, "
+        "the pooler, branches and heads) or heads (heads only: the encoder stays bit-identical)",
+    )
+    top_blocks: int = Field(2, ge=1, description="encoder blocks trained with train: top (counted from the top)")
+    texts: int = Field(600, ge=1, description="unlabelled texts per task pooled (every head learns on every text)")
+    epochs: int = Field(2, ge=1, le=1000, description="passes over the training slice of the pool")
+    learning_rate: float = Field(3e-5, gt=0, le=1, description="AdamW peak learning rate")
+    warmup: float = Field(0.1, ge=0, le=1, description="fraction of the steps with a linear warm-up; then linear decay")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient norm clip (null: none)")
+    batch_size: int = Field(32, ge=1, description="texts per step (at most; see max_tokens)")
+    max_tokens: int = Field(
+        4096, ge=8, description="token budget of a step (texts x padded length): bounds memory on 12-layer bases"
+    )
+    max_length: int = Field(128, ge=8, description="tokens per text")
+    temperature: float = Field(2.0, gt=0, description="distillation temperature T (softmax and token heads)")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="per-task loss weight (task -> weight >= 0; default 1 each)"
+    )
+    seed: int = Field(0, description="seed of the shuffles, the held-out slice and the dropout")
+    holdout: float = Field(
+        0.1, ge=0, lt=1, description="fraction of the pool held out for early stopping by mean agreement (0: none)"
+    )
+    eval_every: int | None = Field(None, ge=1, description="steps between held-out checks (default: once an epoch)")
+    patience: int = Field(2, ge=1, description="held-out checks without improvement before stopping")
+    cache: bool = Field(True, description="cache the experts' outputs on disk (keyed by expert fingerprint)")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for task, number in value.items():
+            if number < 0:
+                raise ValueError(f"weight of task '{task}' is {number}; loss weights are >= 0")
+        return value  # task names (and all-zero weights) are checked against the job's tasks
 
 
 class StatsConfig(BaseModel):
@@ -89,7 +133,7 @@ class StatsConfig(BaseModel):
 
     examples: int = Field(1000, ge=1, description="unlabelled texts per expert")
     max_length: int = Field(128, ge=8, description="tokens per text")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="texts per forward pass")
     include_padding: bool = Field(False, description="Gram parity with the RegMean reference code")
     fisher_labels: Literal["hard", "soft", "empirical"] = Field("hard", description="Fisher label mode")
     fisher_gradient: Literal["per_example", "batch"] = Field("per_example", description="batch = reference parity")
@@ -133,6 +177,11 @@ class MergeConfig(BaseModel):
         False,
         description="fit a per-feature affine map at the branch point (expert's hidden states at "
         "depth K from the trunk's), on each task's `data`; needs share_layers",
+    )
+    heal: HealConfig | None = Field(
+        None,
+        description="label-free distillation from the experts after the training-free merge (trains weights; "
+        "needs `data` on every expert); unset = off",
     )
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ def test_the_stages_are_declared_in_the_order_they_run() -> None:
         "tensor merge",
         "layer-wise solves",
         "branch alignment",
+        "heal",
         "head alignment",
     ]
 
@@ -48,6 +49,8 @@ def test_each_job_runs_the_stages_it_asks_for(zoo: dict[str, Path], tmp_path: Pa
     assert asked(MergeJob.of(branched)) == ["tensor merge", "branch alignment"]
     every_layer = zoo_merge_config(zoo, data, share_layers=2, branch_align=True)  # no branch left to align
     assert asked(MergeJob.of(every_layer)) == ["tensor merge"]
+    healed = zoo_merge_config(zoo, data, method="lot", parameters={}, heal={}, align_heads=True)
+    assert asked(MergeJob.of(healed)) == ["tensor merge", "layer-wise solves", "heal", "head alignment"]
 
 
 def test_without_a_data_stage_build_is_the_tensor_merge_and_the_folder_holds_it(

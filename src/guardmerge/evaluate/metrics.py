@@ -1,13 +1,14 @@
-"""Evaluation layer: models and labelled data in, ``{task: {metric: value}}`` out.
+"""Task metrics: a model and labelled data in, ``{task: {metric: value}}`` out.
 
 Reports and tables are generated from these results, never typed by hand. Metrics come from
-scikit-learn (``pip install guardmerge[demo]`` or ``[bench]``).
+scikit-learn (``pip install guardmerge[demo]`` or ``[bench]``) and seqeval (token heads).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -207,6 +208,47 @@ def _word_tags(
         tags = token_rows(row.numpy(), len(tok), model.padding_side).argmax(-1)
         out.append(word_tags(words, tok, tags.tolist(), outside))
     return out
+
+
+def labelled_report(
+    model: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    task: str | None = None,
+    limit: int | None = None,
+    experts: Sequence[str] = (),
+    progress: bool = False,
+) -> tuple[Results, str]:
+    """``guardmerge eval MODEL --data DATA``: :func:`evaluate` of the model folder ``model`` (a
+    stock classifier as the one-head model ``task``) on the ``split`` of every task folder under
+    ``data`` that it has a head for, and the results as a :func:`table`. Each ``TASK=FOLDER`` of
+    ``experts`` is scored on its task too, and ``normalized`` (merged / expert) added to the task.
+    """
+    from guardmerge.data import discover_tasks, load_task
+    from guardmerge.models.multihead import load_any
+
+    data = Path(data)
+    m = load_any(model, task)
+    names = [t for t in discover_tasks(data) if t in m.tasks]
+    if not names:
+        raise GuardmergeError(f"none of the model's heads ({', '.join(m.tasks)}) has a task folder in {data}")
+    examples = {t: load_task(data / t).split(split, limit) for t in names}
+    res = evaluate(m, examples, progress=progress)
+    rows = {str(model): res}
+    if experts:
+        pairs = dict(item.split("=", 1) for item in experts if "=" in item)
+        if len(pairs) != len(experts):
+            raise GuardmergeError("--expert takes TASK=FOLDER")
+        ex_res: Results = {}
+        for t, folder in pairs.items():
+            if t not in examples:
+                raise GuardmergeError(f"--expert {t}: no head/task folder '{t}' to compare with")
+            ex_res.update(evaluate(load_any(folder, t), {t: examples[t]}, progress=progress))
+        for t, value in normalized(res, ex_res).items():
+            res[t]["normalized"] = value
+        rows["experts"] = ex_res
+    return res, table(rows, "macro_f1", names)
 
 
 def normalized(merged: Results, experts: Results, metric: str = "macro_f1") -> dict[str, float]:

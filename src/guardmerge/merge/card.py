@@ -9,8 +9,24 @@ if TYPE_CHECKING:
     from guardmerge.merge.result import MergeResult
 
 
+def _heal_line(heal: dict[str, Any]) -> str:
+    """The heal bullet: data sizes, settings and the held-out agreement before and after."""
+    s, pool = heal["settings"], heal["pool"]
+    sizes = ", ".join(f"{t} {n}" for t, n in pool.get("tasks", {}).items())
+    where = "held-out" if heal.get("measured_on") == "holdout" else "training"
+    return (
+        f"- Healed: label-free distillation from the experts, the one stage that trains weights, starting from "
+        f"the training-free merge (`train: {s['train']}`, {pool['texts']} unlabelled texts pooled from {sizes}; "
+        f"{pool['train']} trained on, {pool['holdout']} held out; {heal['steps']['done']} steps of "
+        f"{heal['steps']['planned']}, {s['epochs']} epochs, AdamW lr {s['learning_rate']}, batch {s['batch_size']}, "
+        f"temperature {s['temperature']}, seed {s['seed']}); {where} agreement with the experts "
+        f"{heal['agreement_before']:.3f} before, {heal['agreement_after']:.3f} after "
+        "(docs/algorithms.md 3c in the guardmerge repository)"
+    )
+
+
 def _stage_lines(info: dict[str, Any]) -> list[str]:
-    """One bullet per data stage that ran: head alignment, layer-wise solves, sharing depth."""
+    """One bullet per data stage that ran: head alignment, layer-wise solves, sharing depth, heal."""
     lines = []
     if info.get("align_heads"):
         settings = info["align_heads"]["settings"]
@@ -30,6 +46,8 @@ def _stage_lines(info: dict[str, Any]) -> list[str]:
             f"- Sharing depth: blocks below {info['share_layers']} shared; each task runs its expert's own blocks "
             "from there (`branches.<task>.*`)" + (", aligned at the branch point" if info.get("branch_align") else "")
         )
+    if info.get("heal"):
+        lines.append(_heal_line(info["heal"]))
     return lines
 
 
@@ -79,7 +97,8 @@ def model_card(result: MergeResult, config: MergeConfig, version: str) -> str:
             if shared
             else f"One shared {result.config.get('model_type', '')} encoder and {len(result.heads)} heads, "
         )
-        + f"merged training-free from the experts below with **{config.method}**.",
+        + f"merged training-free from the experts below with **{config.method}**"
+        + (", then healed by label-free distillation from them." if info.get("heal") else "."),
         "",
         f"- Base model: `{config.base_model}`",
         f"- Method: `{config.method}`, heads: `{config.heads}`",

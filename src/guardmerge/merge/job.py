@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guardmerge.config import AlignConfig, MergeConfig
+from guardmerge.config import AlignConfig, HealConfig, MergeConfig
 from guardmerge.errors import ConfigError, GuardmergeError
 from guardmerge.io.checkpoint import resolve
 from guardmerge.io.formats import read_config
@@ -112,6 +112,7 @@ class MergeJob:
         alignment = _alignment(config)
         _check_sharing(config)
         _check_inputs(config, spec)
+        _check_heal(config)
         experts = tuple(Expert(e.task, e.model, resolve(e.model), e.weight, e.stats, e.data) for e in config.experts)
         base = resolve(config.base_model)
         if spec.layerwise is not None:
@@ -133,10 +134,15 @@ class MergeJob:
         return self.config.branch_align
 
     @property
+    def heal(self) -> HealConfig | None:
+        """The heal (distillation) settings, or None when the stage is off."""
+        return self.config.heal
+
+    @property
     def needs_data(self) -> bool:
         """Whether a stage runs models on the tasks' texts (layer-wise solves, branch alignment,
-        head alignment)."""
-        return self.layerwise or self.alignment is not None or self.branch_align
+        heal, head alignment)."""
+        return self.layerwise or self.alignment is not None or self.branch_align or self.heal is not None
 
     def text_count(self) -> int:
         """How many texts per task the data stages read (the largest any of them asks for)."""
@@ -144,6 +150,7 @@ class MergeJob:
         layerwise = self.spec.layerwise.text_count(self.params) if self.spec.layerwise else 0
         counts = [layerwise or 0]
         counts += [self.alignment.examples if self.alignment else 0, fit.examples if self.branch_align else 0]
+        counts.append(self.heal.texts if self.heal else 0)
         return max(counts)
 
     def texts(self, limit: int | None) -> dict[str, list[str]]:
@@ -294,6 +301,28 @@ def _check_sharing(config: MergeConfig) -> None:
                 "branch_align needs unlabelled texts of every task: give `data: FILE` to expert(s) "
                 + ", ".join(missing)
             )
+
+
+def _check_heal(config: MergeConfig) -> None:
+    """``heal`` needs a multi-head output, every expert's ``data`` and loss weights of known tasks
+    that are not all zero (issue 23 section 2: it fails before anything is written)."""
+    heal = config.heal
+    if heal is None:
+        return
+    if config.heads == "shared":
+        raise ConfigError("heal trains a multi-head model's heads against their experts: use heads: multi")
+    missing = [e.task for e in config.experts if not e.data]
+    if missing:
+        raise ConfigError(
+            "heal distils every expert on a pool of all tasks' unlabelled texts: give `data: FILE` to expert(s) "
+            + ", ".join(missing)
+        )
+    tasks = [e.task for e in config.experts]
+    unknown = sorted(set(heal.weights) - set(tasks))
+    if unknown:
+        raise ConfigError(f"heal.weights: unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(tasks)}")
+    if not any(heal.weights.get(t, 1.0) for t in tasks):
+        raise ConfigError("heal.weights: every task's loss weight is 0; nothing would be distilled")
 
 
 def _check_inputs(config: MergeConfig, spec: MethodSpec[Any]) -> None:

@@ -9,9 +9,11 @@ expert opened once) and hand on a :class:`MergeState`:
 3. **layer-wise solves** (:mod:`guardmerge.merge.layerwise`): ``lot``, ``regmean_pp``,
    ``prodistill`` (with ``share_layers: K``, the K shared blocks only);
 4. **branch alignment** (:mod:`guardmerge.merge.branches`), with ``branch_align``;
-5. **head alignment** (:mod:`guardmerge.merge.align`), when the job's alignment plan says;
+5. **heal** (:mod:`guardmerge.merge.heal`), with a ``heal:`` section: label-free distillation
+   from the experts, the one stage that trains weights (it starts from stages 2 to 4's model);
+6. **head alignment** (:mod:`guardmerge.merge.align`), when the job's alignment plan says;
 
-then the **write** (:mod:`guardmerge.merge.write`), the one output path. Stages 3 to 5 run the
+then the **write** (:mod:`guardmerge.merge.write`), the one output path. Stages 3 to 6 run the
 merged model (built once from the merged tensors) on the tasks' texts; without them the merge
 streams straight from the checkpoints to the output folder. The CLI, the benchmarks and the
 search all run these same stages.
@@ -125,6 +127,12 @@ def _branch_align(job: MergeJob, state: MergeState) -> None:
     )
 
 
+def _heal(job: MergeJob, state: MergeState) -> None:
+    from guardmerge.merge.heal import heal_stage
+
+    state.merged().info["heal"] = heal_stage(job, state.merged_model(), state.task_texts(job), state.progress)
+
+
 def _head_align(job: MergeJob, state: MergeState) -> None:
     assert job.alignment is not None
     report = align_heads(
@@ -143,6 +151,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("tensor merge", lambda job: True, _tensor_merge),
     Stage("layer-wise solves", lambda job: job.layerwise, _layerwise),
     Stage("branch alignment", _branched, _branch_align),
+    Stage("heal", lambda job: job.heal is not None, _heal),
     Stage("head alignment", lambda job: job.alignment is not None, _head_align),
 )
 """Every stage of a merge, in the order they run."""

@@ -76,12 +76,19 @@ class HeadKind:
         stock_problem_type: the stock config's ``problem_type`` (None: not written).
         gold: the :class:`~guardmerge.data.Examples` field holding this kind's labels.
         metric: the scorer in :mod:`guardmerge.evaluate` (``evaluate.SCORERS``) for this kind.
+        fidelity: the comparison of a merged head with its expert in :mod:`guardmerge.evaluate.fidelity`
+            (``fidelity.COMPARISONS``): argmax agreement, label-set agreement at thresholds (and per
+            label), or entity-span F1 (and per-token tag agreement).
         card_note: what the model card adds after the head's labels.
         agreement: the alignment target: ``(logits, expert_logits) -> bool tensor`` of where a
             refitted head's decisions agree with its expert's (the argmax; each label at 0.5).
         predict: ``(logits, Answering) -> answers``, one per text (:meth:`MultiHeadModel.predict`).
         answer: ``(probabilities [C] or entity spans, labels, thresholds) -> dict``: the server's
             answer on one text (its verdict without ``flagged``).
+        distill_loss: ``(student_logits, teacher_logits, attention_mask [B, T], temperature) ->
+            scalar``: heal's loss of a head against its expert (docs/algorithms.md 3c): KL at
+            temperature T times T^2 (single-label), BCE on the expert's sigmoid probabilities
+            (multi-label), per-token KL over the non-padding tokens (token).
     """
 
     name: KindName
@@ -94,10 +101,12 @@ class HeadKind:
     stock_problem_type: str | None
     gold: str
     metric: str
+    fidelity: str
     card_note: str
     agreement: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     predict: Callable[[torch.Tensor, Answering], list[Any]]
     answer: Callable[[Any, Sequence[str], Sequence[float | None]], dict[str, Any]]
+    distill_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
     @property
     def title(self) -> str:
@@ -111,6 +120,32 @@ def _argmax_agreement(logits: torch.Tensor, expert: torch.Tensor) -> torch.Tenso
 
 def _decision_agreement(logits: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     return (logits >= 0) == (expert >= 0)
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``KL(softmax(teacher / T) || softmax(student / T)) * T^2`` per row (last axis summed)."""
+    t, s = (teacher / temperature).log_softmax(-1), (student / temperature).log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1) * temperature**2
+
+
+def _softmax_distill(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    return _kl(student, teacher, temperature).mean()
+
+
+def _sigmoid_distill(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    p = teacher.sigmoid()  # BCE with logits, written with tensor methods (stable for large |x|)
+    return (student.clamp(min=0) - student * p + (-student.abs()).exp().log1p()).mean()
+
+
+def _token_distill(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    keep = mask.bool()
+    return _kl(student[keep], teacher[keep], temperature).mean()
 
 
 HEAD_KINDS: dict[str, HeadKind] = {
@@ -127,10 +162,12 @@ HEAD_KINDS: dict[str, HeadKind] = {
             stock_problem_type=None,
             gold="labels",
             metric="classification_metrics",
+            fidelity="argmax_agreement",
             card_note="",
             agreement=_argmax_agreement,
             predict=single_label_answers,
             answer=label_answer,
+            distill_loss=_softmax_distill,
         ),
         HeadKind(
             name="multi_label",
@@ -143,10 +180,12 @@ HEAD_KINDS: dict[str, HeadKind] = {
             stock_problem_type=MULTI_LABEL_PROBLEM_TYPE,
             gold="label_sets",
             metric="multi_label_metrics",
+            fidelity="label_set_agreement",
             card_note=" (multi-label)",
             agreement=_decision_agreement,
             predict=multi_label_answers,
             answer=label_set_answer,
+            distill_loss=_sigmoid_distill,
         ),
         HeadKind(
             name="token",
@@ -159,10 +198,12 @@ HEAD_KINDS: dict[str, HeadKind] = {
             stock_problem_type=None,
             gold="tags",
             metric="token_metrics",
+            fidelity="span_agreement",
             card_note=" (token classification)",
             agreement=_argmax_agreement,
             predict=token_answers,
             answer=entity_answer,
+            distill_loss=_token_distill,
         ),
     )
 }
