@@ -43,6 +43,8 @@ def test_onnx_backend_matches_torch_backend(onnx_dir: Path, merged: MultiHeadMod
     assert list(onnx_backend.logits(["sure"], ["sentiment"])) == ["sentiment"]
     with pytest.raises(GuardmergeError, match="unknown task 'spam'"):
         onnx_backend.logits(["sure"], ["spam"])
+    # every run gives the arena's memory back (a server's RSS would otherwise keep its largest batch)
+    assert onnx_backend.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
 
 
 def test_serve_onnx_backend_over_http(onnx_dir: Path, merged: MultiHeadModel, serve: Callable) -> None:

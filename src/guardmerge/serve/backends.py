@@ -215,6 +215,10 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        # the CPU arena keeps the largest batch's memory for good (RSS 0.62 -> 1.5 GB over 300 mixed
+        # batches of the demo model): shrink it back after each run (flat at 0.55 GB)
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         try:
             self.session = ort.InferenceSession(
                 str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
@@ -283,7 +287,7 @@ class OnnxBackend:
         )
         feeds = {n: np.asarray(enc[n], dtype=np.int64) for n in self.inputs}
         names = [self.meta["heads"][t]["output"] for t in chosen]
-        outs = self.session.run(names, feeds)
+        outs = self.session.run(names, feeds, self.run_options)
         return {t: np.asarray(o, dtype=np.float32) for t, o in zip(chosen, outs)}
 
     def non_finite_weights(self) -> list[str]:
