@@ -17,7 +17,7 @@ Relative paths are resolved against the config file's folder. Overrides use dott
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -32,6 +32,11 @@ from pydantic import (
 from guardmerge.errors import ConfigError
 
 TASK_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+DEFAULT_DEPTH = "default"
+"""The key of ``share_layers``'s mapping form giving the depth of every task not named."""
+
+Depth = Annotated[int, Field(ge=0)]
+"""A sharing depth ``K``: the number of shared blocks (checked against ``L`` with the models)."""
 
 
 class ExpertConfig(BaseModel):
@@ -167,11 +172,11 @@ class MergeConfig(BaseModel):
     align_heads: AlignConfig | bool | None = Field(
         None, description="head alignment: on by default when every expert gives `data`; false to disable"
     )
-    share_layers: int | None = Field(
+    share_layers: Depth | dict[str, Depth] | None = Field(
         None,
-        ge=0,
         description="sharing depth K: blocks below K are merged and shared, each task runs its "
-        "expert's own blocks K.. (and pooler) on the shared trunk's output; unset = every layer shared",
+        "expert's own blocks K.. (and pooler) on the shared trunk's output; or a depth per task "
+        "({default: K, TASK: K_t}); unset = every layer shared",
     )
     branch_align: bool = Field(
         False,
@@ -197,6 +202,30 @@ class MergeConfig(BaseModel):
                 "weighted means (average, model_stock, regmean...) divide by the sum"
             )
         return self
+
+    def share_depths(self) -> dict[str, int] | None:
+        """``share_layers`` per task (task -> ``K_t``), None when unset.
+
+        Raises:
+            ConfigError: the mapping form names an unknown task, or lacks ``default`` while some
+                task is not named.
+        """
+        given = self.share_layers
+        tasks = [e.task for e in self.experts]
+        if given is None or isinstance(given, int):
+            return None if given is None else dict.fromkeys(tasks, given)
+        unknown = sorted(set(given) - {*tasks, DEFAULT_DEPTH})
+        if unknown:
+            raise ConfigError(
+                f"share_layers: unknown task(s) {', '.join(unknown)}; the tasks are {', '.join(tasks)} "
+                f"(and '{DEFAULT_DEPTH}')"
+            )
+        unnamed = [t for t in tasks if t not in given]
+        if unnamed and DEFAULT_DEPTH not in given:
+            raise ConfigError(
+                f"share_layers: no depth for task(s) {', '.join(unnamed)}; add '{DEFAULT_DEPTH}: K' or name them"
+            )
+        return {t: given.get(t, given.get(DEFAULT_DEPTH, 0)) for t in tasks}
 
     def input_paths(self) -> list[str]:
         """Every path the merge reads (base, experts, their statistics and data): what an output

@@ -42,6 +42,12 @@ def aligned(zoo: dict[str, Path], data_file: Path) -> MultiHeadModel:
     return res.to_model()
 
 
+@pytest.fixture(scope="module")
+def mixed(zoo: dict[str, Path]) -> MultiHeadModel:
+    """Per-task depths: hate shares every block (no branch), the others branch after block 0."""
+    return merge(MergeJob.of(config(zoo, share_layers={"default": 1, "hate": LAYERS})), progress=False).to_model()
+
+
 def test_share_layers_0_reproduces_every_expert(zoo: dict[str, Path]) -> None:
     res = merge(MergeJob.of(config(zoo, share_layers=0)), progress=False)
     assert "branches.hate.embeddings.word_embeddings.weight" in res.tensors
@@ -134,7 +140,10 @@ def test_layerwise_solves_only_the_shared_blocks(zoo: dict[str, Path], data_file
             assert torch.equal(res.tensors[name], tensor), name  # each task's own blocks untouched
 
 
-def test_onnx_export_of_a_branched_model_matches_torch(aligned: MultiHeadModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["aligned", "mixed"])
+def test_onnx_export_of_a_branched_model_matches_torch(
+    which: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     import numpy as np
@@ -142,7 +151,8 @@ def test_onnx_export_of_a_branched_model_matches_torch(aligned: MultiHeadModel, 
     from guardmerge.export.metadata import ONNX_FILE
     from guardmerge.export.onnx import export_onnx
 
-    aligned.save_pretrained(tmp_path / "m")
+    source: MultiHeadModel = request.getfixturevalue(which)
+    source.save_pretrained(tmp_path / "m")
     model = guardmerge.load(tmp_path / "m")  # with its tokenizer
     out = export_onnx(model, tmp_path / "onnx")
     session = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
@@ -155,8 +165,9 @@ def test_onnx_export_of_a_branched_model_matches_torch(aligned: MultiHeadModel, 
             np.testing.assert_allclose(got, ref[t].numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("which", ["branched", "mixed"])
 def test_serving_a_branched_model_returns_every_head(
-    branched: MultiHeadModel, zoo: dict[str, Path], tmp_path: Path
+    which: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     for extra in ("fastapi", "uvicorn", "prometheus_client"):
         pytest.importorskip(extra)
@@ -164,7 +175,8 @@ def test_serving_a_branched_model_returns_every_head(
     from guardmerge.serve import ServeSettings, create_app
     from tests.serve.conftest import running
 
-    branched.save_pretrained(tmp_path / "m")
+    source: MultiHeadModel = request.getfixturevalue(which)
+    source.save_pretrained(tmp_path / "m")
     model = guardmerge.load(tmp_path / "m")
     expected = model.predict(TEXTS)
     with running(create_app(model, ServeSettings(benign={"sentiment": ["neu"]}))) as url:
@@ -194,3 +206,48 @@ def test_bad_sharing_configs_are_refused(zoo: dict[str, Path], data_file: Path) 
         MergeJob.of(parse_config({"base_model": "b", "experts": experts[:1], "share_layers": 1, "heads": "hm3"}))
     with pytest.raises(ConfigError, match="share_layers"):
         parse_config({"base_model": "b", "experts": experts[:1], "share_layers": -1})
+
+
+def test_per_task_depths_reproduce_the_uniform_models_and_survive_save_load(
+    zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    depths = {"default": 1, "hate": LAYERS}
+    res = merge(MergeJob.of(config(zoo, share_layers=depths)), progress=False)
+    assert res.info["share_layers"] == {"hate": LAYERS, "injection": 1, "sentiment": 1}
+    assert res.info["blocks_per_pass"] == LAYERS + 2 * (LAYERS - 1)
+    assert not any(k.startswith("branches.hate.") for k in res.tensors)
+    assert "pooler.dense.weight" in res.tensors  # the trunk runs whole: hate reads its top
+    mixed = res.to_model()
+    assert mixed.share_layers == {"hate": LAYERS, "injection": 1, "sentiment": 1}
+    assert mixed.blocks_per_pass == LAYERS + 2 * (LAYERS - 1)
+    at_k = merge(MergeJob.of(config(zoo, share_layers=1)), progress=False).to_model().logits(TEXTS)
+    at_l = merge(MergeJob.of(config(zoo)), progress=False).to_model().logits(TEXTS)
+    got = mixed.logits(TEXTS)
+    assert (at_k["hate"] - at_l["hate"]).abs().max() > 1e-3  # the two references differ
+    assert torch.allclose(got["hate"], at_l["hate"], atol=1e-5)
+    for t in ("injection", "sentiment"):
+        assert (at_k[t] - at_l[t]).abs().max() > 1e-3
+        assert torch.allclose(got[t], at_k[t], atol=1e-5), t
+    mixed.save_pretrained(tmp_path / "m")
+    loaded = guardmerge.load(tmp_path / "m")
+    assert loaded.share_layers == mixed.share_layers
+    again = loaded.logits(TEXTS)
+    assert all(torch.allclose(again[t], got[t], atol=1e-6) for t in TASKS)
+
+
+def test_per_task_depths_are_checked_naming_the_field(zoo: dict[str, Path]) -> None:
+    experts = [{"model": "m", "task": t} for t in ("hate", "injection")]
+    with pytest.raises(ConfigError, match=r"share_layers: unknown task\(s\) emotion"):
+        MergeJob.of(parse_config({"base_model": "b", "experts": experts, "share_layers": {"default": 1, "emotion": 0}}))
+    with pytest.raises(ConfigError, match=r"share_layers: no depth for task\(s\) injection; add 'default"):
+        MergeJob.of(parse_config({"base_model": "b", "experts": experts, "share_layers": {"hate": 1}}))
+    with pytest.raises(ConfigError, match=r"share_layers\..*hate: Input should be greater than or equal to 0"):
+        parse_config({"base_model": "b", "experts": experts, "share_layers": {"hate": -1, "default": 1}})
+    named = parse_config({"base_model": "b", "experts": experts, "share_layers": {"hate": 0, "injection": 2}})
+    assert named.share_depths() == {"hate": 0, "injection": 2}
+    assert parse_config({"base_model": "b", "experts": experts, "share_layers": 1}).share_depths() == {
+        "hate": 1,
+        "injection": 1,
+    }
+    with pytest.raises(ConfigError, match="share_layers.sentiment is 3 but the base .* has 2 layers"):
+        merge(MergeJob.of(config(zoo, share_layers={"default": 1, "sentiment": 3})), progress=False)

@@ -72,3 +72,17 @@ def test_an_expert_with_another_vocabulary_is_refused(zoo: dict[str, Path], tmp_
     other = make_expert(tmp_path / "other", zoo["base"], ["a", "b"], seed=5, words=words)
     with pytest.raises(CompatibilityError, match=r"expert 'other' .*different vocabulary.*zebra"):
         plan_of(zoo["base"], {"hate": zoo["hate"], "other": other})
+
+
+def test_per_task_depths_give_each_task_its_own_blocks_and_merge_what_any_task_shares(zoo: dict[str, Path]) -> None:
+    experts = {"hate": zoo["hate"], "sentiment": zoo["sentiment"]}
+    plan = plan_of(zoo["base"], experts, share_layers={"hate": 2, "sentiment": 1})
+    assert plan.share_layers == {"hate": 2, "sentiment": 1}
+    assert "hate" not in plan.branches  # K_t = L: no branch
+    assert plan.branches["sentiment"] and all(
+        n.startswith(("encoder.layer.1.", "pooler.")) for n in plan.branches["sentiment"]
+    )
+    assert "encoder.layer.1.output.dense.weight" in plan.merge_names  # hate shares block 1
+    assert "pooler.dense.weight" in plan.merge_names
+    assert plan.blocks_per_pass() == 2 + 1
+    assert plan_of(zoo["base"], experts, share_layers={"hate": 1, "sentiment": 1}).share_layers == 1

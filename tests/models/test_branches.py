@@ -118,3 +118,28 @@ def test_other_families_branch_and_export(family: str, tmp_path: Path) -> None:
     m1.branch("t1").set_align(1 + 0.1 * torch.randn(16), 0.1 * torch.randn(16))
     m1.export_task("t1", tmp_path / "exp")
     assert torch.allclose(expert_logits(tmp_path / "exp"), m1.logits(TEXTS)["t1"], atol=1e-5)
+
+
+def test_per_task_depths_run_the_trunk_once_and_branch_inside_it(zoo: dict[str, Path]) -> None:
+    cfg = zoo_merge_config(zoo, share_layers={"default": 1, "hate": LAYERS})
+    mixed = merge(MergeJob.of(cfg), progress=False).to_model()
+    assert "hate" not in mixed.branches and mixed.depth("hate") == LAYERS and mixed.depth("injection") == 1
+    assert mixed.trunk_blocks == LAYERS and mixed.trunk_cut is None
+    trunk = list(mixed.encoder.encoder.layer)
+    assert len(trunk) == LAYERS and not any(isinstance(b, Capture) for b in trunk)  # the trunk runs whole
+    calls: list[str] = []
+    hooks = [b.register_forward_hook(lambda *a, i=i: calls.append(f"trunk{i}")) for i, b in enumerate(trunk)]
+    try:
+        mixed(**mixed.encode(TEXTS))
+        assert calls.count("trunk0") == 1 and calls.count("trunk1") == 1  # once, whatever the tasks
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(not tap.calls for tap in mixed.taps.values())  # every branch point taken
+    with pytest.raises(GuardmergeError, match="needs a trunk cut"):  # every head branched on a whole trunk
+        MultiHeadModel(
+            mixed.encoder,
+            {t: mixed.head(t) for t in ("injection",)},
+            mixed.config,
+            branches={"injection": mixed.branch("injection")},
+        )

@@ -39,9 +39,9 @@ def branch_hidden(
     """``(merged [n, d], expert [n, d])``: hidden states at depth K on the non-padding tokens
     of ``texts``: what ``task``'s branch reads before its ``align``, and the expert's input to
     its block K."""
-    depth = model.share_layers
-    if depth is None:
-        raise GuardmergeError("branch alignment needs a branched model (share_layers below the number of layers)")
+    if task not in model.branches:
+        raise GuardmergeError(f"branch alignment needs task '{task}' to have a branch (share_layers below the layers)")
+    depth = model.depth(task)
     adapter = model.adapter
     ex = expert.encoder.eval()
     ex_blocks = blocks_at(ex, adapter.blocks or "")
@@ -82,7 +82,7 @@ def branch_align_stage(
     if model.tokenizer is None:
         raise GuardmergeError("branch alignment needs the merged model's tokenizer")
     report: dict[str, Any] = {"share_layers": model.share_layers, "tasks": {}}
-    for task in model.tasks:
+    for task in model.branches:  # a task sharing every block reads the trunk's top: nothing to align
         if task not in texts or task not in experts:
             raise GuardmergeError(f"branch alignment: no texts or expert for task '{task}'")
         merged, expert = branch_hidden(
@@ -96,7 +96,7 @@ def branch_align_stage(
         log.info(
             "branch '%s' aligned at depth %s on %d tokens: hidden-state MSE %.3g -> %.3g",
             task,
-            model.share_layers,
+            model.depth(task),
             merged.shape[0],
             before,
             after,

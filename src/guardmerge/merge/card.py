@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,13 +43,26 @@ def _stage_lines(info: dict[str, Any]) -> list[str]:
             f"activations ({tokens} tokens; docs/algorithms.md 3a in the guardmerge repository)"
         )
     if info.get("share_layers") is not None:
-        lines.append(
-            f"- Sharing depth: blocks below {info['share_layers']} shared; each task runs its expert's own blocks "
-            "from there (`branches.<task>.*`)" + (", aligned at the branch point" if info.get("branch_align") else "")
-        )
+        lines.append(_sharing_line(info))
     if info.get("heal"):
         lines.append(_heal_line(info["heal"]))
     return lines
+
+
+def _sharing_line(info: Mapping[str, Any]) -> str:
+    """The card's sharing-depth line: one depth or one per task, and the blocks run per pass."""
+    depth = info["share_layers"]
+    if isinstance(depth, Mapping):
+        shared = "per task, " + ", ".join(f"{t} below {k}" for t, k in depth.items())
+    else:
+        shared = f"below {depth}"
+    line = (
+        f"- Sharing depth: blocks {shared} shared; each task runs its expert's own blocks from there "
+        "(`branches.<task>.*`)" + (", aligned at the branch point" if info.get("branch_align") else "")
+    )
+    if info.get("blocks_per_pass") is not None:
+        line += f"; blocks run per pass: {info['blocks_per_pass']} (trunk max K_t + each task's own L - K_t)"
+    return line
 
 
 def _use_lines(shared: bool, arch: str) -> list[str]:

@@ -209,7 +209,7 @@ class TensorMerge:
 
     def _branch_names(self, task: str) -> list[str]:
         """The branch tensors ``task``'s expert keeps (a token classifier's branch has no pooler)."""
-        return [n for n in self.plan.branch_names if not self.plan.lacks(task, n)]
+        return [n for n in self.plan.branches.get(task, ()) if not self.plan.lacks(task, n)]
 
     def _head_slots(self) -> list[tuple[str, tuple[str, Checkpoint]]]:
         """``(head tensor, (task, checkpoint))`` in layout order: tensor by tensor, then expert by expert."""
@@ -292,8 +292,9 @@ class TensorMerge:
             "parameters": self.params.model_dump(),
             "heads_mode": self.config.heads,
         }
-        if self.config.share_layers is not None:
-            info["share_layers"] = self.config.share_layers
+        if self.plan.share_layers is not None:
+            info["share_layers"] = self.plan.share_layers
+            info["blocks_per_pass"] = self.plan.blocks_per_pass()
         return MergeResult(tensors=tensors, config=enc_config, heads=heads, info=info, tokenizer_dir=tok_dir)
 
 

@@ -216,7 +216,7 @@ class MergeJob:
                 experts[e.task] = stack.enter_context(
                     Checkpoint(e.source, folder=e.folder, allow_pickle=pickle, where=e.where)
                 )
-            plan = plan_merge(base, experts, self.config.heads, self.config.share_layers)
+            plan = plan_merge(base, experts, self.config.heads, self.config.share_depths())
             _check_head_settings(self.config, plan)
             self._session.append(_Session(stack, base, experts, plan))
             try:
@@ -287,7 +287,9 @@ def _alignment(config: MergeConfig) -> AlignConfig | None:
 
 
 def _check_sharing(config: MergeConfig) -> None:
-    """``share_layers`` needs ``heads: multi``; ``branch_align`` needs it and every expert's data."""
+    """``share_layers`` needs ``heads: multi`` (and its mapping form known task names);
+    ``branch_align`` needs it and every expert's data."""
+    config.share_depths()
     if config.share_layers is not None and config.heads != "multi":
         raise ConfigError(
             f"share_layers gives each task its own upper layers and head: use heads: multi (not heads: {config.heads})"

@@ -59,10 +59,14 @@ class MergePlan:
         shared: ``heads: shared``: head tensors are in ``merge_names`` and the output is one stock
             model under the checkpoint's own names.
         zero_base: merged tensors the base lacks (a headless base's head): theta_0 = 0 for them.
-        branch_names: encoder tensors each task keeps from its own expert (``share_layers: K``
-            with ``K < L``): blocks ``>= K``, the pooler, and at ``K = 0`` the embeddings too
-            (those are then also merged, for the trunk). Empty when every layer is shared.
-        share_layers: the sharing depth ``K`` asked for (None: every layer shared).
+        branch_names: encoder tensors some task keeps from its own expert (the union of
+            ``branches``). Empty when every layer is shared.
+        share_layers: the sharing depth ``K`` asked for (None: every layer shared), or task ->
+            ``K_t`` where the tasks' depths differ.
+        branches: task -> the encoder tensors it keeps from its own expert (``K_t < L``): blocks
+            ``>= K_t``, the pooler, and at ``K_t = 0`` the embeddings too (those are then also
+            merged, for the trunk). A task at ``K_t = L`` has none.
+        layers: the number of blocks ``L`` (0 when no sharing depth is set).
         problems: task -> its head kind (``single_label``, ``multi_label``, ``token``).
         absent: task -> the base's pooler tensors its expert lacks (a token classifier): merged
             with a zero task vector, and not part of its branch.
@@ -76,9 +80,27 @@ class MergePlan:
     shared: bool = False
     zero_base: frozenset[str] = frozenset()
     branch_names: tuple[str, ...] = ()
-    share_layers: int | None = None
+    share_layers: int | dict[str, int] | None = None
     problems: dict[str, str] = field(default_factory=dict)
     absent: dict[str, frozenset[str]] = field(default_factory=dict)
+    branches: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    layers: int = 0
+
+    def blocks_per_pass(self) -> int | None:
+        """Blocks one forward pass runs: the trunk's ``max K_t`` plus each task's own ``L - K_t``
+        (None when no sharing depth is set: ``L``, one pass)."""
+        depths = self.depths()
+        if not depths:
+            return None
+        return max(depths.values()) + sum(self.layers - k for k in depths.values())
+
+    def depths(self) -> dict[str, int]:
+        """Task -> its sharing depth ``K_t`` (empty when no sharing depth is set)."""
+        if self.share_layers is None:
+            return {}
+        if isinstance(self.share_layers, int):
+            return dict.fromkeys(self.heads, self.share_layers)
+        return dict(self.share_layers)
 
     def lacks(self, task: str, name: str) -> bool:
         """Whether ``task``'s expert lacks encoder tensor ``name`` (a pooler it never had)."""
@@ -97,16 +119,20 @@ class MergePlan:
 
 
 def plan_merge(
-    base: Checkpoint, experts: Mapping[str, Checkpoint], heads_mode: str = "multi", share_layers: int | None = None
+    base: Checkpoint,
+    experts: Mapping[str, Checkpoint],
+    heads_mode: str = "multi",
+    share_layers: int | Mapping[str, int] | None = None,
 ) -> MergePlan:
     """Check that ``experts`` can be merged onto ``base`` and return the plan.
 
     Args:
-        share_layers: sharing depth ``K`` (blocks ``>= K`` and the pooler stay per task).
+        share_layers: sharing depth ``K`` (blocks ``>= K`` and the pooler stay per task), or
+            task -> ``K_t`` (every task named).
 
     Raises:
         CompatibilityError: naming the expert and the field or tensor that differs.
-        ConfigError: ``share_layers`` above the number of layers.
+        ConfigError: a sharing depth above the number of layers, or a task without one.
     """
     adapter = base.adapter
     for ck in experts.values():
@@ -142,48 +168,77 @@ def plan_merge(
     if heads_mode == "hm3":
         _check_hm3(adapter, experts, heads)
     _warn_drift(base, experts, merge_names)
-    merge_names, branch_names = _split_branches(adapter, base, merge_names, share_layers)
+    depths = _depths(share_layers, experts)
+    merge_names, branches, layers = _split_branches(adapter, base, merge_names, depths)
+    owned = {n for names in branches.values() for n in names}
+    uniform = len(set((depths or {}).values())) <= 1
     return MergePlan(
         adapter=adapter,
         merge_names=tuple(merge_names),
         copy_names=tuple(copy_names),
         heads=heads,
         labels={task: tuple(ck.id2label()) for task, ck in experts.items()},
-        branch_names=tuple(branch_names),
-        share_layers=share_layers,
+        branch_names=tuple(n for n in base_enc if n in owned),
+        share_layers=None if depths is None else next(iter(depths.values())) if uniform else depths,
         problems=problems,
         absent=absent,
+        branches=branches,
+        layers=layers,
     )
 
 
-def _split_branches(
-    adapter: ArchitectureAdapter, base: Checkpoint, merge_names: Sequence[str], share_layers: int | None
-) -> tuple[list[str], list[str]]:
-    """``(merged, branch-owned)`` names at sharing depth ``share_layers``.
-
-    At ``K = 0`` the embeddings are both: merged for the trunk (which only forms the blocks'
-    attention arguments) and owned by every branch, so each branch reproduces its expert.
-    """
+def _depths(share_layers: int | Mapping[str, int] | None, experts: Mapping[str, Checkpoint]) -> dict[str, int] | None:
+    """Task -> ``K_t`` from a uniform depth or a per-task mapping (every task named)."""
     if share_layers is None:
-        return list(merge_names), []
+        return None
+    if isinstance(share_layers, int):
+        return dict.fromkeys(experts, share_layers)
+    missing = [t for t in experts if t not in share_layers]
+    unknown = [t for t in share_layers if t not in experts]
+    if missing or unknown:
+        raise ConfigError(f"share_layers: no depth for task(s) {missing}, depths for unknown task(s) {unknown}")
+    return {t: int(share_layers[t]) for t in experts}
+
+
+def _split_branches(
+    adapter: ArchitectureAdapter, base: Checkpoint, merge_names: Sequence[str], depths: Mapping[str, int] | None
+) -> tuple[list[str], dict[str, tuple[str, ...]], int]:
+    """``(merged, task -> branch-owned, L)`` names at the sharing depths ``depths`` (task -> ``K_t``).
+
+    A tensor is merged when some task shares it (the trunk runs blocks below ``max K_t``). At
+    ``K_t = 0`` the embeddings are both: merged for the trunk (which at least forms the blocks'
+    attention arguments) and owned by the task's branch, so it reproduces its expert.
+    """
+    if depths is None:
+        return list(merge_names), {}, 0
     problem = adapter.sharing_problem(base.config)
     if problem:
         raise ConfigError(f"share_layers: {problem} (base {base.source}); leave share_layers unset")
     layers = adapter.num_blocks(merge_names)
     if layers == 0:
         raise ConfigError(f"share_layers: the base ({base.source}) has no {adapter.blocks}.* blocks to branch")
-    if share_layers > layers:
-        raise ConfigError(
-            f"share_layers is {share_layers} but the base ({base.source}) has {layers} layers "
-            f"(num_hidden_layers); use 0..{layers}"
+    uniform = len(set(depths.values())) == 1
+    for task, depth in depths.items():
+        if depth > layers:
+            field_name = "share_layers" if uniform else f"share_layers.{task}"
+            raise ConfigError(
+                f"{field_name} is {depth} but the base ({base.source}) has {layers} layers "
+                f"(num_hidden_layers); use 0..{layers}"
+            )
+    owned = {t: adapter.branch_prefixes(k, layers) for t, k in depths.items()}
+    keep = adapter.embeddings + "." if adapter.embeddings else None
+    merged = [
+        n
+        for n in merge_names
+        if any(not n.startswith(p) for p in owned.values()) or (keep is not None and n.startswith(keep))
+    ]
+    branches = {t: tuple(n for n in merge_names if p and n.startswith(p)) for t, p in owned.items()}
+    branches = {t: names for t, names in branches.items() if names}
+    for task, names in branches.items():
+        log.info(
+            "share_layers %d of %d: %d tensors of '%s' stay with its expert", depths[task], layers, len(names), task
         )
-    owned = adapter.branch_prefixes(share_layers, layers)
-    branch = [n for n in merge_names if n.startswith(owned)]
-    keep = adapter.embeddings + "." if share_layers == 0 and adapter.embeddings else None
-    merged = [n for n in merge_names if not n.startswith(owned) or (keep is not None and n.startswith(keep))]
-    if branch:
-        log.info("share_layers %d of %d: %d tensors per task stay with their expert", share_layers, layers, len(branch))
-    return merged, branch
+    return merged, branches, layers
 
 
 def _plan_shared(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> MergePlan:

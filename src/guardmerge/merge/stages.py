@@ -104,7 +104,7 @@ def _layerwise(job: MergeJob, state: MergeState) -> None:
         max_length=capped_length(getattr(params, "max_length", 128), model.config, f"method {job.spec.name}"),
         batch_size=getattr(params, "batch_size", 32),
         progress=state.progress,
-        shared_blocks=model.share_layers,
+        shared_blocks=model.trunk_cut,
     )
 
 

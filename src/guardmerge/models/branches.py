@@ -50,6 +50,44 @@ class Capture(nn.Module):
         return call
 
 
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+"""A block call's arguments after the hidden states: ``(args, kwargs)`` (attention mask...)."""
+
+
+class Tap(nn.Module):
+    """A branch point inside the trunk (mixed sharing depths): a forward pre-hook on trunk block
+    ``K`` (:meth:`attach`) that keeps, per thread, that block's input hidden states and call
+    arguments for the branches of the tasks sharing only ``K`` blocks. The trunk's weights and
+    tensor names stay as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[int, tuple[torch.Tensor, Call]] = {}
+
+    def attach(self, block: nn.Module) -> None:
+        """Hook onto ``block`` (a tap of an earlier model around the same block is dropped)."""
+        hooks = block._forward_pre_hooks  # the one way to find an earlier tap
+        for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), Tap)]:
+            del hooks[key]
+            getattr(block, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
+        block.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if args:
+            hidden, rest, kw = args[0], args[1:], dict(kwargs)
+        else:
+            kw = dict(kwargs)
+            hidden, rest = kw.pop("hidden_states"), ()
+        self.calls[threading.get_ident()] = (hidden, (rest, kw))
+
+    def take(self) -> tuple[torch.Tensor, Call]:
+        """This thread's last ``(hidden states, call)`` at the tap (cleared)."""
+        call = self.calls.pop(threading.get_ident(), None)
+        if call is None:
+            raise GuardmergeError("the trunk did not reach a branch point")
+        return call
+
+
 class Affine(nn.Module):
     """Per-feature ``x -> scale * x + shift`` on ``[..., d]`` (``scale``, ``shift``: ``[d]``)."""
 

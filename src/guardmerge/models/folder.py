@@ -83,8 +83,8 @@ def model_from_tensors(
 ) -> M:
     """A ``cls`` model from its saved tensors (encoder, ``heads.*``, ``branches.*``).
 
-    ``branches.*`` tensors make a branched model at depth ``info["share_layers"]``;
-    ``strict`` checks that the encoder tensors match the config (named after ``where``).
+    ``branches.*`` tensors make a branched model at depth ``info["share_layers"]`` (one ``K``, or
+    task -> ``K_t``); ``strict`` checks that the encoder tensors match the config (named after ``where``).
     """
     info = dict(info or {})
     head_mods = {task: head_from_tensors(task, spec, tensors) for task, spec in heads.items()}
@@ -92,25 +92,34 @@ def model_from_tensors(
     adapter = get_adapter(str(config["model_type"]))
     encoder = build_encoder(config, has_pooler(adapter, enc_state), empty=True)
     branched = any(k.startswith(BRANCH_PREFIX) for k in tensors)
-    depth = info.get("share_layers")
     layers = len(blocks_at(encoder, adapter.blocks)) if adapter.blocks else 0
-    if branched:
-        if not isinstance(depth, int) or not 0 <= depth < layers:
-            raise CheckpointError(
-                f"{where}: branch tensors ('{BRANCH_PREFIX}*') need guardmerge.share_layers "
-                f"in 0..{layers - 1}, got {depth!r}"
-            )
-        cut_trunk(encoder, adapter, depth)
-        if depth == 0 and adapter.embeddings_project:  # each branch owns it; the trunk's output is unused
+    depths = _depths(info.get("share_layers"), heads, layers, where) if branched else {}
+    top = max(depths.values(), default=layers)
+    if top < layers:
+        cut_trunk(encoder, adapter, top)
+        if top == 0 and adapter.embeddings_project:  # each branch owns it; the trunk's output is unused
             lead = adapter.embeddings_project + "."
             own = encoder.state_dict()
             enc_state.update({k: torch.zeros_like(v) for k, v in own.items() if k.startswith(lead)})
     load_encoder(encoder, enc_state, strict, where)
-    branches: dict[str, Branch] = {}
-    if branched:
-        assert isinstance(depth, int)
-        branches = _branches(encoder, adapter, heads, tensors, depth, layers, where)
+    branches = _branches(encoder, adapter, heads, tensors, depths, layers, where) if branched else {}
     return cls(encoder, head_mods, config, info=info, tokenizer=tokenizer, branches=branches)
+
+
+def _depths(given: Any, heads: Mapping[str, HeadSpec], layers: int, where: str) -> dict[str, int]:
+    """Task -> ``K_t`` from ``guardmerge.share_layers`` (a uniform ``K`` below ``layers``, or
+    every head's depth in ``0..layers``, one at least below it)."""
+    if isinstance(given, int) and not isinstance(given, bool) and 0 <= given < layers:
+        return dict.fromkeys(heads, given)
+    if isinstance(given, dict) and set(given) == set(heads):
+        depths = {t: given[t] for t in heads}
+        valid = all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= layers for k in depths.values())
+        if valid and min(depths.values()) < layers:
+            return depths
+    raise CheckpointError(
+        f"{where}: branch tensors ('{BRANCH_PREFIX}*') need guardmerge.share_layers "
+        f"in 0..{layers - 1}, or every head's depth in 0..{layers} (one below {layers}), got {clip(repr(given))}"
+    )
 
 
 def _branches(
@@ -118,23 +127,26 @@ def _branches(
     adapter: ArchitectureAdapter,
     heads: Mapping[str, HeadSpec],
     tensors: Mapping[str, torch.Tensor],
-    depth: int,
+    depths: Mapping[str, int],
     layers: int,
     where: str,
 ) -> dict[str, Branch]:
-    """Each head's :class:`Branch` from its ``branches.<task>.*`` tensors (a stray task's are refused)."""
+    """The :class:`Branch` of each head sharing fewer than ``layers`` blocks, from its
+    ``branches.<task>.*`` tensors (those of any other task are refused)."""
     branches: dict[str, Branch] = {}
     for task in heads:
+        if depths[task] >= layers:
+            continue
         lead = f"{BRANCH_PREFIX}{task}."
         own = {k[len(lead) :]: v for k, v in tensors.items() if k.startswith(lead)}
         if not own:
             raise CheckpointError(f"{where}: head '{task}' has no branch tensors ('{lead}*')")
-        branches[task] = build_branch(trunk, adapter, depth, layers, own, f"{where}, branch '{task}'")
+        branches[task] = build_branch(trunk, adapter, depths[task], layers, own, f"{where}, branch '{task}'")
     stray = sorted(
-        {k[len(BRANCH_PREFIX) :].split(".", 1)[0] for k in tensors if k.startswith(BRANCH_PREFIX)} - set(heads)
+        {k[len(BRANCH_PREFIX) :].split(".", 1)[0] for k in tensors if k.startswith(BRANCH_PREFIX)} - set(branches)
     )
     if stray:
-        raise CheckpointError(f"{where}: branch tensors of tasks without a head: {', '.join(stray)}")
+        raise CheckpointError(f"{where}: branch tensors of tasks with no head or no branch: {', '.join(stray)}")
     return branches
 
 

@@ -21,7 +21,11 @@ per-feature affine ``align`` applied to the trunk's output first) stored under
 ``branches.<task>.<canonical name>`` (``branches.hate.encoder.layer.3.attention.self.query.weight``,
 ``branches.hate.pooler.dense.bias``, ``branches.hate.align.scale`` / ``.shift``); ``config.json``
 records ``guardmerge.share_layers``. The trunk runs once per batch, then each requested task's
-branch. At ``K = 0`` each branch also owns its expert's embeddings (``branches.<task>.embeddings.*``)
+branch. With a depth per task (``share_layers: {default: K, TASK: K_t}``) the trunk runs
+``max K_t`` blocks (the whole encoder, pooler included, when some task shares every block: that
+task has no branch and reads the trunk's top); a task sharing fewer blocks branches from the
+input of trunk block ``K_t``, kept by a :class:`~guardmerge.models.branches.Tap`. At ``K = 0``
+each branch also owns its expert's embeddings (``branches.<task>.embeddings.*``)
 so every task reproduces its expert exactly; the trunk's (merged) embeddings then only form the
 blocks' attention arguments.
 """
@@ -39,7 +43,7 @@ from torch import nn
 from guardmerge.errors import GuardmergeError, NonFiniteOutputError
 from guardmerge.io.formats import read_config
 from guardmerge.models.adapters import ArchitectureAdapter, get_adapter
-from guardmerge.models.branches import BRANCH_PREFIX, Branch, Capture
+from guardmerge.models.branches import BRANCH_PREFIX, Branch, Call, Capture, Tap
 from guardmerge.models.folder import load_folder, model_from_classifier, model_from_tensors, save_folder
 from guardmerge.models.head_kinds import HeadKind, kinds_where
 from guardmerge.models.heads import Head, HeadSpec
@@ -84,17 +88,34 @@ class MultiHeadModel(nn.Module):
         self.tokenizer = tokenizer
         self.adapter: ArchitectureAdapter = get_adapter(str(self.config["model_type"]))
         self.inputs = accepted_inputs(encoder)
+        self.taps = nn.ModuleDict()
         if self.branches:
-            if self._branch_point() is None:
-                raise GuardmergeError("a model with branches needs a trunk cut at the branch point (cut_trunk)")
-            lacking = [t for t in self.heads if t not in self.branches]
-            extra = [t for t in self.branches if t not in self.heads]
-            if lacking or extra:
-                raise GuardmergeError(
-                    f"every head needs one branch: heads without a branch {lacking}, branches without a head {extra}"
-                )
+            self._check_branches()
             self.info["share_layers"] = self.share_layers
+            self.info["blocks_per_pass"] = self.blocks_per_pass
         self.eval()
+
+    def _check_branches(self) -> None:
+        """Every head has a branch (a trunk cut at its branch point) or reads the whole trunk's
+        top; a branch starting below the trunk's top gets a :class:`Tap` on its first block."""
+        cut = self._branch_point() is not None
+        lacking = [t for t in self.heads if t not in self.branches]
+        if not cut and not lacking:
+            raise GuardmergeError("a model with branches needs a trunk cut at the branch point (cut_trunk)")
+        extra = [t for t in self.branches if t not in self.heads]
+        if (lacking and cut) or extra:
+            raise GuardmergeError(
+                f"every head needs one branch: heads without a branch {lacking}, branches without a head {extra}"
+            )
+        top = self.trunk_blocks
+        starts = {self.branch(t).start for t in self.branches}
+        above = sorted(k for k in starts if k > top or (k == top and not cut))
+        if above:
+            raise GuardmergeError(f"branches start at block {above[0]}, at or above the trunk's top ({top} blocks)")
+        blocks = blocks_at(self.encoder, self.adapter.blocks or "")
+        for depth in sorted(k for k in starts if k < top):
+            self.taps[str(depth)] = tap = Tap()
+            tap.attach(blocks[depth])
 
     # -- structure -----------------------------------------------------------------------
     @property
@@ -118,11 +139,38 @@ class MultiHeadModel(nn.Module):
         return last if isinstance(last, Capture) else None
 
     @property
-    def share_layers(self) -> int | None:
-        """The sharing depth K of a branched model (None: every layer shared, one pass)."""
+    def share_layers(self) -> int | dict[str, int] | None:
+        """The sharing depth K of a branched model, task -> ``K_t`` where the tasks' depths
+        differ (None: every layer shared, one pass)."""
         if not self.branches:
             return None
-        return len(blocks_at(self.encoder, self.adapter.blocks or "")) - 1
+        depths = {t: self.depth(t) for t in self.tasks}
+        if self._branch_point() is not None and len(set(depths.values())) == 1:
+            return next(iter(depths.values()))
+        return depths
+
+    @property
+    def trunk_blocks(self) -> int:
+        """The blocks the encoder (trunk) runs: ``max K_t`` of a branched model (0 for a family
+        without a block list)."""
+        count = len(blocks_at(self.encoder, self.adapter.blocks)) if self.adapter.blocks else 0
+        return count - 1 if self._branch_point() is not None else count
+
+    @property
+    def trunk_cut(self) -> int | None:
+        """The depth where the trunk ends at its branch point (every task then has a branch), or
+        None when the encoder runs whole (a single-pass model, or some task reads its top)."""
+        return self.trunk_blocks if self._branch_point() is not None else None
+
+    @property
+    def blocks_per_pass(self) -> int:
+        """Blocks one forward pass over every task runs: the trunk's plus each branch's own."""
+        return self.trunk_blocks + sum(len(self.branch(t).blocks) for t in self.branches)
+
+    def depth(self, task: str) -> int:
+        """``task``'s sharing depth ``K_t``: where its branch starts, or the trunk's top without one."""
+        self.head(task)
+        return self.branch(task).start if task in self.branches else self.trunk_blocks
 
     def branch(self, task: str) -> Branch:
         """``task``'s :class:`Branch` (a branched model only)."""
@@ -144,18 +192,31 @@ class MultiHeadModel(nn.Module):
         chosen = list(tasks) if tasks is not None else self.tasks
         extra = self._extra(extra)
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        if not self.branches:
-            shared = _feats(out[0], getattr(out, "pooler_output", None), self._mean_mask(attention_mask))
-            return dict.fromkeys(chosen, shared)
-        point = self._branch_point()
-        assert point is not None
-        call = point.take()
+        mask = self._mean_mask(attention_mask)
+        points = self._branch_inputs(out[0])
+        shared = None
         inputs = {"input_ids": input_ids, **extra}
         feats = {}
         for t in chosen:
-            hidden, pooled = self.branch(t)(out[0], call, inputs)
-            feats[t] = _feats(hidden, pooled, self._mean_mask(attention_mask))
+            if t in self.branches:
+                hidden, pooled = self.branch(t)(*points[self.depth(t)], inputs)
+                feats[t] = _feats(hidden, pooled, mask)
+                continue
+            if shared is None:  # the trunk's top: every task without a branch reads it
+                shared = _feats(out[0], getattr(out, "pooler_output", None), mask)
+            feats[t] = shared
         return feats
+
+    def _branch_inputs(self, top: torch.Tensor) -> dict[int, tuple[torch.Tensor, Call]]:
+        """Depth -> ``(hidden states, block call)`` at every branch point of the trunk pass just
+        run (each taken, so no tensors outlive it); ``top`` is the trunk's last hidden states."""
+        points: dict[int, tuple[torch.Tensor, Call]] = {}
+        point = self._branch_point()
+        if point is not None:
+            points[self.trunk_blocks] = (top, point.take())
+        for depth, tap in self.taps.items():
+            points[int(depth)] = tap.take()  # type: ignore[operator]
+        return points
 
     def _mean_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The mask for ``"mean"`` pooling when a head reads it (None: no head does)."""
@@ -179,22 +240,20 @@ class MultiHeadModel(nn.Module):
         if not self.branches:
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **self._extra(extra))
             return _feats(out[0], getattr(out, "pooler_output", None), self._mean_mask(attention_mask))
-        if task is None:
+        if task is None:  # even where some heads read the trunk's top: the features differ per task
             raise GuardmergeError(f"this model branches at layer {self.share_layers}: head_inputs needs the task")
         return self.features(input_ids, attention_mask, [task], **extra)[task]
 
     def branch_input(
         self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor
     ) -> torch.Tensor:
-        """``[B, T, d]``: what ``task``'s branch reads before its ``align`` (the trunk's output at
-        depth K, or the branch's own embeddings at K = 0)."""
+        """``[B, T, d]``: what ``task``'s branch reads before its ``align`` (the trunk's hidden
+        states at depth ``K_t``, or the branch's own embeddings at ``K_t = 0``)."""
         branch = self.branch(task)
         extra = self._extra(extra)
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        point = self._branch_point()
-        assert point is not None
-        point.take()
-        return branch.entry(out[0], {"input_ids": input_ids, **extra})
+        hidden, _ = self._branch_inputs(out[0])[branch.start]
+        return branch.entry(hidden, {"input_ids": input_ids, **extra})
 
     def forward(
         self,

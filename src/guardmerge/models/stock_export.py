@@ -30,7 +30,7 @@ def export_task(model: MultiHeadModel, task: str, path: str | Path, *, force: bo
     spec = head.spec
     ad = model.adapter
     tensors = {ad.prefixed(k): v for k, v in model.encoder.state_dict().items()}
-    if model.branches:  # layers < K from the trunk, the rest (and the pooler) from the branch
+    if task in model.branches:  # layers < K_t from the trunk, the rest (and the pooler) from the branch
         tensors.update(branch_export(model, task))
     # a head that owns its pooler (base checkpoint without one) gives the stock pooler
     head_state = {k[len(f"{HEAD_PREFIX}{task}.") :]: v for k, v in head.state(task).items()}
