@@ -184,14 +184,15 @@ def predict(
     """Print every head's answer for each TEXT: single-label heads their label and probability,
     multi-label heads the labels at or above their thresholds (--json: every label's sigmoid
     probability), token heads their entity spans (type, character offsets, text, score)."""
-    from guardmerge.models.multihead import load_any
+    from guardmerge.models.expert_meta import load_model
+    from guardmerge.serve.flags import predict_thresholds
 
-    m = load_any(model)
+    m = load_model(model)
     res = m.predict(
         texts,
         batch_size=batch_size,
         tasks=task or None,
-        thresholds=_predict_thresholds(threshold),
+        thresholds=predict_thresholds(threshold),
         aggregation=aggregation,
     )
     tasks = list(res)
@@ -213,25 +214,6 @@ def _verdict(item: dict | list) -> str:
     if "labels" in item:  # a multi-label head
         return ", ".join(item["labels"]) or "-"
     return f"{item['label']} ({item['score']:.3f})"
-
-
-def _predict_thresholds(items: list[str] | None) -> dict[str, float | dict[str, float]]:
-    """``--threshold`` of ``predict``: ``task=0.7`` or ``task.label=0.7`` (no ``off``)."""
-    from guardmerge.serve.flags import parse_thresholds
-
-    out: dict[str, float | dict[str, float]] = {}
-    for key, value in parse_thresholds(items or []).items():
-        if value is None:
-            raise GuardmergeError(f"--threshold {key}=off: predict has no flags to turn off; give a number")
-        task, _, label = key.partition(".")
-        if label:
-            per = out.setdefault(task, {})
-            if not isinstance(per, dict):
-                raise GuardmergeError(f"--threshold: task '{task}' has both one threshold and per-label ones")
-            per[label] = value
-        else:
-            out[task] = value
-    return out
 
 
 @app.command()
@@ -295,7 +277,7 @@ def search(
     """
     from guardmerge.config import load_config
     from guardmerge.search import SearchSettings
-    from guardmerge.search.run import parse_task_weights, parse_weight_range, search_to_folder, summary_line
+    from guardmerge.search import run as searching
 
     settings = SearchSettings(
         trials=trials,
@@ -307,31 +289,22 @@ def search(
         ray_address=ray,
         prune=prune,
         objective=objective,  # type: ignore[arg-type]  # checked by search_to_folder
-        task_weights=parse_task_weights(task_weight or []),
+        task_weights=searching.parse_task_weights(task_weight or []),
     )
-    result = search_to_folder(
+    result = searching.search_to_folder(
         load_config(config, list(set_ or [])),
         data,
         out,
         settings,
-        only=_param_list(params),
-        weight_range=parse_weight_range(weights),
+        only=searching.parse_param_list(params),
+        weight_range=searching.parse_weight_range(weights),
         val_limit=val_limit or None,
         storage=storage,
         force=force,
         progress=progress,
         inputs=[config],
     )
-    typer.echo(f"{summary_line(result)} -> {out}")
-
-
-def _param_list(params: str | None) -> list[str] | None:
-    """``--params``: None = every declared parameter, 'none' = no parameter."""
-    if params is None:
-        return None
-    if params.strip().lower() == "none":
-        return []
-    return [p.strip() for p in params.split(",") if p.strip()]
+    typer.echo(f"{searching.summary_line(result)} -> {out}")
 
 
 @app.command()
@@ -384,20 +357,36 @@ def finetune(
     max_length: Annotated[int, typer.Option(help="Max tokens per text.")] = 64,
     max_examples: Annotated[int | None, typer.Option(help="Cap on training examples.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    head_lr: Annotated[
+        float | None, typer.Option("--head-lr", help="Peak LR of the new head (default --lr; ~10x helps multi-label).")
+    ] = None,
+    warmup: Annotated[float, typer.Option(help="Fraction of steps warming up (then linear decay).")] = 0.1,
+    pos_weight_max: Annotated[
+        float, typer.Option(help="Multi-label: positives weigh sqrt(neg/pos), clipped to [1, this]; 1 = off.")
+    ] = 30.0,
+    tune_thresholds: Annotated[
+        bool, typer.Option(help="Multi-label: per-label F1-best thresholds on validation, stored in OUT.")
+    ] = True,
+    validation: Annotated[
+        Path | None, typer.Option(help="Validation file for thresholds (default: DATA's validation.jsonl).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Accept a pytorch_model.bin (pickle) base you trust.")
     ] = False,
 ) -> None:
     """Fine-tune an expert classifier from BASE (to add a guard to a merge): a sequence classifier,
-    a multi-label one or a token classifier, as the data says."""
+    a multi-label one or a token classifier, as the data says.
+
+    Multi-label data trains with positive-class weights for rare labels (--pos-weight-max) and gets
+    per-label thresholds tuned on the validation split (--tune-thresholds)."""
     from guardmerge.finetune import FinetuneSettings, training_data
     from guardmerge.finetune import finetune as run
     from guardmerge.io import check_output
     from guardmerge.io.checkpoint import resolve
 
-    check_output(out, force=force, inputs=[base, data])
-    train, names = training_data(data, task_type, labels, text_field, label_field)
+    check_output(out, force=force, inputs=[base, data, *([validation] if validation else [])])
+    train, names, valid = training_data(data, task_type, labels, text_field, label_field, validation)
     settings = FinetuneSettings(
         epochs=epochs,
         learning_rate=learning_rate,
@@ -405,8 +394,12 @@ def finetune(
         max_length=max_length,
         max_examples=max_examples,
         seed=seed,
+        head_learning_rate=head_lr,
+        warmup=warmup,
+        pos_weight_max=pos_weight_max,
+        tune_thresholds=tune_thresholds,
     )
-    run(resolve(base), train, names, out, settings, force=force, allow_pickle=allow_pickle)
+    run(resolve(base), train, names, out, settings, force=force, allow_pickle=allow_pickle, validation=valid)
     typer.echo(f"fine-tuned expert -> {out}")
 
 

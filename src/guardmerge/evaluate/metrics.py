@@ -226,10 +226,10 @@ def labelled_report(
     ``experts`` is scored on its task too, and ``normalized`` (merged / expert) added to the task.
     """
     from guardmerge.data import discover_tasks, load_task
-    from guardmerge.models.multihead import load_any
+    from guardmerge.models.expert_meta import load_model
 
     data = Path(data)
-    m = load_any(model, task)
+    m = load_model(model, task)
     names = [t for t in discover_tasks(data) if t in m.tasks]
     if not names:
         raise GuardmergeError(f"none of the model's heads ({', '.join(m.tasks)}) has a task folder in {data}")
@@ -244,7 +244,7 @@ def labelled_report(
         for t, folder in pairs.items():
             if t not in examples:
                 raise GuardmergeError(f"--expert {t}: no head/task folder '{t}' to compare with")
-            ex_res.update(evaluate(load_any(folder, t), {t: examples[t]}, progress=progress))
+            ex_res.update(evaluate(load_model(folder, t), {t: examples[t]}, progress=progress))
         for t, value in normalized(res, ex_res).items():
             res[t]["normalized"] = value
         rows["experts"] = ex_res

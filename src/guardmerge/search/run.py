@@ -93,3 +93,12 @@ def summary_line(result: SearchOutcome) -> str:
         f"best of {sum(result.counts.values())} trials: {result.best_value:.4f} ({best}; weights "
         f"{[round(w, 3) for w in result.best.weights]}); {result.seconds_per_trial:.1f} s/trial"
     )
+
+
+def parse_param_list(params: str | None) -> list[str] | None:
+    """``--params``: None = every declared parameter, 'none' = no parameter."""
+    if params is None:
+        return None
+    if params.strip().lower() == "none":
+        return []
+    return [p.strip() for p in params.split(",") if p.strip()]

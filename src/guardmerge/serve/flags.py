@@ -31,6 +31,7 @@ __all__ = [
     "normalise_texts",
     "parse_label_lists",
     "parse_thresholds",
+    "predict_thresholds",
 ]
 
 
@@ -116,4 +117,21 @@ def parse_label_lists(items: Sequence[str], option: str = "--benign") -> dict[st
         if not sep or not task:
             raise GuardmergeError(f"{option} '{item}' must look like task=NAME1,NAME2")
         out.setdefault(task, []).extend(names)
+    return out
+
+
+def predict_thresholds(items: list[str] | None) -> dict[str, float | dict[str, float]]:
+    """``--threshold`` of ``predict``: ``task=0.7`` or ``task.label=0.7`` (no ``off``)."""
+    out: dict[str, float | dict[str, float]] = {}
+    for key, value in parse_thresholds(items or []).items():
+        if value is None:
+            raise GuardmergeError(f"--threshold {key}=off: predict has no flags to turn off; give a number")
+        task, _, label = key.partition(".")
+        if label:
+            per = out.setdefault(task, {})
+            if not isinstance(per, dict):
+                raise GuardmergeError(f"--threshold: task '{task}' has both one threshold and per-label ones")
+            per[label] = value
+        else:
+            out[task] = value
     return out
