@@ -35,7 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def pytest(target: str, extra_env: dict[str, str], *marks: str) -> dict[str, object]:
     """Run one test module; its pass/fail counts and wall time."""
     started = time.perf_counter()
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target]
+    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", target]  # pyproject adds -q; -qq hides the counts
     if marks:
         args += ["-m", " or ".join(marks)]
     proc = subprocess.run(args, cwd=ROOT, env={**os.environ, **extra_env}, capture_output=True, text=True)
