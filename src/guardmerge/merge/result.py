@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from guardmerge.errors import GuardmergeError
-from guardmerge.models.folder import load_tokenizer
+from guardmerge.models.folder import load_tokenizer, model_from_tensors
 from guardmerge.models.heads import HeadSpec
 from guardmerge.models.multihead import MultiHeadModel
 
@@ -46,4 +46,5 @@ class MergeResult:
             )
         if tokenizer is None and self.tokenizer_dir is not None:
             tokenizer = load_tokenizer(self.tokenizer_dir)
-        return MultiHeadModel.from_tensors(self.config, self.heads, self.tensors, self.info, tokenizer, strict=False)
+        tensors, info = self.tensors, self.info
+        return model_from_tensors(MultiHeadModel, self.config, self.heads, tensors, info, tokenizer, strict=False)

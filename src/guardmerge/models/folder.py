@@ -4,7 +4,8 @@ encoder's transformers config plus a ``guardmerge`` section describing the heads
 and a stock classifier folder read as a one-head model.
 
 The functions that build a model take its class (``cls``): :class:`MultiHeadModel`'s
-``save_pretrained``, ``from_pretrained``, ``from_tensors`` and ``from_classifier`` call them.
+``save_pretrained``, ``from_pretrained`` and ``from_classifier`` call them (a merge's result calls
+:func:`model_from_tensors`).
 """
 
 from __future__ import annotations

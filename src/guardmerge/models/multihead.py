@@ -44,7 +44,7 @@ from guardmerge.errors import GuardmergeError, NonFiniteOutputError
 from guardmerge.io.formats import read_config
 from guardmerge.models.adapters import ArchitectureAdapter, get_adapter
 from guardmerge.models.branches import BRANCH_PREFIX, Branch, Call, Capture, Tap
-from guardmerge.models.folder import load_folder, model_from_classifier, model_from_tensors, save_folder
+from guardmerge.models.folder import load_folder, model_from_classifier, save_folder
 from guardmerge.models.head_kinds import HeadKind, kinds_where
 from guardmerge.models.heads import Head, HeadSpec
 from guardmerge.models.modules import accepted_inputs, blocks_at
@@ -424,21 +424,6 @@ class MultiHeadModel(nn.Module):
         """Load a folder written by :meth:`save_pretrained` or ``guardmerge merge``
         (:func:`~guardmerge.models.folder.load_folder`)."""
         return load_folder(cls, path, device=device)
-
-    @classmethod
-    def from_tensors(
-        cls,
-        config: Mapping[str, Any],
-        heads: Mapping[str, HeadSpec],
-        tensors: Mapping[str, torch.Tensor],
-        info: Mapping[str, Any] | None = None,
-        tokenizer: Any = None,
-        *,
-        strict: bool = True,
-        where: str = "tensors",
-    ) -> MultiHeadModel:
-        """A model from its saved tensors (:func:`~guardmerge.models.folder.model_from_tensors`)."""
-        return model_from_tensors(cls, config, heads, tensors, info, tokenizer, strict=strict, where=where)
 
     @classmethod
     def from_classifier(
