@@ -180,7 +180,7 @@ def reliability_table(path: Path) -> list[str]:
         f"Racing runs to one new output: {race.get('runs', 0)} runs, {race.get('outputs', 0)} output(s), "
         "the others a clear error. Full disk (RLIMIT_FSIZE): "
         f"{disk.get('clean_errors', 0)} writing commands, each one error line and no output. "
-        f"Fault tests: {rel['faults']['tests']} in {rel['faults']['seconds']} s.",
+        f"Fault tests: {_counts(rel['faults'])} in {rel['faults']['seconds']} s.",
         "",
         "**Malformed inputs generated** (`tests/io/test_fuzz_formats.py`, hypothesis, "
         f"{rel['fuzz']['settings']['examples_per_format']} examples per format): the only outcomes allowed "
@@ -193,7 +193,7 @@ def reliability_table(path: Path) -> list[str]:
         lines.append(f"| {name} | {c.get('refused', 0)} | {c.get('accepted', 0)} |")
     lines += [
         "",
-        f"Every reader against every broken folder (`tests/io/test_readers.py`): {rel['readers']['tests']}.",
+        f"Every reader against every broken folder (`tests/io/test_readers.py`): {_counts(rel['readers'])}.",
         "",
     ]
     soak = rel.get("soak")
@@ -219,3 +219,11 @@ def reliability_table(path: Path) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _counts(run: dict[str, object]) -> str:
+    """A test run's outcome counts as words (``10 passed``), and whether the run failed."""
+    tests = run.get("tests")
+    words = ", ".join(f"{n} {what}" for what, n in (tests if isinstance(tests, dict) else {}).items())
+    words = words or "no counts recorded"
+    return words if run.get("ok") else f"{words} (the run FAILED)"
