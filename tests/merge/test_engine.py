@@ -458,3 +458,29 @@ def test_expert_with_nonfinite_weights_refused(tmp_path: Path, zoo: dict[str, Pa
     with pytest.raises(CheckpointError, match=r"expert 'hate'.*encoder.layer.1.output.dense.weight.*NaN or Inf"):
         merge_to_folder(MergeJob.of(cfg), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_merged_head_keeps_its_experts_tuned_thresholds(tmp_path: Path) -> None:
+    """``guardmerge finetune`` stores per-label thresholds in the expert's config.json; the merged
+    head answers at them unless the merge config names its own."""
+    import json
+
+    from guardmerge.models.expert_meta import EXPERT_KEY
+    from tests.builders import make_classifier
+
+    base = make_base(tmp_path / "base")
+    tox = make_classifier(tmp_path / "tox", base, ["insult", "threat"], seed=3, kind="multi_label")
+    hate = make_classifier(tmp_path / "hate", base, ["hate", "none"], seed=4)
+    cfg_file = tox / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg[EXPERT_KEY] = {"thresholds": {"insult": 0.31, "threat": 0.7}}
+    cfg_file.write_text(json.dumps(cfg))
+
+    def merged(**tox_over: object) -> dict[str, object]:
+        experts = [{"model": str(tox), "task": "tox", **tox_over}, {"model": str(hate), "task": "hate"}]
+        job = MergeJob.of(parse_config({"base_model": str(base), "experts": experts}))
+        heads = merge(job, progress=False).heads
+        return {t: dict(spec.thresholds or {}) for t, spec in heads.items()}
+
+    assert merged() == {"tox": {"insult": 0.31, "threat": 0.7}, "hate": {}}
+    assert merged(thresholds={"insult": 0.5})["tox"] == {"insult": 0.5}  # the merge config wins

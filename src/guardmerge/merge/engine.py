@@ -32,6 +32,7 @@ from guardmerge.merge.write import write_folder
 from guardmerge.methods import MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.models.branches import BRANCH_PREFIX
 from guardmerge.models.checkpoint import Checkpoint
+from guardmerge.models.expert_meta import stored_thresholds
 from guardmerge.models.head_kinds import DEFAULT_KIND
 from guardmerge.models.heads import HEAD_PREFIX, HeadSpec, stock_head_tensors
 from guardmerge.stats.files import ExpertStats, stack_for_tensor
@@ -271,7 +272,8 @@ class TensorMerge:
             if self.plan.shared
             else {k: v for k, v in first.config.items() if k not in _HEAD_CONFIG_KEYS}
         )
-        thresholds = {e.task: e.thresholds for e in self.config.experts}
+        stored = {task: stored_thresholds(ck.config, f"{ck.path}/config.json") for task, ck in self.experts}
+        thresholds = {e.task: e.thresholds or stored.get(e.task) or None for e in self.config.experts}
         benign = {e.task: e.benign for e in self.config.experts}
         heads = {
             task: HeadSpec.from_layout(
