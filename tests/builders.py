@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -364,3 +365,12 @@ def texts_jsonl(folder: Path, name: str = "texts.jsonl", texts: Sequence[str] = 
     path = folder / name
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
+
+
+def rewrite_onnx_metadata(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Apply ``change`` to the ``guardmerge_onnx.json`` of the export in ``folder``."""
+    from guardmerge.export.metadata import META_FILE
+
+    meta = json.loads((folder / META_FILE).read_text())
+    change(meta)
+    (folder / META_FILE).write_text(json.dumps(meta))

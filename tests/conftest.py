@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,14 @@ def onnx_dir(merged_model: MultiHeadModel, tmp_path_factory: pytest.TempPathFact
     from guardmerge.export.onnx import export_onnx
 
     return export_onnx(merged_model, tmp_path_factory.mktemp("onnx") / "fp32")
+
+
+@pytest.fixture
+def onnx_copy(onnx_dir: Path, tmp_path: Path) -> Path:
+    """A copy of :func:`onnx_dir` that a test may edit."""
+    out = tmp_path / "export"
+    shutil.copytree(onnx_dir, out)
+    return out
 
 
 @pytest.fixture(scope="session")

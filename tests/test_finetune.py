@@ -170,9 +170,9 @@ KEYWORD_LABELS = ["happy", "sad", "angry", "hate", "love", "funny", "kill", "jok
 
 def _macro_f1_at_stored(out: Path, test: Examples) -> float:
     from guardmerge.evaluate import evaluate
-    from guardmerge.models.expert_meta import load_model
+    from guardmerge.models.multihead import load_any
 
-    return float(evaluate(load_model(out, "kw"), {"kw": test})["kw"]["macro_f1"])
+    return float(evaluate(load_any(out, "kw"), {"kw": test})["kw"]["macro_f1"])
 
 
 def test_weighting_and_tuned_thresholds_learn_rare_labels(tmp_path: Path) -> None:
@@ -194,7 +194,8 @@ def test_tuned_thresholds_are_stored_and_read_by_load_and_eval(tmp_path: Path) -
     from transformers import AutoModelForSequenceClassification
 
     from guardmerge.evaluate.metrics import labelled_report
-    from guardmerge.models.expert_meta import EXPERT_KEY, load_model
+    from guardmerge.models.expert_meta import EXPERT_KEY
+    from guardmerge.models.multihead import load_any
     from tests.builders import edit_config
 
     words = _sentences(48)
@@ -214,7 +215,7 @@ def test_tuned_thresholds_are_stored_and_read_by_load_and_eval(tmp_path: Path) -
     stored = json.loads((out / "config.json").read_text())[EXPERT_KEY]["thresholds"]
     record = json.loads((out / "guardmerge_finetune.json").read_text())
     assert set(stored) == {"happy", "sad"} and record["validation_examples"] == 24
-    assert dict(load_model(out, "emo").spec("emo").thresholds) == stored
+    assert dict(load_any(out, "emo").spec("emo").thresholds) == stored
     AutoModelForSequenceClassification.from_pretrained(str(out))  # still a stock folder
 
     data = tmp_path / "data" / "emo"
@@ -230,7 +231,7 @@ def test_tuned_thresholds_are_stored_and_read_by_load_and_eval(tmp_path: Path) -
     from guardmerge.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="must be in"):
-        load_model(out, "emo")
+        load_any(out, "emo")
 
 
 def test_finetune_help_explains_the_multi_label_options() -> None:

@@ -184,10 +184,10 @@ def predict(
     """Print every head's answer for each TEXT: single-label heads their label and probability,
     multi-label heads the labels at or above their thresholds (--json: every label's sigmoid
     probability), token heads their entity spans (type, character offsets, text, score)."""
-    from guardmerge.models.expert_meta import load_model
+    from guardmerge.models.multihead import load_any
     from guardmerge.serve.flags import predict_thresholds
 
-    m = load_model(model)
+    m = load_any(model)
     res = m.predict(
         texts,
         batch_size=batch_size,

@@ -19,29 +19,17 @@ pytest.importorskip("onnxruntime")
 from guardmerge.errors import GuardmergeError
 from guardmerge.export.metadata import META_FILE, ONNX_FILE, is_onnx_folder, read_metadata
 from guardmerge.serve import OnnxBackend
+from tests.builders import rewrite_onnx_metadata
 
 
-@pytest.fixture
-def folder(onnx_dir: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "export"
-    shutil.copytree(onnx_dir, out)
-    return out
-
-
-def _rewrite(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    meta = json.loads((folder / META_FILE).read_text())
-    change(meta)
-    (folder / META_FILE).write_text(json.dumps(meta))
-
-
-def _refused(folder: Path, *needles: str) -> str:
-    """``read_metadata`` refuses ``folder`` with one line naming the file and ``needles``; the onnx
+def _refused(onnx_copy: Path, *needles: str) -> str:
+    """``read_metadata`` refuses ``onnx_copy`` with one line naming the file and ``needles``; the onnx
     backend, which reads the metadata first, refuses it with the same line."""
     with pytest.raises(GuardmergeError) as caught:
-        read_metadata(folder)
+        read_metadata(onnx_copy)
     message = str(caught.value)
     with pytest.raises(GuardmergeError) as caught:
-        OnnxBackend(folder)
+        OnnxBackend(onnx_copy)
     assert str(caught.value) == message
     assert "\n" not in message and (META_FILE in message or ONNX_FILE in message), message
     for needle in needles:
@@ -58,18 +46,18 @@ def test_only_an_export_folder_is_one(onnx_dir: Path, merged_dir: Path) -> None:
         read_metadata(merged_dir)
 
 
-def test_model_file_outside_the_folder_is_refused(folder: Path, tmp_path: Path) -> None:
-    written = json.loads((folder / META_FILE).read_text())
-    meta = read_metadata(folder)  # the metadata as export-onnx writes it passes, unchanged
+def test_model_file_outside_the_folder_is_refused(onnx_copy: Path, tmp_path: Path) -> None:
+    written = json.loads((onnx_copy / META_FILE).read_text())
+    meta = read_metadata(onnx_copy)  # the metadata as export-onnx writes it passes, unchanged
     assert meta["heads"] == written["heads"] and meta["tasks"] == written["tasks"] and meta["info"] == written["info"]
-    shutil.copy(folder / ONNX_FILE, tmp_path / "x")  # a real graph outside: the path alone must be refused
-    _rewrite(folder, lambda m: m.update(model_file="../x"))
-    _refused(folder, "model_file")
-    _rewrite(folder, lambda m: m.update(model_file=str(tmp_path / "x")))
-    _refused(folder, "model_file")
-    _rewrite(folder, lambda m: m.update(model_file="link.onnx"))
-    (folder / "link.onnx").symlink_to(tmp_path / "x")
-    _refused(folder, "model_file", "outside")
+    shutil.copy(onnx_copy / ONNX_FILE, tmp_path / "x")  # a real graph outside: the path alone must be refused
+    rewrite_onnx_metadata(onnx_copy, lambda m: m.update(model_file="../x"))
+    _refused(onnx_copy, "model_file")
+    rewrite_onnx_metadata(onnx_copy, lambda m: m.update(model_file=str(tmp_path / "x")))
+    _refused(onnx_copy, "model_file")
+    rewrite_onnx_metadata(onnx_copy, lambda m: m.update(model_file="link.onnx"))
+    (onnx_copy / "link.onnx").symlink_to(tmp_path / "x")
+    _refused(onnx_copy, "model_file", "outside")
 
 
 @pytest.mark.parametrize(
@@ -100,10 +88,10 @@ def test_model_file_outside_the_folder_is_refused(folder: Path, tmp_path: Path) 
     ],
 )
 def test_malformed_metadata_is_a_one_line_error(
-    folder: Path, change: Callable[[dict[str, Any]], None], needles: list[str]
+    onnx_copy: Path, change: Callable[[dict[str, Any]], None], needles: list[str]
 ) -> None:
-    _rewrite(folder, change)
-    _refused(folder, META_FILE, *needles)
+    rewrite_onnx_metadata(onnx_copy, change)
+    _refused(onnx_copy, META_FILE, *needles)
 
 
 @pytest.mark.parametrize(
@@ -114,6 +102,6 @@ def test_malformed_metadata_is_a_one_line_error(
         (b"[" * 100_000, "JSON"),
     ],
 )
-def test_unreadable_metadata_is_a_one_line_error(folder: Path, content: bytes, needle: str) -> None:
-    (folder / META_FILE).write_bytes(content)
-    _refused(folder, needle)
+def test_unreadable_metadata_is_a_one_line_error(onnx_copy: Path, content: bytes, needle: str) -> None:
+    (onnx_copy / META_FILE).write_bytes(content)
+    _refused(onnx_copy, needle)

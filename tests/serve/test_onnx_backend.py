@@ -10,7 +10,6 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from guardmerge.export.metadata import META_FILE, ONNX_FILE  # noqa: E402
 from guardmerge.export.onnx import export_onnx  # noqa: E402
 from guardmerge.models.multihead import MultiHeadModel  # noqa: E402
 from guardmerge.serve import OnnxBackend, TorchBackend, load_backend  # noqa: E402
-from tests.builders import TEXTS, WORDS  # noqa: E402
+from tests.builders import TEXTS, WORDS, rewrite_onnx_metadata  # noqa: E402
 from tests.serve.conftest import TASKS  # noqa: E402
 
 LONG = " ".join(TEXTS)  # longer than the texts the graph was traced with
@@ -116,7 +115,6 @@ def test_onnx_backend_reads_tokenizer_json_without_torch(onnx_dir: Path) -> None
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    import json
 
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["tokenizer"] == "JsonTokenizer" and not got["torch"] and not got["transformers"]
@@ -206,22 +204,9 @@ def test_onnx_backend_refuses_to_open_without_the_onnx_package(onnx_dir: Path, m
 
 
 # -- 5. untrusted metadata and graph -------------------------------------------------------------------------
-@pytest.fixture
-def folder(onnx_dir: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "export"
-    shutil.copytree(onnx_dir, out)
-    return out
-
-
-def _rewrite(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    meta = json.loads((folder / META_FILE).read_text())
-    change(meta)
-    (folder / META_FILE).write_text(json.dumps(meta))
-
-
-def _refused(folder: Path, *needles: str) -> str:
+def _refused(onnx_copy: Path, *needles: str) -> str:
     with pytest.raises(GuardmergeError) as caught:
-        OnnxBackend(folder)
+        OnnxBackend(onnx_copy)
     message = str(caught.value)
     assert "\n" not in message and (META_FILE in message or ONNX_FILE in message), message
     for needle in needles:
@@ -230,13 +215,13 @@ def _refused(folder: Path, *needles: str) -> str:
 
 
 @pytest.mark.parametrize("content", [b"this is not an onnx graph at all", b"\x08\x07" + bytes(range(256)) * 4, b""])
-def test_a_file_that_is_not_an_onnx_graph_is_a_one_line_error(folder: Path, content: bytes) -> None:
-    (folder / ONNX_FILE).write_bytes(content)
-    _refused(folder, ONNX_FILE)
+def test_a_file_that_is_not_an_onnx_graph_is_a_one_line_error(onnx_copy: Path, content: bytes) -> None:
+    (onnx_copy / ONNX_FILE).write_bytes(content)
+    _refused(onnx_copy, ONNX_FILE)
     with pytest.raises(GuardmergeError):
-        load_backend(folder, "onnx")
+        load_backend(onnx_copy, "onnx")
 
 
-def test_a_graph_without_a_head_output_is_refused(folder: Path) -> None:
-    _rewrite(folder, lambda m: m["heads"]["hate"].update(output="logits_missing"))
-    _refused(folder, "logits_missing")
+def test_a_graph_without_a_head_output_is_refused(onnx_copy: Path) -> None:
+    rewrite_onnx_metadata(onnx_copy, lambda m: m["heads"]["hate"].update(output="logits_missing"))
+    _refused(onnx_copy, "logits_missing")

@@ -225,11 +225,12 @@ def labelled_report(
     ``data`` that it has a head for, and the results as a :func:`table`. Each ``TASK=FOLDER`` of
     ``experts`` is scored on its task too, and ``normalized`` (merged / expert) added to the task.
     """
+    from guardmerge.config import split_assignment
     from guardmerge.data import discover_tasks, load_task
-    from guardmerge.models.expert_meta import load_model
+    from guardmerge.models.multihead import load_any
 
     data = Path(data)
-    m = load_model(model, task)
+    m = load_any(model, task)
     names = [t for t in discover_tasks(data) if t in m.tasks]
     if not names:
         raise GuardmergeError(f"none of the model's heads ({', '.join(m.tasks)}) has a task folder in {data}")
@@ -237,14 +238,12 @@ def labelled_report(
     res = evaluate(m, examples, progress=progress)
     rows = {str(model): res}
     if experts:
-        pairs = dict(item.split("=", 1) for item in experts if "=" in item)
-        if len(pairs) != len(experts):
-            raise GuardmergeError("--expert takes TASK=FOLDER")
+        pairs = dict(split_assignment(item, "--expert", "TASK=FOLDER") for item in experts)
         ex_res: Results = {}
         for t, folder in pairs.items():
             if t not in examples:
                 raise GuardmergeError(f"--expert {t}: no head/task folder '{t}' to compare with")
-            ex_res.update(evaluate(load_model(folder, t), {t: examples[t]}, progress=progress))
+            ex_res.update(evaluate(load_any(folder, t), {t: examples[t]}, progress=progress))
         for t, value in normalized(res, ex_res).items():
             res[t]["normalized"] = value
         rows["experts"] = ex_res

@@ -14,7 +14,6 @@ training-free merge is where it starts and what it falls back to.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
@@ -27,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save
+from transformers import get_linear_schedule_with_warmup
 
 from guardmerge.config import HealConfig
 from guardmerge.errors import GuardmergeError
 from guardmerge.io.atomic import atomic_file
+from guardmerge.merge.statistics import default_cache_dir, text_digest
 from guardmerge.models.adapters import capped_length
 from guardmerge.models.modules import blocks_at
 from guardmerge.models.multihead import MultiHeadModel
@@ -93,13 +94,6 @@ def heal_pool(texts: Mapping[str, Sequence[str]], per_task: int) -> tuple[list[s
     return list(pool), sizes
 
 
-def _digest(texts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode() + b"\0")
-    return h.hexdigest()[:16]
-
-
 @torch.no_grad()
 def teacher_outputs(
     expert: MultiHeadModel, task: str, texts: Sequence[str], *, max_length: int, batch_size: int
@@ -123,7 +117,7 @@ def teacher_outputs(
 
 def teacher_key(folder: str | Path, texts: Sequence[str], max_length: int) -> str:
     """The cache key of an expert's outputs: its fingerprint, the pool's digest, ``max_length``."""
-    key = derive_fingerprint(expert_fingerprint(folder), texts=_digest(texts), max_length=max_length, use="heal")
+    key = derive_fingerprint(expert_fingerprint(folder), texts=text_digest(texts), max_length=max_length, use="heal")
     return key.split(":")[-1][:24]
 
 
@@ -153,8 +147,6 @@ def cached_teacher(
 
 def _teachers(job: MergeJob, pool: Sequence[str], cfg: HealConfig, max_length: int) -> tuple[dict[str, Teacher], dict]:
     """Every expert's outputs on ``pool`` (cached when ``cfg.cache``) and how they were had."""
-    from guardmerge.merge.statistics import default_cache_dir
-
     cache = default_cache_dir() / "heal" if cfg.cache else None
     teachers, cached = {}, {}
     for e in job.experts:
@@ -281,18 +273,6 @@ def _better(new: Mapping[str, Any], best: Mapping[str, Any]) -> bool:
     return (new["agreement"], -new["loss"]) > (best["agreement"], -best["loss"])
 
 
-def _schedule(total: int, warmup: float) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup * total`` steps, then linear decay to 0 at ``total``."""
-    warm = int(warmup * total)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        return max(0.0, (total - step) / max(1, total - warm))
-
-    return factor
-
-
 def _split(n: int, cfg: HealConfig) -> tuple[list[int], list[int]]:
     """``(train, held out)`` indices of a pool of ``n`` texts: a seeded draw of ``cfg.holdout``."""
     order = list(range(n))
@@ -325,7 +305,7 @@ def _train(
     per_epoch = max(1, len(steps) // cfg.epochs)
     every = cfg.eval_every or per_epoch
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(len(steps), cfg.warmup))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup * len(steps)), len(steps))
     before = run.evaluate(held or train)
     best, best_step, stale = before, 0, 0
     kept = {id(p): p.detach().clone() for p in params}

@@ -159,7 +159,7 @@ def _expert_statistics(job: MergeJob, kinds: frozenset[str], progress: bool, cac
             raise StatisticsError(f"expert '{e.task}' has neither `stats` nor `data`")
         texts = task_texts(e.data, config.statistics.examples)
         key = derive_fingerprint(
-            fingerprint, kinds=sorted(kinds), texts=_text_digest(texts), **config.statistics.model_dump()
+            fingerprint, kinds=sorted(kinds), texts=text_digest(texts), **config.statistics.model_dump()
         )
         path = cache / f"{e.task}-{key.split(':')[-1][:16]}.safetensors"
         if path.is_file():
@@ -183,7 +183,8 @@ def _expert_statistics(job: MergeJob, kinds: frozenset[str], progress: bool, cac
     return out
 
 
-def _text_digest(texts: Sequence[str]) -> str:
+def text_digest(texts: Sequence[str]) -> str:
+    """A short digest of ``texts`` in order (part of the statistics and heal cache keys)."""
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode() + b"\0")

@@ -9,24 +9,19 @@
 ``thresholds``: each label's flag threshold of a thresholded (multi-label) head, tuned on the
 validation split. It is not named ``guardmerge``: that key marks a merged multi-head folder.
 
-:func:`load_model` is :func:`~guardmerge.models.multihead.load_any` plus these stored values: what
-``predict`` and ``eval`` load, so an expert is used at its tuned thresholds.
+:func:`~guardmerge.models.folder.model_from_classifier` (so ``load_any``, ``predict`` and ``eval``)
+and the merge engine read them, so an expert and its merged head are used at its tuned thresholds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from guardmerge.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from guardmerge.models.multihead import MultiHeadModel
-
-__all__ = ["EXPERT_KEY", "expert_section", "load_model", "stored_thresholds"]
+__all__ = ["EXPERT_KEY", "expert_section", "stored_thresholds"]
 
 EXPERT_KEY = "guardmerge_expert"
 """The ``config.json`` key of a stock expert's guardmerge settings."""
@@ -37,11 +32,14 @@ def expert_section(thresholds: Mapping[str, float]) -> dict[str, Any]:
     return {"thresholds": {str(k): round(float(v), 4) for k, v in thresholds.items()}}
 
 
-def stored_thresholds(config: Mapping[str, Any], where: str = "config.json") -> dict[str, float]:
+def stored_thresholds(
+    config: Mapping[str, Any], where: str = "config.json", labels: Sequence[str] | None = None
+) -> dict[str, float]:
     """The per-label thresholds stored in an expert's ``config`` (empty when none).
 
     Raises:
-        CheckpointError: a malformed section (not an object, or a value outside [0, 1]).
+        CheckpointError: a malformed section (not an object, a value outside [0, 1], or a label
+            not among ``labels`` when they are given).
     """
     section = config.get(EXPERT_KEY)
     if section is None:
@@ -58,31 +56,10 @@ def stored_thresholds(config: Mapping[str, Any], where: str = "config.json") -> 
         if not 0.0 <= float(value) <= 1.0:
             raise CheckpointError(f"{where}: '{EXPERT_KEY}.thresholds.{label}' must be in [0, 1], got {value}")
         out[str(label)] = float(value)
+    unknown = sorted(set(out) - set(labels)) if labels is not None else []
+    if unknown:
+        raise CheckpointError(
+            f"{where}: '{EXPERT_KEY}.thresholds' names unknown label(s) {', '.join(unknown)}; "
+            f"the labels are {', '.join(labels or ())}"
+        )
     return out
-
-
-def load_model(path: str | Path, task: str | None = None) -> MultiHeadModel:
-    """A merged folder as is, or a stock classifier folder as a one-head model at the thresholds
-    stored in its ``config.json`` (:data:`EXPERT_KEY`; thresholded heads only)."""
-    from guardmerge.io.checkpoint import resolve
-    from guardmerge.io.formats import read_config
-    from guardmerge.models.multihead import load_any
-
-    model = load_any(path, task)
-    folder = resolve(path)
-    config = read_config(folder)
-    if "guardmerge" in config:  # a merged folder: its heads carry their own thresholds
-        return model
-    thresholds = stored_thresholds(config, str(Path(folder) / "config.json"))
-    for name in model.tasks:
-        spec = model.spec(name)
-        if not thresholds or not spec.kind.thresholded or spec.thresholds:
-            continue
-        unknown = sorted(set(thresholds) - set(spec.labels))
-        if unknown:
-            raise CheckpointError(
-                f"{folder}: '{EXPERT_KEY}.thresholds' names unknown label(s) {', '.join(unknown)}; "
-                f"the labels are {', '.join(spec.labels)}"
-            )
-        model.head(name).spec = dataclasses.replace(spec, thresholds=dict(thresholds))
-    return model

@@ -24,6 +24,8 @@ from guardmerge.io import atomic_dir
 from guardmerge.io.formats import CONFIG_FILE, check_tokenizer_config, clip, read_config
 from guardmerge.models.adapters import ArchitectureAdapter, get_adapter
 from guardmerge.models.branches import BRANCH_PREFIX, Branch, build_branch, cut_trunk
+from guardmerge.models.expert_meta import stored_thresholds
+from guardmerge.models.head_kinds import head_kind
 from guardmerge.models.heads import HEAD_PREFIX, HeadSpec, head_from_tensors, head_specs, stock_head_tensors
 from guardmerge.models.modules import BUFFERS, blocks_at, build_encoder, has_pooler
 
@@ -182,7 +184,11 @@ def model_from_classifier(
         name = task or Path(ck.source).name
         problem = ck.problem
         layout = ad.head_layout(ck.config, where=ck.source, problem=problem)
-        spec = HeadSpec.from_layout(ck.id2label(), layout, problem)
+        labels = ck.id2label()
+        tuned = (
+            stored_thresholds(ck.config, f"{ck.source}/config.json", labels) if head_kind(problem).thresholded else {}
+        )
+        spec = HeadSpec.from_layout(labels, layout, problem, thresholds=tuned or None)
         missing = [n for n in layout.tensor_names() if n not in ck]
         if missing:
             raise CheckpointError(

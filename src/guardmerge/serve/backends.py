@@ -215,8 +215,8 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        # the CPU arena keeps the largest batch's memory for good (RSS 0.62 -> 1.5 GB over 300 mixed
-        # batches of the demo model): shrink it back after each run (flat at 0.55 GB)
+        # the CPU arena would keep the largest batch's memory for good: shrink it back after each run
+        # (benchmarks/soak.py measures the server's RSS growth)
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         try:

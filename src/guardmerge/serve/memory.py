@@ -1,10 +1,9 @@
 """Giving freed memory back to the operating system after each batch.
 
 Batches of varying shapes (1 to ``--max-texts`` texts, padded to the longest) leave glibc's heap
-fragmented: freed activations stay in the process, and a server's RSS climbed from 0.55 GB to
-3.1 GB over 1,500 mixed batches of the demo model. ``malloc_trim(0)`` after each batch returns
-the free pages (RSS stayed at 0.52-0.54 GB on the same batches) for about 1 ms a batch
-(``benchmarks/soak.py`` measures the server's RSS growth under load).
+fragmented: freed activations stay in the process and a server's RSS keeps climbing.
+``malloc_trim(0)`` after each batch returns the free pages; ``benchmarks/soak.py`` measures the
+server's RSS growth under load (``benchmarks/results/reliability_soak.json``).
 """
 
 from __future__ import annotations
