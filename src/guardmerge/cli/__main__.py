@@ -1,0 +1,5 @@
+"""``python -m guardmerge.cli``."""
+
+from guardmerge.cli import main
+
+main()
