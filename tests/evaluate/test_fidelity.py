@@ -21,10 +21,12 @@ from guardmerge.evaluate.fidelity import (
     COMPARISONS,
     Compared,
     argmax_agreement,
+    compare_logits,
     expert_folders,
     fidelity,
     fidelity_table,
     fidelity_texts,
+    head_logits,
     label_set_agreement,
     span_agreement,
 )
@@ -216,6 +218,19 @@ def test_merged_heads_against_their_experts(
     table = fidelity_table(res)
     assert table.splitlines()[0].startswith("head") and "off-task agreement" in table
     assert f"{res['seq']['agreement']:.3f} [{res['seq']['agreement_low']:.3f}" in table
+
+
+def test_compare_logits_reuses_expert_logits_and_checks_their_rows(
+    kinds: dict[str, Path], kinds_merged: MultiHeadModel
+) -> None:
+    texts = {"seq": vocab_texts(10, 11), "emo": vocab_texts(7, 12)}
+    experts = {t: load_any(kinds[t], t) for t in ("seq", "emo")}
+    pool = texts["seq"] + texts["emo"]
+    mine = head_logits(kinds_merged, pool, ["seq", "emo"])
+    theirs = {t: head_logits(m, pool, [t])[t] for t, m in experts.items()}
+    assert compare_logits(kinds_merged, texts, mine, theirs) == fidelity(kinds_merged, experts, texts)
+    with pytest.raises(GuardmergeError, match="expert 'emo': 16 rows of logits, 17 texts"):
+        compare_logits(kinds_merged, texts, mine, {**theirs, "emo": theirs["emo"][1:]})
 
 
 def test_wrong_experts_and_texts_are_named(kinds: dict[str, Path], kinds_merged: MultiHeadModel) -> None:

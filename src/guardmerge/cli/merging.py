@@ -1,4 +1,4 @@
-"""Commands that build a merged model: merge, self-merge, stats, methods, search, export."""
+"""Commands that build a merged model: merge, self-merge, stats, methods, search, plan, export."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from guardmerge.cli import app
+from guardmerge.errors import ConfigError
 
 log = logging.getLogger("guardmerge")
 
@@ -221,6 +222,71 @@ def search(
         inputs=[config],
     )
     typer.echo(f"{searching.summary_line(result)} -> {out}")
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="Merge config YAML: base, experts (with `data:` to heal), method.")],
+    data: Annotated[Path, typer.Option("--data", help="Folder with one sub-folder per task holding validation.jsonl.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the chosen merge (written atomically).")],
+    min_agreement: Annotated[
+        float, typer.Option(help="Floor on every head's agreement with its expert (own-task and off-task texts).")
+    ] = 0.97,
+    max_compute: Annotated[
+        float | None, typer.Option(help="Most encoder compute allowed, in passes of one model (e.g. 1.5).")
+    ] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods to try (default: the config's).")] = None,
+    depths: Annotated[
+        str | None, typer.Option(help="Comma-separated sharing depths per task (default: L, L-1, L-2).")
+    ] = None,
+    heal: Annotated[str, typer.Option(help="Heal choices: off, heads, top, all (comma-separated).")] = "off,top",
+    trials: Annotated[int, typer.Option(help="Plans scored (each a full merge, heal when chosen).")] = 20,
+    sampler: Annotated[str, typer.Option(help="tpe or random.")] = "tpe",
+    val_limit: Annotated[int, typer.Option(help="Validation texts per task (first n); 0 = all.")] = 200,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: OUT.plan/study.db).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted plan.")] = False,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config key.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Find the cheapest merge whose every head agrees with its expert at least --min-agreement.
+
+    Searches (Optuna, resumable) method, per-task sharing depth and heal on unlabelled validation
+    texts, prints the frontier (compute vs lowest agreement; * chosen, p Pareto) and writes the
+    chosen merge to OUT with plan.json. Compute counts encoder blocks per text over one pass.
+    Needs pip install 'guardmerge\\[search]'.
+    """
+    from guardmerge.config import load_config
+    from guardmerge.search import SearchSettings
+    from guardmerge.search.plan import plan_to_folder
+
+    def items(text: str | None) -> list[str] | None:
+        return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+    try:
+        ks = [int(k) for k in items(depths) or []] or None
+    except ValueError:
+        raise ConfigError(f"--depths '{depths}' must be comma-separated integers") from None
+    summary = plan_to_folder(
+        load_config(config, list(set_ or [])),
+        data,
+        out,
+        SearchSettings(trials=trials, sampler=sampler, seed=seed, study_name="guardmerge-plan", resume=resume),  # type: ignore[arg-type]
+        min_agreement=min_agreement,
+        max_compute=max_compute,
+        methods=items(methods),
+        depths=ks,
+        heal=items(heal) or [],
+        val_limit=val_limit or None,
+        storage=storage,
+        force=force,
+        progress=progress,
+        inputs=[config],
+    )
+    typer.echo(summary["frontier_table"])
+    met = "meets" if summary["meets_floor"] else "does NOT meet"
+    typer.echo(f"chosen plan {met} the floor {min_agreement} at {summary['chosen']['compute']:.3f}x one pass -> {out}")
 
 
 @app.command()

@@ -54,6 +54,7 @@ __all__ = [
     "Compared",
     "Comparison",
     "argmax_agreement",
+    "compare_logits",
     "expert_folders",
     "fidelity",
     "fidelity_report",
@@ -327,10 +328,7 @@ def fidelity(
         ``{task: {statistic: value}}`` for every expert's task.
     """
     heads = {task: _expert_head(merged, expert, task) for task, expert in experts.items()}
-    pool, source, names = _pool(texts)
-    for task in heads:
-        if task not in names:
-            log.warning("head '%s': no texts of its own task; only off-task statistics", task)
+    pool, _, _ = _pool(texts)
 
     def run(model: MultiHeadModel, wanted: list[str], desc: str) -> dict[str, np.ndarray]:
         return head_logits(
@@ -339,11 +337,40 @@ def fidelity(
 
     mine = run(merged, list(heads), "fidelity merged")
     theirs = {t: run(experts[t], [h], f"fidelity expert {t}")[h] for t, h in heads.items()}
-    per_token = [t for t in heads if merged.kind(t).per_token]
+    return compare_logits(
+        merged, texts, mine, theirs, max_length=max_length, benign=benign, draws=draws, seed=seed, level=level
+    )
+
+
+def compare_logits(
+    merged: MultiHeadModel,
+    texts: Mapping[str, Sequence[str]],
+    mine: Mapping[str, np.ndarray],
+    theirs: Mapping[str, np.ndarray],
+    *,
+    max_length: int | None = 128,
+    benign: Mapping[str, Sequence[str]] | None = None,
+    draws: int = DRAWS,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> Results:
+    """:func:`fidelity` from logits already computed on the pooled ``texts`` (every source's
+    texts in order, as :func:`head_logits` gives them): ``mine`` the merged heads', ``theirs``
+    each compared task's expert head (so a benchmark or the planner runs each expert once)."""
+    pool, source, names = _pool(texts)
+    for task in theirs:
+        if task not in names:
+            log.warning("head '%s': no texts of its own task; only off-task statistics", task)
+        for name, logits in ((f"merged head '{task}'", mine.get(task)), (f"expert '{task}'", theirs[task])):
+            if logits is None or len(logits) != len(pool):
+                raise GuardmergeError(
+                    f"{name}: {0 if logits is None else len(logits)} rows of logits, {len(pool)} texts"
+                )
+    per_token = [t for t in theirs if merged.kind(t).per_token]
     tokens = merged.text_tokens(pool, max_length) if per_token else []
-    backend, rules = _flag_rules(merged, list(heads), max_length, dict(benign or {}))
+    backend, rules = _flag_rules(merged, list(theirs), max_length, dict(benign or {}))
     results: Results = {}
-    for task in heads:
+    for task in theirs:
         labels = merged.labels(task)
         cuts = label_thresholds(labels, merged.spec(task).thresholds)
         whole = Compared(labels, mine[task], theirs[task], cuts, pool, tokens, merged.padding_side)

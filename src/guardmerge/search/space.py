@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from guardmerge.errors import ConfigError
 from guardmerge.methods import METHODS, SearchRange
@@ -30,6 +30,23 @@ class Candidate:
         """A stable identity (identical candidates reuse their score)."""
         params = ",".join(f"{k}={self.parameters[k]!r}" for k in sorted(self.parameters))
         return f"{params}|{','.join(repr(w) for w in self.weights)}"
+
+
+class Space(Protocol):
+    """What a study searches (:class:`SearchSpace`, or ``guardmerge plan``'s
+    :class:`~guardmerge.search.plan.PlanSpace`)."""
+
+    @property
+    def tasks(self) -> tuple[str, ...]: ...
+
+    @property
+    def dimensions(self) -> int: ...
+
+    def suggest(self, trial: optuna.Trial) -> Candidate: ...
+
+    def from_values(self, values: Mapping[str, Any]) -> Candidate: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from guardmerge.errors import ConfigError, GuardmergeError
 from guardmerge.search.objective import Objective, Scorer, aggregate
-from guardmerge.search.space import Candidate, SearchSpace
+from guardmerge.search.space import Candidate, Space
 
 if TYPE_CHECKING:
     import optuna
@@ -55,6 +55,8 @@ class SearchSettings:
         startup_trials: trials before TPE models the space and before pruning starts.
         objective, task_weights: see :func:`~guardmerge.search.objective.aggregate`.
         log_path: JSONL file, one line per evaluated trial (appended by every worker).
+        value: a trial's value from its candidate and scores, instead of ``objective`` (picklable;
+            ``guardmerge plan``'s); such a study is not pruned.
     """
 
     trials: int = 100
@@ -70,6 +72,7 @@ class SearchSettings:
     objective: Objective = "mean"
     task_weights: dict[str, float] = field(default_factory=dict)
     log_path: str | None = None
+    value: Callable[[Candidate, Mapping[str, float]], float] | None = None
 
 
 @dataclass
@@ -171,7 +174,7 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def prepare_study(space: SearchSpace, settings: SearchSettings) -> optuna.Study:
+def prepare_study(space: Space, settings: SearchSettings) -> optuna.Study:
     """Create the study, or reopen it to resume (checking that it searched the same space)."""
     import optuna
 
@@ -219,9 +222,10 @@ def _quiet_optuna() -> None:
 class _Objective:
     """The function a worker's study optimises: suggest, score task by task, log."""
 
-    def __init__(self, space: SearchSpace, scorer: Scorer, settings: SearchSettings, worker: int) -> None:
+    def __init__(self, space: Space, scorer: Scorer, settings: SearchSettings, worker: int) -> None:
         self.space, self.scorer, self.settings, self.worker = space, scorer, settings, worker
-        self.prunable = settings.prune and settings.objective != "worst"  # a min never rises: not pruned
+        # a min never rises, and a custom value need not grow task by task: neither is pruned
+        self.prunable = settings.prune and settings.objective != "worst" and settings.value is None
 
     def __call__(self, trial: optuna.Trial) -> float:
         import optuna
@@ -255,7 +259,10 @@ class _Objective:
         self, trial: optuna.Trial, candidate: Candidate, state: str, scores: Mapping[str, float], started: float
     ) -> float:
         """Record a finished trial's scores and time (trial attributes and the JSONL log)."""
-        value = aggregate(scores, self.settings.objective, self.settings.task_weights)
+        if self.settings.value is not None:
+            value = self.settings.value(candidate, scores)
+        else:
+            value = aggregate(scores, self.settings.objective, self.settings.task_weights)
         seconds = time.perf_counter() - started
         trial.set_user_attr("seconds", seconds)
         trial.set_user_attr("scores", dict(scores))
@@ -279,7 +286,7 @@ class _Objective:
 
 
 def run_worker(
-    space: SearchSpace,
+    space: Space,
     scorer_factory: ScorerFactory,
     settings: SearchSettings,
     quota: int,
@@ -311,7 +318,7 @@ def _quotas(remaining: int, workers: int) -> list[int]:
 
 
 def run_search(
-    space: SearchSpace,
+    space: Space,
     scorer_factory: ScorerFactory,
     settings: SearchSettings,
     *,
@@ -352,7 +359,7 @@ def run_search(
 
 
 def _run_processes(
-    space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings, quotas: list[int], bar: _Progress
+    space: Space, scorer_factory: ScorerFactory, settings: SearchSettings, quotas: list[int], bar: _Progress
 ) -> None:
     import multiprocessing as mp
 
@@ -381,7 +388,7 @@ def _run_processes(
 
 
 def _run_ray(
-    space: SearchSpace, scorer_factory: ScorerFactory, settings: SearchSettings, quotas: list[int], bar: _Progress
+    space: Space, scorer_factory: ScorerFactory, settings: SearchSettings, quotas: list[int], bar: _Progress
 ) -> None:
     try:
         import ray
@@ -441,7 +448,7 @@ class _Progress:
 # ---------------------------------------------------------------------------------- results
 
 
-def outcome(study: optuna.Study, space: SearchSpace, settings: SearchSettings) -> SearchOutcome:
+def outcome(study: optuna.Study, space: Space, settings: SearchSettings) -> SearchOutcome:
     """Summarise ``study`` (the best trial and every trial)."""
     import optuna
 
