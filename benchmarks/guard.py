@@ -3,7 +3,7 @@
     python benchmarks/guard.py [--data ../shared/data] [--work benchmarks/.work] [--quick]
     python benchmarks/guard.py --only quality --methods lot,regmean_pp   # one section, some rows
 
-Sections (``--only``, repeatable; default all): quality, speed, frontier, sweep, pairs, seven. A run replaces
+Sections (``--only``, repeatable; default all): quality, speed, frontier, heal, sweep, pairs, seven. A run replaces
 the rows and sections it computes in benchmarks/results/guard.json and keeps the others; every
 row records the commit and date that produced it (``produced``).
 
@@ -17,7 +17,11 @@ row records the commit and date that produced it (``produced``).
    validation) as the trunk, branch alignment chosen on validation; quality and measured speed
    against one pass and the five experts.
 5. HM3 experiments: self-merging density sweep (TIES, DARE) and two-task merges in both head modes.
-6. Seven tasks (``--only seven``): the five guard experts plus a multi-label (goemotions) and a
+6. Heal (``--only heal``, benchmarks/guard_heal.py): label-free distillation from the experts on the
+   best training-free row, with and without alignment, with ``train: top`` and at depth K. Every
+   row of quality, frontier and heal also carries the fidelity columns (agreement with each
+   expert on its own and the other tasks' test texts, flag-rate difference, bootstrap intervals).
+7. Seven tasks (``--only seven``): the five guard experts plus a multi-label (goemotions) and a
    token-classification (ner) expert merged into one seven-head model, a few rows chosen on
    validation, with the merged model's throughput against the seven experts.
 
@@ -50,18 +54,25 @@ from guard_bench import (
     test_scores,
     timings,
 )
+from guard_heal import Fidelity, heal_section
+from guard_hm3 import PAIRS, QUICK_PAIRS, density_sweep, two_task
 from provenance import environment, produced
 
 from guardmerge.demo import default_data_dir
 from guardmerge.evaluate import mean, to_json_ready
-from guardmerge.merge.stages import self_merge_config
 from guardmerge.models.multihead import MultiHeadModel, load_any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 log = logging.getLogger("bench")
 
-SOURCES = ("benchmarks/guard.py", "benchmarks/guard_bench.py", "benchmarks/zoo.py")
+SOURCES = (
+    "benchmarks/guard.py",
+    "benchmarks/guard_bench.py",
+    "benchmarks/guard_heal.py",
+    "benchmarks/guard_hm3.py",
+    "benchmarks/zoo.py",
+)
 """The benchmark's code: a result is ``-dirty`` when these (or ``src``) have uncommitted changes."""
 TASKS = ("hate", "offensive", "emotion", "irony", "injection")
 
@@ -88,7 +99,7 @@ GRIDS: dict[str, dict[str, list[Any]]] = {
 }
 ROW_METHOD: dict[str, str] = {"lot_wudi": "lot", "prodistill_tensor": "prodistill"}
 """Rows that are a registered method with other settings (row name -> method)."""
-SECTIONS = ("quality", "speed", "frontier", "sweep", "pairs", "seven")
+SECTIONS = ("quality", "speed", "frontier", "heal", "sweep", "pairs", "seven")
 SEVEN = (*TASKS, "goemotions", "ner")
 """The seven-task merge: the five guard tasks, a multi-label task and a token-classification task."""
 SEVEN_GRIDS: dict[str, dict[str, list[Any]]] = {
@@ -116,8 +127,6 @@ QUICK_GRIDS: dict[str, dict[str, list[Any]]] = {
 }
 DARE_SEEDS = (0, 1, 2)
 SWEEP_DENSITIES = (0.1, 0.3, 0.5, 0.7, 1.0)
-PAIRS = (("injection", "hate"), ("emotion", "irony"))
-QUICK_PAIRS = (("injection", "emotion"),)
 
 
 def quality(
@@ -126,8 +135,10 @@ def quality(
     expert_test: dict,
     seeds: Sequence[int],
     done: Any = None,
+    fidelity: Fidelity | None = None,
 ) -> dict:
-    """Grid-search each method (and its +align variant) on validation, score the choice on test;
+    """Grid-search each method (and its +align variant) on validation, score the choice on test
+    (with the fidelity columns of the first seed's model when ``fidelity`` is given);
     ``done(name, entry)`` is called as each row is finished (the caller saves it)."""
     out: dict[str, Any] = {}
     for row, grid in grids.items():
@@ -145,10 +156,8 @@ def quality(
                 log.info("%s %s: validation mean macro-F1 %.4f", name, params, trials[-1]["validation_mean_macro_f1"])
             best = max(trials, key=lambda r: r["validation_mean_macro_f1"])
             run_seeds = seeds if method.startswith("dare") else (0,)
-            tests = [
-                bench.score(bench.merged(bench.config(method, best["parameters"], align=align, seed=s)), "test")
-                for s in run_seeds
-            ]
+            models = [bench.merged(bench.config(method, best["parameters"], align=align, seed=s)) for s in run_seeds]
+            tests = [bench.score(m, "test") for m in models]
             test = {t: {m: statistics.fmean(r[t][m] for r in tests) for m in tests[0][t]} for t in tests[0]}
             entry = {
                 "method": method,
@@ -156,6 +165,7 @@ def quality(
                 "hyperparameters": best["parameters"],
                 "validation_mean_macro_f1": best["validation_mean_macro_f1"],
                 "grid": trials,
+                **(fidelity.row(models[0], expert_test) if fidelity else {}),
                 "seconds": time.perf_counter() - started,
                 "produced": produced(*SOURCES),
             }
@@ -202,6 +212,7 @@ def frontier(
     row: str | None = None,
     n_texts: int = 320,
     branch_aligns: Sequence[bool] = (True,),
+    fidelity: Fidelity | None = None,
 ) -> dict:
     """Sharing depth: the best single-pass row (by validation) as the trunk, each task's own
     upper blocks from depth K (``share_layers``), with the branch-point alignment (or the best of
@@ -266,6 +277,8 @@ def frontier(
     }
     for name, r in out["rows"].items():
         r.update(speeds[name])
+        if fidelity is not None and name in models:
+            r.update(fidelity.row(models[name], expert_test))
         r["compute_vs_one_pass"] = r["layer_passes"] / layers
     out["speed_settings"] = settings
     out["produced"] = produced(*SOURCES)
@@ -340,42 +353,6 @@ def seven_task(
     return out
 
 
-def density_sweep(bench: Bench, expert_test: dict, densities: Sequence[float]) -> dict:
-    """HM3 self-merging: each expert merged with itself at each density (TIES, DARE)."""
-    out: dict[str, Any] = {}
-    for method in ("ties", "dare_linear"):
-        out[method] = {}
-        for task, folder in bench.experts.items():
-            curve = []
-            for d in densities:
-                params = {"density": d, "scaling": 1.0}
-                model = bench.merged(self_merge_config(bench.base, str(folder), method, params, task=task))
-                f1 = bench.score(model, "test", [task])[task]["macro_f1"]
-                curve.append({"density": d, "macro_f1": f1, "normalized": f1 / expert_test[task]["macro_f1"]})
-            out[method][task] = curve
-            log.info("self-merge %s %s: %s", method, task, [round(c["macro_f1"], 3) for c in curve])
-    return out
-
-
-def two_task(bench: Bench, expert_test: dict, pairs: Sequence[Sequence[str]] = PAIRS) -> dict:
-    """HM3's two-task merges in both head modes (TIES, paper defaults; task arithmetic 0.5)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if not all(t in bench.experts for t in pair):
-            continue
-        key = "+".join(pair)
-        out[key] = {"sources_mean_macro_f1": mean({t: expert_test[t]["macro_f1"] for t in pair})}
-        for heads in ("multi", "hm3"):
-            for method, params in (("ties", {"density": 0.2, "scaling": 1.0}), ("task_arithmetic", {"scaling": 0.5})):
-                model = bench.merged(bench.config(method, params, tasks=pair, heads=heads))
-                test = bench.score(model, "test", pair)
-                out[key][f"{method}/{heads}"] = {
-                    "test": {t: test[t]["macro_f1"] for t in pair},
-                    "mean_macro_f1": mean({t: test[t]["macro_f1"] for t in pair}),
-                }
-    return out
-
-
 def _save(path: Path, results: dict, started: float) -> None:
     """Write what is done so far (an interrupted run keeps its finished sections)."""
     results["environment"] = environment()
@@ -409,6 +386,9 @@ def parse_args() -> tuple[argparse.Namespace, Grids]:
         "--frontier-row",
         default=None,
         help="quality row used as the trunk of the frontier (default: best validation score)",
+    )
+    ap.add_argument(
+        "--heal-depth", type=int, default=5, help="heal section: the share_layers depth of its frontier row (0: none)"
     )
     ap.add_argument(
         "--branch-align-choice",
@@ -458,6 +438,7 @@ def run_quality(
     out: Path,
     started: float,
     quick: bool,
+    fidelity: Fidelity | None = None,
 ) -> None:
     """The quality section: the ensemble row, then each grid row, saved to ``out`` as it is done."""
     methods = {
@@ -478,7 +459,7 @@ def run_quality(
         results["methods"][name] = entry
         _save(out, results, started)
 
-    quality(bench, grids, expert_test, (0,) if quick else DARE_SEEDS, done=done)
+    quality(bench, grids, expert_test, (0,) if quick else DARE_SEEDS, done=done, fidelity=fidelity)
 
 
 def run_sweep(
@@ -533,8 +514,9 @@ def main() -> None:
     bench = Bench(data, args.work, experts, 60 if args.quick else args.val_limit, 100 if args.quick else test_limit)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     expert_test = score_experts(bench, experts, results)
+    fidelity = Fidelity(bench) if {"quality", "frontier", "heal"} & set(run) else None
     if "quality" in run:
-        run_quality(bench, grids, expert_test, results, args.out, started, args.quick)
+        run_quality(bench, grids, expert_test, results, args.out, started, args.quick, fidelity)
     _save(args.out, results, started)
     if "speed" in run:
         merged = bench.merged(bench.config("task_arithmetic", {"scaling": 0.5}))
@@ -549,6 +531,22 @@ def main() -> None:
             row=args.frontier_row,
             n_texts=64 if args.quick else 320,
             branch_aligns=(False, True) if args.branch_align_choice else (True,),
+            fidelity=fidelity,
+        )
+    _save(args.out, results, started)
+    if "heal" in run:
+        assert fidelity is not None
+        row = args.frontier_row or best_row(results)
+        trunk = {"row": row, **{k: results["methods"][row][k] for k in ("method", "hyperparameters")}}
+        results["heal"] = heal_section(
+            bench,
+            fidelity,
+            Fidelity(bench, "validation"),
+            expert_test,
+            trunk,
+            args.heal_depth or None,
+            SOURCES,
+            args.quick,
         )
     _save(args.out, results, started)
     if "sweep" in run:

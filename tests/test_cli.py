@@ -55,7 +55,9 @@ def test_methods_lists_registry_with_parameters() -> None:
     assert res.exit_code == 0
     assert "task_arithmetic" in res.output and "scaling" in res.output and "average" in res.output
     data = json.loads(runner.invoke(app, ["methods", "--json"]).output)
-    assert data["task_arithmetic"]["parameters"]["scaling"]["default"] == "0.3"
+    assert data["methods"]["task_arithmetic"]["parameters"]["scaling"]["default"] == "0.3"
+    assert data["steps"]["heal"]["settings"]["train"]["default"] == "'all'"
+    assert "trains weights" in data["steps"]["heal"]["summary"] and set(data["steps"]) >= {"statistics", "align_heads"}
 
 
 def test_export_command(zoo: dict[str, Path], tmp_path: Path) -> None:

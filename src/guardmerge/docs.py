@@ -68,8 +68,10 @@ def methods_table() -> str:
 
 
 def methods_json() -> dict[str, dict[str, Any]]:
-    """``guardmerge methods --json``: each method's summary, reference, needs and parameters."""
-    return {
+    """``guardmerge methods --json``: ``methods`` (each method's summary, reference, needs and
+    parameters) and ``steps`` (each step section's summary and settings: statistics, heal,
+    align_heads)."""
+    methods = {
         s.name: {
             "summary": s.summary,
             "reference": s.reference,
@@ -78,6 +80,14 @@ def methods_json() -> dict[str, dict[str, Any]]:
         }
         for s in METHODS
     }
+    steps = {
+        key: {
+            "summary": summary,
+            "settings": {n: {"type": t, "default": d, "description": desc} for n, t, d, desc in step_rows(schema)},
+        }
+        for key, schema, summary in STEPS
+    }
+    return {"methods": methods, "steps": steps}
 
 
 def methods_text() -> str:
