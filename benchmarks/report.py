@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings
 
 from plots import plots
 from report_common import TASKS, fmt, fmt_hp, fmt_produced
+from report_fidelity import fidelity_table, heal_table
 from report_other import merge_speed_table, reliability_table, vs_llm_guard_table
 
 HERE = Path(__file__).resolve().parent
@@ -285,11 +286,20 @@ def header(res: dict) -> list[str]:
         "Hyperparameters chosen on validation from the grids in `benchmarks/guard.py`; `+align` = "
         "closed-form head alignment on 400 unlabelled training texts per task (docs/algorithms.md 3b). "
         f"Validation: the first {res.get('settings', {}).get('val_limit', '?')} examples of each task; test: the first "
-        f"{res.get('settings', {}).get('test_limit') or 'all'}. Rows not listed (average, DARE-TIES, Fisher, the "
-        "searches, the HM3 density sweep and two-task merges) came from older code and were not rerun, so they are "
-        "not reported.",
+        f"{res.get('settings', {}).get('test_limit') or 'all'}.{_not_rerun(res)}",
         "",
     ]
+
+
+def _not_rerun(res: dict) -> str:
+    """A sentence naming the registered methods without a quality row (none: empty)."""
+    from guardmerge.methods import METHODS
+
+    scored = {m.get("method", k.removesuffix("+align")) for k, m in res.get("methods", {}).items()}
+    missing = [s.name for s in METHODS if s.name not in scored]
+    if not missing:
+        return ""
+    return f" Registered methods without a row at this commit (not rerun here): {', '.join(missing)}."
 
 
 def speed_section(res: dict, made: list[str]) -> list[str]:
@@ -401,6 +411,8 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     lines += best_single_pass(res)
     lines += frontier_table(res)
     lines += _plot(made, "frontier.png", "frontier")
+    lines += fidelity_table(res)
+    lines += heal_table(res)
     lines += [
         "Official TweetEval metric per task (macro-F1, except irony: F1 of the irony class):",
         "",

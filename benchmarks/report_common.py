@@ -4,6 +4,7 @@ order, and how a cell of BENCHMARKS.md writes a number, a hyperparameter and a r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 TASKS = ("hate", "offensive", "emotion", "irony", "injection")
@@ -23,7 +24,7 @@ def fmt_hp(v: Any) -> str:
     return str(v)
 
 
-def fmt_produced(entry: dict) -> str:
+def fmt_produced(entry: Mapping[str, Any]) -> str:
     """``commit date`` of the run that produced ``entry`` (``?`` when it does not say)."""
     p = entry.get("produced") or {}
     return f"{p.get('commit', '?')} {p.get('date', '')[:10]}".strip()
