@@ -54,7 +54,7 @@ from guard_bench import (
     test_scores,
     timings,
 )
-from guard_heal import Fidelity, heal_section
+from guard_heal import HEAL, Fidelity, heal_section, healed
 from guard_hm3 import PAIRS, QUICK_PAIRS, density_sweep, two_task
 from provenance import environment, produced
 
@@ -286,12 +286,19 @@ def frontier(
 
 
 def seven_task(
-    data: Path, work: Path, val_limit: int | None, test_limit: int | None, n_texts: int = 320, quick: bool = False
+    data: Path,
+    work: Path,
+    val_limit: int | None,
+    test_limit: int | None,
+    n_texts: int = 320,
+    quick: bool = False,
+    heal: dict[str, Any] | None = None,
 ) -> dict:
     """Five guard tasks + goemotions (multi-label) + ner (token classification) in one model:
     each row's hyperparameters chosen on validation, with and without head alignment; normalised
     macro-F1 per task (entity-type macro-F1 for ner, label macro-F1 for goemotions; their
-    micro-F1 beside), and the merged model's throughput against the seven experts."""
+    micro-F1 beside), the fidelity columns, the best row by validation healed with ``heal``
+    settings when given, and the merged model's throughput against the seven experts."""
     from zoo import build_zoo
 
     experts = build_zoo(data, work, list(SEVEN), progress=False)
@@ -305,7 +312,9 @@ def seven_task(
         "experts_mean_macro_f1": mean({t: v["macro_f1"] for t, v in expert_test.items()}),
         "rows": {},
     }
+    fidelity = Fidelity(bench)
     best_model, best_val = None, -1.0
+    best_setting: tuple[str, dict[str, Any], bool] = ("", {}, False)
     for row, grid in SEVEN_GRIDS.items():
         for align in (False, True):
             name = f"{row}+align" if align else row
@@ -318,26 +327,30 @@ def seven_task(
                 log.info("seven %s %s: validation mean macro-F1 %.4f", name, params, trials[-1][0])
             val_score, params, model = max(trials, key=lambda x: x[0])
             scores = test_scores(bench.score(model, "test"), expert_test)
-            test = scores["test"]
             out["rows"][name] = {
                 "hyperparameters": params,
                 "validation_mean_macro_f1": val_score,
                 **scores,
-                "official": {
-                    t: {
-                        "metric": m,
-                        "merged": test[t][m],
-                        "expert": expert_test[t][m],
-                        "normalized": test[t][m] / expert_test[t][m] if expert_test[t][m] else None,
-                    }
-                    for t, m in OFFICIAL.items()
-                },
+                "official": official(scores["test"], expert_test),
+                **fidelity.row(model, expert_test),
                 "produced": produced(*SOURCES),
             }
             log.info("seven %s: normalised %.4f, worst %.4f", name, scores["normalized"], scores["worst_task_ratio"])
             if val_score > best_val:
-                best_model, best_val = model, val_score
+                best_model, best_val, best_setting = model, val_score, (row, params, align)
     assert best_model is not None
+    if heal is not None:
+        row, params, align = best_setting
+        model, report = healed(bench, row, params, align=align, heal=heal)
+        scores = test_scores(bench.score(model, "test"), expert_test)
+        out["rows"][f"{row}{'+heal+align' if align else '+heal'}"] = {
+            "hyperparameters": params,
+            **scores,
+            "official": official(scores["test"], expert_test),
+            **fidelity.row(model, expert_test),
+            "heal": report,
+            "produced": produced(*SOURCES),
+        }
     speeds, settings = timings(
         bench,
         {"merged": lambda b: best_model(**b), "experts": experts_runner(bench)},
@@ -351,6 +364,19 @@ def seven_task(
         "produced": produced(*SOURCES),
     }
     return out
+
+
+def official(test: Mapping[str, Any], expert_test: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`OFFICIAL` metric of each task that names one: merged, expert, their ratio."""
+    return {
+        t: {
+            "metric": m,
+            "merged": test[t][m],
+            "expert": expert_test[t][m],
+            "normalized": test[t][m] / expert_test[t][m] if expert_test[t][m] else None,
+        }
+        for t, m in OFFICIAL.items()
+    }
 
 
 def _save(path: Path, results: dict, started: float) -> None:
@@ -559,6 +585,8 @@ def main() -> None:
             60 if args.quick else args.val_limit,
             100 if args.quick else test_limit,
             quick=args.quick,
+            heal=(results.get("heal") or {}).get("settings")
+            or ({**HEAL, "texts": 60, "epochs": 1} if args.quick else HEAL),
         )
     _save(args.out, results, started)
     if "pairs" in run:

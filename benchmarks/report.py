@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings
 
 from plots import plots
 from report_common import TASKS, fmt, fmt_hp, fmt_produced
-from report_fidelity import fidelity_table, heal_table
+from report_fidelity import fidelity_table, heal_table, seven_fidelity_table
 from report_other import merge_speed_table, reliability_table, vs_llm_guard_table
 
 HERE = Path(__file__).resolve().parent
@@ -420,6 +420,7 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
         "",
     ]
     lines += seven_task_table(res)
+    lines += seven_fidelity_table(res)
     lines += search_table(res)
     lines += speed_section(res, made)
     lines += density_section(res, made)

@@ -29,20 +29,51 @@ def fidelity_rows(res: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, An
 
 
 def fidelity_table(res: Mapping[str, Any]) -> list[str]:
-    """Agreement with each expert (own-task / off-task texts), the lowest of them, normalised
-    macro-F1 with and without the weak experts, worst task, with 95% bootstrap intervals."""
+    """The five-task rows' fidelity section (:func:`agreement_table`)."""
     rows = list(fidelity_rows(res))
     if not rows:
         return []
     tasks = [t for t in TASKS if t in res.get("experts", {})]
-    weak = sorted({t for _, r in rows for t in r.get("weak_experts", [])})
-    lines = [
-        "## Fidelity: does each head answer like its expert?",
-        "",
+    intro = (
         "Each merged head against its own expert on the test texts: **agreement** = share of texts with the "
         "expert's verdict (argmax), on the task's own texts / on the other four tasks' texts (off-task: a guard "
-        "sees every prompt). `min` is the lowest of the ten. Normalised macro-F1 and the worst task / expert "
-        "with 95% bootstrap intervals (1,000 draws resampling each task's test texts, seed 0). "
+        "sees every prompt). `min` is the lowest of the ten."
+    )
+    goal = (
+        "Goals (issue 23, one pass with heal): every agreement >= 0.97 (own and off-task); normalised >= 0.99 "
+        "with the lower end of its interval above 0.97; worst task >= 0.97; mean macro-F1 at or above the "
+        "experts'. Without heal the goal stays normalised >= 0.98."
+    )
+    return agreement_table("## Fidelity: does each head answer like its expert?", intro, rows, tasks, goal)
+
+
+def seven_fidelity_table(res: Mapping[str, Any]) -> list[str]:
+    """The seven-task rows' fidelity (goemotions: the label set at the thresholds; ner: entity F1 of
+    the merged head's spans against the expert's)."""
+    sev = res.get("seven_task") or {}
+    rows = [(k, r) for k, r in sev.get("rows", {}).items() if "fidelity" in r]
+    if not rows:
+        return []
+    intro = (
+        "The seven-task rows against their experts on every task's test texts, own / off-task: argmax for "
+        "the five single-label heads, the whole label set at the thresholds for goemotions, entity-level F1 of "
+        "the spans for ner. Intervals over the five single-label tasks."
+    )
+    goal = "Goal (issue 23, seven tasks with heal): NER entity F1 >= 0.95 of its expert; every agreement >= 0.95."
+    return agreement_table("### Seven tasks: fidelity", intro, rows, list(sev["tasks"]), goal)
+
+
+def agreement_table(
+    title: str, intro: str, rows: list[tuple[str, Mapping[str, Any]]], tasks: list[str], goal: str
+) -> list[str]:
+    """Agreement with each expert (own-task / off-task texts), the lowest of them, normalised
+    macro-F1 with and without the weak experts, worst task, with 95% bootstrap intervals."""
+    weak = sorted({t for _, r in rows for t in r.get("weak_experts", [])})
+    lines = [
+        title,
+        "",
+        intro + " Normalised macro-F1 and the worst task / expert with 95% bootstrap intervals (1,000 draws "
+        "resampling each task's test texts, seed 0). "
         + (
             f"Experts below 0.5 test accuracy ({', '.join(weak)}): a merge drifting toward the majority class can "
             "score above such an expert, so the normalised score is also shown without them."
@@ -64,16 +95,9 @@ def fidelity_table(res: Mapping[str, Any]) -> list[str]:
             + " | ".join(cells)
             + f" | {fmt(r.get('min_agreement'))} | {_interval(r.get('intervals'), 'normalised')} | "
             f"{_interval(r.get('intervals_strong'), 'normalised')} | {_interval(r.get('intervals'), 'worst')} | "
-            f"{fmt(r.get('mean_macro_f1'))} | {fmt(r.get('compute_vs_one_pass'), 2)}x | {fmt_produced(r)} |"
+            f"{fmt(r.get('mean_macro_f1'))} | {fmt(r.get('compute_vs_one_pass', 1.0), 2)}x | {fmt_produced(r)} |"
         )
-    lines += [
-        "",
-        "Goals (issue 23, one pass with heal): every agreement >= 0.97 (own and off-task); normalised >= 0.99 "
-        "with the lower end of its interval above 0.97; worst task >= 0.97; mean macro-F1 at or above the "
-        "experts'. Without heal the goal stays normalised >= 0.98.",
-        "",
-    ]
-    return lines
+    return [*lines, "", goal, ""]
 
 
 def heal_table(res: Mapping[str, Any]) -> list[str]:
