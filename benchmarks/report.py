@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings
 from plots import plots
 from report_common import TASKS, fmt, fmt_hp, fmt_produced
 from report_fidelity import fidelity_table, heal_table, seven_fidelity_table
+from report_headline import write_headline
 from report_other import merge_speed_table, reliability_table, vs_llm_guard_table
 
 HERE = Path(__file__).resolve().parent
@@ -430,6 +431,8 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     lines += reliability_table(HERE / "results" / "reliability.json")
     lines += other_results()
     out_md.write_text("\n".join(lines))
+    if out_md.resolve() == (ROOT / "BENCHMARKS.md").resolve():
+        write_headline(res, ROOT / "README.md")
 
 
 if __name__ == "__main__":
