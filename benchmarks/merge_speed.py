@@ -8,8 +8,9 @@ checkpoints: a base and two fine-tunes (random init plus random fine-tune-like p
 fixed seed). Finds mergekit 0.1.5 in a separate environment (WORK/mergekit-env, created with
 ``python -m venv`` and ``pip install torch==2.13.0 mergekit==0.1.5`` when missing; it is never a
 guardmerge dependency). Then, for each job, runs ``guardmerge merge`` and ``mergekit-yaml`` on
-the same checkpoints in alternation, ``--runs`` times each, each in a fresh process as a user
-would (wall time including Python start-up; peak RSS from ``ru_maxrss`` of the child), and
+the same checkpoints in alternation, ``--runs`` times each (and guardmerge with its NaN/Inf checks
+switched off, benchmarks/unchecked_merge.py, to measure what the checks cost), each in a fresh
+process as a user would (wall time including Python start-up; peak RSS from ``ru_maxrss`` of the child), and
 records medians. One untimed run of each tool comes first (it fills numba's on-disk kernel
 cache, compiled once per install, and warms the page cache for both tools alike). guardmerge
 runs with its ``fast`` extra (numba kernels) when installed: the JSON's ``fused_kernels``.
@@ -43,6 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: toolenv
 
+from provenance import environment, produced
 from toolenv import tool_env
 
 HERE = Path(__file__).resolve().parent
@@ -314,6 +316,8 @@ def main() -> None:
             "runs": args.runs,
             "fused_kernels": kernels.enabled(),
             "startup_s": statistics.median(startup),
+            "produced": produced("benchmarks/merge_speed.py"),
+            "environment": environment(),
         }
     )
     results.setdefault("jobs", {})
@@ -337,21 +341,32 @@ def main() -> None:
             "--no-progress",
         ]
         mk_cmd = [str(mergekit), str(mk_cfg), str(mk_out)]  # mergekit's defaults (CPU)
-        gm_runs, mk_runs = [], []
+        unchecked_cmd = [sys.executable, str(HERE / "unchecked_merge.py"), *gm_cmd[3:]]
+        gm_runs, mk_runs, unchecked_runs = [], [], []
         timed(gm_cmd, env), timed(mk_cmd, env)  # warm-up, untimed
         for r in range(args.runs):
             gm_runs.append(timed(gm_cmd, env))
             mk_runs.append(timed(mk_cmd, env))
+            unchecked_runs.append(timed(unchecked_cmd, env))
             log.info(
-                "%s run %d: guardmerge %.1f s %.0f MiB; mergekit %.1f s %.0f MiB", name, r, *gm_runs[-1], *mk_runs[-1]
+                "%s run %d: guardmerge %.1f s %.0f MiB; mergekit %.1f s %.0f MiB; guardmerge unchecked %.1f s",
+                name,
+                r,
+                *gm_runs[-1],
+                *mk_runs[-1],
+                unchecked_runs[-1][0],
             )
         out_bytes = sum(p.stat().st_size for p in gm_out.glob("*.safetensors"))
         floor = io_floor(inputs, out_bytes, work / "floor.bin")
         gm_s = statistics.median(t for t, _ in gm_runs)
         mk_s = statistics.median(t for t, _ in mk_runs)
         diff, frac = compare(gm_out, mk_out)
+        unchecked_s = statistics.median(t for t, _ in unchecked_runs)
         results["jobs"][name] = {
+            "produced": produced("benchmarks/merge_speed.py"),
             "guardmerge_s": gm_s,
+            "guardmerge_unchecked_s": unchecked_s,
+            "checks_cost_fraction": (gm_s - unchecked_s) / gm_s,
             "mergekit_s": mk_s,
             "speedup": mk_s / gm_s,
             "guardmerge_peak_mb": statistics.median(m for _, m in gm_runs),
@@ -361,6 +376,7 @@ def main() -> None:
             "max_abs_diff_vs_mergekit": diff,
             "fraction_differing_vs_mergekit": frac,
             "guardmerge_runs_s": [t for t, _ in gm_runs],
+            "guardmerge_unchecked_runs_s": [t for t, _ in unchecked_runs],
             "mergekit_runs_s": [t for t, _ in mk_runs],
             "checkpoints": len(folders),
             "input_bytes": sum(p.stat().st_size for p in inputs),

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from guardmerge.data import Examples, TaskData
 from guardmerge.errors import DataError, GuardmergeError
 from guardmerge.io import atomic_dir
+from guardmerge.io.finite import all_finite
 from guardmerge.io.formats import SAFETENSORS_FILE, read_config
 from guardmerge.io.writer import write_tensors
 from guardmerge.models.expert_meta import EXPERT_KEY, expert_section
@@ -205,7 +206,7 @@ def finetune(
                 "validation_f1": {n: round(f, 4) for n, f in zip(labels, f1s, strict=True)},
             }
             log.info("thresholds tuned on %d validation examples: macro-F1 %.3f", len(validation.texts), np.mean(f1s))
-    bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    bad = [n for n, p in model.state_dict().items() if not all_finite(p)]
     if bad:
         raise GuardmergeError(f"fine-tuning {out}: tensor '{bad[0]}' holds NaN or Inf values; nothing was written")
     with atomic_dir(out, force=force) as tmp:  # guardmerge's own writer: a full disk is an error naming OUT

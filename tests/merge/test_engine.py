@@ -484,3 +484,39 @@ def test_a_merged_head_keeps_its_experts_tuned_thresholds(tmp_path: Path) -> Non
 
     assert merged() == {"tox": {"insult": 0.31, "threat": 0.7}, "hate": {}}
     assert merged(thresholds={"insult": 0.5})["tox"] == {"insult": 0.5}  # the merge config wins
+
+
+@pytest.mark.parametrize("kernels", ["torch", "fused"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("path", ["in_memory", "streamed"])
+def test_non_finite_is_refused_on_every_merge_path(
+    tmp_path: Path, zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, kernels: str, method: str, path: str
+) -> None:
+    """A NaN in an expert, and a merged tensor that overflows, are refused on the chunked torch
+    path and the fused kernels, merged in memory or streamed to a folder; nothing is written."""
+    from guardmerge.methods.fast import kernels as fast_kernels
+
+    monkeypatch.setenv("GUARDMERGE_KERNELS", kernels)
+    if kernels == "fused" and not fast_kernels.enabled():
+        pytest.skip("numba is not installed (the fast extra)")
+
+    def run(config: MergeConfig) -> None:
+        if path == "in_memory":
+            merge(MergeJob.of(config), progress=False)
+        else:
+            merge_to_folder(MergeJob.of(config), tmp_path / "out", progress=False, max_shard_bytes=4000)
+
+    bad = copy_expert(zoo["hate"], tmp_path / "bad")
+    edit_weights(
+        bad, lambda s: s["bert.encoder.layer.0.attention.self.query.weight"].view(-1).__setitem__(5, float("nan"))
+    )
+    experts = [{"model": str(bad), "task": "hate"}, {"model": str(zoo["sentiment"]), "task": "sentiment"}]
+    with pytest.raises(CheckpointError, match=r"expert 'hate'.*layer.0.attention.self.query.weight.*NaN or Inf"):
+        run(load_config(merge_cfg(tmp_path, zoo, experts=experts, method=method)))
+    params = {"scaling": 1.0e8} if method == "task_arithmetic" else {"scaling": 1.0e8, "density": 0.5}
+    overflow = load_config(
+        merge_cfg(tmp_path, zoo, method=method, parameters=params, out_dtype="float16")
+    )  # finite inputs and task vectors, but the merged tensors overflow float16
+    with pytest.raises(GuardmergeError, match=r"merged tensor '.*' holds NaN or Inf"):
+        run(overflow)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from guardmerge.errors import CheckpointError
+from guardmerge.io.finite import all_finite
 from guardmerge.io.formats import clip, read_config, short_path, weight_files
 from guardmerge.io.safetensors import SafetensorsFile
 
@@ -233,7 +234,7 @@ class CheckpointFiles:
             raise
         except Exception as exc:
             raise CheckpointError(f"{short_path(file)}: cannot read tensor '{label}': {clip(exc, 200)}") from None
-        if result.dtype.is_floating_point and not bool(torch.isfinite(result).all()):
+        if not all_finite(result):
             raise CheckpointError(f"{self.where}: tensor '{label}' holds NaN or Inf values; refused")
         return result
 

@@ -28,7 +28,7 @@ from guardmerge.io.writer import TensorSlot
 from guardmerge.merge.job import MergeJob
 from guardmerge.merge.plan import MergePlan
 from guardmerge.merge.result import MergeResult
-from guardmerge.merge.write import write_folder
+from guardmerge.merge.write import finite_outputs, write_folder
 from guardmerge.methods import MethodParams, MethodSpec, Role, TensorContext
 from guardmerge.models.branches import BRANCH_PREFIX
 from guardmerge.models.checkpoint import Checkpoint
@@ -318,7 +318,7 @@ def merge(
     """
     with job.open(progress):
         tensors = TensorMerge(job, progress=progress, compute_dtype=compute_dtype, stats=stats)
-        return tensors.result(dict(tensors.tensors()))
+        return tensors.result(dict(finite_outputs(tensors.tensors(), job.config, "no model was returned")))
 
 
 def stream_to_folder(

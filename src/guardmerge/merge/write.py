@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ import torch
 from guardmerge.config import MergeConfig
 from guardmerge.errors import GuardmergeError
 from guardmerge.io import atomic_dir
+from guardmerge.io.finite import all_finite
 from guardmerge.io.formats import CONFIG_FILE, MERGE_CONFIG_FILE, MODEL_CARD_FILE, TOKENIZER_FILES
 from guardmerge.io.writer import ShardedWriter, TensorSlot
 from guardmerge.merge.card import model_card
@@ -23,6 +24,20 @@ from guardmerge.models.folder import folder_config, load_tokenizer
 from guardmerge.models.multihead import MultiHeadModel
 
 log = logging.getLogger(__name__)
+
+
+def finite_outputs(
+    tensors: Iterable[tuple[str, torch.Tensor]], config: MergeConfig, outcome: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` passed through, each checked once for NaN or Inf (:func:`all_finite`) as it
+    goes by; the first bad one raises :class:`GuardmergeError` naming it and ``outcome``."""
+    for name, tensor in tensors:
+        if not all_finite(tensor):
+            raise GuardmergeError(
+                f"merged tensor '{name}' holds NaN or Inf values (method {config.method}, "
+                f"parameters {config.parameters}); {outcome}"
+            )
+        yield name, tensor
 
 
 def write_folder(
@@ -49,12 +64,7 @@ def write_folder(
         model_cfg = folder_config(result.config, result.heads, result.info)
     with atomic_dir(out, force=force) as tmp:
         with ShardedWriter(tmp, layout, max_shard_bytes=max_shard_bytes) as writer:
-            for name, tensor in tensors:
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    raise GuardmergeError(
-                        f"merged tensor '{name}' holds NaN or Inf values (method {config.method}, "
-                        f"parameters {result.info.get('parameters')}); nothing was written to {out}"
-                    )
+            for name, tensor in finite_outputs(tensors, config, f"nothing was written to {out}"):
                 writer.write(name, tensor)
         (tmp / CONFIG_FILE).write_text(json.dumps(model_cfg, indent=2) + "\n")
         if result.tokenizer_dir:

@@ -162,10 +162,12 @@ class TorchBackend:
         """Names of the floating-point parameters and buffers holding NaN or infinity."""
         import torch
 
+        from guardmerge.io.finite import all_finite
+
         bad = []
         with torch.inference_mode():
             for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                if not all_finite(tensor):
                     bad.append(name)
         return bad
 

@@ -54,6 +54,7 @@ from safetensors.torch import save
 from guardmerge import __version__
 from guardmerge.errors import CheckpointError, StatisticsError
 from guardmerge.io.atomic import atomic_file
+from guardmerge.io.finite import all_finite
 from guardmerge.io.formats import CONFIG_FILE, read_json, weight_files
 from guardmerge.io.safetensors import SafetensorsFile
 from guardmerge.stats.fisher import FisherStats
@@ -328,7 +329,7 @@ def save_stats(
         _fisher_entries(fisher, tensors, meta)
     max_length = next((s.max_length for s in (gram, fisher) if s is not None and s.max_length is not None), None)
     for key, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise StatisticsError(f"statistics tensor '{key}' holds NaN or Inf values; nothing was written to {path}")
     meta["kinds"] = _json(kinds)
     meta["max_length"] = _json(max_length)
@@ -387,7 +388,7 @@ def check_fingerprint(
 
 
 def _finite(tensor: torch.Tensor, path: str | os.PathLike[str], key: str) -> torch.Tensor:
-    if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+    if not tensor.is_floating_point() or not all_finite(tensor):
         raise StatisticsError(f"'{path}': statistics tensor '{key[:80]}' is not finite floating point; refused")
     return tensor
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from guardmerge.errors import CheckpointError
+from guardmerge.io.finite import all_finite
 from guardmerge.methods.fast import kernels
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,10 @@ def column_chunks(rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
 
 def check_finite(rows: torch.Tensor, name: str) -> None:
     """Raise :class:`CheckpointError` if ``rows`` ``[N, d]`` holds a NaN or an infinity."""
-    for _, chunk in column_chunks(rows):
-        if not bool(torch.isfinite(chunk).all()):
-            raise CheckpointError(
-                f"tensor '{name}': the task vectors contain NaN or infinite values; "
-                "check the expert and base checkpoints"
-            )
+    if not all_finite(rows):
+        raise CheckpointError(
+            f"tensor '{name}': the task vectors contain NaN or infinite values; check the expert and base checkpoints"
+        )
 
 
 # ----------------------------------------------------------------------- k-th smallest value
