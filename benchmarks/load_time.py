@@ -7,7 +7,8 @@ guard that restarts or scales out on the same machine; one untimed run of each f
 
 - ``help``: ``guardmerge --help``;
 - ``load_predict_torch``: ``guardmerge.load(MODEL)`` and one ``predict`` (torch);
-- ``scanner_onnx`` / ``scanner_torch``: the LLM Guard scanners of :mod:`guardmerge.integrations.llm_guard`
+- ``scanner_onnx`` / ``scanner_torch``: the LLM Guard scanner of one head (``--scanner-task``,
+  default injection; the whole model is loaded either way) of :mod:`guardmerge.integrations.llm_guard`
   built on the ONNX export (fp32) or the torch folder, and one ``scan``;
 - ``serve_torch`` / ``serve_onnx``: ``guardmerge serve`` started, polled until the first
   ``POST /v1/classify`` answers 200.
@@ -66,12 +67,12 @@ SNIPPETS = {
     ),
     "scanner_onnx": _PHASES.format(
         imports="from guardmerge.integrations.llm_guard import scanners",
-        load='found = scanners(sys.argv[1], backend="onnx")',
+        load='found = scanners(sys.argv[1], tasks=[sys.argv[2]], backend="onnx")',
         answer=f"found[0].scan({PROMPT!r})",
     ),
     "scanner_torch": _PHASES.format(
         imports="from guardmerge.integrations.llm_guard import scanners",
-        load="found = scanners(sys.argv[1])",
+        load="found = scanners(sys.argv[1], tasks=[sys.argv[2]])",
         answer=f"found[0].scan({PROMPT!r})",
     ),
 }
@@ -120,7 +121,7 @@ def serve_first_answer(model: Path, backend: str) -> tuple[float, dict[str, Any]
         proc.wait(30)
 
 
-def scenario(name: str, model: Path, onnx: Path, runs: int) -> dict[str, Any]:
+def scenario(name: str, model: Path, onnx: Path, runs: int, task: str) -> dict[str, Any]:
     """Every run's wall seconds and phases, and their medians, for scenario ``name``."""
     if name == "help":
         exe = Path(sys.executable).with_name("guardmerge")
@@ -130,7 +131,7 @@ def scenario(name: str, model: Path, onnx: Path, runs: int) -> dict[str, Any]:
         measure = lambda: serve_first_answer(model, backend)  # noqa: E731
     else:
         folder = onnx if name.endswith("_onnx") else model
-        measure = lambda: cold([sys.executable, "-c", SNIPPETS[name], str(folder)])  # noqa: E731
+        measure = lambda: cold([sys.executable, "-c", SNIPPETS[name], str(folder), task])  # noqa: E731
     measure()  # untimed: the page cache and numba/ONNX caches warm
     walls, phases = [], []
     for _ in range(runs):
@@ -158,6 +159,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, default=HERE / ".work")
+    ap.add_argument("--scanner-task", default="injection", help="the head whose scanner answers")
     ap.add_argument("--scenario", action="append", choices=["help", *SNIPPETS, "serve_torch", "serve_onnx"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -175,7 +177,7 @@ def main() -> None:
     results.update({"model": info, "runs": args.runs, "environment": environment()})
     results.setdefault("scenarios", {})
     for name in args.scenario or ["help", *SNIPPETS, "serve_torch", "serve_onnx"]:
-        results["scenarios"][name] = scenario(name, model, onnx, args.runs)
+        results["scenarios"][name] = scenario(name, model, onnx, args.runs, args.scanner_task)
         OUT.write_text(json.dumps(results, indent=2) + "\n")  # after every scenario: a stopped run keeps its rows
     print(json.dumps(results["scenarios"], indent=2))
 
