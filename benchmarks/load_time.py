@@ -95,13 +95,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_first_answer(model: Path, backend: str) -> tuple[float, dict[str, Any]]:
+def serve_first_answer(model: Path, backend: str, extra: list[str]) -> tuple[float, dict[str, Any]]:
     """Seconds from spawning ``guardmerge serve`` to its first 200 answer of ``/v1/classify``."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "guardmerge.cli", "-q", "serve", str(model), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--backend", backend, "--no-access-log"]
+    cmd += ["--port", str(port), "--backend", backend, "--no-access-log", *extra]
     url = f"http://127.0.0.1:{port}/v1/classify"
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -121,14 +121,14 @@ def serve_first_answer(model: Path, backend: str) -> tuple[float, dict[str, Any]
         proc.wait(30)
 
 
-def scenario(name: str, model: Path, onnx: Path, runs: int, task: str) -> dict[str, Any]:
+def scenario(name: str, model: Path, onnx: Path, runs: int, task: str, serve_args: list[str]) -> dict[str, Any]:
     """Every run's wall seconds and phases, and their medians, for scenario ``name``."""
     if name == "help":
         exe = Path(sys.executable).with_name("guardmerge")
         measure = lambda: cold([str(exe), "--help"])  # noqa: E731
     elif name.startswith("serve_"):
         backend = name.removeprefix("serve_")
-        measure = lambda: serve_first_answer(model, backend)  # noqa: E731
+        measure = lambda: serve_first_answer(model, backend, serve_args)  # noqa: E731
     else:
         folder = onnx if name.endswith("_onnx") else model
         measure = lambda: cold([sys.executable, "-c", SNIPPETS[name], str(folder), task])  # noqa: E731
@@ -160,6 +160,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     ap.add_argument("--work", type=Path, default=HERE / ".work")
     ap.add_argument("--scanner-task", default="injection", help="the head whose scanner answers")
+    ap.add_argument(
+        "--serve-arg",
+        action="append",
+        help="extra guardmerge serve arguments (default for the guard model: --threshold=emotion=off, "
+        "since the emotion head has no benign label and serve refuses to guess one)",
+    )
     ap.add_argument("--scenario", action="append", choices=["help", *SNIPPETS, "serve_torch", "serve_onnx"])
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -173,11 +179,12 @@ def main() -> None:
     else:
         model, info = args.model, {"folder": str(args.model)}
     onnx = onnx_exports(model)["onnx"]
+    serve_args = args.serve_arg if args.serve_arg is not None else [] if args.model else ["--threshold=emotion=off"]
     results: dict[str, Any] = json.loads(OUT.read_text()) if OUT.is_file() else {}
     results.update({"model": info, "runs": args.runs, "environment": environment()})
     results.setdefault("scenarios", {})
     for name in args.scenario or ["help", *SNIPPETS, "serve_torch", "serve_onnx"]:
-        results["scenarios"][name] = scenario(name, model, onnx, args.runs, args.scanner_task)
+        results["scenarios"][name] = scenario(name, model, onnx, args.runs, args.scanner_task, serve_args)
         OUT.write_text(json.dumps(results, indent=2) + "\n")  # after every scenario: a stopped run keeps its rows
     print(json.dumps(results["scenarios"], indent=2))
 
