@@ -4,6 +4,7 @@
 - :mod:`guardmerge.io.safetensors`: one safetensors file, its header checked;
 - :mod:`guardmerge.io.checkpoint`: the one checked reader of a model folder (stored names);
 - :mod:`guardmerge.io.writer`: streaming safetensors output in size-capped shards;
+- :mod:`guardmerge.io.finite`: the one NaN/Inf check of every tensor read, written or loaded;
 - :mod:`guardmerge.io.atomic`: output paths checked once, written in a temporary sibling and
   renamed into place.
 """
