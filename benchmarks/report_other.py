@@ -1,5 +1,5 @@
 """BENCHMARKS.md sections from the other benchmarks' results files, each when its file exists:
-merge speed and memory vs mergekit (benchmarks/merge_speed.py), versus LLM Guard
+merge speed and memory vs mergekit (benchmarks/merge_speed.py), cold start (benchmarks/load_time.py), versus LLM Guard
 (benchmarks/vs_llm_guard.py) and reliability (benchmarks/reliability.py). Called by
 benchmarks/report.py.
 """
@@ -29,17 +29,47 @@ def merge_speed_table(path: Path) -> list[str]:
             else "."
         ),
         "",
-        "| job | runs | guardmerge s | mergekit s | speedup | guardmerge peak MiB | mergekit peak MiB | I/O floor s | "
-        "guardmerge / floor | max abs diff | entries differing |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Checks off: the same merge with its NaN/Inf checks switched off (benchmarks/unchecked_merge.py, "
+        "benchmark only); checks cost = (guardmerge - checks off) / guardmerge. A row without a commit predates "
+        "the benchmark's recording of one.",
+        "",
+        "| job | runs | guardmerge s | checks off s | checks cost | mergekit s | speedup | guardmerge peak MiB | "
+        "mergekit peak MiB | I/O floor s | guardmerge / floor | max abs diff | entries differing | produced |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, j in res.get("jobs", {}).items():
         runs = len(j.get("guardmerge_runs_s", [])) or res.get("runs", "?")
         lines.append(
-            f"| {name} | {runs} | {fmt(j['guardmerge_s'], 1)} | {fmt(j['mergekit_s'], 1)} | {fmt(j['speedup'], 2)}x | "
+            f"| {name} | {runs} | {fmt(j['guardmerge_s'], 1)} | {fmt(j.get('guardmerge_unchecked_s'), 1)} | "
+            f"{fmt(j.get('checks_cost_fraction'), 3)} | {fmt(j['mergekit_s'], 1)} | {fmt(j['speedup'], 2)}x | "
             f"{fmt(j['guardmerge_peak_mb'], 0)} | {fmt(j['mergekit_peak_mb'], 0)} | {fmt(j['floor_s'], 2)} | "
             f"{fmt(j['guardmerge_over_floor'], 1)}x | {j['max_abs_diff_vs_mergekit']:.2g} | "
-            f"{j.get('fraction_differing_vs_mergekit', float('nan')):.2g} |"
+            f"{j.get('fraction_differing_vs_mergekit', float('nan')):.2g} | {fmt_produced(j)} |"
+        )
+    return [*lines, ""]
+
+
+def load_time_table(path: Path) -> list[str]:
+    """Cold process to first answer (benchmarks/load_time.py), if it was run."""
+    if not path.is_file():
+        return []
+    res = json.loads(path.read_text())
+    lines = [
+        "## Cold start to first answer (`python benchmarks/load_time.py`)",
+        "",
+        f"Median of {res.get('runs', '?')} fresh processes per scenario on `{Path(res['model']['folder']).name}` "
+        "(page cache warm); phases are measured inside the process (imports of the entry module, load, first "
+        "answer; the rest is interpreter start and exit).",
+        "",
+        "| scenario | wall s | import s | load s | first answer s | imports torch | imports transformers | goal s "
+        "| produced |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res.get("scenarios", {}).items():
+        lines.append(
+            f"| {name} | {fmt(r['wall_s'], 3)} | {fmt(r.get('import_s'), 3)} | {fmt(r.get('load_s'), 3)} | "
+            f"{fmt(r.get('answer_s'), 3)} | {r.get('torch', '-')} | {r.get('transformers', '-')} | "
+            f"{fmt(r.get('goal_s'), 1)} | {fmt_produced(r)} |"
         )
     return [*lines, ""]
 
