@@ -24,3 +24,13 @@ def test_all_finite_edge_cases() -> None:
     assert all_finite(torch.full((4,), torch.finfo(torch.float16).max, dtype=torch.float16))
     w = torch.nn.Parameter(torch.ones(3))
     assert all_finite(w)  # a parameter that requires grad
+
+
+def test_finite_abs_max_is_the_largest_magnitude_or_none() -> None:
+    from guardmerge.io.finite import finite_abs_max
+
+    assert finite_abs_max(torch.tensor([0.5, -3.0, 2.0])) == 3.0
+    assert finite_abs_max(torch.tensor([[0.5, 4.0], [-1.0, 2.0]]).t()) == 4.0
+    assert finite_abs_max(torch.tensor([1.0, float("inf")])) is None
+    assert finite_abs_max(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)) is None
+    assert finite_abs_max(torch.empty(0)) == 0.0 and finite_abs_max(torch.arange(7)) == 0.0

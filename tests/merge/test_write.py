@@ -114,3 +114,39 @@ def test_disk_full_becomes_an_error_naming_the_output(
         merge_to_folder(MergeJob.of(load_config(merge_cfg(tmp_path, zoo))), tmp_path / "out", progress=False)
     monkeypatch.setattr(engine, "_copy_tokenizer", real)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]
+
+
+def test_the_output_probe_runs_only_when_merged_weights_leave_the_inputs_range(
+    two_head_merge: tuple[MergeResult, MergeConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guardmerge.merge import write
+
+    result, config = two_head_merge
+    largest = max(float(t.abs().max()) for t in result.tensors.values() if t.is_floating_point())
+    probed: list[Path] = []
+    monkeypatch.setattr(write, "probe_outputs", lambda folder, **_: probed.append(folder))
+    _write(tmp_path / "inside", result, config, input_abs_max=lambda: largest)
+    assert probed == []  # every merged weight within the inputs' range: no model load
+    _write(tmp_path / "outside", result, config, input_abs_max=lambda: largest * 0.999)
+    _write(tmp_path / "unknown", result, config)  # no input range given: always probed
+    assert len(probed) == 2
+
+
+def test_a_streamed_merge_tracks_its_inputs_range_and_probes_an_amplified_merge(
+    zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guardmerge.merge import write
+    from guardmerge.merge.stages import merge_to_folder
+
+    probed: list[Path] = []
+    real = write.probe_outputs
+    monkeypatch.setattr(write, "probe_outputs", lambda folder, **kw: (probed.append(folder), real(folder, **kw)))
+    experts = [{"model": str(zoo[t]), "task": t} for t in ("hate", "sentiment")]
+    for scaling in (0.4, 40.0):
+        cfg = parse_config(
+            {"base_model": str(zoo["base"]), "experts": experts, "parameters": {"scaling": scaling}}
+            | {"align_heads": False}
+        )
+        merge_to_folder(MergeJob.of(cfg), tmp_path / f"s{scaling}", progress=False)
+    assert len(probed) == 1 and "s40.0" in str(probed[0])  # scaling 40 leaves the range: probed and finite
+    assert guardmerge.load(str(tmp_path / "s0.4")).logits(TEXTS)["hate"].isfinite().all()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from guardmerge.errors import CheckpointError
-from guardmerge.io.finite import all_finite
+from guardmerge.io.finite import finite_abs_max
 from guardmerge.io.formats import clip, read_config, short_path, weight_files
 from guardmerge.io.safetensors import SafetensorsFile
 
@@ -118,6 +118,8 @@ class CheckpointFiles:
 
     Attributes:
         path: the folder; config: its ``config.json``; pickled: whether its weights are pickles.
+        abs_max: the largest ``|value|`` of the float tensors read so far (free with the
+            NaN/Inf check; the writer probes a merged model whose weights leave this range).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class CheckpointFiles:
         self._files: dict[Path, SafetensorsFile] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._index: dict[str, Path] = {}  # stored key -> its file
+        self.abs_max = 0.0
         try:
             files, self.pickled = weight_files(self.path, allow_pickle=allow_pickle)
             if self.pickled:
@@ -234,8 +237,10 @@ class CheckpointFiles:
             raise
         except Exception as exc:
             raise CheckpointError(f"{short_path(file)}: cannot read tensor '{label}': {clip(exc, 200)}") from None
-        if not all_finite(result):
+        largest = finite_abs_max(result)
+        if largest is None:
             raise CheckpointError(f"{self.where}: tensor '{label}' holds NaN or Inf values; refused")
+        self.abs_max = max(self.abs_max, largest)
         return result
 
     def state_dict(self) -> dict[str, torch.Tensor]:

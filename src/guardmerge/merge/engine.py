@@ -342,6 +342,7 @@ def stream_to_folder(
             tensors.layout(),
             force=force,
             max_shard_bytes=max_shard_bytes,
+            input_abs_max=job.input_abs_max,
         )
 
 

@@ -228,6 +228,12 @@ class MergeJob:
     def is_open(self) -> bool:
         return bool(self._session)
 
+    def input_abs_max(self) -> float:
+        """The largest ``|value|`` of every float tensor the open session has read so far, over
+        the base and every expert (see :attr:`CheckpointFiles.abs_max`)."""
+        session = self._session[0]
+        return max([session.base.files.abs_max, *(ck.files.abs_max for ck in session.experts.values())])
+
     def _open_session(self) -> _Session:
         if not self._session:
             raise GuardmergeError("the merge job is not open: use `with job.open():`")

@@ -1,13 +1,15 @@
-"""The one output path of every merge: tensors into safetensors shards, config, tokenizer, merge
-config and model card in a temporary folder; the model is then loaded as a user will load it and
-run on probe texts, and only a model whose outputs are finite is put in place."""
+"""The one output path of every merge: tensors into safetensors shards (each checked for NaN/Inf),
+config, tokenizer, merge config and model card in a temporary folder; a model whose weights left
+the inputs' range is then loaded as a user will load it and run on probe texts, and only a model
+whose outputs are finite is put in place."""
 
 from __future__ import annotations
 
 import inspect
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from guardmerge.config import MergeConfig
 from guardmerge.errors import GuardmergeError
 from guardmerge.io import atomic_dir
-from guardmerge.io.finite import all_finite
+from guardmerge.io.finite import finite_abs_max
 from guardmerge.io.formats import CONFIG_FILE, MERGE_CONFIG_FILE, MODEL_CARD_FILE, TOKENIZER_FILES
 from guardmerge.io.writer import ShardedWriter, TensorSlot
 from guardmerge.merge.card import model_card
@@ -26,17 +28,31 @@ from guardmerge.models.multihead import MultiHeadModel
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class OutputRange:
+    """The largest ``|value|`` among the tensors :func:`finite_outputs` has passed on."""
+
+    abs_max: float = 0.0
+
+
 def finite_outputs(
-    tensors: Iterable[tuple[str, torch.Tensor]], config: MergeConfig, outcome: str
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    config: MergeConfig,
+    outcome: str,
+    seen: OutputRange | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``tensors`` passed through, each checked once for NaN or Inf (:func:`all_finite`) as it
-    goes by; the first bad one raises :class:`GuardmergeError` naming it and ``outcome``."""
+    """``tensors`` passed through, each checked once for NaN or Inf (:func:`finite_abs_max`) as
+    it goes by, their largest ``|value|`` kept in ``seen``; the first bad one raises
+    :class:`GuardmergeError` naming it and ``outcome``."""
     for name, tensor in tensors:
-        if not all_finite(tensor):
+        largest = finite_abs_max(tensor)
+        if largest is None:
             raise GuardmergeError(
                 f"merged tensor '{name}' holds NaN or Inf values (method {config.method}, "
                 f"parameters {config.parameters}); {outcome}"
             )
+        if seen is not None:
+            seen.abs_max = max(seen.abs_max, largest)
         yield name, tensor
 
 
@@ -50,11 +66,19 @@ def write_folder(
     force: bool = False,
     max_shard_bytes: int | None = None,
     extra_files: Mapping[str, bytes] | None = None,
+    input_abs_max: Callable[[], float] | None = None,
 ) -> None:
     """The one output path of every merge: ``tensors`` (in ``layout`` order) into safetensors
     shards of at most ``max_shard_bytes``, then config, tokenizer, merge config and model card
     (and ``extra_files``: name -> bytes, e.g. a search summary), in a temporary folder renamed
-    to ``out`` when complete."""
+    to ``out`` when complete.
+
+    Every written tensor is checked for NaN/Inf. The model is then run on probe texts
+    (:func:`probe_outputs`) unless ``input_abs_max`` (called once every tensor is written)
+    gives the largest ``|weight|`` of the models the merge read and no merged weight exceeds
+    it: overflow needs weights the merge amplified (``scaling: 1e38``), and loading the model
+    to find out costs more than the tensor merge itself on small jobs.
+    """
     from guardmerge import __version__
 
     card = model_card(result, config, __version__)
@@ -63,8 +87,9 @@ def write_folder(
     else:
         model_cfg = folder_config(result.config, result.heads, result.info)
     with atomic_dir(out, force=force) as tmp:
+        seen = OutputRange()
         with ShardedWriter(tmp, layout, max_shard_bytes=max_shard_bytes) as writer:
-            for name, tensor in finite_outputs(tensors, config, f"nothing was written to {out}"):
+            for name, tensor in finite_outputs(tensors, config, f"nothing was written to {out}", seen):
                 writer.write(name, tensor)
         (tmp / CONFIG_FILE).write_text(json.dumps(model_cfg, indent=2) + "\n")
         if result.tokenizer_dir:
@@ -73,9 +98,13 @@ def write_folder(
         (tmp / MODEL_CARD_FILE).write_text(card)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        probe_outputs(
-            tmp, shared=config.heads == "shared", what=f"method {config.method}, parameters {config.parameters}"
-        )
+        bound = input_abs_max() if input_abs_max is not None else None
+        if bound is not None and seen.abs_max <= bound:
+            log.debug("output probe skipped: merged |weight| <= %.4g, the inputs' largest %.4g", seen.abs_max, bound)
+        else:
+            probe_outputs(
+                tmp, shared=config.heads == "shared", what=f"method {config.method}, parameters {config.parameters}"
+            )
 
 
 PROBE_TEXTS = (
