@@ -10,8 +10,9 @@ guard that restarts or scales out on the same machine; one untimed run of each f
 - ``scanner_onnx`` / ``scanner_torch``: the LLM Guard scanner of one head (``--scanner-task``,
   default injection; the whole model is loaded either way) of :mod:`guardmerge.integrations.llm_guard`
   built on the ONNX export (fp32) or the torch folder, and one ``scan``;
-- ``serve_torch`` / ``serve_onnx``: ``guardmerge serve`` started, polled until the first
-  ``POST /v1/classify`` answers 200.
+- ``serve_torch`` / ``serve_onnx``: ``guardmerge serve`` started on the torch folder / the ONNX
+  export (as deployed; a torch folder served with ``--backend onnx`` is exported at start-up),
+  polled until the first ``POST /v1/classify`` answers 200.
 
 Each in-process scenario also reports where its time went (imports, load, first answer) and
 whether it imported torch and transformers, so a lazy-import regression shows. The model is the
@@ -128,7 +129,8 @@ def scenario(name: str, model: Path, onnx: Path, runs: int, task: str, serve_arg
         measure = lambda: cold([str(exe), "--help"])  # noqa: E731
     elif name.startswith("serve_"):
         backend = name.removeprefix("serve_")
-        measure = lambda: serve_first_answer(model, backend, serve_args)  # noqa: E731
+        served = onnx if backend == "onnx" else model  # ONNX serves the exported folder, as deployed
+        measure = lambda: serve_first_answer(served, backend, serve_args)  # noqa: E731
     else:
         folder = onnx if name.endswith("_onnx") else model
         measure = lambda: cold([sys.executable, "-c", SNIPPETS[name], str(folder), task])  # noqa: E731

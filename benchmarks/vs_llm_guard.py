@@ -186,9 +186,9 @@ def merged_model(data: Path, work: Path, experts: Mapping[str, Path], row: str |
 
 
 def onnx_exports(merged: Path) -> dict[str, Path]:
-    """The merged model as ONNX fp32 and int8 folders beside it (exported once)."""
+    """The merged model as ONNX fp32 and int8 folders beside it, exported afresh by this code (an
+    export from older code, e.g. one without weight digests, would time older code)."""
     import guardmerge
-    from guardmerge.export.metadata import is_onnx_folder
     from guardmerge.export.onnx import export_onnx
 
     out = {
@@ -196,11 +196,9 @@ def onnx_exports(merged: Path) -> dict[str, Path]:
         "onnx": merged.with_name(merged.name + "-onnx"),
         "int8": merged.with_name(merged.name + "-int8"),
     }
-    model = None
+    model = guardmerge.load(str(merged))
     for mode, quantize in (("onnx", None), ("int8", "int8")):
-        if not is_onnx_folder(out[mode]):
-            model = model or guardmerge.load(str(merged))
-            export_onnx(model, out[mode], quantize=quantize, force=True)
+        export_onnx(model, out[mode], quantize=quantize, force=True)
     return out
 
 

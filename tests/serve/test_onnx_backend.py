@@ -196,11 +196,54 @@ def test_int8_graph_checks_its_float_scales_not_its_integer_weights(int8_dir: Pa
         backend.logits(["sure"], ["hate"])
 
 
-def test_onnx_backend_refuses_to_open_without_the_onnx_package(onnx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onnx_backend_without_the_onnx_package_trusts_only_unchanged_export_digests(
+    onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    undigested = tmp_path / "undigested"
+    shutil.copytree(onnx_dir, undigested)
+    meta = json.loads((undigested / META_FILE).read_text())
+    assert set(meta.pop("weights_sha256")) == {ONNX_FILE}  # the export recorded the graph it checked
+    (undigested / META_FILE).write_text(json.dumps(meta))
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    backend = OnnxBackend(onnx_dir)  # unchanged files: their digests stand for the export's check
+    assert backend.bad_weights == [] and set(backend.logits(["sure"])) == set(TASKS)
     with pytest.raises(GuardmergeError, match=r"onnx package.*pip install 'guardmerge\[onnx\]'") as caught:
-        OnnxBackend(onnx_dir)
+        OnnxBackend(undigested)
     assert "\n" not in str(caught.value)
+
+
+def test_a_graph_changed_after_export_gets_the_full_weight_check(
+    onnx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import onnx
+
+    from guardmerge.export import weights
+
+    checked: list[Path] = []
+    real = weights.non_finite_initializers
+    monkeypatch.setattr(weights, "non_finite_initializers", lambda p: (checked.append(p), real(p))[1])
+    assert OnnxBackend(onnx_dir).bad_weights == [] and checked == []  # digests match: no graph parse
+    changed = tmp_path / "changed"
+    shutil.copytree(onnx_dir, changed)
+    proto = onnx.load(str(changed / ONNX_FILE))
+    proto.doc_string = "edited after export"  # any change to the bytes, even one that leaves the weights
+    onnx.save(proto, str(changed / ONNX_FILE))
+    assert OnnxBackend(changed).bad_weights == []
+    assert checked == [changed / ONNX_FILE]
+
+
+def test_export_refuses_a_graph_whose_weights_are_not_finite(
+    merged_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import guardmerge
+    from guardmerge.export import onnx as exporter
+
+    monkeypatch.setattr(exporter, "non_finite_initializers", lambda p: ["encoder.layer.0.weight"])
+    with pytest.raises(GuardmergeError, match="NaN or infinity.*encoder.layer.0.weight.*nothing was written"):
+        export_onnx(guardmerge.load(str(merged_dir)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # -- 5. untrusted metadata and graph -------------------------------------------------------------------------

@@ -5,7 +5,9 @@ The file is not trusted: :func:`read_metadata` checks all of it (:class:`OnnxMet
 anything is opened. ``model_file`` must be a plain file name inside the folder (no separators,
 no ``..``, no link leading out); every head needs a non-empty list of string labels, an
 ``output`` name and a ``problem`` (``single_label``, ``multi_label`` or ``token``); thresholds
-are label -> number in [0, 1]; ``benign`` lists labels of the head. A file that is not UTF-8
+are label -> number in [0, 1]; ``benign`` lists labels of the head; ``weights_sha256`` (plain
+file name -> SHA-256 hex, the model file among them) names the graph files whose weights the
+export checked for NaN/Inf (:mod:`guardmerge.export.weights`). A file that is not UTF-8
 JSON, or any field of the wrong type, is a one-line :class:`~guardmerge.errors.GuardmergeError`.
 """
 
@@ -80,6 +82,7 @@ class OnnxMetadata(BaseModel):
     model_type: str | None = None
     info: dict[str, Any] = Field(default_factory=dict)
     guardmerge_version: str | None = None
+    weights_sha256: dict[str, str] | None = None
 
     @field_validator("model_file")
     @classmethod
@@ -88,12 +91,23 @@ class OnnxMetadata(BaseModel):
             raise ValueError(f"'{value}' is not a plain file name inside the folder (no separators, no '..')")
         return value
 
+    @field_validator("weights_sha256")
+    @classmethod
+    def _digests(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, digest in (value or {}).items():
+            cls._plain_name(name)
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"the digest of '{name}' is not a SHA-256 hex string")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> OnnxMetadata:
         if "input_ids" not in self.inputs or len(set(self.inputs)) != len(self.inputs):
             raise ValueError("inputs must hold input_ids, each input once")
         if any(not t for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
             raise ValueError("tasks must be unique non-empty strings")
+        if self.weights_sha256 is not None and self.model_file not in self.weights_sha256:
+            raise ValueError(f"weights_sha256 lacks the model file '{self.model_file}'")
         if set(self.tasks) != set(self.heads):
             raise ValueError(f"tasks ({', '.join(self.tasks)}) and heads ({', '.join(self.heads)}) differ")
         outputs = [h.output for h in self.heads.values()]

@@ -27,6 +27,7 @@ from torch import nn
 
 from guardmerge.errors import GuardmergeError
 from guardmerge.export.metadata import META_FILE, ONNX_FILE
+from guardmerge.export.weights import file_digests, non_finite_initializers
 from guardmerge.io import atomic_dir
 from guardmerge.models.multihead import MultiHeadModel
 
@@ -137,8 +138,16 @@ def export_onnx(
         if quantize == "int8":
             _quantize_int8(raw, target)
             raw.unlink()
+        bad = non_finite_initializers(target)
+        if bad:
+            raise GuardmergeError(
+                f"the exported graph's weights hold NaN or infinity in {len(bad)} tensor(s) ({', '.join(bad[:5])}); "
+                f"nothing was written to {out_dir}"
+            )
+        graph_files = sorted(p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith("."))
         model.tokenizer.save_pretrained(str(tmp))
         meta = onnx_metadata(model, inputs, quantize, opset)
+        meta["weights_sha256"] = file_digests(tmp, graph_files)  # checked above: a runtime may skip the check
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("exported %d heads (%s) to %s", len(tasks), quantize or "fp32", out_dir)
     return Path(out_dir)

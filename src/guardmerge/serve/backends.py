@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -210,9 +211,6 @@ class OnnxBackend:
         check_max_length(self.tokenizer, max_length)
         self.max_length = max_length or int(self.meta.get("max_length", 512))
         self.inputs = list(self.meta["inputs"])
-        self.bad_weights: list[str] = self.non_finite_weights()
-        if self.bad_weights:
-            log.error("%s: %s", self.model_path, NonFiniteWeightsError(self.bad_weights))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -221,12 +219,19 @@ class OnnxBackend:
         # (benchmarks/soak.py measures the server's RSS growth)
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        try:
-            self.session = ort.InferenceSession(
-                str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:
-            raise GuardmergeError(f"{self.model_path} is not a usable ONNX graph: {_one_line(exc)}") from None
+        # the weight check (a file digest, or parsing the graph) overlaps building the session
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardmerge-onnx-check") as pool:
+            check = pool.submit(self.non_finite_weights)
+            try:
+                self.session = ort.InferenceSession(
+                    str(self.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:
+                check.result()  # the weight check's own error comes first, naming what it found
+                raise GuardmergeError(f"{self.model_path} is not a usable ONNX graph: {_one_line(exc)}") from None
+            self.bad_weights: list[str] = check.result()
+        if self.bad_weights:
+            log.error("%s: %s", self.model_path, NonFiniteWeightsError(self.bad_weights))
         graph_inputs = {i.name for i in self.session.get_inputs()}
         graph_outputs = {o.name for o in self.session.get_outputs()}
         missing = [h["output"] for h in self.meta["heads"].values() if h["output"] not in graph_outputs]
@@ -293,20 +298,15 @@ class OnnxBackend:
         return {t: np.asarray(o, dtype=np.float32) for t, o in zip(chosen, outs)}
 
     def non_finite_weights(self) -> list[str]:
-        """Names of the graph's floating-point initializers and constants (int8 graphs: their float
-        scales) holding NaN or infinity. Needs the ``onnx`` package: without it this raises."""
-        try:
-            import onnx
-        except ImportError:
-            raise GuardmergeError(
-                f"the onnx backend needs the onnx package to check the weights of {self.model_path} for NaN or "
-                "infinity: pip install 'guardmerge[onnx]'"
-            ) from None
-        try:
-            graph = onnx.load(str(self.model_path)).graph
-        except Exception as exc:
-            raise GuardmergeError(f"{self.model_path} is not a readable ONNX graph: {_one_line(exc)}") from None
-        return [name for name, tensor in _graph_tensors(graph) if not _finite(tensor)]
+        """Names of the graph's float initializers and constants holding NaN or infinity: none
+        when the files still hash to the digests the export recorded after checking them
+        (:mod:`guardmerge.export.weights`); else the full check, which needs the ``onnx`` package."""
+        from guardmerge.export.weights import digests_match, non_finite_initializers
+
+        recorded = self.meta.get("weights_sha256")
+        if recorded and digests_match(self.folder, recorded):
+            return []
+        return non_finite_initializers(self.model_path)
 
     def close(self) -> None:
         if self._cleanup is not None:
@@ -317,44 +317,6 @@ class OnnxBackend:
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _graph_tensors(graph: Any) -> Iterator[tuple[str, Any]]:
-    """``(name, TensorProto)`` of a graph's initializers and constant tensors, subgraphs included."""
-    import onnx
-
-    for init in graph.initializer:
-        yield init.name, init
-    for sparse in graph.sparse_initializer:
-        yield sparse.values.name, sparse.values
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield node.output[0] if node.output else node.name, attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                for k, t in enumerate(attr.tensors):
-                    yield f"{node.name or node.op_type}.{attr.name}[{k}]", t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graph_tensors(sub)
-
-
-def _finite(tensor: Any) -> bool:
-    """False when a floating-point ONNX tensor holds NaN or infinity (integer tensors: True)."""
-    import onnx
-    from onnx import numpy_helper
-
-    kind = onnx.TensorProto
-    floats = {kind.FLOAT, kind.DOUBLE, kind.FLOAT16, kind.BFLOAT16}
-    floats |= {getattr(kind, n) for n in dir(kind) if n.startswith("FLOAT8")}
-    if tensor.data_type not in floats:
-        return True
-    values = np.asarray(numpy_helper.to_array(tensor))
-    if not np.issubdtype(values.dtype, np.floating):
-        values = values.astype(np.float32)
-    return bool(np.isfinite(values).all())
 
 
 def _temp_export_folder() -> Path:
