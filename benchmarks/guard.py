@@ -54,7 +54,7 @@ from guard_bench import (
     test_scores,
     timings,
 )
-from guard_heal import HEAL, Fidelity, heal_section, healed
+from guard_heal import HEAL, HEAL_GRID, Fidelity, heal_section, healed
 from guard_hm3 import PAIRS, QUICK_PAIRS, density_sweep, two_task
 from provenance import environment, produced
 
@@ -417,6 +417,12 @@ def parse_args() -> tuple[argparse.Namespace, Grids]:
         "--heal-depth", type=int, default=5, help="heal section: the share_layers depth of its frontier row (0: none)"
     )
     ap.add_argument(
+        "--heal-texts",
+        default=",".join(str(n) for n in HEAL_GRID["texts"]),
+        help="heal section: the texts-per-task values tried on validation, comma-separated (each point "
+        "trains once; 600 took about 7 minutes on 2 cores with the five MiniLM experts)",
+    )
+    ap.add_argument(
         "--branch-align-choice",
         action="store_true",
         help="frontier: choose branch_align on validation (default: always on)",
@@ -573,6 +579,7 @@ def main() -> None:
             args.heal_depth or None,
             SOURCES,
             args.quick,
+            texts=[int(n) for n in args.heal_texts.split(",") if n.strip()],
         )
     _save(args.out, results, started)
     if "sweep" in run:

@@ -121,16 +121,20 @@ def heal_section(
     depth: int | None,
     sources: Sequence[str],
     quick: bool = False,
+    texts: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The heal rows on ``trunk`` (``{"row", "method", "hyperparameters"}``): heal settings chosen
-    on validation by mean agreement, then +heal, +heal+align, +heal with train: top (+align),
-    and +heal at ``depth`` (share_layers, branch alignment on) when given."""
+    on validation by mean agreement among ``texts`` per task (default :data:`HEAL_GRID`), then
+    +heal, +heal+align, +heal with train: top (+align), and +heal at ``depth`` (share_layers,
+    branch alignment on) when given."""
     method, params = trunk["method"], trunk["hyperparameters"]
-    grid = [{"texts": 60, "epochs": 1}] if quick else [{"texts": n} for n in HEAL_GRID["texts"]]
-    trials = []
+    sizes = list(texts or HEAL_GRID["texts"])
+    grid = [{"texts": 60, "epochs": 1}] if quick else [{"texts": n} for n in sizes]
+    trials, trained = [], {}
     for point in grid:
         heal = {**HEAL, **point}
         model, report = healed(bench, method, params, align=False, heal=heal)
+        trained[repr(sorted(heal.items()))] = (model, report)  # the +heal row of the chosen point
         val = val_fidelity.row(model, expert_test)
         score = mean({t: min(v, val["off_task_agreement"][t] or v) for t, v in val["agreement"].items()})
         trials.append({"heal": heal, "validation_mean_agreement": score, "seconds": report["seconds"]})
@@ -147,7 +151,8 @@ def heal_section(
     rows: dict[str, Any] = {}
     for suffix, extra in variants.items():
         align = bool(extra.pop("align", False))
-        model, report = healed(bench, method, params, align=align, **extra)
+        again = trained.get(repr(sorted(extra["heal"].items()))) if set(extra) == {"heal"} and not align else None
+        model, report = again or healed(bench, method, params, align=align, **extra)
         k = int(extra.get("share_layers", layers))
         rows[f"{trunk['row'].removesuffix('+align')}{suffix}"] = {
             **test_scores(bench.score(model, "test"), dict(expert_test)),
