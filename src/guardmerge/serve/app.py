@@ -30,6 +30,7 @@ from guardmerge.serve.metrics import Metrics
 from guardmerge.serve.routes import Service, add_routes, describe_model
 from guardmerge.serve.rules import check_tasks, head_rules
 from guardmerge.serve.settings import ServeSettings
+from guardmerge.serve.v2 import add_v2_routes
 from guardmerge.serve.verdicts import has_head_failure
 
 log = logging.getLogger(__name__)
@@ -81,14 +82,17 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
         error=error,
         on_done=metrics.on_request,
         api_key=settings.api_key,
-        protected=("/v1/", "/metrics"),
+        protected=("/v1/", "/metrics", "/v2/models/"),
         json_routes={("POST", "/v1/classify")},
+        read_routes=("/v2/models/",),
         # a body that cannot be within the limits is refused (JSON escapes: 6 bytes/char), while it streams
         max_body=settings.max_texts * (6 * settings.max_chars + 8) + 4096,
         body_timeout=settings.body_timeout,
     )
     model_info = describe_model(backend, rules, settings)
-    add_routes(app, Service(settings, rules, batcher, metrics, health, model_info))
+    service = Service(settings, rules, batcher, metrics, health, model_info)
+    add_routes(app, service)
+    add_v2_routes(app, service)  # the Open Inference Protocol (KServe v2) over the same service
     return app
 
 

@@ -81,6 +81,8 @@ class RequestGate:
         api_key: the key, or None for no auth.
         protected: paths needing the key: exact paths, or prefixes ending in ``/``.
         json_routes: ``(method, path)`` pairs whose JSON body the gate reads and checks.
+        read_routes: path prefixes whose POST bodies the gate reads within the size and time
+            limits without checking their type (the KServe v2 routes: JSON or binary tensors).
         max_body: most body bytes of any request.
         body_timeout: seconds within which the whole body of a JSON route must arrive.
     """
@@ -96,6 +98,7 @@ class RequestGate:
         json_routes: Collection[tuple[str, str]],
         max_body: int,
         body_timeout: float,
+        read_routes: Collection[str] = (),
     ) -> None:
         self.app = app
         self.error = error
@@ -103,6 +106,7 @@ class RequestGate:
         self.api_key = api_key
         self.protected = tuple(protected)
         self.json_routes = frozenset(json_routes)
+        self.read_routes = tuple(read_routes)
         self.max_body = max_body
         self.body_timeout = body_timeout
 
@@ -170,6 +174,8 @@ class RequestGate:
                 scope, 413, "body_too_large", f"the body has {length} bytes; the limit is {self.max_body}", close=True
             )
         if (method, path) not in self.json_routes:
+            if method == "POST" and path.startswith(self.read_routes):
+                return _replay(await self._read_body(scope, receive), receive)
             return receive
         content_type = headers.get("content-type", "")
         if not is_json_media_type(content_type):

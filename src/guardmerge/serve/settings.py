@@ -8,6 +8,7 @@ imports neither FastAPI nor numpy: the command line reads it before it serves an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
@@ -123,6 +124,7 @@ class ServeSettings:
         body_timeout: seconds within which a request's whole body must arrive (else 408).
         inference_timeout: seconds within which a request's texts must be classified, from the moment
             they are queued (else 504 ``inference_timeout``, never a verdict).
+        model_name: the model's name in the KServe v2 routes (:mod:`guardmerge.serve.v2`).
 
     Every field is checked when the settings are made (and again by
     :func:`~guardmerge.serve.app.create_app`): limits have upper bounds (:data:`SETTING_RANGES`,
@@ -179,6 +181,13 @@ class ServeSettings:
         default=30.0,
         metadata=cli_flag("Seconds a request's texts may take to be classified; then 504 inference_timeout."),
     )
+    model_name: str = field(
+        default="guardmerge",
+        metadata=cli_flag(
+            "The model's name in the Open Inference Protocol (KServe v2) routes, /v2/models/NAME/infer "
+            "(letters, digits, '.', '_', '-')."
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -204,6 +213,12 @@ class ServeSettings:
             if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise GuardmergeError(f"threshold '{key}' (--threshold) {value!r} is outside [0, 1]")
         check_api_key(self.api_key, "the API key (api_key)")
+        name = self.model_name
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+            raise GuardmergeError(
+                f"model_name (--model-name) {name!r} must be 1-128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
 
     def threshold(self, task: str) -> float | None:
         """``task``'s threshold: its own here, else ``default_threshold``."""
