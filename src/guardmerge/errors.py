@@ -63,3 +63,8 @@ class NonFiniteWeightsError(GuardmergeError):
             f"the model's weights hold NaN or infinity in {len(names)} tensor(s) ({shown}): it does not answer"
         )
         self.names = list(names)
+
+
+class HubError(GuardmergeError):
+    """A Hugging Face Hub repository cannot be written: a bad repository id or branch, a refused
+    token, a missing repository, an unreachable Hub."""

@@ -1,5 +1,6 @@
 """The ``guardmerge`` command line: the app and its entry point here, the commands in
-:mod:`~guardmerge.cli.merging`, :mod:`~guardmerge.cli.experts` and :mod:`~guardmerge.cli.serving`.
+:mod:`~guardmerge.cli.merging`, :mod:`~guardmerge.cli.experts`, :mod:`~guardmerge.cli.serving`
+and :mod:`~guardmerge.cli.hub`.
 Heavy modules are imported inside commands, so --help is instant."""
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _main(
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx"):
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     # read by transformers when (and only if) a command imports it: start-up stays fast
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -46,7 +47,7 @@ def _main(
 
 
 # the commands register themselves on ``app``, in this order in --help
-for _module in ("merging", "experts", "serving"):
+for _module in ("merging", "experts", "serving", "hub"):
     importlib.import_module(f"guardmerge.cli.{_module}")
 
 # Commands whose work is complete (files closed and renamed into place) when they return: after

@@ -6,7 +6,8 @@
 - :mod:`guardmerge.io.writer`: streaming safetensors output in size-capped shards;
 - :mod:`guardmerge.io.finite`: the one NaN/Inf check of every tensor read, written or loaded;
 - :mod:`guardmerge.io.atomic`: output paths checked once, written in a temporary sibling and
-  renamed into place.
+  renamed into place;
+- :mod:`guardmerge.io.hub`: a merged folder checked and pushed to the Hugging Face Hub.
 """
 
 from __future__ import annotations
