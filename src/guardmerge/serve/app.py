@@ -38,10 +38,14 @@ log = logging.getLogger(__name__)
 __all__ = ["create_app"]
 
 
-def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(
+    model_or_backend: Any, settings: ServeSettings | None = None, *, batcher_class: Callable[..., Any] | None = None
+) -> FastAPI:
     """A FastAPI app serving a merged model (a ``MultiHeadModel`` or a :class:`Backend`).
 
-    The app owns a :class:`MicroBatcher` (started and stopped with the app's lifespan) and a
+    ``batcher_class`` builds the batcher with :class:`MicroBatcher`'s arguments and interface (default:
+    :class:`MicroBatcher`; the Ray Serve integration passes one built on ``@serve.batch``).
+    The app owns the batcher (started and stopped with the app's lifespan) and a
     Prometheus registry of its own. The backend is not closed by the app. The backend's
     ``bad_weights`` (found when it was built) make ``/v1/classify`` answer 503
     ``non_finite_weights`` and ``/healthz`` report it.
@@ -56,7 +60,7 @@ def create_app(model_or_backend: Any, settings: ServeSettings | None = None) -> 
     settings.validate()  # fields may have been changed since the settings were made
     rules = head_rules(backend, settings)
     metrics, health = Metrics(), HealthState()
-    batcher = MicroBatcher(
+    batcher: MicroBatcher = (batcher_class or MicroBatcher)(
         HeadRunner(backend, rules, settings.aggregation, health),
         max_batch=settings.max_batch,
         max_wait_ms=settings.max_wait_ms,
