@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from provenance import environment, produced
 
 from guardmerge import __version__
 
@@ -251,13 +252,16 @@ def main() -> None:
 
                 source = export_onnx(guardmerge.load(str(args.model)), tmp / "onnx")
             offline = offline_throughput(source, backend, texts[: args.offline_texts], args.max_batch, args.threads)
-            results[backend] = run_backend(source, backend, texts, args)
+            row = run_backend(source, backend, texts, args)
+            results[backend] = {"produced": produced("benchmarks/serve_load.py"), **row}
             results[backend]["offline_batch_texts_per_s"] = round(offline, 1)
             results[backend]["offline_batch"] = args.max_batch
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {
         "benchmark": "serve_load",
+        "produced": produced("benchmarks/serve_load.py"),
+        "environment": environment(),
         "model": str(args.model),
         "tasks": tasks,
         "guardmerge_version": __version__,

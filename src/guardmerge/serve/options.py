@@ -80,8 +80,28 @@ class ServerOptions:
         ),
     )
 
+    ray: str | None = field(
+        default=None,
+        metadata=cli_flag(
+            "Serve on Ray Serve replicas instead of one process: 'local' starts a Ray cluster on this machine, "
+            "'auto' or ray://HOST:10001 joins one (needs the extra named ray-serve)."
+        ),
+    )
+    replicas: int = field(default=1, metadata=cli_flag("With --ray: replicas (the lower bound with --max-replicas)."))
+    max_replicas: int | None = field(
+        default=None, metadata=cli_flag("With --ray: autoscale from --replicas up to this many replicas.")
+    )
+
     def check(self) -> None:
         """Raise :class:`GuardmergeError` (one line, naming the flag) for a value out of range."""
+        if not 1 <= self.replicas <= MAX_THREADS:
+            raise GuardmergeError(f"--replicas must be from 1 to {MAX_THREADS} (got {self.replicas})")
+        if self.max_replicas is not None and not self.replicas <= self.max_replicas <= MAX_THREADS:
+            raise GuardmergeError(
+                f"--max-replicas must be from --replicas ({self.replicas}) to {MAX_THREADS} (got {self.max_replicas})"
+            )
+        if self.ray is None and (self.replicas != 1 or self.max_replicas is not None):
+            raise GuardmergeError("--replicas and --max-replicas need --ray (local, auto or ray://HOST:PORT)")
         name = self.host.strip()
         try:
             ipaddress.ip_address(name.strip("[]"))

@@ -7,6 +7,7 @@ uvicorn re-raises the one it caught. The process then ends as the signal asks (:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -143,6 +144,10 @@ def run_serve(model: Path, flags: Mapping[str, Any]) -> None:
             options.host or "every address",
         )
 
+    if options.ray is not None:
+        serve_on_ray(model, options, settings)
+        return
+
     def serve(backend: Backend) -> None:
         application = create_app(backend, settings)
         log.info("listening on http://%s:%d (docs at /docs)", options.host, options.port)
@@ -158,3 +163,54 @@ def run_serve(model: Path, flags: Mapping[str, Any]) -> None:
     serve_until_stopped(
         lambda: load_backend(model, options.backend, max_length=options.max_length, threads=options.threads), serve
     )
+
+
+def serve_on_ray(model: Path, options: Any, settings: ServeSettings) -> None:
+    """``guardmerge serve --ray``: the app on Ray Serve replicas (:mod:`guardmerge.integrations.ray_serve`)
+    behind Ray Serve's proxy on ``--host:--port``, until SIGTERM or SIGINT; then the application is
+    deleted (a local cluster is stopped with this process)."""
+    from guardmerge.integrations.ray_serve import deployment, run
+
+    autoscaling = None
+    if options.max_replicas is not None:
+        autoscaling = {"min_replicas": options.replicas, "max_replicas": options.max_replicas}
+    app = deployment(
+        model,
+        backend=options.backend,
+        settings=settings,
+        replicas=options.replicas,
+        autoscaling=autoscaling,
+        threads=options.threads,
+        max_length=options.max_length,
+    )
+    previous: dict[int, Any] = {}
+    stopped_by: int | None = None
+    try:
+        run(app, address=None if options.ray == "local" else options.ray, host=options.host, port=options.port)
+        previous = stop_on_signals()  # after Ray's start: its core installs signal handlers of its own
+        log.info(
+            "serving %s on Ray Serve (%s replica(s)) at http://%s:%d",
+            model,
+            options.replicas if options.max_replicas is None else f"{options.replicas}-{options.max_replicas}",
+            options.host,
+            options.port,
+        )
+        while True:  # Ray's proxy and replicas serve; this process waits for a stop signal
+            if _main_thread():
+                signal.pause()
+            else:
+                threading.Event().wait(3600)
+    except Stopped as stop:
+        stopped_by = stop.signum
+    finally:
+        restore_signals(previous)
+        with contextlib.suppress(Exception):  # nothing to delete when the start failed
+            import ray
+            from ray import serve
+
+            serve.delete("guardmerge")
+            if options.ray == "local":  # the cluster this process started ends with it
+                serve.shutdown()
+                ray.shutdown()
+    if stopped_by is not None:
+        end_by_signal(stopped_by)
