@@ -15,7 +15,14 @@ from plots import plots
 from report_common import TASKS, fmt, fmt_hp, fmt_produced
 from report_fidelity import fidelity_table, heal_table, seven_fidelity_table
 from report_headline import write_headline
-from report_other import load_time_table, merge_speed_table, reliability_table, vs_llm_guard_table
+from report_other import (
+    load_time_table,
+    merge_speed_table,
+    ray_serve_table,
+    reliability_table,
+    serve_table,
+    vs_llm_guard_table,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -380,6 +387,8 @@ REPORTED = (
     "merge_speed.json",
     "load_time.json",
     "vs_llm_guard.json",
+    "serve.json",
+    "ray_serve.json",
     "reliability.json",
     "reliability_soak.json",
 )
@@ -430,6 +439,8 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     lines += merge_speed_table(HERE / "results" / "merge_speed.json")
     lines += load_time_table(HERE / "results" / "load_time.json")
     lines += vs_llm_guard_table(HERE / "results" / "vs_llm_guard.json")
+    lines += serve_table(HERE / "results" / "serve.json")
+    lines += ray_serve_table(HERE / "results" / "ray_serve.json")
     lines += reliability_table(HERE / "results" / "reliability.json")
     lines += other_results()
     out_md.write_text("\n".join(lines))

@@ -257,3 +257,57 @@ def _counts(run: dict[str, object]) -> str:
     words = ", ".join(f"{n} {what}" for what, n in (tests if isinstance(tests, dict) else {}).items())
     words = words or "no counts recorded"
     return words if run.get("ok") else f"{words} (the run FAILED)"
+
+
+def serve_table(path: Path) -> list[str]:
+    """Bounded HTTP load on ``guardmerge serve`` (benchmarks/serve_load.py), if it was run."""
+    if not path.is_file():
+        return []
+    res = json.loads(path.read_text())
+    s = res.get("settings", {})
+    lines = [
+        "## Serving under load (`python benchmarks/serve_load.py`)",
+        "",
+        f"`{res.get('model')}` ({', '.join(res.get('tasks', []))}): {s.get('requests')} requests of one test-set "
+        f"text each, {s.get('concurrency')} concurrent clients on loopback, server threads {s.get('threads')}, "
+        f"micro-batches of at most {s.get('max_batch')} texts / {s.get('max_wait_ms')} ms; the client shares the "
+        "CPUs with the server. Offline: the backend alone at a fixed batch (the ceiling of micro-batching).",
+        "",
+        "| backend | requests/s | p50 ms | p95 ms | p99 ms | errors | mean micro-batch | offline texts/s | produced |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for backend, r in res.get("results", {}).items():
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {backend} | {fmt(r['requests_per_s'], 1)} | {fmt(lat['p50'], 0)} | {fmt(lat['p95'], 0)} | "
+            f"{fmt(lat['p99'], 0)} | {r['errors']} | {fmt(r.get('mean_batch_size'), 1)} | "
+            f"{fmt(r.get('offline_batch_texts_per_s'), 1)} | {fmt_produced(r)} |"
+        )
+    return [*lines, ""]
+
+
+def ray_serve_table(path: Path) -> list[str]:
+    """The single-process server against Ray Serve replicas (benchmarks/ray_serve_load.py), if it was run."""
+    if not path.is_file():
+        return []
+    res = json.loads(path.read_text())
+    s = res.get("settings", {})
+    lines = [
+        "## Ray Serve replicas vs one process (`python benchmarks/ray_serve_load.py`)",
+        "",
+        f"`{res.get('model')}`: {s.get('requests')} requests of one text, {s.get('concurrency')} concurrent "
+        f"clients on loopback, {s.get('threads')} inference thread(s) per process or replica, all on the same "
+        f"{res.get('environment', {}).get('cpus', '?')} CPUs as the client: replicas compete for them, so this "
+        "shows what Ray Serve's proxy and batching cost on one machine, not what a cluster gains.",
+        "",
+        "| set-up | replicas | requests/s | vs single | p50 ms | p95 ms | errors | produced |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res.get("results", {}).items():
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {name} | {r.get('replicas') or '-'} | {fmt(r['requests_per_s'], 1)} | "
+            f"{fmt(r.get('throughput_vs_single'), 2)}x | {fmt(lat['p50'], 0)} | {fmt(lat['p95'], 0)} | "
+            f"{r['errors']} | {fmt_produced(r)} |"
+        )
+    return [*lines, ""]
