@@ -213,4 +213,9 @@ def serve_on_ray(model: Path, options: Any, settings: ServeSettings) -> None:
                 serve.shutdown()
                 ray.shutdown()
     if stopped_by is not None:
-        end_by_signal(stopped_by)
+        # exit now, as a shell reports a signal (128 + N): the interpreter's teardown of Ray's core
+        # objects can abort (SIGABRT) after a signal, though everything is already stopped
+        log.info("stopped by %s", signal.Signals(stopped_by).name)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(128 + stopped_by)
