@@ -47,7 +47,11 @@ def coming_from_llm_guard(merged: str, prompts: list[str], backend: str = "torch
     import guardmerge.integrations.llm_guard
 
     # was: input_scanners = [PromptInjection(...), Toxicity(...), ...]: one model and one pass each
-    input_scanners = guardmerge.integrations.llm_guard.scanners(merged, thresholds={"injection": 0.5}, backend=backend)
+    # benign: labels that never flag, where the names do not say (emotion: anger, joy, optimism, sadness)
+    benign = {"emotion": ["anger"]}
+    input_scanners = guardmerge.integrations.llm_guard.scanners(
+        merged, thresholds={"injection": 0.5}, benign=benign, backend=backend
+    )
     results = []
     for prompt in prompts:
         _, results_valid, results_score = scan_prompt(input_scanners, prompt)
@@ -286,6 +290,7 @@ def guardmerge_side(job: dict[str, Any]) -> dict[str, Any]:
         job["folder"],
         thresholds=dict.fromkeys(job["tasks"], job["threshold"]),
         tasks=job["tasks"],
+        benign={"emotion": ["anger"]} if "emotion" in job["tasks"] else None,  # as LLM Guard's valid_languages
         backend=backend,
         max_length=job["max_length"],
         threads=job.get("threads"),
