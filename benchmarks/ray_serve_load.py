@@ -21,14 +21,13 @@ import argparse
 import asyncio
 import json
 import logging
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from provenance import environment, produced
-from serve_load import DEFAULT_DATA, free_port, guard_texts, load, percentile, wait_ready
+from serve_load import DEFAULT_DATA, free_port, guard_texts, load, load_summary, wait_ready
 
 log = logging.getLogger("ray_serve_load")
 
@@ -65,21 +64,7 @@ def measure(model: Path, replicas: int | None, texts: list[str], args: argparse.
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-    row = {
-        "produced": produced(*SOURCES),
-        "replicas": replicas,
-        "requests": len(lat),
-        "errors": errors,
-        "error_samples": samples,
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(len(lat) / wall, 1),
-        "latency_ms": {
-            "p50": round(1000 * percentile(lat, 50), 2),
-            "p95": round(1000 * percentile(lat, 95), 2),
-            "p99": round(1000 * percentile(lat, 99), 2),
-            "mean": round(1000 * statistics.fmean(lat), 2),
-        },
-    }
+    row = {"produced": produced(*SOURCES), "replicas": replicas, **load_summary(lat, errors, wall, samples)}
     log.info("%s: %s", "single" if replicas is None else f"ray x{replicas}", json.dumps(row))
     return row
 

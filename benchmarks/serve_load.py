@@ -177,6 +177,24 @@ def offline_throughput(model: Path, backend: str, texts: list[str], batch: int, 
         runner.close()
 
 
+def load_summary(lat: list[float], errors: int, wall: float, samples: list[str]) -> dict[str, Any]:
+    """What :func:`load` measured: requests, errors, requests/s and latency percentiles (ms)."""
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        "error_samples": samples,
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(lat) / wall, 1),
+        "latency_ms": {
+            "p50": round(1000 * percentile(lat, 50), 2),
+            "p95": round(1000 * percentile(lat, 95), 2),
+            "p99": round(1000 * percentile(lat, 99), 2),
+            "mean": round(1000 * statistics.fmean(lat), 2),
+            "max": round(1000 * max(lat), 2),
+        },
+    }
+
+
 def run_backend(model: Path, backend: str, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -197,19 +215,8 @@ def run_backend(model: Path, backend: str, texts: list[str], args: argparse.Name
     batches = after["batches"] - before["batches"]
     served = after["texts"] - before["texts"]
     result = {
-        "requests": len(lat),
+        **load_summary(lat, errors, wall, samples),
         "concurrency": args.concurrency,
-        "errors": errors,
-        "error_samples": samples,
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(len(lat) / wall, 1),
-        "latency_ms": {
-            "p50": round(1000 * percentile(lat, 50), 2),
-            "p95": round(1000 * percentile(lat, 95), 2),
-            "p99": round(1000 * percentile(lat, 99), 2),
-            "mean": round(1000 * statistics.fmean(lat), 2),
-            "max": round(1000 * max(lat), 2),
-        },
         "micro_batches": int(batches),
         "mean_batch_size": round(served / batches, 2) if batches else 0.0,
     }

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from guardmerge.errors import GuardmergeError
-from guardmerge.serve.batching import QueueFullError
+from guardmerge.serve.batching import QueueFullError, check_batching
 from guardmerge.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -71,10 +70,7 @@ class RayBatcher:
         shared: Sequence[str] = (),
         partial_failure: Callable[[dict[str, np.ndarray]], bool] | None = None,
     ) -> None:
-        if max_batch < 1:
-            raise GuardmergeError("max_batch must be at least 1")
-        if not 0 <= max_wait_ms < math.inf:
-            raise GuardmergeError(f"max_wait_ms must be a finite number >= 0 (got {max_wait_ms})")
+        check_batching(max_batch, max_wait_ms)
         self.infer, self.max_queue, self.on_batch = infer, max_queue, on_batch
         self.shared, self.partial_failure = tuple(shared), partial_failure
         self._batched = _serve().batch(max_batch_size=max_batch, batch_wait_timeout_s=max_wait_ms / 1000.0)(self._run)

@@ -46,6 +46,14 @@ class _Chunk:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+def check_batching(max_batch: int, max_wait_ms: float) -> None:
+    """Refuse a batch size below 1 or a wait that is negative, NaN or infinite (any batcher's arguments)."""
+    if max_batch < 1:
+        raise GuardmergeError("max_batch must be at least 1")
+    if not 0 <= max_wait_ms < math.inf:
+        raise GuardmergeError(f"max_wait_ms must be a finite number >= 0 (got {max_wait_ms})")
+
+
 class MicroBatcher:
     """Queue texts from concurrent callers and run them together.
 
@@ -72,10 +80,7 @@ class MicroBatcher:
         shared: Sequence[str] = (),
         partial_failure: Callable[[dict[str, np.ndarray]], bool] | None = None,
     ) -> None:
-        if max_batch < 1:
-            raise GuardmergeError("max_batch must be at least 1")
-        if not 0 <= max_wait_ms < math.inf:
-            raise GuardmergeError(f"max_wait_ms must be a finite number >= 0 (got {max_wait_ms})")
+        check_batching(max_batch, max_wait_ms)
         self.infer = infer
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0

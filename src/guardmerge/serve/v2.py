@@ -110,6 +110,13 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _unknown_model(model: str, name: str) -> JSONResponse | None:
+    """404 ``unknown_model`` when ``model`` is not this server's ``name``."""
+    if model == name:
+        return None
+    return _error(404, f"unknown_model: no model '{model}' here; this server's model is '{name}'")
+
+
 def _from(exc: APIError) -> JSONResponse:
     return _error(exc.status, f"{exc.code}: {exc.message}", exc.headers)
 
@@ -132,9 +139,7 @@ def _ready(service: Any) -> Callable[..., Awaitable[Response]]:
 
 def _for_model(name: str, endpoint: Callable[[], Awaitable[Any]]) -> Callable[[str], Awaitable[Any]]:
     async def routed(model: str) -> Any:
-        if model != name:
-            return _error(404, f"unknown_model: no model '{model}' here; this server's model is '{name}'")
-        return await endpoint()
+        return _unknown_model(model, name) or await endpoint()
 
     return routed
 
@@ -172,8 +177,9 @@ def _infer(service: Any) -> Callable[[str, Request], Awaitable[Any]]:
     async def infer(model: str, request: Request) -> Any:
         """Every head's probabilities, flag and label for a BYTES tensor of texts (module docstring)."""
         name = service.settings.model_name
-        if model != name:
-            return _error(404, f"unknown_model: no model '{model}' here; this server's model is '{name}'")
+        unknown = _unknown_model(model, name)
+        if unknown is not None:
+            return unknown
         try:
             body, texts = _parse(await request.body(), request.headers.get(HEADER_LENGTH))
             heads = _asked(body.outputs, list(service.rules))
