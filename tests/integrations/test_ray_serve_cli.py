@@ -57,5 +57,13 @@ def test_the_readmes_ray_example_serves_and_stops(merged_dir: Path) -> None:
     # SIGTERM stops it. Known defect: Ray's core may catch SIGTERM first and end the process with
     # SIGABRT (-6) instead of 143 after the application is deleted; either way nothing serves any more
     assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGABRT)
-    with pytest.raises(httpx.TransportError):  # nothing serves any more
-        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    # nothing serves any more: after a clean stop the command returns only once the port is closed;
+    # after an abort, Ray's proxy (a worker whose raylet died with the process) exits within seconds
+    closed_by = time.monotonic() + (5 if proc.returncode == 128 + signal.SIGTERM else 60)
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        except httpx.TransportError:
+            break
+        assert time.monotonic() < closed_by, f"port {port} still serves after the command ended ({proc.returncode})"
+        time.sleep(0.5)

@@ -11,7 +11,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,6 +167,21 @@ def run_serve(model: Path, flags: Mapping[str, Any]) -> None:
     )
 
 
+def wait_until_closed(host: str, port: int, *, timeout: float) -> bool:
+    """Poll ``host:port`` until it refuses connections (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host if host not in ("0.0.0.0", "::") else "127.0.0.1", port), timeout=1):
+                pass
+        except OSError:
+            return True
+        if time.monotonic() >= deadline:
+            log.warning("port %d still accepts connections %.0f s after Ray's shutdown", port, timeout)
+            return False
+        time.sleep(0.25)
+
+
 def serve_on_ray(model: Path, options: Any, settings: ServeSettings) -> None:
     """``guardmerge serve --ray``: the app on Ray Serve replicas (:mod:`guardmerge.integrations.ray_serve`)
     behind Ray Serve's proxy on ``--host:--port``, until SIGTERM or SIGINT; then the application is
@@ -212,6 +229,9 @@ def serve_on_ray(model: Path, options: Any, settings: ServeSettings) -> None:
             if options.ray == "local":  # the cluster this process started ends with it
                 serve.shutdown()
                 ray.shutdown()
+                # Ray's proxy is a worker process that notices its raylet is gone a moment later:
+                # return only once nothing answers on the port any more
+                wait_until_closed(options.host, options.port, timeout=60.0)
     if stopped_by is not None:
         # exit now, as a shell reports a signal (128 + N): the interpreter's teardown of Ray's core
         # objects can abort (SIGABRT) after a signal, though everything is already stopped
