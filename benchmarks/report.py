@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings
 
 from plots import plots
 from report_common import TASKS, fmt, fmt_hp, fmt_produced
-from report_fidelity import fidelity_table, heal_table, seven_fidelity_table
+from report_fidelity import fidelity_table, heal_table, plan_table, seven_fidelity_table
 from report_headline import write_headline
 from report_other import (
     load_time_table,
@@ -389,6 +389,7 @@ REPORTED = (
     "vs_llm_guard.json",
     "serve.json",
     "ray_serve.json",
+    "plan.json",
     "reliability.json",
     "reliability_soak.json",
 )
@@ -424,6 +425,9 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     lines += _plot(made, "frontier.png", "frontier")
     lines += fidelity_table(res)
     lines += heal_table(res)
+    plan_json = HERE / "results" / "plan.json"
+    plan = json.loads(plan_json.read_text()) if plan_json.is_file() else None
+    lines += plan_table(plan, list(res.get("experts", {})))
     lines += [
         "Official TweetEval metric per task (macro-F1, except irony: F1 of the irony class):",
         "",

@@ -136,3 +136,40 @@ def heal_table(res: Mapping[str, Any]) -> list[str]:
         )
     lines += ["", "Goal (issue 23): heal at most 10 minutes for the five-task MiniLM job on these 2 cores.", ""]
     return lines
+
+
+def plan_table(plan: Mapping[str, Any] | None, tasks: list[str]) -> list[str]:
+    """``guardmerge plan`` on the guard experts (benchmarks/guard_plan.py, plan.json): every scored
+    plan on validation, then the chosen model's fidelity on test."""
+    if not plan:
+        return []
+    s, p, test = plan["settings"], plan["plan"], plan["test"]
+    chosen = p["chosen"]
+    lines = [
+        "## The planner: the cheapest model that meets an agreement floor",
+        "",
+        f"`python benchmarks/guard_plan.py` runs `guardmerge plan` on the five guard experts: floor "
+        f"{s['min_agreement']} on every head's agreement with its expert (own-task and off-task texts, first "
+        f"{s['val_limit']} validation texts a task), compute at most {s['max_compute']}x one pass, "
+        f"{s['trials']} plans (method {s['methods'] or s['trunk']['method']}, per-task depth L, L-1, L-2, heal "
+        f"{s['heal']}). Every scored plan, cheapest first (`*` chosen, `p` on the Pareto front):",
+        "",
+        "| | compute | min agreement (validation) | meets floor | plan |",
+        "|---|---|---|---|---|",
+    ]
+    for r in p["frontier"]:
+        mark = ("*" if r["trial"] == chosen["trial"] else "") + ("p" if r["pareto"] else "")
+        plan_params = r["plan"]
+        depths = ", ".join(f"{k.removeprefix('depth.')}={v}" for k, v in plan_params.items() if k.startswith("depth."))
+        lines.append(
+            f"| {mark} | {fmt(r['compute'], 3)}x | {fmt(r['min_agreement'])} | {'yes' if r['feasible'] else 'no'} | "
+            f"{plan_params['method']}, heal {plan_params['heal']}, depths {depths} |"
+        )
+    lines += [
+        "",
+        f"The chosen model on test ({'meets' if plan['meets_floor_on_test'] else 'misses'} the floor; the plan "
+        f"took {plan['seconds'] / 60:.0f} min on this machine, {fmt_produced(plan)}):",
+        "",
+    ]
+    row = {**test, "compute_vs_one_pass": chosen["compute"], "produced": plan["produced"]}
+    return [*lines, *agreement_table("", "", [("chosen plan", row)], tasks, "")[2:]]
