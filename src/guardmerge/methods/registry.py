@@ -29,24 +29,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Generic, Literal, Protocol, TypeVar, get_args, get_origin
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from guardmerge.errors import ConfigError
-
-
-class Role(str, Enum):
-    """What a tensor is, as told by the architecture adapter."""
-
-    LINEAR_WEIGHT = "linear_weight"  # [out, in] weight of an nn.Linear
-    BIAS = "bias"
-    NORM = "norm"  # LayerNorm weight or bias
-    EMBEDDING = "embedding"
-    HEAD = "head"  # a task head tensor (merged only in hm3 head mode)
-    OTHER = "other"
+from guardmerge.models.roles import Role
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from guardmerge.errors import CompatibilityError
-from guardmerge.methods.registry import Role
 from guardmerge.models.head_kinds import DEFAULT_KIND, head_kind, stock_kind
+from guardmerge.models.roles import Role
 
 log = logging.getLogger(__name__)
 
