@@ -42,7 +42,7 @@ from guardmerge.search.plan import plan_to_folder
 
 log = logging.getLogger("bench.plan")
 
-TRUNK = {"method": "wudi", "hyperparameters": {"rho": 10.0, "anchor_scaling": 0.5}}
+TRUNK: dict[str, Any] = {"method": "wudi", "hyperparameters": {"rho": 10.0, "anchor_scaling": 0.5}}
 """The trunk when guard.json has no heal section (the best single-pass row of the last quality run)."""
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     bench = Bench(data, args.work, experts, args.val_limit, None)
     guard_json = HERE / "results" / "guard.json"
     stored = json.loads(guard_json.read_text()) if guard_json.is_file() else {}
-    trunk = {k: v for k, v in (stored.get("heal", {}).get("trunk") or TRUNK).items() if k != "row"}
+    trunk: dict[str, Any] = {k: v for k, v in (stored.get("heal", {}).get("trunk") or TRUNK).items() if k != "row"}
     cfg = bench.config(trunk["method"], trunk["hyperparameters"], align=True)
     cfg = parse_config({**cfg.model_dump(), "heal": dict(HEAL)}, source="guard_plan")
     out = args.work / "plan" / "chosen"
