@@ -117,3 +117,42 @@ def test_load_checks_config_against_shapes_before_allocating(tmp_path: Path, mer
         guardmerge.load(str(bad))
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 200_000  # the 8M-token embedding (512 MB at 16 dims) was never allocated
+
+
+# -- issue 24: the fast load path (no random initialisation) ------------------------------------------
+
+
+def test_fast_load_equals_the_slow_path_with_random_initialisation(merged_folder: Path) -> None:
+    """``guardmerge.load`` builds the encoder without initialising it; transformers' own path
+    (random initialisation, then the folder's tensors replace it) gives the same hidden states."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    fast = guardmerge.load(str(merged_folder))
+    torch.manual_seed(0)
+    slow = AutoModel.from_config(AutoConfig.from_pretrained(merged_folder)).eval()  # randomly initialised
+    state = load_file(str(merged_folder / "model.safetensors"))
+    missing, unexpected = slow.load_state_dict({k: v for k, v in state.items() if not k.startswith("heads.")}, False)
+    assert not [m for m in missing if "position_ids" not in m] and not unexpected
+    batch = fast.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        ours = fast.encoder(**batch).last_hidden_state
+        theirs = slow(**batch).last_hidden_state
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("edit", ["missing", "misnamed"])
+def test_fast_load_refuses_a_missing_or_misnamed_encoder_tensor(tmp_path: Path, merged_folder: Path, edit: str) -> None:
+    """A tensor the encoder needs and the folder lacks would keep uninitialised memory on the fast
+    path: it is refused, naming the tensor, never filled at random."""
+    bad = copy_expert(merged_folder, tmp_path / "bad")
+    name = "encoder.layer.0.attention.self.query.weight"
+
+    def change(state: dict[str, torch.Tensor]) -> None:
+        tensor = state.pop(name)
+        if edit == "misnamed":
+            state["encoder.layer.0.attention.self.querry.weight"] = tensor
+
+    edit_weights(bad, change)
+    with pytest.raises(CheckpointError, match=r"query\.weight"):
+        guardmerge.load(str(bad))
