@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import produced
 
 from guardmerge import __version__
 
@@ -177,6 +181,7 @@ def main() -> None:
             "limit": args.limit,
             "quantization": "onnxruntime quantize_dynamic, QInt8 weights",
         },
+        "produced": produced("benchmarks/onnx_accuracy.py"),
         "fp32_max_abs_diff": fp32_max,
         "fp32_goal": 1e-4,
         "fp32_within_goal": fp32_max <= 1e-4,
