@@ -23,6 +23,7 @@ from report_other import (
     serve_table,
     vs_llm_guard_table,
 )
+from report_readme import write_readme_blocks
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -450,6 +451,7 @@ def write_report(guard_json: Path, out_md: Path, plot_dir: Path) -> None:
     out_md.write_text("\n".join(lines))
     if out_md.resolve() == (ROOT / "BENCHMARKS.md").resolve():
         write_headline(res, ROOT / "README.md")
+        write_readme_blocks(ROOT / "README.md", HERE / "results")
 
 
 if __name__ == "__main__":
