@@ -67,6 +67,8 @@ def test_interrupted_study_resumes_its_count_and_keeps_its_best(zoo: dict[str, P
     assert numbers == list(range(11))  # the count went on from the interrupted trial
     assert out.best_value >= best_before
     assert all(r["params"] == t.params for r, t in zip(out.trials, before))  # old trials kept
+    # the resumed sampler does not replay the first trials' random start-up points
+    assert not any(r["params"] == t.params for r in out.trials[5:] for t in before)
 
 
 def test_a_study_of_another_space_is_refused(zoo: dict[str, Path], tmp_path: Path) -> None:

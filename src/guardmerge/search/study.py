@@ -132,6 +132,10 @@ def open_storage(url: str) -> Any:
     return optuna.storages.RDBStorage(url) if "://" in url else url
 
 
+RESUME_SEED_STEP = 7919
+"""Sampler seed = ``seed + worker + RESUME_SEED_STEP * trials already in the study``."""
+
+
 def make_sampler(name: SamplerName, seed: int, startup: int, parallel: bool) -> optuna.samplers.BaseSampler:
     """The sampler named ``name``, seeded."""
     import optuna
@@ -303,9 +307,12 @@ def run_worker(
     study = optuna.load_study(
         study_name=settings.study_name,
         storage=open_storage(settings.storage),
-        sampler=make_sampler(settings.sampler, settings.seed + worker, settings.startup_trials, parallel),
         pruner=_pruner(settings, len(space.tasks)),
     )
+    # a resumed study's sampler goes on with a stream of its own (seeded by the trials already
+    # there): reseeded as at the start, its random start-up trials would repeat the first ones
+    seed = settings.seed + worker + RESUME_SEED_STEP * len(study.trials)
+    study.sampler = make_sampler(settings.sampler, seed, settings.startup_trials, parallel)
     objective = _Objective(space, scorer_factory(), settings, worker)
     study.optimize(objective, n_trials=quota, callbacks=callbacks or [], catch=(), gc_after_trial=False)
     return quota
