@@ -62,6 +62,7 @@ def main() -> None:
     for noisy in ("transformers", "huggingface_hub", "optuna"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     started = time.perf_counter()
+    provenance = produced(*SOURCES, "benchmarks/guard_plan.py")  # the code the plan runs, as it starts
     data = args.data or default_data_dir()
     from zoo import build_zoo
 
@@ -108,7 +109,7 @@ def main() -> None:
         "meets_floor_on_test": bool(row["min_agreement"] >= args.min_agreement),
         "seconds": plan_seconds,
         "environment": environment(),
-        "produced": produced(*SOURCES, "benchmarks/guard_plan.py"),
+        "produced": provenance,
     }
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     log.info(
