@@ -167,9 +167,12 @@ def plan_table(plan: Mapping[str, Any] | None, tasks: list[str]) -> list[str]:
         )
     lines += [
         "",
-        f"The chosen model on test ({'meets' if plan['meets_floor_on_test'] else 'misses'} the floor; the plan "
-        f"took {plan['seconds'] / 60:.0f} min on this machine, {fmt_produced(plan)}):",
+        f"The chosen model on test ({'meets' if plan['meets_floor_on_test'] else 'misses'} the floor; the plan's "
+        f"last process ran {plan['seconds'] / 60:.0f} min on this machine, {fmt_produced(plan)}"
+        + (f"; {plan['produced']['note']}" if plan["produced"].get("note") else "")
+        + "):",
         "",
     ]
     row = {**test, "compute_vs_one_pass": chosen["compute"], "produced": plan["produced"]}
-    return [*lines, *agreement_table("", "", [("chosen plan", row)], tasks, "")[2:]]
+    table = agreement_table("", "", [("chosen plan", row)], tasks, "")[2:]
+    return [*lines, table[0].strip(), *table[1:]]
