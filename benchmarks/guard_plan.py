@@ -88,7 +88,7 @@ def main() -> None:
         progress=False,
     )
     plan_seconds = time.perf_counter() - started
-    print(summary["frontier_table"])
+    log.info("every scored plan:\n%s", summary["frontier_table"])
     expert_test = score_experts(bench, experts, {})
     model = MultiHeadModel.from_pretrained(out)
     fidelity = Fidelity(bench)

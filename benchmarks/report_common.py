@@ -28,3 +28,14 @@ def fmt_produced(entry: Mapping[str, Any]) -> str:
     """``commit date`` of the run that produced ``entry`` (``?`` when it does not say)."""
     p = entry.get("produced") or {}
     return f"{p.get('commit', '?')} {p.get('date', '')[:10]}".strip()
+
+
+def replace_block(text: str, name: str, lines: list[str]) -> str:
+    """``text`` (the README) with its block ``name``, between ``<!-- NAME:start -->`` and
+    ``<!-- NAME:end -->``, replaced by ``lines``; unchanged when the markers are absent."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        return text
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{tail}"

@@ -174,5 +174,5 @@ def plan_table(plan: Mapping[str, Any] | None, tasks: list[str]) -> list[str]:
         "",
     ]
     row = {**test, "compute_vs_one_pass": chosen["compute"], "produced": plan["produced"]}
-    table = agreement_table("", "", [("chosen plan", row)], tasks, "")[2:]
-    return [*lines, table[0].strip(), *table[1:]]
+    intro = "Each head against its expert on the test texts (own task / off-task)."
+    return [*lines, *agreement_table("", intro, [("chosen plan", row)], tasks, "")[2:]]

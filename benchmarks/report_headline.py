@@ -10,9 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from report_common import fmt, fmt_produced
-
-START, END = "<!-- headline:start -->", "<!-- headline:end -->"
+from report_common import fmt, fmt_produced, replace_block
 
 
 def _iv(r: Mapping[str, Any], name: str = "normalised") -> str:
@@ -109,13 +107,6 @@ def headline(res: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def write_headline(res: Mapping[str, Any], readme: Path) -> bool:
-    """Replace the README's headline block; False when the README has no markers."""
-    text = readme.read_text()
-    if START not in text or END not in text:
-        return False
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    block = "\n".join(headline(res))
-    readme.write_text(f"{head}{START}\n{block}\n{END}{tail}")
-    return True
+def write_headline(res: Mapping[str, Any], readme: Path) -> None:
+    """Replace the README's headline block (:func:`~report_common.replace_block`)."""
+    readme.write_text(replace_block(readme.read_text(), "headline", headline(res)))

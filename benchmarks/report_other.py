@@ -273,6 +273,13 @@ def serve_table(path: Path) -> list[str]:
         f"micro-batches of at most {s.get('max_batch')} texts / {s.get('max_wait_ms')} ms; the client shares the "
         "CPUs with the server. Offline: the backend alone at a fixed batch (the ceiling of micro-batching).",
         "",
+    ]
+    return [*lines, *serve_rows(res), ""]
+
+
+def serve_rows(res: dict) -> list[str]:
+    """serve.json's table: one row per backend (BENCHMARKS.md and the README's serving block)."""
+    lines = [
         "| backend | requests/s | p50 ms | p95 ms | p99 ms | errors | mean micro-batch | offline texts/s | produced |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -283,7 +290,7 @@ def serve_table(path: Path) -> list[str]:
             f"{fmt(lat['p99'], 0)} | {r['errors']} | {fmt(r.get('mean_batch_size'), 1)} | "
             f"{fmt(r.get('offline_batch_texts_per_s'), 1)} | {fmt_produced(r)} |"
         )
-    return [*lines, ""]
+    return lines
 
 
 def ray_serve_table(path: Path) -> list[str]:

@@ -14,7 +14,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from report_common import fmt, fmt_produced
+from report_common import fmt, fmt_produced, replace_block
+from report_other import serve_rows
+
+
+def _read(results: Path, name: str) -> dict[str, Any] | None:
+    """``results/name`` parsed, or None when that benchmark was not run."""
+    path = results / name
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _commit(r: Mapping[str, Any]) -> str:
@@ -23,15 +30,14 @@ def _commit(r: Mapping[str, Any]) -> str:
 
 def merge_speed_block(results: Path) -> list[str] | None:
     """Merging itself (merge_speed.json) and cold start (load_time.json)."""
-    path = results / "merge_speed.json"
-    if not path.is_file():
+    res = _read(results, "merge_speed.json")
+    if res is None:
         return None
-    res = json.loads(path.read_text())
     jobs = res["jobs"]
     ties, llama = jobs.get("bert_base_x4_ties"), jobs.get("llama_1b_x3_ties")
     ta, dare = jobs.get("bert_base_x4_task_arithmetic"), jobs.get("bert_base_x4_dare_ties")
     commits = sorted({_commit(j) for j in jobs.values()})
-    costs = [j["checks_cost_fraction"] for j in jobs.values() if j.get("checks_cost_fraction") is not None]
+    costs = {k: j["checks_cost_fraction"] for k, j in jobs.items() if j.get("checks_cost_fraction") is not None}
     lines = [
         "Merging itself (`python benchmarks/merge_speed.py`, guardmerge with its `fast` extra vs mergekit",
         "0.1.5 on identical jobs, alternating fresh processes, start-up included, input and output checks",
@@ -56,50 +62,45 @@ def merge_speed_block(results: Path) -> list[str] | None:
             parts.append(f"{name} {fmt(j['speedup'], 2)}x ({fmt(j['guardmerge_s'], 1)} vs {fmt(j['mergekit_s'], 1)} s)")
     text = "; ".join(parts) + "."
     if costs:
+        most = max(costs, key=lambda name: costs[name])
         text += (
-            f" The same merges with the checks switched off (benchmark only: reads, writer and the writer's "
-            f"output probe) differ by {100 * min(costs):+.0f}% to {100 * max(costs):+.0f}%"
+            f" The checks (reads, writer and the writer's output probe) cost {100 * min(costs.values()):.0f}% to "
+            f"{100 * costs[most]:.0f}% of merge time (most: {most}), measured against the same merges with them "
+            "switched off (benchmark only)."
         )
-        if dare and dare.get("checks_cost_fraction") is not None:
-            text += (
-                f" (DARE-TIES: {100 * dare['checks_cost_fraction']:+.0f}%, the output probe that loads a model "
-                "whose weights left the inputs' range, as DARE's rescaling makes them)"
-            )
-        text += "."
     if "startup_s" in res:
         text += (
             f" A process that only imports guardmerge's CLI and torch takes {fmt(res['startup_s'], 2)} s (`startup_s`)."
         )
     lines.append(text)
-    load = results / "load_time.json"
-    if load.is_file():
-        sc = json.loads(load.read_text()).get("scenarios", {})
-        bits = []
-        if "help" in sc:
-            bits.append(f"`guardmerge --help` answers in {fmt(sc['help']['wall_s'], 2)} s")
-        if "load_predict_torch" in sc:
-            bits.append(
-                f"a cold `load()` + predict of the five-head MiniLM model takes "
-                f"{fmt(sc['load_predict_torch']['wall_s'], 2)} s (importing torch and transformers is most of it)"
-            )
-        if "scanner_onnx" in sc:
-            bits.append(f"the ONNX LLM Guard scanner answers first after {fmt(sc['scanner_onnx']['wall_s'], 2)} s")
-        if bits:
-            commit = sorted({_commit(s) for s in sc.values() if isinstance(s, dict)})
-            lines.append(
-                ", ".join(bits)[0].upper()
-                + ", ".join(bits)[1:]
-                + f" (`python benchmarks/load_time.py`, {', '.join(commit)}; table in BENCHMARKS.md)."
-            )
+    load = _read(results, "load_time.json")
+    sc = (load or {}).get("scenarios", {})
+    bits = []
+    if "help" in sc:
+        bits.append(f"`guardmerge --help` answers in {fmt(sc['help']['wall_s'], 2)} s")
+    if "load_predict_torch" in sc:
+        lp = sc["load_predict_torch"]
+        bits.append(
+            f"a cold `load()` + predict of the five-head MiniLM model takes {fmt(lp['wall_s'], 2)} s "
+            f"({fmt(lp.get('load_s'), 2)} s in `load()`, torch and transformers imported there)"
+        )
+    if "scanner_onnx" in sc:
+        bits.append(f"the ONNX LLM Guard scanner answers first after {fmt(sc['scanner_onnx']['wall_s'], 2)} s")
+    if bits:
+        commit = sorted({_commit(s) for s in sc.values() if isinstance(s, dict)})
+        text = ", ".join(bits)
+        lines.append(
+            f"{text[0].upper()}{text[1:]} (`python benchmarks/load_time.py`, {', '.join(commit)}; "
+            "table in BENCHMARKS.md)."
+        )
     return lines
 
 
 def llm_guard_block(results: Path) -> list[str] | None:
     """The README's LLM Guard comparison table (vs_llm_guard.json)."""
-    path = results / "vs_llm_guard.json"
-    if not path.is_file():
+    res = _read(results, "vs_llm_guard.json")
+    if res is None:
         return None
-    res = json.loads(path.read_text())
     st, head = res.get("settings", {}), res.get("headline", {})
     lines = [
         f"Measured against LLM Guard {st.get('llm_guard', '')} on the five guard experts, {st.get('texts', '?')} guard "
@@ -147,47 +148,49 @@ def llm_guard_block(results: Path) -> list[str] | None:
             "with `tokenizers`), which is most of the memory difference. The merged model's verdicts agree with",
             "LLM Guard's on the experts for "
             + ", ".join(f"{fmt(agree[t], 2)} ({t})" for t in order[:-1])
-            + f" and {fmt(agree[order[-1]], 2)} ({order[-1]}) of the texts: the gap is the merge's quality gap, not "
-            "the integration's (the README code through the real `scan_prompt` gives exactly the verdicts of the "
-            "scanners called directly).",
+            + f" and {fmt(agree[order[-1]], 2)} ({order[-1]}) of the texts{_integration(res)}",
         ]
     return lines
 
 
+def _integration(res: Mapping[str, Any]) -> str:
+    """How the README example fared through LLM Guard's real ``scan_prompt`` in the same run."""
+    check = res.get("integration_check") or {}
+    if not check:
+        return "."
+    if "error" in check:
+        return (
+            ". The check of the README code through LLM Guard's real `scan_prompt` (in LLM Guard's own "
+            "environment) failed in this run; BENCHMARKS.md shows the error."
+        )
+    return (
+        ": through LLM Guard's real `scan_prompt`, the README code gives "
+        f"{check.get('scan_prompt_vs_direct_mismatches')} verdicts that differ from the scanners called directly."
+    )
+
+
 def serve_block(results: Path) -> list[str] | None:
     """The README's serving table (serve.json)."""
-    path = results / "serve.json"
-    if not path.is_file():
+    res = _read(results, "serve.json")
+    if res is None:
         return None
-    res = json.loads(path.read_text())
     s = res.get("settings", {})
-    lines = [
+    return [
         f"**Measured** (`benchmarks/`, on the demo's three-head MiniLM model, 2 CPU cores shared by the server and the "
         f"load client; {fmt_produced(res)}).",
         f"`python benchmarks/serve_load.py guardmerge-demo/merged --threads {s.get('threads')}` "
         f"({s.get('requests'):,} requests of one guard test-set text each, {s.get('concurrency')} concurrent clients, "
         "loopback, server in a subprocess):",
         "",
-        "| backend | requests/s | p50 ms | p95 ms | errors | mean micro-batch | offline batch-32 texts/s |",
-        "|---|---|---|---|---|---|---|",
+        *serve_rows(res),
     ]
-    labels = {"torch": "torch", "onnx": "onnx (fp32)"}
-    for backend, r in res.get("results", {}).items():
-        lat = r["latency_ms"]
-        lines.append(
-            f"| {labels.get(backend, backend)} | {fmt(r['requests_per_s'], 1)} | {fmt(lat['p50'], 0)} | "
-            f"{fmt(lat['p95'], 0)} | {r['errors']} | {fmt(r.get('mean_batch_size'), 2)} | "
-            f"{fmt(r.get('offline_batch_texts_per_s'), 1)} |"
-        )
-    return lines
 
 
 def onnx_accuracy_block(results: Path) -> list[str] | None:
     """The README's ONNX parity paragraph (onnx_accuracy.json)."""
-    path = results / "onnx_accuracy.json"
-    if not path.is_file():
+    r = _read(results, "onnx_accuracy.json")
+    if r is None:
         return None
-    r = json.loads(path.read_text())
     tasks = r.get("tasks", {})
     agree = [a for h in r.get("heads", {}).values() for a in [h.get("argmax_agreement_int8")] if a is not None]
     speed = r.get("texts_per_s", {})
@@ -216,26 +219,11 @@ BLOCKS: dict[str, Callable[[Path], list[str] | None]] = {
 }
 
 
-def replace_block(text: str, name: str, lines: list[str]) -> str:
-    """``text`` with the block ``name`` replaced by ``lines`` (unchanged when its markers are absent)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start not in text or end not in text:
-        return text
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{tail}"
-
-
-def write_readme_blocks(readme: Path, results: Path) -> list[str]:
-    """Rewrite every block of :data:`BLOCKS` whose results file exists; the names rewritten."""
+def write_readme_blocks(readme: Path, results: Path) -> None:
+    """Rewrite every block of :data:`BLOCKS` whose results file exists."""
     text = readme.read_text()
-    done = []
     for name, build in BLOCKS.items():
         lines = build(results)
         if lines is not None:
-            new = replace_block(text, name, lines)
-            if new != text or f"<!-- {name}:start -->" in text:
-                done.append(name)
-            text = new
+            text = replace_block(text, name, lines)
     readme.write_text(text)
-    return done
