@@ -143,3 +143,18 @@ def test_per_task_depths_run_the_trunk_once_and_branch_inside_it(zoo: dict[str, 
             mixed.config,
             branches={"injection": mixed.branch("injection")},
         )
+
+
+def test_a_branched_model_is_refused_clearly_under_transformers_4(
+    branched: MultiHeadModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLM Guard's environment pins transformers 4.51, whose blocks take and return other shapes:
+    a sharing depth is refused by name there (a plain merged model loads: CI's LLM Guard step)."""
+    import transformers
+
+    from guardmerge.errors import CompatibilityError
+
+    branched.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(transformers, "__version__", "4.51.3")
+    with pytest.raises(CompatibilityError, match=r"share_layers: .*transformers >= 5\.9.*4\.51\.3"):
+        guardmerge.load(tmp_path / "m")

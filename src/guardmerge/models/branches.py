@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from guardmerge.errors import CheckpointError, GuardmergeError
+from guardmerge.errors import CheckpointError, CompatibilityError, GuardmergeError
 from guardmerge.models.adapters import ArchitectureAdapter
-from guardmerge.models.modules import BUFFERS, blocks_at, first_output, module_at, no_init
+from guardmerge.models.modules import BUFFERS, blocks_at, first_output, module_at, no_init, transformers_major
 
 BRANCH_PREFIX = "branches."
 """Stored branch tensors are ``branches.<task>.<canonical name>`` (and ``.align.scale`` / ``.shift``)."""
@@ -188,7 +188,16 @@ class Branch(nn.Module):
 
 def cut_trunk(encoder: nn.Module, adapter: ArchitectureAdapter, share_layers: int) -> nn.Module:
     """Make ``encoder`` (in place) a trunk: its first ``share_layers`` blocks then the branch
-    point, and no pooler (each branch owns one), so its last hidden state is depth K's."""
+    point, and no pooler (each branch owns one), so its last hidden state is depth K's.
+    Needs transformers >= 5 (4.x blocks take and return other shapes: refused, never run)."""
+    if transformers_major() < 5:
+        import transformers
+
+        raise CompatibilityError(
+            f"share_layers: a model with a sharing depth needs transformers >= 5.9, this environment has "
+            f"{transformers.__version__} (LLM Guard's pins 4.51): load it where guardmerge's own "
+            "requirements hold, or export it with `guardmerge export-onnx` and use backend='onnx'"
+        )
     problem = adapter.sharing_problem(_config_dict(encoder))
     if problem or adapter.blocks is None:
         raise GuardmergeError(f"share_layers: {problem}")

@@ -21,10 +21,21 @@ BUFFERS = ("position_ids", "token_type_ids")
 
 def no_init() -> AbstractContextManager[Any]:
     """transformers' ``no_init_weights``: modules are allocated but not initialised (every
-    tensor is loaded afterwards, and the loaders refuse a missing one)."""
-    from transformers.initialization import no_init_weights
+    tensor is loaded afterwards, and the loaders refuse a missing one). transformers 5 has it in
+    ``transformers.initialization``, 4.x (LLM Guard's environment) in ``modeling_utils``."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ModuleNotFoundError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
     return cast(AbstractContextManager[Any], no_init_weights())
+
+
+def transformers_major() -> int:
+    """The installed transformers' major version (4 in LLM Guard's environment, 5 here)."""
+    import transformers
+
+    return int(str(transformers.__version__).split(".")[0])
 
 
 def build_encoder(config: Mapping[str, Any], with_pooler: bool, *, empty: bool = False) -> nn.Module:
