@@ -26,7 +26,7 @@ def no_init() -> AbstractContextManager[Any]:
     try:
         from transformers.initialization import no_init_weights
     except ModuleNotFoundError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
 
     return cast(AbstractContextManager[Any], no_init_weights())
 
