@@ -345,7 +345,7 @@ def integration(job: dict[str, Any]) -> dict[str, Any]:
     set_threads(job.get("threads"))
     texts = job["texts"]
     through = coming_from_llm_guard(job["folder"], texts)
-    direct = scanners(job["folder"], thresholds={"injection": 0.5})
+    direct = scanners(job["folder"], thresholds={"injection": 0.5}, benign={"emotion": ["anger"]})  # the example's
     tasks = [s.task for s in direct]
     via_scan_prompt = {t: [valid[scanner_name(t)] for valid, _ in through] for t in tasks}
     called = {s.task: [s.scan(text)[1] for text in texts] for s in direct}
