@@ -40,6 +40,10 @@ LLM_GUARD_BATCH_NOTE = (
 )
 
 
+EXAMPLE_BENIGN = {"emotion": ["anger"]}
+"""The README example's ``benign`` (below), for the scanners the benchmark builds beside it."""
+
+
 # README example: start
 def coming_from_llm_guard(merged: str, prompts: list[str], backend: str = "torch") -> list[tuple[dict, dict]]:
     from llm_guard import scan_prompt
@@ -290,7 +294,7 @@ def guardmerge_side(job: dict[str, Any]) -> dict[str, Any]:
         job["folder"],
         thresholds=dict.fromkeys(job["tasks"], job["threshold"]),
         tasks=job["tasks"],
-        benign={"emotion": ["anger"]} if "emotion" in job["tasks"] else None,  # as LLM Guard's valid_languages
+        benign=EXAMPLE_BENIGN if "emotion" in job["tasks"] else None,  # as LLM Guard's valid_languages
         backend=backend,
         max_length=job["max_length"],
         threads=job.get("threads"),
@@ -345,7 +349,7 @@ def integration(job: dict[str, Any]) -> dict[str, Any]:
     set_threads(job.get("threads"))
     texts = job["texts"]
     through = coming_from_llm_guard(job["folder"], texts)
-    direct = scanners(job["folder"], thresholds={"injection": 0.5}, benign={"emotion": ["anger"]})  # the example's
+    direct = scanners(job["folder"], thresholds={"injection": 0.5}, benign=EXAMPLE_BENIGN)
     tasks = [s.task for s in direct]
     via_scan_prompt = {t: [valid[scanner_name(t)] for valid, _ in through] for t in tasks}
     called = {s.task: [s.scan(text)[1] for text in texts] for s in direct}

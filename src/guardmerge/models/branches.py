@@ -17,7 +17,7 @@ from torch import nn
 
 from guardmerge.errors import CheckpointError, CompatibilityError, GuardmergeError
 from guardmerge.models.adapters import ArchitectureAdapter
-from guardmerge.models.modules import BUFFERS, blocks_at, first_output, module_at, no_init, transformers_major
+from guardmerge.models.modules import BUFFERS, blocks_at, first_output, module_at, no_init, transformers_version
 
 BRANCH_PREFIX = "branches."
 """Stored branch tensors are ``branches.<task>.<canonical name>`` (and ``.align.scale`` / ``.shift``)."""
@@ -190,12 +190,11 @@ def cut_trunk(encoder: nn.Module, adapter: ArchitectureAdapter, share_layers: in
     """Make ``encoder`` (in place) a trunk: its first ``share_layers`` blocks then the branch
     point, and no pooler (each branch owns one), so its last hidden state is depth K's.
     Needs transformers >= 5 (4.x blocks take and return other shapes: refused, never run)."""
-    if transformers_major() < 5:
-        import transformers
-
+    version = transformers_version()
+    if int(version.split(".")[0]) < 5:
         raise CompatibilityError(
             f"share_layers: a model with a sharing depth needs transformers >= 5.9, this environment has "
-            f"{transformers.__version__} (LLM Guard's pins 4.51): load it where guardmerge's own "
+            f"{version} (LLM Guard's pins 4.51): load it where guardmerge's own "
             "requirements hold, or export it with `guardmerge export-onnx` and use backend='onnx'"
         )
     problem = adapter.sharing_problem(_config_dict(encoder))

@@ -31,11 +31,11 @@ def no_init() -> AbstractContextManager[Any]:
     return cast(AbstractContextManager[Any], no_init_weights())
 
 
-def transformers_major() -> int:
-    """The installed transformers' major version (4 in LLM Guard's environment, 5 here)."""
+def transformers_version() -> str:
+    """The installed transformers' version (``4.51.3`` in LLM Guard's environment)."""
     import transformers
 
-    return int(str(transformers.__version__).split(".")[0])
+    return str(transformers.__version__)
 
 
 def build_encoder(config: Mapping[str, Any], with_pooler: bool, *, empty: bool = False) -> nn.Module:
