@@ -420,7 +420,7 @@ def parse_args() -> tuple[argparse.Namespace, Grids]:
         "--heal-texts",
         default=",".join(str(n) for n in HEAL_GRID["texts"]),
         help="heal section: the texts-per-task values tried on validation, comma-separated (each point "
-        "trains once; 600 took about 7 minutes on 2 cores with the five MiniLM experts)",
+        "trains once; see the heal table's wall times in BENCHMARKS.md)",
     )
     ap.add_argument(
         "--branch-align-choice",

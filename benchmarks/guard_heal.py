@@ -37,7 +37,7 @@ WEAK_ACCURACY = 0.5
 """An expert below this test accuracy is flagged: a merge drifting to the majority class can beat it."""
 HEAL = {"texts": 600, "epochs": 2, "learning_rate": 3e-5, "batch_size": 32, "max_length": 128}
 """The heal settings of the benchmark rows (the ``heal:`` defaults of docs/algorithms.md 3c)."""
-HEAL_GRID: dict[str, list[Any]] = {"texts": [600, 2000]}
+HEAL_GRID: dict[str, list[Any]] = {"texts": [2000, 4000]}
 """Heal settings chosen on validation (mean agreement with the experts on the validation texts)."""
 
 

@@ -120,17 +120,18 @@ def heal_table(res: Mapping[str, Any]) -> list[str]:
         "unlabelled training texts; 10% is held out for early stopping. Wall time and the process's peak resident "
         "memory on the 2 cores of this machine.",
         "",
-        "| row | train | pool texts | steps (done / kept) | held-out agreement before -> after | heal s | "
-        "merge + heal s | peak RSS MB | produced |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | train | precision | pool texts | steps (done / kept) | held-out agreement before -> after | "
+        "heal s (teachers s) | merge + heal s | peak RSS MB | produced |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in heal.get("rows", {}).items():
         h = r.get("heal", {})
         st = h.get("steps", {})
         lines.append(
-            f"| {name} | {h.get('settings', {}).get('train', '-')} | {h.get('pool', {}).get('texts', '-')} | "
+            f"| {name} | {h.get('settings', {}).get('train', '-')} | {h.get('precision', 'float32')} | "
+            f"{h.get('pool', {}).get('texts', '-')} | "
             f"{st.get('done', '-')} / {st.get('kept', '-')} | {fmt(h.get('agreement_before'))} -> "
-            f"{fmt(h.get('agreement_after'))} | {fmt(h.get('seconds'), 0)} | "
+            f"{fmt(h.get('agreement_after'))} | {fmt(h.get('seconds'), 0)} ({fmt(h.get('teacher_seconds'), 0)}) | "
             f"{fmt(h.get('merge_and_heal_seconds'), 0)} | "
             f"{fmt(h.get('peak_rss_mb_after'), 0)} | {fmt_produced(r)} |"
         )

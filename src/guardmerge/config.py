@@ -111,6 +111,11 @@ class HealConfig(BaseModel):
     )
     max_length: int = Field(128, ge=8, description="tokens per text")
     temperature: float = Field(2.0, gt=0, description="distillation temperature T (softmax and token heads)")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="forward passes under bfloat16 autocast (loss and weights stay float32); auto: bfloat16 "
+        "where the hardware has it natively (CPU AMX / AVX512-BF16, CUDA), else float32",
+    )
     weights: dict[str, float] = Field(
         default_factory=dict, description="per-task loss weight (task -> weight >= 0; default 1 each)"
     )

@@ -4,6 +4,7 @@ merged model from the experts, on tiny random BERT models."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,15 @@ from guardmerge.config import HealConfig, load_config, parse_config
 from guardmerge.errors import ConfigError
 from guardmerge.merge import heal as heal_module
 from guardmerge.merge.engine import merge
-from guardmerge.merge.heal import heal_model, heal_pool, plan_batches, teacher_outputs
+from guardmerge.merge.heal import (
+    bucketed_batches,
+    heal_dtype,
+    heal_model,
+    heal_pool,
+    plan_batches,
+    teacher_key,
+    teacher_outputs,
+)
 from guardmerge.merge.job import MergeJob
 from guardmerge.merge.stages import build, merge_to_folder
 from guardmerge.models.head_kinds import head_kind
@@ -289,3 +298,74 @@ def test_batches_keep_to_the_text_and_token_budgets() -> None:
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100)
     assert plan_batches([4] * 5, range(5), batch_size=2, max_tokens=1000) == [[0, 1], [2, 3], [4]]
+
+
+def test_bucketed_batches_take_every_text_once_with_little_padding() -> None:
+    rng = random.Random(0)
+    lengths = [rng.choice([8, 9, 10, 120]) for _ in range(500)]
+    order = list(range(500))
+    rng.shuffle(order)
+    batches = bucketed_batches(lengths, order, batch_size=16, max_tokens=4096, rng=random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert batches == bucketed_batches(lengths, order, batch_size=16, max_tokens=4096, rng=random.Random(1))
+
+    def padded(bs: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+    plain = plan_batches(lengths, order, 16, 4096)
+    assert padded(batches) < 0.6 * padded(plain)  # a quarter of long texts: most plain batches hold one
+    assert [lengths[i] for i in batches[0]] != sorted(lengths)[:16] or len(batches) == 1  # batches shuffled
+
+
+def test_teacher_outputs_keep_text_order_whatever_the_length_order(zoo: dict[str, Path], tmp_path: Path) -> None:
+    texts = [POOL[0] + " and much more text" * 6, POOL[1], POOL[2] + " longer" * 3, POOL[3]]
+    cfg = parse_config(
+        {
+            "base_model": str(zoo["base"]),
+            "experts": [
+                {"model": str(zoo["hate"]), "task": "hate"},
+                {
+                    "model": str(make_classifier(tmp_path / "pii", zoo["base"], list(NER), 6, kind="token")),
+                    "task": "pii",
+                },
+            ],
+            "align_heads": False,
+        }
+    )
+    job = MergeJob.of(cfg)
+    with job.open():
+        hate = teacher_outputs(job.expert_model("hate"), "hate", texts, max_length=64, batch_size=2)
+        pii = teacher_outputs(job.expert_model("pii"), "pii", texts, max_length=64, batch_size=2)
+        one = [teacher_outputs(job.expert_model("pii"), "pii", [t], max_length=64, batch_size=1) for t in texts]
+    torch.testing.assert_close(hate.rows, expert_logits(zoo["hate"], texts), atol=1e-5, rtol=1e-4)
+    assert pii.counts.tolist() == [int(o.counts[0]) for o in one] and len(set(pii.counts.tolist())) > 1
+    torch.testing.assert_close(pii.rows, torch.cat([o.rows for o in one]), atol=1e-5, rtol=1e-4)
+
+
+def test_precision_resolves_and_keys_the_teacher_cache(zoo: dict[str, Path]) -> None:
+    cpu = torch.device("cpu")
+    assert heal_dtype("float32", cpu) is None and heal_dtype("bfloat16", cpu) is torch.bfloat16
+    assert heal_dtype("auto", cpu) in (None, torch.bfloat16)
+    keys = {teacher_key(zoo["hate"], POOL[:5], 64, dtype) for dtype in (None, torch.bfloat16)}
+    assert len(keys) == 2  # bfloat16 outputs never stand in for float32 ones
+    with pytest.raises(ConfigError, match="precision"):
+        parse_config(
+            {"base_model": str(zoo["base"]), "experts": [{"model": str(zoo["hate"])}], "heal": {"precision": "fp8"}}
+        )
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_heal_learns_in_either_precision(
+    zoo: dict[str, Path], far_expert: Path, data_file: Path, precision: str
+) -> None:
+    heal = {**QUICK, "epochs": 4, "learning_rate": 1e-2, "warmup": 0.0, "precision": precision}  # last state kept
+    raw = {
+        "base_model": str(zoo["base"]),
+        "experts": [{"model": str(far_expert), "task": "s", "data": str(data_file), "benign": ["neu"]}],
+        "parameters": {"scaling": 0.3},
+        "align_heads": False,
+        "heal": heal,
+    }
+    info = build(MergeJob.of(parse_config(raw)), progress=False).info["heal"]
+    assert info["precision"] == precision and info["measured_on"] == "train"
+    assert info["loss_after"] < 0.5 * info["loss_before"]

@@ -10,6 +10,11 @@ pool, by its head kind's ``distill_loss`` (:mod:`guardmerge.models.head_kinds`),
 task. A seeded slice of the pool is held out: training stops early when the mean agreement with
 the experts there stops rising (held-out loss breaks ties), and the best state is kept, so the
 training-free merge is where it starts and what it falls back to.
+
+Speed: forward passes run under bfloat16 autocast where the hardware multiplies bfloat16
+natively (``precision: auto``; the loss, the agreement and the weights stay float32), and texts of
+similar length are batched together (teachers in length order; each training epoch sorts seeded
+windows of its shuffle by length), so short tweets are not padded to a long prompt's length.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +48,45 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "guardmerge-heal-teacher"
+BUCKET_BATCHES = 32
+"""Batches per length-sorted window of a training epoch's shuffle."""
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively: a CUDA GPU with bfloat16, or a CPU with
+    AMX or AVX512-BF16 (elsewhere bfloat16 autocast is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    try:
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def heal_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of heal's forward passes (``None``: float32): ``bfloat16``, ``float32``,
+    or ``auto`` (bfloat16 where :func:`native_bfloat16`, else float32)."""
+    if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """Autocast to ``dtype`` on ``device`` (a no-op for ``None``)."""
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def text_lengths(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[int]:
+    """Tokens per text after truncation to ``max_length``."""
+    return [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
 
 
 @dataclass(frozen=True)
@@ -96,28 +140,42 @@ def heal_pool(texts: Mapping[str, Sequence[str]], per_task: int) -> tuple[list[s
 
 @torch.no_grad()
 def teacher_outputs(
-    expert: MultiHeadModel, task: str, texts: Sequence[str], *, max_length: int, batch_size: int
+    expert: MultiHeadModel,
+    task: str,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    dtype: torch.dtype | None = None,
 ) -> Teacher:
-    """Run ``expert`` (a one-head model with its tokenizer) once over ``texts``."""
+    """Run ``expert`` (a one-head model with its tokenizer) once over ``texts``, in batches of
+    similar length, under autocast to ``dtype`` (``None``: float32); rows in text order."""
     expert.eval()
     per_token = expert.kind(task).per_token
-    rows, counts = [], []
-    for start in range(0, len(texts), batch_size):
-        batch = expert.encode(texts[start : start + batch_size], max_length)
-        logits = expert(tasks=[task], **batch)[task].float()
-        if per_token:
-            keep = batch["attention_mask"].bool()
-            rows.append(logits[keep])
-            counts.append(keep.sum(1))
-        else:
-            rows.append(logits)
-            counts.append(torch.ones(len(logits), dtype=torch.long))
-    return Teacher(torch.cat(rows), torch.cat(counts).long())
+    lengths = text_lengths(expert.tokenizer, texts, max_length)
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    per_text: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+    device = model_device(expert)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = expert.encode([texts[i] for i in index], max_length)
+        with autocast(device, dtype):
+            logits = expert(tasks=[task], **batch)[task].float().cpu()
+        keep = batch["attention_mask"].bool().cpu()
+        for row, i in enumerate(index):
+            per_text[i] = logits[row][keep[row]] if per_token else logits[row : row + 1]
+    rows = torch.cat(per_text) if per_text else torch.empty(0)
+    return Teacher(rows, torch.tensor([len(r) for r in per_text], dtype=torch.long))
 
 
-def teacher_key(folder: str | Path, texts: Sequence[str], max_length: int) -> str:
-    """The cache key of an expert's outputs: its fingerprint, the pool's digest, ``max_length``."""
-    key = derive_fingerprint(expert_fingerprint(folder), texts=text_digest(texts), max_length=max_length, use="heal")
+def teacher_key(folder: str | Path, texts: Sequence[str], max_length: int, dtype: torch.dtype | None = None) -> str:
+    """The cache key of an expert's outputs: its fingerprint, the pool's digest, ``max_length``
+    and the autocast dtype."""
+    precision = str(dtype or torch.float32).removeprefix("torch.")
+    extra = {"precision": precision} if dtype is not None else {}  # float32 keys stay those of earlier caches
+    key = derive_fingerprint(
+        expert_fingerprint(folder), texts=text_digest(texts), max_length=max_length, use="heal", **extra
+    )
     return key.split(":")[-1][:24]
 
 
@@ -129,10 +187,11 @@ def cached_teacher(
     *,
     max_length: int,
     cache: Path | None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Teacher, bool]:
     """``(outputs, from cache)``: the expert's outputs read from ``cache``, else computed with
     ``run()`` (and written there when ``cache`` is given)."""
-    path = cache / f"{task}-{teacher_key(folder, texts, max_length)}.safetensors" if cache else None
+    path = cache / f"{task}-{teacher_key(folder, texts, max_length, dtype)}.safetensors" if cache else None
     if path is not None and path.is_file():
         data = load_file(str(path))
         log.info("heal: teacher '%s' outputs cached in %s", task, path)
@@ -145,7 +204,9 @@ def cached_teacher(
     return teacher, False
 
 
-def _teachers(job: MergeJob, pool: Sequence[str], cfg: HealConfig, max_length: int) -> tuple[dict[str, Teacher], dict]:
+def _teachers(
+    job: MergeJob, pool: Sequence[str], cfg: HealConfig, max_length: int, dtype: torch.dtype | None
+) -> tuple[dict[str, Teacher], dict]:
     """Every expert's outputs on ``pool`` (cached when ``cfg.cache``) and how they were had."""
     cache = default_cache_dir() / "heal" if cfg.cache else None
     teachers, cached = {}, {}
@@ -154,10 +215,10 @@ def _teachers(job: MergeJob, pool: Sequence[str], cfg: HealConfig, max_length: i
         def run(task: str = e.task) -> Teacher:
             log.info("heal: running expert '%s' on %d pooled texts", task, len(pool))
             expert = job.expert_model(task)
-            return teacher_outputs(expert, task, pool, max_length=max_length, batch_size=cfg.batch_size)
+            return teacher_outputs(expert, task, pool, max_length=max_length, batch_size=cfg.batch_size, dtype=dtype)
 
         teachers[e.task], cached[e.task] = cached_teacher(
-            e.folder, e.task, pool, run, max_length=max_length, cache=cache
+            e.folder, e.task, pool, run, max_length=max_length, cache=cache, dtype=dtype
         )
     return teachers, cached
 
@@ -233,17 +294,26 @@ class _Run:
     cfg: HealConfig
     max_length: int
     weights: dict[str, float]
+    dtype: torch.dtype | None = None
+    lengths: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.device = model_device(self.model)
+        if not self.lengths:
+            self.lengths = text_lengths(self.model.tokenizer, self.pool, self.max_length)
 
     def loss(self, index: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """``(weighted mean loss, per-task student logits, attention mask)`` on texts ``index``."""
         model = self.model
         batch = model.encode([self.pool[i] for i in index], self.max_length)
         mask = batch["attention_mask"]
-        out = model(tasks=list(self.teachers), **batch)
+        with autocast(self.device, self.dtype):
+            out = model(tasks=list(self.teachers), **batch)
+        out = {task: logits.float() for task, logits in out.items()}  # the loss in float32
         total = out[model.tasks[0]].new_zeros(())
         for task, teacher in self.teachers.items():
             kind = model.kind(task)
-            target = teacher.target(index, mask, kind.per_token, task).to(out[task].dtype)
+            target = teacher.target(index, mask.cpu(), kind.per_token, task).to(out[task])
             total = total + self.weights[task] * kind.distill_loss(out[task], target, mask, self.cfg.temperature)
         return total / sum(self.weights.values()), out, mask
 
@@ -254,14 +324,15 @@ class _Run:
         agree = dict.fromkeys(self.teachers, 0.0)
         seen = dict.fromkeys(self.teachers, 0)
         loss = 0.0
-        for start in range(0, len(index), self.cfg.batch_size):
-            part = list(index[start : start + self.cfg.batch_size])
+        by_length = sorted(index, key=self.lengths.__getitem__)
+        for start in range(0, len(by_length), self.cfg.batch_size):
+            part = by_length[start : start + self.cfg.batch_size]
             value, out, mask = self.loss(part)
             loss += float(value) * len(part)
             for task, teacher in self.teachers.items():
                 kind = self.model.kind(task)
                 student = out[task][mask.bool()] if kind.per_token else out[task]
-                hits = kind.agreement(student.float(), teacher.take(part).float())
+                hits = kind.agreement(student.float().cpu(), teacher.take(part).float())
                 agree[task] += float(hits.double().sum())
                 seen[task] += hits.numel()
         tasks = {t: agree[t] / max(seen[t], 1) for t in agree}
@@ -281,16 +352,29 @@ def _split(n: int, cfg: HealConfig) -> tuple[list[int], list[int]]:
     return sorted(order[held:]), sorted(order[:held])
 
 
+def bucketed_batches(
+    lengths: Sequence[int], order: Sequence[int], batch_size: int, max_tokens: int, rng: random.Random
+) -> list[list[int]]:
+    """One epoch's batches of ``order`` (already shuffled): each window of ``BUCKET_BATCHES``
+    batches' texts sorted by length and cut by :func:`plan_batches`, then the batches shuffled
+    with ``rng``. Every text once; little padding; the epoch still mixes tasks and lengths."""
+    window = batch_size * BUCKET_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lengths.__getitem__)
+        batches += plan_batches(lengths, chunk, batch_size, max_tokens)
+    rng.shuffle(batches)
+    return batches
+
+
 def _epoch_batches(run: _Run, train: Sequence[int]) -> list[list[int]]:
-    """Every step's texts, epoch after epoch, each epoch in a seeded shuffle."""
-    tok = run.model.tokenizer
-    lengths = [len(ids) for ids in tok(run.pool, truncation=True, max_length=run.max_length)["input_ids"]]
+    """Every step's texts, epoch after epoch, each epoch in a seeded shuffle, length-bucketed."""
     rng = random.Random(run.cfg.seed + 1)
     steps = []
     for _ in range(run.cfg.epochs):
         order = list(train)
         rng.shuffle(order)
-        steps += plan_batches(lengths, order, run.cfg.batch_size, run.cfg.max_tokens)
+        steps += bucketed_batches(run.lengths, order, run.cfg.batch_size, run.cfg.max_tokens, rng)
     return steps
 
 
@@ -362,7 +446,8 @@ def heal_model(
         raise GuardmergeError("heal needs the merged model's tokenizer")
     max_length = capped_length(cfg.max_length, model.config, "heal")
     weights = {t: float(cfg.weights.get(t, 1.0)) for t in teachers}
-    run = _Run(model, pool, dict(teachers), cfg, max_length, weights)
+    dtype = heal_dtype(cfg.precision, model_device(model))
+    run = _Run(model, pool, dict(teachers), cfg, max_length, weights, dtype)
     train, held = _split(len(pool), cfg)
     with _kept_flags(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -378,6 +463,7 @@ def heal_model(
         "loss_before": before["loss"],
         "loss_after": after["loss"],
         "history": history,
+        "precision": str(dtype or torch.float32).removeprefix("torch."),
         "pool": {"texts": len(pool), "train": len(train), "holdout": len(held)},
     }
 
@@ -392,7 +478,7 @@ def heal_stage(
     started = time.perf_counter()
     pool, sizes = heal_pool(texts, cfg.texts)
     max_length = capped_length(cfg.max_length, model.config, "heal")
-    teachers, cached = _teachers(job, pool, cfg, max_length)
+    teachers, cached = _teachers(job, pool, cfg, max_length, heal_dtype(cfg.precision, model_device(model)))
     teacher_seconds = time.perf_counter() - started
     report = heal_model(model, pool, teachers, cfg, progress=progress)
     report["pool"]["tasks"] = sizes
