@@ -6,8 +6,9 @@ whose every head agrees with its expert at the floor, checked on test.
 
 The config is the guard benchmark's best training-free trunk (``heal.trunk`` of
 benchmarks/results/guard.json, default wudi rho 10, anchor scaling 0.5) with head alignment, every
-expert's ``data:`` its train split (heal reads its texts, never its labels) and the benchmark's
-heal settings (guard_heal.HEAL). The planner (:func:`guardmerge.search.plan.plan_to_folder`) scores
+expert's ``data:`` its train split (heal reads its texts, never its labels) and the heal settings
+the guard benchmark's heal section chose on validation (``heal.settings`` of guard.json; else
+guard_heal.HEAL). The planner (:func:`guardmerge.search.plan.plan_to_folder`) scores
 each plan on the first ``--val-limit`` validation texts of every task (own and off-task agreement)
 and writes the chosen model; this script then scores that model on the full test splits with the
 guard benchmark's fidelity columns (agreement with each expert on its own and the other tasks'
@@ -72,7 +73,8 @@ def main() -> None:
     stored = json.loads(guard_json.read_text()) if guard_json.is_file() else {}
     trunk: dict[str, Any] = {k: v for k, v in (stored.get("heal", {}).get("trunk") or TRUNK).items() if k != "row"}
     cfg = bench.config(trunk["method"], trunk["hyperparameters"], align=True)
-    cfg = parse_config({**cfg.model_dump(), "heal": dict(HEAL)}, source="guard_plan")
+    heal_settings = dict(stored.get("heal", {}).get("settings") or HEAL)
+    cfg = parse_config({**cfg.model_dump(), "heal": heal_settings}, source="guard_plan")
     out = args.work / "plan" / "chosen"
     summary = plan_to_folder(
         cfg,
@@ -101,7 +103,7 @@ def main() -> None:
             "trials": args.trials,
             "methods": args.methods,
             "heal": args.heal,
-            "heal_settings": HEAL,
+            "heal_settings": heal_settings,
             "val_limit": args.val_limit,
         },
         "plan": {k: v for k, v in summary.items() if k != "frontier_table"},

@@ -153,7 +153,9 @@ def plan_table(plan: Mapping[str, Any] | None, tasks: list[str]) -> list[str]:
         f"{s['min_agreement']} on every head's agreement with its expert (own-task and off-task texts, first "
         f"{s['val_limit']} validation texts a task), compute at most {s['max_compute']}x one pass, "
         f"{s['trials']} plans (method {s['methods'] or s['trunk']['method']}, per-task depth L, L-1, L-2, heal "
-        f"{s['heal']}). Every scored plan, cheapest first (`*` chosen, `p` on the Pareto front):",
+        f"{s['heal']}; heal settings "
+        + ", ".join(f"{k}={v}" for k, v in (s.get("heal_settings") or {}).items())
+        + "). Every scored plan, cheapest first (`*` chosen, `p` on the Pareto front):",
         "",
         "| | compute | min agreement (validation) | meets floor | plan |",
         "|---|---|---|---|---|",
