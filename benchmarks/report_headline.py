@@ -72,7 +72,7 @@ def headline(res: Mapping[str, Any]) -> list[str]:
             f"{fmt(r['normalized'])} normalised{_iv(r)}, worst task {fmt(r.get('worst_task_ratio'))}, mean "
             f"macro-F1 {fmt(r['mean_macro_f1'])}; {_agreements(r)}; lowest agreement {fmt(r['min_agreement'])} "
             f"against the 0.97 goal; heal took {fmt(h.get('seconds'), 0)} s on {h.get('pool', {}).get('texts', '?')} "
-            f"pooled texts ({fmt_produced(r)})."
+            f"pooled texts{_cached_teachers(heal, h)} ({fmt_produced(r)})."
         )
     fr = res.get("frontier") or {}
     deeper = {k: r for k, r in fr.get("rows", {}).items() if k.startswith("K=") and r["compute_vs_one_pass"] > 1}
@@ -110,3 +110,17 @@ def headline(res: Mapping[str, Any]) -> list[str]:
 def write_headline(res: Mapping[str, Any], readme: Path) -> None:
     """Replace the README's headline block (:func:`~report_common.replace_block`)."""
     readme.write_text(replace_block(readme.read_text(), "headline", headline(res)))
+
+
+def _cached_teachers(rows: Mapping[str, Any], h: Mapping[str, Any]) -> str:
+    """``, teachers cached ...`` when the row's teachers came from an earlier row's cache: the
+    heal's seconds then leave out the experts' pass, which the first row of the same pool paid."""
+    if not any((h.get("teachers_cached") or {}).values()):
+        return ""
+    paid = [
+        r["heal"]["teacher_seconds"]
+        for r in rows.values()
+        if r.get("heal", {}).get("pool", {}).get("texts") == h.get("pool", {}).get("texts")
+        and not any((r["heal"].get("teachers_cached") or {}).values())
+    ]
+    return f" (the experts' outputs cached by an earlier row: add their {fmt(paid[0], 0)} s uncached)" if paid else ""
