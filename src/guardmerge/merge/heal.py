@@ -62,7 +62,7 @@ def native_bfloat16(device: torch.device) -> bool:
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     try:
         return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-    except (RuntimeError, AttributeError):
+    except RuntimeError:
         return False
 
 
@@ -72,6 +72,11 @@ def heal_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
         return torch.bfloat16
     return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``float32`` for ``None``, else the dtype's name (``bfloat16``)."""
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
@@ -160,8 +165,8 @@ def teacher_outputs(
         index = order[start : start + batch_size]
         batch = expert.encode([texts[i] for i in index], max_length)
         with autocast(device, dtype):
-            logits = expert(tasks=[task], **batch)[task].float().cpu()
-        keep = batch["attention_mask"].bool().cpu()
+            logits = expert(tasks=[task], **batch)[task].float()
+        keep = batch["attention_mask"].bool()
         for row, i in enumerate(index):
             per_text[i] = logits[row][keep[row]] if per_token else logits[row : row + 1]
     rows = torch.cat(per_text) if per_text else torch.empty(0)
@@ -171,8 +176,9 @@ def teacher_outputs(
 def teacher_key(folder: str | Path, texts: Sequence[str], max_length: int, dtype: torch.dtype | None = None) -> str:
     """The cache key of an expert's outputs: its fingerprint, the pool's digest, ``max_length``
     and the autocast dtype."""
-    precision = str(dtype or torch.float32).removeprefix("torch.")
-    extra = {"precision": precision} if dtype is not None else {}  # float32 keys stay those of earlier caches
+    extra = (
+        {"precision": precision_name(dtype)} if dtype is not None else {}
+    )  # float32 keys stay those of earlier caches
     key = derive_fingerprint(
         expert_fingerprint(folder), texts=text_digest(texts), max_length=max_length, use="heal", **extra
     )
@@ -295,12 +301,12 @@ class _Run:
     max_length: int
     weights: dict[str, float]
     dtype: torch.dtype | None = None
-    lengths: list[int] = field(default_factory=list)
+    device: torch.device = field(init=False)
+    lengths: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.device = model_device(self.model)
-        if not self.lengths:
-            self.lengths = text_lengths(self.model.tokenizer, self.pool, self.max_length)
+        self.lengths = text_lengths(self.model.tokenizer, self.pool, self.max_length)
 
     def loss(self, index: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """``(weighted mean loss, per-task student logits, attention mask)`` on texts ``index``."""
@@ -313,7 +319,7 @@ class _Run:
         total = out[model.tasks[0]].new_zeros(())
         for task, teacher in self.teachers.items():
             kind = model.kind(task)
-            target = teacher.target(index, mask.cpu(), kind.per_token, task).to(out[task])
+            target = teacher.target(index, mask, kind.per_token, task).to(out[task])
             total = total + self.weights[task] * kind.distill_loss(out[task], target, mask, self.cfg.temperature)
         return total / sum(self.weights.values()), out, mask
 
@@ -332,7 +338,7 @@ class _Run:
             for task, teacher in self.teachers.items():
                 kind = self.model.kind(task)
                 student = out[task][mask.bool()] if kind.per_token else out[task]
-                hits = kind.agreement(student.float().cpu(), teacher.take(part).float())
+                hits = kind.agreement(student, teacher.take(part).float())
                 agree[task] += float(hits.double().sum())
                 seen[task] += hits.numel()
         tasks = {t: agree[t] / max(seen[t], 1) for t in agree}
@@ -463,7 +469,7 @@ def heal_model(
         "loss_before": before["loss"],
         "loss_after": after["loss"],
         "history": history,
-        "precision": str(dtype or torch.float32).removeprefix("torch."),
+        "precision": precision_name(dtype),
         "pool": {"texts": len(pool), "train": len(train), "holdout": len(held)},
     }
 
